@@ -1,0 +1,1 @@
+//! NetManager library.

@@ -1,0 +1,1 @@
+//! NodeEngine library.

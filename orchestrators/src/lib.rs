@@ -1,0 +1,6 @@
+//! Root and cluster orchestrators. The binaries in `src/bin/` only parse flags and call into here.
+
+pub mod cluster;
+pub mod model;
+pub mod root;
+pub mod telemetry;

@@ -1,0 +1,1 @@
+//! SLA and API model types shared by root and cluster.

@@ -1,0 +1,14 @@
+//! Generated gRPC types. One module per protobuf package.
+
+/// Control plane: root <-> cluster <-> worker sessions.
+pub mod v1 {
+    tonic::include_proto!("oak.v1");
+}
+
+/// Milliseconds since the Unix epoch, the timestamp unit used on the wire.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
