@@ -1,0 +1,172 @@
+//! The NetManager's tables: the one owner of "which service IP maps to which instances, and where each
+//! overlay subnet lives". The control plane (lease/resolution client) writes them; the datapaths (tun proxy
+//! now, eBPF maps later) read them. Readers take cheap snapshots; writers notify subscribers.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use ipnet::Ipv4Net;
+use tokio::sync::watch;
+
+/// One running instance of a service, as the overlay sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceEndpoint {
+    pub service_id: String,
+    pub job_name: String,
+    pub instance_number: u32,
+    /// Overlay (namespace) address of the instance.
+    pub ns_ip: Ipv4Addr,
+    /// Tunnel endpoint (public ip, UDP port) of the worker hosting it.
+    pub worker: SocketAddr,
+    /// Measured round-trip time to that worker in microseconds, if known (drives "closest").
+    pub rtt_us: Option<u64>,
+}
+
+/// A service and the addresses that reach it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ServiceEntry {
+    pub service_id: String,
+    pub job_name: String,
+    /// Round-robin service IP.
+    pub rr_ip: Option<Ipv4Addr>,
+    /// Closest service IP.
+    pub closest_ip: Option<Ipv4Addr>,
+    pub instances: Vec<InstanceEndpoint>,
+}
+
+/// Everything the datapath needs, as one consistent snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// This worker's leased overlay subnet (first address = bridge gateway).
+    pub local_subnet: Option<Ipv4Net>,
+    /// Services keyed by service_id.
+    pub services: HashMap<String, ServiceEntry>,
+    /// Remote worker subnets -> that worker's tunnel endpoint.
+    pub routes: HashMap<Ipv4Net, SocketAddr>,
+    /// Bumped on every change.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// The service that owns `ip` as its round-robin or closest IP.
+    pub fn service_by_ip(&self, ip: Ipv4Addr) -> Option<(&ServiceEntry, AddressKind)> {
+        self.services.values().find_map(|s| {
+            if s.rr_ip == Some(ip) {
+                Some((s, AddressKind::RoundRobin))
+            } else if s.closest_ip == Some(ip) {
+                Some((s, AddressKind::Closest))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The tunnel endpoint of the worker whose subnet holds `ip`.
+    pub fn route_for(&self, ip: Ipv4Addr) -> Option<SocketAddr> {
+        self.routes.iter().find(|(net, _)| net.contains(&ip)).map(|(_, ep)| *ep)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AddressKind {
+    RoundRobin,
+    Closest,
+}
+
+/// Shared handle to the tables.
+#[derive(Clone)]
+pub struct Tables {
+    inner: Arc<RwLock<Snapshot>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tables {
+    pub fn new() -> Self {
+        let (changed, _) = watch::channel(0);
+        Self { inner: Arc::new(RwLock::new(Snapshot::default())), changed }
+    }
+
+    /// A consistent copy of the current tables.
+    pub fn snapshot(&self) -> Snapshot {
+        self.inner.read().expect("tables lock").clone()
+    }
+
+    /// Subscribe to changes (the value is the generation).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Apply a change and notify subscribers.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        let generation = {
+            let mut s = self.inner.write().expect("tables lock");
+            f(&mut s);
+            s.generation += 1;
+            s.generation
+        };
+        self.changed.send_replace(generation);
+    }
+
+    pub fn set_local_subnet(&self, net: Ipv4Net) {
+        self.update(|s| s.local_subnet = Some(net));
+    }
+
+    pub fn upsert_service(&self, entry: ServiceEntry) {
+        self.update(|s| {
+            s.services.insert(entry.service_id.clone(), entry);
+        });
+    }
+
+    pub fn remove_service(&self, service_id: &str) {
+        self.update(|s| {
+            s.services.remove(service_id);
+        });
+    }
+
+    pub fn set_route(&self, subnet: Ipv4Net, worker: SocketAddr) {
+        self.update(|s| {
+            s.routes.insert(subnet, worker);
+        });
+    }
+
+    pub fn remove_route(&self, subnet: Ipv4Net) {
+        self.update(|s| {
+            s.routes.remove(&subnet);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_and_generation() {
+        let t = Tables::new();
+        let mut rx = t.subscribe();
+        let ep: SocketAddr = "192.0.2.7:50103".parse().unwrap();
+        t.set_route("10.18.0.64/26".parse().unwrap(), ep);
+        t.upsert_service(ServiceEntry {
+            service_id: "a".into(),
+            job_name: "app.ns.svc.ns".into(),
+            rr_ip: Some("10.30.0.2".parse().unwrap()),
+            closest_ip: Some("10.30.0.3".parse().unwrap()),
+            instances: vec![],
+        });
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 2);
+        let s = t.snapshot();
+        assert_eq!(s.route_for("10.18.0.70".parse().unwrap()), Some(ep));
+        assert_eq!(s.route_for("10.18.0.10".parse().unwrap()), None);
+        let (svc, kind) = s.service_by_ip("10.30.0.3".parse().unwrap()).unwrap();
+        assert_eq!((svc.service_id.as_str(), kind), ("a", AddressKind::Closest));
+        assert!(s.service_by_ip("10.30.0.9".parse().unwrap()).is_none());
+    }
+}

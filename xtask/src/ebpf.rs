@@ -1,0 +1,27 @@
+//! `cargo xtask build-ebpf`: builds netmanager-ebpf with nightly and copies the object to
+//! `target/bpf/netmanager-ebpf.o`, where the NetManager looks for it.
+use std::process::Command;
+
+use anyhow::Context;
+
+use crate::util::{sh, step, workspace_root};
+
+pub fn build() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let crate_dir = root.join("netmanager-ebpf");
+    step("building eBPF programs (nightly, bpfel-unknown-none)");
+    sh(Command::new("cargo")
+        .current_dir(&crate_dir)
+        // Do not inherit the host build's toolchain choice; rust-toolchain.toml selects nightly.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("CARGO")
+        .args(["+nightly", "build", "--release", "-Z", "build-std=core", "--target", "bpfel-unknown-none"]))?;
+    let built = crate_dir.join("target/bpfel-unknown-none/release/netmanager-ebpf");
+    let out_dir = crate::util::target_dir().join("bpf");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join("netmanager-ebpf.o");
+    std::fs::copy(&built, &out).with_context(|| format!("copy {} -> {}", built.display(), out.display()))?;
+    step(&format!("eBPF object: {}", out.display()));
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! `cargo xtask setup`: everything a fresh Debian machine needs, installed idempotently.
+use std::process::Command;
+
+use crate::util::{have, sh, step, succeeds};
+
+/// Debian packages the project needs, with why.
+const PACKAGES: &[(&str, &str)] = &[
+    ("protobuf-compiler", "protoc, needed by the containerd-client crate's build"),
+    ("containerd", "container runtime used by the NodeEngine"),
+    ("runc", "OCI runtime behind containerd"),
+    ("iproute2", "ip/tc for namespaces, veth, bridges in tests and the 1-DOC setup"),
+    ("iptables", "port exposure and egress NAT for instances"),
+    ("nftables", "port exposure and egress NAT for instances"),
+    ("iperf3", "throughput benchmarks"),
+    ("busybox-static", "a static userland to build OCI test images offline"),
+    ("qemu-system-x86", "unikernel runtime (KVM or TCG)"),
+    ("llvm-22-dev", "LLVM for bpf-linker"),
+    ("libpolly-22-dev", "LLVM for bpf-linker"),
+    ("libzstd-dev", "LLVM for bpf-linker"),
+    ("zlib1g-dev", "LLVM for bpf-linker"),
+    ("python3-venv", "a venv for Oakestra's own CLI (oak-cli) in compatibility tests"),
+];
+
+fn installed(pkg: &str) -> bool {
+    let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output();
+    matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+pub fn run_setup_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(p, _)| !installed(p)).map(|(p, _)| *p).collect();
+    if missing.is_empty() {
+        step("Debian packages: all present");
+        return Ok(());
+    }
+    step(&format!("Debian packages: installing {}", missing.join(" ")));
+    for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        eprintln!("    {p}: {why}");
+    }
+    sh(Command::new("apt-get").args(["update", "-qq"]))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    run_setup_packages()?;
+
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .unwrap_or(false);
+    if has_src {
+        step("nightly rust-src: present");
+    } else {
+        step("nightly toolchain with rust-src: installing (for the eBPF build)");
+        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    if have("bpf-linker") && succeeds(Command::new("bpf-linker").arg("--version")) {
+        step("bpf-linker: present");
+    } else {
+        step("bpf-linker: building against LLVM 22 (takes a few minutes)");
+        sh(crate::util::cargo()
+            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    step("setup complete");
+    Ok(())
+}

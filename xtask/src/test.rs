@@ -1,0 +1,46 @@
+//! `cargo xtask test`: the README's test command. Sets the machine up, builds every binary once, builds
+//! the eBPF object, then runs the whole workspace test suite (nextest when present, else cargo test).
+use clap::Args;
+
+use crate::util::{cargo, have, sh, step};
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    /// Skip `setup` (when you know the machine is ready).
+    #[arg(long)]
+    pub no_setup: bool,
+    /// Extra arguments passed to the test runner (after `--`).
+    #[arg(last = true)]
+    pub rest: Vec<String>,
+}
+
+pub fn run(args: TestArgs) -> anyhow::Result<()> {
+    if !args.no_setup {
+        crate::setup::run()?;
+    }
+    crate::ebpf::build()?;
+    step("building all binaries (the end-to-end tests start them as processes)");
+    sh(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
+    if !nix_is_root() {
+        eprintln!("WARNING: not root: tests that need network namespaces, containerd or eBPF will be skipped");
+    }
+    let nextest = have("cargo-nextest");
+    step(&format!("running the test suite ({})", if nextest { "cargo nextest" } else { "cargo test" }));
+    let mut cmd = cargo();
+    if nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast", "--test-threads", "4"]);
+    } else {
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    if !args.rest.is_empty() {
+        cmd.arg("--").args(&args.rest);
+    }
+    sh(&mut cmd)
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
