@@ -68,6 +68,30 @@ pub fn run() -> anyhow::Result<()> {
             .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    setup_oak_cli()?;
     step("setup complete");
+    Ok(())
+}
+
+/// Where Oakestra's own CLI is installed (a venv), so compatibility tests drive the real client.
+pub const OAK_CLI_VENV: &str = "/var/cache/oakestra-rs/oak-cli-venv";
+/// The oak-cli release the compatibility tests pin.
+pub const OAK_CLI_VERSION: &str = "0.5.5";
+
+fn setup_oak_cli() -> anyhow::Result<()> {
+    let oak = std::path::Path::new(OAK_CLI_VENV).join("bin/oak");
+    let pip = std::path::Path::new(OAK_CLI_VENV).join("bin/pip");
+    let pinned = Command::new(&pip)
+        .args(["show", "oak-cli"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("Version: {OAK_CLI_VERSION}")))
+        .unwrap_or(false);
+    if oak.exists() && pinned {
+        step(&format!("oak-cli {OAK_CLI_VERSION}: present in {OAK_CLI_VENV}"));
+        return Ok(());
+    }
+    step(&format!("oak-cli {OAK_CLI_VERSION}: installing into {OAK_CLI_VENV} (Oakestra's CLI, for compatibility tests)"));
+    sh(Command::new("python3").args(["-m", "venv", OAK_CLI_VENV]))?;
+    sh(Command::new(&pip).args(["install", "-q", &format!("oak-cli=={OAK_CLI_VERSION}")]))?;
     Ok(())
 }
