@@ -5,6 +5,13 @@ pub mod v1 {
     tonic::include_proto!("oak.v1");
 }
 
+/// Overlay address management: root service manager and cluster network service.
+pub mod net {
+    pub mod v1 {
+        tonic::include_proto!("oak.net.v1");
+    }
+}
+
 /// Milliseconds since the Unix epoch, the timestamp unit used on the wire.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -1,0 +1,436 @@
+//! Cluster network service, gRPC `oak.net.v1.ClusterNetService`, port 10110.
+//!
+//! Leases a /26 worker subnet to each NetManager out of the /22 blocks the root leased to this cluster
+//! (more blocks on demand), persists the leases in `<data-dir>/net.redb` (the same node gets its subnet
+//! back; released when the worker is removed), registers instance addresses (and forwards them to the
+//! root), resolves services (local instances first, then the root), and pushes route and service changes
+//! to subscribed NetManagers over a server stream.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
+use oak_proto::net::v1 as pb;
+use pb::cluster_net_service_server::{ClusterNetService, ClusterNetServiceServer};
+use pb::root_net_service_client::RootNetServiceClient;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::root::netsvc::{InstanceRec, JsonStore};
+
+/// Prefix of a worker subnet.
+pub const WORKER_PREFIX: u8 = 26;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Lease {
+    subnet: Ipv4Net,
+    public_ip: String,
+    tunnel_port: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+struct ClusterState {
+    blocks: Vec<Ipv4Net>,
+    leases: BTreeMap<String, Lease>,
+    instances: BTreeMap<String, InstanceRec>,
+}
+
+struct Subscriber {
+    node: String,
+    tx: mpsc::Sender<Result<pb::NetUpdate, Status>>,
+    interests: HashSet<String>,
+}
+
+struct Inner {
+    store: JsonStore,
+    state: Mutex<ClusterState>,
+    cluster_id: String,
+    root: Option<RootNetServiceClient<Channel>>,
+    subs: Mutex<HashMap<u64, Subscriber>>,
+    next_sub: Mutex<u64>,
+    /// serialises lease allocation (which may await the root)
+    lease_lock: tokio::sync::Mutex<()>,
+}
+
+/// Handle to the cluster network service; cheap to clone. The cluster orchestrator calls
+/// [`ClusterNetSvc::release_worker`] when it removes a worker.
+#[derive(Clone)]
+pub struct ClusterNetSvc {
+    inner: Arc<Inner>,
+}
+
+fn route_of(lease: &Lease) -> pb::Route {
+    pb::Route { subnet: lease.subnet.to_string(), worker_ip: lease.public_ip.clone(), worker_port: lease.tunnel_port }
+}
+
+fn update(u: pb::net_update::Update) -> pb::NetUpdate {
+    pb::NetUpdate { update: Some(u) }
+}
+
+impl ClusterNetSvc {
+    /// Open `<data_dir>/net.redb`; `root_netsvc_url` like "http://root:10099" (empty = no root, tests only:
+    /// then no block can be leased).
+    pub fn open(data_dir: &Path, root_netsvc_url: &str, cluster_id: &str) -> Result<Self> {
+        let store = JsonStore::open(&data_dir.join("net.redb"))?;
+        let state: ClusterState = store.load()?;
+        let root = if root_netsvc_url.is_empty() {
+            None
+        } else {
+            let url = if root_netsvc_url.contains("://") {
+                root_netsvc_url.to_string()
+            } else {
+                format!("http://{root_netsvc_url}")
+            };
+            let ep = tonic::transport::Endpoint::from_shared(url.clone())
+                .with_context(|| format!("bad root network service url {url:?}"))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(10));
+            Some(RootNetServiceClient::new(ep.connect_lazy()))
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                state: Mutex::new(state),
+                cluster_id: cluster_id.to_string(),
+                root,
+                subs: Mutex::new(HashMap::new()),
+                next_sub: Mutex::new(0),
+                lease_lock: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    fn mutate<R>(&self, f: impl FnOnce(&mut ClusterState) -> Result<R>) -> Result<R> {
+        let mut guard = self.inner.state.lock().expect("netsvc lock");
+        let mut next = guard.clone();
+        let r = f(&mut next)?;
+        if next != *guard {
+            self.inner.store.save(&next)?;
+            *guard = next;
+        }
+        Ok(r)
+    }
+
+    fn broadcast(&self, u: pb::NetUpdate, service_id: Option<&str>) {
+        let mut subs = self.inner.subs.lock().expect("subs lock");
+        subs.retain(|_, s| {
+            if let Some(id) = service_id {
+                if !s.interests.contains(id) {
+                    return true;
+                }
+            }
+            match s.tx.try_send(Ok(u.clone())) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(node = %s.node, "subscriber too slow; dropping its subscription (it resubscribes)");
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    fn free_subnet(s: &ClusterState) -> Option<Ipv4Net> {
+        let used: HashSet<Ipv4Net> = s.leases.values().map(|l| l.subnet).collect();
+        s.blocks.iter().flat_map(|b| b.subnets(WORKER_PREFIX).expect("prefix")).find(|n| !used.contains(n))
+    }
+
+    /// Lease (or return the existing) /26 of `node`.
+    pub async fn lease_subnet(&self, node: &str, public_ip: &str, tunnel_port: u32) -> Result<Ipv4Net> {
+        if node.is_empty() {
+            bail!("node is empty");
+        }
+        let _g = self.inner.lease_lock.lock().await;
+        let lease = Lease { subnet: "0.0.0.0/26".parse()?, public_ip: public_ip.to_string(), tunnel_port };
+        let existing = {
+            let s = self.inner.state.lock().expect("netsvc lock");
+            s.leases.get(node).map(|l| l.subnet).or_else(|| Self::free_subnet(&s).map(|_| Ipv4Net::default()))
+        };
+        if existing.is_none() {
+            // need another block from the root
+            let Some(root) = self.inner.root.clone() else {
+                bail!("no free worker subnet and no root network service configured");
+            };
+            let reply = root
+                .clone()
+                .lease_block(pb::LeaseBlockRequest { cluster_id: self.inner.cluster_id.clone() })
+                .await
+                .map_err(|e| anyhow::anyhow!("root network service: {}", e.message()))?
+                .into_inner();
+            let block: Ipv4Net =
+                reply.block.parse().with_context(|| format!("root sent a malformed block {:?}", reply.block))?;
+            tracing::info!(%block, "got worker subnet block from root");
+            self.mutate(|s| {
+                if !s.blocks.contains(&block) {
+                    s.blocks.push(block);
+                }
+                Ok(())
+            })?;
+        }
+        let (subnet, changed) = self.mutate(|s| {
+            let subnet = match s.leases.get(node) {
+                Some(l) => l.subnet,
+                None => Self::free_subnet(s).context("no free worker subnet")?,
+            };
+            let new = Lease { subnet, ..lease };
+            let changed = s.leases.get(node) != Some(&new);
+            s.leases.insert(node.to_string(), new);
+            Ok((subnet, changed))
+        })?;
+        if changed {
+            let l = self.inner.state.lock().expect("lock").leases[node].clone();
+            self.broadcast(update(pb::net_update::Update::RouteAdded(route_of(&l))), None);
+        }
+        tracing::info!(%node, %subnet, "leased worker subnet");
+        Ok(subnet)
+    }
+
+    /// Release the subnet of a removed worker (idempotent). Its instances are dropped too.
+    pub fn release_worker(&self, node: &str) -> Result<()> {
+        let removed = self.mutate(|s| {
+            let l = s.leases.remove(node);
+            if let Some(l) = &l {
+                let net = l.subnet.to_string();
+                s.instances.retain(|_, i| i.worker_subnet != net);
+            }
+            Ok(l)
+        })?;
+        if let Some(l) = removed {
+            self.broadcast(update(pb::net_update::Update::RouteRemoved(l.subnet.to_string())), None);
+        }
+        Ok(())
+    }
+
+    /// The subnet currently leased to `node`.
+    pub fn subnet_of(&self, node: &str) -> Option<Ipv4Net> {
+        self.inner.state.lock().expect("lock").leases.get(node).map(|l| l.subnet)
+    }
+
+    fn local_service(&self, job_name: &str, service_id: &str) -> Option<pb::ServiceAddresses> {
+        let s = self.inner.state.lock().expect("lock");
+        let inst: Vec<_> = s
+            .instances
+            .values()
+            .filter(|i| (!job_name.is_empty() && i.job_name == job_name) || (!service_id.is_empty() && i.service_id == service_id))
+            .map(InstanceRec::to_pb)
+            .collect();
+        let first = inst.first()?;
+        Some(pb::ServiceAddresses {
+            service_id: first.service_id.clone(),
+            job_name: first.job_name.clone(),
+            rr_ip: String::new(),
+            closest_ip: String::new(),
+            instances: inst,
+        })
+    }
+
+    /// Local instances first; the root adds service IPs and instances of other clusters.
+    pub async fn resolve(&self, job_name: &str, service_ip: &str) -> Result<Option<pb::ServiceAddresses>> {
+        let local = if job_name.is_empty() { None } else { self.local_service(job_name, "") };
+        let Some(root) = self.inner.root.clone() else { return Ok(local) };
+        let req = pb::ResolveRequest { job_name: job_name.into(), service_ip: service_ip.into(), subscriber: String::new() };
+        match root.clone().resolve(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let Some(mut svc) = r.service else { return Ok(local) };
+                // local records are authoritative for this cluster's instances
+                let local = self.local_service("", &svc.service_id);
+                if let Some(local) = local {
+                    svc.instances.retain(|i| i.cluster_id != self.inner.cluster_id);
+                    svc.instances.extend(local.instances);
+                }
+                Ok(Some(svc))
+            }
+            Err(e) if local.is_some() => {
+                tracing::warn!(error = %e.message(), "root network service unreachable; answering from local instances");
+                Ok(local)
+            }
+            Err(e) => bail!("root network service: {}", e.message()),
+        }
+    }
+
+    async fn push_service(&self, service_id: &str, job_name: &str) {
+        let interested = self.inner.subs.lock().expect("subs").values().any(|s| s.interests.contains(service_id));
+        if !interested {
+            return;
+        }
+        match self.resolve(job_name, "").await {
+            Ok(Some(svc)) => self.broadcast(update(pb::net_update::Update::Service(svc)), Some(service_id)),
+            Ok(None) => self.broadcast(
+                update(pb::net_update::Update::ServiceRemoved(service_id.to_string())),
+                Some(service_id),
+            ),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot refresh service for subscribers"),
+        }
+    }
+
+    pub async fn register_instance(&self, mut inst: pb::InstanceAddress) -> Result<()> {
+        if inst.service_id.is_empty() || inst.job_name.is_empty() {
+            bail!("service_id and job_name are required");
+        }
+        inst.ns_ip.parse::<Ipv4Addr>().with_context(|| format!("ns_ip {:?} is not an IPv4 address", inst.ns_ip))?;
+        inst.cluster_id = self.inner.cluster_id.clone();
+        let rec = InstanceRec::from_pb(&inst);
+        self.mutate(|s| {
+            s.instances.insert(rec.key(), rec.clone());
+            Ok(())
+        })?;
+        if let Some(root) = self.inner.root.clone() {
+            if let Err(e) = root.clone().register_instance(inst.clone()).await {
+                tracing::warn!(error = %e.message(), "could not forward instance address to root");
+            }
+        }
+        self.push_service(&inst.service_id, &inst.job_name).await;
+        Ok(())
+    }
+
+    pub async fn deregister_instance(&self, key: pb::InstanceKey) -> Result<()> {
+        let removed = self.mutate(|s| Ok(s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number))))?;
+        if let Some(root) = self.inner.root.clone() {
+            if let Err(e) = root.clone().deregister_instance(key.clone()).await {
+                tracing::warn!(error = %e.message(), "could not forward instance removal to root");
+            }
+        }
+        let job = removed.map(|r| r.job_name).unwrap_or(key.job_name);
+        self.push_service(&key.service_id, &job).await;
+        Ok(())
+    }
+
+    pub fn grpc(&self) -> ClusterNetServiceServer<ClusterNetSvc> {
+        ClusterNetServiceServer::new(self.clone())
+    }
+}
+
+type UpdateStream = Pin<Box<dyn futures::Stream<Item = Result<pb::NetUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClusterNetService for ClusterNetSvc {
+    async fn lease_subnet(&self, req: Request<pb::LeaseSubnetRequest>) -> Result<Response<pb::LeaseSubnetReply>, Status> {
+        let r = req.into_inner();
+        let subnet = self
+            .lease_subnet(&r.node, &r.public_ip, r.tunnel_port)
+            .await
+            .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+        Ok(Response::new(pb::LeaseSubnetReply { subnet: subnet.to_string(), cluster_id: self.inner.cluster_id.clone() }))
+    }
+    async fn release_subnet(&self, req: Request<pb::ReleaseSubnetRequest>) -> Result<Response<pb::Ack>, Status> {
+        self.release_worker(&req.into_inner().node).map_err(|e| Status::internal(format!("{e:#}")))?;
+        Ok(Response::new(pb::Ack {}))
+    }
+    async fn register_instance(&self, req: Request<pb::InstanceAddress>) -> Result<Response<pb::Ack>, Status> {
+        self.register_instance(req.into_inner()).await.map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        Ok(Response::new(pb::Ack {}))
+    }
+    async fn deregister_instance(&self, req: Request<pb::InstanceKey>) -> Result<Response<pb::Ack>, Status> {
+        self.deregister_instance(req.into_inner()).await.map_err(|e| Status::internal(format!("{e:#}")))?;
+        Ok(Response::new(pb::Ack {}))
+    }
+    async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveReply>, Status> {
+        let r = req.into_inner();
+        if r.job_name.is_empty() && r.service_ip.is_empty() {
+            return Err(Status::invalid_argument("resolve needs job_name or service_ip"));
+        }
+        let service = self.resolve(&r.job_name, &r.service_ip).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
+        if let (Some(svc), false) = (&service, r.subscriber.is_empty()) {
+            for s in self.inner.subs.lock().expect("subs").values_mut() {
+                if s.node == r.subscriber {
+                    s.interests.insert(svc.service_id.clone());
+                }
+            }
+        }
+        Ok(Response::new(pb::ResolveReply { found: service.is_some(), service }))
+    }
+
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<UpdateStream>, Status> {
+        let node = req.into_inner().node;
+        let (tx, rx) = mpsc::channel(1024);
+        for l in self.inner.state.lock().expect("lock").leases.values() {
+            let _ = tx.try_send(Ok(update(pb::net_update::Update::RouteAdded(route_of(l)))));
+        }
+        let id = {
+            let mut n = self.inner.next_sub.lock().expect("lock");
+            *n += 1;
+            *n
+        };
+        // a node re-subscribing replaces its old subscription
+        let mut subs = self.inner.subs.lock().expect("subs");
+        subs.retain(|_, s| s.node != node);
+        subs.insert(id, Subscriber { node, tx, interests: HashSet::new() });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Serve the cluster network service on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, root_netsvc_url: &str, data_dir: &Path, cluster_id: &str) -> Result<()> {
+    let svc = ClusterNetSvc::open(data_dir, root_netsvc_url, cluster_id)?;
+    serve_with(svc, addr).await
+}
+
+pub async fn serve_with(svc: ClusterNetSvc, addr: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding netsvc {addr}"))?;
+    serve_listener(svc, listener).await
+}
+
+pub async fn serve_listener(svc: ClusterNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "cluster network service listening");
+    tonic::transport::Server::builder()
+        .add_service(svc.grpc())
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::root::netsvc::RootNetSvc;
+
+    async fn setup() -> (tempfile::TempDir, RootNetSvc, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = RootNetSvc::open(&dir.path().join("root")).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(crate::root::netsvc::serve_listener(root.clone(), l));
+        (dir, root, url)
+    }
+
+    #[tokio::test]
+    async fn worker_leases_no_overlap_persist_and_release() {
+        let (dir, _root, url) = setup().await;
+        let cdir = dir.path().join("cluster");
+        let c = ClusterNetSvc::open(&cdir, &url, "c1").unwrap();
+        let mut seen = HashSet::new();
+        for i in 0..20 {
+            let n = c.lease_subnet(&format!("w{i}"), "192.0.2.1", 50103).await.unwrap();
+            assert_eq!(n.prefix_len(), 26);
+            assert!(seen.insert(n), "subnet {n} handed out twice");
+        }
+        // 20 workers need two /22 blocks
+        assert!(seen.contains(&"10.18.4.0/26".parse().unwrap()));
+        let w3 = c.subnet_of("w3").unwrap();
+        drop(c);
+        let c = ClusterNetSvc::open(&cdir, &url, "c1").unwrap();
+        assert_eq!(c.lease_subnet("w3", "192.0.2.1", 50103).await.unwrap(), w3);
+        c.release_worker("w3").unwrap();
+        assert!(c.subnet_of("w3").is_none());
+        let again = c.lease_subnet("new", "192.0.2.9", 50103).await.unwrap();
+        assert_eq!(again, w3, "released subnet is reused");
+    }
+
+    #[tokio::test]
+    async fn exhaustion_without_root_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ClusterNetSvc::open(dir.path(), "", "c1").unwrap();
+        let err = c.lease_subnet("w", "192.0.2.1", 50103).await.unwrap_err().to_string();
+        assert!(err.contains("no free worker subnet"), "{err}");
+    }
+}

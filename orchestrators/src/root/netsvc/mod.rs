@@ -1,0 +1,403 @@
+//! Root service manager (overlay address space owner), gRPC `oak.net.v1.RootNetService`, port 10099.
+//!
+//! Address plan (Oakestra's): worker /26 subnets from 10.18.0.0 upward, leased to clusters in /22 blocks
+//! (16 workers per block, more blocks on demand); service IPs (round-robin + closest) from 10.30.0.0/16.
+//! State lives in `<data-dir>/net.redb` (one redb table, one JSON document, rewritten per change inside a
+//! write transaction, so a crash never leaves half an update).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
+use oak_proto::net::v1 as pb;
+use pb::root_net_service_server::{RootNetService, RootNetServiceServer};
+use redb::{ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+const STATE: TableDefinition<&str, &str> = TableDefinition::new("netsvc_state");
+
+/// First worker subnet address.
+pub const WORKER_SPACE: &str = "10.18.0.0/16";
+/// Service IP space.
+pub const SERVICE_SPACE: &str = "10.30.0.0/16";
+/// Prefix of a cluster block (a /22 holds 16 worker /26 subnets).
+pub const BLOCK_PREFIX: u8 = 22;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub(crate) struct ServiceRec {
+    pub job_name: String,
+    pub rr_ip: Option<Ipv4Addr>,
+    pub closest_ip: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub(crate) struct InstanceRec {
+    pub service_id: String,
+    pub job_name: String,
+    pub instance_number: u32,
+    pub ns_ip: String,
+    pub worker_ip: String,
+    pub worker_port: u32,
+    pub cluster_id: String,
+    pub worker_subnet: String,
+}
+
+impl InstanceRec {
+    pub(crate) fn from_pb(i: &pb::InstanceAddress) -> Self {
+        Self {
+            service_id: i.service_id.clone(),
+            job_name: i.job_name.clone(),
+            instance_number: i.instance_number,
+            ns_ip: i.ns_ip.clone(),
+            worker_ip: i.worker_ip.clone(),
+            worker_port: i.worker_port,
+            cluster_id: i.cluster_id.clone(),
+            worker_subnet: i.worker_subnet.clone(),
+        }
+    }
+    pub(crate) fn to_pb(&self) -> pb::InstanceAddress {
+        pb::InstanceAddress {
+            service_id: self.service_id.clone(),
+            job_name: self.job_name.clone(),
+            instance_number: self.instance_number,
+            ns_ip: self.ns_ip.clone(),
+            worker_ip: self.worker_ip.clone(),
+            worker_port: self.worker_port,
+            cluster_id: self.cluster_id.clone(),
+            worker_subnet: self.worker_subnet.clone(),
+        }
+    }
+    pub(crate) fn key(&self) -> String {
+        format!("{}/{}", self.service_id, self.instance_number)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+struct RootState {
+    /// block index (0 = 10.18.0.0/22) -> cluster id
+    blocks: BTreeMap<u32, String>,
+    /// service id -> addresses
+    services: BTreeMap<String, ServiceRec>,
+    /// "service_id/instance_number" -> instance
+    instances: BTreeMap<String, InstanceRec>,
+}
+
+/// A redb file holding one JSON document (shared by root and cluster network services).
+pub(crate) struct JsonStore {
+    db: redb::Database,
+}
+
+impl JsonStore {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let db = redb::Database::create(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { db })
+    }
+    pub(crate) fn load<T: for<'de> Deserialize<'de> + Default>(&self) -> Result<T> {
+        let tx = self.db.begin_read()?;
+        let table = match tx.open_table(STATE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(T::default()),
+            Err(e) => return Err(e.into()),
+        };
+        match table.get("state")? {
+            Some(v) => serde_json::from_str(v.value()).context("decoding stored network state"),
+            None => Ok(T::default()),
+        }
+    }
+    pub(crate) fn save<T: Serialize>(&self, state: &T) -> Result<()> {
+        let json = serde_json::to_string(state)?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(STATE)?;
+            t.insert("state", json.as_str())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+struct Inner {
+    store: JsonStore,
+    state: Mutex<RootState>,
+}
+
+/// Handle to the root network service; cheap to clone. The root API calls
+/// [`RootNetSvc::allocate_service_ips`] / [`RootNetSvc::release_service_ips`].
+#[derive(Clone)]
+pub struct RootNetSvc {
+    inner: Arc<Inner>,
+}
+
+fn block_net(idx: u32) -> Ipv4Net {
+    let base = u32::from(Ipv4Addr::new(10, 18, 0, 0));
+    Ipv4Net::new(Ipv4Addr::from(base + (idx << (32 - BLOCK_PREFIX))), BLOCK_PREFIX).expect("valid block")
+}
+
+fn blocks_in_space() -> u32 {
+    1 << (BLOCK_PREFIX - 16)
+}
+
+impl RootNetSvc {
+    /// Open (or create) `<data_dir>/net.redb`.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        let store = JsonStore::open(&data_dir.join("net.redb"))?;
+        let state: RootState = store.load()?;
+        Ok(Self { inner: Arc::new(Inner { store, state: Mutex::new(state) }) })
+    }
+
+    /// Apply `f` to a copy of the state; persist; then publish. An error leaves stored state untouched.
+    fn mutate<R>(&self, f: impl FnOnce(&mut RootState) -> Result<R>) -> Result<R> {
+        let mut guard = self.inner.state.lock().expect("netsvc lock");
+        let mut next = guard.clone();
+        let r = f(&mut next)?;
+        if next != *guard {
+            self.inner.store.save(&next)?;
+            *guard = next;
+        }
+        Ok(r)
+    }
+
+    /// Lease a new /22 block of worker subnets to `cluster_id`. Returns (new block, all blocks of the cluster).
+    pub fn lease_block(&self, cluster_id: &str) -> Result<(Ipv4Net, Vec<Ipv4Net>)> {
+        if cluster_id.is_empty() {
+            bail!("cluster_id is empty");
+        }
+        self.mutate(|s| {
+            let idx = (0..blocks_in_space())
+                .find(|i| !s.blocks.contains_key(i))
+                .with_context(|| {
+                    format!("worker address space {WORKER_SPACE} exhausted: all {} blocks leased", blocks_in_space())
+                })?;
+            s.blocks.insert(idx, cluster_id.to_string());
+            let all = s.blocks.iter().filter(|(_, c)| *c == cluster_id).map(|(i, _)| block_net(*i)).collect();
+            Ok((block_net(idx), all))
+        })
+    }
+
+    /// Give back every block of a cluster (when the cluster is removed).
+    pub fn release_cluster(&self, cluster_id: &str) -> Result<()> {
+        self.mutate(|s| {
+            s.blocks.retain(|_, c| c != cluster_id);
+            s.instances.retain(|_, i| i.cluster_id != cluster_id);
+            Ok(())
+        })
+    }
+
+    /// Allocate the round-robin and closest service IPs of a service from 10.30.0.0/16. Idempotent: a
+    /// service that already has addresses gets the same ones back. Never hands out an address in use.
+    pub fn allocate_service_ips(&self, service_id: &str, job_name: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
+        if service_id.is_empty() {
+            bail!("service_id is empty");
+        }
+        self.mutate(|s| {
+            if let Some(rec) = s.services.get_mut(service_id) {
+                if let (Some(rr), Some(cl)) = (rec.rr_ip, rec.closest_ip) {
+                    if !job_name.is_empty() {
+                        rec.job_name = job_name.to_string();
+                    }
+                    return Ok((rr, cl));
+                }
+            }
+            let used: BTreeSet<Ipv4Addr> =
+                s.services.values().flat_map(|r| [r.rr_ip, r.closest_ip]).flatten().collect();
+            let space: Ipv4Net = SERVICE_SPACE.parse().expect("space");
+            // skip network address, .0.1 (reserved) and the broadcast address
+            let mut free = space.hosts().skip(1).filter(|ip| !used.contains(ip));
+            let (Some(rr), Some(cl)) = (free.next(), free.next()) else {
+                bail!("service address space {SERVICE_SPACE} exhausted");
+            };
+            let rec = s.services.entry(service_id.to_string()).or_default();
+            rec.job_name = job_name.to_string();
+            rec.rr_ip = Some(rr);
+            rec.closest_ip = Some(cl);
+            Ok((rr, cl))
+        })
+    }
+
+    /// Release the service IPs (and instance records) of a deleted service. Idempotent.
+    pub fn release_service_ips(&self, service_id: &str) -> Result<()> {
+        self.mutate(|s| {
+            s.services.remove(service_id);
+            s.instances.retain(|_, i| i.service_id != service_id);
+            Ok(())
+        })
+    }
+
+    pub fn register_instance(&self, inst: &pb::InstanceAddress) -> Result<()> {
+        if inst.service_id.is_empty() {
+            bail!("service_id is empty");
+        }
+        inst.ns_ip.parse::<Ipv4Addr>().with_context(|| format!("ns_ip {:?} is not an IPv4 address", inst.ns_ip))?;
+        let rec = InstanceRec::from_pb(inst);
+        self.mutate(|s| {
+            let svc = s.services.entry(rec.service_id.clone()).or_default();
+            if svc.job_name.is_empty() {
+                svc.job_name = rec.job_name.clone();
+            }
+            s.instances.insert(rec.key(), rec);
+            Ok(())
+        })
+    }
+
+    pub fn deregister_instance(&self, key: &pb::InstanceKey) -> Result<()> {
+        self.mutate(|s| {
+            s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number));
+            Ok(())
+        })
+    }
+
+    /// Resolve a service by job name or service IP to its addresses and instances across clusters.
+    pub fn resolve(&self, job_name: &str, service_ip: &str) -> Option<pb::ServiceAddresses> {
+        let s = self.inner.state.lock().expect("netsvc lock");
+        let ip: Option<Ipv4Addr> = service_ip.parse().ok();
+        let (id, rec) = s.services.iter().find(|(_, r)| {
+            (!job_name.is_empty() && r.job_name == job_name)
+                || (ip.is_some() && (r.rr_ip == ip || r.closest_ip == ip))
+        })?;
+        Some(pb::ServiceAddresses {
+            service_id: id.clone(),
+            job_name: rec.job_name.clone(),
+            rr_ip: rec.rr_ip.map(|i| i.to_string()).unwrap_or_default(),
+            closest_ip: rec.closest_ip.map(|i| i.to_string()).unwrap_or_default(),
+            instances: s.instances.values().filter(|i| &i.service_id == id).map(InstanceRec::to_pb).collect(),
+        })
+    }
+
+    /// The tonic service, for mounting on a server.
+    pub fn grpc(&self) -> RootNetServiceServer<RootNetSvc> {
+        RootNetServiceServer::new(self.clone())
+    }
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    Status::failed_precondition(format!("{e:#}"))
+}
+
+#[tonic::async_trait]
+impl RootNetService for RootNetSvc {
+    async fn lease_block(&self, req: Request<pb::LeaseBlockRequest>) -> Result<Response<pb::LeaseBlockReply>, Status> {
+        let cid = req.into_inner().cluster_id;
+        let (block, all) = self.lease_block(&cid).map_err(internal)?;
+        tracing::info!(cluster = %cid, %block, "leased worker subnet block");
+        Ok(Response::new(pb::LeaseBlockReply {
+            block: block.to_string(),
+            all_blocks: all.iter().map(|b| b.to_string()).collect(),
+        }))
+    }
+    async fn register_instance(&self, req: Request<pb::InstanceAddress>) -> Result<Response<pb::Ack>, Status> {
+        self.register_instance(&req.into_inner()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        Ok(Response::new(pb::Ack {}))
+    }
+    async fn deregister_instance(&self, req: Request<pb::InstanceKey>) -> Result<Response<pb::Ack>, Status> {
+        self.deregister_instance(&req.into_inner()).map_err(internal)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+    async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveReply>, Status> {
+        let r = req.into_inner();
+        if r.job_name.is_empty() && r.service_ip.is_empty() {
+            return Err(Status::invalid_argument("resolve needs job_name or service_ip"));
+        }
+        let service = self.resolve(&r.job_name, &r.service_ip);
+        Ok(Response::new(pb::ResolveReply { found: service.is_some(), service }))
+    }
+}
+
+/// Serve the root network service on `addr` with a store in `<data_dir>/net.redb` until the process ends.
+pub async fn serve(addr: SocketAddr, data_dir: &Path) -> Result<()> {
+    let svc = RootNetSvc::open(data_dir)?;
+    serve_with(svc, addr).await
+}
+
+/// Serve an already opened handle (share the same handle with the root API).
+pub async fn serve_with(svc: RootNetSvc, addr: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding netsvc {addr}"))?;
+    serve_listener(svc, listener).await
+}
+
+/// Serve on a bound listener (tests bind port 0 first).
+pub async fn serve_listener(svc: RootNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "root network service listening");
+    tonic::transport::Server::builder()
+        .add_service(svc.grpc())
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_do_not_overlap_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = RootNetSvc::open(dir.path()).unwrap();
+        let (a, _) = svc.lease_block("c1").unwrap();
+        let (b, all) = svc.lease_block("c1").unwrap();
+        let (c, _) = svc.lease_block("c2").unwrap();
+        assert_eq!(a.to_string(), "10.18.0.0/22");
+        assert_eq!(b.to_string(), "10.18.4.0/22");
+        assert_eq!(all.len(), 2);
+        assert_eq!(c.to_string(), "10.18.8.0/22");
+        drop(svc);
+        let svc = RootNetSvc::open(dir.path()).unwrap();
+        let (d, _) = svc.lease_block("c3").unwrap();
+        assert_eq!(d.to_string(), "10.18.12.0/22");
+        svc.release_cluster("c1").unwrap();
+        let (e, _) = svc.lease_block("c4").unwrap();
+        assert_eq!(e.to_string(), "10.18.0.0/22");
+    }
+
+    #[test]
+    fn block_exhaustion_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = RootNetSvc::open(dir.path()).unwrap();
+        for _ in 0..blocks_in_space() {
+            svc.lease_block("c").unwrap();
+        }
+        let err = svc.lease_block("c").unwrap_err().to_string();
+        assert!(err.contains("exhausted"), "{err}");
+    }
+
+    #[test]
+    fn service_ips_unique_idempotent_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = RootNetSvc::open(dir.path()).unwrap();
+        let (rr1, cl1) = svc.allocate_service_ips("s1", "a.b.c.d").unwrap();
+        let (rr2, cl2) = svc.allocate_service_ips("s2", "a.b.e.f").unwrap();
+        let all: BTreeSet<_> = [rr1, cl1, rr2, cl2].into_iter().collect();
+        assert_eq!(all.len(), 4);
+        let space: Ipv4Net = SERVICE_SPACE.parse().unwrap();
+        assert!(all.iter().all(|ip| space.contains(ip)));
+        assert_eq!(svc.allocate_service_ips("s1", "a.b.c.d").unwrap(), (rr1, cl1));
+        svc.release_service_ips("s1").unwrap();
+        drop(svc);
+        let svc = RootNetSvc::open(dir.path()).unwrap();
+        assert_eq!(svc.allocate_service_ips("s2", "a.b.e.f").unwrap(), (rr2, cl2));
+        let (rr3, cl3) = svc.allocate_service_ips("s3", "x.y.z.w").unwrap();
+        assert!(![rr3, cl3].contains(&rr2) && ![rr3, cl3].contains(&cl2));
+        // resolve by name and by ip
+        svc.register_instance(&pb::InstanceAddress {
+            service_id: "s2".into(),
+            job_name: "a.b.e.f".into(),
+            instance_number: 0,
+            ns_ip: "10.18.0.2".into(),
+            worker_ip: "192.0.2.1".into(),
+            worker_port: 50103,
+            cluster_id: "c".into(),
+            worker_subnet: "10.18.0.0/26".into(),
+        })
+        .unwrap();
+        let r = svc.resolve("", &cl2.to_string()).unwrap();
+        assert_eq!(r.job_name, "a.b.e.f");
+        assert_eq!(r.instances.len(), 1);
+        assert!(svc.resolve("nope", "").is_none());
+    }
+}
