@@ -1,1 +1,63 @@
-fn main() {}
+//! Root orchestrator: REST API for users, gRPC registry for clusters, redb store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Oakestra-compatible root orchestrator.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// REST API listen address (Oakestra's root API; OpenAPI at /api/docs).
+    #[arg(long, env = "OAK_API_ADDR", default_value = "0.0.0.0:10000")]
+    api_addr: SocketAddr,
+    /// ClusterRegistry gRPC listen address (clusters dial in here).
+    #[arg(long, env = "OAK_GRPC_ADDR", default_value = "0.0.0.0:50052")]
+    grpc_addr: SocketAddr,
+    /// Directory holding the store (root.redb) and, if generated, the admin-password file.
+    #[arg(long, env = "OAK_ROOT_DATA_DIR", default_value = "/var/lib/oakestra-rs/root")]
+    data_dir: PathBuf,
+    /// Password of the "Admin" user, used only at first start (when the store has no admin yet).
+    /// If unset then, a random one is generated and written to <data-dir>/admin-password (0600).
+    #[arg(long, env = "OAK_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
+    /// A cluster with no message for this many milliseconds is inactive.
+    #[arg(long, default_value_t = 45_000)]
+    cluster_stale_ms: u64,
+    /// Failed placements are retried this often (and whenever a cluster registers or reports capacity).
+    #[arg(long, default_value_t = 15_000)]
+    retry_interval_ms: u64,
+    /// Aggregate report interval told to clusters in ClusterWelcome (milliseconds).
+    #[arg(long, default_value_t = 15_000)]
+    report_interval_ms: u32,
+    /// Default log level when RUST_LOG is unset.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    oak_orchestrators::telemetry::init(&a.log_level);
+    let cfg = oak_orchestrators::root::Config {
+        api_addr: a.api_addr,
+        grpc_addr: a.grpc_addr,
+        data_dir: a.data_dir,
+        admin_password: a.admin_password,
+        cluster_stale: Duration::from_millis(a.cluster_stale_ms),
+        retry_interval: Duration::from_millis(a.retry_interval_ms.max(100)),
+        report_interval_ms: a.report_interval_ms,
+    };
+    oak_orchestrators::root::run(cfg, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,198 @@
+//! Root placement: pick a cluster for one instance. Pure function, no I/O.
+
+use oak_proto::v1::{ClusterAggregate, ServiceSpec};
+
+/// What the scheduler needs to know about a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub id: String,
+    pub name: String,
+    pub active: bool,
+    pub aggregate: ClusterAggregate,
+}
+
+/// Why nothing could be placed: (`status` in Oakestra's vocabulary, human readable `detail`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unplaced {
+    pub status: &'static str,
+    pub detail: String,
+}
+
+pub const TARGET_NOT_FOUND: &str = "TargetClusterNotFound";
+pub const TARGET_NOT_ACTIVE: &str = "TargetClusterNotActive";
+pub const NO_CAPACITY: &str = "NoActiveClusterWithCapacity";
+
+/// Statuses meaning "the root could not place this instance"; such instances are retried.
+pub fn is_unplaced(status: &str) -> bool {
+    matches!(status, TARGET_NOT_FOUND | TARGET_NOT_ACTIVE | NO_CAPACITY)
+}
+
+fn misfit(spec: &ServiceSpec, a: &ClusterAggregate) -> Option<String> {
+    if a.active_nodes == 0 {
+        return Some("has no active worker".into());
+    }
+    if !spec.virtualization.is_empty() && !a.virtualization.iter().any(|v| v == &spec.virtualization) {
+        return Some(format!("does not offer virtualization '{}' (has {:?})", spec.virtualization, a.virtualization));
+    }
+    if !spec.arch.is_empty() && !spec.arch.iter().any(|x| a.arch.contains(x)) {
+        return Some(format!("has no worker with arch {:?} (has {:?})", spec.arch, a.arch));
+    }
+    if spec.vcpus > a.max_free_cpu_cores + 1e-9 {
+        return Some(format!("largest free CPU on one worker is {:.2} cores, {} requested", a.max_free_cpu_cores, spec.vcpus));
+    }
+    if spec.memory_mb > a.max_free_memory_mb {
+        return Some(format!("largest free memory on one worker is {} MB, {} MB requested", a.max_free_memory_mb, spec.memory_mb));
+    }
+    if spec.vgpus > a.max_free_gpus {
+        return Some(format!("largest free GPU count on one worker is {}, {} requested", a.max_free_gpus, spec.vgpus));
+    }
+    None
+}
+
+/// Chooses a cluster id for `spec`, skipping clusters in `tried`.
+pub fn place(spec: &ServiceSpec, clusters: &[ClusterView], tried: &[String]) -> Result<String, Unplaced> {
+    let targets: Vec<&str> = spec
+        .constraints
+        .iter()
+        .filter(|c| c.r#type == "direct" || c.r#type == "clusters")
+        .flat_map(|c| {
+            let mut v: Vec<&str> = c.allowed.iter().map(String::as_str).collect();
+            if !c.cluster.is_empty() {
+                v.push(c.cluster.as_str());
+            }
+            v
+        })
+        .collect();
+    let mut candidates: Vec<&ClusterView> = clusters.iter().collect();
+    if !targets.is_empty() {
+        candidates.retain(|c| targets.contains(&c.name.as_str()));
+        if candidates.is_empty() {
+            return Err(Unplaced {
+                status: TARGET_NOT_FOUND,
+                detail: format!("NoTargetCluster: target cluster {targets:?} is not registered"),
+            });
+        }
+        if !candidates.iter().any(|c| c.active) {
+            return Err(Unplaced {
+                status: TARGET_NOT_ACTIVE,
+                detail: format!("NoTargetCluster: target cluster {targets:?} is registered but not active"),
+            });
+        }
+    } else if candidates.is_empty() {
+        return Err(Unplaced { status: NO_CAPACITY, detail: "NoTargetCluster: no cluster is registered".into() });
+    } else if !candidates.iter().any(|c| c.active) {
+        return Err(Unplaced {
+            status: NO_CAPACITY,
+            detail: format!("NoTargetCluster: none of the {} registered clusters is active", candidates.len()),
+        });
+    }
+    candidates.retain(|c| c.active);
+    let mut reasons = Vec::new();
+    let mut fits: Vec<&ClusterView> = Vec::new();
+    for c in candidates {
+        if tried.contains(&c.id) {
+            reasons.push(format!("cluster '{}' already tried", c.name));
+        } else if let Some(why) = misfit(spec, &c.aggregate) {
+            reasons.push(format!("cluster '{}' {why}", c.name));
+        } else {
+            fits.push(c);
+        }
+    }
+    let best = fits.into_iter().max_by(|a, b| {
+        let ka = (a.aggregate.max_free_cpu_cores, a.aggregate.max_free_memory_mb);
+        let kb = (b.aggregate.max_free_cpu_cores, b.aggregate.max_free_memory_mb);
+        ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal).then_with(|| b.name.cmp(&a.name))
+    });
+    match best {
+        Some(c) => Ok(c.id.clone()),
+        None => Err(Unplaced {
+            status: NO_CAPACITY,
+            detail: format!(
+                "NoResourcesAvailable: asked for {} vcpus, {} MB memory, {} gpus, {} ({}); {}",
+                spec.vcpus,
+                spec.memory_mb,
+                spec.vgpus,
+                spec.virtualization,
+                if spec.arch.is_empty() { "any arch".to_string() } else { spec.arch.join("|") },
+                reasons.join("; ")
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oak_proto::v1::Constraint;
+
+    fn cl(id: &str, active: bool, cpu: f64, mem: u64) -> ClusterView {
+        ClusterView {
+            id: id.into(),
+            name: format!("n{id}"),
+            active,
+            aggregate: ClusterAggregate {
+                active_nodes: 1,
+                max_free_cpu_cores: cpu,
+                max_free_memory_mb: mem,
+                virtualization: vec!["container".into()],
+                arch: vec!["amd64".into()],
+                ..Default::default()
+            },
+        }
+    }
+    fn spec(cpu: f64, mem: u64) -> ServiceSpec {
+        ServiceSpec { vcpus: cpu, memory_mb: mem, virtualization: "container".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn no_clusters_and_inactive() {
+        let e = place(&spec(1.0, 10), &[], &[]).unwrap_err();
+        assert_eq!(e.status, NO_CAPACITY);
+        assert!(e.detail.starts_with("NoTargetCluster: "));
+        let e = place(&spec(1.0, 10), &[cl("1", false, 8.0, 1000)], &[]).unwrap_err();
+        assert!(e.detail.starts_with("NoTargetCluster: "), "{}", e.detail);
+    }
+
+    #[test]
+    fn ranks_by_free_capacity_and_skips_tried() {
+        let cs = [cl("1", true, 2.0, 1000), cl("2", true, 4.0, 1000), cl("3", false, 16.0, 9000)];
+        assert_eq!(place(&spec(1.0, 10), &cs, &[]).unwrap(), "2");
+        assert_eq!(place(&spec(1.0, 10), &cs, &["2".into()]).unwrap(), "1");
+        let e = place(&spec(1.0, 10), &cs, &["1".into(), "2".into()]).unwrap_err();
+        assert_eq!(e.status, NO_CAPACITY);
+        assert!(e.detail.starts_with("NoResourcesAvailable: "), "{}", e.detail);
+    }
+
+    #[test]
+    fn filters_resources_virt_arch() {
+        let cs = [cl("1", true, 2.0, 1000)];
+        let e = place(&spec(3.0, 10), &cs, &[]).unwrap_err();
+        assert!(e.detail.contains("largest free CPU"), "{}", e.detail);
+        assert!(place(&spec(1.0, 2000), &cs, &[]).unwrap_err().detail.contains("memory"));
+        let mut s = spec(1.0, 10);
+        s.virtualization = "unikernel".into();
+        assert!(place(&s, &cs, &[]).unwrap_err().detail.contains("unikernel"));
+        let mut s = spec(1.0, 10);
+        s.arch = vec!["arm64".into()];
+        assert!(place(&s, &cs, &[]).is_err());
+        s.arch = vec!["arm64".into(), "amd64".into()];
+        assert!(place(&s, &cs, &[]).is_ok());
+        let mut s = spec(1.0, 10);
+        s.vgpus = 1;
+        assert!(place(&s, &cs, &[]).unwrap_err().detail.contains("GPU"));
+    }
+
+    #[test]
+    fn direct_constraint() {
+        let cs = [cl("1", true, 2.0, 1000), cl("2", true, 8.0, 1000), cl("3", false, 8.0, 1000)];
+        let mut s = spec(1.0, 10);
+        s.constraints = vec![Constraint { r#type: "direct".into(), cluster: "n1".into(), ..Default::default() }];
+        assert_eq!(place(&s, &cs, &[]).unwrap(), "1");
+        s.constraints[0].cluster = "nope".into();
+        let e = place(&s, &cs, &[]).unwrap_err();
+        assert_eq!(e.status, TARGET_NOT_FOUND);
+        assert!(e.detail.starts_with("NoTargetCluster: "));
+        s.constraints[0].cluster = "n3".into();
+        assert_eq!(place(&s, &cs, &[]).unwrap_err().status, TARGET_NOT_ACTIVE);
+    }
+}
