@@ -703,3 +703,6 @@ pub async fn serve(
     tracing::info!("root orchestrator stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

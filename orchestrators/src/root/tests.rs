@@ -1,0 +1,296 @@
+//! In-process tests: the real API and gRPC server on port-0 listeners with a temp data dir.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oak_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use super::{Config, Root};
+
+struct Harness {
+    api: String,
+    grpc: String,
+    http: reqwest::Client,
+    token: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn start(dir: &std::path::Path) -> Harness {
+    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = Config {
+        api_addr: api_l.local_addr().unwrap(),
+        grpc_addr: grpc_l.local_addr().unwrap(),
+        data_dir: dir.to_path_buf(),
+        admin_password: Some("s3cret".into()),
+        cluster_stale: Duration::from_secs(30),
+        retry_interval: Duration::from_secs(3600),
+        report_interval_ms: 1000,
+    };
+    let root: Arc<Root> = Root::open(cfg.clone()).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(super::serve(root, api_l, grpc_l, async move {
+        let _ = rx.await;
+    }));
+    let api = format!("http://{}", cfg.api_addr);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = http.get(format!("{api}/api/health")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "root never became healthy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r: Value = http
+        .post(format!("{api}/api/auth/login"))
+        .json(&json!({"username":"Admin","password":"s3cret"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    Harness {
+        api,
+        grpc: format!("http://{}", cfg.grpc_addr),
+        http,
+        token: r["token"].as_str().unwrap().to_string(),
+        stop: Some(stop),
+        task,
+        _dir: None,
+    }
+}
+
+impl Harness {
+    async fn req(&self, m: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self.http.request(m, format!("{}{path}", self.api)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("graceful stop").unwrap().unwrap();
+    }
+}
+
+fn sla(name: &str, memory: Value) -> Value {
+    json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"","application_name":name,
+      "application_namespace":"test","application_desc":"demo","microservices":[
+        {"microserviceID":"","microservice_name":"nginx","microservice_namespace":"test","virtualization":"container",
+         "code":"docker.io/library/nginx:latest","memory":memory,"vcpus":1,"port":"80:80"}]}]})
+}
+
+async fn poll<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn api_login_crud_errors_and_unplaceable_deploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    // 401 without / with a bad token, and bad login
+    let r = h.http.get(format!("{}/api/applications", h.api)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.json::<Value>().await.unwrap()["message"].is_string());
+    let r = h.http.get(format!("{}/api/applications", h.api)).bearer_auth("x.y.z").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = h.http.post(format!("{}/api/auth/login", h.api)).json(&json!({"username":"Admin","password":"Admin"})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // create
+    let (c, v) = h.req(reqwest::Method::POST, "/api/application", Some(sla("demo", json!(100)))).await;
+    assert_eq!(c, 200, "{v}");
+    let apps = v.as_array().unwrap();
+    assert_eq!(apps.len(), 1);
+    assert_eq!(apps[0]["application_name"], "demo");
+    let app_id = apps[0]["applicationID"].as_str().unwrap().to_string();
+    assert_eq!(app_id.len(), 24);
+    let sid = apps[0]["microservices"][0].as_str().unwrap().to_string();
+
+    // duplicate -> 409; malformed -> 400 naming the field; nothing stored
+    let (c, _) = h.req(reqwest::Method::POST, "/api/application", Some(sla("demo", json!(100)))).await;
+    assert_eq!(c, 409);
+    let (c, v) = h.req(reqwest::Method::POST, "/api/application", Some(sla("other", json!(-5)))).await;
+    assert_eq!(c, 400);
+    assert!(v["message"].as_str().unwrap().contains("applications[0].microservices[0].memory"), "{v}");
+    let (_, v) = h.req(reqwest::Method::GET, "/api/applications", None).await;
+    assert_eq!(v.as_array().unwrap().len(), 1, "malformed SLA must store nothing: {v}");
+
+    // reads, 404s
+    let (c, v) = h.req(reqwest::Method::GET, &format!("/api/services/{app_id}"), None).await;
+    assert_eq!(c, 200);
+    assert_eq!(v[0]["microserviceID"], sid.as_str());
+    assert_eq!(v[0]["job_name"], "demo.test.nginx.test");
+    let (c, _) = h.req(reqwest::Method::GET, "/api/service/000000000000000000000000", None).await;
+    assert_eq!(c, 404);
+    let (c, _) = h.req(reqwest::Method::GET, "/api/application/000000000000000000000000", None).await;
+    assert_eq!(c, 404);
+
+    // deploy with no cluster: 200 with the reason; instance shows it; service status stays in vocabulary
+    let (c, v) = h.req(reqwest::Method::POST, &format!("/api/service/{sid}/instance"), None).await;
+    assert_eq!(c, 200, "{v}");
+    assert_eq!(v["status"], "NoActiveClusterWithCapacity");
+    assert!(v["status_detail"].as_str().unwrap().starts_with("NoTargetCluster: "), "{v}");
+    let (_, s) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;
+    assert_eq!(s["instance_list"][0]["status"], "NoActiveClusterWithCapacity");
+    assert_eq!(s["status"], "NoActiveClusterWithCapacity");
+    assert!(s["instance_list"][0]["status_detail"].as_str().unwrap().starts_with("NoTargetCluster: "));
+
+    // clusters lists (both spellings)
+    for p in ["/api/clusters/", "/api/clusters", "/api/clusters/active"] {
+        let (c, v) = h.req(reqwest::Method::GET, p, None).await;
+        assert_eq!(c, 200, "{p}");
+        assert_eq!(v, json!([]));
+    }
+    // docs
+    let (c, d) = h.req(reqwest::Method::GET, "/api/docs/openapi.json", None).await;
+    assert_eq!(c, 200);
+    assert!(d["paths"]["/api/application"]["post"].is_object());
+
+    // undeploy unplaced instance: removed at once; delete app removes services
+    let (c, _) = h.req(reqwest::Method::DELETE, &format!("/api/service/{sid}/instance/0"), None).await;
+    assert_eq!(c, 200);
+    let (_, s) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;
+    assert_eq!(s["instance_list"], json!([]));
+    let (c, _) = h.req(reqwest::Method::DELETE, &format!("/api/application/{app_id}"), None).await;
+    assert_eq!(c, 200);
+    let (c, _) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;
+    assert_eq!(c, 404);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_session_deploy_status_escalation_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let (_, v) = h.req(reqwest::Method::POST, "/api/application", Some(sla("web", json!(100)))).await;
+    let sid = v[0]["microservices"][0].as_str().unwrap().to_string();
+
+    // a fake cluster
+    let agg = pb::ClusterAggregate {
+        active_nodes: 1,
+        total_cpu_cores: 4,
+        max_free_cpu_cores: 4.0,
+        max_free_memory_mb: 4096,
+        memory_in_mb: 4096,
+        free_memory_in_mb: 4096,
+        virtualization: vec!["container".into()],
+        arch: vec!["amd64".into()],
+        ..Default::default()
+    };
+    let hello = |id: &str| pb::ClusterMessage {
+        msg: Some(pb::cluster_message::Msg::Hello(pb::ClusterHello {
+            cluster_name: "c1".into(),
+            cluster_location: "48.1,11.5,1000".into(),
+            cluster_id: id.into(),
+            aggregate: Some(agg.clone()),
+            ..Default::default()
+        })),
+    };
+    let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
+    let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
+    ctx.send(hello("")).unwrap();
+    let mut inbound = client
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::root_message::Msg::Welcome(w)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no welcome") };
+    assert_eq!(w.cluster_id.len(), 24);
+    let (_, cl) = h.req(reqwest::Method::GET, "/api/clusters/active", None).await;
+    assert_eq!(cl[0]["cluster_name"], "c1");
+    assert_eq!(cl[0]["cluster_location"], "48.1,11.5,1000");
+    assert_eq!(cl[0]["active"], true);
+
+    // deploy -> Deploy on the session
+    let (_, v) = h.req(reqwest::Method::POST, &format!("/api/service/{sid}/instance"), None).await;
+    assert_eq!(v["status"], "CLUSTER_SCHEDULED", "{v}");
+    let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no deploy") };
+    assert_eq!(d.instance_number, 0);
+    assert_eq!(d.service.as_ref().unwrap().job_name, "web.test.nginx.test");
+    let status = |s: &str, detail: &str| pb::ClusterMessage {
+        msg: Some(pb::cluster_message::Msg::Instance(pb::InstanceStatus {
+            service_id: sid.clone(),
+            instance_number: 0,
+            status: s.into(),
+            detail: detail.into(),
+            node_id: "n1".into(),
+            node_name: "w1".into(),
+            public_ip: "10.0.0.5".into(),
+            ..Default::default()
+        })),
+    };
+    ctx.send(status("RUNNING", "")).unwrap();
+    poll("RUNNING", || async {
+        let (_, s) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;
+        s["status"] == "RUNNING" && s["instance_list"][0]["publicip"] == "10.0.0.5"
+    })
+    .await;
+
+    // status for an unknown instance -> root tells the cluster to undeploy it
+    ctx.send(pb::ClusterMessage {
+        msg: Some(pb::cluster_message::Msg::Instance(pb::InstanceStatus {
+            service_id: "ffffffffffffffffffffffff".into(),
+            instance_number: 3,
+            status: "RUNNING".into(),
+            ..Default::default()
+        })),
+    })
+    .unwrap();
+    let Some(pb::root_message::Msg::Undeploy(u)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no undeploy") };
+    assert_eq!((u.service_id.as_str(), u.instance_number), ("ffffffffffffffffffffffff", 3));
+
+    // the only cluster says no capacity -> escalated to NoActiveClusterWithCapacity / NoResourcesAvailable
+    ctx.send(status("NO_WORKER_CAPACITY", "NoResourcesAvailable: asked 1 cpu, best worker had 0.5")).unwrap();
+    poll("escalation", || async {
+        let (_, s) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;
+        let i = &s["instance_list"][0];
+        i["status"] == "NoActiveClusterWithCapacity"
+            && i["status_detail"].as_str().unwrap_or("").starts_with("NoResourcesAvailable: ")
+            && i["status_detail"].as_str().unwrap_or("").contains("best worker had 0.5")
+    })
+    .await;
+    drop(ctx);
+    drop(inbound);
+    let cid = w.cluster_id.clone();
+    h.stop().await;
+
+    // restart on the same dir: everything is still there, and the cluster keeps its id on reconnect
+    let h = start(dir.path()).await;
+    let (c, s) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;
+    assert_eq!(c, 200);
+    assert_eq!(s["instance_list"][0]["status"], "NoActiveClusterWithCapacity");
+    let (_, cl) = h.req(reqwest::Method::GET, "/api/clusters/", None).await;
+    assert_eq!(cl[0]["cluster_id"], cid.as_str());
+    assert_eq!(cl[0]["active"], false);
+    let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
+    let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
+    ctx.send(hello(&cid)).unwrap();
+    let mut inbound = client
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::root_message::Msg::Welcome(w2)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no welcome") };
+    assert_eq!(w2.cluster_id, cid);
+    // registration triggers a retry of the unplaced instance -> Deploy again
+    let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no redeploy") };
+    assert_eq!(d.instance_number, 0);
+    drop(ctx);
+    drop(inbound);
+    h.stop().await;
+}
