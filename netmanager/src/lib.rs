@@ -1,3 +1,108 @@
 //! NetManager library: configuration, local API, control-plane client, instance wiring and datapaths.
 
+pub mod api;
+pub mod config;
+pub mod control;
 pub mod tables;
+pub mod wiring;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::api::{ApiState, Ready};
+use crate::config::NetConfig;
+use crate::control::Control;
+use crate::tables::Tables;
+use crate::wiring::Wiring;
+
+/// How to run a NetManager.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config_path: PathBuf,
+    /// Local API address (127.0.0.1:6000 by default).
+    pub listen: SocketAddr,
+    /// Where instance address allocations are persisted.
+    pub data_dir: PathBuf,
+    /// Worker bridge name (default `oak0`; tests use unique names).
+    pub bridge: String,
+}
+
+/// A started NetManager.
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub tables: Tables,
+    pub control: Control,
+    pub wiring: Arc<Wiring>,
+    pub config: NetConfig,
+    /// true while the push subscription to the cluster is connected
+    pub connected: tokio::sync::watch::Receiver<bool>,
+    api_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    sub_task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Wait until the API server stops (it does not, unless it fails).
+    pub async fn wait(self) -> Result<()> {
+        let r = self.api_task.await;
+        self.sub_task.abort();
+        r.context("API task")?.context("API server")
+    }
+
+    /// Stop the API server and the subscription (the bridge stays; see [`Wiring::destroy`]).
+    pub fn stop(&self) {
+        self.api_task.abort();
+        self.sub_task.abort();
+    }
+}
+
+fn node_name(cfg: &NetConfig) -> String {
+    if let Some(n) = &cfg.node_name {
+        return n.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).unwrap_or_else(|| "worker".into())
+}
+
+/// Load the config, bind the API (answering `ready:false` until done), lease the worker subnet (fatal on
+/// timeout or a bad network), set up the bridge, start the push subscription. Returns once ready.
+pub async fn start(opts: Options) -> Result<Running> {
+    let cfg = NetConfig::load(&opts.config_path)?;
+    let public_ip = cfg.public_address()?;
+    let public = SocketAddr::new(public_ip.into(), cfg.node_public_port);
+    let tables = Tables::new();
+    let url = cfg.cluster_net_url();
+    let node = node_name(&cfg);
+    tracing::info!(%url, %node, %public, "starting NetManager");
+
+    let state = Arc::new(ApiState { ready: tokio::sync::OnceCell::new(), public });
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding the local API on {}", opts.listen))?;
+    let api_addr = listener.local_addr()?;
+    let app = api::router(state.clone());
+    let api_task = tokio::spawn(async move { axum::serve(listener, app).await });
+    tracing::info!(%api_addr, "local API listening");
+
+    let control = Control::new(&url, &node, public, tables.clone())?;
+    let subnet = match control.lease(&opts.config_path.display().to_string()).await {
+        Ok(s) => s,
+        Err(e) => {
+            api_task.abort();
+            return Err(e);
+        }
+    };
+    let wiring = match Wiring::setup(&opts.bridge, subnet, &opts.data_dir).await {
+        Ok(w) => Arc::new(w),
+        Err(e) => {
+            api_task.abort();
+            return Err(e);
+        }
+    };
+    let (tx, connected) = tokio::sync::watch::channel(false);
+    let sub_task = control.spawn_subscription(tx);
+    let _ = state.ready.set(Ready { control: control.clone(), wiring: wiring.clone() });
+    tracing::info!(%subnet, bridge = %opts.bridge, "NetManager ready");
+    Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, api_task, sub_task })
+}

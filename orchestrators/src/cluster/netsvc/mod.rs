@@ -317,7 +317,7 @@ impl ClusterNetService for ClusterNetSvc {
         let subnet = self
             .lease_subnet(&r.node, &r.public_ip, r.tunnel_port)
             .await
-            .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            .map_err(|e| Status::resource_exhausted(format!("{e:#}")))?;
         Ok(Response::new(pb::LeaseSubnetReply { subnet: subnet.to_string(), cluster_id: self.inner.cluster_id.clone() }))
     }
     async fn release_subnet(&self, req: Request<pb::ReleaseSubnetRequest>) -> Result<Response<pb::Ack>, Status> {

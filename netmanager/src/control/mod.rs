@@ -1,0 +1,294 @@
+//! Control-plane client: leases this worker's /26 from the cluster network service, keeps a push
+//! subscription alive (re-subscribing after reconnects) and fills the [`Tables`]; registers instances.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use oak_proto::net::v1 as pb;
+use pb::cluster_net_service_client::ClusterNetServiceClient;
+use tonic::transport::Channel;
+
+use crate::tables::{InstanceEndpoint, ServiceEntry, Snapshot, Tables};
+
+/// Worker subnets live here (Oakestra's plan).
+pub const WORKER_SPACE: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 18, 0, 0), 16);
+/// Service IPs live here.
+pub const SERVICE_SPACE: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 30, 0, 0), 16);
+/// How long the NetManager waits for the cluster network service on start.
+pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Check a subnet received from the cluster: a /26 on its own boundary inside the worker space, not
+/// overlapping the service space nor any other worker's subnet we route to.
+pub fn validate_subnet(text: &str, tables: &Snapshot) -> Result<Ipv4Net, String> {
+    let net: Ipv4Net = text.trim().parse().map_err(|_| format!("{text:?} is not an IPv4 subnet"))?;
+    if net.prefix_len() != 26 {
+        return Err(format!("{net} is a /{}, expected a /26", net.prefix_len()));
+    }
+    if net.trunc() != net {
+        return Err(format!("{net} is not on a /26 boundary"));
+    }
+    if !WORKER_SPACE.contains(&net) {
+        return Err(format!("{net} is outside the overlay worker space {WORKER_SPACE}"));
+    }
+    if SERVICE_SPACE.contains(&net.network()) || net.contains(&SERVICE_SPACE.network()) {
+        return Err(format!("{net} overlaps the service space {SERVICE_SPACE}"));
+    }
+    if let Some((other, ep)) = tables.routes.iter().find(|(r, _)| r.contains(&net.network()) || net.contains(&r.network())) {
+        return Err(format!("{net} overlaps {other}, the subnet of worker {ep}"));
+    }
+    Ok(net)
+}
+
+/// Control client handle (cheap to clone).
+#[derive(Clone)]
+pub struct Control {
+    client: ClusterNetServiceClient<Channel>,
+    url: String,
+    node: String,
+    tables: Tables,
+    /// Tunnel endpoint of this worker.
+    pub public: SocketAddr,
+    subnet: Arc<Mutex<Option<Ipv4Net>>>,
+    /// Job names this worker resolved; re-resolved after a reconnect.
+    interests: Arc<Mutex<BTreeSet<String>>>,
+}
+
+fn apply_service(tables: &Tables, local: Option<Ipv4Net>, svc: &pb::ServiceAddresses) {
+    let mut instances = Vec::new();
+    let mut routes = Vec::new();
+    for i in &svc.instances {
+        let (Ok(ns_ip), Ok(wip)) = (i.ns_ip.parse::<Ipv4Addr>(), i.worker_ip.parse::<Ipv4Addr>()) else {
+            tracing::warn!(instance = ?i, "ignoring malformed instance address");
+            continue;
+        };
+        let worker = SocketAddr::new(wip.into(), i.worker_port as u16);
+        if let Ok(net) = i.worker_subnet.parse::<Ipv4Net>() {
+            if Some(net) != local && WORKER_SPACE.contains(&net) {
+                routes.push((net, worker));
+            }
+        }
+        instances.push(InstanceEndpoint {
+            service_id: i.service_id.clone(),
+            job_name: i.job_name.clone(),
+            instance_number: i.instance_number,
+            ns_ip,
+            worker,
+            rtt_us: None,
+        });
+    }
+    let entry = ServiceEntry {
+        service_id: svc.service_id.clone(),
+        job_name: svc.job_name.clone(),
+        rr_ip: svc.rr_ip.parse().ok(),
+        closest_ip: svc.closest_ip.parse().ok(),
+        instances,
+    };
+    tables.update(|s| {
+        for (net, ep) in routes {
+            s.routes.insert(net, ep);
+        }
+        s.services.insert(entry.service_id.clone(), entry);
+    });
+}
+
+impl Control {
+    /// Create the client (no connection yet). `config_path` is only used in error messages.
+    pub fn new(url: &str, node: &str, public: SocketAddr, tables: Tables) -> Result<Self> {
+        let ep = tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("bad cluster network service url {url:?}"))?
+            .connect_timeout(LEASE_TIMEOUT);
+        Ok(Self {
+            client: ClusterNetServiceClient::new(ep.connect_lazy()),
+            url: url.to_string(),
+            node: node.to_string(),
+            tables,
+            public,
+            subnet: Arc::new(Mutex::new(None)),
+            interests: Arc::new(Mutex::new(BTreeSet::new())),
+        })
+    }
+
+    pub fn subnet(&self) -> Option<Ipv4Net> {
+        *self.subnet.lock().expect("lock")
+    }
+
+    /// Lease this worker's subnet. Fatal errors: timeout (names the URL and the config file), and a bad
+    /// network in the answer.
+    pub async fn lease(&self, config_path: &str) -> Result<Ipv4Net> {
+        let req = pb::LeaseSubnetRequest {
+            node: self.node.clone(),
+            public_ip: self.public.ip().to_string(),
+            tunnel_port: self.public.port() as u32,
+        };
+        let mut client = self.client.clone();
+        let reply = match tokio::time::timeout(LEASE_TIMEOUT, client.lease_subnet(req)).await {
+            Err(_) => bail!(
+                "NetManager timeout: cannot reach the cluster network service at {} within {} s; check ClusterUrl \
+                 (and ClusterNetPort) in {config_path}",
+                self.url,
+                LEASE_TIMEOUT.as_secs()
+            ),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => bail!(
+                "NetManager timeout: cannot reach the cluster network service at {} ({}); check ClusterUrl (and \
+                 ClusterNetPort) in {config_path}",
+                self.url,
+                status.message()
+            ),
+            Ok(Err(status)) => bail!("the cluster network service at {} refused the lease: {}", self.url, status.message()),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let net = validate_subnet(&reply.subnet, &self.tables.snapshot()).map_err(|e| anyhow!("bad network received: {e}"))?;
+        *self.subnet.lock().expect("lock") = Some(net);
+        self.tables.set_local_subnet(net);
+        tracing::info!(subnet = %net, cluster = %reply.cluster_id, "leased worker subnet");
+        Ok(net)
+    }
+
+    fn apply(&self, u: pb::NetUpdate) {
+        let local = self.subnet();
+        match u.update {
+            Some(pb::net_update::Update::RouteAdded(r)) => {
+                let (Ok(net), Ok(ip)) = (r.subnet.parse::<Ipv4Net>(), r.worker_ip.parse::<Ipv4Addr>()) else {
+                    tracing::warn!(route = ?r, "ignoring malformed route");
+                    return;
+                };
+                if Some(net) == local {
+                    return;
+                }
+                self.tables.set_route(net, SocketAddr::new(ip.into(), r.worker_port as u16));
+            }
+            Some(pb::net_update::Update::RouteRemoved(net)) => {
+                if let Ok(net) = net.parse() {
+                    self.tables.remove_route(net);
+                }
+            }
+            Some(pb::net_update::Update::Service(svc)) => apply_service(&self.tables, local, &svc),
+            Some(pb::net_update::Update::ServiceRemoved(id)) => self.tables.remove_service(&id),
+            None => {}
+        }
+    }
+
+    /// Keep the subscription alive forever: subscribe, apply updates; after a drop, reconnect with
+    /// backoff, re-subscribe and re-resolve every interest. `connected` flips on every (re)subscription.
+    pub fn spawn_subscription(&self, connected: tokio::sync::watch::Sender<bool>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let mut client = this.client.clone();
+                match client.subscribe(pb::SubscribeRequest { node: this.node.clone() }).await {
+                    Ok(stream) => {
+                        backoff = Duration::from_millis(200);
+                        let mut stream = stream.into_inner();
+                        // routes of workers that left while we were away are re-sent; start fresh
+                        this.tables.update(|s| s.routes.clear());
+                        connected.send_replace(true);
+                        let names: Vec<String> = this.interests.lock().expect("lock").iter().cloned().collect();
+                        for n in names {
+                            if let Err(e) = this.resolve_name(&n).await {
+                                tracing::warn!(job = %n, error = %format!("{e:#}"), "re-resolve after reconnect failed");
+                            }
+                        }
+                        while let Some(msg) = stream.next().await {
+                            match msg {
+                                Ok(u) => this.apply(u),
+                                Err(e) => {
+                                    tracing::warn!(error = %e.message(), "subscription broke");
+                                    break;
+                                }
+                            }
+                        }
+                        connected.send_replace(false);
+                        tracing::warn!(url = %this.url, "subscription to the cluster network service ended; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(url = %this.url, error = %e.message(), "cannot subscribe; retrying"),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+
+    async fn resolve(&self, req: pb::ResolveRequest) -> Result<Option<ServiceEntry>> {
+        let mut client = self.client.clone();
+        let r = client.resolve(req).await.map_err(|e| anyhow!("resolve: {}", e.message()))?.into_inner();
+        let Some(svc) = r.service else { return Ok(None) };
+        self.interests.lock().expect("lock").insert(svc.job_name.clone());
+        apply_service(&self.tables, self.subnet(), &svc);
+        Ok(self.tables.snapshot().services.get(&svc.service_id).cloned())
+    }
+
+    /// Resolve a job name (app.appns.svc.svcns), put it in the tables and get its future changes pushed.
+    pub async fn resolve_name(&self, job_name: &str) -> Result<Option<ServiceEntry>> {
+        self.resolve(pb::ResolveRequest { job_name: job_name.into(), service_ip: String::new(), subscriber: self.node.clone() })
+            .await
+    }
+
+    /// Resolve a service IP (10.30.x.y) the datapath saw but does not know yet.
+    pub async fn resolve_ip(&self, ip: Ipv4Addr) -> Result<Option<ServiceEntry>> {
+        self.resolve(pb::ResolveRequest { job_name: String::new(), service_ip: ip.to_string(), subscriber: self.node.clone() })
+            .await
+    }
+
+    /// Register an instance wired on this worker.
+    pub async fn register_instance(&self, service_id: &str, job_name: &str, instance_number: u32, ns_ip: Ipv4Addr) -> Result<()> {
+        let subnet = self.subnet().map(|n| n.to_string()).unwrap_or_default();
+        let mut client = self.client.clone();
+        client
+            .register_instance(pb::InstanceAddress {
+                service_id: service_id.into(),
+                job_name: job_name.into(),
+                instance_number,
+                ns_ip: ns_ip.to_string(),
+                worker_ip: self.public.ip().to_string(),
+                worker_port: self.public.port() as u32,
+                cluster_id: String::new(),
+                worker_subnet: subnet,
+            })
+            .await
+            .map_err(|e| anyhow!("registering instance with the cluster network service: {}", e.message()))?;
+        Ok(())
+    }
+
+    pub async fn deregister_instance(&self, service_id: &str, job_name: &str, instance_number: u32) -> Result<()> {
+        let mut client = self.client.clone();
+        client
+            .deregister_instance(pb::InstanceKey { service_id: service_id.into(), instance_number, job_name: job_name.into() })
+            .await
+            .map_err(|e| anyhow!("deregistering instance: {}", e.message()))?;
+        Ok(())
+    }
+
+    /// Node name used for the lease.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Job names this worker is interested in.
+    pub fn interests(&self) -> HashSet<String> {
+        self.interests.lock().expect("lock").iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_network_validation() {
+        let mut s = Snapshot::default();
+        assert_eq!(validate_subnet("10.18.0.64/26", &s).unwrap().to_string(), "10.18.0.64/26");
+        assert!(validate_subnet("garbage", &s).unwrap_err().contains("not an IPv4 subnet"));
+        assert!(validate_subnet("10.18.0.0/24", &s).unwrap_err().contains("expected a /26"));
+        assert!(validate_subnet("10.18.0.5/26", &s).unwrap_err().contains("boundary"));
+        assert!(validate_subnet("192.168.0.0/26", &s).unwrap_err().contains("outside"));
+        assert!(validate_subnet("10.30.0.0/26", &s).unwrap_err().contains("outside"));
+        s.routes.insert("10.18.0.64/26".parse().unwrap(), "192.0.2.1:50103".parse().unwrap());
+        assert!(validate_subnet("10.18.0.64/26", &s).unwrap_err().contains("overlaps"));
+    }
+}

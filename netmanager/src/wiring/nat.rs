@@ -1,0 +1,166 @@
+//! iptables rules of the worker: MASQUERADE for egress from the worker subnet to outside the overlay,
+//! FORWARD accepts for the bridge, DNAT for the SLA port mappings. Every rule carries a comment
+//! (`oak:<bridge>` or `oak:<bridge>:<service>/<instance>`) so it is added once and removed precisely.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// The overlay as a whole (10.16.0.0/12 covers worker subnets 10.18/16, the tun 10.19/16 and 10.30/16).
+pub const OVERLAY: &str = "10.16.0.0/12";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortMapping {
+    pub host: u16,
+    pub container: u16,
+    /// "tcp" or "udp"
+    pub proto: String,
+}
+
+fn parse_port(s: &str, what: &str, entry: &str) -> Result<u16> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => bail!("port mapping {entry:?}: {what} port {s:?} is not a port number 1..65535"),
+    }
+}
+
+/// Parse the SLA `port` field: "host:container[/tcp|udp];..." (a bare "port" maps the same port).
+pub fn parse_port_mappings(text: &str) -> Result<Vec<PortMapping>> {
+    let mut out = Vec::new();
+    for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (ports, proto) = match entry.split_once('/') {
+            Some((p, proto)) => (p, proto.trim().to_ascii_lowercase()),
+            None => (entry, "tcp".to_string()),
+        };
+        if proto != "tcp" && proto != "udp" {
+            bail!("port mapping {entry:?}: protocol {proto:?} is not tcp or udp");
+        }
+        let (host, container) = match ports.split_once(':') {
+            Some((h, c)) => (parse_port(h, "host", entry)?, parse_port(c, "container", entry)?),
+            None => {
+                let p = parse_port(ports, "host", entry)?;
+                (p, p)
+            }
+        };
+        out.push(PortMapping { host, container, proto });
+    }
+    Ok(out)
+}
+
+fn iptables(args: &[&str]) -> Result<std::process::Output> {
+    Command::new("iptables").arg("-w").args(args).output().context("running iptables (is it installed?)")
+}
+
+fn run(args: &[&str]) -> Result<()> {
+    let out = iptables(args)?;
+    if !out.status.success() {
+        bail!("iptables {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Add `rule` to `table`/`chain` unless it is there already.
+fn ensure(table: &str, chain: &str, insert: bool, rule: &[&str]) -> Result<()> {
+    let mut check = vec!["-t", table, "-C", chain];
+    check.extend_from_slice(rule);
+    if iptables(&check)?.status.success() {
+        return Ok(());
+    }
+    let mut add = vec!["-t", table, if insert { "-I" } else { "-A" }, chain];
+    add.extend_from_slice(rule);
+    run(&add)
+}
+
+/// Delete every rule of `table`/`chain` whose comment is exactly `comment`.
+fn delete_commented(table: &str, chain: &str, comment: &str) -> Result<()> {
+    let out = iptables(&["-t", table, "-S", chain])?;
+    if !out.status.success() {
+        bail!("iptables -t {table} -S {chain}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let words: Vec<String> = line.split_whitespace().map(|w| w.trim_matches('"').to_string()).collect();
+        let has = words.windows(2).any(|w| w[0] == "--comment" && w[1] == comment);
+        if !has || words.first().map(String::as_str) != Some("-A") {
+            continue;
+        }
+        let mut args: Vec<&str> = vec!["-t", table, "-D"];
+        args.extend(words[1..].iter().map(String::as_str));
+        run(&args)?;
+    }
+    Ok(())
+}
+
+fn bridge_comment(bridge: &str) -> String {
+    format!("oak:{bridge}")
+}
+
+fn instance_comment(bridge: &str, service_id: &str, instance: u32) -> String {
+    format!("oak:{bridge}:{service_id}/{instance}")
+}
+
+pub fn ensure_bridge_rules(bridge: &str, subnet: Ipv4Net) -> Result<()> {
+    let c = bridge_comment(bridge);
+    let s = subnet.to_string();
+    ensure("nat", "POSTROUTING", false, &["-s", &s, "!", "-d", OVERLAY, "-m", "comment", "--comment", &c, "-j", "MASQUERADE"])?;
+    ensure("filter", "FORWARD", true, &["-i", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
+    ensure("filter", "FORWARD", true, &["-o", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
+    Ok(())
+}
+
+pub fn remove_bridge_rules(bridge: &str, _subnet: Ipv4Net) -> Result<()> {
+    let c = bridge_comment(bridge);
+    delete_commented("nat", "POSTROUTING", &c)?;
+    delete_commented("filter", "FORWARD", &c)?;
+    Ok(())
+}
+
+pub fn add_port_mappings(bridge: &str, service_id: &str, instance: u32, ip: Ipv4Addr, ports: &[PortMapping]) -> Result<()> {
+    let c = instance_comment(bridge, service_id, instance);
+    for p in ports {
+        let dport = p.host.to_string();
+        let to = format!("{ip}:{}", p.container);
+        ensure(
+            "nat",
+            "PREROUTING",
+            false,
+            &["-p", &p.proto, "--dport", &dport, "-m", "comment", "--comment", &c, "-j", "DNAT", "--to-destination", &to],
+        )?;
+        ensure(
+            "nat",
+            "OUTPUT",
+            false,
+            &[
+                "-p", &p.proto, "!", "-d", "127.0.0.0/8", "--dport", &dport, "-m", "addrtype", "--dst-type", "LOCAL", "-m",
+                "comment", "--comment", &c, "-j", "DNAT", "--to-destination", &to,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+pub fn remove_port_mappings(bridge: &str, service_id: &str, instance: u32) -> Result<()> {
+    let c = instance_comment(bridge, service_id, instance);
+    delete_commented("nat", "PREROUTING", &c)?;
+    delete_commented("nat", "OUTPUT", &c)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_mappings() {
+        let m = parse_port_mappings("8080:80/tcp; 5353:53/UDP;9000").unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[1], PortMapping { host: 5353, container: 53, proto: "udp".into() });
+        assert_eq!((m[2].host, m[2].container, m[2].proto.as_str()), (9000, 9000, "tcp"));
+        assert!(parse_port_mappings("").unwrap().is_empty());
+        assert!(parse_port_mappings("80:x").unwrap_err().to_string().contains("container port"));
+        assert!(parse_port_mappings("80:80/sctp").unwrap_err().to_string().contains("sctp"));
+        assert!(parse_port_mappings("0:80").unwrap_err().to_string().contains("host port"));
+    }
+}
