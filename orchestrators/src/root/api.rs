@@ -254,7 +254,7 @@ async fn update_application(State(root): State<Arc<Root>>, user: AuthUser, Path(
         match v.get(k) {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) => {
-                if target < 2 && !(1..=30).contains(&s.len()) || target < 2 && !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                if target < 2 && !((1..=30).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())) {
                     return Err(ApiError(StatusCode::BAD_REQUEST, json!({"message": format!("{k}: must match ^[a-zA-Z0-9]{{1,30}}$"), "field": k})));
                 }
                 if s.len() > model::MAX_STRING {

@@ -40,9 +40,14 @@ impl pb::cluster_registry_server::ClusterRegistry for Registry {
             }
         };
         let root = self.root.clone();
+        let mut stopping = self.root.stopping.subscribe();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = stopping.wait_for(|v| *v) => break,
+                };
+                match next {
                     Ok(Some(m)) => {
                         root.touch(&cid);
                         let r = match m.msg {

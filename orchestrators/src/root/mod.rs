@@ -8,7 +8,7 @@ pub mod openapi;
 pub mod scheduler;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -98,6 +98,13 @@ pub struct ServiceRecord {
 }
 
 const HISTORY: usize = 100;
+
+/// The part of a detail that records what clusters reported ("cluster 'x' reported ..."), kept across
+/// capacity-change retries so the user still sees why earlier clusters refused.
+fn previous_refusals(detail: &str) -> String {
+    let Some(r) = detail.find(" reported ") else { return String::new() };
+    detail[..r].rfind("cluster '").map(|p| detail[p..].to_string()).unwrap_or_default()
+}
 
 /// Oakestra-vocabulary service status derived from its instances.
 pub fn service_status(insts: &[InstanceRecord]) -> (String, String) {
@@ -235,10 +242,15 @@ pub struct Root {
     pub cfg: Config,
     sessions: Mutex<HashMap<String, Session>>,
     next_conn: std::sync::atomic::AtomicU64,
-    /// Woken when a cluster registers or reports capacity: retries unplaced instances.
+    /// Woken when a cluster registers or reports more capacity: retries unplaced instances.
     pub capacity_changed: Notify,
+    /// Clusters that registered or grew since the last retry: they are tried again even by instances
+    /// they already refused.
+    grown: Mutex<HashSet<String>>,
     /// Set once both listeners are bound (readiness for /api/health).
     pub ready: std::sync::atomic::AtomicBool,
+    /// Becomes true when shutdown begins; session tasks end on it.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// A message for a cluster, sent after the write transaction committed.
@@ -270,7 +282,9 @@ impl Root {
             sessions: Mutex::new(HashMap::new()),
             next_conn: 1.into(),
             capacity_changed: Notify::new(),
+            grown: Mutex::new(HashSet::new()),
             ready: false.into(),
+            stopping: tokio::sync::watch::channel(false).0,
         }))
     }
 
@@ -553,6 +567,7 @@ impl Root {
         })?;
         self.send(out);
         tracing::info!(cluster_id = %cid, cluster_name = %hello.cluster_name, location = %hello.cluster_location, instances = hello.instances.len(), "cluster registered");
+        self.grown.lock().expect("grown").insert(cid.clone());
         self.capacity_changed.notify_one();
         Ok((cid, conn))
     }
@@ -564,15 +579,25 @@ impl Root {
     }
 
     pub fn on_aggregate(&self, cluster_id: &str, agg: &pb::ClusterAggregate) -> Result<()> {
-        self.store.update(|tx| {
-            if let Some(mut c) = tx.get::<ClusterRecord>(CLUSTERS, cluster_id)? {
-                c.aggregate = AggregateRecord::from(agg);
-                c.last_seen_ms = oak_proto::now_ms();
-                tx.put(CLUSTERS, cluster_id, &c)?;
-            }
-            Ok(())
+        let grew = self.store.update(|tx| {
+            let Some(mut c) = tx.get::<ClusterRecord>(CLUSTERS, cluster_id)? else { return Ok(false) };
+            let old = &c.aggregate;
+            let grew = agg.active_nodes > old.active_nodes
+                || agg.max_free_cpu_cores > old.max_free_cpu_cores + 1e-9
+                || agg.max_free_memory_mb > old.max_free_memory_mb
+                || agg.max_free_gpus > old.max_free_gpus
+                || agg.virtualization.iter().any(|v| !old.virtualization.contains(v))
+                || agg.arch.iter().any(|v| !old.arch.contains(v));
+            c.aggregate = AggregateRecord::from(agg);
+            c.last_seen_ms = oak_proto::now_ms();
+            tx.put(CLUSTERS, cluster_id, &c)?;
+            Ok(grew)
         })?;
-        self.capacity_changed.notify_one();
+        if grew {
+            tracing::debug!(cluster_id, "cluster capacity grew; retrying unplaced instances");
+            self.grown.lock().expect("grown").insert(cluster_id.to_string());
+            self.capacity_changed.notify_one();
+        }
         Ok(())
     }
 
@@ -584,8 +609,12 @@ impl Root {
         }
     }
 
-    /// Retries every unplaced instance once. Returns how many got placed.
-    pub fn retry_unplaced(&self) -> Result<usize> {
+    /// Retries every unplaced instance once. With `full`, clusters an instance already tried are
+    /// eligible again (the periodic retry); otherwise only clusters that registered or grew since the last
+    /// retry are (the capacity-change retry), so a cluster that keeps refusing is not hammered.
+    /// Returns how many got placed.
+    pub fn retry_unplaced(&self, full: bool) -> Result<usize> {
+        let grown: HashSet<String> = std::mem::take(&mut *self.grown.lock().expect("grown"));
         let mut out = Outgoing::new();
         let placed = self.store.update(|tx| {
             let mut placed = 0;
@@ -597,9 +626,14 @@ impl Root {
                     if i.undeploying || !scheduler::is_unplaced(&i.status) {
                         continue;
                     }
-                    i.tried_clusters.clear();
+                    if full {
+                        i.tried_clusters.clear();
+                    } else {
+                        i.tried_clusters.retain(|c| !grown.contains(c));
+                    }
                     let before = (i.status.clone(), i.status_detail.clone());
-                    if self.place_instance(tx, &mut svc, idx, &mut out, "")? {
+                    let prior = if full { String::new() } else { previous_refusals(&i.status_detail) };
+                    if self.place_instance(tx, &mut svc, idx, &mut out, &prior)? {
                         placed += 1;
                         changed = true;
                     } else {
@@ -615,7 +649,7 @@ impl Root {
         })?;
         self.send(out);
         if placed > 0 {
-            tracing::info!(placed, "retry placed instances");
+            tracing::info!(placed, full, "retry placed instances");
         }
         Ok(placed)
     }
@@ -662,12 +696,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     tracing::info!(api = %api_l.local_addr()?, grpc = %grpc_l.local_addr()?, data_dir = %root.cfg.data_dir.display(), "root orchestrator listening");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx = root.stopping.subscribe();
     let r1 = root.clone();
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
+        r1.stopping.send_replace(true);
         // dropping the senders ends the cluster streams so the gRPC server can finish
         r1.sessions.lock().expect("sessions").clear();
     });
@@ -678,13 +712,16 @@ pub async fn serve(
     let r2 = root.clone();
     let mut stop_retry = stop_rx.clone();
     let retry = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(r2.cfg.retry_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick completes immediately
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(r2.cfg.retry_interval) => {}
-                _ = r2.capacity_changed.notified() => {}
+            let full = tokio::select! {
+                _ = tick.tick() => true,
+                _ = r2.capacity_changed.notified() => false,
                 _ = stop_retry.wait_for(|v| *v) => break,
-            }
-            if let Err(e) = r2.retry_unplaced() {
+            };
+            if let Err(e) = r2.retry_unplaced(full) {
                 tracing::error!("retrying placements: {e:#}");
             }
         }
@@ -696,10 +733,24 @@ pub async fn serve(
         .add_service(pb::cluster_registry_server::ClusterRegistryServer::new(grpc::Registry { root: root.clone() }))
         .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
     root.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (a, g) = tokio::join!(api, grpc);
-    retry.abort();
-    a?;
-    g?;
+    let both = async { tokio::join!(api, grpc) };
+    tokio::pin!(both);
+    let mut stop_wait = stop_rx.clone();
+    let grace = async move {
+        let _ = stop_wait.wait_for(|v| *v).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    tokio::select! {
+        (a, g) = &mut both => {
+            retry.abort();
+            a?;
+            g?;
+        }
+        _ = grace => {
+            retry.abort();
+            tracing::warn!("connections still open 5 s after shutdown began; stopping anyway");
+        }
+    }
     tracing::info!("root orchestrator stopped");
     Ok(())
 }

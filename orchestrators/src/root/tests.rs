@@ -290,7 +290,8 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     // registration triggers a retry of the unplaced instance -> Deploy again
     let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no redeploy") };
     assert_eq!(d.instance_number, 0);
+    // graceful stop with the cluster session still open
+    h.stop().await;
     drop(ctx);
     drop(inbound);
-    h.stop().await;
 }
