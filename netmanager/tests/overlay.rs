@@ -1,0 +1,243 @@
+//! End to end on this machine (needs root): root service manager + cluster network service in-process on
+//! loopback, a NetManager leasing its subnet, then a real process in a fresh netns wired through the
+//! local API and unwired again.
+
+// The network services are compiled straight from the orchestrators' sources so this test does not
+// depend on the rest of that crate.
+#[allow(dead_code)]
+#[path = "../../orchestrators/src/root/netsvc/mod.rs"]
+pub mod root_netsvc;
+#[allow(dead_code)]
+#[path = "../../orchestrators/src/cluster/netsvc/mod.rs"]
+pub mod cluster_netsvc;
+mod root {
+    pub use super::root_netsvc as netsvc;
+}
+mod cluster {
+    pub use super::cluster_netsvc as netsvc;
+}
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn link_exists(name: &str) -> bool {
+    std::path::Path::new(&format!("/sys/class/net/{name}")).exists()
+}
+
+async fn start_services(dir: &std::path::Path, cluster_id: &str) -> (String, cluster::netsvc::ClusterNetSvc, root::netsvc::RootNetSvc) {
+    let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let root_url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(root::netsvc::serve_listener(rootsvc.clone(), l));
+    let c = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, cluster_id).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(cluster::netsvc::serve_listener(c.clone(), l));
+    (port.to_string(), c, rootsvc)
+}
+
+fn write_config(dir: &std::path::Path, cluster_port: &str, node: &str) -> std::path::PathBuf {
+    let p = dir.join("netcfg.json");
+    std::fs::write(
+        &p,
+        json!({"NodePublicAddress":"127.0.0.1","NodePublicPort":"50103","ClusterUrl":"127.0.0.1",
+               "ClusterMqttPort":"10003","ClusterNetPort":cluster_port,"NodeName":node})
+        .to_string(),
+    )
+    .unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_wire_ping_undeploy() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster_port, cluster, rootsvc) = start_services(dir.path(), "c1").await;
+    // the service gets its IPs at the root when it is created
+    let (rr, _closest) = rootsvc.allocate_service_ips("svc1", "app.ns.web.ns").unwrap();
+
+    let node = unique("n");
+    let bridge = unique("ot");
+    let cfg = write_config(dir.path(), &cluster_port, &node);
+    let running = oak_netmanager::start(oak_netmanager::Options {
+        config_path: cfg,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("nm"),
+        bridge: bridge.clone(),
+    })
+    .await
+    .expect("NetManager starts");
+    struct Cleanup(std::sync::Arc<oak_netmanager::wiring::Wiring>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let w = self.0.clone();
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Runtime::new().unwrap().block_on(async move { w.destroy().await })
+            })
+            .join();
+        }
+    }
+    let _cleanup = Cleanup(running.wiring.clone());
+
+    let subnet = running.control.subnet().unwrap();
+    assert_eq!(subnet.prefix_len(), 26);
+    assert_eq!(cluster.subnet_of(&node), Some(subnet), "cluster recorded the lease");
+    let gw = subnet.hosts().next().unwrap();
+    assert!(link_exists(&bridge));
+
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", running.api_addr);
+    let st: Value = http.get(format!("{base}/status")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(st["ready"], true);
+    assert_eq!(st["subnet"], subnet.to_string());
+
+    // a real process in a fresh netns
+    let child = Proc(Command::new("unshare").args(["-n", "sleep", "60"]).stdin(Stdio::null()).spawn().unwrap());
+    let pid = child.0.id();
+    let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().as_ref() == Some(&own) {
+        assert!(Instant::now() < deadline, "unshare did not create a netns");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // bad requests are rejected with a reason
+    let r = http.post(format!("{base}/container/deploy")).json(&json!({"pid": pid})).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("serviceName"), "{body}");
+
+    let r = http
+        .post(format!("{base}/container/deploy"))
+        .json(&json!({"pid": pid, "serviceName": "app.ns.web.ns", "serviceId": "svc1", "instanceNumber": 0,
+                      "portMappings": "18080:80/tcp"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let ns_ip: std::net::Ipv4Addr = body["nsAddress"].as_str().unwrap().parse().unwrap();
+    assert!(subnet.contains(&ns_ip) && ns_ip != gw, "{ns_ip} in {subnet}");
+
+    let pid_s = pid.to_string();
+    let out = Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "-4", "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{ns_ip}/26")), "eth0 inside the netns: {text}");
+    let out = Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "-4", "route"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("default via {gw}")), "routes inside: {text}");
+    let ok = Command::new("nsenter")
+        .args(["-t", &pid_s, "-n", "busybox", "ping", "-c", "1", "-W", "3", &gw.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "ping from the instance to the bridge gateway {gw}");
+    let nat = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output().unwrap().stdout)
+        .to_string();
+    assert!(nat.contains(&format!("{ns_ip}:80")) && nat.contains("18080"), "DNAT rule: {nat}");
+
+    // the instance is registered and resolvable through the cluster (with the root's service IPs)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let entry = loop {
+        let e = running.control.resolve_name("app.ns.web.ns").await.unwrap();
+        if let Some(e) = e.filter(|e| !e.instances.is_empty()) {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "instance never became resolvable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(entry.rr_ip, Some(rr));
+    assert_eq!(entry.instances[0].ns_ip, ns_ip);
+    assert!(running.tables.snapshot().service_by_ip(rr).is_some());
+
+    // a second worker joins: its route is pushed to us over the subscription
+    let other = cluster.lease_subnet("other-node", "192.0.2.50", 50103).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running.tables.snapshot().routes.get(&other).is_none() {
+        assert!(Instant::now() < deadline, "route for {other} never pushed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // undeploy removes the veth, the DNAT rule, and the registration (pushed to us as interested party)
+    let host_veth = running.wiring.attachments().await[0].host_veth.clone();
+    assert!(link_exists(&host_veth));
+    let r = http
+        .post(format!("{base}/container/undeploy"))
+        .json(&json!({"serviceName": "app.ns.web.ns", "serviceId": "svc1", "instanceNumber": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!link_exists(&host_veth), "host veth removed");
+    let nat = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output().unwrap().stdout)
+        .to_string();
+    assert!(!nat.contains(&format!("{ns_ip}:80")), "DNAT removed: {nat}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !running.tables.snapshot().services.get("svc1").is_some_and(|s| s.instances.is_empty()) {
+        assert!(Instant::now() < deadline, "instance removal never pushed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // idempotent
+    let r = http
+        .post(format!("{base}/container/undeploy"))
+        .json(&json!({"serviceId": "svc1", "instanceNumber": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    running.stop();
+}
+
+#[tokio::test]
+async fn unreachable_cluster_is_a_fatal_timeout() {
+    // a listener that accepts but never speaks HTTP/2
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().take(4) {
+            held.push(s);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &port.to_string(), "n");
+    let t0 = Instant::now();
+    let err = match oak_netmanager::start(oak_netmanager::Options {
+        config_path: cfg,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("nm"),
+        bridge: unique("ou"),
+    })
+    .await
+    {
+        Ok(_) => panic!("start must fail"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("NetManager timeout: cannot reach the cluster network service"), "{err}");
+    assert!(err.contains("ClusterUrl") && err.contains("netcfg.json"), "{err}");
+    assert!(t0.elapsed() >= Duration::from_secs(9), "gave up too early: {:?}", t0.elapsed());
+}
