@@ -159,6 +159,25 @@ async fn lease_wire_ping_undeploy() {
         .to_string();
     assert!(nat.contains(&format!("{ns_ip}:80")) && nat.contains("18080"), "DNAT rule: {nat}");
 
+    // a restart (a fresh Wiring over the same bridge and data dir) keeps the allocation: the address in use
+    // is not handed out again
+    {
+        let again = oak_netmanager::wiring::Wiring::setup(&bridge, subnet, &dir.path().join("nm")).await.unwrap();
+        let atts = again.attachments().await;
+        assert_eq!(atts.len(), 1);
+        assert_eq!(atts[0].ip, ns_ip);
+        let child2 = Proc(Command::new("unshare").args(["-n", "sleep", "60"]).stdin(Stdio::null()).spawn().unwrap());
+        let pid2 = child2.0.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{pid2}/ns/net")).ok().as_ref() == Some(&own) {
+            assert!(Instant::now() < deadline, "unshare did not create a netns");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ip2 = again.attach(pid2, "svc2", "app.ns.other.ns", 0, "").await.unwrap();
+        assert_ne!(ip2, ns_ip);
+        assert!(again.detach("svc2", 0).await.unwrap().is_some());
+    }
+
     // the instance is registered and resolvable through the cluster (with the root's service IPs)
     let deadline = Instant::now() + Duration::from_secs(5);
     let entry = loop {
@@ -176,7 +195,7 @@ async fn lease_wire_ping_undeploy() {
     // a second worker joins: its route is pushed to us over the subscription
     let other = cluster.lease_subnet("other-node", "192.0.2.50", 50103).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while running.tables.snapshot().routes.get(&other).is_none() {
+    while !running.tables.snapshot().routes.contains_key(&other) {
         assert!(Instant::now() < deadline, "route for {other} never pushed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -240,4 +259,61 @@ async fn unreachable_cluster_is_a_fatal_timeout() {
     assert!(err.contains("NetManager timeout: cannot reach the cluster network service"), "{err}");
     assert!(err.contains("ClusterUrl") && err.contains("netcfg.json"), "{err}");
     assert!(t0.elapsed() >= Duration::from_secs(9), "gave up too early: {:?}", t0.elapsed());
+}
+
+/// A cluster network service that answers leases with a wrong network (a fake, only for this test).
+struct BadCluster(&'static str);
+
+type Updates = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::NetUpdate, tonic::Status>> + Send>>;
+use oak_proto::net::v1 as pb;
+
+#[tonic::async_trait]
+impl pb::cluster_net_service_server::ClusterNetService for BadCluster {
+    async fn lease_subnet(&self, _: tonic::Request<pb::LeaseSubnetRequest>) -> Result<tonic::Response<pb::LeaseSubnetReply>, tonic::Status> {
+        Ok(tonic::Response::new(pb::LeaseSubnetReply { subnet: self.0.into(), cluster_id: "bad".into() }))
+    }
+    async fn release_subnet(&self, _: tonic::Request<pb::ReleaseSubnetRequest>) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+    async fn register_instance(&self, _: tonic::Request<pb::InstanceAddress>) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+    async fn deregister_instance(&self, _: tonic::Request<pb::InstanceKey>) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+    async fn resolve(&self, _: tonic::Request<pb::ResolveRequest>) -> Result<tonic::Response<pb::ResolveReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+    type SubscribeStream = Updates;
+    async fn subscribe(&self, _: tonic::Request<pb::SubscribeRequest>) -> Result<tonic::Response<Updates>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+}
+
+#[tokio::test]
+async fn bad_network_received_is_fatal() {
+    for (answer, why) in [("10.18.0.0/24", "expected a /26"), ("172.16.0.0/26", "outside"), ("nonsense", "not an IPv4 subnet")] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::cluster_net_service_server::ClusterNetServiceServer::new(BadCluster(answer)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), &port.to_string(), "n");
+        let err = match oak_netmanager::start(oak_netmanager::Options {
+            config_path: cfg,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("nm"),
+            bridge: unique("ob"),
+        })
+        .await
+        {
+            Ok(_) => panic!("start must fail for {answer}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.starts_with("bad network received: ") && err.contains(why), "{answer}: {err}");
+        server.abort();
+    }
 }
