@@ -1,1 +1,2 @@
 //! Cluster orchestrator.
+pub mod netsvc;
