@@ -295,3 +295,22 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     drop(ctx);
     drop(inbound);
 }
+
+#[test]
+fn service_status_uses_oakestra_vocabulary() {
+    use super::{service_status, InstanceRecord};
+    let i = |n: u32, s: &str, d: &str| InstanceRecord {
+        instance_number: n,
+        status: s.into(),
+        status_detail: d.into(),
+        ..Default::default()
+    };
+    assert_eq!(service_status(&[]).0, "UNDEPLOYED");
+    let (s, d) = service_status(&[i(0, "FAILED", "exit 1"), i(1, "RUNNING", "")]);
+    assert_eq!(s, "RUNNING");
+    assert!(d.starts_with("1/2 instances running"), "{d}");
+    let (s, d) = service_status(&[i(0, "NoActiveClusterWithCapacity", "NoTargetCluster: no cluster is registered")]);
+    assert_eq!(s, "NoActiveClusterWithCapacity");
+    assert!(d.contains("NoTargetCluster: "), "{d}");
+    assert_eq!(service_status(&[i(0, "NODE_SCHEDULED", ""), i(1, "CLUSTER_SCHEDULED", "")]).0, "NODE_SCHEDULED");
+}
