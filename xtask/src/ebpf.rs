@@ -9,6 +9,7 @@ use crate::util::{sh, step, workspace_root};
 pub fn build() -> anyhow::Result<()> {
     let root = workspace_root();
     let crate_dir = root.join("netmanager-ebpf");
+    let ebpf_target = crate::util::target_dir().join("ebpf");
     step("building eBPF programs (nightly, bpfel-unknown-none)");
     sh(Command::new("cargo")
         .current_dir(&crate_dir)
@@ -16,8 +17,10 @@ pub fn build() -> anyhow::Result<()> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("CARGO")
+        // Its own target dir under the workspace's (which CI keeps as a cache).
+        .env("CARGO_TARGET_DIR", &ebpf_target)
         .args(["+nightly", "build", "--release", "-Z", "build-std=core", "--target", "bpfel-unknown-none"]))?;
-    let built = crate_dir.join("target/bpfel-unknown-none/release/netmanager-ebpf");
+    let built = ebpf_target.join("bpfel-unknown-none/release/netmanager-ebpf");
     let out_dir = crate::util::target_dir().join("bpf");
     std::fs::create_dir_all(&out_dir)?;
     let out = out_dir.join("netmanager-ebpf.o");
