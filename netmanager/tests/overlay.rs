@@ -45,7 +45,10 @@ fn link_exists(name: &str) -> bool {
     std::path::Path::new(&format!("/sys/class/net/{name}")).exists()
 }
 
-async fn start_services(dir: &std::path::Path, cluster_id: &str) -> (String, cluster::netsvc::ClusterNetSvc, root::netsvc::RootNetSvc) {
+async fn start_services(
+    dir: &std::path::Path,
+    cluster_id: &str,
+) -> (String, cluster::netsvc::ClusterNetSvc, root::netsvc::RootNetSvc, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let root_url = format!("http://{}", l.local_addr().unwrap());
@@ -53,8 +56,34 @@ async fn start_services(dir: &std::path::Path, cluster_id: &str) -> (String, clu
     let c = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, cluster_id).unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
-    tokio::spawn(cluster::netsvc::serve_listener(c.clone(), l));
-    (port.to_string(), c, rootsvc)
+    let task = tokio::spawn(cluster::netsvc::serve_listener(c.clone(), l));
+    (port.to_string(), c, rootsvc, task)
+}
+
+/// TCP proxy; dropping it closes the listener and every proxied connection.
+struct Proxy {
+    port: u16,
+    _tasks: tokio::task::JoinSet<()>,
+}
+
+impl Proxy {
+    async fn start(port: u16, upstream: u16) -> Proxy {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut down, _)) = l.accept().await else { return };
+                conns.spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        Proxy { port, _tasks: tasks }
+    }
 }
 
 fn write_config(dir: &std::path::Path, cluster_port: &str, node: &str) -> std::path::PathBuf {
@@ -76,13 +105,15 @@ async fn lease_wire_ping_undeploy() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (cluster_port, cluster, rootsvc) = start_services(dir.path(), "c1").await;
+    let (cluster_port, cluster, rootsvc, _cluster_task) = start_services(dir.path(), "c1").await;
     // the service gets its IPs at the root when it is created
     let (rr, _closest) = rootsvc.allocate_service_ips("svc1", "app.ns.web.ns").unwrap();
 
     let node = unique("n");
     let bridge = unique("ot");
-    let cfg = write_config(dir.path(), &cluster_port, &node);
+    let proxy = Proxy::start(0, cluster_port.parse().unwrap()).await;
+    let proxy_port = proxy.port;
+    let cfg = write_config(dir.path(), &proxy_port.to_string(), &node);
     let running = oak_netmanager::start(oak_netmanager::Options {
         config_path: cfg,
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -227,6 +258,26 @@ async fn lease_wire_ping_undeploy() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+
+    // masquerade for egress leaving the overlay
+    let post = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "POSTROUTING"]).output().unwrap().stdout)
+        .to_string();
+    assert!(post.lines().any(|l| l.contains(&subnet.to_string()) && l.contains("MASQUERADE")), "{post}");
+
+    // the cluster network service restarts: the NetManager notices, re-subscribes and gets pushes again
+    // (the NetManager talks to it through a proxy whose death closes every connection, like a process exit)
+    drop(proxy);
+    let mut connected = running.connected.clone();
+    tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| !*c)).await.expect("drop noticed").unwrap();
+    let _proxy = Proxy::start(proxy_port, cluster_port.parse().unwrap()).await;
+    tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c)).await.expect("re-subscribed").unwrap();
+    let third = cluster.lease_subnet("third-node", "192.0.2.51", 50103).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !running.tables.snapshot().routes.contains_key(&third) {
+        assert!(Instant::now() < deadline, "route for {third} never pushed after reconnect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(running.tables.snapshot().routes.contains_key(&other), "routes re-sent on re-subscription");
     running.stop();
 }
 

@@ -101,7 +101,10 @@ impl Control {
     pub fn new(url: &str, node: &str, public: SocketAddr, tables: Tables) -> Result<Self> {
         let ep = tonic::transport::Endpoint::from_shared(url.to_string())
             .with_context(|| format!("bad cluster network service url {url:?}"))?
-            .connect_timeout(LEASE_TIMEOUT);
+            .connect_timeout(LEASE_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         Ok(Self {
             client: ClusterNetServiceClient::new(ep.connect_lazy()),
             url: url.to_string(),
