@@ -45,7 +45,8 @@ struct ClusterState {
 struct Subscriber {
     node: String,
     tx: mpsc::Sender<Result<pb::NetUpdate, Status>>,
-    interests: HashSet<String>,
+    /// service_id -> job_name
+    interests: HashMap<String, String>,
 }
 
 struct Inner {
@@ -122,7 +123,7 @@ impl ClusterNetSvc {
         let mut subs = self.inner.subs.lock().expect("subs lock");
         subs.retain(|_, s| {
             if let Some(id) = service_id {
-                if !s.interests.contains(id) {
+                if !s.interests.contains_key(id) {
                     return true;
                 }
             }
@@ -257,7 +258,7 @@ impl ClusterNetSvc {
     }
 
     async fn push_service(&self, service_id: &str, job_name: &str) {
-        let interested = self.inner.subs.lock().expect("subs").values().any(|s| s.interests.contains(service_id));
+        let interested = self.inner.subs.lock().expect("subs").values().any(|s| s.interests.contains_key(service_id));
         if !interested {
             return;
         }
@@ -303,6 +304,47 @@ impl ClusterNetSvc {
         Ok(())
     }
 
+    /// Follow the root's change notifications and push fresh resolutions of services some subscriber is
+    /// interested in (changes in other clusters, service IPs allocated later). Reconnects forever.
+    pub fn spawn_root_watch(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let root = self.inner.root.clone()?;
+        let this = self.clone();
+        Some(tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match root.clone().watch(pb::WatchRequest { cluster_id: this.inner.cluster_id.clone() }).await {
+                    Ok(stream) => {
+                        backoff = Duration::from_millis(200);
+                        let mut stream = stream.into_inner();
+                        // catch up on whatever changed while we were not watching
+                        let interests: HashMap<String, String> = this
+                            .inner
+                            .subs
+                            .lock()
+                            .expect("subs")
+                            .values()
+                            .flat_map(|s| s.interests.clone())
+                            .collect();
+                        for (id, job) in interests {
+                            this.push_service(&id, &job).await;
+                        }
+                        while let Some(Ok(change)) = stream.next().await {
+                            if change.origin_cluster_id == this.inner.cluster_id {
+                                continue; // already pushed when it happened here
+                            }
+                            this.push_service(&change.service_id, &change.job_name).await;
+                        }
+                        tracing::warn!("root network service watch ended; reconnecting");
+                    }
+                    Err(e) => tracing::debug!(error = %e.message(), "cannot watch the root network service; retrying"),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }))
+    }
+
     pub fn grpc(&self) -> ClusterNetServiceServer<ClusterNetSvc> {
         ClusterNetServiceServer::new(self.clone())
     }
@@ -341,7 +383,7 @@ impl ClusterNetService for ClusterNetSvc {
         if let (Some(svc), false) = (&service, r.subscriber.is_empty()) {
             for s in self.inner.subs.lock().expect("subs").values_mut() {
                 if s.node == r.subscriber {
-                    s.interests.insert(svc.service_id.clone());
+                    s.interests.insert(svc.service_id.clone(), svc.job_name.clone());
                 }
             }
         }
@@ -364,7 +406,7 @@ impl ClusterNetService for ClusterNetSvc {
         // a node re-subscribing replaces its old subscription
         let mut subs = self.inner.subs.lock().expect("subs");
         subs.retain(|_, s| s.node != node);
-        subs.insert(id, Subscriber { node, tx, interests: HashSet::new() });
+        subs.insert(id, Subscriber { node, tx, interests: HashMap::new() });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
@@ -382,6 +424,15 @@ pub async fn serve_with(svc: ClusterNetSvc, addr: SocketAddr) -> Result<()> {
 
 pub async fn serve_listener(svc: ClusterNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "cluster network service listening");
+    struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            if let Some(h) = &self.0 {
+                h.abort();
+            }
+        }
+    }
+    let _watch = AbortOnDrop(svc.spawn_root_watch());
     tonic::transport::Server::builder()
         .add_service(svc.grpc())
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
@@ -424,6 +475,60 @@ mod tests {
         assert!(c.subnet_of("w3").is_none());
         let again = c.lease_subnet("new", "192.0.2.9", 50103).await.unwrap();
         assert_eq!(again, w3, "released subnet is reused");
+    }
+
+    #[tokio::test]
+    async fn changes_in_another_cluster_are_pushed_to_interested_subscribers() {
+        use futures::StreamExt;
+        let (dir, root, url) = setup().await;
+        let (rr, _) = root.allocate_service_ips("s1", "app.ns.web.ns").unwrap();
+        let c1 = ClusterNetSvc::open(&dir.path().join("c1"), &url, "c1").unwrap();
+        let c2 = ClusterNetSvc::open(&dir.path().join("c2"), &url, "c2").unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c1_url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(serve_listener(c1.clone(), l));
+        let n1 = c1.lease_subnet("n1", "192.0.2.1", 50103).await.unwrap();
+        let n2 = c2.lease_subnet("n2", "192.0.2.2", 50103).await.unwrap();
+        assert_ne!(n1, n2, "clusters get disjoint blocks");
+
+        let mut client = pb::cluster_net_service_client::ClusterNetServiceClient::connect(c1_url).await.unwrap();
+        let mut updates = client.subscribe(pb::SubscribeRequest { node: "n1".into() }).await.unwrap().into_inner();
+        let first = updates.next().await.unwrap().unwrap();
+        assert!(matches!(first.update, Some(pb::net_update::Update::RouteAdded(ref r)) if r.subnet == n1.to_string()));
+        let r = client
+            .resolve(pb::ResolveRequest { job_name: String::new(), service_ip: rr.to_string(), subscriber: "n1".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.found);
+        assert!(r.service.unwrap().instances.is_empty());
+
+        c2.register_instance(pb::InstanceAddress {
+            service_id: "s1".into(),
+            job_name: "app.ns.web.ns".into(),
+            instance_number: 3,
+            ns_ip: n2.hosts().nth(1).unwrap().to_string(),
+            worker_ip: "192.0.2.2".into(),
+            worker_port: 50103,
+            cluster_id: String::new(),
+            worker_subnet: n2.to_string(),
+        })
+        .await
+        .unwrap();
+        let pushed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let u = updates.next().await.unwrap().unwrap();
+                if let Some(pb::net_update::Update::Service(s)) = u.update {
+                    return s;
+                }
+            }
+        })
+        .await
+        .expect("change in cluster c2 pushed to the subscriber of c1");
+        assert_eq!(pushed.rr_ip, rr.to_string());
+        assert_eq!(pushed.instances.len(), 1);
+        assert_eq!(pushed.instances[0].cluster_id, "c2");
+        assert_eq!(pushed.instances[0].worker_subnet, n2.to_string());
     }
 
     #[tokio::test]

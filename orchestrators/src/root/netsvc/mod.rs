@@ -126,6 +126,7 @@ impl JsonStore {
 struct Inner {
     store: JsonStore,
     state: Mutex<RootState>,
+    changes: tokio::sync::broadcast::Sender<pb::ServiceChanged>,
 }
 
 /// Handle to the root network service; cheap to clone. The root API calls
@@ -149,7 +150,8 @@ impl RootNetSvc {
     pub fn open(data_dir: &Path) -> Result<Self> {
         let store = JsonStore::open(&data_dir.join("net.redb"))?;
         let state: RootState = store.load()?;
-        Ok(Self { inner: Arc::new(Inner { store, state: Mutex::new(state) }) })
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        Ok(Self { inner: Arc::new(Inner { store, state: Mutex::new(state), changes }) })
     }
 
     /// Apply `f` to a copy of the state; persist; then publish. An error leaves stored state untouched.
@@ -162,6 +164,14 @@ impl RootNetSvc {
             *guard = next;
         }
         Ok(r)
+    }
+
+    fn notify(&self, service_id: &str, job_name: &str, origin: &str) {
+        let _ = self.inner.changes.send(pb::ServiceChanged {
+            service_id: service_id.into(),
+            job_name: job_name.into(),
+            origin_cluster_id: origin.into(),
+        });
     }
 
     /// Lease a new /22 block of worker subnets to `cluster_id`. Returns (new block, all blocks of the cluster).
@@ -219,15 +229,19 @@ impl RootNetSvc {
             rec.closest_ip = Some(cl);
             Ok((rr, cl))
         })
+        .inspect(|_| self.notify(service_id, job_name, ""))
     }
 
     /// Release the service IPs (and instance records) of a deleted service. Idempotent.
     pub fn release_service_ips(&self, service_id: &str) -> Result<()> {
-        self.mutate(|s| {
-            s.services.remove(service_id);
+        let removed = self.mutate(|s| {
             s.instances.retain(|_, i| i.service_id != service_id);
-            Ok(())
-        })
+            Ok(s.services.remove(service_id))
+        })?;
+        if let Some(rec) = removed {
+            self.notify(service_id, &rec.job_name, "");
+        }
+        Ok(())
     }
 
     pub fn register_instance(&self, inst: &pb::InstanceAddress) -> Result<()> {
@@ -243,14 +257,22 @@ impl RootNetSvc {
             }
             s.instances.insert(rec.key(), rec);
             Ok(())
-        })
+        })?;
+        self.notify(&inst.service_id, &inst.job_name, &inst.cluster_id);
+        Ok(())
     }
 
     pub fn deregister_instance(&self, key: &pb::InstanceKey) -> Result<()> {
-        self.mutate(|s| {
-            s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number));
-            Ok(())
-        })
+        let removed = self.mutate(|s| Ok(s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number))))?;
+        if let Some(r) = removed {
+            self.notify(&r.service_id, &r.job_name, &r.cluster_id);
+        }
+        Ok(())
+    }
+
+    /// Change notifications (what the Watch RPC streams).
+    pub fn watch(&self) -> tokio::sync::broadcast::Receiver<pb::ServiceChanged> {
+        self.inner.changes.subscribe()
     }
 
     /// Resolve a service by job name or service IP to its addresses and instances across clusters.
@@ -291,6 +313,23 @@ impl RootNetService for RootNetSvc {
             all_blocks: all.iter().map(|b| b.to_string()).collect(),
         }))
     }
+    type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ServiceChanged, Status>> + Send>>;
+
+    async fn watch(&self, _req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        use futures::StreamExt;
+        let rx = self.watch();
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|r| async move {
+            match r {
+                Ok(c) => Some(Ok(c)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a watcher lagged behind; some change notifications were dropped");
+                    None
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn register_instance(&self, req: Request<pb::InstanceAddress>) -> Result<Response<pb::Ack>, Status> {
         self.register_instance(&req.into_inner()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         Ok(Response::new(pb::Ack {}))
