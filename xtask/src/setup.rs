@@ -47,17 +47,17 @@ pub fn run_setup_packages() -> anyhow::Result<()> {
 pub fn run() -> anyhow::Result<()> {
     run_setup_packages()?;
 
+    let tc = crate::ebpf::EBPF_TOOLCHAIN;
     let has_src = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args(["component", "list", "--toolchain", tc, "--installed"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
         .unwrap_or(false);
     if has_src {
-        step("nightly rust-src: present");
+        step(&format!("{tc} with rust-src: present"));
     } else {
-        step("nightly toolchain with rust-src: installing (for the eBPF build)");
-        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        step(&format!("{tc} with rust-src: installing (the eBPF build's pinned nightly)"));
+        sh(Command::new("rustup").args(["toolchain", "install", tc, "--profile", "minimal", "--component", "rust-src"]))?;
     }
 
     if have("bpf-linker") && succeeds(Command::new("bpf-linker").arg("--version")) {
