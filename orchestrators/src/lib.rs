@@ -3,4 +3,6 @@
 pub mod cluster;
 pub mod model;
 pub mod root;
+pub mod simworker;
+pub mod task;
 pub mod telemetry;

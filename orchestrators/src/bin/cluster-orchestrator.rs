@@ -1,1 +1,136 @@
-fn main() {}
+//! Cluster orchestrator: registers with the root, manages workers, schedules instances on them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Oakestra-compatible cluster orchestrator.
+#[derive(Parser, Debug)]
+#[command(version, about = "Cluster orchestrator: registers with the root orchestrator (dialling out, so it works \
+behind NAT), accepts worker registrations, schedules each instance on the best matching worker, moves instances \
+off workers that miss heartbeats, reports aggregated resources up. Serves the cluster network service for the \
+workers' NetManagers.")]
+struct Args {
+    /// Name of this cluster as the root and oak-cli show it.
+    #[arg(long, env = "CLUSTER_NAME")]
+    cluster_name: Option<String>,
+    /// Location of this cluster: free text, or "lat,lon,radius_m".
+    #[arg(long, env = "CLUSTER_LOCATION")]
+    cluster_location: Option<String>,
+    /// Root orchestrator address: host, host:port, or URL (Oakestra's SYSTEM_MANAGER_URL).
+    #[arg(long, env = "SYSTEM_MANAGER_URL", default_value = "127.0.0.1")]
+    root_address: String,
+    /// Root cluster-registration port (gRPC).
+    #[arg(long, default_value_t = 50052)]
+    root_grpc_port: u16,
+    /// Root service-manager port (overlay address management).
+    #[arg(long, default_value_t = 10099)]
+    root_netsvc_port: u16,
+    /// Where workers register (gRPC).
+    #[arg(long, env = "OAK_WORKER_ADDR", default_value = "0.0.0.0:10100")]
+    worker_addr: SocketAddr,
+    /// Cluster network service (NetManagers lease their subnets here).
+    #[arg(long, env = "OAK_NETSVC_ADDR", default_value = "0.0.0.0:10110")]
+    netsvc_addr: SocketAddr,
+    /// Directory for the store (cluster.redb, net.redb).
+    #[arg(long, env = "OAK_CLUSTER_DATA_DIR", default_value = "/var/lib/oakestra-rs/cluster")]
+    data_dir: PathBuf,
+    /// Heartbeat interval told to workers (milliseconds).
+    #[arg(long, default_value_t = 2_000)]
+    heartbeat_interval_ms: u64,
+    /// A worker silent for this many milliseconds is marked down and its instances move elsewhere.
+    #[arg(long, default_value_t = 30_000)]
+    worker_stale_ms: u64,
+    /// Optional registration secret sent to the root.
+    #[arg(long, env = "OAK_CLUSTER_TOKEN", default_value = "", hide_env_values = true)]
+    token: String,
+    /// Default log level when RUST_LOG is unset.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+/// `host`, `host:port` or `scheme://host[:port]` -> `http://host:port`.
+fn url(addr: &str, default_port: u16) -> String {
+    let a = addr.trim().trim_end_matches('/');
+    let (scheme, rest) = match a.split_once("://") {
+        Some((s, r)) => (s, r),
+        None => ("http", a),
+    };
+    let has_port = if rest.starts_with('[') {
+        rest.contains("]:")
+    } else {
+        rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+    };
+    if has_port {
+        format!("{scheme}://{rest}")
+    } else {
+        format!("{scheme}://{rest}:{default_port}")
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    oak_orchestrators::telemetry::init(&a.log_level);
+    let cluster_name = match a.cluster_name.filter(|n| !n.trim().is_empty()) {
+        Some(n) => n,
+        None => {
+            let n = format!("cluster-{}", hostname());
+            tracing::warn!("CLUSTER_NAME is not set (env CLUSTER_NAME or --cluster-name): registering as '{n}'; set it so the root and oak-cli show a meaningful name");
+            n
+        }
+    };
+    let cluster_location = match a.cluster_location.filter(|l| !l.trim().is_empty()) {
+        Some(l) => l,
+        None => {
+            tracing::warn!("CLUSTER_LOCATION is not set (env CLUSTER_LOCATION or --cluster-location, e.g. \"48.26,11.67,1000\"): registering without a location; geo and latency constraints cannot select this cluster");
+            String::new()
+        }
+    };
+    let root_url = url(&a.root_address, a.root_grpc_port);
+    // the service manager lives on the root's host at its own port
+    let host = root_url.split("://").nth(1).and_then(|r| r.rsplit_once(':')).map(|(h, _)| h.to_string()).unwrap_or_default();
+    let cfg = oak_orchestrators::cluster::Config {
+        cluster_name,
+        cluster_location,
+        root_netsvc_url: format!("http://{host}:{}", a.root_netsvc_port),
+        root_url,
+        worker_addr: a.worker_addr,
+        netsvc_addr: a.netsvc_addr,
+        data_dir: a.data_dir,
+        heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms.max(50)),
+        worker_stale: Duration::from_millis(a.worker_stale_ms.max(200)),
+        token: a.token,
+    };
+    oak_orchestrators::cluster::run(cfg, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url;
+
+    #[test]
+    fn root_address_forms() {
+        assert_eq!(url("10.0.0.1", 50052), "http://10.0.0.1:50052");
+        assert_eq!(url("10.0.0.1:6000", 50052), "http://10.0.0.1:6000");
+        assert_eq!(url("http://root.example/", 50052), "http://root.example:50052");
+        assert_eq!(url("https://root.example:443", 50052), "https://root.example:443");
+        assert_eq!(url("[fd00::1]", 50052), "http://[fd00::1]:50052");
+        assert_eq!(url("[fd00::1]:7", 50052), "http://[fd00::1]:7");
+    }
+}

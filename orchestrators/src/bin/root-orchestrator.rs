@@ -16,6 +16,9 @@ struct Args {
     /// ClusterRegistry gRPC listen address (clusters dial in here).
     #[arg(long, env = "OAK_GRPC_ADDR", default_value = "0.0.0.0:50052")]
     grpc_addr: SocketAddr,
+    /// Service manager listen address (clusters lease overlay subnets and resolve service IPs here).
+    #[arg(long, env = "OAK_NETSVC_ADDR", default_value = "0.0.0.0:10099")]
+    netsvc_addr: SocketAddr,
     /// Directory holding the store (root.redb) and, if generated, the admin-password file.
     #[arg(long, env = "OAK_ROOT_DATA_DIR", default_value = "/var/lib/oakestra-rs/root")]
     data_dir: PathBuf,
@@ -44,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = oak_orchestrators::root::Config {
         api_addr: a.api_addr,
         grpc_addr: a.grpc_addr,
+        netsvc_addr: a.netsvc_addr,
         data_dir: a.data_dir,
         admin_password: a.admin_password,
         cluster_stale: Duration::from_millis(a.cluster_stale_ms),

@@ -1,2 +1,794 @@
-//! Cluster orchestrator.
+//! Cluster orchestrator: registers with the root (dialling out, so it works behind NAT), accepts worker
+//! sessions, schedules each instance the root hands it onto the best matching worker, watches worker
+//! liveness (a worker that misses heartbeats is marked down and its instances move), and reports
+//! aggregated resources and instance states up. The cluster network service (subnet leases for the
+//! NetManagers) runs beside it on its own port.
+//!
+//! One mutex guards the state; every handler computes the messages to send while holding it and sends
+//! them after releasing it. Placements are persisted in `<data-dir>/cluster.redb`.
+
 pub mod netsvc;
+pub mod root_link;
+pub mod scheduler;
+pub mod store;
+pub mod workers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use oak_proto::v1 as pb;
+use tokio::sync::{mpsc, Notify};
+
+use scheduler::WorkerView;
+use store::ClusterStore;
+
+/// Cluster orchestrator settings (see the binary's `--help`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster_name: String,
+    pub cluster_location: String,
+    /// Root's ClusterRegistry, e.g. `http://10.0.0.1:50052`.
+    pub root_url: String,
+    /// Root's network service (service manager), e.g. `http://10.0.0.1:10099`; empty: none.
+    pub root_netsvc_url: String,
+    /// Worker registration (WorkerRegistry gRPC) listen address.
+    pub worker_addr: SocketAddr,
+    /// Cluster network service listen address (NetManagers lease subnets here).
+    pub netsvc_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Heartbeat interval told to workers.
+    pub heartbeat_interval: Duration,
+    /// A worker silent for this long is down; its instances are rescheduled.
+    pub worker_stale: Duration,
+    /// Optional registration secret sent to the root.
+    pub token: String,
+}
+
+type WorkerOutbox = mpsc::UnboundedSender<Result<pb::ClusterToWorker, tonic::Status>>;
+
+struct WorkerSession {
+    conn: u64,
+    tx: WorkerOutbox,
+}
+
+struct Worker {
+    name: String,
+    resources: pb::NodeResources,
+    last_seen: Instant,
+    alive: bool,
+    address: String,
+    session: Option<WorkerSession>,
+}
+
+#[derive(Clone, Debug)]
+struct Instance {
+    deploy: pb::DeployInstance,
+    status: pb::InstanceStatus,
+    undeploying: bool,
+}
+
+impl Instance {
+    fn key(&self) -> String {
+        key(&self.status.service_id, self.status.instance_number)
+    }
+    fn spec(&self) -> &pb::ServiceSpec {
+        self.deploy.service.as_ref().expect("stored instances carry their spec")
+    }
+    fn record(&self) -> pb::ClusterInstanceRecord {
+        pb::ClusterInstanceRecord {
+            deploy: Some(self.deploy.clone()),
+            status: Some(self.status.clone()),
+            undeploying: self.undeploying,
+        }
+    }
+}
+
+pub fn key(service_id: &str, n: u32) -> String {
+    format!("{service_id}/{n}")
+}
+
+#[derive(Default)]
+struct State {
+    cluster_id: String,
+    workers: HashMap<String, Worker>,
+    instances: BTreeMap<String, Instance>,
+}
+
+/// Messages to send once the state lock is released.
+#[derive(Default)]
+struct Out {
+    to_workers: Vec<(String, pb::ClusterToWorker)>,
+    to_root: Vec<pb::InstanceStatus>,
+    capacity_changed: bool,
+}
+
+/// Shared state of a running cluster orchestrator.
+pub struct Cluster {
+    pub cfg: Config,
+    store: ClusterStore,
+    state: Mutex<State>,
+    next_conn: std::sync::atomic::AtomicU64,
+    /// The live root session's outbox, when connected.
+    root_tx: Mutex<Option<mpsc::UnboundedSender<pb::ClusterMessage>>>,
+    /// Woken when worker capacity changed (registration, loss): the root link reports at once.
+    pub capacity_changed: Notify,
+    /// The cluster id, once known (persisted, or from the root's first welcome).
+    pub cluster_id: tokio::sync::watch::Sender<String>,
+    /// Becomes true when shutdown begins; worker session tasks end on it.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+}
+
+fn worker_msg(m: pb::cluster_to_worker::Msg) -> pb::ClusterToWorker {
+    pb::ClusterToWorker { msg: Some(m) }
+}
+
+fn now_ms() -> u64 {
+    oak_proto::now_ms()
+}
+
+impl Cluster {
+    pub fn open(cfg: Config) -> Result<Arc<Self>> {
+        let store = ClusterStore::open(&cfg.data_dir)?;
+        let cluster_id = store.cluster_id()?;
+        let mut state = State { cluster_id: cluster_id.clone(), ..Default::default() };
+        for rec in store.instances()? {
+            let (Some(deploy), Some(status)) = (rec.deploy, rec.status) else { continue };
+            let i = Instance { deploy, status, undeploying: rec.undeploying };
+            state.instances.insert(i.key(), i);
+        }
+        if !state.instances.is_empty() {
+            tracing::info!(instances = state.instances.len(), "restored placements; waiting for their workers to reconnect");
+        }
+        Ok(Arc::new(Self {
+            cfg,
+            store,
+            state: Mutex::new(state),
+            next_conn: 1.into(),
+            root_tx: Mutex::new(None),
+            capacity_changed: Notify::new(),
+            cluster_id: tokio::sync::watch::channel(cluster_id).0,
+            stopping: tokio::sync::watch::channel(false).0,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("cluster state lock")
+    }
+
+    /// Sends what a handler produced.
+    fn flush(&self, out: Out) {
+        if !out.to_workers.is_empty() {
+            let s = self.lock();
+            for (node, m) in out.to_workers {
+                match s.workers.get(&node).and_then(|w| w.session.as_ref()) {
+                    Some(sess) => {
+                        if sess.tx.send(Ok(m)).is_err() {
+                            tracing::warn!(node_id = %node, "worker session closed; message dropped");
+                        }
+                    }
+                    None => tracing::warn!(node_id = %node, "worker has no session; message dropped (sent again when it reconnects)"),
+                }
+            }
+        }
+        for st in out.to_root {
+            self.send_root(pb::ClusterMessage { msg: Some(pb::cluster_message::Msg::Instance(st)) });
+        }
+        if out.capacity_changed {
+            self.capacity_changed.notify_one();
+        }
+    }
+
+    fn send_root(&self, m: pb::ClusterMessage) {
+        if let Some(tx) = self.root_tx.lock().expect("root tx").as_ref() {
+            let _ = tx.send(m);
+        }
+        // not connected: the next ClusterHello carries every instance's state
+    }
+
+    fn persist(&self, i: &Instance) {
+        if let Err(e) = self.store.put_instance(&i.key(), &i.record()) {
+            tracing::error!("storing instance {}: {e:#}", i.key());
+        }
+    }
+
+    fn forget(&self, k: &str) {
+        if let Err(e) = self.store.delete_instance(k) {
+            tracing::error!("deleting stored instance {k}: {e:#}");
+        }
+    }
+
+    fn stamp(&self, st: &mut pb::InstanceStatus, s: &State) {
+        st.cluster_id = s.cluster_id.clone();
+        if st.timestamp_ms == 0 {
+            st.timestamp_ms = now_ms();
+        }
+    }
+
+    fn views(s: &State, exclude: Option<&str>) -> Vec<WorkerView> {
+        let mut reserved: HashMap<&str, (f64, u64, u32)> = HashMap::new();
+        for i in s.instances.values() {
+            if i.undeploying || i.status.node_id.is_empty() || matches!(i.status.status.as_str(), "FAILED" | "DEAD" | "COMPLETED") {
+                continue;
+            }
+            let spec = i.spec();
+            let e = reserved.entry(i.status.node_id.as_str()).or_default();
+            // a running instance shows in the worker's metrics already, but only as what it uses now:
+            // keep its full request reserved so a burst of deploys cannot oversubscribe a worker
+            e.0 += spec.vcpus;
+            e.1 += spec.memory_mb;
+            e.2 += spec.vgpus;
+        }
+        s.workers
+            .iter()
+            .filter(|(id, w)| w.alive && Some(id.as_str()) != exclude)
+            .map(|(id, w)| {
+                let r = reserved.get(id.as_str()).copied().unwrap_or_default();
+                WorkerView {
+                    id: id.clone(),
+                    name: w.name.clone(),
+                    resources: w.resources.clone(),
+                    reserved_cpu: r.0,
+                    reserved_memory_mb: r.1,
+                    reserved_gpus: r.2,
+                }
+            })
+            .collect()
+    }
+
+    /// Places instance `k` (already in the table) on a worker other than `exclude`. On success the worker
+    /// gets the deploy and the root hears NODE_SCHEDULED; otherwise the instance leaves the table and the
+    /// root hears why (it then tries another cluster or retries later).
+    fn schedule(&self, s: &mut State, k: &str, exclude: Option<&str>, why: &str, out: &mut Out) {
+        let views = Self::views(s, exclude);
+        let Some(inst) = s.instances.get(k) else { return };
+        match scheduler::place(inst.spec(), &views) {
+            Ok(node) => {
+                let wname = s.workers.get(&node).map(|w| w.name.clone()).unwrap_or_default();
+                let address = s.workers.get(&node).map(|w| w.address.clone()).unwrap_or_default();
+                let inst = s.instances.get_mut(k).expect("present");
+                inst.status.node_id = node.clone();
+                inst.status.node_name = wname.clone();
+                inst.status.public_ip = address;
+                inst.status.status = "NODE_SCHEDULED".into();
+                inst.status.detail = format!("{why}scheduled on worker '{wname}'");
+                inst.status.ns_address.clear();
+                inst.status.exit_code = None;
+                inst.status.timestamp_ms = 0;
+                let mut st = inst.status.clone();
+                let deploy = inst.deploy.clone();
+                let snapshot = inst.clone();
+                self.persist(&snapshot);
+                self.stamp(&mut st, s);
+                tracing::info!(instance = %k, worker = %wname, "instance scheduled");
+                out.to_workers.push((node, worker_msg(pb::cluster_to_worker::Msg::Deploy(deploy))));
+                out.to_root.push(st);
+            }
+            Err(nofit) => {
+                let inst = s.instances.remove(k).expect("present");
+                self.forget(k);
+                tracing::warn!(instance = %k, status = nofit.status, detail = %nofit.detail, "cannot place instance");
+                let mut st = pb::InstanceStatus {
+                    service_id: inst.status.service_id.clone(),
+                    instance_number: inst.status.instance_number,
+                    status: nofit.status.into(),
+                    detail: format!("{why}{}", nofit.detail),
+                    ..Default::default()
+                };
+                self.stamp(&mut st, s);
+                out.to_root.push(st);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ from the root
+
+    /// The root asks for an instance.
+    pub fn on_deploy(&self, d: pb::DeployInstance) {
+        let Some(spec) = d.service.as_ref() else {
+            tracing::warn!("DeployInstance without a service spec ignored");
+            return;
+        };
+        let k = key(&spec.service_id, d.instance_number);
+        let mut out = Out::default();
+        {
+            let mut s = self.lock();
+            if let Some(existing) = s.instances.get_mut(&k) {
+                // the root re-sent it (reconnect): keep the placement, refresh the spec, re-report
+                existing.deploy = d.clone();
+                existing.undeploying = false;
+                let node = existing.status.node_id.clone();
+                let alive = s.workers.get(&node).is_some_and(|w| w.alive);
+                if alive {
+                    let mut st = s.instances[&k].status.clone();
+                    self.stamp(&mut st, &s);
+                    out.to_root.push(st);
+                    drop(s);
+                    self.flush(out);
+                    return;
+                }
+            } else {
+                s.instances.insert(
+                    k.clone(),
+                    Instance {
+                        status: pb::InstanceStatus {
+                            service_id: spec.service_id.clone(),
+                            instance_number: d.instance_number,
+                            status: "CLUSTER_SCHEDULED".into(),
+                            ..Default::default()
+                        },
+                        deploy: d.clone(),
+                        undeploying: false,
+                    },
+                );
+            }
+            self.schedule(&mut s, &k, None, "", &mut out);
+        }
+        self.flush(out);
+    }
+
+    /// The root asks to remove an instance.
+    pub fn on_undeploy(&self, u: pb::UndeployInstance) {
+        let k = key(&u.service_id, u.instance_number);
+        let mut out = Out::default();
+        {
+            let mut s = self.lock();
+            let has_session = |s: &State, node: &str| s.workers.get(node).is_some_and(|w| w.alive && w.session.is_some());
+            match s.instances.get(&k).map(|i| i.status.node_id.clone()) {
+                Some(node) if has_session(&s, &node) => {
+                    let inst = s.instances.get_mut(&k).expect("present");
+                    inst.undeploying = true;
+                    let snapshot = inst.clone();
+                    self.persist(&snapshot);
+                    out.to_workers.push((node, worker_msg(pb::cluster_to_worker::Msg::Undeploy(u.clone()))));
+                }
+                found => {
+                    // nowhere to ask (unknown, or its worker is down): it is gone as far as we know
+                    if found.is_some() {
+                        s.instances.remove(&k);
+                        self.forget(&k);
+                    }
+                    let mut st = pb::InstanceStatus {
+                        service_id: u.service_id.clone(),
+                        instance_number: u.instance_number,
+                        status: "UNDEPLOYED".into(),
+                        detail: "undeployed".into(),
+                        ..Default::default()
+                    };
+                    self.stamp(&mut st, &s);
+                    out.to_root.push(st);
+                }
+            }
+        }
+        self.flush(out);
+    }
+
+    // ------------------------------------------------------------------ from workers
+
+    /// A worker opened a session. Returns (node id, connection number).
+    pub fn on_worker_hello(&self, hello: &pb::WorkerHello, peer: Option<SocketAddr>, tx: WorkerOutbox) -> Result<(String, u64)> {
+        if hello.node_name.is_empty() || hello.node_name.len() > 128 {
+            anyhow::bail!("node_name must be 1..128 characters, got {} characters", hello.node_name.len());
+        }
+        let conn = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let known = self.store.nodes()?;
+        let node_id = if !hello.node_id.is_empty() && hello.node_id.len() <= 64 && hello.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            hello.node_id.clone()
+        } else {
+            // a worker without an id gets the one its name had before, or a new one
+            known.iter().find(|(_, n)| **n == hello.node_name).map(|(id, _)| id.clone()).unwrap_or_else(crate::root::store::new_id)
+        };
+        if known.get(&node_id) != Some(&hello.node_name) {
+            self.store.put_node(&node_id, &hello.node_name)?;
+        }
+        let address = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+        let mut out = Out { capacity_changed: true, ..Default::default() };
+        let cluster_id;
+        {
+            let mut s = self.lock();
+            cluster_id = s.cluster_id.clone();
+            let was_alive = s.workers.get(&node_id).is_some_and(|w| w.alive);
+            s.workers.insert(
+                node_id.clone(),
+                Worker {
+                    name: hello.node_name.clone(),
+                    resources: hello.resources.clone().unwrap_or_default(),
+                    last_seen: Instant::now(),
+                    alive: true,
+                    address: address.clone(),
+                    session: Some(WorkerSession { conn, tx: tx.clone() }),
+                },
+            );
+            // Reconcile what the worker runs with what we placed on it.
+            for st in &hello.instances {
+                let k = key(&st.service_id, st.instance_number);
+                let ours = s.instances.get(&k).is_some_and(|i| i.status.node_id == node_id);
+                if ours {
+                    self.apply_worker_status(&mut s, &node_id, st, &mut out);
+                } else if st.status != "UNDEPLOYED" {
+                    tracing::info!(instance = %k, worker = %hello.node_name, "worker runs an instance not placed there (moved while it was away, or removed); undeploying it");
+                    out.to_workers.push((
+                        node_id.clone(),
+                        worker_msg(pb::cluster_to_worker::Msg::Undeploy(pb::UndeployInstance {
+                            service_id: st.service_id.clone(),
+                            instance_number: st.instance_number,
+                        })),
+                    ));
+                }
+            }
+            let missing: Vec<String> = s
+                .instances
+                .iter()
+                .filter(|(k, i)| {
+                    i.status.node_id == node_id
+                        && !hello.instances.iter().any(|st| &key(&st.service_id, st.instance_number) == *k)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in missing {
+                let inst = s.instances.get(&k).expect("present").clone();
+                if inst.undeploying {
+                    s.instances.remove(&k);
+                    self.forget(&k);
+                    let mut st = pb::InstanceStatus {
+                        service_id: inst.status.service_id.clone(),
+                        instance_number: inst.status.instance_number,
+                        status: "UNDEPLOYED".into(),
+                        detail: "undeployed".into(),
+                        ..Default::default()
+                    };
+                    self.stamp(&mut st, &s);
+                    out.to_root.push(st);
+                } else {
+                    out.to_workers.push((node_id.clone(), worker_msg(pb::cluster_to_worker::Msg::Deploy(inst.deploy.clone()))));
+                }
+            }
+            tracing::info!(node_id = %node_id, worker = %hello.node_name, %address, instances = hello.instances.len(), rejoined = was_alive, "worker registered");
+        }
+        // Welcome first, then whatever reconciliation produced.
+        let _ = tx.send(Ok(worker_msg(pb::cluster_to_worker::Msg::Welcome(pb::WorkerWelcome {
+            node_id: node_id.clone(),
+            cluster_id,
+            cluster_name: self.cfg.cluster_name.clone(),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
+            observed_address: address,
+        }))));
+        self.flush(out);
+        Ok((node_id, conn))
+    }
+
+    pub fn on_metrics(&self, node_id: &str, r: pb::NodeResources) {
+        let mut s = self.lock();
+        if let Some(w) = s.workers.get_mut(node_id) {
+            w.resources = r;
+            w.last_seen = Instant::now();
+        }
+    }
+
+    /// Any message from a worker counts as a heartbeat.
+    pub fn touch(&self, node_id: &str) -> bool {
+        let mut s = self.lock();
+        match s.workers.get_mut(node_id) {
+            Some(w) => {
+                w.last_seen = Instant::now();
+                w.alive
+            }
+            None => false,
+        }
+    }
+
+    pub fn on_worker_status(&self, node_id: &str, st: &pb::InstanceStatus) {
+        let mut out = Out::default();
+        {
+            let mut s = self.lock();
+            let k = key(&st.service_id, st.instance_number);
+            let ours = s.instances.get(&k).is_some_and(|i| i.status.node_id == node_id);
+            if ours {
+                self.apply_worker_status(&mut s, node_id, st, &mut out);
+            } else if st.status != "UNDEPLOYED" {
+                tracing::warn!(instance = %k, node_id, status = %st.status, "status for an instance not placed on this worker; undeploying it there");
+                out.to_workers.push((
+                    node_id.to_string(),
+                    worker_msg(pb::cluster_to_worker::Msg::Undeploy(pb::UndeployInstance {
+                        service_id: st.service_id.clone(),
+                        instance_number: st.instance_number,
+                    })),
+                ));
+            }
+        }
+        self.flush(out);
+    }
+
+    fn apply_worker_status(&self, s: &mut State, node_id: &str, st: &pb::InstanceStatus, out: &mut Out) {
+        let k = key(&st.service_id, st.instance_number);
+        let Some(inst) = s.instances.get_mut(&k) else { return };
+        if st.status == "UNDEPLOYED" && inst.undeploying {
+            s.instances.remove(&k);
+            self.forget(&k);
+        } else {
+            let prev = std::mem::take(&mut inst.status);
+            inst.status = st.clone();
+            inst.status.node_id = node_id.to_string();
+            if inst.status.node_name.is_empty() {
+                inst.status.node_name = prev.node_name;
+            }
+            if inst.status.public_ip.is_empty() {
+                inst.status.public_ip = prev.public_ip;
+            }
+            if inst.status.ns_address.is_empty() {
+                inst.status.ns_address = prev.ns_address;
+            }
+            let changed = inst.status.status != prev.status || inst.status.detail != prev.detail;
+            let snapshot = inst.clone();
+            if changed {
+                self.persist(&snapshot);
+            }
+        }
+        let mut up = st.clone();
+        if let Some(w) = s.workers.get(node_id) {
+            up.node_id = node_id.to_string();
+            if up.node_name.is_empty() {
+                up.node_name = w.name.clone();
+            }
+            if up.public_ip.is_empty() {
+                up.public_ip = w.address.clone();
+            }
+        }
+        self.stamp(&mut up, s);
+        out.to_root.push(up);
+    }
+
+    pub fn on_worker_disconnect(&self, node_id: &str, conn: u64) {
+        let mut s = self.lock();
+        if let Some(w) = s.workers.get_mut(node_id) {
+            if w.session.as_ref().is_some_and(|x| x.conn == conn) {
+                w.session = None;
+                tracing::warn!(node_id, worker = %w.name, "worker session ended; it has {:?} to come back before its instances move", self.cfg.worker_stale);
+            }
+        }
+    }
+
+    /// Marks workers silent for longer than `worker_stale` as down and moves their instances.
+    /// Returns the names of the workers marked down.
+    pub fn check_liveness(&self) -> Vec<String> {
+        let mut out = Out::default();
+        let mut down = Vec::new();
+        {
+            let mut s = self.lock();
+            let stale: Vec<String> = s
+                .workers
+                .iter()
+                .filter(|(_, w)| w.alive && w.last_seen.elapsed() > self.cfg.worker_stale)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for node in stale {
+                let w = s.workers.get_mut(&node).expect("present");
+                w.alive = false;
+                w.session = None; // dropping the outbox ends the stream if it is still open
+                let name = w.name.clone();
+                let silent = w.last_seen.elapsed();
+                tracing::warn!(node_id = %node, worker = %name, "worker missed heartbeats for {silent:.1?}; marked down, moving its instances");
+                down.push(name.clone());
+                out.capacity_changed = true;
+                let on_it: Vec<String> =
+                    s.instances.iter().filter(|(_, i)| i.status.node_id == node).map(|(k, _)| k.clone()).collect();
+                for k in on_it {
+                    let inst = s.instances.get(&k).expect("present").clone();
+                    if inst.undeploying {
+                        s.instances.remove(&k);
+                        self.forget(&k);
+                        let mut st = pb::InstanceStatus {
+                            service_id: inst.status.service_id.clone(),
+                            instance_number: inst.status.instance_number,
+                            status: "UNDEPLOYED".into(),
+                            detail: format!("undeployed (worker '{name}' is down)"),
+                            ..Default::default()
+                        };
+                        self.stamp(&mut st, &s);
+                        out.to_root.push(st);
+                        continue;
+                    }
+                    let why = format!("worker '{name}' missed heartbeats for {:.0} s; rescheduled: ", silent.as_secs_f64());
+                    self.schedule(&mut s, &k, Some(&node), &why, &mut out);
+                }
+            }
+        }
+        self.flush(out);
+        down
+    }
+
+    // ------------------------------------------------------------------ up to the root
+
+    /// Aggregated resources of the live workers.
+    pub fn aggregate(&self) -> pb::ClusterAggregate {
+        let s = self.lock();
+        let views = Self::views(&s, None);
+        let mut a = pb::ClusterAggregate { active_nodes: views.len() as u32, ..Default::default() };
+        let mut busy = 0.0;
+        for v in &views {
+            let r = &v.resources;
+            a.total_cpu_cores += r.cpu_cores;
+            busy += f64::from(r.cpu_cores) * r.cpu_percent;
+            a.memory_in_mb += r.memory_total_mb;
+            a.free_memory_in_mb += v.free_memory_mb();
+            a.total_gpu_cores += r.gpus.len() as u32;
+            a.max_free_cpu_cores = a.max_free_cpu_cores.max(v.free_cpu());
+            a.max_free_memory_mb = a.max_free_memory_mb.max(v.free_memory_mb());
+            a.max_free_gpus = a.max_free_gpus.max(v.free_gpus());
+            a.disk_free_mb += r.disk_free_mb;
+            for x in &r.virtualization {
+                if !a.virtualization.contains(x) {
+                    a.virtualization.push(x.clone());
+                }
+            }
+            let arch = scheduler::normalize_arch(&r.arch).to_string();
+            if !arch.is_empty() && !a.arch.contains(&arch) {
+                a.arch.push(arch);
+            }
+        }
+        if a.total_cpu_cores > 0 {
+            a.aggregated_cpu_percent = busy / f64::from(a.total_cpu_cores);
+        }
+        a
+    }
+
+    /// What the root gets on (re-)registration.
+    pub fn hello(&self) -> pb::ClusterHello {
+        let aggregate = self.aggregate();
+        let s = self.lock();
+        let instances = s
+            .instances
+            .values()
+            .map(|i| {
+                let mut st = i.status.clone();
+                self.stamp(&mut st, &s);
+                st
+            })
+            .collect();
+        pb::ClusterHello {
+            cluster_name: self.cfg.cluster_name.clone(),
+            cluster_location: self.cfg.cluster_location.clone(),
+            cluster_id: s.cluster_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            token: self.cfg.token.clone(),
+            instances,
+            aggregate: Some(aggregate),
+        }
+    }
+
+    /// The root's welcome: remember the id it gave us.
+    pub fn on_welcome(&self, w: &pb::ClusterWelcome) -> Result<()> {
+        let mut s = self.lock();
+        if s.cluster_id != w.cluster_id {
+            if !s.cluster_id.is_empty() {
+                tracing::warn!(old = %s.cluster_id, new = %w.cluster_id, "the root gave this cluster a new id");
+            }
+            self.store.set_cluster_id(&w.cluster_id)?;
+            s.cluster_id = w.cluster_id.clone();
+            self.cluster_id.send_replace(w.cluster_id.clone());
+        }
+        Ok(())
+    }
+
+    fn set_root_tx(&self, tx: Option<mpsc::UnboundedSender<pb::ClusterMessage>>) {
+        *self.root_tx.lock().expect("root tx") = tx;
+    }
+
+    fn end_worker_sessions(&self) {
+        for w in self.lock().workers.values_mut() {
+            w.session = None;
+        }
+    }
+
+    /// Live workers as (node id, name), for tests and status.
+    pub fn live_workers(&self) -> Vec<(String, String)> {
+        let s = self.lock();
+        let mut v: Vec<_> = s.workers.iter().filter(|(_, w)| w.alive).map(|(id, w)| (id.clone(), w.name.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// Where instance `service_id/n` is placed and its last status, if this cluster has it.
+    pub fn instance(&self, service_id: &str, n: u32) -> Option<pb::InstanceStatus> {
+        self.lock().instances.get(&key(service_id, n)).map(|i| i.status.clone())
+    }
+}
+
+/// Runs the cluster orchestrator until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let cluster = Cluster::open(cfg.clone())?;
+    let workers_l = tokio::net::TcpListener::bind(cfg.worker_addr)
+        .await
+        .with_context(|| format!("binding the worker registry on {}", cfg.worker_addr))?;
+    let netsvc_l = tokio::net::TcpListener::bind(cfg.netsvc_addr)
+        .await
+        .with_context(|| format!("binding the cluster network service on {}", cfg.netsvc_addr))?;
+    serve(cluster, workers_l, netsvc_l, shutdown).await
+}
+
+/// Serves on already-bound listeners (tests bind port 0).
+pub async fn serve(
+    cluster: Arc<Cluster>,
+    workers_l: tokio::net::TcpListener,
+    netsvc_l: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let cfg = cluster.cfg.clone();
+    tracing::info!(
+        cluster_name = %cfg.cluster_name,
+        workers = %workers_l.local_addr()?,
+        netsvc = %netsvc_l.local_addr()?,
+        root = %cfg.root_url,
+        data_dir = %cfg.data_dir.display(),
+        "cluster orchestrator starting"
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(root_link::run(cluster.clone()));
+    // liveness
+    let c = cluster.clone();
+    tasks.spawn(async move {
+        let period = (c.cfg.worker_stale / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            c.check_liveness();
+        }
+    });
+    // network service: needs the cluster id (persisted, or from the root's first welcome)
+    let c = cluster.clone();
+    tasks.spawn(async move {
+        let mut rx = c.cluster_id.subscribe();
+        let id = match rx.wait_for(|id| !id.is_empty()).await {
+            Ok(id) => id.clone(),
+            Err(_) => return,
+        };
+        let svc = match netsvc::ClusterNetSvc::open(&c.cfg.data_dir, &c.cfg.root_netsvc_url, &id) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot open the cluster network service: {e:#}");
+                return;
+            }
+        };
+        if let Err(e) = netsvc::serve_listener(svc, netsvc_l).await {
+            tracing::error!("cluster network service stopped: {e:#}");
+        }
+    });
+    // Shutdown: stop accepting, end every worker session (they reconnect to the next incarnation).
+    let stop_rx = cluster.stopping.subscribe();
+    let c = cluster.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        c.stopping.send_replace(true);
+        c.end_worker_sessions();
+    });
+    let mut stop_wait = stop_rx.clone();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(pb::worker_registry_server::WorkerRegistryServer::new(workers::Registry { cluster: cluster.clone() }))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(workers_l), async move {
+            let _ = stop_wait.wait_for(|v| *v).await;
+        });
+    let mut grace_wait = stop_rx.clone();
+    let grace = async move {
+        let _ = grace_wait.wait_for(|v| *v).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let r = tokio::select! {
+        r = grpc => r.context("worker registry server"),
+        _ = grace => {
+            tracing::warn!("worker connections still open 5 s after shutdown began; stopping anyway");
+            Ok(())
+        }
+    };
+    tasks.abort_all();
+    tracing::info!("cluster orchestrator stopped");
+    r
+}
+
+#[cfg(test)]
+mod tests;

@@ -164,6 +164,60 @@ async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body:
     let sla = model::parse_sla(&v).map_err(|e| {
         ApiError(StatusCode::BAD_REQUEST, json!({"message": format!("invalid SLA: {e}"), "field": e.field}))
     })?;
+    // Service IPs first (they may be asked for in the SLA and be taken): nothing is stored on failure.
+    let mut planned: Vec<Vec<crate::model::Microservice>> = Vec::new();
+    let mut allocated: Vec<String> = Vec::new();
+    let release = |ids: &[String]| {
+        for sid in ids {
+            if let Err(e) = root.net.release_service_ips(sid) {
+                tracing::error!(service_id = %sid, "releasing service IPs: {e:#}");
+            }
+        }
+    };
+    for (ai, a) in sla.applications.iter().enumerate() {
+        let mut list = Vec::new();
+        for (mi, ms) in a.microservices.iter().enumerate() {
+            let path = format!("applications[{ai}].microservices[{mi}].addresses");
+            let want = |v: &str, f: &str| -> Result<Option<std::net::Ipv4Addr>, ApiError> {
+                if v.is_empty() {
+                    return Ok(None);
+                }
+                v.parse().map(Some).map_err(|_| {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        json!({"message": format!("invalid SLA: {path}.{f}: {v:?} is not an IPv4 address"), "field": format!("{path}.{f}")}),
+                    )
+                })
+            };
+            let wanted = want(&ms.addresses.rr_ip, "rr_ip").and_then(|rr| Ok((rr, want(&ms.addresses.closest_ip, "closest_ip")?)));
+            let (want_rr, want_cl) = match wanted {
+                Ok(w) => w,
+                Err(e) => {
+                    release(&allocated);
+                    return Err(e);
+                }
+            };
+            let sid = new_id();
+            let job = ms.job_name(&a.application_name, &a.application_namespace);
+            match root.net.allocate_service_ips_as(&sid, &job, want_rr, want_cl) {
+                Ok((rr, cl)) => {
+                    allocated.push(sid.clone());
+                    let mut m = ms.clone();
+                    m.microservice_id = sid;
+                    m.addresses.rr_ip = rr.to_string();
+                    m.addresses.closest_ip = cl.to_string();
+                    list.push(m);
+                }
+                Err(e) => {
+                    release(&allocated);
+                    let msg = format!("{e:#}");
+                    let field = if msg.contains("closest_ip") { format!("{path}.closest_ip") } else { format!("{path}.rr_ip") };
+                    return Err(ApiError(StatusCode::BAD_REQUEST, json!({"message": format!("invalid SLA: {path}: {msg}"), "field": field})));
+                }
+            }
+        }
+        planned.push(list);
+    }
     let created = root.store.update(|tx| {
         let existing: Vec<ApplicationRecord> = tx.list(APPLICATIONS)?;
         let mut ids = Vec::new();
@@ -184,7 +238,7 @@ async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body:
                 )));
             }
         }
-        for a in &sla.applications {
+        for (a, services) in sla.applications.iter().zip(&planned) {
             let app_id = new_id();
             let mut rec = ApplicationRecord {
                 application_id: app_id.clone(),
@@ -194,10 +248,10 @@ async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body:
                 user_id: user.0.clone(),
                 microservices: vec![],
             };
-            for ms in &a.microservices {
-                let sid = new_id();
-                let mut sla_ms = ms.clone();
-                sla_ms.microservice_id = sid.clone();
+            for sla_ms in services {
+                let sid = sla_ms.microservice_id.clone();
+                let ms = sla_ms;
+                let sla_ms = sla_ms.clone();
                 let svc = ServiceRecord {
                     microservice_id: sid.clone(),
                     application_id: app_id.clone(),
@@ -217,9 +271,16 @@ async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body:
         }
         Ok(Ok(ids))
     });
-    let ids = match created? {
-        Ok(ids) => ids,
-        Err(e) => return Err(e),
+    let ids = match created {
+        Ok(Ok(ids)) => ids,
+        Ok(Err(e)) => {
+            release(&allocated);
+            return Err(e);
+        }
+        Err(e) => {
+            release(&allocated);
+            return Err(e.into());
+        }
     };
     tracing::info!(?ids, user = %user.0, "applications created");
     Ok(Json(Value::Array(user_apps(&root, &user)?)))
@@ -300,6 +361,11 @@ async fn delete_application(State(root): State<Arc<Root>>, user: AuthUser, Path(
         tx.delete(APPLICATIONS, &id)
     })?;
     root.send(out);
+    for sid in &app.microservices {
+        if let Err(e) = root.net.release_service_ips(sid) {
+            tracing::error!(service_id = %sid, "releasing service IPs: {e:#}");
+        }
+    }
     tracing::info!(application_id = %id, "application deleted");
     Ok(Json(json!({"message": format!("application {id} deleted")})))
 }
@@ -337,6 +403,9 @@ async fn delete_service(State(root): State<Arc<Root>>, user: AuthUser, Path(id):
         Ok(())
     })?;
     root.send(out);
+    if let Err(e) = root.net.release_service_ips(&id) {
+        tracing::error!(service_id = %id, "releasing service IPs: {e:#}");
+    }
     Ok(Json(json!({"message": format!("service {id} deleted")})))
 }
 

@@ -30,6 +30,8 @@ use store::{Store, Tx, CLUSTERS, SERVICES};
 pub struct Config {
     pub api_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// Service manager (overlay address management for clusters), Oakestra's port 10099.
+    pub netsvc_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub admin_password: Option<String>,
     pub cluster_stale: Duration,
@@ -238,6 +240,8 @@ struct Session {
 /// Shared state of a running root orchestrator.
 pub struct Root {
     pub store: Store,
+    /// Overlay address management: worker blocks for clusters, service IPs, cross-cluster resolution.
+    pub net: netsvc::RootNetSvc,
     pub auth: Auth,
     pub cfg: Config,
     sessions: Mutex<HashMap<String, Session>>,
@@ -275,8 +279,10 @@ impl Root {
     pub fn open(cfg: Config) -> Result<Arc<Self>> {
         let store = Store::open(&cfg.data_dir)?;
         let auth = Auth::init(&store, &cfg.data_dir, cfg.admin_password.as_deref())?;
+        let net = netsvc::RootNetSvc::open(&cfg.data_dir)?;
         Ok(Arc::new(Self {
             store,
+            net,
             auth,
             cfg,
             sessions: Mutex::new(HashMap::new()),
@@ -685,7 +691,10 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + 
     let root = Root::open(cfg.clone())?;
     let api_l = tokio::net::TcpListener::bind(cfg.api_addr).await.map_err(|e| anyhow!("binding --api-addr {}: {e}", cfg.api_addr))?;
     let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_addr).await.map_err(|e| anyhow!("binding --grpc-addr {}: {e}", cfg.grpc_addr))?;
-    serve(root, api_l, grpc_l, shutdown).await
+    let net_l = tokio::net::TcpListener::bind(cfg.netsvc_addr)
+        .await
+        .map_err(|e| anyhow!("binding --netsvc-addr {}: {e}", cfg.netsvc_addr))?;
+    serve(root, api_l, grpc_l, net_l, shutdown).await
 }
 
 /// Serves on already-bound listeners (tests bind port 0).
@@ -693,8 +702,10 @@ pub async fn serve(
     root: Arc<Root>,
     api_l: tokio::net::TcpListener,
     grpc_l: tokio::net::TcpListener,
+    net_l: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let net_task = tokio::spawn(netsvc::serve_listener(root.net.clone(), net_l));
     tracing::info!(api = %api_l.local_addr()?, grpc = %grpc_l.local_addr()?, data_dir = %root.cfg.data_dir.display(), "root orchestrator listening");
     let stop_rx = root.stopping.subscribe();
     let r1 = root.clone();
@@ -743,11 +754,13 @@ pub async fn serve(
     tokio::select! {
         (a, g) = &mut both => {
             retry.abort();
+            net_task.abort();
             a?;
             g?;
         }
         _ = grace => {
             retry.abort();
+            net_task.abort();
             tracing::warn!("connections still open 5 s after shutdown began; stopping anyway");
         }
     }

@@ -21,7 +21,9 @@ struct Harness {
 async fn start(dir: &std::path::Path) -> Harness {
     let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cfg = Config {
+        netsvc_addr: net_l.local_addr().unwrap(),
         api_addr: api_l.local_addr().unwrap(),
         grpc_addr: grpc_l.local_addr().unwrap(),
         data_dir: dir.to_path_buf(),
@@ -32,7 +34,7 @@ async fn start(dir: &std::path::Path) -> Harness {
     };
     let root: Arc<Root> = Root::open(cfg.clone()).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(super::serve(root, api_l, grpc_l, async move {
+    let task = tokio::spawn(super::serve(root, api_l, grpc_l, net_l, async move {
         let _ = rx.await;
     }));
     let api = format!("http://{}", cfg.api_addr);

@@ -424,6 +424,7 @@ pub async fn serve_with(svc: ClusterNetSvc, addr: SocketAddr) -> Result<()> {
 
 pub async fn serve_listener(svc: ClusterNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "cluster network service listening");
+    // (a local guard: the NetManager's tests compile this file on its own, without crate::task)
     struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
     impl Drop for AbortOnDrop {
         fn drop(&mut self) {

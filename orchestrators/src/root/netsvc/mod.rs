@@ -203,10 +203,48 @@ impl RootNetSvc {
     /// Allocate the round-robin and closest service IPs of a service from 10.30.0.0/16. Idempotent: a
     /// service that already has addresses gets the same ones back. Never hands out an address in use.
     pub fn allocate_service_ips(&self, service_id: &str, job_name: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
+        self.allocate_service_ips_as(service_id, job_name, None, None)
+    }
+
+    /// Like [`Self::allocate_service_ips`], honouring addresses the SLA asks for (`addresses.rr_ip`,
+    /// `addresses.closest_ip`): they must lie in 10.30.0.0/16 and not belong to another service.
+    pub fn allocate_service_ips_as(
+        &self,
+        service_id: &str,
+        job_name: &str,
+        want_rr: Option<Ipv4Addr>,
+        want_closest: Option<Ipv4Addr>,
+    ) -> Result<(Ipv4Addr, Ipv4Addr)> {
         if service_id.is_empty() {
             bail!("service_id is empty");
         }
+        let space: Ipv4Net = SERVICE_SPACE.parse().expect("space");
+        for (field, ip) in [("rr_ip", want_rr), ("closest_ip", want_closest)] {
+            if let Some(ip) = ip {
+                if !space.contains(&ip) || ip == space.network() || ip == space.broadcast() {
+                    bail!("addresses.{field} {ip} is outside the service address space {SERVICE_SPACE}");
+                }
+            }
+        }
+        if want_rr.is_some() && want_rr == want_closest {
+            bail!("addresses.rr_ip and addresses.closest_ip must differ");
+        }
         self.mutate(|s| {
+            for (field, ip) in [("rr_ip", want_rr), ("closest_ip", want_closest)] {
+                let Some(ip) = ip else { continue };
+                if let Some((other, r)) = s.services.iter().find(|(id, r)| {
+                    id.as_str() != service_id && (r.rr_ip == Some(ip) || r.closest_ip == Some(ip))
+                }) {
+                    bail!("addresses.{field} {ip} is already the address of service {} ({other})", r.job_name);
+                }
+            }
+            if let (Some(rr), Some(cl)) = (want_rr, want_closest) {
+                let rec = s.services.entry(service_id.to_string()).or_default();
+                rec.job_name = job_name.to_string();
+                rec.rr_ip = Some(rr);
+                rec.closest_ip = Some(cl);
+                return Ok((rr, cl));
+            }
             if let Some(rec) = s.services.get_mut(service_id) {
                 if let (Some(rr), Some(cl)) = (rec.rr_ip, rec.closest_ip) {
                     if !job_name.is_empty() {
@@ -215,13 +253,18 @@ impl RootNetSvc {
                     return Ok((rr, cl));
                 }
             }
-            let used: BTreeSet<Ipv4Addr> =
+            let mut used: BTreeSet<Ipv4Addr> =
                 s.services.values().flat_map(|r| [r.rr_ip, r.closest_ip]).flatten().collect();
-            let space: Ipv4Net = SERVICE_SPACE.parse().expect("space");
+            used.extend(want_rr.iter().chain(want_closest.iter()));
             // skip network address, .0.1 (reserved) and the broadcast address
             let mut free = space.hosts().skip(1).filter(|ip| !used.contains(ip));
-            let (Some(rr), Some(cl)) = (free.next(), free.next()) else {
-                bail!("service address space {SERVICE_SPACE} exhausted");
+            let rr = match want_rr {
+                Some(ip) => ip,
+                None => free.next().with_context(|| format!("service address space {SERVICE_SPACE} exhausted"))?,
+            };
+            let cl = match want_closest {
+                Some(ip) => ip,
+                None => free.next().with_context(|| format!("service address space {SERVICE_SPACE} exhausted"))?,
             };
             let rec = s.services.entry(service_id.to_string()).or_default();
             rec.job_name = job_name.to_string();

@@ -1,0 +1,334 @@
+//! In-process control plane: a real root (API + registry + service manager) and a real cluster
+//! orchestrator on port-0 listeners, workers speaking the real protocol over real sockets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oak_proto::v1 as pb;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::{Cluster, Config};
+use crate::simworker::SimWorker;
+
+struct RootH {
+    api: String,
+    grpc: String,
+    net: String,
+    http: reqwest::Client,
+    token: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_root(dir: &std::path::Path) -> RootH {
+    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = crate::root::Config {
+        api_addr: api_l.local_addr().unwrap(),
+        grpc_addr: grpc_l.local_addr().unwrap(),
+        netsvc_addr: net_l.local_addr().unwrap(),
+        data_dir: dir.to_path_buf(),
+        admin_password: Some("pw".into()),
+        cluster_stale: Duration::from_secs(30),
+        retry_interval: Duration::from_secs(3600),
+        report_interval_ms: 500,
+    };
+    let root = crate::root::Root::open(cfg.clone()).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(crate::root::serve(root, api_l, grpc_l, net_l, async move {
+        let _ = rx.await;
+    }));
+    let api = format!("http://{}", cfg.api_addr);
+    let http = reqwest::Client::new();
+    poll("root health", || async { http.get(format!("{api}/api/health")).send().await.is_ok_and(|r| r.status() == 200) }).await;
+    let r: Value = http
+        .post(format!("{api}/api/auth/login"))
+        .json(&json!({"username":"Admin","password":"pw"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    RootH {
+        api,
+        grpc: format!("http://{}", cfg.grpc_addr),
+        net: format!("http://{}", cfg.netsvc_addr),
+        http,
+        token: r["token"].as_str().unwrap().to_string(),
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl RootH {
+    async fn req(&self, m: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self.http.request(m, format!("{}{path}", self.api)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+    async fn get(&self, path: &str) -> Value {
+        self.req(reqwest::Method::GET, path, None).await.1
+    }
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("root stops").unwrap().unwrap();
+    }
+}
+
+struct ClusterH {
+    cluster: Arc<Cluster>,
+    workers_url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ClusterH {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("cluster stops").unwrap().unwrap();
+    }
+}
+
+async fn start_cluster(dir: &std::path::Path, root: &RootH, name: &str, stale: Duration) -> ClusterH {
+    let workers_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = Config {
+        cluster_name: name.into(),
+        cluster_location: "48.1,11.6,1000".into(),
+        root_url: root.grpc.clone(),
+        root_netsvc_url: root.net.clone(),
+        worker_addr: workers_l.local_addr().unwrap(),
+        netsvc_addr: net_l.local_addr().unwrap(),
+        data_dir: dir.to_path_buf(),
+        heartbeat_interval: Duration::from_millis(100),
+        worker_stale: stale,
+        token: String::new(),
+    };
+    // a stopped cluster's tasks may still hold its store for a moment
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cluster = loop {
+        match Cluster::open(cfg.clone()) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot open the cluster: {e:#}"),
+        }
+    };
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(super::serve(cluster.clone(), workers_l, net_l, async move {
+        let _ = rx.await;
+    }));
+    ClusterH { cluster, workers_url: format!("http://{}", cfg.worker_addr), stop: Some(stop), task }
+}
+
+fn sim(url: &str, name: &str, cores: u32, mem: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(
+        SimWorker {
+            cluster_url: url.into(),
+            name: name.into(),
+            cpu_cores: cores,
+            memory_mb: mem,
+            arch: "amd64".into(),
+            virtualization: vec!["container".into()],
+            start_delay: Duration::from_millis(20),
+        }
+        .run(),
+    )
+}
+
+async fn poll<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn sla(name: &str, memory: u64, vcpus: f64) -> Value {
+    json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"","application_name":name,
+      "application_namespace":"test","application_desc":"","microservices":[
+        {"microserviceID":"","microservice_name":"web","microservice_namespace":"test","virtualization":"container",
+         "code":"docker.io/library/nginx:latest","memory":memory,"vcpus":vcpus}]}]})
+}
+
+/// Creates an application with one service and deploys one instance; returns the service id.
+async fn deploy(root: &RootH, name: &str, memory: u64, vcpus: f64) -> String {
+    let (c, v) = root.req(reqwest::Method::POST, "/api/application", Some(sla(name, memory, vcpus))).await;
+    assert_eq!(c, 200, "{v}");
+    let app = v.as_array().unwrap().iter().find(|a| a["application_name"] == name).unwrap().clone();
+    let sid = app["microservices"][0].as_str().unwrap().to_string();
+    let (c, v) = root.req(reqwest::Method::POST, &format!("/api/service/{sid}/instance"), None).await;
+    assert_eq!(c, 200, "{v}");
+    sid
+}
+
+async fn instance0(root: &RootH, sid: &str) -> Value {
+    root.get(&format!("/api/service/{sid}")).await["instance_list"][0].clone()
+}
+
+async fn active_nodes(root: &RootH) -> u64 {
+    let v = root.get("/api/clusters/active").await;
+    v.as_array().and_then(|a| a.first()).and_then(|c| c["active_nodes"].as_u64()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn register_schedule_run_and_report_no_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = start_root(&dir.path().join("root")).await;
+    let cl = start_cluster(&dir.path().join("cluster"), &root, "edge-a", Duration::from_secs(30)).await;
+    let w1 = sim(&cl.workers_url, "small", 1, 512);
+    let w2 = sim(&cl.workers_url, "big", 4, 4096);
+    poll("two active workers in the root's view", || async { active_nodes(&root).await == 2 }).await;
+    let c = &root.get("/api/clusters/active").await[0];
+    assert_eq!(c["cluster_name"], "edge-a");
+    assert_eq!(c["cluster_location"], "48.1,11.6,1000");
+    assert_eq!(c["total_cpu_cores"], 5);
+    assert_eq!(c["memory_in_mb"], 4608);
+
+    // needs 2 cores and 1 GB: only "big" fits
+    let sid = deploy(&root, "fits", 1024, 2.0).await;
+    poll("instance RUNNING", || async { instance0(&root, &sid).await["status"] == "RUNNING" }).await;
+    let i = instance0(&root, &sid).await;
+    assert_eq!(i["node_name"], "big", "{i}");
+    assert_eq!(i["cluster_name"], "edge-a");
+    assert_eq!(cl.cluster.instance(&sid, 0).unwrap().node_name, "big");
+    // the service got overlay service IPs from the root's service manager
+    let svc = root.get(&format!("/api/service/{sid}")).await;
+    assert!(svc["addresses"]["rr_ip"].as_str().unwrap().starts_with("10.30."), "{svc}");
+
+    // fits nowhere: 3 cores requested, no worker has them -> root status vocabulary + guide's name
+    let sid2 = deploy(&root, "toobig", 100, 3.5).await;
+    poll("unplaceable instance reported", || async {
+        let i = instance0(&root, &sid2).await;
+        i["status"] == "NoActiveClusterWithCapacity" && i["status_detail"].as_str().unwrap_or("").contains("NoResourcesAvailable")
+    })
+    .await;
+    // the cluster forgot it (the root owns retries)
+    assert!(cl.cluster.instance(&sid2, 0).is_none());
+
+    // undeploy reaches the worker and comes back
+    let (c, _) = root.req(reqwest::Method::DELETE, &format!("/api/service/{sid}/instance/0"), None).await;
+    assert_eq!(c, 200);
+    poll("instance removed after undeploy", || async {
+        root.get(&format!("/api/service/{sid}")).await["instance_list"].as_array().is_some_and(|l| l.is_empty())
+    })
+    .await;
+    assert!(cl.cluster.instance(&sid, 0).is_none());
+    w1.abort();
+    w2.abort();
+    cl.stop().await;
+    root.stop().await;
+}
+
+/// A worker that registers and reports, then goes silent while keeping its connection open.
+async fn silent_worker(url: &str, name: &str) -> (mpsc::UnboundedSender<pb::WorkerMessage>, tonic::Streaming<pb::ClusterToWorker>) {
+    let mut client = pb::worker_registry_client::WorkerRegistryClient::connect(url.to_string()).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let res = pb::NodeResources {
+        cpu_cores: 8,
+        memory_total_mb: 8192,
+        memory_free_mb: 8192,
+        arch: "amd64".into(),
+        virtualization: vec!["container".into()],
+        ..Default::default()
+    };
+    tx.send(pb::WorkerMessage {
+        msg: Some(pb::worker_message::Msg::Hello(pb::WorkerHello {
+            node_name: name.into(),
+            resources: Some(res),
+            ..Default::default()
+        })),
+    })
+    .unwrap();
+    let mut inbound = client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+    let w = inbound.message().await.unwrap().unwrap();
+    assert!(matches!(w.msg, Some(pb::cluster_to_worker::Msg::Welcome(_))), "{w:?}");
+    (tx, inbound)
+}
+
+#[tokio::test]
+async fn worker_that_misses_heartbeats_loses_its_instance_to_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = start_root(&dir.path().join("root")).await;
+    let cl = start_cluster(&dir.path().join("cluster"), &root, "edge-b", Duration::from_millis(800)).await;
+    // the silent worker is the biggest, so it gets the instance first
+    let (tx, mut inbound) = silent_worker(&cl.workers_url, "flaky").await;
+    poll("flaky registered", || async { active_nodes(&root).await == 1 }).await;
+    let sid = deploy(&root, "moving", 256, 1.0).await;
+    let d = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await.unwrap().unwrap().unwrap();
+    let Some(pb::cluster_to_worker::Msg::Deploy(d)) = d.msg else { panic!("expected a deploy, got {d:?}") };
+    assert_eq!(d.service.as_ref().unwrap().service_id, sid);
+    tx.send(pb::WorkerMessage {
+        msg: Some(pb::worker_message::Msg::Instance(pb::InstanceStatus {
+            service_id: sid.clone(),
+            instance_number: d.instance_number,
+            status: "RUNNING".into(),
+            ..Default::default()
+        })),
+    })
+    .unwrap();
+    poll("RUNNING on flaky", || async {
+        let i = instance0(&root, &sid).await;
+        i["status"] == "RUNNING" && i["node_name"] == "flaky"
+    })
+    .await;
+    // a healthy worker joins; flaky says nothing more (its connection stays open)
+    let w = sim(&cl.workers_url, "steady", 2, 2048);
+    let t0 = Instant::now();
+    poll("instance moved to steady and RUNNING", || async {
+        let i = instance0(&root, &sid).await;
+        i["status"] == "RUNNING" && i["node_name"] == "steady"
+    })
+    .await;
+    assert!(t0.elapsed() >= Duration::from_millis(700), "moved before the worker was stale");
+    let live = cl.cluster.live_workers();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].1, "steady");
+    // the detail says why it moved
+    let st = cl.cluster.instance(&sid, 0).unwrap();
+    assert_eq!(st.node_name, "steady");
+    drop(tx);
+    w.abort();
+    cl.stop().await;
+    root.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_restart_keeps_placements_and_reregisters() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = start_root(&dir.path().join("root")).await;
+    let cl = start_cluster(&dir.path().join("cluster"), &root, "edge-c", Duration::from_secs(30)).await;
+    let w = sim(&cl.workers_url, "w", 2, 2048);
+    poll("worker registered", || async { active_nodes(&root).await == 1 }).await;
+    let sid = deploy(&root, "keep", 128, 0.5).await;
+    poll("RUNNING", || async { instance0(&root, &sid).await["status"] == "RUNNING" }).await;
+    let cluster_id = root.get("/api/clusters/active").await[0]["cluster_id"].clone();
+    w.abort();
+    cl.stop().await;
+
+    // same data dir: same cluster id, the placement is known before the worker is back
+    let cl = start_cluster(&dir.path().join("cluster"), &root, "edge-c", Duration::from_secs(30)).await;
+    assert_eq!(cl.cluster.instance(&sid, 0).unwrap().status, "RUNNING");
+    let w = sim(&cl.workers_url, "w", 2, 2048);
+    poll("cluster active again with its worker", || async { active_nodes(&root).await == 1 }).await;
+    let clusters = root.get("/api/clusters/").await;
+    assert_eq!(clusters.as_array().unwrap().len(), 1, "re-registration must not create a second cluster: {clusters}");
+    assert_eq!(clusters[0]["cluster_id"], cluster_id);
+    // the worker (a new simulated process: it lost its instance) gets it deployed again and it runs
+    poll("RUNNING again", || async {
+        cl.cluster.instance(&sid, 0).is_some_and(|s| s.status == "RUNNING") && instance0(&root, &sid).await["status"] == "RUNNING"
+    })
+    .await;
+    w.abort();
+    cl.stop().await;
+    root.stop().await;
+}
