@@ -108,7 +108,11 @@ fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> anyhow::
     }
 }
 
-fn ensure_containerd() -> anyhow::Result<()> {
+/// Starts containerd (detached, log in /var/log/oakestra-rs) unless it already answers.
+pub fn ensure_containerd() -> anyhow::Result<()> {
+    for d in [RUN_DIR, LOG_DIR] {
+        fs::create_dir_all(d)?;
+    }
     if succeeds(Command::new("ctr").args(["--address", CONTAINERD_SOCK, "version"])) {
         step("containerd: already running");
         return Ok(());
@@ -170,6 +174,7 @@ fn active_nodes(token: &str, cluster: &str) -> anyhow::Result<u64> {
 }
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    crate::setup::run()?;
     let profile = if args.debug { "debug" } else { "release" };
     step(&format!("building binaries ({profile})"));
     let mut build = cargo();
