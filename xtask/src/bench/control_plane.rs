@@ -1,9 +1,259 @@
-//! Control-plane benchmark (written by the tests helper).
+//! `cargo xtask bench control-plane`: a root, N clusters and M simulated workers per cluster (real
+//! processes on loopback, the real protocols), then S services deployed one after another. Prints the time
+//! from the deploy API call to placement on a worker (NODE_SCHEDULED seen in the API) and to RUNNING, as
+//! p50/p99 and as a ratio of a no-op API round trip measured in the same run (the floor any placement
+//! pays), plus the resident memory of the root and the clusters.
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
 use clap::Args as ClapArgs;
+use serde_json::{json, Value};
+
+use crate::util::{cargo, sh, step};
 
 #[derive(ClapArgs, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Clusters to start.
+    #[arg(long, default_value_t = 10)]
+    clusters: u32,
+    /// Simulated workers per cluster.
+    #[arg(long, default_value_t = 100)]
+    workers_per_cluster: u32,
+    /// Services to deploy (one instance each).
+    #[arg(long, default_value_t = 500)]
+    services: u32,
+    /// First of the loopback ports used (root API; the rest follow).
+    #[arg(long, default_value_t = 21000)]
+    base_port: u16,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("control-plane benchmark not written yet")
+struct Procs(Vec<(String, Child)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn spawn(procs: &mut Procs, name: &str, bin: &Path, args: &[String], env: &[(&str, &str)], logs: &Path) -> anyhow::Result<u32> {
+    let log = fs::File::create(logs.join(format!("{name}.log")))?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id();
+    procs.0.push((name.to_string(), child));
+    Ok(pid)
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let mut note = Instant::now();
+    while !f() {
+        if t.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        if note.elapsed() > Duration::from_secs(5) {
+            eprintln!("    still waiting for {what} ({:.0} s)", t.elapsed().as_secs_f64());
+            note = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("    {what}: {:.1} s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    step("building release binaries (orchestrators, simulated workers)");
+    sh(cargo().args(["build", "--release", "-p", "oak-orchestrators", "--bins"]))?;
+    let bins: PathBuf = crate::util::target_dir().join("release");
+    let work = std::env::temp_dir().join(format!("oak-bench-cp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let mut procs = Procs(Vec::new());
+    let p = a.base_port;
+    let (api_port, grpc_port, net_port) = (p, p + 1, p + 2);
+    let pw = "bench-pw";
+    step(&format!("starting root, {} clusters, {} simulated workers each (logs in {})", a.clusters, a.workers_per_cluster, work.display()));
+    let root_pid = spawn(
+        &mut procs,
+        "root",
+        &bins.join("root-orchestrator"),
+        &[
+            "--api-addr".into(),
+            format!("127.0.0.1:{api_port}"),
+            "--grpc-addr".into(),
+            format!("127.0.0.1:{grpc_port}"),
+            "--netsvc-addr".into(),
+            format!("127.0.0.1:{net_port}"),
+            "--data-dir".into(),
+            work.join("root").display().to_string(),
+            "--report-interval-ms".into(),
+            "1000".into(),
+        ],
+        &[("OAK_ADMIN_PASSWORD", pw)],
+        &work,
+    )?;
+    let api = format!("http://127.0.0.1:{api_port}");
+    wait("root API", Duration::from_secs(30), || ureq::get(&format!("{api}/api/health")).call().is_ok())?;
+    let token = ureq::post(&format!("{api}/api/auth/login"))
+        .send_json(json!({"username":"Admin","password":pw}))?
+        .into_json::<Value>()?["token"]
+        .as_str()
+        .context("no token")?
+        .to_string();
+    let auth = format!("Bearer {token}");
+    let mut cluster_pids = Vec::new();
+    for i in 0..a.clusters {
+        let wport = p + 100 + i as u16;
+        let nport = p + 300 + i as u16;
+        let name = format!("bench-c{i}");
+        cluster_pids.push(spawn(
+            &mut procs,
+            &name,
+            &bins.join("cluster-orchestrator"),
+            &[
+                "--root-address".into(),
+                format!("127.0.0.1:{grpc_port}"),
+                "--root-netsvc-port".into(),
+                net_port.to_string(),
+                "--worker-addr".into(),
+                format!("127.0.0.1:{wport}"),
+                "--netsvc-addr".into(),
+                format!("127.0.0.1:{nport}"),
+                "--data-dir".into(),
+                work.join(&name).display().to_string(),
+            ],
+            &[("CLUSTER_NAME", name.as_str()), ("CLUSTER_LOCATION", "bench")],
+            &work,
+        )?);
+        spawn(
+            &mut procs,
+            &format!("workers-{i}"),
+            &bins.join("oak-sim-worker"),
+            &[
+                "--cluster".into(),
+                format!("127.0.0.1:{wport}"),
+                "--count".into(),
+                a.workers_per_cluster.to_string(),
+                "--name".into(),
+                format!("c{i}-w"),
+                "--cpu-cores".into(),
+                "8".into(),
+                "--memory-mb".into(),
+                "16384".into(),
+                "--start-delay-ms".into(),
+                "10".into(),
+            ],
+            &[],
+            &work,
+        )?;
+    }
+    let get = |path: &str| -> anyhow::Result<Value> {
+        Ok(ureq::get(&format!("{api}{path}")).set("Authorization", &auth).call()?.into_json()?)
+    };
+    let total = u64::from(a.clusters * a.workers_per_cluster);
+    wait(&format!("{} clusters with {total} workers registered", a.clusters), Duration::from_secs(300), || {
+        get("/api/clusters/active")
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .is_some_and(|cs| cs.len() as u32 == a.clusters && cs.iter().filter_map(|c| c["active_nodes"].as_u64()).sum::<u64>() == total)
+    })?;
+
+    // baseline: a no-op authenticated API round trip
+    let mut base = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        get("/api/clusters/active")?;
+        base.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    step(&format!("deploying {} services, one at a time", a.services));
+    let mut placed = Vec::new();
+    let mut running = Vec::new();
+    let per_app = 10;
+    let mut sids = Vec::new();
+    for app in 0..a.services.div_ceil(per_app) {
+        let n = per_app.min(a.services - app * per_app);
+        let ms: Vec<Value> = (0..n)
+            .map(|j| json!({"microserviceID":"","microservice_name":format!("s{j}"),"microservice_namespace":"b",
+                "virtualization":"container","code":"docker.io/library/nginx:latest","memory":64,"vcpus":0.1}))
+            .collect();
+        let sla = json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"",
+            "application_name":format!("a{app}"),"application_namespace":"bench","application_desc":"","microservices":ms}]});
+        let apps: Value = ureq::post(&format!("{api}/api/application")).set("Authorization", &auth).send_json(sla)?.into_json()?;
+        let created = apps
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["application_name"] == format!("a{app}")))
+            .context("created application not listed")?;
+        sids.extend(created["microservices"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)));
+    }
+    for (k, sid) in sids.iter().enumerate() {
+        let t = Instant::now();
+        ureq::post(&format!("{api}/api/service/{sid}/instance")).set("Authorization", &auth).call()?;
+        let mut got_placed = false;
+        loop {
+            let v = get(&format!("/api/service/{sid}"))?;
+            let st = v["instance_list"][0]["status"].as_str().unwrap_or("").to_string();
+            if !got_placed && matches!(st.as_str(), "NODE_SCHEDULED" | "CREATING" | "CREATED" | "RUNNING") {
+                placed.push(t.elapsed().as_secs_f64() * 1e3);
+                got_placed = true;
+            }
+            if st == "RUNNING" {
+                running.push(t.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+            if !matches!(st.as_str(), "REQUESTED" | "CLUSTER_SCHEDULED" | "NODE_SCHEDULED" | "CREATING" | "CREATED") {
+                bail!("service {sid}: unexpected status {st}: {}", v["instance_list"][0]);
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("service {sid} not RUNNING after 30 s (status {st})");
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        if (k + 1) % 100 == 0 {
+            eprintln!("    {} / {} deployed", k + 1, sids.len());
+        }
+    }
+    let root_rss = rss_kb(root_pid);
+    let cl_rss: Vec<u64> = cluster_pids.iter().map(|p| rss_kb(*p)).collect();
+    let b50 = pct(&mut base, 0.5);
+    let (p50, p99) = (pct(&mut placed, 0.5), pct(&mut placed, 0.99));
+    let (r50, r99) = (pct(&mut running, 0.5), pct(&mut running, 0.99));
+    println!();
+    println!("control plane: {} clusters x {} workers, {} services", a.clusters, a.workers_per_cluster, sids.len());
+    println!("  baseline: no-op API round trip        p50 {b50:8.2} ms");
+    println!("  API call -> placed on a worker        p50 {p50:8.2} ms  p99 {p99:8.2} ms   ({:.1}x / {:.1}x baseline p50)", p50 / b50, p99 / b50);
+    println!("  API call -> RUNNING (sim, 10 ms start) p50 {r50:8.2} ms  p99 {r99:8.2} ms");
+    println!("  RSS root {:.1} MiB; clusters mean {:.1} MiB, max {:.1} MiB",
+        root_rss as f64 / 1024.0,
+        cl_rss.iter().sum::<u64>() as f64 / cl_rss.len().max(1) as f64 / 1024.0,
+        cl_rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0);
+    drop(procs);
+    let _ = fs::remove_dir_all(&work);
+    Ok(())
 }
