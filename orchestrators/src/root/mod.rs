@@ -326,6 +326,7 @@ impl Root {
                 id: c.cluster_id,
                 name: c.cluster_name,
                 aggregate: c.aggregate.to_pb(),
+                location: c.cluster_location,
             })
             .collect())
     }

@@ -9,6 +9,41 @@ pub struct ClusterView {
     pub name: String,
     pub active: bool,
     pub aggregate: ClusterAggregate,
+    /// CLUSTER_LOCATION as registered: free text, or "lat,lon[,radius_m]".
+    pub location: String,
+}
+
+/// "lat,lon[,...]" -> (lat, lon) in degrees, when it is one.
+pub fn parse_latlon(s: &str) -> Option<(f64, f64)> {
+    let mut it = s.split(',').map(|x| x.trim().parse::<f64>());
+    let (lat, lon) = (it.next()?.ok()?, it.next()?.ok()?);
+    ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)).then_some((lat, lon))
+}
+
+/// Great-circle distance in km (haversine, mean Earth radius).
+pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
+    let (la1, lo1, la2, lo2) = (a.0.to_radians(), a.1.to_radians(), b.0.to_radians(), b.1.to_radians());
+    let h = ((la2 - la1) / 2.0).sin().powi(2) + la1.cos() * la2.cos() * ((lo2 - lo1) / 2.0).sin().powi(2);
+    2.0 * 6371.0 * h.sqrt().asin()
+}
+
+/// Why a cluster fails the SLA's `geo` constraints (location "lat,lon", threshold in km), if it does.
+/// A cluster's own radius (third field of its location, metres) counts in its favour.
+fn geo_misfit(spec: &ServiceSpec, location: &str) -> Option<String> {
+    for c in spec.constraints.iter().filter(|c| c.r#type == "geo") {
+        let Some(target) = parse_latlon(&c.location) else {
+            return Some(format!("cannot be checked against geo location {:?} (want \"lat,lon\")", c.location));
+        };
+        let Some(here) = parse_latlon(location) else {
+            return Some(format!("has no lat,lon location (CLUSTER_LOCATION is {location:?}) for the geo constraint"));
+        };
+        let radius_km = location.split(',').nth(2).and_then(|r| r.trim().parse::<f64>().ok()).unwrap_or(0.0) / 1000.0;
+        let d = distance_km(here, target);
+        if d - radius_km > c.threshold {
+            return Some(format!("is {d:.0} km from {:?}, geo threshold {} km", c.location, c.threshold));
+        }
+    }
+    None
 }
 
 /// Why nothing could be placed: (`status` in Oakestra's vocabulary, human readable `detail`).
@@ -92,7 +127,7 @@ pub fn place(spec: &ServiceSpec, clusters: &[ClusterView], tried: &[String]) -> 
     for c in candidates {
         if tried.contains(&c.id) {
             reasons.push(format!("cluster '{}' already tried", c.name));
-        } else if let Some(why) = misfit(spec, &c.aggregate) {
+        } else if let Some(why) = misfit(spec, &c.aggregate).or_else(|| geo_misfit(spec, &c.location)) {
             reasons.push(format!("cluster '{}' {why}", c.name));
         } else {
             fits.push(c);
@@ -130,6 +165,7 @@ mod tests {
             id: id.into(),
             name: format!("n{id}"),
             active,
+            location: String::new(),
             aggregate: ClusterAggregate {
                 active_nodes: 1,
                 max_free_cpu_cores: cpu,
@@ -194,5 +230,26 @@ mod tests {
         assert!(e.detail.starts_with("NoTargetCluster: "));
         s.constraints[0].cluster = "n3".into();
         assert_eq!(place(&s, &cs, &[]).unwrap_err().status, TARGET_NOT_ACTIVE);
+    }
+
+    #[test]
+    fn geo_constraint_keeps_clusters_within_the_threshold() {
+        let mut munich = cl("m", true, 4.0, 4096);
+        munich.location = "48.137,11.575,5000".into();
+        let mut berlin = cl("b", true, 8.0, 8192);
+        berlin.location = "52.52,13.405".into();
+        let mut nowhere = cl("x", true, 16.0, 16384);
+        nowhere.location = "rack 4".into();
+        let cs = vec![munich, berlin, nowhere];
+        let mut s = spec(1.0, 100);
+        s.constraints = vec![Constraint { r#type: "geo".into(), location: "48.26,11.67".into(), threshold: 50.0, ..Default::default() }];
+        assert_eq!(place(&s, &cs, &[]).unwrap(), "m", "only Munich is within 50 km of Garching");
+        s.constraints[0].threshold = 600.0;
+        assert_eq!(place(&s, &cs, &[]).unwrap(), "b", "within 600 km the bigger Berlin wins");
+        s.constraints[0].location = "-33.86,151.2".into();
+        let e = place(&s, &cs, &[]).unwrap_err();
+        assert!(e.detail.contains("km from") && e.detail.contains("no lat,lon location"), "{}", e.detail);
+        let d = distance_km((48.137, 11.575), (52.52, 13.405));
+        assert!((d - 504.0).abs() < 5.0, "{d}");
     }
 }
