@@ -26,6 +26,8 @@ pub struct Ready {
 pub struct ApiState {
     pub ready: OnceCell<Ready>,
     pub public: SocketAddr,
+    /// Datapath counters of the userspace proxy (set when it runs).
+    pub counters: std::sync::OnceLock<Arc<crate::proxy::counters::Counters>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,7 +67,20 @@ async fn status(State(st): State<Arc<ApiState>>) -> Json<Value> {
         "subnet": subnet,
         "publicAddress": st.public.ip().to_string(),
         "tunnelPort": st.public.port(),
+        "proxy": st.counters.get().is_some(),
     }))
+}
+
+/// Datapath counters: drops per reason and events (`{"proxy": false}` when the proxy is disabled).
+async fn counters(State(st): State<Arc<ApiState>>) -> Json<Value> {
+    match st.counters.get() {
+        Some(c) => {
+            let mut v = c.to_json();
+            v["proxy"] = true.into();
+            Json(v)
+        }
+        None => Json(json!({"proxy": false})),
+    }
 }
 
 async fn deploy(State(st): State<Arc<ApiState>>, body: Result<Json<DeployRequest>, JsonRejection>) -> Response {
@@ -147,6 +162,7 @@ async fn undeploy(State(st): State<Arc<ApiState>>, body: Result<Json<UndeployReq
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/status", get(status))
+        .route("/counters", get(counters))
         .route("/container/deploy", post(deploy))
         .route("/container/undeploy", post(undeploy))
         .with_state(state)

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod proxy;
 pub mod tables;
 pub mod wiring;
 
@@ -28,6 +29,9 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// Worker bridge name (default `oak0`; tests use unique names).
     pub bridge: String,
+    /// The userspace tun proxy (None: disabled, e.g. when another datapath is used or in tests that only
+    /// wire instances).
+    pub proxy: Option<proxy::ProxyOptions>,
 }
 
 /// A started NetManager.
@@ -39,6 +43,8 @@ pub struct Running {
     pub config: NetConfig,
     /// true while the push subscription to the cluster is connected
     pub connected: tokio::sync::watch::Receiver<bool>,
+    /// The userspace proxy, when enabled.
+    pub proxy: Option<proxy::Proxy>,
     api_task: tokio::task::JoinHandle<std::io::Result<()>>,
     sub_task: tokio::task::JoinHandle<()>,
 }
@@ -55,6 +61,9 @@ impl Running {
     pub fn stop(&self) {
         self.api_task.abort();
         self.sub_task.abort();
+        if let Some(p) = &self.proxy {
+            p.stop();
+        }
     }
 }
 
@@ -76,7 +85,7 @@ pub async fn start(opts: Options) -> Result<Running> {
     let node = node_name(&cfg);
     tracing::info!(%url, %node, %public, "starting NetManager");
 
-    let state = Arc::new(ApiState { ready: tokio::sync::OnceCell::new(), public });
+    let state = Arc::new(ApiState { ready: tokio::sync::OnceCell::new(), public, counters: std::sync::OnceLock::new() });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding the local API on {}", opts.listen))?;
@@ -102,7 +111,21 @@ pub async fn start(opts: Options) -> Result<Running> {
     };
     let (tx, connected) = tokio::sync::watch::channel(false);
     let sub_task = control.spawn_subscription(tx);
+    let proxy = match &opts.proxy {
+        None => None,
+        Some(p) => match proxy::start(p, tables.clone(), Some(control.clone()), public).await {
+            Ok(px) => {
+                let _ = state.counters.set(px.counters.clone());
+                Some(px)
+            }
+            Err(e) => {
+                api_task.abort();
+                sub_task.abort();
+                return Err(e.context("starting the userspace proxy"));
+            }
+        },
+    };
     let _ = state.ready.set(Ready { control: control.clone(), wiring: wiring.clone() });
     tracing::info!(%subnet, bridge = %opts.bridge, "NetManager ready");
-    Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, api_task, sub_task })
+    Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, proxy, api_task, sub_task })
 }

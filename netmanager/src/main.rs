@@ -24,6 +24,15 @@ struct Cli {
     /// Name of the worker bridge (at most 12 characters).
     #[arg(long, default_value = "oak0")]
     bridge: String,
+    /// Name of the tun device of the userspace proxy.
+    #[arg(long, default_value = "oaktun0")]
+    tun: String,
+    /// Do not run the userspace tun proxy (instances are wired, service IPs are not served).
+    #[arg(long)]
+    no_proxy: bool,
+    /// Do not use tun offloads (IFF_VNET_HDR/TUNSETOFFLOAD: GSO/GRO super-packets); plain packets only.
+    #[arg(long)]
+    no_tun_offload: bool,
     /// Log level or tracing filter (e.g. "info", "oak_netmanager=debug").
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -40,6 +49,11 @@ async fn main() -> anyhow::Result<()> {
         listen: SocketAddr::new(cli.listen, cli.port),
         data_dir: cli.data_dir,
         bridge: cli.bridge,
+        proxy: (!cli.no_proxy).then(|| oak_netmanager::proxy::ProxyOptions {
+            tun_name: cli.tun,
+            offload: !cli.no_tun_offload,
+            ..Default::default()
+        }),
     };
     let running = match oak_netmanager::start(opts).await {
         Ok(r) => r,

@@ -119,6 +119,7 @@ async fn lease_wire_ping_undeploy() {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("nm"),
         bridge: bridge.clone(),
+        proxy: None,
     })
     .await
     .expect("NetManager starts");
@@ -301,6 +302,7 @@ async fn unreachable_cluster_is_a_fatal_timeout() {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("nm"),
         bridge: unique("ou"),
+        proxy: None,
     })
     .await
     {
@@ -358,6 +360,7 @@ async fn bad_network_received_is_fatal() {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().join("nm"),
             bridge: unique("ob"),
+            proxy: None,
         })
         .await
         {

@@ -1,0 +1,126 @@
+//! Datapath counters: every dropped packet is counted under exactly one reason; events count what passed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{Map, Value};
+
+macro_rules! names {
+    ($(#[$m:meta])* $name:ident { $($v:ident = $s:literal),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($v),* }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v),*];
+            pub fn name(self) -> &'static str {
+                match self { $($name::$v => $s),* }
+            }
+        }
+    };
+}
+
+names! {
+    /// Why a packet was dropped.
+    Reason {
+        TunMalformed = "tun_malformed",
+        NotIpv4 = "not_ipv4",
+        Fragment = "fragment",
+        UnsupportedProtocol = "unsupported_protocol",
+        UnknownService = "unknown_service",
+        NoInstance = "no_instance",
+        NoRoute = "no_route",
+        FlowTableFull = "flow_table_full",
+        TunnelShort = "tunnel_short",
+        TunnelBadMagic = "tunnel_bad_magic",
+        TunnelBadVersion = "tunnel_bad_version",
+        TunnelBadType = "tunnel_bad_type",
+        TunnelBadProbe = "tunnel_bad_probe",
+        TunnelMalformedInner = "tunnel_malformed_inner",
+        NotForThisNode = "not_for_this_node",
+        SendError = "send_error",
+        TunWriteError = "tun_write_error",
+    }
+}
+
+names! {
+    /// Things that happened (not drops).
+    Event {
+        TunReads = "tun_reads",
+        TunRx = "tun_rx",
+        TunTx = "tun_tx",
+        TunnelSends = "tunnel_sends",
+        TunnelRx = "tunnel_rx",
+        TunnelTx = "tunnel_tx",
+        ForwardTranslated = "forward_translated",
+        ReverseTranslated = "reverse_translated",
+        FlowsCreated = "flows_created",
+        FlowsEvicted = "flows_evicted",
+        ProbesSent = "probes_sent",
+        ProbeRequests = "probe_requests",
+        ProbeReplies = "probe_replies",
+        Resolves = "resolves",
+        HeldReplayed = "held_replayed",
+    }
+}
+
+/// Shared, lock-free counters (the datapath writes, the local API reads).
+#[derive(Debug)]
+pub struct Counters {
+    drops: Vec<AtomicU64>,
+    events: Vec<AtomicU64>,
+    /// Last measured RTT per worker tunnel endpoint (µs), published by the datapath every probe round.
+    rtt: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Counters {
+    pub fn new() -> Self {
+        Self {
+            drops: Reason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            events: Event::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            rtt: Default::default(),
+        }
+    }
+
+    pub fn drop_packet(&self, r: Reason) {
+        self.drops[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn event(&self, e: Event) {
+        self.events[e as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dropped(&self, r: Reason) -> u64 {
+        self.drops[r as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn count(&self, e: Event) -> u64 {
+        self.events[e as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn total_dropped(&self) -> u64 {
+        self.drops.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn set_rtt(&self, endpoint: String, us: u64) {
+        self.rtt.lock().unwrap_or_else(|e| e.into_inner()).insert(endpoint, us);
+    }
+
+    pub fn set_rtts(&self, rtts: impl IntoIterator<Item = (String, u64)>) {
+        *self.rtt.lock().unwrap_or_else(|e| e.into_inner()) = rtts.into_iter().collect();
+    }
+
+    /// `{"drops": {reason: n, ...}, "events": {event: n, ...}}`
+    pub fn to_json(&self) -> Value {
+        let drops: Map<String, Value> =
+            Reason::ALL.iter().map(|r| (r.name().to_string(), self.dropped(*r).into())).collect();
+        let events: Map<String, Value> =
+            Event::ALL.iter().map(|e| (e.name().to_string(), self.count(*e).into())).collect();
+        let rtt = self.rtt.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        serde_json::json!({"drops": drops, "events": events, "dropped_total": self.total_dropped(), "rtt_us": rtt})
+    }
+}

@@ -1,0 +1,604 @@
+//! The portable userspace datapath: a tun device catches traffic for service IPs (10.30.0.0/16) and remote
+//! worker subnets; the [`engine::Engine`] translates service IPs to instances and routes; remote traffic is
+//! encapsulated in UDP (header in [`packet`], format in DESIGN.md) to the hosting worker's tunnel endpoint.
+//! A UDP socket on the tunnel port decapsulates into the tun. Worker RTT is probed over the same socket.
+
+pub mod counters;
+pub mod engine;
+pub mod packet;
+pub mod udpio;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ipnet::Ipv4Net;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use self::counters::{Counters, Event, Reason};
+use self::engine::{Engine, Verdict, SERVICE_SPACE};
+use self::packet::HDR_LEN;
+use crate::control::Control;
+use crate::tables::{Snapshot, Tables};
+
+/// Proxy settings.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// Tun device name (default `oaktun0`).
+    pub tun_name: String,
+    /// Tun MTU (Oakestra: 1450, leaves room for outer IPv4 + UDP + our 8-byte header under 1500).
+    pub mtu: u16,
+    /// How often worker RTTs are probed and idle flows evicted.
+    pub probe_interval: Duration,
+    /// IFF_VNET_HDR + TUNSETOFFLOAD: the kernel hands GSO super-packets to the proxy (split in userspace
+    /// before translation) and takes GRO-coalesced batches from it.
+    pub offload: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self { tun_name: "oaktun0".into(), mtu: 1450, probe_interval: Duration::from_secs(2), offload: true }
+    }
+}
+
+/// A running proxy (stopping it closes the tun, which removes the device and its routes).
+pub struct Proxy {
+    pub counters: Arc<Counters>,
+    pub tun_name: String,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn route_msg(handle: &rtnetlink::Handle, net: Ipv4Net, idx: u32) -> rtnetlink::RouteAddRequest<Ipv4Addr> {
+    handle
+        .route()
+        .add()
+        .v4()
+        .destination_prefix(net.network(), net.prefix_len())
+        .output_interface(idx)
+        .scope(netlink_packet_route::route::RouteScope::Link)
+}
+
+/// Make the kernel routes into the tun match `desired` (adds replace; removals ignore missing routes).
+async fn sync_routes(
+    handle: &rtnetlink::Handle,
+    idx: u32,
+    desired: &BTreeSet<Ipv4Net>,
+    installed: &mut BTreeSet<Ipv4Net>,
+) {
+    for net in desired.difference(&installed.clone()) {
+        match route_msg(handle, *net, idx).replace().execute().await {
+            Ok(()) => {
+                installed.insert(*net);
+                tracing::debug!(%net, "route into the tun added");
+            }
+            Err(e) => tracing::warn!(%net, error = %e, "adding route into the tun failed"),
+        }
+    }
+    for net in installed.difference(desired).copied().collect::<Vec<_>>() {
+        let mut req = route_msg(handle, net, idx);
+        let msg = req.message_mut().clone();
+        if let Err(e) = handle.route().del(msg).execute().await {
+            tracing::debug!(%net, error = %e, "removing route from the tun");
+        }
+        installed.remove(&net);
+    }
+}
+
+fn desired_routes(s: &Snapshot) -> BTreeSet<Ipv4Net> {
+    let mut d: BTreeSet<Ipv4Net> = s.routes.keys().filter(|n| Some(**n) != s.local_subnet).copied().collect();
+    d.insert(SERVICE_SPACE);
+    d
+}
+
+/// Create the tun (re-created on every start: it is not persistent, so a restart starts clean), add the
+/// routes, bind the tunnel port and run the datapath.
+pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>, public: SocketAddr) -> Result<Proxy> {
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(opts.tun_name.clone())
+            .mtu(opts.mtu)
+            .enable(true)
+            .offload(offload)
+            .build_async()
+    };
+    let (tun, offload) = match build(opts.offload) {
+        Ok(t) => (t, opts.offload),
+        Err(e) if opts.offload => {
+            tracing::warn!(error = %e, tun = %opts.tun_name, "tun offloads unavailable; using plain packets");
+            (build(false).with_context(|| format!("creating tun device {}", opts.tun_name))?, false)
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating tun device {}", opts.tun_name)),
+    };
+    let idx = tun.if_index().context("tun ifindex")?;
+    // the tun carries packets whose source is a service IP or a remote instance: loose reverse-path checks
+    let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{}/rp_filter", opts.tun_name), "0");
+    let udp = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, public.port())))
+        .await
+        .with_context(|| format!("binding the tunnel port udp/{}", public.port()))?;
+    socket_buffers(&udp, 8 << 20);
+    let udp_offload = offload && udpio::enable_gro(udp.as_raw_fd());
+
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+    let conn_task = tokio::spawn(conn);
+    let mut installed = BTreeSet::new();
+    let mut rx = tables.subscribe();
+    sync_routes(&handle, idx, &desired_routes(&tables.snapshot()), &mut installed).await;
+    anyhow::ensure!(installed.contains(&SERVICE_SPACE), "could not route {SERVICE_SPACE} into {}", opts.tun_name);
+    let t2 = tables.clone();
+    let route_task = tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let d = desired_routes(&t2.snapshot());
+            sync_routes(&handle, idx, &d, &mut installed).await;
+        }
+    });
+
+    let counters = Arc::new(Counters::new());
+    let (res_tx, res_rx) = mpsc::channel(64);
+    let dp = Datapath {
+        tun: Arc::new(tun),
+        udp: Arc::new(udp),
+        engine: Engine::new(counters.clone()),
+        rx: tables.subscribe(),
+        snap: tables.snapshot(),
+        tables,
+        control,
+        counters: counters.clone(),
+        public,
+        held: HashMap::new(),
+        resolving: HashSet::new(),
+        negative: HashMap::new(),
+        res_tx,
+        base: Instant::now(),
+        seq: 0,
+        replied: HashMap::new(),
+        gro: tun_rs::GROTable::new(),
+        out: Vec::new(),
+        nout: 0,
+        enc: Vec::with_capacity(65536),
+        enc_ep: None,
+        enc_seg: 0,
+        enc_n: 0,
+        enc_short: false,
+        gso_ok: udp_offload,
+    };
+    let interval = opts.probe_interval;
+    let seg_len = HDR_LEN + opts.mtu as usize + 64;
+    let dp_task = tokio::spawn(dp.run(res_rx, interval, seg_len));
+    tracing::info!(tun = %opts.tun_name, port = public.port(), offload, udp_offload, "userspace proxy running");
+    Ok(Proxy { counters, tun_name: opts.tun_name.clone(), tasks: vec![dp_task, route_task, conn_task] })
+}
+
+/// Big socket buffers for the tunnel socket: a burst of a fast sender must not overflow the (default
+/// ~200 KiB) receive buffer while the datapath is busy writing into the tun. `*BUFFORCE` (root) first.
+fn socket_buffers(udp: &UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    let fd = udp.as_raw_fd();
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        let set = |opt| {
+            // SAFETY: fd is a live socket, the value is a c_int of the size passed
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    &bytes as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            let _ = set(plain);
+        }
+    }
+}
+
+const HOLD_PER_IP: usize = 8;
+const HOLD_IPS: usize = 256;
+const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+/// Room in front of packets queued for the tun (the virtio-net header goes there with offloads).
+const VOFF: usize = 16;
+/// Packets handled per wake-up (tunnel datagrams read in one go; GSO segments per super-packet).
+const BATCH: usize = 64;
+/// Segments of one GSO super-packet read from the tun (65535 / 88-byte minimum MSS = 745).
+const MAX_SEGMENTS: usize = 1024;
+
+struct Datapath {
+    tun: Arc<tun_rs::AsyncDevice>,
+    udp: Arc<UdpSocket>,
+    engine: Engine,
+    tables: Tables,
+    rx: watch::Receiver<u64>,
+    snap: Snapshot,
+    control: Option<Control>,
+    counters: Arc<Counters>,
+    public: SocketAddr,
+    /// Packets to unknown service IPs waiting for the resolution (header room included).
+    held: HashMap<Ipv4Addr, Vec<Vec<u8>>>,
+    resolving: HashSet<Ipv4Addr>,
+    negative: HashMap<Ipv4Addr, Instant>,
+    res_tx: mpsc::Sender<(Ipv4Addr, bool)>,
+    base: Instant,
+    seq: u32,
+    /// Last probe reply per worker endpoint.
+    replied: HashMap<SocketAddr, Instant>,
+    /// Packets queued for the tun (VOFF bytes of room + packet), written (GRO-coalesced) by `flush`.
+    gro: tun_rs::GROTable,
+    out: Vec<Vec<u8>>,
+    nout: usize,
+    /// A run of encapsulated datagrams for one worker, sent with one UDP_SEGMENT sendmsg by `flush_enc`.
+    enc: Vec<u8>,
+    enc_ep: Option<SocketAddrV4>,
+    enc_seg: usize,
+    enc_n: usize,
+    enc_short: bool,
+    /// UDP GSO/GRO on the tunnel socket (off after the kernel refused once).
+    gso_ok: bool,
+}
+
+impl Datapath {
+    async fn run(mut self, mut res_rx: mpsc::Receiver<(Ipv4Addr, bool)>, interval: Duration, seg_len: usize) {
+        let tun = self.tun.clone();
+        let udp = self.udp.clone();
+        // a read from the tun: the raw read (virtio header + possibly a GSO super-packet) and its segments,
+        // each with HDR_LEN bytes of room for the tunnel header
+        let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65536];
+        // enough segment buffers for a 64 KiB super-packet cut at the smallest TCP MSS (88 bytes)
+        let mut segs: Vec<Vec<u8>> = (0..MAX_SEGMENTS).map(|_| vec![0u8; seg_len.max(HDR_LEN + 1600)]).collect();
+        let mut sizes = vec![0usize; MAX_SEGMENTS];
+        let mut ubuf = vec![0u8; HDR_LEN + 65536];
+        let mut errors = 0u32;
+        let fd = udp.as_raw_fd();
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = tun.recv_multiple(&mut raw, &mut segs, &mut sizes, HDR_LEN) => match r {
+                    Ok(n) => {
+                        errors = 0;
+                        self.counters.event(Event::TunReads);
+                        for i in 0..n {
+                            self.counters.event(Event::TunRx);
+                            self.on_tun(&mut segs[i][..HDR_LEN + sizes[i]]).await;
+                        }
+                        self.flush_enc().await;
+                        self.flush().await;
+                    }
+                    Err(e) if e.raw_os_error().is_none() => {
+                        // a super-packet tun-rs could not split
+                        tracing::debug!(error = %e, "malformed read from the tun");
+                        self.counters.drop_packet(Reason::TunMalformed);
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        if errors == 1 || errors.is_multiple_of(100) {
+                            tracing::warn!(error = %e, "reading the tun");
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                r = udp.async_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf)) => {
+                    let mut next = r;
+                    for _ in 0..BATCH {
+                        match next {
+                            Ok((n, from, gso)) => {
+                                // a coalesced run (UDP GRO) holds datagrams of gso bytes, the last maybe shorter
+                                let seg = gso.unwrap_or(n).max(1);
+                                let mut off = 0;
+                                while off < n {
+                                    let end = (off + seg).min(n);
+                                    self.counters.event(Event::TunnelRx);
+                                    self.on_udp(&mut ubuf[off..end], from).await;
+                                    off = end;
+                                }
+                            }
+                            Err(e) => {
+                                if e.kind() != std::io::ErrorKind::WouldBlock {
+                                    tracing::debug!(error = %e, "tunnel socket");
+                                }
+                                break;
+                            }
+                        }
+                        next = udp.try_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf));
+                    }
+                    self.flush_enc().await;
+                    self.flush().await;
+                },
+                Some((ip, found)) = res_rx.recv() => self.on_resolved(ip, found).await,
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+    }
+
+    fn refresh(&mut self) {
+        if self.rx.has_changed().unwrap_or(false) {
+            self.rx.borrow_and_update();
+            self.snap = self.tables.snapshot();
+        }
+    }
+
+    /// `frame` = HDR_LEN bytes of room + the packet read from the tun.
+    async fn on_tun(&mut self, frame: &mut [u8]) {
+        self.refresh();
+        let now = Instant::now();
+        let v = self.engine.outbound(&mut frame[HDR_LEN..], &self.snap, now);
+        if let Verdict::Resolve(ip) = v {
+            self.counters.drop_packet(Reason::UnknownService);
+            self.hold(ip, frame, now);
+            return;
+        }
+        self.emit(frame, v).await;
+    }
+
+    async fn emit(&mut self, frame: &mut [u8], v: Verdict) {
+        match v {
+            Verdict::ToTun => {
+                if self.nout == self.out.len() {
+                    // GRO appends coalesced payloads in place: room for a 64 KiB super-packet
+                    self.out.push(Vec::with_capacity(VOFF + 65536));
+                }
+                let b = &mut self.out[self.nout];
+                b.clear();
+                b.resize(VOFF, 0);
+                b.extend_from_slice(&frame[HDR_LEN..]);
+                self.nout += 1;
+                if self.nout >= BATCH {
+                    self.flush().await;
+                }
+            }
+            Verdict::Encap(ep) => {
+                packet::write_header(&mut frame[..HDR_LEN], packet::TYPE_DATA, 0);
+                if let (true, SocketAddr::V4(ep4)) = (self.gso_ok, ep) {
+                    let l = frame.len();
+                    if self.enc_n > 0
+                        && (self.enc_ep != Some(ep4)
+                            || l > self.enc_seg
+                            || self.enc_short
+                            || self.enc_n >= BATCH
+                            || self.enc.len() + l > 65000)
+                    {
+                        self.flush_enc().await;
+                    }
+                    if self.enc_n == 0 {
+                        self.enc.clear();
+                        self.enc_ep = Some(ep4);
+                        self.enc_seg = l;
+                        self.enc_short = false;
+                    } else if l < self.enc_seg {
+                        self.enc_short = true;
+                    }
+                    self.enc.extend_from_slice(frame);
+                    self.enc_n += 1;
+                    return;
+                }
+                self.counters.event(Event::TunnelSends);
+                match self.udp.send_to(frame, ep).await {
+                    Ok(_) => self.counters.event(Event::TunnelTx),
+                    Err(e) => {
+                        tracing::debug!(error = %e, %ep, "sending to a worker");
+                        self.counters.drop_packet(Reason::SendError);
+                    }
+                }
+            }
+            Verdict::Drop(_) | Verdict::Resolve(_) => {}
+        }
+    }
+
+    /// Send the queued run of encapsulated datagrams (one UDP_SEGMENT sendmsg; one by one as a fallback).
+    async fn flush_enc(&mut self) {
+        if self.enc_n == 0 {
+            return;
+        }
+        let (n, seg) = (self.enc_n, self.enc_seg);
+        let Some(ep) = self.enc_ep else { return };
+        self.enc_n = 0;
+        let r = if n == 1 {
+            self.udp.send_to(&self.enc, SocketAddr::V4(ep)).await
+        } else {
+            let fd = self.udp.as_raw_fd();
+            loop {
+                match self.udp.try_io(Interest::WRITABLE, || udpio::send_segments(fd, &self.enc, seg as u16, ep)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.udp.writable().await {
+                            break Err(e);
+                        }
+                    }
+                    r => break r,
+                }
+            }
+        };
+        match r {
+            Ok(_) => {
+                self.counters.event(Event::TunnelSends);
+                for _ in 0..n {
+                    self.counters.event(Event::TunnelTx);
+                }
+            }
+            Err(e) if n > 1 => {
+                tracing::warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one from now on");
+                self.gso_ok = false;
+                let enc = std::mem::take(&mut self.enc);
+                for d in enc.chunks(seg) {
+                    self.counters.event(Event::TunnelSends);
+                    match self.udp.send_to(d, SocketAddr::V4(ep)).await {
+                        Ok(_) => self.counters.event(Event::TunnelTx),
+                        Err(_) => self.counters.drop_packet(Reason::SendError),
+                    }
+                }
+                self.enc = enc;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, %ep, "sending to a worker");
+                self.counters.drop_packet(Reason::SendError);
+            }
+        }
+    }
+
+    /// Write the queued packets into the tun (coalesced into super-packets when offloads are on).
+    async fn flush(&mut self) {
+        if self.nout == 0 {
+            return;
+        }
+        let n = self.nout;
+        self.nout = 0;
+        match self.tun.send_multiple(&mut self.gro, &mut self.out[..n], VOFF).await {
+            Ok(_) => {
+                for _ in 0..n {
+                    self.counters.event(Event::TunTx);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "writing into the tun");
+                for _ in 0..n {
+                    self.counters.drop_packet(Reason::TunWriteError);
+                }
+            }
+        }
+    }
+
+    fn hold(&mut self, ip: Ipv4Addr, frame: &[u8], now: Instant) {
+        if self.negative.get(&ip).is_some_and(|t| now.duration_since(*t) < NEGATIVE_TTL) {
+            return;
+        }
+        if self.held.len() < HOLD_IPS || self.held.contains_key(&ip) {
+            let q = self.held.entry(ip).or_default();
+            if q.len() < HOLD_PER_IP {
+                q.push(frame.to_vec());
+            }
+        }
+        if let Some(control) = self.control.clone() {
+            if self.resolving.insert(ip) {
+                self.counters.event(Event::Resolves);
+                let tx = self.res_tx.clone();
+                tokio::spawn(async move {
+                    let found = match tokio::time::timeout(Duration::from_secs(5), control.resolve_ip(ip)).await {
+                        Ok(Ok(Some(s))) => !s.instances.is_empty(),
+                        Ok(Ok(None)) => false,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%ip, error = %format!("{e:#}"), "resolving a service IP");
+                            false
+                        }
+                        Err(_) => false,
+                    };
+                    let _ = tx.send((ip, found)).await;
+                });
+            }
+        }
+    }
+
+    async fn on_resolved(&mut self, ip: Ipv4Addr, found: bool) {
+        self.resolving.remove(&ip);
+        self.rx.borrow_and_update();
+        self.snap = self.tables.snapshot();
+        let held = self.held.remove(&ip).unwrap_or_default();
+        if !found || self.snap.service_by_ip(ip).is_none() {
+            tracing::debug!(%ip, "service IP not resolvable");
+            self.negative.insert(ip, Instant::now());
+            return;
+        }
+        for mut frame in held {
+            let v = self.engine.outbound(&mut frame[HDR_LEN..], &self.snap, Instant::now());
+            if matches!(v, Verdict::ToTun | Verdict::Encap(_)) {
+                self.counters.event(Event::HeldReplayed);
+            }
+            self.emit(&mut frame, v).await;
+        }
+        self.flush_enc().await;
+        self.flush().await;
+    }
+
+    async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr) {
+        match packet::decode_tunnel(dgram) {
+            Err(r) => self.counters.drop_packet(r),
+            Ok(packet::Tunnel::ProbeRequest { id, stamp }) => {
+                self.counters.event(Event::ProbeRequests);
+                let _ = self.udp.send_to(&packet::probe(packet::TYPE_PROBE_REPLY, id, stamp), from).await;
+            }
+            Ok(packet::Tunnel::ProbeReply { stamp, .. }) => {
+                self.counters.event(Event::ProbeReplies);
+                let now_ns = self.base.elapsed().as_nanos() as u64;
+                if stamp <= now_ns {
+                    let rtt_us = ((now_ns - stamp) / 1000).max(1);
+                    self.engine.rtt.insert(from, rtt_us);
+                    self.counters.set_rtt(from.to_string(), rtt_us);
+                    self.replied.insert(from, Instant::now());
+                }
+            }
+            Ok(packet::Tunnel::Data(_)) => {
+                self.refresh();
+                let v = self.engine.inbound(&mut dgram[HDR_LEN..], &self.snap, Instant::now());
+                self.emit(dgram, v).await;
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.engine.evict(now);
+        self.negative.retain(|_, t| now.duration_since(*t) < NEGATIVE_TTL);
+        // forget RTTs of workers that stopped answering
+        let stale: Vec<SocketAddr> = self
+            .replied
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) > Duration::from_secs(10))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in stale {
+            self.replied.remove(&a);
+            self.engine.rtt.remove(&a);
+        }
+        self.refresh();
+        let mut peers: BTreeSet<SocketAddr> = self.snap.routes.values().copied().collect();
+        for s in self.snap.services.values() {
+            peers.extend(s.instances.iter().map(|i| i.worker));
+        }
+        peers.remove(&self.public);
+        let stamp = self.base.elapsed().as_nanos() as u64;
+        for p in peers {
+            self.seq = self.seq.wrapping_add(1);
+            if self.udp.send_to(&packet::probe(packet::TYPE_PROBE_REQUEST, self.seq, stamp), p).await.is_ok() {
+                self.counters.event(Event::ProbesSent);
+            }
+        }
+        // publish the measured RTTs in the tables (InstanceEndpoint.rtt_us) and the counters
+        let rtt = self.engine.rtt.clone();
+        self.counters.set_rtts(rtt.iter().map(|(a, us)| (a.to_string(), *us)));
+        let local = self.snap.local_subnet;
+        let stale = self.snap.services.values().flat_map(|s| &s.instances).any(|i| {
+            let want = if local.is_some_and(|n| n.contains(&i.ns_ip)) { Some(0) } else { rtt.get(&i.worker).copied() };
+            i.rtt_us != want
+        });
+        if stale {
+            self.tables.update(|s| {
+                for svc in s.services.values_mut() {
+                    for i in &mut svc.instances {
+                        i.rtt_us = if local.is_some_and(|n| n.contains(&i.ns_ip)) {
+                            Some(0)
+                        } else {
+                            rtt.get(&i.worker).copied()
+                        };
+                    }
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! Wire format of the worker tunnel (see DESIGN.md) and IPv4/TCP/UDP/ICMP parsing and in-place rewriting
+//! with incremental checksum updates (RFC 1624).
+
+use std::net::Ipv4Addr;
+
+use super::counters::Reason;
+
+/// First byte of every tunnel datagram.
+pub const MAGIC: u8 = 0x4F; // 'O'
+/// Header version.
+pub const VERSION: u8 = 1;
+/// Fixed header length.
+pub const HDR_LEN: usize = 8;
+/// Probe datagrams: header + 8-byte timestamp.
+pub const PROBE_LEN: usize = HDR_LEN + 8;
+
+pub const TYPE_DATA: u8 = 0;
+pub const TYPE_PROBE_REQUEST: u8 = 1;
+pub const TYPE_PROBE_REPLY: u8 = 2;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Write the 8-byte tunnel header: magic, version, type, flags (0), id (big endian; 0 for data).
+pub fn write_header(buf: &mut [u8], msg_type: u8, id: u32) {
+    buf[0] = MAGIC;
+    buf[1] = VERSION;
+    buf[2] = msg_type;
+    buf[3] = 0;
+    buf[4..8].copy_from_slice(&id.to_be_bytes());
+}
+
+/// A validated tunnel datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tunnel<'a> {
+    /// The inner IPv4 packet (not validated yet).
+    Data(&'a [u8]),
+    ProbeRequest {
+        id: u32,
+        stamp: u64,
+    },
+    ProbeReply {
+        id: u32,
+        stamp: u64,
+    },
+}
+
+/// Validate the outer header of a datagram received on the tunnel port.
+pub fn decode_tunnel(buf: &[u8]) -> Result<Tunnel<'_>, Reason> {
+    if buf.len() < HDR_LEN {
+        return Err(Reason::TunnelShort);
+    }
+    if buf[0] != MAGIC {
+        return Err(Reason::TunnelBadMagic);
+    }
+    if buf[1] != VERSION {
+        return Err(Reason::TunnelBadVersion);
+    }
+    let id = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    match buf[2] {
+        TYPE_DATA => {
+            if buf.len() == HDR_LEN {
+                return Err(Reason::TunnelMalformedInner);
+            }
+            Ok(Tunnel::Data(&buf[HDR_LEN..]))
+        }
+        t @ (TYPE_PROBE_REQUEST | TYPE_PROBE_REPLY) => {
+            if buf.len() != PROBE_LEN {
+                return Err(Reason::TunnelBadProbe);
+            }
+            let mut s = [0u8; 8];
+            s.copy_from_slice(&buf[HDR_LEN..PROBE_LEN]);
+            let stamp = u64::from_be_bytes(s);
+            Ok(if t == TYPE_PROBE_REQUEST {
+                Tunnel::ProbeRequest { id, stamp }
+            } else {
+                Tunnel::ProbeReply { id, stamp }
+            })
+        }
+        _ => Err(Reason::TunnelBadType),
+    }
+}
+
+/// Build a probe datagram.
+pub fn probe(msg_type: u8, id: u32, stamp: u64) -> [u8; PROBE_LEN] {
+    let mut b = [0u8; PROBE_LEN];
+    write_header(&mut b, msg_type, id);
+    b[HDR_LEN..].copy_from_slice(&stamp.to_be_bytes());
+    b
+}
+
+/// Transport part of a parsed packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4 {
+    /// Source port (ICMP echo: the identifier).
+    pub sport: u16,
+    /// Destination port (ICMP echo: the identifier).
+    pub dport: u16,
+    /// Offset of the transport checksum in the packet; None for UDP without checksum.
+    pub csum: Option<usize>,
+    /// Whether the addresses are part of the transport checksum (TCP/UDP pseudo header; not ICMP).
+    pub pseudo: bool,
+    /// ICMP echo: sport and dport are the same field.
+    pub icmp: bool,
+}
+
+/// A parsed IPv4 packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub ihl: usize,
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// Non-first fragment: no transport header.
+    pub later_fragment: bool,
+    /// TCP, UDP and ICMP echo request/reply with a complete header; None otherwise.
+    pub l4: Option<L4>,
+}
+
+/// Parse and validate an IPv4 packet (etherparse checks the header; the transport header is checked for
+/// length). `bad` is the reason to report for malformed input.
+pub fn parse(pkt: &[u8], bad: Reason) -> Result<Parsed, Reason> {
+    if pkt.is_empty() {
+        return Err(bad);
+    }
+    if pkt[0] >> 4 != 4 {
+        return Err(if pkt[0] >> 4 == 6 && bad == Reason::TunMalformed { Reason::NotIpv4 } else { bad });
+    }
+    let h = etherparse::Ipv4HeaderSlice::from_slice(pkt).map_err(|_| bad)?;
+    let ihl = h.slice().len();
+    let total = h.total_len() as usize;
+    if total < ihl || total != pkt.len() {
+        return Err(bad);
+    }
+    let later_fragment = h.fragments_offset().value() != 0;
+    let proto = h.protocol().0;
+    let l4bytes = &pkt[ihl..];
+    let l4 = if later_fragment {
+        None
+    } else {
+        match proto {
+            PROTO_TCP => {
+                let t = etherparse::TcpHeaderSlice::from_slice(l4bytes).map_err(|_| bad)?;
+                Some(L4 {
+                    sport: t.source_port(),
+                    dport: t.destination_port(),
+                    csum: Some(ihl + 16),
+                    pseudo: true,
+                    icmp: false,
+                })
+            }
+            PROTO_UDP => {
+                let u = etherparse::UdpHeaderSlice::from_slice(l4bytes).map_err(|_| bad)?;
+                let csum = if u.checksum() == 0 { None } else { Some(ihl + 6) };
+                Some(L4 { sport: u.source_port(), dport: u.destination_port(), csum, pseudo: true, icmp: false })
+            }
+            PROTO_ICMP => {
+                if l4bytes.len() < 8 {
+                    return Err(bad);
+                }
+                // echo reply (0) / echo request (8)
+                if (l4bytes[0] == 0 || l4bytes[0] == 8) && l4bytes[1] == 0 {
+                    let id = u16::from_be_bytes([l4bytes[4], l4bytes[5]]);
+                    Some(L4 { sport: id, dport: id, csum: Some(ihl + 2), pseudo: false, icmp: true })
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    };
+    Ok(Parsed { ihl, proto, src: Ipv4Addr::from(h.source()), dst: Ipv4Addr::from(h.destination()), later_fragment, l4 })
+}
+
+/// One's complement incremental update of `csum` for a 16-bit word changing from `old` to `new` (RFC 1624 eq. 3).
+pub fn csum_update(csum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!csum as u32) + ((!old) as u32) + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+fn get16(p: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([p[off], p[off + 1]])
+}
+
+fn put16(p: &mut [u8], off: usize, v: u16) {
+    p[off..off + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Recompute the IPv4 header checksum.
+pub fn fix_ip_checksum(pkt: &mut [u8], ihl: usize) {
+    put16(pkt, 10, 0);
+    let mut sum = 0u32;
+    for i in (0..ihl).step_by(2) {
+        sum += get16(pkt, i) as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    put16(pkt, 10, !(sum as u16));
+}
+
+/// Rewrite source and/or destination (address, port) of a parsed packet in place, keeping every checksum
+/// right. Ports are ignored for packets without a transport header.
+pub fn rewrite(pkt: &mut [u8], p: &Parsed, src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u16)>) {
+    let mut l4_delta = [(0u16, 0u16); 6];
+    let mut nd = 0usize;
+    let mut push = |d: (u16, u16)| {
+        l4_delta[nd] = d;
+        nd += 1;
+    };
+    let l4 = p.l4;
+    for (addr_off, new, is_src) in [(12usize, src, true), (16usize, dst, false)] {
+        let Some((ip, port)) = new else { continue };
+        let o = ip.octets();
+        for k in 0..2 {
+            let old = get16(pkt, addr_off + 2 * k);
+            let nw = u16::from_be_bytes([o[2 * k], o[2 * k + 1]]);
+            if l4.is_some_and(|l| l.pseudo) {
+                push((old, nw));
+            }
+            put16(pkt, addr_off + 2 * k, nw);
+        }
+        if let Some(l) = l4 {
+            // ICMP echo: the identifier is one field, only ever rewritten through the source side
+            if l.icmp && !is_src {
+                continue;
+            }
+            let off = if l.icmp {
+                p.ihl + 4
+            } else if is_src {
+                p.ihl
+            } else {
+                p.ihl + 2
+            };
+            let old = get16(pkt, off);
+            if old != port {
+                push((old, port));
+                put16(pkt, off, port);
+            }
+        }
+    }
+    fix_ip_checksum(pkt, p.ihl);
+    if let Some(off) = l4.and_then(|l| l.csum) {
+        let mut c = get16(pkt, off);
+        for &(old, new) in &l4_delta[..nd] {
+            c = csum_update(c, old, new);
+        }
+        if p.proto == PROTO_UDP && c == 0 {
+            c = 0xffff;
+        }
+        put16(pkt, off, c);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+
+    fn udp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src, dst, 64).udp(sp, dp);
+        let mut v = Vec::new();
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    fn tcp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src, dst, 64).tcp(sp, dp, 1234, 4000).syn();
+        let mut v = Vec::new();
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    /// Checksums of the packet are what a fresh computation gives.
+    pub(crate) fn checksums_ok(pkt: &[u8]) -> bool {
+        let s = SlicedPacket::from_ip(pkt).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = s.net else { return false };
+        let h = ip.header().to_header();
+        if h.calc_header_checksum() != h.header_checksum {
+            return false;
+        }
+        match s.transport {
+            Some(TransportSlice::Udp(u)) => {
+                u.checksum() == 0 || u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap() == u.checksum()
+            }
+            Some(TransportSlice::Tcp(t)) => t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap() == t.checksum(),
+            Some(TransportSlice::Icmpv4(i)) => i.header().icmp_type.calc_checksum(i.payload()) == i.checksum(),
+            _ => true,
+        }
+    }
+
+    #[test]
+    fn rewrite_keeps_checksums() {
+        for mut pkt in [
+            udp([10, 18, 0, 2], [10, 30, 0, 5], 40000, 53, b"hello"),
+            tcp([10, 18, 0, 2], [10, 30, 0, 5], 40000, 80, b"x"),
+        ] {
+            let p = parse(&pkt, Reason::TunMalformed).unwrap();
+            assert_eq!(p.dst, Ipv4Addr::new(10, 30, 0, 5));
+            rewrite(
+                &mut pkt,
+                &p,
+                Some((Ipv4Addr::new(10, 30, 0, 5), 41000)),
+                Some((Ipv4Addr::new(10, 18, 0, 70), 8080)),
+            );
+            let q = parse(&pkt, Reason::TunMalformed).unwrap();
+            assert_eq!((q.src, q.dst), (Ipv4Addr::new(10, 30, 0, 5), Ipv4Addr::new(10, 18, 0, 70)));
+            assert_eq!(q.l4.map(|l| (l.sport, l.dport)), Some((41000, 8080)));
+            assert!(checksums_ok(&pkt));
+        }
+        let mut v = Vec::new();
+        PacketBuilder::ipv4([10, 18, 0, 2], [10, 30, 0, 5], 64)
+            .icmpv4_echo_request(77, 1)
+            .write(&mut v, b"ping")
+            .unwrap();
+        let p = parse(&v, Reason::TunMalformed).unwrap();
+        assert_eq!(p.l4.unwrap().sport, 77);
+        rewrite(&mut v, &p, Some((Ipv4Addr::new(10, 30, 0, 5), 99)), Some((Ipv4Addr::new(10, 18, 0, 70), 99)));
+        assert!(checksums_ok(&v));
+        assert_eq!(parse(&v, Reason::TunMalformed).unwrap().l4.unwrap().sport, 99);
+    }
+
+    #[test]
+    fn tunnel_header() {
+        assert_eq!(decode_tunnel(&[1, 2]), Err(Reason::TunnelShort));
+        assert_eq!(decode_tunnel(&[0; 12]), Err(Reason::TunnelBadMagic));
+        assert_eq!(decode_tunnel(&[MAGIC, 9, 0, 0, 0, 0, 0, 0, 1]), Err(Reason::TunnelBadVersion));
+        assert_eq!(decode_tunnel(&[MAGIC, 1, 7, 0, 0, 0, 0, 0, 1]), Err(Reason::TunnelBadType));
+        assert_eq!(decode_tunnel(&[MAGIC, 1, 1, 0, 0, 0, 0, 0, 1]), Err(Reason::TunnelBadProbe));
+        let p = probe(TYPE_PROBE_REQUEST, 5, 123456789);
+        assert_eq!(decode_tunnel(&p), Ok(Tunnel::ProbeRequest { id: 5, stamp: 123456789 }));
+        let mut d = vec![0u8; HDR_LEN];
+        write_header(&mut d, TYPE_DATA, 0);
+        d.extend_from_slice(&[0x45, 0]);
+        assert_eq!(decode_tunnel(&d), Ok(Tunnel::Data(&[0x45, 0][..])));
+    }
+
+    #[test]
+    fn malformed_ip() {
+        assert_eq!(parse(&[], Reason::TunMalformed), Err(Reason::TunMalformed));
+        assert_eq!(parse(&[0x60, 0, 0, 0], Reason::TunMalformed), Err(Reason::NotIpv4));
+        let mut pkt = udp([10, 18, 0, 2], [10, 30, 0, 5], 1, 2, b"abc");
+        pkt.pop();
+        assert_eq!(parse(&pkt, Reason::TunnelMalformedInner), Err(Reason::TunnelMalformedInner));
+    }
+}

@@ -1,0 +1,699 @@
+//! The userspace tun proxy end to end (needs root): two "worker hosts" as network namespaces joined by a
+//! veth pair, each running the real `NetManager` binary (inside its namespace) against the root + cluster
+//! network services running in-process (the cluster's gRPC listener lives in host A's namespace). Instances
+//! are real processes in their own namespaces, wired through the local API, serving TCP/UDP from Rust
+//! threads that joined their namespace.
+//!
+//! Checked: round-robin per connection over a local and a remote instance (TCP and UDP), closest = the local
+//! one, ICMP echo to a service IP, garbage on the tunnel port counted, a NetManager restart recovers (tun and
+//! routes re-created), undeploying an instance moves traffic to the remaining one.
+
+#[allow(dead_code)]
+#[path = "../../orchestrators/src/cluster/netsvc/mod.rs"]
+pub mod cluster_netsvc;
+#[allow(dead_code)]
+#[path = "../../orchestrators/src/root/netsvc/mod.rs"]
+pub mod root_netsvc;
+mod root {
+    pub use super::root_netsvc as netsvc;
+}
+mod cluster {
+    pub use super::cluster_netsvc as netsvc;
+}
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Run `f` on a fresh thread inside the network namespace at `ns` (sockets it creates live there).
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let file = std::fs::File::open(ns).unwrap_or_else(|e| panic!("open {ns}: {e}"));
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Netns(String);
+impl Netns {
+    fn new(prefix: &str) -> Netns {
+        let n = unique(prefix);
+        sh(&["ip", "netns", "add", &n]);
+        sh(&["ip", "-n", &n, "link", "set", "lo", "up"]);
+        Netns(n)
+    }
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A process in a fresh netns (an "instance").
+fn instance() -> (Proc, String) {
+    let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let child = Proc(Command::new("unshare").args(["-n", "sleep", "600"]).stdin(Stdio::null()).spawn().unwrap());
+    let pid = child.0.id();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().as_ref() == Some(&own) {
+        assert!(Instant::now() < deadline, "unshare did not create a netns");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, format!("/proc/{pid}/ns/net"))
+}
+
+/// Minimal HTTP/1.1 client run inside `ns` (the NetManager's API listens on its namespace's loopback).
+fn http(ns: &str, port: u16, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
+    let (method, path) = (method.to_string(), path.to_string());
+    in_ns(ns, move || -> Result<(u16, Value), String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        let code: u16 = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(format!("bad answer {out:?}"))?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
+    })
+    .join()
+    .unwrap()
+}
+
+/// TCP and UDP servers answering `name` (TCP on 8080: write and close; UDP on 8081: echo the name).
+fn serve(ns: &str, name: &'static str) {
+    let _ = in_ns(ns, move || {
+        let l = std::net::TcpListener::bind("0.0.0.0:8080").unwrap();
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(format!("{name}\n").as_bytes());
+        }
+    });
+    let _ = in_ns(ns, move || {
+        let u = UdpSocket::bind("0.0.0.0:8081").unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = u.recv_from(&mut buf) {
+            let _ = u.send_to(name.as_bytes(), from);
+        }
+    });
+}
+
+fn tcp_ask(ns: &str, ip: Ipv4Addr, port: u16) -> Result<String, String> {
+    in_ns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(3))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        Ok(out.trim().to_string())
+    })
+    .join()
+    .unwrap()
+}
+
+fn udp_ask(ns: &str, ip: Ipv4Addr, port: u16) -> Result<String, String> {
+    in_ns(ns, move || {
+        let u = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        u.send_to(b"who?", (ip, port)).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 100];
+        let (n, _) = u.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&buf[..n]).to_string())
+    })
+    .join()
+    .unwrap()
+}
+
+fn tally(answers: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for a in answers {
+        *m.entry(a.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// A worker host: a namespace running the NetManager binary.
+struct Worker {
+    ns: Netns,
+    ip: Ipv4Addr,
+    cfg: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    nm: Option<Proc>,
+    /// Extra NetManager flags (e.g. --no-tun-offload).
+    extra: Vec<String>,
+}
+
+const API: u16 = 6000;
+
+impl Worker {
+    fn start_nm(&mut self) {
+        // OAK_NM_BIN: another NetManager build (e.g. a release one for the benchmark)
+        let bin = std::env::var("OAK_NM_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_NetManager").to_string());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.0, &bin, "-c"])
+            .arg(&self.cfg)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args([
+                "--bridge",
+                "obr0",
+                "--tun",
+                "otun0",
+                "-p",
+                &API.to_string(),
+                "--log-level",
+                "oak_netmanager=debug,info",
+            ])
+            // OAK_NM_ARGS: extra flags, e.g. --no-tun-offload
+            .args(&self.extra)
+            .args(std::env::var("OAK_NM_ARGS").unwrap_or_default().split_whitespace())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nm = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, v)) = http(&self.ns.path(), API, "GET", "/status", None) {
+                if v["ready"] == true && v["proxy"] == true {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "NetManager in {} not ready; log:\n{}", self.ns.0, self.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn deploy(&self, ns_of_pid: &str, service_id: &str, job: &str, n: u32) -> Ipv4Addr {
+        let pid: u32 = ns_of_pid.split('/').nth(2).unwrap().parse().unwrap();
+        let (code, body) = http(
+            &self.ns.path(),
+            API,
+            "POST",
+            "/container/deploy",
+            Some(json!({"pid": pid, "serviceName": job, "serviceId": service_id, "instanceNumber": n})),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{body}");
+        body["nsAddress"].as_str().unwrap().parse().unwrap()
+    }
+
+    fn counters(&self) -> Value {
+        http(&self.ns.path(), API, "GET", "/counters", None).unwrap().1
+    }
+}
+
+fn write_config(path: &Path, ip: Ipv4Addr, cluster: Ipv4Addr, node: &str) {
+    std::fs::write(
+        path,
+        json!({"NodePublicAddress": ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": cluster.to_string(),
+               "ClusterNetPort": "10110", "NodeName": node})
+        .to_string(),
+    )
+    .unwrap();
+}
+
+/// Ask until `ok` holds for an answer, or panic after `secs`.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Two worker hosts joined by a veth pair, the root + cluster network services (the cluster's listener in
+/// host A's namespace), and `svcE`/`app.ns.echo.ns` allocated at the root (returns its rr and closest IPs).
+async fn world(
+    dir: &Path,
+    extra: &[&str],
+) -> (Worker, Worker, Ipv4Addr, Ipv4Addr, root::netsvc::RootNetSvc, cluster::netsvc::ClusterNetSvc) {
+    // two hosts joined by a veth pair
+    let (ha, hb) = (Netns::new("otpa"), Netns::new("otpb"));
+    let (ipa, ipb) = (Ipv4Addr::new(192, 168, 77, 1), Ipv4Addr::new(192, 168, 77, 2));
+    sh(&["ip", "-n", &ha.0, "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns", &hb.0]);
+    sh(&["ip", "-n", &ha.0, "addr", "add", "192.168.77.1/24", "dev", "up0"]);
+    sh(&["ip", "-n", &hb.0, "addr", "add", "192.168.77.2/24", "dev", "up1"]);
+    sh(&["ip", "-n", &ha.0, "link", "set", "up0", "up"]);
+    sh(&["ip", "-n", &hb.0, "link", "set", "up1", "up"]);
+
+    // root + cluster network services in-process; the cluster's listener in host A's namespace
+    let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let root_url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(root::netsvc::serve_listener(rootsvc.clone(), l));
+    let cluster = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, "c1").unwrap();
+    let std_l = in_ns(&ha.path(), || std::net::TcpListener::bind("0.0.0.0:10110").unwrap()).join().unwrap();
+    std_l.set_nonblocking(true).unwrap();
+    tokio::spawn(cluster::netsvc::serve_listener(cluster.clone(), tokio::net::TcpListener::from_std(std_l).unwrap()));
+    let (rr, closest) = rootsvc.allocate_service_ips("svcE", "app.ns.echo.ns").unwrap();
+
+    let mk = |ns: Netns, ip: Ipv4Addr, tag: &str| {
+        let cfg = dir.join(format!("netcfg-{tag}.json"));
+        write_config(&cfg, ip, ipa, &unique(&format!("node{tag}")));
+        Worker {
+            ns,
+            ip,
+            cfg,
+            data: dir.join(format!("nm-{tag}")),
+            log: dir.join(format!("nm-{tag}.log")),
+            nm: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    };
+    let (wa, wb) = (mk(ha, ipa, "a"), mk(hb, ipb, "b"));
+    (wa, wb, rr, closest, rootsvc, cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_round_robin_closest_undeploy() {
+    if !is_root() {
+        eprintln!("skipping two_workers_round_robin_closest_undeploy: needs root (network namespaces, tun)");
+        return;
+    }
+    two_workers(&[]).await;
+}
+
+/// The same with plain packets (no tun or UDP offloads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_plain_packets() {
+    if !is_root() {
+        eprintln!("skipping two_workers_plain_packets: needs root (network namespaces, tun)");
+        return;
+    }
+    two_workers(&["--no-tun-offload"]).await;
+}
+
+async fn two_workers(extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wa, mut wb, rr, closest, _rootsvc, _cluster) = world(dir.path(), extra).await;
+    let ipb = wb.ip;
+    let t0 = Instant::now();
+    tokio::task::block_in_place(|| {
+        wa.start_nm();
+        wb.start_nm();
+        eprintln!("both NetManagers ready in {:?}", t0.elapsed());
+
+        // a service with one instance per worker, and a client instance on each worker
+        let (_i0, ns_i0) = instance();
+        let (_i1, ns_i1) = instance();
+        let (_ca, ns_ca) = instance();
+        let (_cb, ns_cb) = instance();
+        let ip0 = wa.deploy(&ns_i0, "svcE", "app.ns.echo.ns", 0);
+        let ip1 = wb.deploy(&ns_i1, "svcE", "app.ns.echo.ns", 1);
+        wa.deploy(&ns_ca, "svcC", "app.ns.client.ns", 0);
+        wb.deploy(&ns_cb, "svcC", "app.ns.client.ns", 1);
+        eprintln!("instances: inst0 {ip0} on A ({}), inst1 {ip1} on B ({}); rr {rr}, closest {closest}", wa.ip, wb.ip);
+        serve(&ns_i0, "inst0");
+        serve(&ns_i1, "inst1");
+
+        // first contact: the service IP is unknown to A, resolved on the fly
+        let t1 = Instant::now();
+        eventually(20, "first TCP answer through the round-robin IP", || tcp_ask(&ns_ca, rr, 8080).map(|_| ()));
+        eprintln!("first answer after {:?}", t1.elapsed());
+
+        // round-robin per connection: both instances answer (once both registrations reached A)
+        let mut last = Vec::new();
+        eventually(20, "round robin over both instances (TCP)", || {
+            let answers: Vec<String> = (0..6).map(|_| tcp_ask(&ns_ca, rr, 8080).unwrap_or_else(|e| e)).collect();
+            let t = tally(&answers);
+            last = answers;
+            if t.get("inst0") == Some(&3) && t.get("inst1") == Some(&3) {
+                Ok(())
+            } else {
+                Err(format!("{t:?}"))
+            }
+        });
+        eprintln!("TCP round robin: {last:?}");
+        let answers: Vec<String> = (0..6).map(|_| udp_ask(&ns_ca, rr, 8081).unwrap_or_else(|e| e)).collect();
+        let t = tally(&answers);
+        assert!(t.get("inst0") == Some(&3) && t.get("inst1") == Some(&3), "UDP round robin: {answers:?}");
+        eprintln!("UDP round robin: {answers:?}");
+
+        // closest: the local instance, from either side
+        let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_ca, closest, 8080).unwrap_or_else(|e| e)).collect();
+        assert!(answers.iter().all(|a| a == "inst0"), "closest from A: {answers:?}");
+        eventually(20, "closest from B", || {
+            let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_cb, closest, 8080).unwrap_or_else(|e| e)).collect();
+            if answers.iter().all(|a| a == "inst1") {
+                Ok(())
+            } else {
+                Err(format!("{answers:?}"))
+            }
+        });
+        let answers: Vec<String> = (0..4).map(|_| udp_ask(&ns_cb, closest, 8081).unwrap_or_else(|e| e)).collect();
+        assert!(answers.iter().all(|a| a == "inst1"), "closest from B (UDP): {answers:?}");
+
+        // ICMP echo to a service IP
+        let pid_ca = ns_ca.split('/').nth(2).unwrap().to_string();
+        let ok = Command::new("nsenter")
+            .args(["-t", &pid_ca, "-n", "busybox", "ping", "-c", "2", "-W", "2", &rr.to_string()])
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "ping {rr}: {}", String::from_utf8_lossy(&ok.stdout));
+
+        // RTT probes ran; A measured B
+        eventually(10, "RTT probes answered", || {
+            let c = wa.counters();
+            if c["events"]["probe_replies"].as_u64().unwrap() > 0 {
+                Ok(())
+            } else {
+                Err(format!("{c}"))
+            }
+        });
+        let ca = wa.counters();
+        assert!(ca["events"]["forward_translated"].as_u64().unwrap() > 0, "{ca}");
+        eprintln!("counters A: {ca}");
+
+        // garbage on B's tunnel port is dropped and counted
+        let before = wb.counters();
+        let target = SocketAddr::from((ipb, 50103));
+        in_ns(&wa.ns.path(), move || {
+            let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+            u.send_to(b"definitely not a tunnel packet", target).unwrap();
+            u.send_to(&[0x4f], target).unwrap();
+            u.send_to(&[0x4f, 1, 0, 0, 0, 0, 0, 0, 0x45, 0, 0, 1], target).unwrap();
+            u.send_to(&[0x4f, 7, 0, 0, 0, 0, 0, 0], target).unwrap();
+        })
+        .join()
+        .unwrap();
+        eventually(5, "garbage counted", || {
+            let c = wb.counters();
+            let d = |k: &str| c["drops"][k].as_u64().unwrap() - before["drops"][k].as_u64().unwrap();
+            if d("tunnel_bad_magic") == 1
+                && d("tunnel_short") == 1
+                && d("tunnel_malformed_inner") == 1
+                && d("tunnel_bad_version") == 1
+            {
+                Ok(())
+            } else {
+                Err(format!("{c}"))
+            }
+        });
+
+        // NetManager A restarts: tun and routes come back, both instances are reachable again
+        drop(wa.nm.take());
+        let t2 = Instant::now();
+        wa.start_nm();
+        eventually(20, "round robin after A's restart", || {
+            let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_ca, rr, 8080).unwrap_or_else(|e| e)).collect();
+            let t = tally(&answers);
+            if t.get("inst0") == Some(&2) && t.get("inst1") == Some(&2) {
+                Ok(())
+            } else {
+                Err(format!("{t:?}"))
+            }
+        });
+        eprintln!("round robin again {:?} after A's restart", t2.elapsed());
+
+        // undeploy inst1 on B: traffic moves to inst0 within seconds
+        let (code, body) = http(
+            &wb.ns.path(),
+            API,
+            "POST",
+            "/container/undeploy",
+            Some(json!({"serviceName": "app.ns.echo.ns", "serviceId": "svcE", "instanceNumber": 1})),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{body}");
+        let t3 = Instant::now();
+        eventually(15, "traffic moves to the remaining instance", || {
+            let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_ca, rr, 8080).unwrap_or_else(|e| e)).collect();
+            if answers.iter().all(|a| a == "inst0") {
+                Ok(())
+            } else {
+                Err(format!("{answers:?}"))
+            }
+        });
+        eprintln!("traffic on inst0 only {:?} after the undeploy", t3.elapsed());
+        let answers: Vec<String> = (0..4).map(|_| udp_ask(&ns_ca, rr, 8081).unwrap_or_else(|e| e)).collect();
+        assert!(answers.iter().all(|a| a == "inst0"), "UDP after undeploy: {answers:?}");
+    });
+}
+
+/// iperf3 client in `ns_pid`'s namespace (or a named netns) against `server`; returns bits/s received.
+fn iperf(client: &[&str], server: Ipv4Addr, secs: u32) -> f64 {
+    let mut args: Vec<String> = client.iter().map(|s| s.to_string()).collect();
+    args.extend(["iperf3", "-c", &server.to_string(), "-t", &secs.to_string(), "-J"].map(String::from));
+    let out = Command::new(&args[0]).args(&args[1..]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    eprintln!("iperf3 {:?}: retransmits {}", &args[..2], v["end"]["sum_sent"]["retransmits"]);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 {args:?}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Benchmark core: single-stream TCP with iperf3, plain veth between the two host namespaces vs the tun
+/// overlay (client instance on A → service IP → instance on B). Prints the ratio. Slow and machine
+/// dependent, so ignored by default: `OAK_NM_BIN=$CARGO_TARGET_DIR/release/NetManager cargo test -p
+/// oak-netmanager --test tun_proxy -- --ignored --nocapture bench` (OAK_BENCH_SECS: duration, default 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_veth_vs_tun_overlay() {
+    if !is_root() || Command::new("iperf3").arg("--version").output().is_err() {
+        eprintln!("skipping bench_veth_vs_tun_overlay: needs root and iperf3");
+        return;
+    }
+    let secs: u32 = std::env::var("OAK_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wa, mut wb, rr, _closest, _rootsvc, _cluster) = world(dir.path(), &[]).await;
+    tokio::task::block_in_place(|| {
+        wa.start_nm();
+        wb.start_nm();
+        let (_srv, ns_srv) = instance();
+        let (_cli, ns_cli) = instance();
+        wb.deploy(&ns_srv, "svcE", "app.ns.echo.ns", 0);
+        wa.deploy(&ns_cli, "svcC", "app.ns.client.ns", 0);
+        let pid = |ns: &str| ns.split('/').nth(2).unwrap().to_string();
+        let (ps, pc) = (pid(&ns_srv), pid(&ns_cli));
+        // servers: one on host B (underlay), one in the instance (overlay)
+        let _s1 = Proc(
+            Command::new("ip").args(["netns", "exec", &wb.ns.0, "iperf3", "-s"]).stdout(Stdio::null()).spawn().unwrap(),
+        );
+        let _s2 = Proc(
+            Command::new("nsenter").args(["-t", &ps, "-n", "iperf3", "-s"]).stdout(Stdio::null()).spawn().unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        // make sure the overlay path is up (resolution) before measuring
+        eventually(20, "overlay reachable", || {
+            let ok = Command::new("nsenter")
+                .args(["-t", &pc, "-n", "busybox", "ping", "-c", "1", "-W", "1", &rr.to_string()])
+                .status()
+                .unwrap();
+            if ok.success() {
+                Ok(())
+            } else {
+                Err("no ping".into())
+            }
+        });
+        let veth = iperf(&["ip", "netns", "exec", &wa.ns.0], wb.ip, secs);
+        let tun = iperf(&["nsenter", "-t", &pc, "-n"], rr, secs);
+        eprintln!(
+            "single-stream TCP: plain veth {:.2} Gbit/s, tun overlay via service IP {:.2} Gbit/s, ratio {:.1} %",
+            veth / 1e9,
+            tun / 1e9,
+            100.0 * tun / veth
+        );
+        eprintln!("counters A: {}", wa.counters());
+        eprintln!("counters B: {}", wb.counters());
+        for w in [&wa, &wb] {
+            let out = Command::new("ip").args(["-n", &w.ns.0, "-s", "link", "show", "otun0"]).output().unwrap();
+            eprintln!(
+                "{} otun0: {}",
+                w.ns.0,
+                String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+        let out = Command::new("ip").args(["netns", "exec", &wb.ns.0, "cat", "/proc/net/snmp"]).output().unwrap();
+        eprintln!(
+            "B udp: {}",
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with("Udp:"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    });
+}
+
+/// A UDP relay in namespace `ns` on `listen_port` that forwards to `upstream` and back, each datagram
+/// delayed by `delay` (this kernel has no netem): a worker behind it is "far away".
+fn delay_relay(ns: &str, listen_port: u16, upstream: SocketAddr, delay: Duration) {
+    let _ = in_ns(ns, move || {
+        let front = std::sync::Arc::new(UdpSocket::bind(("0.0.0.0", listen_port)).unwrap());
+        let mut ups: std::collections::HashMap<SocketAddr, std::sync::Arc<UdpSocket>> = Default::default();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, peer)) = front.recv_from(&mut buf) {
+            let up = ups
+                .entry(peer)
+                .or_insert_with(|| {
+                    let u = std::sync::Arc::new(UdpSocket::bind("0.0.0.0:0").unwrap());
+                    u.connect(upstream).unwrap();
+                    let (u2, f2) = (u.clone(), front.clone());
+                    std::thread::spawn(move || {
+                        let mut b = vec![0u8; 65536];
+                        while let Ok(n) = u2.recv(&mut b) {
+                            std::thread::sleep(delay);
+                            let _ = f2.send_to(&b[..n], peer);
+                        }
+                    });
+                    u
+                })
+                .clone();
+            std::thread::sleep(delay);
+            let _ = up.send(&buf[..n]);
+        }
+    });
+}
+
+/// Closest by measured RTT between two *remote* instances: three worker hosts on a LAN (a bridge in its
+/// own namespace); worker C is reached through a relay adding 15 ms each way. The far instance has the
+/// lower instance number (the tie-breaker), so choosing the near one proves the RTT is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closest_follows_measured_rtt() {
+    if !is_root() {
+        eprintln!("skipping closest_follows_measured_rtt: needs root (network namespaces, tun)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let lan = Netns::new("otpl");
+    sh(&["ip", "-n", &lan.0, "link", "add", "br0", "type", "bridge"]);
+    sh(&["ip", "-n", &lan.0, "link", "set", "br0", "up"]);
+    let hosts: Vec<Netns> = ["otpa", "otpb", "otpc"].iter().map(|p| Netns::new(p)).collect();
+    for (i, h) in hosts.iter().enumerate() {
+        let port = format!("l{i}");
+        sh(&["ip", "-n", &lan.0, "link", "add", &port, "type", "veth", "peer", "name", "up0", "netns", &h.0]);
+        sh(&["ip", "-n", &lan.0, "link", "set", &port, "master", "br0"]);
+        sh(&["ip", "-n", &lan.0, "link", "set", &port, "up"]);
+        sh(&["ip", "-n", &h.0, "addr", "add", &format!("192.168.77.{}/24", i + 1), "dev", "up0"]);
+        sh(&["ip", "-n", &h.0, "link", "set", "up0", "up"]);
+    }
+    let [ha, hb, hc]: [Netns; 3] = hosts.try_into().ok().unwrap();
+    let ipa = Ipv4Addr::new(192, 168, 77, 1);
+
+    let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let root_url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(root::netsvc::serve_listener(rootsvc.clone(), l));
+    let cluster = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, "c1").unwrap();
+    let std_l = in_ns(&ha.path(), || std::net::TcpListener::bind("0.0.0.0:10110").unwrap()).join().unwrap();
+    std_l.set_nonblocking(true).unwrap();
+    tokio::spawn(cluster::netsvc::serve_listener(cluster.clone(), tokio::net::TcpListener::from_std(std_l).unwrap()));
+    let (rr, closest) = rootsvc.allocate_service_ips("svcE", "app.ns.echo.ns").unwrap();
+
+    // worker C advertises the relay (on host A, port 50200) as its tunnel endpoint
+    delay_relay(&ha.path(), 50200, SocketAddr::from(([192, 168, 77, 3], 50200)), Duration::from_millis(15));
+    let mk = |ns: Netns, advertised: Ipv4Addr, port: u16, tag: &str| {
+        let cfg = dir.join(format!("netcfg-{tag}.json"));
+        std::fs::write(
+            &cfg,
+            json!({"NodePublicAddress": advertised.to_string(), "NodePublicPort": port.to_string(),
+                   "ClusterUrl": ipa.to_string(), "ClusterNetPort": "10110", "NodeName": unique(&format!("node{tag}"))})
+            .to_string(),
+        )
+        .unwrap();
+        Worker {
+            ns,
+            ip: advertised,
+            cfg,
+            data: dir.join(format!("nm-{tag}")),
+            log: dir.join(format!("nm-{tag}.log")),
+            nm: None,
+            extra: vec![],
+        }
+    };
+    let mut wa = mk(ha, ipa, 50103, "a");
+    let mut wb = mk(hb, Ipv4Addr::new(192, 168, 77, 2), 50103, "b");
+    let mut wc = mk(hc, ipa, 50200, "c");
+    let _lan = lan;
+    tokio::task::block_in_place(|| {
+        wa.start_nm();
+        wb.start_nm();
+        wc.start_nm();
+        let (_ic, ns_ic) = instance();
+        let (_ib, ns_ib) = instance();
+        let (_ca, ns_ca) = instance();
+        wc.deploy(&ns_ic, "svcE", "app.ns.echo.ns", 0); // far, but first in instance order
+        wb.deploy(&ns_ib, "svcE", "app.ns.echo.ns", 1);
+        wa.deploy(&ns_ca, "svcC", "app.ns.client.ns", 0);
+        serve(&ns_ic, "far");
+        serve(&ns_ib, "near");
+        // both are reachable (C through the relay)
+        eventually(30, "round robin over both remote instances", || {
+            let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_ca, rr, 8080).unwrap_or_else(|e| e)).collect();
+            let t = tally(&answers);
+            if t.get("far") == Some(&2) && t.get("near") == Some(&2) {
+                Ok(())
+            } else {
+                Err(format!("{t:?}"))
+            }
+        });
+        // once both RTTs are measured, closest is the near one, for TCP and UDP
+        let t0 = Instant::now();
+        eventually(20, "closest = the worker with the lower RTT", || {
+            let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_ca, closest, 8080).unwrap_or_else(|e| e)).collect();
+            if answers.iter().all(|a| a == "near") {
+                Ok(())
+            } else {
+                Err(format!("{answers:?}"))
+            }
+        });
+        let answers: Vec<String> = (0..4).map(|_| udp_ask(&ns_ca, closest, 8081).unwrap_or_else(|e| e)).collect();
+        assert!(answers.iter().all(|a| a == "near"), "closest (UDP): {answers:?}");
+        eprintln!("closest picked the near worker {:?} after the first probes could run", t0.elapsed());
+        let c = wa.counters();
+        let rtt = |ep: &str| c["rtt_us"][ep].as_u64().unwrap_or_else(|| panic!("no RTT for {ep}: {c}"));
+        let (near, far) = (rtt("192.168.77.2:50103"), rtt("192.168.77.1:50200"));
+        eprintln!("A measured RTT: near {near} µs, far {far} µs");
+        assert!(far >= 30_000 && near < far, "near {near} µs, far {far} µs");
+    });
+}
