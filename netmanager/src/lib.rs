@@ -3,6 +3,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod ebpf;
 pub mod proxy;
 pub mod tables;
 pub mod wiring;
