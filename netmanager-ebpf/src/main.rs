@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netmanager_ebpf_common::{
-    counter, Config, FlowKey, FlowVal, LocalEndpoint, Route, Service, CT_FORWARD, CT_REVERSE, ENCAP_LEN,
+    counter, Config, FlowKey, FlowVal, LocalEndpoint, Route, Service, CT_FORWARD, CT_PASSTHROUGH, CT_REVERSE, ENCAP_LEN,
     KIND_CLOSEST, MAX_BACKENDS, TUNNEL_HDR_LEN, TUNNEL_MAGIC, TUNNEL_TYPE_DATA, TUNNEL_VERSION,
 };
 
@@ -106,6 +106,12 @@ fn parse(ctx: &TcContext, l3: usize) -> Option<Pkt> {
         _ => return None,
     };
     Some(Pkt { l3, l4, proto, src, dst, sport, dport, tcp_flags })
+}
+
+/// The first packet of a flow: a TCP SYN, or any UDP datagram.
+#[inline(always)]
+fn opens_flow(p: &Pkt) -> bool {
+    p.proto == PROTO_UDP || (p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0)
 }
 
 #[inline(always)]
@@ -295,6 +301,10 @@ pub fn oak_inst_ingress(mut ctx: TcContext) -> i32 {
             }
             count(counter::REV_NAT);
         }
+    } else if p.dst & cfg.subnet_mask != cfg.subnet && opens_flow(&p) {
+        // a flow to a remote instance IP: its replies may be decapsulated here
+        let rev = FlowKey { src: p.dst, dst: p.src, sport: p.dport, dport: p.sport, proto: p.proto, _pad: [0; 3] };
+        let _ = CT.insert(&rev, &FlowVal { addr: 0, dir: CT_PASSTHROUGH, _pad: [0; 3] }, 0);
     }
     deliver(&mut ctx, cfg, &p, dst)
 }
@@ -343,12 +353,25 @@ pub fn oak_uplink_ingress(mut ctx: TcContext) -> i32 {
         count(counter::DROP_BAD_TUNNEL);
         return TC_ACT_SHOT as i32;
     };
-    // replies to flows translated here get their service IP back; otherwise it must be ours
-    let key = FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto, _pad: [0; 3] };
-    let rev = unsafe { CT.get(&key) }.filter(|v| v.dir == CT_REVERSE).map(|v| v.addr);
     if p.dst & cfg.subnet_mask != cfg.subnet {
         count(counter::DROP_NOT_FOR_NODE);
         return TC_ACT_SHOT as i32;
+    }
+    // Only flows the fast path knows are taken here: replies to flows it translated (they get their
+    // service IP back), flows it carries untranslated, and new TCP connections to a local instance.
+    // Anything else (e.g. replies to a flow the tun path translated) goes on to the tun path's socket.
+    let key = FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto, _pad: [0; 3] };
+    let mut rev = None;
+    match unsafe { CT.get(&key) } {
+        Some(v) if v.dir == CT_REVERSE => rev = Some(v.addr),
+        Some(v) if v.dir == CT_PASSTHROUGH => {}
+        _ if p.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0 => {
+            let _ = CT.insert(&key, &FlowVal { addr: 0, dir: CT_PASSTHROUGH, _pad: [0; 3] }, 0);
+        }
+        _ => {
+            count(counter::PASS_UNKNOWN_FLOW);
+            return TC_ACT_OK as i32;
+        }
     }
     let flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64;
     if ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {

@@ -45,6 +45,9 @@ pub struct FlowKey {
 
 pub const CT_FORWARD: u8 = 1;
 pub const CT_REVERSE: u8 = 2;
+/// A flow the fast path carries without translation (arriving at a server, or the reply direction of a
+/// flow a local instance opened to a remote instance IP): decapsulate and deliver.
+pub const CT_PASSTHROUGH: u8 = 3;
 
 /// CT value. Forward (client -> service IP): `addr` is the chosen instance. Reverse (instance -> client):
 /// `addr` is the service IP to put back as source.
@@ -117,7 +120,9 @@ pub mod counter {
     pub const ERR_REDIRECT: u32 = 12;
     pub const PASS_NO_BACKEND: u32 = 13;
     pub const PASS_OTHER: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// Tunnel data for a flow the fast path does not know (e.g. one the tun path translated): left to it.
+    pub const PASS_UNKNOWN_FLOW: u32 = 15;
+    pub const COUNT: u32 = 16;
     /// Names, in slot order (what the NetManager API shows).
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -135,6 +140,7 @@ pub mod counter {
         "err_redirect",
         "pass_no_backend",
         "pass_other",
+        "pass_unknown_flow",
     ];
 }
 
