@@ -338,34 +338,37 @@ pub fn oak_uplink_ingress(mut ctx: TcContext) -> i32 {
     }
     let hdr = ETH_LEN + 28;
     let (Ok(magic), Ok(version), Ok(ty)) = (ctx.load::<u8>(hdr), ctx.load::<u8>(hdr + 1), ctx.load::<u8>(hdr + 2)) else {
-        count(counter::DROP_BAD_TUNNEL);
-        return TC_ACT_SHOT as i32;
+        count(counter::PASS_BAD_TUNNEL);
+        return TC_ACT_OK as i32;
     };
     if magic != TUNNEL_MAGIC || version != TUNNEL_VERSION {
-        count(counter::DROP_BAD_TUNNEL);
-        return TC_ACT_SHOT as i32;
+        count(counter::PASS_BAD_TUNNEL);
+        return TC_ACT_OK as i32;
     }
     if ty != TUNNEL_TYPE_DATA {
         return TC_ACT_OK as i32; // probes: the NetManager answers them
     }
     let inner = ETH_LEN + ENCAP_LEN;
     let Some(p) = parse(&ctx, inner) else {
-        count(counter::DROP_BAD_TUNNEL);
-        return TC_ACT_SHOT as i32;
+        // ICMP, fragments, malformed: the tun path handles (and counts) those
+        count(counter::PASS_OTHER);
+        return TC_ACT_OK as i32;
     };
     if p.dst & cfg.subnet_mask != cfg.subnet {
         count(counter::DROP_NOT_FOR_NODE);
         return TC_ACT_SHOT as i32;
     }
     // Only flows the fast path knows are taken here: replies to flows it translated (they get their
-    // service IP back), flows it carries untranslated, and new TCP connections to a local instance.
+    // service IP back), flows it carries untranslated, and new flows to a local instance.
     // Anything else (e.g. replies to a flow the tun path translated) goes on to the tun path's socket.
     let key = FlowKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto, _pad: [0; 3] };
     let mut rev = None;
     match unsafe { CT.get(&key) } {
         Some(v) if v.dir == CT_REVERSE => rev = Some(v.addr),
         Some(v) if v.dir == CT_PASSTHROUGH => {}
-        _ if p.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & TCP_ACK == 0 => {
+        // (UDP has no handshake: a datagram without state is taken as the start of a flow; only the
+        // replies to the first datagrams of a flow the tun path translated can be mistaken for that)
+        _ if opens_flow(&p) => {
             let _ = CT.insert(&key, &FlowVal { addr: 0, dir: CT_PASSTHROUGH, _pad: [0; 3] }, 0);
         }
         _ => {

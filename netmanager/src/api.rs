@@ -28,6 +28,8 @@ pub struct ApiState {
     pub public: SocketAddr,
     /// Datapath counters of the userspace proxy (set when it runs).
     pub counters: std::sync::OnceLock<Arc<crate::proxy::counters::Counters>>,
+    /// The eBPF fast path (set when it loaded).
+    pub fastpath: std::sync::OnceLock<Arc<std::sync::Mutex<crate::ebpf::FastPath>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,19 +70,27 @@ async fn status(State(st): State<Arc<ApiState>>) -> Json<Value> {
         "publicAddress": st.public.ip().to_string(),
         "tunnelPort": st.public.port(),
         "proxy": st.counters.get().is_some(),
+        "ebpf": st.fastpath.get().is_some(),
     }))
 }
 
 /// Datapath counters: drops per reason and events (`{"proxy": false}` when the proxy is disabled).
+/// With the fast path, `"ebpf"` holds its counters per path and reason (`false` without it).
 async fn counters(State(st): State<Arc<ApiState>>) -> Json<Value> {
-    match st.counters.get() {
+    let mut v = match st.counters.get() {
         Some(c) => {
             let mut v = c.to_json();
             v["proxy"] = true.into();
-            Json(v)
+            v
         }
-        None => Json(json!({"proxy": false})),
-    }
+        None => json!({"proxy": false}),
+    };
+    v["ebpf"] = match st.fastpath.get().map(|fp| fp.lock().expect("fast path lock").counters()) {
+        Some(Ok(c)) => json!(c),
+        Some(Err(e)) => json!({"error": format!("{e:#}")}),
+        None => false.into(),
+    };
+    Json(v)
 }
 
 async fn deploy(State(st): State<Arc<ApiState>>, body: Result<Json<DeployRequest>, JsonRejection>) -> Response {
@@ -111,6 +121,14 @@ async fn deploy(State(st): State<Arc<ApiState>>, body: Result<Json<DeployRequest
             return error(code, msg);
         }
     };
+    if let Some(fp) = st.fastpath.get() {
+        let veth = ready.wiring.attachments().await.into_iter().find(|a| a.ip == ip).map(|a| a.host_veth);
+        if let Some(veth) = veth {
+            if let Err(e) = fp.lock().expect("fast path lock").attach_instance(&veth, ip, crate::wiring::instance_mac(ip)) {
+                tracing::warn!(%veth, "instance stays on the kernel path: {e:#}");
+            }
+        }
+    }
     register_with_retry(ready.control.clone(), sid, req.service_name, req.instance_number, ip);
     Json(json!({"nsAddress": ip.to_string(), "nsAddressv6": ""})).into_response()
 }
@@ -146,6 +164,9 @@ async fn undeploy(State(st): State<Arc<ApiState>>, body: Result<Json<UndeployReq
     match ready.wiring.detach(&sid, req.instance_number).await {
         Ok(att) => {
             if let Some(att) = att {
+                if let Some(fp) = st.fastpath.get() {
+                    let _ = fp.lock().expect("fast path lock").detach_instance(&att.host_veth);
+                }
                 let control = ready.control.clone();
                 tokio::spawn(async move {
                     if let Err(e) = control.deregister_instance(&att.service_id, &att.job_name, att.instance_number).await {

@@ -26,10 +26,24 @@ pub struct NetConfig {
     pub cluster_net_port: u16,
     /// Stable node name for the subnet lease (ours; default: the host name).
     pub node_name: Option<String>,
+    /// Interface the tunnel traffic uses (Oakestra's DefaultInterface); detected when absent.
+    pub default_interface: Option<String>,
 }
 
-const FIELDS: &[&str] =
-    &["NodePublicAddress", "NodePublicPort", "ClusterUrl", "ClusterMqttPort", "ClusterNetPort", "NodeName"];
+const FIELDS: &[&str] = &[
+    "NodePublicAddress",
+    "NodePublicPort",
+    "ClusterUrl",
+    "ClusterMqttPort",
+    "ClusterNetPort",
+    "NodeName",
+    "DefaultInterface",
+    // Oakestra's, accepted so its files work unchanged; they have no meaning here
+    "Debug",
+    "PublicIPNetworking",
+    "MqttCert",
+    "MqttKey",
+];
 
 fn port(field: &str, v: &Value) -> Result<u16> {
     let n = match v {
@@ -97,7 +111,20 @@ impl NetConfig {
             .transpose()?
             .unwrap_or(DEFAULT_CLUSTER_NET_PORT);
         let node_name = map.get("NodeName").map(|v| string("NodeName", v).map(str::to_string)).transpose()?;
-        Ok(Self { node_public_address, node_public_port, cluster_url, cluster_mqtt_port, cluster_net_port, node_name })
+        let default_interface = map
+            .get("DefaultInterface")
+            .map(|v| string("DefaultInterface", v).map(|s| s.trim().to_string()))
+            .transpose()?
+            .filter(|s| !s.is_empty());
+        Ok(Self {
+            node_public_address,
+            node_public_port,
+            cluster_url,
+            cluster_mqtt_port,
+            cluster_net_port,
+            node_name,
+            default_interface,
+        })
     }
 
     pub fn load(path: &Path) -> Result<Self> {

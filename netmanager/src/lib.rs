@@ -33,6 +33,15 @@ pub struct Options {
     /// The userspace tun proxy (None: disabled, e.g. when another datapath is used or in tests that only
     /// wire instances).
     pub proxy: Option<proxy::ProxyOptions>,
+    /// The eBPF fast path (None: tun path only).
+    pub ebpf: Option<EbpfOptions>,
+}
+
+/// Where the fast path's object is and which interface is the uplink (detected when not given).
+#[derive(Clone, Debug, Default)]
+pub struct EbpfOptions {
+    pub object: Option<PathBuf>,
+    pub uplink: Option<String>,
 }
 
 /// A started NetManager.
@@ -46,6 +55,8 @@ pub struct Running {
     pub connected: tokio::sync::watch::Receiver<bool>,
     /// The userspace proxy, when enabled.
     pub proxy: Option<proxy::Proxy>,
+    /// The eBPF fast path, when it loaded.
+    pub fastpath: Option<Arc<std::sync::Mutex<ebpf::FastPath>>>,
     api_task: tokio::task::JoinHandle<std::io::Result<()>>,
     sub_task: tokio::task::JoinHandle<()>,
 }
@@ -86,7 +97,7 @@ pub async fn start(opts: Options) -> Result<Running> {
     let node = node_name(&cfg);
     tracing::info!(%url, %node, %public, "starting NetManager");
 
-    let state = Arc::new(ApiState { ready: tokio::sync::OnceCell::new(), public, counters: std::sync::OnceLock::new() });
+    let state = Arc::new(ApiState { ready: tokio::sync::OnceCell::new(), public, counters: std::sync::OnceLock::new(), fastpath: std::sync::OnceLock::new() });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding the local API on {}", opts.listen))?;
@@ -126,7 +137,98 @@ pub async fn start(opts: Options) -> Result<Running> {
             }
         },
     };
+    let fastpath = match &opts.ebpf {
+        None => None,
+        Some(o) => match start_fastpath(o, &cfg, public_ip, subnet, &opts.bridge, &tables, &wiring).await {
+            Ok(fp) => {
+                let _ = state.fastpath.set(fp.clone());
+                Some(fp)
+            }
+            Err(e) => {
+                tracing::warn!("eBPF fast path unavailable, running on the tun path only: {e:#}");
+                None
+            }
+        },
+    };
     let _ = state.ready.set(Ready { control: control.clone(), wiring: wiring.clone() });
-    tracing::info!(%subnet, bridge = %opts.bridge, "NetManager ready");
-    Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, proxy, api_task, sub_task })
+    tracing::info!(%subnet, bridge = %opts.bridge, fast_path = fastpath.is_some(), "NetManager ready");
+    Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, proxy, fastpath, api_task, sub_task })
+}
+
+/// The interface holding `ip`, else the one the default route leaves by.
+fn uplink_for(ip: std::net::Ipv4Addr) -> Result<String> {
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            if a.address.and_then(|s| s.as_sockaddr_in().map(|v| v.ip())) == Some(ip) {
+                return Ok(a.interface_name);
+            }
+        }
+    }
+    let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+    routes
+        .lines()
+        .skip(1)
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[1] == "00000000").then(|| f[0].to_string())
+        })
+        .with_context(|| format!("no interface holds {ip} and there is no default route: set DefaultInterface in netcfg.json"))
+}
+
+/// Loads the fast path, fills its maps, adopts the instances already wired and follows table changes.
+async fn start_fastpath(
+    o: &EbpfOptions,
+    cfg: &NetConfig,
+    public_ip: std::net::Ipv4Addr,
+    subnet: ipnet::Ipv4Net,
+    bridge: &str,
+    tables: &Tables,
+    wiring: &Wiring,
+) -> Result<Arc<std::sync::Mutex<ebpf::FastPath>>> {
+    let object = o
+        .object
+        .clone()
+        .or_else(ebpf::default_object)
+        .context("no eBPF object found (build it with `cargo xtask build-ebpf`, or pass --ebpf-object)")?;
+    let uplink = match o.uplink.clone().or_else(|| cfg.default_interface.clone()) {
+        Some(u) => u,
+        None => uplink_for(public_ip)?,
+    };
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{bridge}/address"))
+        .with_context(|| format!("reading the MAC of bridge {bridge}"))?;
+    let mut gateway_mac = [0u8; 6];
+    for (i, p) in mac.trim().split(':').enumerate().take(6) {
+        gateway_mac[i] = u8::from_str_radix(p, 16).context("bridge MAC")?;
+    }
+    let mut fp = ebpf::FastPath::load(
+        &object,
+        ebpf::FastPathConfig {
+            uplink,
+            public_ip,
+            tunnel_port: cfg.node_public_port,
+            subnet,
+            worker_prefix: subnet.prefix_len(),
+            service_net: control::SERVICE_SPACE,
+            gateway_mac,
+        },
+    )?;
+    for a in wiring.attachments().await {
+        if let Err(e) = fp.attach_instance(&a.host_veth, a.ip, wiring::instance_mac(a.ip)) {
+            tracing::warn!(veth = %a.host_veth, "instance stays on the kernel path: {e:#}");
+        }
+    }
+    fp.sync(&tables.snapshot())?;
+    fp.enable()?;
+    let fp = Arc::new(std::sync::Mutex::new(fp));
+    let (f2, t2) = (fp.clone(), tables.clone());
+    let mut changed = tables.subscribe();
+    tokio::spawn(async move {
+        while changed.changed().await.is_ok() {
+            let snap = t2.snapshot();
+            if let Err(e) = f2.lock().expect("fast path lock").sync(&snap) {
+                tracing::warn!("updating the fast path's maps: {e:#}");
+            }
+        }
+    });
+    Ok(fp)
 }

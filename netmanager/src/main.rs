@@ -33,6 +33,17 @@ struct Cli {
     /// Do not use tun offloads (IFF_VNET_HDR/TUNSETOFFLOAD: GSO/GRO super-packets); plain packets only.
     #[arg(long)]
     no_tun_offload: bool,
+    /// Do not load the eBPF fast path (tun path only).
+    #[arg(long)]
+    no_ebpf: bool,
+    /// The fast path's object (default: target/bpf/netmanager-ebpf.o beside the binary's build, then
+    /// /usr/lib/oakestra-rs/netmanager-ebpf.o).
+    #[arg(long)]
+    ebpf_object: Option<PathBuf>,
+    /// Uplink interface for tunnel traffic (default: netcfg's DefaultInterface, else the interface holding
+    /// NodePublicAddress, else the default route's).
+    #[arg(long)]
+    uplink: Option<String>,
     /// Log level or tracing filter (e.g. "info", "oak_netmanager=debug").
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -54,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
             offload: !cli.no_tun_offload,
             ..Default::default()
         }),
+        ebpf: (!cli.no_ebpf).then(|| oak_netmanager::EbpfOptions { object: cli.ebpf_object, uplink: cli.uplink }),
     };
     let running = match oak_netmanager::start(opts).await {
         Ok(r) => r,

@@ -120,6 +120,7 @@ async fn lease_wire_ping_undeploy() {
         data_dir: dir.path().join("nm"),
         bridge: bridge.clone(),
         proxy: None,
+        ebpf: None,
     })
     .await
     .expect("NetManager starts");
@@ -303,6 +304,7 @@ async fn unreachable_cluster_is_a_fatal_timeout() {
         data_dir: dir.path().join("nm"),
         bridge: unique("ou"),
         proxy: None,
+        ebpf: None,
     })
     .await
     {
@@ -361,6 +363,7 @@ async fn bad_network_received_is_fatal() {
             data_dir: dir.path().join("nm"),
             bridge: unique("ob"),
             proxy: None,
+        ebpf: None,
         })
         .await
         {

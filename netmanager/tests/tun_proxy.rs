@@ -274,7 +274,8 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> Result<(), String>) 
 /// host A's namespace), and `svcE`/`app.ns.echo.ns` allocated at the root (returns its rr and closest IPs).
 async fn world(
     dir: &Path,
-    extra: &[&str],
+    extra_a: &[&str],
+    extra_b: &[&str],
 ) -> (Worker, Worker, Ipv4Addr, Ipv4Addr, root::netsvc::RootNetSvc, cluster::netsvc::ClusterNetSvc) {
     // two hosts joined by a veth pair
     let (ha, hb) = (Netns::new("otpa"), Netns::new("otpb"));
@@ -296,7 +297,7 @@ async fn world(
     tokio::spawn(cluster::netsvc::serve_listener(cluster.clone(), tokio::net::TcpListener::from_std(std_l).unwrap()));
     let (rr, closest) = rootsvc.allocate_service_ips("svcE", "app.ns.echo.ns").unwrap();
 
-    let mk = |ns: Netns, ip: Ipv4Addr, tag: &str| {
+    let mk = |ns: Netns, ip: Ipv4Addr, tag: &str, extra: &[&str]| {
         let cfg = dir.join(format!("netcfg-{tag}.json"));
         write_config(&cfg, ip, ipa, &unique(&format!("node{tag}")));
         Worker {
@@ -309,7 +310,7 @@ async fn world(
             extra: extra.iter().map(|s| s.to_string()).collect(),
         }
     };
-    let (wa, wb) = (mk(ha, ipa, "a"), mk(hb, ipb, "b"));
+    let (wa, wb) = (mk(ha, ipa, "a", extra_a), mk(hb, ipb, "b", extra_b));
     (wa, wb, rr, closest, rootsvc, cluster)
 }
 
@@ -319,7 +320,27 @@ async fn two_workers_round_robin_closest_undeploy() {
         eprintln!("skipping two_workers_round_robin_closest_undeploy: needs root (network namespaces, tun)");
         return;
     }
-    two_workers(&[]).await;
+    two_workers(&["--no-ebpf"], &["--no-ebpf"]).await;
+}
+
+/// The same with the eBPF fast path on both workers (the tun path still resolves unknown service IPs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_ebpf_fast_path() {
+    if !is_root() {
+        eprintln!("skipping two_workers_ebpf_fast_path: needs root (network namespaces, eBPF)");
+        return;
+    }
+    two_workers(&[], &[]).await;
+}
+
+/// A mixed pair: worker A on the eBPF fast path, worker B on the tun path only; both directions work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_ebpf_and_tun_workers() {
+    if !is_root() {
+        eprintln!("skipping mixed_ebpf_and_tun_workers: needs root (network namespaces, eBPF)");
+        return;
+    }
+    two_workers(&[], &["--no-ebpf"]).await;
 }
 
 /// The same with plain packets (no tun or UDP offloads).
@@ -329,12 +350,13 @@ async fn two_workers_plain_packets() {
         eprintln!("skipping two_workers_plain_packets: needs root (network namespaces, tun)");
         return;
     }
-    two_workers(&["--no-tun-offload"]).await;
+    two_workers(&["--no-tun-offload", "--no-ebpf"], &["--no-tun-offload", "--no-ebpf"]).await;
 }
 
-async fn two_workers(extra: &[&str]) {
+async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut wa, mut wb, rr, closest, _rootsvc, _cluster) = world(dir.path(), extra).await;
+    let (mut wa, mut wb, rr, closest, _rootsvc, _cluster) = world(dir.path(), extra_a, extra_b).await;
+    let (ebpf_a, ebpf_b) = (!extra_a.contains(&"--no-ebpf"), !extra_b.contains(&"--no-ebpf"));
     let ipb = wb.ip;
     let t0 = Instant::now();
     tokio::task::block_in_place(|| {
@@ -410,8 +432,22 @@ async fn two_workers(extra: &[&str]) {
             }
         });
         let ca = wa.counters();
-        assert!(ca["events"]["forward_translated"].as_u64().unwrap() > 0, "{ca}");
         eprintln!("counters A: {ca}");
+        if ebpf_a {
+            // after the first contact (resolved by the tun path) the flows ran in the kernel
+            let e = &ca["ebpf"];
+            assert!(e["new_flow"].as_u64().unwrap() >= 10, "{ca}");
+            assert!(e["encap"].as_u64().unwrap() > 0 && e["decap"].as_u64().unwrap() > 0, "{ca}");
+            assert!(e["local_deliver"].as_u64().unwrap() > 0 && e["rev_nat"].as_u64().unwrap() > 0, "{ca}");
+        } else {
+            assert_eq!(ca["ebpf"], false, "{ca}");
+            assert!(ca["events"]["forward_translated"].as_u64().unwrap() > 0, "{ca}");
+        }
+        let cb = wb.counters();
+        eprintln!("counters B: {cb}");
+        if ebpf_b {
+            assert!(cb["ebpf"]["decap"].as_u64().unwrap() > 0, "B took tunnel traffic in the kernel: {cb}");
+        }
 
         // garbage on B's tunnel port is dropped and counted
         let before = wb.counters();
@@ -504,7 +540,7 @@ async fn bench_veth_vs_tun_overlay() {
     }
     let secs: u32 = std::env::var("OAK_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let dir = tempfile::tempdir().unwrap();
-    let (mut wa, mut wb, rr, _closest, _rootsvc, _cluster) = world(dir.path(), &[]).await;
+    let (mut wa, mut wb, rr, _closest, _rootsvc, _cluster) = world(dir.path(), &["--no-ebpf"], &["--no-ebpf"]).await;
     tokio::task::block_in_place(|| {
         wa.start_nm();
         wb.start_nm();
@@ -648,7 +684,7 @@ async fn closest_follows_measured_rtt() {
             data: dir.join(format!("nm-{tag}")),
             log: dir.join(format!("nm-{tag}.log")),
             nm: None,
-            extra: vec![],
+            extra: vec!["--no-ebpf".into()],
         }
     };
     let mut wa = mk(ha, ipa, 50103, "a");

@@ -114,7 +114,8 @@ pub mod counter {
     pub const FAST_BYTES: u32 = 6;
     pub const PASS_UNKNOWN_SERVICE: u32 = 7;
     pub const PASS_TCP_MIDFLOW: u32 = 8;
-    pub const DROP_BAD_TUNNEL: u32 = 9;
+    /// Not a valid tunnel data header: left to the tun path, which counts it by reason.
+    pub const PASS_BAD_TUNNEL: u32 = 9;
     pub const DROP_NOT_FOR_NODE: u32 = 10;
     pub const ERR_ADJUST_ROOM: u32 = 11;
     pub const ERR_REDIRECT: u32 = 12;
@@ -134,7 +135,7 @@ pub mod counter {
         "fast_bytes",
         "pass_unknown_service",
         "pass_tcp_midflow",
-        "drop_bad_tunnel",
+        "pass_bad_tunnel",
         "drop_not_for_node",
         "err_adjust_room",
         "err_redirect",

@@ -59,6 +59,7 @@ names! {
         ProbeReplies = "probe_replies",
         Resolves = "resolves",
         HeldReplayed = "held_replayed",
+        ChecksumsCompleted = "checksums_completed",
     }
 }
 

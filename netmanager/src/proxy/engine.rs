@@ -302,6 +302,9 @@ impl Engine {
             Ok(p) => p,
             Err(r) => return Verdict::Drop(r),
         };
+        if packet::complete_transport_checksum(pkt, &p) {
+            self.counters.event(Event::ChecksumsCompleted);
+        }
         let mut dst = p.dst;
         if let Some(l4) = p.l4 {
             let k = FlowKey { proto: p.proto, src: p.src, sport: l4.sport, dst: p.dst, dport: l4.dport };

@@ -189,6 +189,47 @@ fn put16(p: &mut [u8], off: usize, v: u16) {
     p[off..off + 2].copy_from_slice(&v.to_be_bytes());
 }
 
+/// Completes the TCP/UDP checksum of a packet that arrived with only its pseudo-header part filled in:
+/// a fast-path peer encapsulates checksum-offloaded packets, and a link that keeps offload state (veth, a
+/// virtio NIC between VMs on one host) delivers them that way. Returns true when the field was wrong and
+/// is now right. UDP without checksum (0) is left alone.
+pub fn complete_transport_checksum(pkt: &mut [u8], p: &Parsed) -> bool {
+    let Some(l4) = p.l4 else { return false };
+    let Some(off) = l4.csum else { return false };
+    if !l4.pseudo || p.later_fragment || p.ihl > pkt.len() {
+        return false;
+    }
+    let seg = &pkt[p.ihl..];
+    let mut sum: u32 = 0;
+    for w in [&p.src.octets()[..], &p.dst.octets()[..]] {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    }
+    sum += u32::from(p.proto) + seg.len() as u32;
+    let field = off - p.ihl;
+    let mut i = 0;
+    while i + 1 < seg.len() {
+        if i != field {
+            sum += u32::from(u16::from_be_bytes([seg[i], seg[i + 1]]));
+        }
+        i += 2;
+    }
+    if i < seg.len() {
+        sum += u32::from(seg[i]) << 8;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let mut c = !(sum as u16);
+    if c == 0 && p.proto == 17 {
+        c = 0xffff;
+    }
+    if get16(pkt, off) == c {
+        return false;
+    }
+    put16(pkt, off, c);
+    true
+}
+
 /// Recompute the IPv4 header checksum.
 pub fn fix_ip_checksum(pkt: &mut [u8], ihl: usize) {
     put16(pkt, 10, 0);
@@ -321,6 +362,24 @@ pub(crate) mod tests {
         rewrite(&mut v, &p, Some((Ipv4Addr::new(10, 30, 0, 5), 99)), Some((Ipv4Addr::new(10, 18, 0, 70), 99)));
         assert!(checksums_ok(&v));
         assert_eq!(parse(&v, Reason::TunMalformed).unwrap().l4.unwrap().sport, 99);
+    }
+
+    #[test]
+    fn partial_checksums_are_completed() {
+        for mut pkt in [
+            udp([10, 18, 0, 2], [10, 18, 0, 66], 40000, 53, b"hello world"),
+            tcp([10, 18, 0, 2], [10, 18, 0, 66], 40000, 80, b"odd-length payload"),
+        ] {
+            assert!(checksums_ok(&pkt));
+            let p = parse(&pkt, Reason::TunnelMalformedInner).unwrap();
+            let off = p.l4.unwrap().csum.unwrap();
+            assert!(!complete_transport_checksum(&mut pkt, &p), "a right checksum is left alone");
+            // what an offloading sender leaves in the field: some partial value
+            put16(&mut pkt, off, 0x1234);
+            assert!(!checksums_ok(&pkt));
+            assert!(complete_transport_checksum(&mut pkt, &p));
+            assert!(checksums_ok(&pkt));
+        }
     }
 
     #[test]

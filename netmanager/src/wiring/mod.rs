@@ -38,6 +38,17 @@ struct Persisted {
     attachments: BTreeMap<String, Attachment>,
 }
 
+/// MTU inside instances: a 1500-byte underlay minus the overlay's 36 bytes of encapsulation, rounded
+/// down as Oakestra does (the tun device uses the same).
+pub const INSTANCE_MTU: u32 = 1450;
+
+/// The MAC of an instance's interface, derived from its overlay address (locally administered), so the
+/// fast path knows it without asking inside the instance.
+pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x4f, o[0], o[1], o[2], o[3]]
+}
+
 pub fn key(service_id: &str, instance_number: u32) -> String {
     format!("{service_id}/{instance_number}")
 }
@@ -306,7 +317,14 @@ fn configure_inside(ns: std::fs::File, peer_tmp: &str, ip: Ipv4Addr, prefix: u8,
                     bail!("the instance netns already has an eth0");
                 }
             }
-            h.link().set(idx).name("eth0".into()).execute().await.context("renaming to eth0")?;
+            h.link()
+                .set(idx)
+                .name("eth0".into())
+                .mtu(INSTANCE_MTU)
+                .address(instance_mac(ip).to_vec())
+                .execute()
+                .await
+                .context("renaming to eth0 (MTU, MAC)")?;
             h.address().add(idx, ip.into(), prefix).execute().await.with_context(|| format!("adding {ip}/{prefix}"))?;
             h.link().set(idx).up().execute().await.context("setting eth0 up")?;
             if let Some(lo) = link_index(&h, "lo").await? {
