@@ -1,0 +1,169 @@
+//! Command line flags of the NodeEngine.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser};
+
+/// Oakestra worker agent: registers with a cluster orchestrator, reports node resources and runs
+/// service instances as containers on containerd (and, with -u, unikernels on qemu).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "NodeEngine", version, about, long_about = None)]
+pub struct Config {
+    /// Address (IP or host name) of the cluster orchestrator to register with.
+    #[arg(
+        short = 'a',
+        long = "cluster-address",
+        default_value = "127.0.0.1",
+        env = "CLUSTER_ADDRESS"
+    )]
+    pub cluster_address: String,
+
+    /// gRPC worker-registration port of the cluster orchestrator.
+    #[arg(
+        short = 'p',
+        long = "cluster-port",
+        default_value_t = 10100,
+        env = "CLUSTER_PORT"
+    )]
+    pub cluster_port: u16,
+
+    /// Port of the local NetManager API on 127.0.0.1 (0 = run without NetManager: instances get no
+    /// overlay address).
+    #[arg(short = 'n', long = "netmanager-port", default_value_t = 6000)]
+    pub netmanager_port: u16,
+
+    /// Enable unikernel support (qemu). Accepts `-u`, `-u=true`, `-u=false`.
+    #[arg(short = 'u', long = "unikernel", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true")]
+    pub unikernel: bool,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter directive).
+    #[arg(long = "log-level", default_value = "info", env = "NODE_ENGINE_LOG")]
+    pub log_level: String,
+
+    /// Path of containerd's gRPC socket.
+    #[arg(
+        long = "containerd-socket",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_socket: PathBuf,
+
+    /// Name this worker registers under (default: the host name).
+    #[arg(long = "node-name")]
+    pub node_name: Option<String>,
+
+    /// Directory for persistent state (node id) and instance logs.
+    #[arg(long = "data-dir", default_value = "/var/lib/oakestra-rs/node-engine")]
+    pub data_dir: PathBuf,
+
+    /// containerd namespace holding this worker's images and containers.
+    #[arg(long = "namespace", default_value = "oakestra")]
+    pub namespace: String,
+
+    /// Optional registration token presented to the cluster.
+    #[arg(long = "token", env = "OAK_WORKER_TOKEN", default_value = "")]
+    pub token: String,
+
+    /// Optional "lat,lon" location of this worker, reported with its resources.
+    #[arg(long = "location", default_value = "")]
+    pub location: String,
+}
+
+impl Config {
+    /// gRPC endpoint of the cluster orchestrator.
+    pub fn cluster_url(&self) -> String {
+        let host = if self.cluster_address.contains(':') && !self.cluster_address.starts_with('[') {
+            format!("[{}]", self.cluster_address)
+        } else {
+            self.cluster_address.clone()
+        };
+        format!("http://{}:{}", host, self.cluster_port)
+    }
+
+    /// The node name: the flag, else the host name.
+    pub fn node_name(&self) -> String {
+        if let Some(n) = &self.node_name {
+            if !n.is_empty() {
+                return n.clone();
+            }
+        }
+        hostname()
+    }
+}
+
+/// Host name of this machine.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut v = vec!["NodeEngine"];
+        v.extend_from_slice(args);
+        Config::try_parse_from(v).expect("flags parse")
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]);
+        assert_eq!(c.cluster_address, "127.0.0.1");
+        assert_eq!(c.cluster_port, 10100);
+        assert_eq!(c.netmanager_port, 6000);
+        assert!(!c.unikernel);
+        assert_eq!(c.namespace, "oakestra");
+        assert_eq!(
+            c.data_dir,
+            PathBuf::from("/var/lib/oakestra-rs/node-engine")
+        );
+        assert_eq!(c.cluster_url(), "http://127.0.0.1:10100");
+    }
+
+    #[test]
+    fn unikernel_forms() {
+        assert!(parse(&["-u=true"]).unikernel);
+        assert!(parse(&["-u"]).unikernel);
+        assert!(!parse(&["-u=false"]).unikernel);
+        assert!(parse(&["--unikernel=true"]).unikernel);
+        assert!(parse(&["--unikernel"]).unikernel);
+        // -u followed by another flag must not swallow it.
+        let c = parse(&["-u", "-n", "7000"]);
+        assert!(c.unikernel);
+        assert_eq!(c.netmanager_port, 7000);
+    }
+
+    #[test]
+    fn ports_and_address() {
+        let c = parse(&["-n", "6000", "-a", "10.0.0.5", "-p", "10200"]);
+        assert_eq!(c.netmanager_port, 6000);
+        assert_eq!(c.cluster_url(), "http://10.0.0.5:10200");
+        assert_eq!(parse(&["-n", "0"]).netmanager_port, 0);
+        assert_eq!(parse(&["-a", "::1"]).cluster_url(), "http://[::1]:10100");
+        assert!(Config::try_parse_from(["NodeEngine", "-p", "notaport"]).is_err());
+    }
+
+    #[test]
+    fn help_documents_every_flag() {
+        use clap::CommandFactory;
+        let help = Config::command().render_long_help().to_string();
+        for flag in [
+            "--cluster-address",
+            "--cluster-port",
+            "--netmanager-port",
+            "--unikernel",
+            "--log-level",
+            "--containerd-socket",
+            "--node-name",
+            "--data-dir",
+            "--namespace",
+        ] {
+            assert!(help.contains(flag), "help lacks {flag}");
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! Image references and local image archives (OCI layout tar, `docker save` tar).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MT_OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const MT_DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+pub const MT_DOCKER_LAYER_GZ: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}
+
+pub fn is_index(media_type: &str) -> bool {
+    media_type == MT_OCI_INDEX || media_type == MT_DOCKER_LIST
+}
+
+/// Where an instance's image comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    /// A registry reference, normalized (`docker.io/library/nginx:latest`).
+    Reference(String),
+    /// A local archive (OCI layout tar or `docker save` tar).
+    Archive(PathBuf),
+}
+
+/// Interprets the SLA `code` field.
+pub fn parse_source(code: &str) -> anyhow::Result<ImageSource> {
+    let code = code.trim();
+    if code.is_empty() {
+        bail!("invalid image reference: the service has no `code` (image)");
+    }
+    for prefix in ["oci-archive:", "docker-archive:", "archive:", "file://"] {
+        if let Some(p) = code.strip_prefix(prefix) {
+            return Ok(ImageSource::Archive(PathBuf::from(p)));
+        }
+    }
+    if code.starts_with('/') || code.starts_with("./") {
+        return Ok(ImageSource::Archive(PathBuf::from(code)));
+    }
+    Ok(ImageSource::Reference(normalize_reference(code)?))
+}
+
+/// Docker-style normalization: `busybox` → `docker.io/library/busybox:latest`.
+pub fn normalize_reference(r: &str) -> anyhow::Result<String> {
+    let valid = !r.is_empty()
+        && r.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
+        && !r.starts_with(['/', ':', '@', '.', '-'])
+        && !r.ends_with(['/', ':', '@']);
+    if !valid {
+        bail!("invalid image reference '{r}': only [a-z0-9._-/:@] are allowed, e.g. docker.io/library/nginx:1.27");
+    }
+    let (name_part, digest) = match r.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (r, None),
+    };
+    let last_slash = name_part.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let (name, tag) = match name_part[last_slash..].rfind(':') {
+        Some(i) => (
+            &name_part[..last_slash + i],
+            Some(&name_part[last_slash + i + 1..]),
+        ),
+        None => (name_part, None),
+    };
+    if name.chars().any(|c| c.is_ascii_uppercase()) {
+        bail!("invalid image reference '{r}': repository names must be lowercase");
+    }
+    let first = name.split('/').next().unwrap_or("");
+    let has_domain =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let full = if has_domain {
+        name.to_string()
+    } else if name.contains('/') {
+        format!("docker.io/{name}")
+    } else {
+        format!("docker.io/library/{name}")
+    };
+    Ok(match (tag, digest) {
+        (_, Some(d)) => format!(
+            "{full}{}@{d}",
+            tag.map(|t| format!(":{t}")).unwrap_or_default()
+        ),
+        (Some(t), None) => format!("{full}:{t}"),
+        (None, None) => format!("{full}:latest"),
+    })
+}
+
+/// A blob to write into the content store.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub digest: String,
+    pub media_type: String,
+    pub data: Vec<u8>,
+    /// GC reference labels (a manifest references its config and layers).
+    pub labels: HashMap<String, String>,
+}
+
+/// An archive, ready to be written: blobs in dependency order (children first), and the image record.
+#[derive(Debug, Clone)]
+pub struct ImportPlan {
+    pub name: String,
+    pub blobs: Vec<Blob>,
+    pub target_media_type: String,
+    pub target_digest: String,
+    pub target_size: i64,
+}
+
+fn read_tar(path: &Path) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open image archive {}", path.display()))?;
+    let mut ar = tar::Archive::new(std::io::BufReader::new(f));
+    let mut files = HashMap::new();
+    for entry in ar
+        .entries()
+        .with_context(|| format!("{} is not a tar archive", path.display()))?
+    {
+        let mut entry = entry.with_context(|| format!("corrupt tar archive {}", path.display()))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut data)?;
+        files.insert(name, data);
+    }
+    Ok(files)
+}
+
+fn default_name(path: &Path, tag: Option<&str>) -> String {
+    let stem = path
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "image".into());
+    let stem = stem.trim_end_matches(".tar").trim_end_matches(".oci");
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("import.local/{}:{}", clean, tag.unwrap_or("latest"))
+}
+
+/// Reads an archive and plans its import.
+pub fn plan_import(path: &Path, arch: &str) -> anyhow::Result<ImportPlan> {
+    let files = read_tar(path)?;
+    if files.contains_key("index.json") {
+        plan_oci(path, &files, arch)
+    } else if files.contains_key("manifest.json") {
+        plan_docker(path, &files)
+    } else {
+        bail!("{} is neither an OCI image layout (index.json) nor a docker save archive (manifest.json)", path.display())
+    }
+}
+
+fn blob_path(digest: &str) -> anyhow::Result<String> {
+    let (alg, hex) = digest
+        .split_once(':')
+        .with_context(|| format!("bad digest {digest}"))?;
+    Ok(format!("blobs/{alg}/{hex}"))
+}
+
+fn platform_matches(d: &Value, arch: &str) -> bool {
+    d.get("platform")
+        .map(|p| {
+            p["architecture"].as_str() == Some(arch)
+                && p["os"].as_str().unwrap_or("linux") == "linux"
+        })
+        .unwrap_or(true)
+}
+
+fn plan_oci(
+    path: &Path,
+    files: &HashMap<String, Vec<u8>>,
+    arch: &str,
+) -> anyhow::Result<ImportPlan> {
+    let index: Value =
+        serde_json::from_slice(&files["index.json"]).context("index.json is not JSON")?;
+    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+    let top = manifests
+        .iter()
+        .find(|d| platform_matches(d, arch))
+        .or(manifests.first())
+        .with_context(|| format!("{}: index.json lists no manifest", path.display()))?
+        .clone();
+    let mut blobs = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    add_oci_tree(files, &top, &mut blobs, &mut seen)?;
+    let ann = &top["annotations"];
+    let name = ann["io.containerd.image.name"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| {
+            ann["org.opencontainers.image.ref.name"].as_str().map(|r| {
+                if r.contains('/') || r.contains(':') {
+                    normalize_reference(r).unwrap_or_else(|_| default_name(path, None))
+                } else {
+                    default_name(path, Some(r))
+                }
+            })
+        })
+        .unwrap_or_else(|| default_name(path, None));
+    Ok(ImportPlan {
+        name,
+        blobs,
+        target_media_type: top["mediaType"]
+            .as_str()
+            .unwrap_or(MT_OCI_MANIFEST)
+            .to_string(),
+        target_digest: top["digest"].as_str().unwrap_or_default().to_string(),
+        target_size: top["size"].as_i64().unwrap_or(0),
+    })
+}
+
+fn add_oci_tree(
+    files: &HashMap<String, Vec<u8>>,
+    desc: &Value,
+    out: &mut Vec<Blob>,
+    seen: &mut std::collections::HashSet<String>,
+) -> anyhow::Result<()> {
+    let digest = desc["digest"]
+        .as_str()
+        .context("descriptor without digest")?
+        .to_string();
+    if !seen.insert(digest.clone()) {
+        return Ok(());
+    }
+    let media_type = desc["mediaType"].as_str().unwrap_or_default().to_string();
+    let data = files
+        .get(&blob_path(&digest)?)
+        .with_context(|| format!("archive lacks blob {digest}"))?
+        .clone();
+    if sha256_digest(&data) != digest {
+        bail!("blob {digest} in the archive does not match its digest");
+    }
+    let mut labels = HashMap::new();
+    if media_type == MT_OCI_MANIFEST || media_type == MT_DOCKER_MANIFEST || is_index(&media_type) {
+        let doc: Value =
+            serde_json::from_slice(&data).with_context(|| format!("{digest} is not JSON"))?;
+        if is_index(&media_type) {
+            for (i, m) in doc["manifests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                // Only children present in the archive (single-platform archives list others too).
+                if let Some(d) = m["digest"].as_str() {
+                    if files.contains_key(&blob_path(d)?) {
+                        add_oci_tree(files, m, out, seen)?;
+                        labels.insert(format!("containerd.io/gc.ref.content.m.{i}"), d.to_string());
+                    }
+                }
+            }
+        } else {
+            let config = &doc["config"];
+            add_oci_tree(files, config, out, seen)?;
+            labels.insert(
+                "containerd.io/gc.ref.content.config".into(),
+                config["digest"].as_str().unwrap_or_default().into(),
+            );
+            for (i, l) in doc["layers"].as_array().into_iter().flatten().enumerate() {
+                add_oci_tree(files, l, out, seen)?;
+                labels.insert(
+                    format!("containerd.io/gc.ref.content.l.{i}"),
+                    l["digest"].as_str().unwrap_or_default().into(),
+                );
+            }
+        }
+    }
+    out.push(Blob {
+        digest,
+        media_type,
+        data,
+        labels,
+    });
+    Ok(())
+}
+
+fn plan_docker(path: &Path, files: &HashMap<String, Vec<u8>>) -> anyhow::Result<ImportPlan> {
+    let manifest: Value =
+        serde_json::from_slice(&files["manifest.json"]).context("manifest.json is not JSON")?;
+    let entry = manifest
+        .as_array()
+        .and_then(|a| a.first())
+        .context("manifest.json lists no image")?;
+    let config_path = entry["Config"]
+        .as_str()
+        .context("manifest.json: no Config")?;
+    let config = files
+        .get(config_path)
+        .with_context(|| format!("archive lacks {config_path}"))?
+        .clone();
+    let mut blobs = Vec::new();
+    let mut layer_descs = Vec::new();
+    let mut labels = HashMap::new();
+    for (i, l) in entry["Layers"].as_array().into_iter().flatten().enumerate() {
+        let lp = l.as_str().context("bad layer path")?;
+        let data = files
+            .get(lp)
+            .with_context(|| format!("archive lacks layer {lp}"))?
+            .clone();
+        let gz = data.starts_with(&[0x1f, 0x8b]);
+        let media_type = if gz {
+            MT_DOCKER_LAYER_GZ
+        } else {
+            MT_DOCKER_LAYER
+        };
+        let digest = sha256_digest(&data);
+        layer_descs.push(json!({"mediaType": media_type, "size": data.len(), "digest": digest}));
+        labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            digest.clone(),
+        );
+        if !blobs.iter().any(|b: &Blob| b.digest == digest) {
+            blobs.push(Blob {
+                digest,
+                media_type: media_type.into(),
+                data,
+                labels: HashMap::new(),
+            });
+        }
+    }
+    let config_digest = sha256_digest(&config);
+    labels.insert(
+        "containerd.io/gc.ref.content.config".into(),
+        config_digest.clone(),
+    );
+    let manifest_doc = json!({
+        "schemaVersion": 2,
+        "mediaType": MT_DOCKER_MANIFEST,
+        "config": {"mediaType": MT_DOCKER_CONFIG, "size": config.len(), "digest": config_digest},
+        "layers": layer_descs,
+    });
+    blobs.push(Blob {
+        digest: config_digest,
+        media_type: MT_DOCKER_CONFIG.into(),
+        data: config,
+        labels: HashMap::new(),
+    });
+    let mdata = serde_json::to_vec(&manifest_doc)?;
+    let mdigest = sha256_digest(&mdata);
+    let size = mdata.len() as i64;
+    blobs.push(Blob {
+        digest: mdigest.clone(),
+        media_type: MT_DOCKER_MANIFEST.into(),
+        data: mdata,
+        labels,
+    });
+    let name = entry["RepoTags"]
+        .as_array()
+        .and_then(|t| t.first())
+        .and_then(|t| t.as_str())
+        .and_then(|t| normalize_reference(t).ok())
+        .unwrap_or_else(|| default_name(path, None));
+    Ok(ImportPlan {
+        name,
+        blobs,
+        target_media_type: MT_DOCKER_MANIFEST.into(),
+        target_digest: mdigest,
+        target_size: size,
+    })
+}
+
+/// Chain IDs of a layer stack (OCI image spec): chain(0)=diff(0), chain(n)=sha256(chain(n-1)+" "+diff(n)).
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => sha256_digest(format!("{prev} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        assert_eq!(
+            normalize_reference("busybox").unwrap(),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            normalize_reference("nginx:1.27").unwrap(),
+            "docker.io/library/nginx:1.27"
+        );
+        assert_eq!(
+            normalize_reference("oakestra/app:v1").unwrap(),
+            "docker.io/oakestra/app:v1"
+        );
+        assert_eq!(
+            normalize_reference("ghcr.io/a/b").unwrap(),
+            "ghcr.io/a/b:latest"
+        );
+        assert_eq!(
+            normalize_reference("localhost:5000/x:1").unwrap(),
+            "localhost:5000/x:1"
+        );
+        assert!(normalize_reference("Not A Ref!").is_err());
+        assert!(normalize_reference("UPPER/case").is_err());
+        assert_eq!(
+            parse_source("oci-archive:/tmp/x.tar").unwrap(),
+            ImageSource::Archive("/tmp/x.tar".into())
+        );
+        assert_eq!(
+            parse_source("/tmp/x.tar").unwrap(),
+            ImageSource::Archive("/tmp/x.tar".into())
+        );
+        assert!(parse_source("").is_err());
+    }
+
+    #[test]
+    fn chain() {
+        let c = chain_ids(&["sha256:a".into(), "sha256:b".into()]);
+        assert_eq!(c[0], "sha256:a");
+        assert_eq!(c[1], sha256_digest(b"sha256:a sha256:b"));
+    }
+}

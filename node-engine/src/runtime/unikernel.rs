@@ -1,0 +1,303 @@
+//! Unikernels on qemu (only with -u): the SLA `code` is a `.tar.gz` (local path or http:// URL)
+//! holding `kernel` and optionally `initramfs.cpio`. KVM is used when /dev/kvm works, TCG otherwise.
+//! No network device yet: NetManager wiring of unikernels is not implemented.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use oak_proto::v1::ServiceSpec;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// How a VM ended: exit code (or 128+signal); None while running.
+pub type ExitRx = watch::Receiver<Option<i32>>;
+
+/// What is persisted next to a running VM, for re-adoption after a NodeEngine restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub service_id: String,
+    pub instance_number: u32,
+    pub job_name: String,
+    pub one_shot: bool,
+    pub memory_mb: u64,
+    pub pid: u32,
+}
+
+pub fn vm_dir(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("unikernels").join(id)
+}
+
+/// Downloads (http://) or copies the archive and extracts `kernel` / `initramfs.cpio` into `dir`.
+pub async fn fetch_image(code: &str, dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = if code.starts_with("http://") || code.starts_with("https://") {
+        info!(url = code, "downloading unikernel image");
+        let resp = reqwest::get(code)
+            .await
+            .with_context(|| format!("cannot download unikernel image {code}"))?;
+        if !resp.status().is_success() {
+            bail!(
+                "cannot download unikernel image {code}: HTTP {}",
+                resp.status()
+            );
+        }
+        resp.bytes().await?.to_vec()
+    } else {
+        let p = code.strip_prefix("file://").unwrap_or(code);
+        std::fs::read(p).with_context(|| format!("cannot read unikernel image {p}"))?
+    };
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || extract(&bytes, &dir)).await?
+}
+
+fn extract(bytes: &[u8], dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let reader: Box<dyn Read> = if bytes.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(bytes))
+    } else {
+        Box::new(bytes)
+    };
+    let mut ar = tar::Archive::new(reader);
+    let (mut kernel, mut initrd) = (None, None);
+    for e in ar
+        .entries()
+        .context("unikernel image is not a tar(.gz) archive")?
+    {
+        let mut e = e.context("corrupt unikernel archive")?;
+        if !e.header().entry_type().is_file() {
+            continue;
+        }
+        let name = e
+            .path()?
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let target = match name.as_str() {
+            "kernel" => dir.join("kernel"),
+            "initramfs.cpio" | "initrd" | "initramfs.cpio.gz" => dir.join("initramfs.cpio"),
+            _ => continue,
+        };
+        let mut f = std::fs::File::create(&target)?;
+        std::io::copy(&mut e, &mut f)?;
+        if name == "kernel" {
+            kernel = Some(target);
+        } else {
+            initrd = Some(target);
+        }
+    }
+    let kernel = kernel.context("unikernel archive has no `kernel` file")?;
+    Ok((kernel, initrd))
+}
+
+/// qemu arguments (without the binary).
+pub fn qemu_args(
+    spec: &ServiceSpec,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    log: &Path,
+    kvm: bool,
+) -> Vec<String> {
+    let mem = if spec.memory_mb > 0 {
+        spec.memory_mb
+    } else {
+        64
+    };
+    let smp = spec.vcpus.ceil().max(1.0) as u32;
+    let mut a: Vec<String> = vec![
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-m".into(),
+        mem.to_string(),
+        "-smp".into(),
+        smp.to_string(),
+        "-nodefaults".into(),
+        "-no-reboot".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-chardev".into(),
+        format!("file,id=serial0,path={},append=on", log.display()),
+        "-serial".into(),
+        "chardev:serial0".into(),
+    ];
+    if let Some(i) = initrd {
+        a.push("-initrd".into());
+        a.push(i.display().to_string());
+    }
+    let mut append = vec!["console=ttyS0".to_string()];
+    append.extend(spec.args.iter().cloned());
+    a.push("-append".into());
+    a.push(append.join(" "));
+    if kvm {
+        a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]);
+    } else {
+        a.extend(["-accel".into(), "tcg".into()]);
+    }
+    a
+}
+
+/// Set once qemu failed under KVM on this host (nested KVM can be flaky): later VMs use TCG.
+pub static KVM_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the next VM runs under KVM. `OAK_NODE_ENGINE_NO_KVM=1` forces TCG.
+pub fn use_kvm() -> bool {
+    crate::metrics::kvm_usable()
+        && std::env::var_os("OAK_NODE_ENGINE_NO_KVM").is_none()
+        && !KVM_BROKEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Called when a VM ended: if qemu died of a KVM error, KVM is disabled for later VMs and the
+/// reason is returned.
+pub fn kvm_failure(log: &Path, code: i32) -> Option<String> {
+    if code == 0 {
+        return None;
+    }
+    let tail = super::tail_file(log, 2048);
+    let line = tail
+        .lines()
+        .find(|l| l.to_lowercase().contains("kvm"))?
+        .trim()
+        .to_string();
+    KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    Some(line)
+}
+
+/// Starts qemu; returns its pid and a receiver that gets the exit code.
+pub async fn launch(
+    qemu: &Path,
+    spec: &ServiceSpec,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    log: &Path,
+) -> anyhow::Result<(u32, ExitRx)> {
+    let mut kvm = use_kvm();
+    loop {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let err = out.try_clone()?;
+        let args = qemu_args(spec, kernel, initrd, log, kvm);
+        info!(qemu = %qemu.display(), accel = if kvm { "kvm" } else { "tcg" }, "starting unikernel VM");
+        let mut child = tokio::process::Command::new(qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(false)
+            .spawn()
+            .with_context(|| format!("cannot start {}", qemu.display()))?;
+        let pid = child.id().unwrap_or(0);
+        // A KVM that cannot be used makes qemu exit at once: fall back to TCG.
+        if kvm {
+            if let Ok(Ok(status)) =
+                tokio::time::timeout(Duration::from_millis(700), child.wait()).await
+            {
+                let tail = super::tail_file(log, 2048);
+                if tail.to_lowercase().contains("kvm") {
+                    warn!(status = ?status, "qemu could not use KVM; using TCG emulation from now on");
+                    KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                    kvm = false;
+                    continue;
+                }
+                let (tx, rx) = watch::channel(Some(exit_code(status)));
+                drop(tx);
+                return Ok((pid, rx));
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let code = match child.wait().await {
+                Ok(s) => exit_code(s),
+                Err(_) => -1,
+            };
+            let _ = tx.send(Some(code));
+        });
+        return Ok((pid, rx));
+    }
+}
+
+fn exit_code(s: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+}
+
+/// Watches a process that is not our child (re-adopted VM) through a pidfd; its exit code is
+/// unknown, reported as -1.
+pub fn watch_foreign(pid: u32) -> anyhow::Result<ExitRx> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain syscall; the returned fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) } as libc::c_int;
+    if fd < 0 {
+        bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid file descriptor we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `owned` is an OwnedFd moved into the AsyncFd, which keeps it open while registered.
+    let afd = unsafe { tokio::io::unix::AsyncFd::register(owned) }
+        .map_err(|e| anyhow::anyhow!("registering pidfd: {e}"))?;
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let _ = afd.readable().await;
+        let _ = tx.send(Some(-1));
+    });
+    Ok(rx)
+}
+
+/// Whether `pid` is a qemu process running the VM `id` (its kernel path contains the id).
+pub fn is_our_vm(pid: u32, id: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("qemu-system") && c.contains(id)
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args() {
+        let s = ServiceSpec {
+            memory_mb: 128,
+            vcpus: 1.5,
+            args: vec!["ip=10.0.0.2".into()],
+            ..Default::default()
+        };
+        let a = qemu_args(
+            &s,
+            Path::new("/k"),
+            Some(Path::new("/i")),
+            Path::new("/l"),
+            false,
+        );
+        let j = a.join(" ");
+        assert!(
+            j.contains("-m 128") && j.contains("-smp 2") && j.contains("-initrd /i"),
+            "{j}"
+        );
+        assert!(
+            j.contains("-accel tcg") && j.contains("console=ttyS0 ip=10.0.0.2"),
+            "{j}"
+        );
+        let k = qemu_args(
+            &ServiceSpec::default(),
+            Path::new("/k"),
+            None,
+            Path::new("/l"),
+            true,
+        )
+        .join(" ");
+        assert!(
+            k.contains("-accel kvm -cpu host") && k.contains("-m 64") && !k.contains("-initrd"),
+            "{k}"
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! Runtime tests against a real containerd (root only; skipped with a printed reason otherwise).
+
+mod common;
+
+use std::time::Duration;
+
+use oak_node_engine::runtime::instance_id;
+
+fn memory_limit_bytes(cgroups_path: &str) -> Option<u64> {
+    let rel = cgroups_path.trim_start_matches('/');
+    for f in [
+        format!("/sys/fs/cgroup/memory/{rel}/memory.limit_in_bytes"),
+        format!("/sys/fs/cgroup/{rel}/memory.max"),
+    ] {
+        if let Ok(s) = std::fs::read_to_string(&f) {
+            return s.trim().parse().ok();
+        }
+    }
+    None
+}
+
+/// HTTP GET of 127.0.0.1:`port``path` from inside the network namespace of `pid` (a thread that
+/// setns()es into it; busybox wget segfaults on this host).
+async fn http_get_in_netns(pid: u32, port: u16, path: &str) -> Result<String, String> {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || -> Result<String, String> {
+            use std::io::{Read, Write};
+            use std::os::fd::AsRawFd;
+            let ns =
+                std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
+            // SAFETY: a valid netns fd; only this short-lived thread changes namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("setns: {}", std::io::Error::last_os_error()));
+            }
+            let mut s =
+                std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+            if !resp.starts_with("HTTP/1.") || !resp.contains(" 200 ") {
+                return Err(format!("bad answer: {resp}"));
+            }
+            Ok(resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default())
+        })
+        .join()
+        .map_err(|_| "thread panicked".to_string())?
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httpd_runs_answers_and_undeploys_cleanly() {
+    require_containerd!();
+    let env = common::Env::new("httpd");
+    let (rt, mut rx) = env.runtime().await;
+    let mut spec = env.spec(
+        "svc-httpd",
+        &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
+    );
+    spec.memory_mb = 64;
+    spec.vcpus = 0.5;
+    spec.environment = vec!["SLA_VAR=1".into()];
+    let id = instance_id(&spec.job_name, 0);
+    rt.deploy(spec.clone(), 0);
+
+    let mut seen = Vec::new();
+    let running = common::wait_for(&mut rx, "svc-httpd", &["RUNNING"], &mut seen).await;
+    assert_eq!(seen, ["CREATING", "CREATED", "RUNNING"]);
+    assert_eq!(running.instance_number, 0);
+    if memory_limit_bytes(&rt.cgroups_path(&id)).is_some() {
+        assert!(running.memory_bytes > 0, "instance memory use reported");
+    }
+    let pid = rt.pid_of("svc-httpd", 0).expect("pid known");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+
+    // Limits were applied to the cgroup.
+    if let Some(limit) = memory_limit_bytes(&rt.cgroups_path(&id)) {
+        assert_eq!(limit, 64 * 1024 * 1024);
+    } else {
+        eprintln!("note: memory cgroup of {id} not found, limit not checked");
+    }
+    // Its own network namespace, not the host's.
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap()
+    );
+
+    // httpd answers inside the instance's netns (poll: listening has no signal we can wait on).
+    let mut body = Err(String::new());
+    for _ in 0..50 {
+        body = http_get_in_netns(pid, 8080, "/index.html").await;
+        if body.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if body.is_err() {
+        let logs = std::fs::read_to_string(rt.log_path(&id)).unwrap_or_default();
+        let ip = std::process::Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-n", "ip", "addr"])
+            .output()
+            .unwrap();
+        panic!(
+            "httpd does not answer: {body:?}; logs: {logs}; netns: {}",
+            String::from_utf8_lossy(&ip.stdout)
+        );
+    }
+    assert_eq!(body.unwrap(), "hello-oak");
+    // Image env and SLA env both reach the process.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains("IMAGE_VAR=from-image") && environ.contains("SLA_VAR=1"),
+        "{environ}"
+    );
+
+    rt.undeploy("svc-httpd", 0).await.expect("undeploy");
+    let st = common::wait_for(&mut rx, "svc-httpd", &["UNDEPLOYED"], &mut seen).await;
+    assert_eq!(st.detail, "stopped and removed");
+    common::assert_gone(&rt, &id).await;
+    assert!(!rt.log_path(&id).exists(), "log file left behind");
+    assert!(rt.instances().is_empty());
+    env.cleanup(&rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_is_enforced() {
+    require_containerd!();
+    let env = common::Env::new("oom");
+    let (rt, mut rx) = env.runtime().await;
+    let mut spec = env.spec(
+        "svc-oom",
+        &[
+            "/bin/sh",
+            "-c",
+            "x=0123456789abcdef; while :; do x=$x$x; done",
+        ],
+    );
+    spec.memory_mb = 16;
+    let id = instance_id(&spec.job_name, 0);
+    rt.deploy(spec, 0);
+    let mut seen = Vec::new();
+    common::wait_for(&mut rx, "svc-oom", &["RUNNING"], &mut seen).await;
+    let failed = common::wait_for(&mut rx, "svc-oom", &["FAILED"], &mut seen).await;
+    assert!(
+        failed.detail.contains("memory limit exceeded"),
+        "detail: {}",
+        failed.detail
+    );
+    assert!(failed.detail.contains("16 MB"), "detail: {}", failed.detail);
+    assert_eq!(failed.exit_code, Some(137));
+    rt.undeploy("svc-oom", 0).await.expect("undeploy");
+    common::wait_for(&mut rx, "svc-oom", &["UNDEPLOYED"], &mut seen).await;
+    common::assert_gone(&rt, &id).await;
+    env.cleanup(&rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_image_fails_clearly_and_others_still_run() {
+    require_containerd!();
+    let env = common::Env::new("badimg");
+    let (rt, mut rx) = env.runtime().await;
+
+    let mut bad = env.spec("svc-bad", &[]);
+    bad.code = "registry.invalid/oak-ne/none:1".into();
+    rt.deploy(bad.clone(), 0);
+    let mut seen = Vec::new();
+    let f = common::wait_for(&mut rx, "svc-bad", &["FAILED"], &mut seen).await;
+    assert_eq!(seen, ["CREATING", "FAILED"]);
+    eprintln!("bad image detail: {}", f.detail);
+    assert!(
+        f.detail.contains("registry.invalid/oak-ne/none:1"),
+        "detail: {}",
+        f.detail
+    );
+    common::assert_gone(&rt, &instance_id(&bad.job_name, 0)).await;
+
+    let mut invalid = env.spec("svc-invalid", &[]);
+    invalid.code = "Not A Ref!".into();
+    rt.deploy(invalid, 0);
+    let f = common::wait_for(&mut rx, "svc-invalid", &["FAILED"], &mut Vec::new()).await;
+    assert!(
+        f.detail.contains("invalid image reference"),
+        "detail: {}",
+        f.detail
+    );
+
+    let mut missing = env.spec("svc-missing", &[]);
+    missing.code = format!("oci-archive:{}/nope.tar", env.dir.path().display());
+    rt.deploy(missing, 0);
+    let f = common::wait_for(&mut rx, "svc-missing", &["FAILED"], &mut Vec::new()).await;
+    assert!(f.detail.contains("nope.tar"), "detail: {}", f.detail);
+
+    // The worker keeps serving: a one-shot instance runs to COMPLETED with its output in the logs.
+    let mut ok = env.spec("svc-oneshot", &["/bin/sh", "-c", "echo done-$IMAGE_VAR"]);
+    ok.one_shot = true;
+    rt.deploy(ok.clone(), 0);
+    let mut seen = Vec::new();
+    let done = common::wait_for(&mut rx, "svc-oneshot", &["COMPLETED"], &mut seen).await;
+    assert_eq!(done.exit_code, Some(0));
+    assert!(
+        done.logs.contains("done-from-image"),
+        "logs: {:?}",
+        done.logs
+    );
+
+    // A failing command is FAILED with its exit code.
+    rt.deploy(env.spec("svc-exit3", &["/bin/sh", "-c", "exit 3"]), 0);
+    let f = common::wait_for(&mut rx, "svc-exit3", &["FAILED"], &mut Vec::new()).await;
+    assert_eq!(f.exit_code, Some(3));
+    assert!(f.detail.contains("exited with code 3"), "{}", f.detail);
+
+    // Unikernels are refused clearly without -u.
+    let mut uk = env.spec("svc-uk", &[]);
+    uk.virtualization = "unikernel".into();
+    rt.deploy(uk, 0);
+    let f = common::wait_for(&mut rx, "svc-uk", &["FAILED"], &mut Vec::new()).await;
+    assert_eq!(
+        f.detail,
+        "unikernel support not enabled (start with -u=true)"
+    );
+
+    for s in [
+        "svc-bad",
+        "svc-invalid",
+        "svc-missing",
+        "svc-oneshot",
+        "svc-exit3",
+        "svc-uk",
+    ] {
+        rt.undeploy(s, 0).await.expect("undeploy");
+    }
+    common::assert_gone(&rt, &instance_id(&ok.job_name, 0)).await;
+    env.cleanup(&rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_runtime_readopts_running_instances() {
+    require_containerd!();
+    let env = common::Env::new("adopt");
+    let (rt1, mut rx1) = env.runtime().await;
+    let spec = env.spec("svc-adopt", &["/bin/sleep", "600"]);
+    let id = instance_id(&spec.job_name, 2);
+    rt1.deploy(spec, 2);
+    common::wait_for(&mut rx1, "svc-adopt", &["RUNNING"], &mut Vec::new()).await;
+    let pid = rt1.pid_of("svc-adopt", 2).unwrap();
+
+    // A new runtime (as after a NodeEngine restart) finds it.
+    let (rt2, mut rx2) = env.runtime().await;
+    assert!(rt2.instances().is_empty());
+    let adopted = rt2.adopt().await.expect("adopt");
+    assert_eq!(adopted.len(), 1, "{adopted:?}");
+    assert_eq!(adopted[0].service_id, "svc-adopt");
+    assert_eq!(adopted[0].instance_number, 2);
+    assert_eq!(adopted[0].status, "RUNNING");
+    assert_eq!(rt2.pid_of("svc-adopt", 2), Some(pid));
+    let st = common::wait_for(&mut rx2, "svc-adopt", &["RUNNING"], &mut Vec::new()).await;
+    assert!(st.detail.contains("re-adopted"));
+
+    // The new runtime watches it: an external kill is reported.
+    let (rt3, mut rx3) = env.runtime().await;
+    rt3.adopt().await.unwrap();
+    common::wait_for(&mut rx3, "svc-adopt", &["RUNNING"], &mut Vec::new()).await;
+    rt3.containerd()
+        .kill_task(&id, libc::SIGKILL as u32)
+        .await
+        .unwrap();
+    let f = common::wait_for(&mut rx3, "svc-adopt", &["FAILED"], &mut Vec::new()).await;
+    assert!(f.detail.contains("signal 9"), "{}", f.detail);
+
+    // rt2 watches it too.
+    let f2 = common::wait_for(&mut rx2, "svc-adopt", &["FAILED"], &mut Vec::new()).await;
+    assert_eq!(f2.exit_code, Some(137));
+
+    rt2.undeploy("svc-adopt", 2).await.expect("undeploy");
+    common::wait_for(&mut rx2, "svc-adopt", &["UNDEPLOYED"], &mut Vec::new()).await;
+    common::assert_gone(&rt2, &id).await;
+    env.cleanup(&rt2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_save_archive_is_imported_and_runs() {
+    require_containerd!();
+    let env = common::Env::new("docker");
+    let (rt, mut rx) = env.runtime().await;
+    let tag = format!("oak-ne-test/{}:v1", common::unique("d"));
+    let archive = common::build_busybox_docker_archive(env.dir.path(), &tag);
+    let spec = oak_proto::v1::ServiceSpec {
+        service_id: "svc-docker".into(),
+        job_name: "t.docker.svc.x".into(),
+        code: format!("docker-archive:{}", archive.display()),
+        // SLA args replace the image Cmd, the Entrypoint stays.
+        args: vec!["echo from-$FROM".into()],
+        one_shot: true,
+        ..Default::default()
+    };
+    rt.deploy(spec.clone(), 0);
+    let done = common::wait_for(&mut rx, "svc-docker", &["COMPLETED"], &mut Vec::new()).await;
+    assert!(done.logs.contains("from-docker"), "logs: {:?}", done.logs);
+    rt.undeploy("svc-docker", 0).await.unwrap();
+    common::assert_gone(&rt, &instance_id(&spec.job_name, 0)).await;
+    rt.containerd()
+        .delete_image_sync(&format!("docker.io/{tag}"), true)
+        .await
+        .unwrap();
+    env.cleanup(&rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeploy_right_after_deploy_leaves_nothing() {
+    require_containerd!();
+    let env = common::Env::new("race");
+    let (rt, mut rx) = env.runtime().await;
+    for round in 0..3u32 {
+        let spec = env.spec("svc-race", &["/bin/sleep", "600"]);
+        let id = instance_id(&spec.job_name, round);
+        let deploying = rt.deploy(spec, round);
+        if round == 1 {
+            // Let the deploy get going first.
+            common::wait_for(&mut rx, "svc-race", &["CREATING"], &mut Vec::new()).await;
+        }
+        rt.undeploy("svc-race", round).await.expect("undeploy");
+        deploying.await.unwrap();
+        common::assert_gone(&rt, &id).await;
+        assert!(
+            rt.instances().is_empty(),
+            "round {round}: {:?}",
+            rt.instances()
+        );
+        // The last state reported for this instance is UNDEPLOYED.
+        let mut last = None;
+        while let Ok(st) = rx.try_recv() {
+            if st.instance_number == round {
+                last = Some(st.status);
+            }
+        }
+        if round != 1 || last.is_some() {
+            assert_eq!(last.as_deref(), Some("UNDEPLOYED"), "round {round}");
+        }
+    }
+    env.cleanup(&rt).await;
+}
