@@ -7,5 +7,6 @@ pub mod metrics;
 pub mod netmanager;
 pub mod runtime;
 pub mod session;
+pub mod testimage;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -128,22 +128,32 @@ impl Control {
             public_ip: self.public.ip().to_string(),
             tunnel_port: self.public.port() as u32,
         };
-        let mut client = self.client.clone();
-        let reply = match tokio::time::timeout(LEASE_TIMEOUT, client.lease_subnet(req)).await {
-            Err(_) => bail!(
-                "NetManager timeout: cannot reach the cluster network service at {} within {} s; check ClusterUrl \
-                 (and ClusterNetPort) in {config_path}",
-                self.url,
-                LEASE_TIMEOUT.as_secs()
-            ),
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => bail!(
-                "NetManager timeout: cannot reach the cluster network service at {} ({}); check ClusterUrl (and \
-                 ClusterNetPort) in {config_path}",
-                self.url,
-                status.message()
-            ),
-            Ok(Err(status)) => bail!("the cluster network service at {} refused the lease: {}", self.url, status.message()),
-            Ok(Ok(r)) => r.into_inner(),
+        // Unreachable (refused, not listening yet: a cluster starting beside us) is retried until the
+        // deadline; only then is it the fatal NetManager timeout.
+        let deadline = tokio::time::Instant::now() + LEASE_TIMEOUT;
+        let mut backoff = Duration::from_millis(100);
+        let reply = loop {
+            let mut client = self.client.clone();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let last = match tokio::time::timeout(left, client.lease_subnet(req.clone())).await {
+                Err(_) => "no answer".to_string(),
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => status.message().to_string(),
+                Ok(Err(status)) => {
+                    bail!("the cluster network service at {} refused the lease: {}", self.url, status.message())
+                }
+                Ok(Ok(r)) => break r.into_inner(),
+            };
+            if tokio::time::Instant::now() + backoff >= deadline {
+                bail!(
+                    "NetManager timeout: cannot reach the cluster network service at {} within {} s ({last}); check \
+                     ClusterUrl (and ClusterNetPort) in {config_path}",
+                    self.url,
+                    LEASE_TIMEOUT.as_secs()
+                );
+            }
+            tracing::debug!(url = %self.url, "cluster network service not reachable yet ({last}); retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         };
         let net = validate_subnet(&reply.subnet, &self.tables.snapshot()).map_err(|e| anyhow!("bad network received: {e}"))?;
         *self.subnet.lock().expect("lock") = Some(net);

@@ -8,11 +8,10 @@ use std::time::Duration;
 use oak_node_engine::runtime::{Runtime, RuntimeConfig};
 use oak_proto::v1::{InstanceStatus, ServiceSpec};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 pub const SOCKET: &str = "/run/containerd/containerd.sock";
-pub const BUSYBOX: &str = "/bin/busybox";
+pub use oak_node_engine::testimage::BUSYBOX;
 
 /// Why the containerd tests cannot run here (None = they can).
 pub fn skip_reason() -> Option<String> {
@@ -41,112 +40,20 @@ macro_rules! require_containerd {
     };
 }
 
-fn digest(b: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(b))
-}
-
-fn append_file(t: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_size(data.len() as u64);
-    h.set_mode(mode);
-    h.set_mtime(0);
-    t.append_data(&mut h, path, data).unwrap();
-}
-
-fn append_dir(t: &mut tar::Builder<Vec<u8>>, path: &str) {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Directory);
-    h.set_size(0);
-    h.set_mode(0o755);
-    h.set_mtime(0);
-    t.append_data(&mut h, path, std::io::empty()).unwrap();
-}
-
-fn append_symlink(t: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Symlink);
-    h.set_size(0);
-    h.set_mode(0o777);
-    h.set_mtime(0);
-    t.append_link(&mut h, path, target).unwrap();
-}
-
-/// Writes an OCI image layout tar (single layer: busybox + applet symlinks + /www/index.html)
-/// named `name`; returns its path.
+/// Writes an OCI image layout tar named `name`; returns its path.
 pub fn build_busybox_image(dir: &Path, name: &str) -> PathBuf {
-    let mut layer = tar::Builder::new(Vec::new());
-    for d in ["bin", "www", "tmp", "etc", "proc", "sys", "dev", "run"] {
-        append_dir(&mut layer, d);
-    }
-    let bb = std::fs::read(BUSYBOX).expect("read busybox");
-    append_file(&mut layer, "bin/busybox", &bb, 0o755);
-    for applet in ["sh", "httpd", "sleep", "wget", "echo", "cat", "ls"] {
-        append_symlink(&mut layer, &format!("bin/{applet}"), "busybox");
-    }
-    append_file(&mut layer, "www/index.html", b"hello-oak", 0o644);
-    let layer = layer.into_inner().unwrap();
-    let layer_digest = digest(&layer);
-
-    let config = serde_json::to_vec(&json!({
-        "architecture": oak_node_engine::metrics::go_arch(std::env::consts::ARCH),
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin", "IMAGE_VAR=from-image"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    }))
-    .unwrap();
-    let config_digest = digest(&config);
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
-    }))
-    .unwrap();
-    let manifest_digest = digest(&manifest);
-    let index = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest.len(),
-            "annotations": {"io.containerd.image.name": name},
-        }],
-    }))
-    .unwrap();
-
-    let mut out = tar::Builder::new(Vec::new());
-    append_file(
-        &mut out,
-        "oci-layout",
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-        0o644,
-    );
-    append_file(&mut out, "index.json", &index, 0o644);
-    for (d, data) in [
-        (&layer_digest, &layer),
-        (&config_digest, &config),
-        (&manifest_digest, &manifest),
-    ] {
-        append_file(
-            &mut out,
-            &format!("blobs/sha256/{}", d.trim_start_matches("sha256:")),
-            data,
-            0o644,
-        );
-    }
-    let path = dir.join("busybox-oci.tar");
-    std::fs::write(&path, out.into_inner().unwrap()).unwrap();
-    path
+    oak_node_engine::testimage::build_busybox_image(dir, name).expect("build the busybox image")
 }
+
+use oak_node_engine::testimage::{append_dir, append_file, append_symlink, digest};
 
 /// Writes a `docker save`-style archive (manifest.json + config + layer tar) tagged `repo_tag`.
 pub fn build_busybox_docker_archive(dir: &Path, repo_tag: &str) -> PathBuf {
     let mut layer = tar::Builder::new(Vec::new());
-    append_dir(&mut layer, "bin");
+    append_dir(&mut layer, "bin").unwrap();
     let bb = std::fs::read(BUSYBOX).expect("read busybox");
-    append_file(&mut layer, "bin/busybox", &bb, 0o755);
-    append_symlink(&mut layer, "bin/sh", "busybox");
+    append_file(&mut layer, "bin/busybox", &bb, 0o755).unwrap();
+    append_symlink(&mut layer, "bin/sh", "busybox").unwrap();
     let layer = layer.into_inner().unwrap();
     let config = serde_json::to_vec(&json!({
         "architecture": oak_node_engine::metrics::go_arch(std::env::consts::ARCH),
@@ -160,10 +67,10 @@ pub fn build_busybox_docker_archive(dir: &Path, repo_tag: &str) -> PathBuf {
     ]))
     .unwrap();
     let mut out = tar::Builder::new(Vec::new());
-    append_file(&mut out, "manifest.json", &manifest, 0o644);
-    append_file(&mut out, "cfg.json", &config, 0o644);
-    append_dir(&mut out, "abc");
-    append_file(&mut out, "abc/layer.tar", &layer, 0o644);
+    append_file(&mut out, "manifest.json", &manifest, 0o644).unwrap();
+    append_file(&mut out, "cfg.json", &config, 0o644).unwrap();
+    append_dir(&mut out, "abc").unwrap();
+    append_file(&mut out, "abc/layer.tar", &layer, 0o644).unwrap();
     let path = dir.join("busybox-docker.tar");
     std::fs::write(&path, out.into_inner().unwrap()).unwrap();
     path

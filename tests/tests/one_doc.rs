@@ -1,0 +1,124 @@
+//! 1-DOC end to end: root, cluster, NetManager and NodeEngine on one host (a network namespace), real
+//! containerd. Through the REST API: submit an SLA whose image is a local OCI archive (no registry here),
+//! deploy, see it RUNNING with an overlay address, fetch a page from it over the overlay, restart the
+//! NodeEngine (the container keeps running and is re-adopted), undeploy (task and container gone).
+
+use std::process::Command;
+use std::time::Duration;
+
+use oak_tests::{bin, require_root, wait_for, Api, Net};
+use serde_json::{json, Value};
+
+fn containerd_ready() -> bool {
+    Command::new("ctr").arg("version").output().is_ok_and(|o| o.status.success())
+}
+
+fn containers(ns: &str) -> String {
+    let out = Command::new("ctr").args(["-n", ns, "containers", "ls", "-q"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn one_doc_deploy_reach_restart_undeploy() {
+    if !require_root("one_doc_deploy_reach_restart_undeploy") {
+        return;
+    }
+    if !containerd_ready() {
+        assert!(std::env::var_os("CI").is_none(), "containerd is not running (cargo xtask test starts it)");
+        eprintln!("SKIPPED one_doc_deploy_reach_restart_undeploy: containerd is not running");
+        return;
+    }
+    let net = Net::new(&["doc"]).unwrap();
+    let h = net.host("doc");
+    let d = net.dir.path().to_path_buf();
+    let ctr_ns = format!("oak-1doc-{}", std::process::id());
+    let image = oak_node_engine::testimage::build_busybox_image(&d, "localhost/oak/busybox:1doc").unwrap();
+    let netcfg = d.join("netcfg.json");
+    std::fs::write(
+        &netcfg,
+        json!({"NodePublicAddress": h.ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": "127.0.0.1", "NodeName": "doc-worker"}).to_string(),
+    )
+    .unwrap();
+    let p = |s: &str| d.join(s).display().to_string();
+    let _root = h.spawn("root", &bin("root-orchestrator"), &["--data-dir", &p("root")], &[("OAK_ADMIN_PASSWORD", "pw")]).unwrap();
+    let _cluster = h
+        .spawn(
+            "cluster",
+            &bin("cluster-orchestrator"),
+            &["--data-dir", &p("cluster"), "--heartbeat-interval-ms", "500"],
+            &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
+        )
+        .unwrap();
+    let nm = h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
+    nm.wait_log("NetManager ready", Duration::from_secs(30)).unwrap();
+    let ne_args = ["-a", "127.0.0.1", "-n", "6000", "--data-dir", &p("ne"), "--namespace", &ctr_ns, "--node-name", "doc-worker"];
+    let mut ne = h.spawn("nodeengine", &bin("NodeEngine"), &ne_args, &[]).unwrap();
+
+    let mut api = Api::new(h.ip);
+    api = h.run(move || {
+        wait_for("root API", Duration::from_secs(20), || api.login("Admin", "pw").ok());
+        api
+    });
+    let call = |m: &'static str, path: &str, body: Option<Value>| {
+        let (api, path) = (api.clone(), path.to_string());
+        h.run(move || api.call(m, &path, body.as_ref()))
+    };
+    wait_for("the worker registered with its real resources", Duration::from_secs(30), || {
+        let c = call("GET", "/api/clusters/active", None).1;
+        (c[0]["active_nodes"] == 1 && c[0]["total_cpu_cores"].as_u64().unwrap_or(0) >= 1).then_some(())
+    });
+
+    let sla = json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"","application_name":"web",
+      "application_namespace":"doc","application_desc":"1-DOC","microservices":[{"microserviceID":"","microservice_name":"httpd",
+      "microservice_namespace":"doc","virtualization":"container","code":format!("oci-archive:{}", image.display()),
+      "cmd":["httpd","-f","-p","8080","-h","/www"],"memory":64,"vcpus":0.5}]}]});
+    let (c, v) = call("POST", "/api/application", Some(sla));
+    assert_eq!(c, 200, "{v}");
+    let sid = v[0]["microservices"][0].as_str().unwrap().to_string();
+    let (c, v) = call("POST", &format!("/api/service/{sid}/instance"), None);
+    assert_eq!(c, 200, "{v}");
+    let mut seen = Vec::new();
+    let inst = wait_for("instance RUNNING", Duration::from_secs(60), || {
+        let i = call("GET", &format!("/api/service/{sid}"), None).1["instance_list"][0].clone();
+        let st = i["status"].as_str().unwrap_or("").to_string();
+        if seen.last() != Some(&st) {
+            seen.push(st.clone());
+        }
+        assert!(!matches!(st.as_str(), "FAILED" | "DEAD"), "instance failed: {i}");
+        (st == "RUNNING").then_some(i)
+    });
+    eprintln!("states seen: {seen:?}");
+    assert_eq!(inst["node_name"], "doc-worker", "{inst}");
+    let addr = inst["ns_address"].as_str().unwrap_or("").to_string();
+    assert!(addr.starts_with("10.18."), "the instance has an overlay address: {inst}");
+    let url = format!("http://{addr}:8080/index.html");
+    let fetch = move || ureq::get(&url).timeout(Duration::from_secs(3)).call().ok().and_then(|r| r.into_string().ok());
+    let page = h.run({
+        let f = fetch.clone();
+        move || wait_for("the page over the overlay", Duration::from_secs(20), f)
+    });
+    assert_eq!(page, "hello-oak");
+    let task = containers(&ctr_ns);
+    assert!(task.contains(".instance.0"), "the container is in containerd: {task}");
+
+    // NodeEngine restart: the container keeps running and is re-adopted
+    assert!(ne.terminate(Duration::from_secs(20)).is_some(), "NodeEngine stops on SIGTERM");
+    let _ne2 = h.spawn("nodeengine-2", &bin("NodeEngine"), &ne_args, &[]).unwrap();
+    assert_eq!(h.run(fetch.clone()).as_deref(), Some("hello-oak"), "served while the NodeEngine was away");
+    wait_for("still RUNNING after the restart", Duration::from_secs(30), || {
+        let i = call("GET", &format!("/api/service/{sid}"), None).1["instance_list"][0].clone();
+        (i["status"] == "RUNNING").then_some(())
+    });
+
+    // undeploy: gone from the API and from containerd
+    let (c, _) = call("DELETE", &format!("/api/service/{sid}/instance/0"), None);
+    assert_eq!(c, 200);
+    wait_for("instance removed", Duration::from_secs(30), || {
+        call("GET", &format!("/api/service/{sid}"), None).1["instance_list"].as_array().is_some_and(|l| l.is_empty()).then_some(())
+    });
+    wait_for("container removed from containerd", Duration::from_secs(20), || {
+        (!containers(&ctr_ns).contains(".instance.0")).then_some(())
+    });
+    assert!(h.run(fetch).is_none(), "nothing answers after the undeploy");
+    let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();
+}
