@@ -25,12 +25,18 @@ pub struct WorkerView {
 }
 
 impl WorkerView {
-    /// CPU cores free for new instances.
+    /// CPU cores free for new instances: the cores no placed instance has asked for. What the worker is
+    /// busy with right now does not refuse a deployment (a small device compiling something would refuse
+    /// everything); it only ranks workers, see [`WorkerView::idle_cpu`].
     pub fn free_cpu(&self) -> f64 {
+        (f64::from(self.resources.cpu_cores) - self.reserved_cpu).max(0.0)
+    }
+
+    /// Cores idle now and not asked for: the ranking among workers that fit.
+    pub fn idle_cpu(&self) -> f64 {
         let r = &self.resources;
-        let cores = f64::from(r.cpu_cores);
-        let idle = cores * (1.0 - (r.cpu_percent / 100.0).clamp(0.0, 1.0));
-        idle.min(cores - self.reserved_cpu).max(0.0)
+        let idle = f64::from(r.cpu_cores) * (1.0 - (r.cpu_percent / 100.0).clamp(0.0, 1.0));
+        idle.min(self.free_cpu())
     }
 
     /// Memory (MB) free for new instances.
@@ -125,7 +131,7 @@ pub fn place(spec: &ServiceSpec, workers: &[WorkerView]) -> Result<String, NoFit
         let better = match best {
             None => true,
             Some(b) => {
-                let (fc, bc) = (w.free_cpu(), b.free_cpu());
+                let (fc, bc) = (w.idle_cpu(), b.idle_cpu());
                 fc > bc + 1e-9
                     || ((fc - bc).abs() <= 1e-9
                         && (w.free_memory_mb() > b.free_memory_mb()
@@ -204,11 +210,14 @@ mod tests {
     #[test]
     fn no_capacity_names_resources_available_and_each_worker() {
         let ws = [worker("a", 2, 50.0, 300), worker("b", 1, 0.0, 9000)];
-        let e = place(&spec(2.0, 512), &ws).unwrap_err();
+        let e = place(&spec(2.5, 512), &ws).unwrap_err();
         assert_eq!(e.status, NO_CAPACITY);
         assert!(e.detail.starts_with("NoResourcesAvailable: "), "{}", e.detail);
-        assert!(e.detail.contains("worker 'a' has 1.00 free cores"), "{}", e.detail);
+        assert!(e.detail.contains("worker 'a' has 2.00 free cores"), "{}", e.detail);
         assert!(e.detail.contains("worker 'b' has 1.00 free cores"), "{}", e.detail);
+        // memory: 'a' has the cores but reports only 300 MB free
+        let e = place(&spec(1.0, 512), &ws[..1]).unwrap_err();
+        assert!(e.detail.contains("worker 'a' has 300 MB free memory, 512 MB requested"), "{}", e.detail);
         let e = place(&spec(1.0, 1), &[]).unwrap_err();
         assert!(e.detail.contains("no active worker"));
     }
@@ -233,6 +242,13 @@ mod tests {
         assert_eq!(place(&s, &ws).unwrap(), "id-b", "direct constraint beats free CPU");
         s.constraints[0].node = "zzz".into();
         assert!(place(&s, &ws).unwrap_err().detail.contains("direct constraint"));
+    }
+
+    #[test]
+    fn a_busy_worker_still_takes_work_but_ranks_last() {
+        let ws = [worker("busy", 2, 100.0, 4000), worker("calm", 2, 10.0, 4000)];
+        assert_eq!(place(&spec(0.5, 100), &ws).unwrap(), "id-calm");
+        assert_eq!(place(&spec(0.5, 100), &ws[..1]).unwrap(), "id-busy", "load alone does not refuse a deployment");
     }
 
     #[test]
