@@ -42,6 +42,8 @@ pub struct Options {
 pub struct EbpfOptions {
     pub object: Option<PathBuf>,
     pub uplink: Option<String>,
+    /// bpffs mount for the pins (default /sys/fs/bpf).
+    pub pin_root: Option<PathBuf>,
 }
 
 /// A started NetManager.
@@ -137,9 +139,15 @@ pub async fn start(opts: Options) -> Result<Running> {
             }
         },
     };
+    let pin_root = opts.ebpf.as_ref().and_then(|o| o.pin_root.clone()).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"));
+    let pin_dir = pin_root.join(pin_dir(&node, &opts.bridge));
     let fastpath = match &opts.ebpf {
-        None => None,
-        Some(o) => match start_fastpath(o, &cfg, public_ip, subnet, &opts.bridge, &tables, &wiring).await {
+        None => {
+            // a previous incarnation's programs must not keep running beside the tun path
+            ebpf::remove_pins(&pin_dir);
+            None
+        }
+        Some(o) => match start_fastpath(o, &cfg, public_ip, subnet, &opts.bridge, &tables, &wiring, (pin_root, pin_dir)).await {
             Ok(fp) => {
                 let _ = state.fastpath.set(fp.clone());
                 Some(fp)
@@ -153,6 +161,16 @@ pub async fn start(opts: Options) -> Result<Running> {
     let _ = state.ready.set(Ready { control: control.clone(), wiring: wiring.clone() });
     tracing::info!(%subnet, bridge = %opts.bridge, fast_path = fastpath.is_some(), "NetManager ready");
     Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, proxy, fastpath, api_task, sub_task })
+}
+
+/// Where this NetManager pins its fast path (bpffs is shared by all network namespaces: the node name
+/// and bridge keep several NetManagers on one machine apart).
+fn pin_dir(node: &str, bridge: &str) -> PathBuf {
+    let clean: String = format!("{node}-{bridge}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .collect();
+    PathBuf::from("oakestra-rs").join(clean)
 }
 
 /// The interface holding `ip`, else the one the default route leaves by.
@@ -184,6 +202,7 @@ async fn start_fastpath(
     bridge: &str,
     tables: &Tables,
     wiring: &Wiring,
+    pin_dir: (PathBuf, PathBuf),
 ) -> Result<Arc<std::sync::Mutex<ebpf::FastPath>>> {
     let object = o
         .object
@@ -210,6 +229,7 @@ async fn start_fastpath(
             worker_prefix: subnet.prefix_len(),
             service_net: control::SERVICE_SPACE,
             gateway_mac,
+            pin_dir: Some(pin_dir),
         },
     )?;
     for a in wiring.attachments().await {

@@ -44,6 +44,10 @@ struct Cli {
     /// NodePublicAddress, else the default route's).
     #[arg(long)]
     uplink: Option<String>,
+    /// bpffs mount holding the fast path's pins (mounted there if needed). Pinned maps and links keep
+    /// traffic flowing while the NetManager restarts; the next start re-adopts them.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpf_pin_root: PathBuf,
     /// Log level or tracing filter (e.g. "info", "oak_netmanager=debug").
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -65,7 +69,11 @@ async fn main() -> anyhow::Result<()> {
             offload: !cli.no_tun_offload,
             ..Default::default()
         }),
-        ebpf: (!cli.no_ebpf).then(|| oak_netmanager::EbpfOptions { object: cli.ebpf_object, uplink: cli.uplink }),
+        ebpf: (!cli.no_ebpf).then(|| oak_netmanager::EbpfOptions {
+            object: cli.ebpf_object,
+            uplink: cli.uplink,
+            pin_root: Some(cli.bpf_pin_root),
+        }),
     };
     let running = match oak_netmanager::start(opts).await {
         Ok(r) => r,

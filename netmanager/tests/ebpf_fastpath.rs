@@ -208,6 +208,7 @@ fn service_ip_across_two_workers_in_the_kernel() {
                     worker_prefix: 26,
                     service_net: "10.30.0.0/16".parse().unwrap(),
                     gateway_mac: gw_mac,
+                    pin_dir: None,
                 },
             )
             .expect("the kernel takes the fast path");

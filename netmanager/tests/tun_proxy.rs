@@ -162,6 +162,18 @@ fn udp_ask(ns: &str, ip: Ipv4Addr, port: u16) -> Result<String, String> {
     .unwrap()
 }
 
+/// A bpffs for the fast path's pins, mounted in this (the machine's) mount namespace: `ip netns exec`
+/// gives each NetManager a private /sys, so pins under its /sys/fs/bpf would die with the process.
+fn test_bpffs() -> String {
+    let root = "/run/oakestra-rs-test/bpffs";
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(root)) {
+        std::fs::create_dir_all(root).unwrap();
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).expect("mount bpffs");
+    }
+    root.to_string()
+}
+
 fn tally(answers: &[String]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for a in answers {
@@ -180,6 +192,17 @@ struct Worker {
     nm: Option<Proc>,
     /// Extra NetManager flags (e.g. --no-tun-offload).
     extra: Vec<String>,
+    /// The fast path's pin directory (removed when the worker goes away).
+    pins: Option<PathBuf>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        drop(self.nm.take());
+        if let Some(p) = &self.pins {
+            oak_netmanager::ebpf::remove_pins(p);
+        }
+    }
 }
 
 const API: u16 = 6000;
@@ -299,7 +322,9 @@ async fn world(
 
     let mk = |ns: Netns, ip: Ipv4Addr, tag: &str, extra: &[&str]| {
         let cfg = dir.join(format!("netcfg-{tag}.json"));
-        write_config(&cfg, ip, ipa, &unique(&format!("node{tag}")));
+        let node = unique(&format!("node{tag}"));
+        write_config(&cfg, ip, ipa, &node);
+        let ebpf = !extra.contains(&"--no-ebpf");
         Worker {
             ns,
             ip,
@@ -307,7 +332,14 @@ async fn world(
             data: dir.join(format!("nm-{tag}")),
             log: dir.join(format!("nm-{tag}.log")),
             nm: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: {
+                let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+                if ebpf {
+                    v.extend(["--bpf-pin-root".to_string(), test_bpffs()]);
+                }
+                v
+            },
+            pins: ebpf.then(|| PathBuf::from(test_bpffs()).join("oakestra-rs").join(format!("{node}-obr0"))),
         }
     };
     let (wa, wb) = (mk(ha, ipa, "a", extra_a), mk(hb, ipb, "b", extra_b));
@@ -341,6 +373,85 @@ async fn mixed_ebpf_and_tun_workers() {
         return;
     }
     two_workers(&[], &["--no-ebpf"]).await;
+}
+
+/// A TCP stream through a service IP on the eBPF path keeps going while worker A's NetManager is killed
+/// (kill -9) and started again: the pinned programs and maps carry it, the new NetManager re-adopts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_stream_survives_netmanager_restart() {
+    if !is_root() {
+        eprintln!("skipping ebpf_stream_survives_netmanager_restart: needs root (network namespaces, eBPF)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wa, mut wb, rr, _closest, _rootsvc, _cluster) = world(dir.path(), &[], &[]).await;
+    tokio::task::block_in_place(|| {
+        wa.start_nm();
+        wb.start_nm();
+        let (_i1, ns_i1) = instance();
+        let (_ca, ns_ca) = instance();
+        wb.deploy(&ns_i1, "svcE", "app.ns.echo.ns", 1);
+        wa.deploy(&ns_ca, "svcC", "app.ns.client.ns", 0);
+        serve(&ns_i1, "inst1");
+        // an echo server on 9000
+        let _ = in_ns(&ns_i1, || {
+            let l = std::net::TcpListener::bind("0.0.0.0:9000").unwrap();
+            for mut c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        // first contact resolves the service through the tun path; the stream after it is a kernel flow
+        eventually(20, "service resolved", || tcp_ask(&ns_ca, rr, 8080).map(|_| ()));
+        let before = wa.counters()["ebpf"]["new_flow"].as_u64().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, progress2) = (stop.clone(), progress.clone());
+        let stream = in_ns(&ns_ca, move || -> Result<u64, String> {
+            let mut c = TcpStream::connect_timeout(&SocketAddr::from((rr, 9000)), Duration::from_secs(3)).map_err(|e| e.to_string())?;
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut n = 0u64;
+            let mut buf = [0u8; 1024];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let msg = [(n % 251) as u8; 1024];
+                c.write_all(&msg).map_err(|e| format!("write after {n} round trips: {e}"))?;
+                c.read_exact(&mut buf).map_err(|e| format!("read after {n} round trips: {e}"))?;
+                if buf != msg {
+                    return Err(format!("corrupted echo after {n} round trips"));
+                }
+                n += 1;
+                progress2.store(n, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(n)
+        });
+        let advance = |what: &str| {
+            let from = progress.load(std::sync::atomic::Ordering::Relaxed);
+            eventually(10, what, || {
+                let now = progress.load(std::sync::atomic::Ordering::Relaxed);
+                if now >= from + 50 { Ok(()) } else { Err(format!("{from} -> {now} round trips")) }
+            });
+        };
+        advance("stream running");
+        assert!(wa.counters()["ebpf"]["new_flow"].as_u64().unwrap() > before, "the stream is a fast-path flow");
+        // kill -9: no userspace datapath on A at all for a while
+        drop(wa.nm.take());
+        advance("stream keeps going while A's NetManager is down");
+        wa.start_nm();
+        advance("stream keeps going after A's NetManager is back");
+        let c = wa.counters();
+        assert!(c["ebpf"]["new_flow"].as_u64().unwrap() > 0, "counters survive too: {c}");
+        assert!(wa.log_text().contains("re-adopted the pinned fast-path maps"), "{}", wa.log_text());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = stream.join().unwrap().expect("the stream survived");
+        eprintln!("{n} round trips across the restart");
+    });
 }
 
 /// The same with plain packets (no tun or UDP offloads).
@@ -685,6 +796,7 @@ async fn closest_follows_measured_rtt() {
             log: dir.join(format!("nm-{tag}.log")),
             nm: None,
             extra: vec!["--no-ebpf".into()],
+            pins: None,
         }
     };
     let mut wa = mk(ha, ipa, 50103, "a");

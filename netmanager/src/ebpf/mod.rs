@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use netmanager_ebpf_common::{counter, Config, LocalEndpoint, Route, Service, KIND_CLOSEST, KIND_ROUND_ROBIN, MAX_BACKENDS};
 
@@ -57,6 +58,42 @@ pub struct FastPathConfig {
     pub service_net: Ipv4Net,
     /// MAC of the bridge: the source MAC of packets delivered into instances.
     pub gateway_mac: [u8; 6],
+    /// (bpffs mount, directory below it) where maps and links are pinned, so traffic keeps flowing while
+    /// the NetManager restarts and a restart re-adopts the state; None: nothing outlives the process.
+    pub pin_dir: Option<(PathBuf, PathBuf)>,
+}
+
+/// Every map of the object (all pinned when a pin directory is set).
+const MAPS: [&str; 7] = ["SERVICES", "RR", "CT", "LOCAL", "ROUTES", "CONFIG", "COUNTERS"];
+
+/// Mounts bpffs at `root` (normally /sys/fs/bpf) when nothing is mounted there yet.
+pub fn ensure_bpffs(root: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let r = root.to_string_lossy();
+    if mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == r && f[2] == "bpf"
+    }) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).ok();
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mounting bpffs on {}", root.display()))?;
+    tracing::info!(root = %root.display(), "mounted bpffs");
+    Ok(())
+}
+
+/// Detaches and removes everything pinned under `dir` (the fast path was turned off).
+pub fn remove_pins(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir.join("links")) {
+        for e in entries.flatten() {
+            match PinnedLink::from_pin(e.path()) {
+                Ok(l) => drop(l.unpin()),
+                Err(_) => drop(std::fs::remove_file(e.path())),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The loaded and attached fast path.
@@ -94,7 +131,40 @@ impl FastPath {
     /// [`FastPath::enable`] (after the first [`FastPath::sync`]).
     pub fn load(object: &Path, cfg: FastPathConfig) -> Result<Self> {
         let bytes = std::fs::read(object).with_context(|| format!("reading the eBPF object {}", object.display()))?;
-        let mut ebpf = Ebpf::load(&bytes).context("loading the eBPF object into the kernel")?;
+        let mut ebpf = match &cfg.pin_dir {
+            None => Ebpf::load(&bytes).context("loading the eBPF object into the kernel")?,
+            Some((root, dir)) => {
+                ensure_bpffs(root)?;
+                std::fs::create_dir_all(dir.join("maps"))?;
+                std::fs::create_dir_all(dir.join("links"))?;
+                let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, dir.join("maps").join(m))).collect();
+                let adopting = paths.iter().any(|(_, p)| p.exists());
+                let load = || {
+                    let mut l = EbpfLoader::new();
+                    for (m, p) in &paths {
+                        l.map_pin_path(m, p.as_path());
+                    }
+                    l.load(&bytes)
+                };
+                match load() {
+                    Ok(e) => {
+                        if adopting {
+                            tracing::info!(dir = %dir.display(), "re-adopted the pinned fast-path maps (flows carry on)");
+                        }
+                        e
+                    }
+                    Err(e) if adopting => {
+                        // pins from an incompatible build: start afresh
+                        tracing::warn!(dir = %dir.display(), "pinned maps do not fit this build ({e}); replacing them");
+                        for (_, p) in &paths {
+                            let _ = std::fs::remove_file(p);
+                        }
+                        load().context("loading the eBPF object into the kernel")?
+                    }
+                    Err(e) => return Err(e).context("loading the eBPF object into the kernel"),
+                }
+            }
+        };
         for name in ["oak_inst_ingress", "oak_uplink_ingress"] {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -108,13 +178,42 @@ impl FastPath {
         let local = HashMap::try_from(take(&mut ebpf, "LOCAL")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
         let mut fp = Self { ebpf, cfg, services, routes, local, counters, attached: StdHashMap::new() };
-        fp.write_config(false)?;
-        add_clsact(&fp.cfg.uplink)?;
+        // adopted maps keep the previous incarnation's config (enabled) until the new one rewrites it
+        if fp.cfg.pin_dir.is_none() {
+            fp.write_config(false)?;
+        }
         let uplink = fp.cfg.uplink.clone();
-        let p: &mut SchedClassifier = fp.ebpf.program_mut("oak_uplink_ingress").expect("checked").try_into()?;
-        p.attach(&uplink, TcAttachType::Ingress).with_context(|| format!("attaching to {uplink}"))?;
-        tracing::info!(uplink = %uplink, object = %object.display(), "eBPF fast path loaded");
+        fp.attach("oak_uplink_ingress", &uplink)?;
+        tracing::info!(uplink = %uplink, object = %object.display(), pinned = fp.cfg.pin_dir.is_some(), "eBPF fast path loaded");
         Ok(fp)
+    }
+
+    /// Attaches program `prog` at the ingress of `iface`. With a pin directory the link is pinned there,
+    /// replacing (after the new one is in place) a link a previous incarnation left.
+    fn attach(&mut self, prog: &str, iface: &str) -> Result<()> {
+        add_clsact(iface)?;
+        let p: &mut SchedClassifier = self.ebpf.program_mut(prog).expect("loaded").try_into()?;
+        let id = p.attach(iface, TcAttachType::Ingress).with_context(|| format!("attaching {prog} to {iface}"))?;
+        let Some((_, dir)) = &self.cfg.pin_dir else { return Ok(()) };
+        let link: FdLink = p.take_link(id)?.try_into().context("a tcx link (kernel 6.6+) is needed for pinning")?;
+        let path = dir.join("links").join(iface);
+        if path.exists() {
+            match PinnedLink::from_pin(&path) {
+                Ok(old) => drop(old.unpin()), // dropping the last reference detaches the old program
+                Err(_) => drop(std::fs::remove_file(&path)),
+            }
+        }
+        link.pin(&path).with_context(|| format!("pinning the link of {iface} at {}", path.display()))?;
+        Ok(())
+    }
+
+    fn unpin_link(&self, iface: &str) {
+        if let Some((_, dir)) = &self.cfg.pin_dir {
+            let path = dir.join("links").join(iface);
+            if let Ok(l) = PinnedLink::from_pin(&path) {
+                drop(l.unpin());
+            }
+        }
     }
 
     fn write_config(&mut self, enabled: bool) -> Result<()> {
@@ -145,9 +244,7 @@ impl FastPath {
     /// Attaches the instance program to an instance's host-side veth and records where the instance lives.
     pub fn attach_instance(&mut self, host_veth: &str, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
         let idx = ifindex(host_veth)?;
-        add_clsact(host_veth)?;
-        let p: &mut SchedClassifier = self.ebpf.program_mut("oak_inst_ingress").expect("loaded").try_into()?;
-        p.attach(host_veth, TcAttachType::Ingress).with_context(|| format!("attaching to {host_veth}"))?;
+        self.attach("oak_inst_ingress", host_veth)?;
         self.local.insert(raw(ip), LocalEndpoint { ifindex: idx, mac, _pad: [0; 2] }, 0)?;
         self.attached.insert(host_veth.to_string(), ip);
         Ok(())
@@ -158,6 +255,7 @@ impl FastPath {
         if let Some(ip) = self.attached.remove(host_veth) {
             let _ = self.local.remove(&raw(ip));
         }
+        self.unpin_link(host_veth);
         Ok(())
     }
 
