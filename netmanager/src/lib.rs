@@ -163,6 +163,27 @@ pub async fn start(opts: Options) -> Result<Running> {
     Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, proxy, fastpath, api_task, sub_task })
 }
 
+/// Undoes what a NetManager with these options set up on this host: the fast path's pins (its programs
+/// detach), the bridge with its NAT/forward rules. Instances' own veths go with their namespaces.
+pub fn teardown(opts: &Options) -> Result<()> {
+    let node = match NetConfig::load(&opts.config_path) {
+        Ok(c) => node_name(&c),
+        Err(_) => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+    };
+    let root = opts.ebpf.as_ref().and_then(|o| o.pin_root.clone()).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"));
+    let pins = root.join(pin_dir(&node, &opts.bridge));
+    ebpf::remove_pins(&pins);
+    wiring::nat::remove_bridge_rules(&opts.bridge, ipnet::Ipv4Net::default())?;
+    let out = std::process::Command::new("ip").args(["link", "del", &opts.bridge]).output();
+    if let Ok(o) = out {
+        if !o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("Cannot find device") {
+            anyhow::bail!("removing bridge {}: {}", opts.bridge, String::from_utf8_lossy(&o.stderr).trim());
+        }
+    }
+    tracing::info!(bridge = %opts.bridge, pins = %pins.display(), "NetManager state on this host removed");
+    Ok(())
+}
+
 /// Where this NetManager pins its fast path (bpffs is shared by all network namespaces: the node name
 /// and bridge keep several NetManagers on one machine apart).
 fn pin_dir(node: &str, bridge: &str) -> PathBuf {

@@ -48,6 +48,10 @@ struct Cli {
     /// traffic flowing while the NetManager restarts; the next start re-adopts them.
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpf_pin_root: PathBuf,
+    /// Remove what a NetManager with these options set up on this host (fast-path pins, bridge, NAT
+    /// rules) and exit; `cargo xtask down` runs this.
+    #[arg(long)]
+    teardown: bool,
     /// Log level or tracing filter (e.g. "info", "oak_netmanager=debug").
     #[arg(long, default_value = "info", env = "RUST_LOG")]
     log_level: String,
@@ -75,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
             pin_root: Some(cli.bpf_pin_root),
         }),
     };
+    if cli.teardown {
+        return oak_netmanager::teardown(&opts);
+    }
     let running = match oak_netmanager::start(opts).await {
         Ok(r) => r,
         Err(e) => {

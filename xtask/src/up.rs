@@ -183,6 +183,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         build.arg("--release");
     }
     sh(&mut build)?;
+    crate::ebpf::build()?;
     let bin_dir = crate::util::target_dir().join(profile);
 
     for d in [RUN_DIR, LOG_DIR, DATA_DIR] {
@@ -274,7 +275,32 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
     for c in ORDER.iter().rev() {
         stop(c.name)?;
     }
+    // the NodeEngine leaves its containers running across its own restarts; down removes them (the next
+    // `up` deploys them again: the cluster remembers its placements)
+    let ids = Command::new("ctr").args(["-n", "oakestra", "containers", "ls", "-q"]).output();
+    let ids = ids.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    if !ids.trim().is_empty() {
+        step(&format!("removing {} instance container(s)", ids.lines().count()));
+        for id in ids.lines() {
+            let _ = Command::new("ctr").args(["-n", "oakestra", "tasks", "kill", "-s", "SIGKILL", id]).output();
+            let _ = Command::new("ctr").args(["-n", "oakestra", "tasks", "rm", "-f", id]).output();
+            let _ = Command::new("ctr").args(["-n", "oakestra", "containers", "rm", id]).output();
+            let _ = Command::new("ctr").args(["-n", "oakestra", "snapshots", "rm", id]).output();
+        }
+    }
     stop("containerd")?;
+    // the NetManager's bridge, NAT rules and pinned fast path outlive it by design (traffic keeps flowing
+    // across restarts): remove them
+    for profile in ["release", "debug"] {
+        let nm = crate::util::target_dir().join(profile).join("NetManager");
+        if nm.exists() {
+            step("removing the NetManager's bridge, NAT rules and fast-path pins");
+            if let Err(e) = sh(Command::new(&nm).args(["--teardown", "-c", NETCFG])) {
+                eprintln!("    {e:#}");
+            }
+            break;
+        }
+    }
     if args.purge {
         step(&format!("deleting state in {DATA_DIR}"));
         let _ = fs::remove_dir_all(DATA_DIR);

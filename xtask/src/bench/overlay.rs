@@ -1,0 +1,770 @@
+//! `cargo xtask bench overlay`: the data plane, measured on one pair of worker network namespaces joined by
+//! a veth pair (the underlay), for four datapaths in one run:
+//!
+//! 1. plain veth between the two worker namespaces (the limit, the baseline);
+//! 2. kernel VXLAN between the workers (what Flannel does): an instance namespace behind a bridge on each
+//!    worker, the other worker's instance subnet routed over `vx0`;
+//! 3. the NetManager tun overlay (`--no-ebpf`): client instance on worker A -> round-robin service IP ->
+//!    its one instance on worker B;
+//! 4. the NetManager eBPF fast path (the same NetManagers restarted with `--ebpf-object`), same flows.
+//!
+//! For each: single-stream and 8-stream TCP throughput (iperf3) and TCP request-response latency (a 64-byte
+//! ping-pong on one connection, implemented here: threads that `setns` into the instance namespaces).
+//! The root and cluster orchestrators (release binaries) run in worker A's namespace; the service and its IP
+//! come from the root REST API, the instances are registered through the NetManagers' local API, exactly as
+//! the NodeEngine does. Everything (namespaces, processes, bpffs pins) is removed at the end, also on error.
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args as ClapArgs;
+use serde_json::{json, Value};
+
+use crate::util::{cargo, sh, step};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Seconds per throughput measurement (iperf3 -t).
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Round trips per request-response latency measurement (one TCP connection).
+    #[arg(long, default_value_t = 20000)]
+    round_trips: u32,
+    /// Request and response size of the latency ping-pong, bytes.
+    #[arg(long, default_value_t = 64)]
+    rr_bytes: usize,
+    /// Do not build (use the release binaries and the eBPF object already in the target directory).
+    #[arg(long)]
+    skip_build: bool,
+}
+
+const IP_A: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+const IP_B: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+const NM_API: u16 = 6000;
+const RR_PORT: u16 = 7777;
+const ADMIN_PW: &str = "bench-overlay-pw";
+
+/// Set by SIGINT/SIGTERM: the run stops at the next check and the guard cleans up (the children, in the
+/// same process group, get the Ctrl-C too).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn catch_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores into an atomic (async-signal-safe).
+        let _ = unsafe { sigaction(sig, &act) };
+    }
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// cleanup guard
+
+/// Everything the run created; dropped (also on error or panic) it stops the processes, deletes the
+/// namespaces and the bpffs pins, and removes the work directory (kept when the run failed, for the logs).
+struct World {
+    work: PathBuf,
+    keep_work: bool,
+    procs: Vec<(String, Child)>,
+    netns: Vec<String>,
+    pins: Vec<PathBuf>,
+    /// Stop flags of the ping-pong servers still running.
+    stops: Vec<Arc<AtomicBool>>,
+}
+
+impl World {
+    fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
+        cmd_ok(&["ip", "netns", "add", name])?;
+        self.netns.push(name.to_string());
+        cmd_ok(&["ip", "-n", name, "link", "set", "lo", "up"])
+    }
+
+    fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<u32> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.work.join(format!("{name}.log")))?;
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let pid = child.id();
+        self.procs.push((name.to_string(), child));
+        Ok(pid)
+    }
+
+    /// Stops the process `name` (SIGTERM, then SIGKILL after 3 s).
+    fn stop_proc(&mut self, name: &str) {
+        if let Some(i) = self.procs.iter().position(|(n, _)| n == name) {
+            let (_, c) = self.procs.remove(i);
+            terminate(c);
+        }
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let text = fs::read_to_string(self.work.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+fn terminate(mut c: Child) {
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for s in &self.stops {
+            s.store(true, Ordering::Relaxed);
+        }
+        // newest first: clients and instances before the NetManagers, the orchestrators last
+        while let Some((_, c)) = self.procs.pop() {
+            terminate(c);
+        }
+        for n in self.netns.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).stderr(Stdio::null()).status();
+        }
+        for p in &self.pins {
+            let _ = fs::remove_dir_all(p);
+        }
+        if self.keep_work {
+            eprintln!("    logs kept in {}", self.work.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// helpers
+
+fn cmd_ok(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a fresh thread inside the network namespace at `ns` (a path); sockets it creates live there.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    let file = fs::File::open(ns).with_context(|| format!("open {ns}"))?;
+    let h = std::thread::spawn(move || -> anyhow::Result<T> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    });
+    h.join().map_err(|_| anyhow!("thread in {ns} panicked"))?
+}
+
+fn netns_path(name: &str) -> String {
+    format!("/run/netns/{name}")
+}
+
+/// HTTP with JSON bodies from inside `ns` (the services listen on that namespace's loopback).
+fn http(ns: &str, method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> anyhow::Result<Value> {
+    let (method, url, token) = (method.to_string(), url.to_string(), token.map(str::to_string));
+    in_ns(ns, move || -> anyhow::Result<Value> {
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+        let mut req = agent.request(&method, &url);
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(r) => Ok(r.into_json::<Value>().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(code, r)) => bail!("{method} {url}: HTTP {code}: {}", r.into_string().unwrap_or_default()),
+            Err(e) => bail!("{method} {url}: {e}"),
+        }
+    })?
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let mut last = String::new();
+    loop {
+        check_interrupted()?;
+        match f() {
+            Ok(true) => {
+                eprintln!("    {what}: ok ({:.1} s)", t.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if t.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An "instance": `sleep` in a fresh network namespace (as the NodeEngine's containers); returns its pid.
+fn instance(w: &mut World, name: &str) -> anyhow::Result<u32> {
+    let own = fs::read_link("/proc/self/ns/net")?;
+    let pid = w.spawn(name, Command::new("unshare").args(["-n", "sleep", "3600"]))?;
+    let t = Instant::now();
+    while fs::read_link(format!("/proc/{pid}/ns/net")).ok().as_ref() == Some(&own) {
+        if t.elapsed() > Duration::from_secs(5) {
+            bail!("unshare did not create a network namespace");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cmd_ok(&["nsenter", "-t", &pid.to_string(), "-n", "ip", "link", "set", "lo", "up"])?;
+    Ok(pid)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// measurements
+
+/// How to run a command in a namespace: `ip netns exec NAME` or `nsenter -t PID -n`.
+#[derive(Clone)]
+enum Ns {
+    Named(String),
+    Pid(u32),
+}
+
+impl Ns {
+    fn path(&self) -> String {
+        match self {
+            Ns::Named(n) => netns_path(n),
+            Ns::Pid(p) => format!("/proc/{p}/ns/net"),
+        }
+    }
+    fn cmd(&self, prog: &str) -> Command {
+        match self {
+            Ns::Named(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", n, prog]);
+                c
+            }
+            Ns::Pid(p) => {
+                let mut c = Command::new("nsenter");
+                c.args(["-t", &p.to_string(), "-n", prog]);
+                c
+            }
+        }
+    }
+}
+
+/// One iperf3 TCP run (`streams` parallel streams) from `client` to `server`; bits/s received.
+fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32) -> anyhow::Result<f64> {
+    let mut c = Command::new("timeout");
+    c.arg((secs + 30).to_string());
+    let inner = client.cmd("iperf3");
+    c.arg(inner.get_program());
+    c.args(inner.get_args());
+    c.args(["-c", &server.to_string(), "-t", &secs.to_string(), "-P", &streams.to_string(), "-J", "--connect-timeout", "3000"]);
+    let out = c.output().context("running iperf3")?;
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    match v["end"]["sum_received"]["bits_per_second"].as_f64() {
+        Some(bps) => {
+            eprintln!(
+                "      iperf3 -P {streams}: {:.2} Gbit/s (retransmits {})",
+                bps / 1e9,
+                v["end"]["sum_sent"]["retransmits"]
+            );
+            Ok(bps)
+        }
+        None => bail!(
+            "iperf3 -P {streams} to {server} failed ({}): {} {}",
+            out.status,
+            v["error"].as_str().unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
+/// The ping-pong server in `ns`: echoes fixed-size messages on every connection (one at a time) until
+/// `stop`; the thread ends (and its listener closes) within 10 ms of `stop` once no connection is open.
+fn rr_server(ns: &str, size: usize, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let file = fs::File::open(ns).with_context(|| format!("open {ns}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let r = (|| -> anyhow::Result<TcpListener> {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let l = TcpListener::bind(("0.0.0.0", RR_PORT))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })();
+        let l = match r {
+            Ok(l) => {
+                let _ = tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let mut buf = vec![0u8; size];
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    while s.read_exact(&mut buf).is_ok() {
+                        if s.write_all(&buf).is_err() {
+                            break;
+                        }
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).context("ping-pong server did not start")??;
+    Ok(h)
+}
+
+/// `n` round trips of `size` bytes on one TCP connection from `ns` to `to`; (p50, p99) in µs.
+fn rr_client(ns: &str, to: Ipv4Addr, size: usize, n: u32) -> anyhow::Result<(f64, f64)> {
+    in_ns(ns, move || -> anyhow::Result<(f64, f64)> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((to, RR_PORT)), Duration::from_secs(3))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let msg = vec![0x5au8; size];
+        let mut buf = vec![0u8; size];
+        for _ in 0..n.min(1000) / 10 + 10 {
+            s.write_all(&msg)?;
+            s.read_exact(&mut buf)?;
+        }
+        let mut rtts = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let t = Instant::now();
+            s.write_all(&msg)?;
+            s.read_exact(&mut buf)?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        rtts.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        let q = |p: f64| rtts[((rtts.len() as f64 - 1.0) * p).round() as usize];
+        Ok((q(0.5), q(0.99)))
+    })?
+}
+
+/// A TCP connection from `ns` to `to` succeeds (and is closed at once).
+fn can_connect(ns: &str, to: Ipv4Addr, port: u16) -> anyhow::Result<bool> {
+    in_ns(ns, move || TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(2)).is_ok())
+}
+
+#[derive(Clone, Debug)]
+struct Row {
+    name: &'static str,
+    one: Option<f64>,
+    eight: Option<f64>,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    note: String,
+}
+
+/// The three measurements from `client` to `server_ip`, with iperf3 -s and the ping-pong server in `server`.
+fn measure(w: &mut World, a: &Args, name: &'static str, client: &Ns, server: &Ns, server_ip: Ipv4Addr) -> anyhow::Result<Row> {
+    check_interrupted()?;
+    let mut row = Row { name, one: None, eight: None, p50: None, p99: None, note: String::new() };
+    let mut errs = Vec::new();
+    let tag = format!("iperf3-server-{}", name.split_whitespace().next().unwrap_or("x"));
+    if let Err(e) = w.spawn(&tag, server.cmd("iperf3").arg("-s")) {
+        errs.push(format!("{e:#}"));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    w.stops.push(stop.clone());
+    let server_thread = match rr_server(&server.path(), a.rr_bytes, stop.clone()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            errs.push(format!("ping-pong server: {e:#}"));
+            None
+        }
+    };
+    // reachable (for the overlays: the first connection resolves the service IP), iperf3 server up
+    if let Err(e) = wait_for(&format!("{name}: {server_ip}:{RR_PORT} reachable"), Duration::from_secs(30), || {
+        can_connect(&client.path(), server_ip, RR_PORT)
+    }) {
+        errs.push(format!("{e:#}"));
+    }
+    let _ = wait_for(&format!("{name}: iperf3 server up"), Duration::from_secs(10), || can_connect(&client.path(), server_ip, 5201));
+    for streams in [1, 8] {
+        check_interrupted()?;
+        match iperf(client, server_ip, a.seconds, streams) {
+            Ok(bps) => {
+                if streams == 1 {
+                    row.one = Some(bps / 1e9)
+                } else {
+                    row.eight = Some(bps / 1e9)
+                }
+            }
+            Err(e) => {
+                eprintln!("      {e:#}");
+                errs.push(format!("{e:#}"));
+            }
+        }
+    }
+    check_interrupted()?;
+    match rr_client(&client.path(), server_ip, a.rr_bytes, a.round_trips) {
+        Ok((p50, p99)) => {
+            eprintln!("      ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs", a.round_trips, a.rr_bytes);
+            row.p50 = Some(p50);
+            row.p99 = Some(p99);
+        }
+        Err(e) => {
+            eprintln!("      ping-pong failed: {e:#}");
+            errs.push(format!("ping-pong: {e:#}"));
+        }
+    }
+    w.stop_proc(&tag);
+    stop.store(true, Ordering::Relaxed);
+    if let Some(h) = server_thread {
+        let _ = h.join();
+    }
+    row.note = errs.join("; ");
+    Ok(row)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// the run
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    catch_signals();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bench overlay needs root (network namespaces, tun, eBPF)");
+    }
+    if !crate::util::have("iperf3") {
+        bail!("iperf3 is missing: run `cargo xtask setup`");
+    }
+    let target = crate::util::target_dir();
+    let bins = target.join("release");
+    let object = target.join("bpf/netmanager-ebpf.o");
+    if !a.skip_build {
+        step("building release binaries (NetManager, orchestrators)");
+        sh(cargo().args(["build", "--release", "-p", "oak-netmanager", "-p", "oak-orchestrators", "--bins"]))?;
+        step("building the eBPF object");
+        crate::ebpf::build()?;
+    }
+    for f in [bins.join("NetManager"), bins.join("root-orchestrator"), bins.join("cluster-orchestrator"), object.clone()] {
+        if !f.exists() {
+            bail!("{} is missing (run without --skip-build)", f.display());
+        }
+    }
+    let id = std::process::id() % 100_000;
+    let work = std::env::temp_dir().join(format!("oak-bench-overlay-{id}"));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let mut w = World { work, keep_work: false, procs: Vec::new(), netns: Vec::new(), pins: Vec::new(), stops: Vec::new() };
+    let r = bench(&mut w, &a, id, &bins, &object, t0);
+    if r.is_err() {
+        w.keep_work = true;
+    }
+    step("cleaning up (processes, namespaces, bpffs pins)");
+    drop(w);
+    eprintln!("    total time {:.0} s", t0.elapsed().as_secs_f64());
+    r
+}
+
+fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Instant) -> anyhow::Result<()> {
+    let load_start = loadavg();
+    let (na, nb) = (format!("obwa{id}"), format!("obwb{id}"));
+    step(&format!("worker namespaces {na} ({IP_A}) and {nb} ({IP_B}) joined by a veth pair (the underlay)"));
+    w.add_netns(&na)?;
+    w.add_netns(&nb)?;
+    cmd_ok(&["ip", "-n", &na, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", &nb])?;
+    for (n, ip) in [(&na, IP_A), (&nb, IP_B)] {
+        cmd_ok(&["ip", "-n", n, "addr", "add", &format!("{ip}/24"), "dev", "up0"])?;
+        cmd_ok(&["ip", "-n", n, "link", "set", "up0", "up"])?;
+        cmd_ok(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    }
+    let (wa, wb) = (Ns::Named(na.clone()), Ns::Named(nb.clone()));
+    let mut rows = Vec::new();
+
+    // 1. plain veth
+    step("[1/4] plain veth between the worker namespaces");
+    rows.push(measure(w, a, "plain veth", &wa, &wb, IP_B)?);
+
+    // 2. kernel VXLAN, instance namespaces behind a bridge on each worker (as Flannel's cni0 + flannel.1)
+    step("[2/4] kernel VXLAN (vx0, VNI 42, port 4789), instance namespace behind a bridge on each worker");
+    let (va, vb) = (format!("obva{id}"), format!("obvb{id}"));
+    for (wn, inst, peer, mine, theirs) in [(&na, &va, IP_B, 1u8, 2u8), (&nb, &vb, IP_A, 2, 1)] {
+        w.add_netns(inst)?;
+        cmd_ok(&["ip", "-n", wn, "link", "add", "vx0", "type", "vxlan", "id", "42", "remote", &peer.to_string(), "dstport", "4789", "dev", "up0"])?;
+        cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.99.0.{mine}/24"), "dev", "vx0"])?;
+        cmd_ok(&["ip", "-n", wn, "link", "set", "vx0", "up"])?;
+        cmd_ok(&["ip", "-n", wn, "link", "add", "vxbr0", "type", "bridge"])?;
+        cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.244.{mine}.1/24"), "dev", "vxbr0"])?;
+        cmd_ok(&["ip", "-n", wn, "link", "set", "vxbr0", "up"])?;
+        cmd_ok(&["ip", "-n", wn, "link", "add", "vxh0", "type", "veth", "peer", "name", "eth0", "netns", inst])?;
+        cmd_ok(&["ip", "-n", wn, "link", "set", "vxh0", "master", "vxbr0", "up"])?;
+        cmd_ok(&["ip", "-n", inst, "addr", "add", &format!("10.244.{mine}.2/24"), "dev", "eth0"])?;
+        cmd_ok(&["ip", "-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
+        cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.244.{mine}.1")])?;
+        cmd_ok(&["ip", "-n", wn, "route", "add", &format!("10.244.{theirs}.0/24"), "via", &format!("10.99.0.{theirs}"), "dev", "vx0"])?;
+    }
+    rows.push(measure(w, a, "kernel VXLAN", &Ns::Named(va.clone()), &Ns::Named(vb.clone()), Ipv4Addr::new(10, 244, 2, 2))?);
+    // take VXLAN away so it cannot interfere with the overlays
+    for n in [&na, &nb] {
+        let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vx0"]);
+        let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vxbr0"]);
+    }
+
+    // orchestrators in worker A's namespace
+    step("starting root + cluster orchestrators (release binaries) in worker A's namespace");
+    let root_dir = w.work.join("root");
+    let cluster_dir = w.work.join("cluster");
+    w.spawn(
+        "root",
+        Command::new("ip")
+            .args(["netns", "exec", &na])
+            .arg(bins.join("root-orchestrator"))
+            .args(["--api-addr", "127.0.0.1:10000", "--grpc-addr", "127.0.0.1:50052", "--netsvc-addr", "127.0.0.1:10099"])
+            .arg("--data-dir")
+            .arg(&root_dir)
+            .args(["--report-interval-ms", "1000"])
+            .env("OAK_ADMIN_PASSWORD", ADMIN_PW),
+    )?;
+    let pa = netns_path(&na);
+    let api = "http://127.0.0.1:10000";
+    wait_for("root API", Duration::from_secs(30), || Ok(http(&pa, "GET", &format!("{api}/api/health"), None, None).is_ok()))?;
+    w.spawn(
+        "cluster",
+        Command::new("ip")
+            .args(["netns", "exec", &na])
+            .arg(bins.join("cluster-orchestrator"))
+            .args(["--root-address", "127.0.0.1:50052", "--root-netsvc-port", "10099", "--worker-addr", "127.0.0.1:10100"])
+            .args(["--netsvc-addr", &format!("{IP_A}:10110")])
+            .arg("--data-dir")
+            .arg(&cluster_dir)
+            .env("CLUSTER_NAME", "bench")
+            .env("CLUSTER_LOCATION", "bench"),
+    )?;
+    let token = http(&pa, "POST", &format!("{api}/api/auth/login"), None, Some(json!({"username":"Admin","password":ADMIN_PW})))?["token"]
+        .as_str()
+        .context("login: no token")?
+        .to_string();
+    wait_for("cluster registered at the root", Duration::from_secs(30), || {
+        Ok(http(&pa, "GET", &format!("{api}/api/clusters/active"), Some(&token), None)?.as_array().is_some_and(|l| !l.is_empty()))
+    })?;
+    let ms = |n: &str| {
+        json!({"microserviceID":"","microservice_name":n,"microservice_namespace":"bench","virtualization":"container",
+               "code":"docker.io/library/nginx:latest","memory":64,"vcpus":0.1})
+    };
+    let sla = json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"","application_name":"overlay",
+        "application_namespace":"bench","application_desc":"","microservices":[ms("srv"), ms("cli")]}]});
+    let apps = http(&pa, "POST", &format!("{api}/api/application"), Some(&token), Some(sla))?;
+    let app = apps
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["application_name"] == "overlay"))
+        .with_context(|| format!("created application not listed: {apps}"))?;
+    let mut svcs = Vec::new();
+    for sid in app["microservices"].as_array().into_iter().flatten().filter_map(|s| s.as_str()) {
+        let v = http(&pa, "GET", &format!("{api}/api/service/{sid}"), Some(&token), None)?;
+        svcs.push((sid.to_string(), v["job_name"].as_str().unwrap_or("").to_string(), v["addresses"]["rr_ip"].as_str().unwrap_or("").to_string()));
+    }
+    let [(srv_id, srv_job, rr), (cli_id, cli_job, _)]: [(String, String, String); 2] =
+        svcs.try_into().map_err(|v| anyhow!("expected 2 services, got {v:?}"))?;
+    let rr: Ipv4Addr = rr.parse().with_context(|| format!("service {srv_id} has no rr_ip ({rr:?})"))?;
+    eprintln!("    service {srv_job} ({srv_id}): round-robin IP {rr}");
+
+    // NetManagers
+    let nm = |w: &mut World, tag: &str, ns: &str, ebpf: bool| -> anyhow::Result<()> {
+        let cfg = w.work.join(format!("netcfg-{tag}.json"));
+        let ip = if tag == "a" { IP_A } else { IP_B };
+        let node = format!("bench-ovl-{id}-{tag}");
+        fs::write(
+            &cfg,
+            json!({"NodePublicAddress": ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": IP_A.to_string(),
+                   "ClusterNetPort": "10110", "NodeName": node})
+            .to_string(),
+        )?;
+        let pin = PathBuf::from("/sys/fs/bpf/oakestra-rs").join(format!("{node}-oak0"));
+        if !w.pins.contains(&pin) {
+            w.pins.push(pin);
+        }
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(bins.join("NetManager")).arg("-c").arg(&cfg).arg("--data-dir").arg(w.work.join(format!("nm-{tag}")));
+        c.args(["-p", &NM_API.to_string(), "--bridge", "oak0", "--tun", "oaktun0", "--log-level", "info"]);
+        if ebpf {
+            c.arg("--ebpf-object").arg(object);
+        } else {
+            c.arg("--no-ebpf");
+        }
+        let name = format!("netmanager-{tag}");
+        w.spawn(&name, &mut c)?;
+        let p = netns_path(ns);
+        let r = wait_for(&format!("NetManager {tag} ready (eBPF {})", if ebpf { "on" } else { "off" }), Duration::from_secs(30), || {
+            let v = http(&p, "GET", &format!("http://127.0.0.1:{NM_API}/status"), None, None)?;
+            Ok(v["ready"] == true)
+        });
+        if let Err(e) = r {
+            bail!("{e:#}\nlog tail:\n{}", w.log_tail(&name));
+        }
+        if ebpf {
+            let c = http(&p, "GET", &format!("http://127.0.0.1:{NM_API}/counters"), None, None)?;
+            if c["ebpf"] == false || c["ebpf"].is_null() {
+                eprintln!("    WARNING: NetManager {tag} runs WITHOUT the eBPF fast path; log tail:\n{}", w.log_tail(&name));
+            }
+        }
+        Ok(())
+    };
+    let counters = |ns: &str| http(&netns_path(ns), "GET", &format!("http://127.0.0.1:{NM_API}/counters"), None, None);
+
+    step("[3/4] NetManager tun overlay (--no-ebpf): client instance on A -> service IP -> instance on B");
+    nm(w, "a", &na, false)?;
+    nm(w, "b", &nb, false)?;
+    let srv_pid = instance(w, "instance-srv-on-b")?;
+    let cli_pid = instance(w, "instance-cli-on-a")?;
+    let deploy = |ns: &str, pid: u32, sid: &str, job: &str| -> anyhow::Result<String> {
+        let v = http(
+            &netns_path(ns),
+            "POST",
+            &format!("http://127.0.0.1:{NM_API}/container/deploy"),
+            None,
+            Some(json!({"pid": pid, "serviceName": job, "serviceId": sid, "instanceNumber": 0})),
+        )?;
+        Ok(v["nsAddress"].as_str().unwrap_or("?").to_string())
+    };
+    let srv_ip = deploy(&nb, srv_pid, &srv_id, &srv_job)?;
+    let cli_ip = deploy(&na, cli_pid, &cli_id, &cli_job)?;
+    eprintln!("    instances: server {srv_ip} on B, client {cli_ip} on A; traffic to {rr}");
+    let (ci, si) = (Ns::Pid(cli_pid), Ns::Pid(srv_pid));
+    let mut tun = measure(w, a, "NetManager tun", &ci, &si, rr)?;
+    let ca = counters(&na)?;
+    let fwd = ca["events"]["forward_translated"].as_u64().unwrap_or(0);
+    eprintln!("    worker A proxy: forward_translated {fwd}, dropped_total {}", ca["dropped_total"]);
+    if fwd == 0 {
+        tun.note = format!("tun proxy translated nothing (counters: {ca}) {}", tun.note);
+    }
+    rows.push(tun);
+
+    step("[4/4] NetManager eBPF fast path: the same NetManagers restarted with --ebpf-object");
+    w.stop_proc("netmanager-a");
+    w.stop_proc("netmanager-b");
+    nm(w, "a", &na, true)?;
+    nm(w, "b", &nb, true)?;
+    let before = counters(&na)?;
+    let mut ebpf = measure(w, a, "NetManager eBPF", &ci, &si, rr)?;
+    let after = counters(&na)?;
+    let cb = counters(&nb)?;
+    let d = |k: &str| after["ebpf"][k].as_u64().unwrap_or(0).saturating_sub(before["ebpf"][k].as_u64().unwrap_or(0));
+    let dt = |k: &str| after["events"][k].as_u64().unwrap_or(0).saturating_sub(before["events"][k].as_u64().unwrap_or(0));
+    let (new_flow, encap, decap, rev) = (d("new_flow"), d("encap"), d("decap"), d("rev_nat"));
+    let took_ebpf = after["ebpf"].is_object() && new_flow > 0 && encap > 0;
+    eprintln!(
+        "    worker A eBPF counters during the run: new_flow {new_flow}, encap {encap}, decap {decap}, rev_nat {rev}; tun proxy forward_translated {}",
+        dt("forward_translated")
+    );
+    eprintln!("    worker A counters: {after}");
+    eprintln!("    worker B counters: {cb}");
+    let verdict = if took_ebpf {
+        format!("traffic took the eBPF path (A: new_flow {new_flow}, encap {encap}, decap {decap})")
+    } else {
+        format!("traffic did NOT take the eBPF path (A: ebpf = {})", after["ebpf"])
+    };
+    if !took_ebpf {
+        ebpf.note = format!("NOT on the eBPF path; {}", ebpf.note);
+    }
+    rows.push(ebpf);
+
+    report(&rows, a, &verdict, &load_start, t0);
+    Ok(())
+}
+
+/// The 1-minute load average and the CPU count (the numbers depend on what else runs on the machine).
+fn loadavg() -> String {
+    let l = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{} (on {cpus} CPUs)", l.split_whitespace().next().unwrap_or("?"))
+}
+
+fn report(rows: &[Row], a: &Args, verdict: &str, load_start: &str, t0: Instant) {
+    let f = |v: Option<f64>, prec: usize| v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "failed".into());
+    let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}x", v / b),
+        _ => "-".into(),
+    };
+    let base = &rows[0];
+    println!();
+    println!(
+        "overlay datapaths: 2 worker namespaces on a veth underlay; iperf3 TCP {} s per run; ping-pong {} x {} B on one connection",
+        a.seconds, a.round_trips, a.rr_bytes
+    );
+    println!("1-min load average: {load_start} at the start, {} at the end; {:.0} s so far", loadavg(), t0.elapsed().as_secs_f64());
+    println!(
+        "{:<16} | {:>15} | {:>15} | {:>15} | {:>15}",
+        "datapath", "1-stream Gbit/s", "8-stream Gbit/s", "RR p50 µs", "RR p99 µs"
+    );
+    println!("{}", "-".repeat(16 + 4 * 18));
+    for r in rows {
+        let cell = |v: Option<f64>, b: Option<f64>, prec: usize| {
+            if std::ptr::eq(r, base) {
+                f(v, prec)
+            } else {
+                format!("{} ({})", f(v, prec), ratio(v, b))
+            }
+        };
+        println!(
+            "{:<16} | {:>15} | {:>15} | {:>15} | {:>15}",
+            r.name,
+            cell(r.one, base.one, 2),
+            cell(r.eight, base.eight, 2),
+            cell(r.p50, base.p50, 1),
+            cell(r.p99, base.p99, 1)
+        );
+    }
+    println!("(ratios: of plain veth; for latency x/veth, lower is better)");
+    for r in rows {
+        if !r.note.is_empty() {
+            println!("note {}: {}", r.name, r.note);
+        }
+    }
+    println!("eBPF run: {verdict}");
+    let (vx, tun, eb) = (&rows[1], &rows[2], &rows[3]);
+    let mut checks: Vec<(String, Option<bool>)> = Vec::new();
+    let ge = |x: Option<f64>, y: Option<f64>, k: f64| match (x, y) {
+        (Some(x), Some(y)) => Some(x >= k * y),
+        _ => None,
+    };
+    let le = |x: Option<f64>, y: Option<f64>, k: f64| match (x, y) {
+        (Some(x), Some(y)) => Some(x <= k * y),
+        _ => None,
+    };
+    checks.push(("tun   1-stream >= 0.5x veth".into(), ge(tun.one, base.one, 0.5)));
+    checks.push(("eBPF  1-stream >= 0.9x veth".into(), ge(eb.one, base.one, 0.9)));
+    checks.push(("eBPF  8-stream >= 0.9x veth".into(), ge(eb.eight, base.eight, 0.9)));
+    checks.push(("eBPF  RR p50 <= 1.15x veth".into(), le(eb.p50, base.p50, 1.15)));
+    checks.push(("eBPF  1-stream > kernel VXLAN".into(), ge(eb.one, vx.one, 1.0)));
+    checks.push(("eBPF  8-stream > kernel VXLAN".into(), ge(eb.eight, vx.eight, 1.0)));
+    checks.push(("eBPF  RR p50 < kernel VXLAN".into(), le(eb.p50, vx.p50, 1.0)));
+    println!("targets:");
+    for (what, ok) in checks {
+        let mark = match ok {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "MISSED (no measurement)",
+        };
+        println!("  {what:<32} {mark}");
+    }
+}
