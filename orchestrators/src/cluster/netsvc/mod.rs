@@ -55,6 +55,8 @@ struct Inner {
     cluster_id: String,
     root: Option<RootNetServiceClient<Channel>>,
     subs: Mutex<HashMap<u64, Subscriber>>,
+    /// Worker routes of other clusters (from the root; refreshed on every watch connection).
+    foreign: Mutex<BTreeMap<String, pb::Route>>,
     next_sub: Mutex<u64>,
     /// serialises lease allocation (which may await the root)
     lease_lock: tokio::sync::Mutex<()>,
@@ -102,6 +104,7 @@ impl ClusterNetSvc {
                 cluster_id: cluster_id.to_string(),
                 root,
                 subs: Mutex::new(HashMap::new()),
+                foreign: Mutex::new(BTreeMap::new()),
                 next_sub: Mutex::new(0),
                 lease_lock: tokio::sync::Mutex::new(()),
             }),
@@ -188,6 +191,7 @@ impl ClusterNetSvc {
         if changed {
             let l = self.inner.state.lock().expect("lock").leases[node].clone();
             self.broadcast(update(pb::net_update::Update::RouteAdded(route_of(&l))), None);
+            self.report_route(route_of(&l), false);
         }
         tracing::info!(%node, %subnet, "leased worker subnet");
         Ok(subnet)
@@ -205,8 +209,55 @@ impl ClusterNetSvc {
         })?;
         if let Some(l) = removed {
             self.broadcast(update(pb::net_update::Update::RouteRemoved(l.subnet.to_string())), None);
+            self.report_route(route_of(&l), true);
         }
         Ok(())
+    }
+
+    /// Tells the root about a worker route (best effort: every watch connection reports all of them again).
+    fn report_route(&self, route: pb::Route, removed: bool) {
+        let Some(root) = self.inner.root.clone() else { return };
+        let cluster_id = self.inner.cluster_id.clone();
+        tokio::spawn(async move {
+            let r = pb::RouteReport { cluster_id, route: Some(route), removed };
+            if let Err(e) = root.clone().report_route(r).await {
+                tracing::warn!(error = %e.message(), "could not report a worker route to the root (reported again on reconnect)");
+            }
+        });
+    }
+
+    /// Replaces the other clusters' routes with the root's list and pushes the difference.
+    fn set_foreign_routes(&self, routes: Vec<pb::ClusterRoute>) {
+        let own = self.inner.cluster_id.clone();
+        let new: BTreeMap<String, pb::Route> = routes
+            .into_iter()
+            .filter(|r| r.cluster_id != own)
+            .filter_map(|r| r.route)
+            .map(|r| (r.subnet.clone(), r))
+            .collect();
+        let old = std::mem::replace(&mut *self.inner.foreign.lock().expect("foreign"), new.clone());
+        for (net, r) in &new {
+            if old.get(net) != Some(r) {
+                self.broadcast(update(pb::net_update::Update::RouteAdded(r.clone())), None);
+            }
+        }
+        for net in old.keys().filter(|n| !new.contains_key(*n)) {
+            self.broadcast(update(pb::net_update::Update::RouteRemoved(net.clone())), None);
+        }
+    }
+
+    fn foreign_route_changed(&self, route: pb::Route, removed: bool) {
+        let mut f = self.inner.foreign.lock().expect("foreign");
+        if removed {
+            if f.remove(&route.subnet).is_some() {
+                drop(f);
+                self.broadcast(update(pb::net_update::Update::RouteRemoved(route.subnet)), None);
+            }
+        } else if f.get(&route.subnet) != Some(&route) {
+            f.insert(route.subnet.clone(), route.clone());
+            drop(f);
+            self.broadcast(update(pb::net_update::Update::RouteAdded(route)), None);
+        }
     }
 
     /// The subnet currently leased to `node`.
@@ -317,6 +368,15 @@ impl ClusterNetSvc {
                     Ok(stream) => {
                         backoff = Duration::from_millis(200);
                         let mut stream = stream.into_inner();
+                        // our routes to the root, the others' routes from it
+                        let own: Vec<pb::Route> = this.inner.state.lock().expect("lock").leases.values().map(route_of).collect();
+                        for r in own {
+                            this.report_route(r, false);
+                        }
+                        match root.clone().routes(pb::RoutesRequest {}).await {
+                            Ok(r) => this.set_foreign_routes(r.into_inner().routes),
+                            Err(e) => tracing::warn!(error = %e.message(), "cannot fetch other clusters' routes from the root"),
+                        }
                         // catch up on whatever changed while we were not watching
                         let interests: HashMap<String, String> = this
                             .inner
@@ -332,6 +392,10 @@ impl ClusterNetSvc {
                         while let Some(Ok(change)) = stream.next().await {
                             if change.origin_cluster_id == this.inner.cluster_id {
                                 continue; // already pushed when it happened here
+                            }
+                            if let Some(route) = change.route {
+                                this.foreign_route_changed(route, change.route_removed);
+                                continue;
                             }
                             this.push_service(&change.service_id, &change.job_name).await;
                         }
@@ -394,9 +458,13 @@ impl ClusterNetService for ClusterNetSvc {
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<UpdateStream>, Status> {
         let node = req.into_inner().node;
-        let (tx, rx) = mpsc::channel(1024);
+        let initial = self.inner.state.lock().expect("lock").leases.len() + self.inner.foreign.lock().expect("foreign").len();
+        let (tx, rx) = mpsc::channel(1024 + initial);
         for l in self.inner.state.lock().expect("lock").leases.values() {
             let _ = tx.try_send(Ok(update(pb::net_update::Update::RouteAdded(route_of(l)))));
+        }
+        for r in self.inner.foreign.lock().expect("foreign").values() {
+            let _ = tx.try_send(Ok(update(pb::net_update::Update::RouteAdded(r.clone()))));
         }
         let id = {
             let mut n = self.inner.next_sub.lock().expect("lock");
@@ -530,6 +598,59 @@ mod tests {
         assert_eq!(pushed.instances.len(), 1);
         assert_eq!(pushed.instances[0].cluster_id, "c2");
         assert_eq!(pushed.instances[0].worker_subnet, n2.to_string());
+    }
+
+    #[tokio::test]
+    async fn worker_routes_cross_clusters_through_the_root() {
+        use futures::StreamExt;
+        let (dir, root, url) = setup().await;
+        let c1 = ClusterNetSvc::open(&dir.path().join("c1"), &url, "c1").unwrap();
+        let c2 = ClusterNetSvc::open(&dir.path().join("c2"), &url, "c2").unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c1_url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(serve_listener(c1.clone(), l));
+        let n1 = c1.lease_subnet("n1", "192.0.2.1", 50103).await.unwrap();
+        let mut client = pb::cluster_net_service_client::ClusterNetServiceClient::connect(c1_url).await.unwrap();
+        let mut updates = client.subscribe(pb::SubscribeRequest { node: "n1".into() }).await.unwrap().into_inner();
+        // a worker of cluster 2 appears: cluster 1's subscriber learns its route (for replies)
+        let n2 = c2.lease_subnet("n2", "192.0.2.2", 50104).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(pb::net_update::Update::RouteAdded(r)) = updates.next().await.unwrap().unwrap().update {
+                    if r.subnet == n2.to_string() {
+                        return r;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("route of the other cluster pushed");
+        assert_eq!((got.worker_ip.as_str(), got.worker_port), ("192.0.2.2", 50104));
+        assert!(root.routes().iter().any(|r| r.cluster_id == "c1" && r.route.as_ref().unwrap().subnet == n1.to_string()));
+        // a cluster cannot claim a subnet outside its blocks
+        let bad = pb::Route { subnet: n2.to_string(), worker_ip: "192.0.2.9".into(), worker_port: 1 };
+        assert!(root.report_route("c1", &bad, false).unwrap_err().to_string().contains("not in a block leased to cluster c1"));
+        // a new subscriber gets it in its initial dump; released, it is withdrawn
+        let mut fresh = client.subscribe(pb::SubscribeRequest { node: "n1b".into() }).await.unwrap().into_inner();
+        let mut initial = Vec::new();
+        for _ in 0..2 {
+            if let Some(pb::net_update::Update::RouteAdded(r)) = fresh.next().await.unwrap().unwrap().update {
+                initial.push(r.subnet);
+            }
+        }
+        assert!(initial.contains(&n2.to_string()), "{initial:?}");
+        c2.release_worker("n2").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(pb::net_update::Update::RouteRemoved(net)) = fresh.next().await.unwrap().unwrap().update {
+                    if net == n2.to_string() {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("released route withdrawn");
     }
 
     #[tokio::test]

@@ -84,6 +84,16 @@ struct RootState {
     services: BTreeMap<String, ServiceRec>,
     /// "service_id/instance_number" -> instance
     instances: BTreeMap<String, InstanceRec>,
+    /// worker subnet -> its route, as the cluster that leased it reported
+    #[serde(default)]
+    routes: BTreeMap<String, RouteRec>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+struct RouteRec {
+    cluster_id: String,
+    worker_ip: String,
+    worker_port: u32,
 }
 
 /// A redb file holding one JSON document (shared by root and cluster network services).
@@ -171,6 +181,7 @@ impl RootNetSvc {
             service_id: service_id.into(),
             job_name: job_name.into(),
             origin_cluster_id: origin.into(),
+            ..Default::default()
         });
     }
 
@@ -193,11 +204,62 @@ impl RootNetSvc {
 
     /// Give back every block of a cluster (when the cluster is removed).
     pub fn release_cluster(&self, cluster_id: &str) -> Result<()> {
-        self.mutate(|s| {
+        let gone = self.mutate(|s| {
             s.blocks.retain(|_, c| c != cluster_id);
             s.instances.retain(|_, i| i.cluster_id != cluster_id);
-            Ok(())
-        })
+            let gone: Vec<String> = s.routes.iter().filter(|(_, r)| r.cluster_id == cluster_id).map(|(n, _)| n.clone()).collect();
+            s.routes.retain(|_, r| r.cluster_id != cluster_id);
+            Ok(gone)
+        })?;
+        for subnet in gone {
+            self.notify_route(cluster_id, pb::Route { subnet, ..Default::default() }, true);
+        }
+        Ok(())
+    }
+
+    fn notify_route(&self, origin: &str, route: pb::Route, removed: bool) {
+        let _ = self.inner.changes.send(pb::ServiceChanged {
+            origin_cluster_id: origin.into(),
+            route: Some(route),
+            route_removed: removed,
+            ..Default::default()
+        });
+    }
+
+    /// A cluster leased (or released) a worker subnet: it must lie in one of that cluster's blocks.
+    pub fn report_route(&self, cluster_id: &str, route: &pb::Route, removed: bool) -> Result<()> {
+        let net: Ipv4Net = route.subnet.parse().with_context(|| format!("route subnet {:?} is not a network", route.subnet))?;
+        if !removed {
+            route.worker_ip.parse::<Ipv4Addr>().with_context(|| format!("worker_ip {:?} is not an IPv4 address", route.worker_ip))?;
+        }
+        let changed = self.mutate(|s| {
+            let owner = s.blocks.iter().find(|(i, _)| block_net(**i).contains(&net)).map(|(_, c)| c.as_str());
+            if owner != Some(cluster_id) {
+                bail!("{net} is not in a block leased to cluster {cluster_id}");
+            }
+            let key = net.to_string();
+            if removed {
+                return Ok(s.routes.remove(&key).is_some());
+            }
+            let rec = RouteRec { cluster_id: cluster_id.into(), worker_ip: route.worker_ip.clone(), worker_port: route.worker_port };
+            Ok(s.routes.insert(key, rec.clone()) != Some(rec))
+        })?;
+        if changed {
+            self.notify_route(cluster_id, pb::Route { subnet: net.to_string(), ..route.clone() }, removed);
+        }
+        Ok(())
+    }
+
+    /// Every worker route of every cluster.
+    pub fn routes(&self) -> Vec<pb::ClusterRoute> {
+        let s = self.inner.state.lock().expect("netsvc lock");
+        s.routes
+            .iter()
+            .map(|(n, r)| pb::ClusterRoute {
+                cluster_id: r.cluster_id.clone(),
+                route: Some(pb::Route { subnet: n.clone(), worker_ip: r.worker_ip.clone(), worker_port: r.worker_port }),
+            })
+            .collect()
     }
 
     /// Allocate the round-robin and closest service IPs of a service from 10.30.0.0/16. Idempotent: a
@@ -355,6 +417,15 @@ impl RootNetService for RootNetSvc {
             block: block.to_string(),
             all_blocks: all.iter().map(|b| b.to_string()).collect(),
         }))
+    }
+    async fn report_route(&self, req: Request<pb::RouteReport>) -> Result<Response<pb::Ack>, Status> {
+        let r = req.into_inner();
+        let route = r.route.ok_or_else(|| Status::invalid_argument("route missing"))?;
+        self.report_route(&r.cluster_id, &route, r.removed).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        Ok(Response::new(pb::Ack {}))
+    }
+    async fn routes(&self, _req: Request<pb::RoutesRequest>) -> Result<Response<pb::RoutesReply>, Status> {
+        Ok(Response::new(pb::RoutesReply { routes: self.routes() }))
     }
     type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ServiceChanged, Status>> + Send>>;
 
