@@ -127,7 +127,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut stack = Stack { ns: ns.clone(), procs: Vec::new(), ctr_ns: format!("oakbench-{}", std::process::id()) };
     ip(&["netns", "add", &ns])?;
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-    ip(&["-n", &ns, "link", "add", "up0", "type", "dummy"])?;
+    // (no dummy driver in every kernel: a veth pair inside the namespace serves as the uplink)
+    ip(&["-n", &ns, "link", "add", "up0", "type", "veth", "peer", "name", "up1"])?;
+    ip(&["-n", &ns, "link", "set", "up1", "up"])?;
     ip(&["-n", &ns, "addr", "add", "10.250.0.1/24", "dev", "up0"])?;
     ip(&["-n", &ns, "link", "set", "up0", "up"])?;
     std::fs::write(
