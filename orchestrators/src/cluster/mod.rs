@@ -208,6 +208,19 @@ impl Cluster {
         }
     }
 
+    /// Queues UNDEPLOYED for the root.
+    fn report_undeployed(&self, s: &State, service_id: &str, n: u32, detail: String, out: &mut Out) {
+        let mut st = pb::InstanceStatus {
+            service_id: service_id.into(),
+            instance_number: n,
+            status: "UNDEPLOYED".into(),
+            detail,
+            ..Default::default()
+        };
+        self.stamp(&mut st, s);
+        out.to_root.push(st);
+    }
+
     fn views(s: &State, exclude: Option<&str>) -> Vec<WorkerView> {
         let mut reserved: HashMap<&str, (f64, u64, u32)> = HashMap::new();
         for i in s.instances.values() {
@@ -351,15 +364,7 @@ impl Cluster {
                         s.instances.remove(&k);
                         self.forget(&k);
                     }
-                    let mut st = pb::InstanceStatus {
-                        service_id: u.service_id.clone(),
-                        instance_number: u.instance_number,
-                        status: "UNDEPLOYED".into(),
-                        detail: "undeployed".into(),
-                        ..Default::default()
-                    };
-                    self.stamp(&mut st, &s);
-                    out.to_root.push(st);
+                    self.report_undeployed(&s, &u.service_id, u.instance_number, "undeployed".into(), &mut out);
                 }
             }
         }
@@ -433,15 +438,8 @@ impl Cluster {
                 if inst.undeploying {
                     s.instances.remove(&k);
                     self.forget(&k);
-                    let mut st = pb::InstanceStatus {
-                        service_id: inst.status.service_id.clone(),
-                        instance_number: inst.status.instance_number,
-                        status: "UNDEPLOYED".into(),
-                        detail: "undeployed".into(),
-                        ..Default::default()
-                    };
-                    self.stamp(&mut st, &s);
-                    out.to_root.push(st);
+                    let (sid, n) = (&inst.status.service_id, inst.status.instance_number);
+                    self.report_undeployed(&s, sid, n, "undeployed".into(), &mut out);
                 } else {
                     out.to_workers.push((node_id.clone(), worker_msg(pb::cluster_to_worker::Msg::Deploy(inst.deploy.clone()))));
                 }
@@ -580,15 +578,8 @@ impl Cluster {
                     if inst.undeploying {
                         s.instances.remove(&k);
                         self.forget(&k);
-                        let mut st = pb::InstanceStatus {
-                            service_id: inst.status.service_id.clone(),
-                            instance_number: inst.status.instance_number,
-                            status: "UNDEPLOYED".into(),
-                            detail: format!("undeployed (worker '{name}' is down)"),
-                            ..Default::default()
-                        };
-                        self.stamp(&mut st, &s);
-                        out.to_root.push(st);
+                        let (sid, n) = (&inst.status.service_id, inst.status.instance_number);
+                        self.report_undeployed(&s, sid, n, format!("undeployed (worker '{name}' is down)"), &mut out);
                         continue;
                     }
                     let why = format!("worker '{name}' missed heartbeats for {:.0} s; rescheduled: ", silent.as_secs_f64());
