@@ -43,6 +43,10 @@ struct Args {
     /// A worker silent for this many milliseconds is marked down and its instances move elsewhere.
     #[arg(long, default_value_t = 30_000)]
     worker_stale_ms: u64,
+    /// A worker down for this many seconds is removed and its overlay subnet released (it gets a new
+    /// one when it comes back).
+    #[arg(long, default_value_t = 86_400)]
+    worker_remove_after_secs: u64,
     /// Optional registration secret sent to the root.
     #[arg(long, env = "OAK_CLUSTER_TOKEN", default_value = "", hide_env_values = true)]
     token: String,
@@ -106,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: a.data_dir,
         heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms.max(50)),
         worker_stale: Duration::from_millis(a.worker_stale_ms.max(200)),
+        worker_remove_after: Duration::from_secs(a.worker_remove_after_secs),
         token: a.token,
     };
     oak_orchestrators::cluster::run(cfg, shutdown_signal()).await

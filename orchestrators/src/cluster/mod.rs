@@ -44,6 +44,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// A worker silent for this long is down; its instances are rescheduled.
     pub worker_stale: Duration,
+    /// A worker down for this long is removed: forgotten, and its overlay subnet released.
+    pub worker_remove_after: Duration,
     /// Optional registration secret sent to the root.
     pub token: String,
 }
@@ -120,6 +122,8 @@ pub struct Cluster {
     pub cluster_id: tokio::sync::watch::Sender<String>,
     /// Becomes true when shutdown begins; worker session tasks end on it.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// The cluster network service, once it runs (removing a worker releases its subnet there).
+    pub netsvc: std::sync::OnceLock<netsvc::ClusterNetSvc>,
 }
 
 fn worker_msg(m: pb::cluster_to_worker::Msg) -> pb::ClusterToWorker {
@@ -152,6 +156,7 @@ impl Cluster {
             capacity_changed: Notify::new(),
             cluster_id: tokio::sync::watch::channel(cluster_id).0,
             stopping: tokio::sync::watch::channel(false).0,
+            netsvc: std::sync::OnceLock::new(),
         }))
     }
 
@@ -588,7 +593,35 @@ impl Cluster {
             }
         }
         self.flush(out);
+        self.remove_long_gone();
         down
+    }
+
+    /// Forgets workers down for longer than `worker_remove_after` and releases their overlay subnets.
+    /// Returns the names removed.
+    pub fn remove_long_gone(&self) -> Vec<String> {
+        let gone: Vec<(String, String)> = {
+            let mut s = self.lock();
+            let ids: Vec<String> = s
+                .workers
+                .iter()
+                .filter(|(_, w)| !w.alive && w.last_seen.elapsed() > self.cfg.worker_remove_after)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter().filter_map(|id| s.workers.remove(&id).map(|w| (id, w.name))).collect()
+        };
+        for (id, name) in &gone {
+            tracing::warn!(node_id = %id, worker = %name, "worker down for more than {:?}: removed, its overlay subnet released", self.cfg.worker_remove_after);
+            if let Err(e) = self.store.remove_node(id) {
+                tracing::error!("forgetting worker {id}: {e:#}");
+            }
+            if let Some(n) = self.netsvc.get() {
+                if let Err(e) = n.release_worker(name) {
+                    tracing::error!(worker = %name, "releasing its subnet: {e:#}");
+                }
+            }
+        }
+        gone.into_iter().map(|(_, n)| n).collect()
     }
 
     // ------------------------------------------------------------------ up to the root
@@ -743,6 +776,7 @@ pub async fn serve(
                 return;
             }
         };
+        let _ = c.netsvc.set(svc.clone());
         if let Err(e) = netsvc::serve_listener(svc, netsvc_l).await {
             tracing::error!("cluster network service stopped: {e:#}");
         }

@@ -61,6 +61,13 @@ impl ClusterStore {
         Ok(())
     }
 
+    pub fn remove_node(&self, id: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(NODES)?.remove(id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn instances(&self) -> Result<Vec<ClusterInstanceRecord>> {
         let rt = self.db.begin_read()?;
         let t = rt.open_table(INSTANCES)?;

@@ -97,6 +97,10 @@ impl ClusterH {
 }
 
 async fn start_cluster(dir: &std::path::Path, root: &RootH, name: &str, stale: Duration) -> ClusterH {
+    start_cluster_with(dir, root, name, stale, Duration::from_secs(3600)).await
+}
+
+async fn start_cluster_with(dir: &std::path::Path, root: &RootH, name: &str, stale: Duration, remove_after: Duration) -> ClusterH {
     let workers_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cfg = Config {
@@ -109,6 +113,7 @@ async fn start_cluster(dir: &std::path::Path, root: &RootH, name: &str, stale: D
         data_dir: dir.to_path_buf(),
         heartbeat_interval: Duration::from_millis(100),
         worker_stale: stale,
+        worker_remove_after: remove_after,
         token: String::new(),
     };
     // a stopped cluster's tasks may still hold its store for a moment
@@ -329,6 +334,26 @@ async fn cluster_restart_keeps_placements_and_reregisters() {
     })
     .await;
     w.abort();
+    cl.stop().await;
+    root.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_gone_for_long_is_removed_and_its_subnet_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = start_root(&dir.path().join("root")).await;
+    let cl = start_cluster_with(&dir.path().join("cluster"), &root, "edge-d", Duration::from_millis(500), Duration::from_millis(500)).await;
+    // the network service runs once the cluster has its id
+    poll("cluster network service up", || async { cl.cluster.netsvc.get().is_some() }).await;
+    let net = cl.cluster.netsvc.get().unwrap().clone();
+    let subnet = net.lease_subnet("gone", "192.0.2.7", 50103).await.unwrap();
+    let (tx, _inbound) = silent_worker(&cl.workers_url, "gone").await;
+    poll("registered", || async { cl.cluster.live_workers().len() == 1 }).await;
+    // silent: down after 0.5 s, removed 0.5 s later, lease released
+    poll("worker removed", || async { cl.cluster.live_workers().is_empty() && net.subnet_of("gone").is_none() }).await;
+    // the same subnet is free again for a new worker
+    assert_eq!(net.lease_subnet("newcomer", "192.0.2.8", 50103).await.unwrap(), subnet);
+    drop(tx);
     cl.stop().await;
     root.stop().await;
 }
