@@ -26,6 +26,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::{debug, error};
 use netmanager_ebpf_common::{
     counter, Config, FlowKey, FlowVal, LocalEndpoint, Route, Service, CT_FORWARD, CT_PASSTHROUGH, CT_REVERSE, ENCAP_LEN,
     KIND_CLOSEST, MAX_BACKENDS, TUNNEL_HDR_LEN, TUNNEL_MAGIC, TUNNEL_TYPE_DATA, TUNNEL_VERSION,
@@ -216,7 +217,8 @@ fn encap(ctx: &mut TcContext, cfg: &Config, p: &Pkt, r: &Route) -> i32 {
     // FIXED_GSO: keep the segment size; instances have an MTU that leaves room for the 36 bytes
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_FIXED_GSO) as u64
         | ENCAP_L2_TUNNEL_HDR;
-    if ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if let Err(e) = ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags) {
+        error!(ctx, "encapsulation: bpf_skb_adjust_room failed ({}), packet dropped", e);
         count(counter::ERR_ADJUST_ROOM);
         return TC_ACT_SHOT as i32;
     }
@@ -282,6 +284,7 @@ pub fn oak_inst_ingress(mut ctx: TcContext) -> i32 {
                 let _ = CT.insert(&key, &FlowVal { addr: b, dir: CT_FORWARD, _pad: [0; 3] }, 0);
                 let _ = CT.insert(&rev, &FlowVal { addr: p.dst, dir: CT_REVERSE, _pad: [0; 3] }, 0);
                 count(counter::NEW_FLOW);
+                debug!(&ctx, "new flow to service {:i}: instance {:i}", u32::from_be(p.dst), u32::from_be(b));
                 b
             }
         };
@@ -377,7 +380,8 @@ pub fn oak_uplink_ingress(mut ctx: TcContext) -> i32 {
         }
     }
     let flags = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64;
-    if ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if let Err(e) = ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, flags) {
+        error!(&ctx, "decapsulation: bpf_skb_adjust_room failed ({}), packet dropped", e);
         count(counter::ERR_ADJUST_ROOM);
         return TC_ACT_SHOT as i32;
     }

@@ -225,7 +225,7 @@ impl Worker {
                 "-p",
                 &API.to_string(),
                 "--log-level",
-                "oak_netmanager=debug,info",
+                "oak_netmanager=debug,netmanager_ebpf=debug,info",
             ])
             // OAK_NM_ARGS: extra flags, e.g. --no-tun-offload
             .args(&self.extra)
@@ -550,6 +550,10 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
             assert!(e["new_flow"].as_u64().unwrap() >= 10, "{ca}");
             assert!(e["encap"].as_u64().unwrap() > 0 && e["decap"].as_u64().unwrap() > 0, "{ca}");
             assert!(e["local_deliver"].as_u64().unwrap() > 0 && e["rev_nat"].as_u64().unwrap() > 0, "{ca}");
+            // the programs' aya-log records reach the NetManager's log
+            eventually(5, "eBPF log records in the NetManager's log", || {
+                if wa.log_text().contains("new flow to service") { Ok(()) } else { Err("not yet".into()) }
+            });
         } else {
             assert_eq!(ca["ebpf"], false, "{ca}");
             assert!(ca["events"]["forward_translated"].as_u64().unwrap() > 0, "{ca}");

@@ -106,6 +106,42 @@ pub struct FastPath {
     counters: PerCpuArray<MapData, u64>,
     /// host veth name -> instance ip
     attached: StdHashMap<String, Ipv4Addr>,
+    /// The programs' log records (aya-log); must live as long as the programs use its map. None when a
+    /// tokio task owns it and forwards the records into tracing.
+    _log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Forwards the programs' aya-log records into tracing (through the log crate) when a tokio runtime is
+/// there to poll them; otherwise keeps the logger alive without reading.
+fn start_logger(ebpf: &mut Ebpf) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!("no eBPF log records: {e}");
+            return None;
+        }
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return Some(logger) };
+    let _guard = rt.enter();
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the same until the logger (owned
+    // by the AsyncFd) is dropped.
+    match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(mut fd) => {
+            rt.spawn(async move {
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else { break };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+            None
+        }
+        Err(e) => {
+            let (logger, e) = e.into_parts();
+            tracing::debug!("eBPF log records not forwarded: {e}");
+            Some(logger)
+        }
+    }
 }
 
 fn ifindex(name: &str) -> Result<u32> {
@@ -165,6 +201,8 @@ impl FastPath {
                 }
             }
         };
+        // before the programs load: they refer to its map
+        let log = start_logger(&mut ebpf);
         for name in ["oak_inst_ingress", "oak_uplink_ingress"] {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -177,7 +215,7 @@ impl FastPath {
         let routes = HashMap::try_from(take(&mut ebpf, "ROUTES")?)?;
         let local = HashMap::try_from(take(&mut ebpf, "LOCAL")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
-        let mut fp = Self { ebpf, cfg, services, routes, local, counters, attached: StdHashMap::new() };
+        let mut fp = Self { ebpf, cfg, services, routes, local, counters, attached: StdHashMap::new(), _log: log };
         // adopted maps keep the previous incarnation's config (enabled) until the new one rewrites it
         if fp.cfg.pin_dir.is_none() {
             fp.write_config(false)?;
