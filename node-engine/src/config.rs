@@ -64,6 +64,16 @@ pub struct Config {
     #[arg(long = "token", env = "OAK_WORKER_TOKEN", default_value = "")]
     pub token: String,
 
+    /// Registries (`host[:port]`, comma-separated) reached over plain HTTP when pulling images
+    /// (loopback registries and `http://host/name:tag` references always are).
+    #[arg(
+        long = "insecure-registries",
+        env = "OAK_INSECURE_REGISTRIES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub insecure_registries: Vec<String>,
+
     /// Optional "lat,lon" location of this worker, reported with its resources.
     #[arg(long = "location", default_value = "")]
     pub location: String,

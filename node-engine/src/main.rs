@@ -24,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
 
+    oak_node_engine::runtime::registry::set_insecure_registries(cfg.insecure_registries.clone());
     let rcfg = RuntimeConfig {
         containerd_socket: cfg.containerd_socket.clone(),
         namespace: cfg.namespace.clone(),

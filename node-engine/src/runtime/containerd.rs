@@ -13,6 +13,7 @@ use tonic::{Code, Request};
 use tracing::info;
 
 use super::image::{self, ImageSource, ImportPlan};
+use super::registry;
 use super::spec::ImageConfig;
 
 pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -31,6 +32,8 @@ pub struct Containerd {
     client: std::sync::Arc<Client>,
     pub namespace: String,
     pub snapshotter: String,
+    /// Set once containerd answered that it has no Transfer service (< 1.7).
+    no_transfer: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn is(e: &tonic::Status, c: Code) -> bool {
@@ -62,6 +65,7 @@ impl Containerd {
             .with_context(|| format!("cannot connect to containerd at {}", socket.display()))?;
         let c = Self {
             client: std::sync::Arc::new(client),
+            no_transfer: Default::default(),
             namespace: namespace.into(),
             snapshotter: "overlayfs".into(),
         };
@@ -267,7 +271,13 @@ impl Containerd {
             ImageSource::Archive(path) => self.import_archive(&path, lease).await?,
             ImageSource::Reference(r) => {
                 if self.get_image(&r).await?.is_none() {
-                    self.pull(&r).await?;
+                    self.pull(&r, false, lease).await?;
+                }
+                r
+            }
+            ImageSource::HttpReference(r) => {
+                if self.get_image(&r).await?.is_none() {
+                    self.pull(&r, true, lease).await?;
                 }
                 r
             }
@@ -293,19 +303,14 @@ impl Containerd {
         }
     }
 
-    /// Imports an OCI layout / docker save tar into the content store and creates the image record.
-    pub async fn import_archive(&self, path: &Path, lease: &str) -> anyhow::Result<String> {
-        info!(archive = %path.display(), "importing image archive");
-        let arch = crate::metrics::go_arch(std::env::consts::ARCH);
-        let p = path.to_path_buf();
-        let plan: ImportPlan = tokio::task::spawn_blocking(move || image::plan_import(&p, &arch))
-            .await
-            .context("import task")?
-            .with_context(|| format!("cannot import image archive {}", path.display()))?;
+    /// Writes a plan's blobs (children first) into the content store under `lease` and creates or
+    /// updates its image record. Shared by archive import and registry pull; `source` names the
+    /// origin in the logs.
+    async fn store_plan(&self, plan: &ImportPlan, lease: &str, source: &str) -> anyhow::Result<()> {
         let n = plan.blobs.len();
         for (i, b) in plan.blobs.iter().enumerate() {
             self.write_blob(b, lease).await?;
-            info!(archive = %path.display(), blob = %b.digest, size = b.data.len(), "imported blob {}/{}", i + 1, n);
+            info!(source, blob = %b.digest, size = b.data.len(), "stored blob {}/{}", i + 1, n);
         }
         let image = cs::Image {
             name: plan.name.clone(),
@@ -342,13 +347,90 @@ impl Containerd {
             }
             Err(e) => return Err(e).with_context(|| format!("creating image {}", plan.name)),
         }
+        Ok(())
+    }
+
+    /// Imports an OCI layout / docker save tar into the content store and creates the image record.
+    pub async fn import_archive(&self, path: &Path, lease: &str) -> anyhow::Result<String> {
+        info!(archive = %path.display(), "importing image archive");
+        let arch = crate::metrics::go_arch(std::env::consts::ARCH);
+        let p = path.to_path_buf();
+        let plan: ImportPlan = tokio::task::spawn_blocking(move || image::plan_import(&p, &arch))
+            .await
+            .context("import task")?
+            .with_context(|| format!("cannot import image archive {}", path.display()))?;
+        self.store_plan(&plan, lease, &path.display().to_string())
+            .await?;
         info!(archive = %path.display(), image = %plan.name, "image archive imported");
         Ok(plan.name)
     }
 
-    /// Pulls through containerd's Transfer service (containerd >= 1.7).
-    async fn pull(&self, reference: &str) -> anyhow::Result<()> {
-        info!(image = reference, "pulling image");
+    /// Pulls `reference` (a normalized image name): through containerd's Transfer service when it
+    /// has one (containerd >= 1.7) and the registry is reached over HTTPS, with the NodeEngine's own
+    /// registry client otherwise (containerd 1.6, plain-HTTP registries).
+    async fn pull(&self, reference: &str, plain_http: bool, lease: &str) -> anyhow::Result<()> {
+        let mut r = registry::RegistryRef::parse(reference)
+            .with_context(|| format!("pulling image {reference}"))?;
+        r.explicit_http = plain_http;
+        let no_transfer = self.no_transfer.load(std::sync::atomic::Ordering::Relaxed);
+        if !r.plain_http() && !no_transfer && self.pull_transfer(reference).await? {
+            return Ok(());
+        }
+        self.pull_native(&r, lease)
+            .await
+            .with_context(|| format!("pulling image {reference} failed"))
+    }
+
+    /// Pulls with the NodeEngine's OCI distribution client into the content store.
+    async fn pull_native(&self, r: &registry::RegistryRef, lease: &str) -> anyhow::Result<()> {
+        let name = r.name();
+        let arch = crate::metrics::go_arch(std::env::consts::ARCH);
+        let mut client = registry::RegistryClient::new(r)?;
+        info!(image = %name, registry = %r.api_host(), plain_http = r.plain_http(), "pulling image from the registry");
+        let m = client.resolve(&arch).await?;
+        info!(image = %name, manifest = %m.desc.digest, layers = m.layers.len(), "resolved manifest for linux/{arch}");
+        let n = m.layers.len();
+        let todo = std::iter::once(("config".to_string(), &m.config)).chain(
+            m.layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (format!("layer {}/{n}", i + 1), l)),
+        );
+        let mut total = 0usize;
+        for (what, d) in todo {
+            if self.content_exists(&d.digest).await? {
+                info!(image = %name, blob = %d.digest, "{what} already in the content store");
+                continue;
+            }
+            let data = client.fetch_blob(d, &what).await?;
+            total += data.len();
+            info!(image = %name, blob = %d.digest, bytes = data.len(), "downloaded {what}");
+            // Written right away (under the lease) so only one layer is held in memory at a time.
+            self.write_blob(
+                &image::Blob {
+                    digest: d.digest.clone(),
+                    media_type: d.media_type.clone(),
+                    data,
+                    labels: HashMap::new(),
+                },
+                lease,
+            )
+            .await?;
+        }
+        // The manifest (with the GC labels tying config and layers to it) and the image record.
+        let plan = registry::plan_from_manifest(&name, &m, Vec::new());
+        self.store_plan(&plan, lease, &name).await?;
+        info!(image = %name, bytes = total, "image pulled");
+        Ok(())
+    }
+
+    /// Pulls through containerd's Transfer service (containerd >= 1.7); `Ok(false)` if this
+    /// containerd has none.
+    async fn pull_transfer(&self, reference: &str) -> anyhow::Result<bool> {
+        info!(
+            image = reference,
+            "pulling image through containerd's Transfer service"
+        );
         let platform = Platform {
             os: "linux".into(),
             architecture: crate::metrics::go_arch(std::env::consts::ARCH),
@@ -373,13 +455,13 @@ impl Containerd {
             options: None,
         };
         match self.client.transfer().transfer(self.req(req)).await {
-            Ok(_) => Ok(()),
-            Err(e) if is(&e, Code::Unimplemented) => bail!(
-                "image {reference} is not in containerd namespace '{}' and this containerd cannot pull through its API \
-                 (no Transfer service: containerd >= 1.7 needed); pre-load it (`ctr -n {} images pull {reference}`) \
-                 or deploy it from a local archive (code: oci-archive:/path/image.tar)",
-                self.namespace, self.namespace
-            ),
+            Ok(_) => Ok(true),
+            Err(e) if is(&e, Code::Unimplemented) => {
+                self.no_transfer
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                info!(image = reference, "containerd has no Transfer service (< 1.7): pulling with the NodeEngine's registry client");
+                Ok(false)
+            }
             Err(e) => bail!("pulling image {reference} failed: {} (is the registry reachable and the reference right?)", e.message()),
         }
     }

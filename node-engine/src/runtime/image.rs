@@ -31,6 +31,9 @@ pub fn is_index(media_type: &str) -> bool {
 pub enum ImageSource {
     /// A registry reference, normalized (`docker.io/library/nginx:latest`).
     Reference(String),
+    /// A registry reference given as `http://host[:port]/name[:tag]`: normalized, without the
+    /// scheme; the registry is reached over plain HTTP.
+    HttpReference(String),
     /// A local archive (OCI layout tar or `docker save` tar).
     Archive(PathBuf),
 }
@@ -48,6 +51,16 @@ pub fn parse_source(code: &str) -> anyhow::Result<ImageSource> {
     }
     if code.starts_with('/') || code.starts_with("./") {
         return Ok(ImageSource::Archive(PathBuf::from(code)));
+    }
+    if let Some(r) = code.strip_prefix("http://") {
+        return Ok(ImageSource::HttpReference(normalize_reference(
+            r.trim_end_matches('/'),
+        )?));
+    }
+    if let Some(r) = code.strip_prefix("https://") {
+        return Ok(ImageSource::Reference(normalize_reference(
+            r.trim_end_matches('/'),
+        )?));
     }
     Ok(ImageSource::Reference(normalize_reference(code)?))
 }
@@ -432,6 +445,27 @@ mod tests {
             ImageSource::Archive("/tmp/x.tar".into())
         );
         assert!(parse_source("").is_err());
+        assert_eq!(
+            parse_source("http://127.0.0.1:5000/oak/busybox:1").unwrap(),
+            ImageSource::HttpReference("127.0.0.1:5000/oak/busybox:1".into())
+        );
+        assert_eq!(
+            parse_source("https://ghcr.io/a/b").unwrap(),
+            ImageSource::Reference("ghcr.io/a/b:latest".into())
+        );
+        assert_eq!(
+            parse_source("127.0.0.1:5000/oak/busybox:1").unwrap(),
+            ImageSource::Reference("127.0.0.1:5000/oak/busybox:1".into())
+        );
+        let d = format!("sha256:{}", "0".repeat(64));
+        assert_eq!(
+            normalize_reference(&format!("busybox@{d}")).unwrap(),
+            format!("docker.io/library/busybox@{d}")
+        );
+        assert_eq!(
+            normalize_reference(&format!("localhost:5000/x:1@{d}")).unwrap(),
+            format!("localhost:5000/x:1@{d}")
+        );
     }
 
     #[test]

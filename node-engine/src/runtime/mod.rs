@@ -2,6 +2,7 @@
 
 pub mod containerd;
 pub mod image;
+pub mod registry;
 pub mod spec;
 pub mod unikernel;
 
