@@ -127,7 +127,14 @@ pub async fn start(opts: Options) -> Result<Running> {
     let sub_task = control.spawn_subscription(tx);
     let proxy = match &opts.proxy {
         None => None,
-        Some(p) => match proxy::start(p, tables.clone(), Some(control.clone()), public).await {
+        Some(p) => match proxy::start(
+            &proxy::ProxyOptions { flows_file: p.flows_file.clone().or_else(|| Some(opts.data_dir.join("proxy-flows"))), ..p.clone() },
+            tables.clone(),
+            Some(control.clone()),
+            public,
+        )
+        .await
+        {
             Ok(px) => {
                 let _ = state.counters.set(px.counters.clone());
                 Some(px)

@@ -77,6 +77,8 @@ pub struct Engine {
     pub counters: Arc<Counters>,
     pub idle: Duration,
     next_port: u16,
+    /// Bumped whenever a conversion is added or removed (the proxy saves the table when it moved).
+    changes: u64,
 }
 
 impl Engine {
@@ -89,6 +91,7 @@ impl Engine {
             counters,
             idle: FLOW_IDLE,
             next_port: 0,
+            changes: 0,
         }
     }
 
@@ -113,6 +116,7 @@ impl Engine {
             if let Some(f) = self.fwd.remove(&k) {
                 self.rev.remove(&f.rev);
                 self.counters.event(Event::FlowsEvicted);
+                self.changes += 1;
             }
         }
         // orphans (should not happen)
@@ -160,7 +164,50 @@ impl Engine {
     fn forget(&mut self, k: &FlowKey) {
         if let Some(f) = self.fwd.remove(k) {
             self.rev.remove(&f.rev);
+            self.changes += 1;
         }
+    }
+
+    /// How many times the conversion table changed.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The conversions, one per line (`proto client cport svc_ip sport service_id instance nat_ip nat_port`),
+    /// saved so a restarted proxy keeps translating the flows it had.
+    pub fn export(&self) -> String {
+        let mut out = String::new();
+        for (k, f) in &self.fwd {
+            out.push_str(&format!(
+                "{} {} {} {} {} {} {} {} {}\n",
+                k.proto, k.src, k.sport, k.dst, k.dport, f.service_id, f.inst, f.nat.0, f.nat.1
+            ));
+        }
+        out
+    }
+
+    /// Loads conversions saved by [`Engine::export`] (malformed lines are skipped); returns how many.
+    pub fn import(&mut self, text: &str, now: Instant) -> usize {
+        let mut n = 0;
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let parsed = (|| -> Option<(FlowKey, String, Ipv4Addr, (Ipv4Addr, u16))> {
+                if f.len() != 9 {
+                    return None;
+                }
+                let k = FlowKey { proto: f[0].parse().ok()?, src: f[1].parse().ok()?, sport: f[2].parse().ok()?, dst: f[3].parse().ok()?, dport: f[4].parse().ok()? };
+                Some((k, f[5].to_string(), f[6].parse().ok()?, (f[7].parse().ok()?, f[8].parse().ok()?)))
+            })();
+            let Some((k, service_id, inst, nat)) = parsed else { continue };
+            if self.fwd.len() >= MAX_FLOWS {
+                break;
+            }
+            let rk = FlowKey { proto: k.proto, src: inst, sport: k.dport, dst: nat.0, dport: nat.1 };
+            self.fwd.insert(k, Forward { service_id, inst, nat, rev: rk, last: now });
+            self.rev.insert(rk, Reverse { client: (k.src, k.sport), svc_ip: k.dst, fwd: k, last: now });
+            n += 1;
+        }
+        n
     }
 
     /// A source port for a hairpinned (local-instance) flow that does not collide with another client's.
@@ -234,6 +281,9 @@ impl Engine {
         let k = FlowKey { proto: p.proto, src: p.src, sport: l4.sport, dst: p.dst, dport: l4.dport };
         let existing = match self.fwd.get(&k) {
             Some(f) if Self::still_valid(snap, f) => Some((f.inst, f.nat)),
+            // a conversion restored after a restart, its service not in the tables yet: resolve first
+            // (the packet is held and replayed), then it is checked again
+            Some(f) if !snap.services.contains_key(&f.service_id) => return Verdict::Resolve(p.dst),
             Some(_) => {
                 self.forget(&k);
                 None
@@ -271,6 +321,7 @@ impl Engine {
                 self.fwd.insert(k, Forward { service_id: sid, inst, nat, rev: rk, last: now });
                 self.rev.insert(rk, Reverse { client: (p.src, l4.sport), svc_ip: p.dst, fwd: k, last: now });
                 self.counters.event(Event::FlowsCreated);
+                self.changes += 1;
                 (inst, nat)
             }
         };
@@ -414,6 +465,36 @@ mod tests {
         e.evict(now + Duration::from_secs(61));
         assert_eq!(e.flows(), 0);
         assert_eq!(e.counters.count(Event::FlowsEvicted), 4);
+    }
+
+    #[test]
+    fn conversions_survive_export_and_import() {
+        let s = snap();
+        let mut e = Engine::new(Arc::new(Counters::new()));
+        let now = Instant::now();
+        let mut chosen = Vec::new();
+        for sport in [2000u16, 2001] {
+            let mut pkt = udp("10.18.0.2", "10.30.0.5", sport, 53);
+            e.outbound(&mut pkt, &s, now);
+            chosen.push(addrs(&pkt));
+        }
+        assert_ne!(chosen[0].2, chosen[1].2, "one local, one remote instance");
+        let saved = e.export();
+        let changes = e.changes();
+        // a restarted proxy: its round-robin position is new, but the flows keep their instances
+        let mut e2 = Engine::new(Arc::new(Counters::new()));
+        assert_eq!(e2.import(&format!("{saved}garbage line\n1 2 3\n"), now), 2);
+        for (sport, before) in [2000u16, 2001].into_iter().zip(&chosen) {
+            let mut pkt = udp("10.18.0.2", "10.30.0.5", sport, 53);
+            e2.outbound(&mut pkt, &s, now);
+            assert_eq!(&addrs(&pkt), before, "flow {sport} keeps its instance and translation");
+        }
+        // replies are translated back as before
+        let remote = chosen.iter().find(|c| c.2 == ip("10.18.0.66")).unwrap();
+        let mut reply = udp("10.18.0.66", "10.18.0.2", 53, remote.1);
+        assert_eq!(e2.inbound(&mut reply, &s, now), Verdict::ToTun);
+        assert_eq!(addrs(&reply).0, ip("10.30.0.5"));
+        assert!(e.changes() == changes && changes >= 2);
     }
 
     #[test]

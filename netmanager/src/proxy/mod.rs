@@ -39,11 +39,14 @@ pub struct ProxyOptions {
     /// IFF_VNET_HDR + TUNSETOFFLOAD: the kernel hands GSO super-packets to the proxy (split in userspace
     /// before translation) and takes GRO-coalesced batches from it.
     pub offload: bool,
+    /// Where the conversion table is saved (every probe interval, when it changed) and loaded from at
+    /// start, so flows the proxy translated carry on after a restart. None: not saved.
+    pub flows_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ProxyOptions {
     fn default() -> Self {
-        Self { tun_name: "oaktun0".into(), mtu: 1450, probe_interval: Duration::from_secs(2), offload: true }
+        Self { tun_name: "oaktun0".into(), mtu: 1450, probe_interval: Duration::from_secs(2), offload: true, flows_file: None }
     }
 }
 
@@ -154,10 +157,20 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
 
     let counters = Arc::new(Counters::new());
     let (res_tx, res_rx) = mpsc::channel(64);
+    let mut engine = Engine::new(counters.clone());
+    if let Some(f) = &opts.flows_file {
+        if let Ok(text) = std::fs::read_to_string(f) {
+            let n = engine.import(&text, Instant::now());
+            tracing::info!(flows = n, file = %f.display(), "restored the conversions of the previous run");
+        }
+    }
+    let saved = engine.changes();
     let dp = Datapath {
         tun: Arc::new(tun),
         udp: Arc::new(udp),
-        engine: Engine::new(counters.clone()),
+        engine,
+        flows_file: opts.flows_file.clone(),
+        saved,
         rx: tables.subscribe(),
         snap: tables.snapshot(),
         tables,
@@ -226,6 +239,9 @@ struct Datapath {
     tun: Arc<tun_rs::AsyncDevice>,
     udp: Arc<UdpSocket>,
     engine: Engine,
+    flows_file: Option<std::path::PathBuf>,
+    /// `engine.changes()` when the table was last saved.
+    saved: u64,
     tables: Tables,
     rx: watch::Receiver<u64>,
     snap: Snapshot,
@@ -554,6 +570,16 @@ impl Datapath {
     async fn on_tick(&mut self) {
         let now = Instant::now();
         self.engine.evict(now);
+        if let Some(f) = &self.flows_file {
+            if self.engine.changes() != self.saved {
+                let tmp = f.with_extension("tmp");
+                let r = std::fs::write(&tmp, self.engine.export()).and_then(|()| std::fs::rename(&tmp, f));
+                match r {
+                    Ok(()) => self.saved = self.engine.changes(),
+                    Err(e) => tracing::warn!(file = %f.display(), "saving the conversion table: {e}"),
+                }
+            }
+        }
         self.negative.retain(|_, t| now.duration_since(*t) < NEGATIVE_TTL);
         // forget RTTs of workers that stopped answering
         let stale: Vec<SocketAddr> = self
