@@ -366,6 +366,12 @@ impl Root {
         let mut out = Outgoing::new();
         let r = self.store.update(|tx| {
             let Some(mut svc) = tx.get::<ServiceRecord>(SERVICES, service_id)? else { return Ok(None) };
+            if svc.sla.addresses.rr_ip.is_empty() {
+                // a service stored before service IPs were allocated at creation
+                let (rr, cl) = self.net.allocate_service_ips(&svc.microservice_id, &svc.job_name)?;
+                svc.sla.addresses.rr_ip = rr.to_string();
+                svc.sla.addresses.closest_ip = cl.to_string();
+            }
             let n = svc.next_instance;
             svc.next_instance += 1;
             svc.instance_list.push(InstanceRecord {
