@@ -171,7 +171,8 @@ pub async fn start(opts: Options) -> Result<Running> {
 }
 
 /// Undoes what a NetManager with these options set up on this host: the fast path's pins (its programs
-/// detach), the bridge with its NAT/forward rules. Instances' own veths go with their namespaces.
+/// detach), the bridge with its NAT/forward rules and its instances' port mappings. Instances' own veths
+/// go with their namespaces.
 pub fn teardown(opts: &Options) -> Result<()> {
     let node = match NetConfig::load(&opts.config_path) {
         Ok(c) => node_name(&c),
@@ -180,7 +181,7 @@ pub fn teardown(opts: &Options) -> Result<()> {
     let root = opts.ebpf.as_ref().and_then(|o| o.pin_root.clone()).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"));
     let pins = root.join(pin_dir(&node, &opts.bridge));
     ebpf::remove_pins(&pins);
-    wiring::nat::remove_bridge_rules(&opts.bridge, ipnet::Ipv4Net::default())?;
+    wiring::nat::remove_all_rules(&opts.bridge)?;
     let out = std::process::Command::new("ip").args(["link", "del", &opts.bridge]).output();
     if let Ok(o) = out {
         if !o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("Cannot find device") {

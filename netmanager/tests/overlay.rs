@@ -246,7 +246,7 @@ async fn lease_wire_ping_undeploy() {
     assert!(!link_exists(&host_veth), "host veth removed");
     let nat = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output().unwrap().stdout)
         .to_string();
-    assert!(!nat.contains(&format!("{ns_ip}:80")), "DNAT removed: {nat}");
+    assert!(!nat.contains(&format!("oak:{bridge}:")), "DNAT removed: {nat}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !running.tables.snapshot().services.get("svc1").is_some_and(|s| s.instances.is_empty()) {
         assert!(Instant::now() < deadline, "instance removal never pushed");

@@ -120,5 +120,11 @@ fn one_doc_deploy_reach_restart_undeploy() {
         (!containers(&ctr_ns).contains(".instance.0")).then_some(())
     });
     assert!(h.run(fetch).is_none(), "nothing answers after the undeploy");
-    let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();
+    // the imported image and the namespace go too (content is garbage-collected with the image)
+    let images = Command::new("ctr").args(["-n", &ctr_ns, "images", "ls", "-q"]).output().unwrap();
+    for img in String::from_utf8_lossy(&images.stdout).lines() {
+        let _ = Command::new("ctr").args(["-n", &ctr_ns, "images", "rm", "--sync", img]).output();
+    }
+    let rm = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output().unwrap();
+    assert!(rm.status.success(), "nothing left in containerd namespace {ctr_ns}: {}", String::from_utf8_lossy(&rm.stderr));
 }

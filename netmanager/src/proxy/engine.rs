@@ -255,21 +255,27 @@ impl Engine {
         v
     }
 
+    /// Translates a reply of a flow this proxy translated back (source = the service IP, destination = the
+    /// client); returns the client's address, or None when the packet belongs to no such flow.
+    fn reverse(&mut self, pkt: &mut [u8], p: &Parsed, now: Instant) -> Option<Ipv4Addr> {
+        let l4 = p.l4?;
+        let k = FlowKey { proto: p.proto, src: p.src, sport: l4.sport, dst: p.dst, dport: l4.dport };
+        let r = self.rev.get_mut(&k)?;
+        r.last = now;
+        let (svc, client) = (r.svc_ip, r.client);
+        packet::rewrite(pkt, p, Some((svc, l4.sport)), Some(client));
+        self.counters.event(Event::ReverseTranslated);
+        Some(client.0)
+    }
+
     fn outbound_inner(&mut self, pkt: &mut [u8], snap: &Snapshot, now: Instant) -> Verdict {
         let p = match packet::parse(pkt, Reason::TunMalformed) {
             Ok(p) => p,
             Err(r) => return Verdict::Drop(r),
         };
-        if let Some(l4) = p.l4 {
-            // reply of a local instance to a hairpinned flow (its dst is the service IP)
-            let k = FlowKey { proto: p.proto, src: p.src, sport: l4.sport, dst: p.dst, dport: l4.dport };
-            if let Some(r) = self.rev.get_mut(&k) {
-                r.last = now;
-                let (svc, client) = (r.svc_ip, r.client);
-                packet::rewrite(pkt, &p, Some((svc, l4.sport)), Some(client));
-                self.counters.event(Event::ReverseTranslated);
-                return Self::route(snap, client.0);
-            }
+        // reply of a local instance to a hairpinned flow (its dst is the service IP)
+        if let Some(client) = self.reverse(pkt, &p, now) {
+            return Self::route(snap, client);
         }
         if !SERVICE_SPACE.contains(&p.dst) {
             return Self::route(snap, p.dst);
@@ -356,17 +362,7 @@ impl Engine {
         if packet::complete_transport_checksum(pkt, &p) {
             self.counters.event(Event::ChecksumsCompleted);
         }
-        let mut dst = p.dst;
-        if let Some(l4) = p.l4 {
-            let k = FlowKey { proto: p.proto, src: p.src, sport: l4.sport, dst: p.dst, dport: l4.dport };
-            if let Some(r) = self.rev.get_mut(&k) {
-                r.last = now;
-                let (svc, client) = (r.svc_ip, r.client);
-                packet::rewrite(pkt, &p, Some((svc, l4.sport)), Some(client));
-                self.counters.event(Event::ReverseTranslated);
-                dst = client.0;
-            }
-        }
+        let dst = self.reverse(pkt, &p, now).unwrap_or(p.dst);
         if snap.local_subnet.is_some_and(|n| n.contains(&dst)) {
             Verdict::ToTun
         } else {

@@ -76,13 +76,18 @@ fn ensure(table: &str, chain: &str, insert: bool, rule: &[&str]) -> Result<()> {
 
 /// Delete every rule of `table`/`chain` whose comment is exactly `comment`.
 fn delete_commented(table: &str, chain: &str, comment: &str) -> Result<()> {
+    delete_where(table, chain, |c| c == comment)
+}
+
+/// Deletes the rules of `chain` whose comment satisfies `matches`.
+fn delete_where(table: &str, chain: &str, matches: impl Fn(&str) -> bool) -> Result<()> {
     let out = iptables(&["-t", table, "-S", chain])?;
     if !out.status.success() {
         bail!("iptables -t {table} -S {chain}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let words: Vec<String> = line.split_whitespace().map(|w| w.trim_matches('"').to_string()).collect();
-        let has = words.windows(2).any(|w| w[0] == "--comment" && w[1] == comment);
+        let has = words.windows(2).any(|w| w[0] == "--comment" && matches(&w[1]));
         if !has || words.first().map(String::as_str) != Some("-A") {
             continue;
         }
@@ -107,6 +112,16 @@ pub fn ensure_bridge_rules(bridge: &str, subnet: Ipv4Net) -> Result<()> {
     ensure("nat", "POSTROUTING", false, &["-s", &s, "!", "-d", OVERLAY, "-m", "comment", "--comment", &c, "-j", "MASQUERADE"])?;
     ensure("filter", "FORWARD", true, &["-i", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
     ensure("filter", "FORWARD", true, &["-o", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
+    Ok(())
+}
+
+/// Every rule of this bridge: its own and its instances' port mappings (teardown of the whole worker).
+pub fn remove_all_rules(bridge: &str) -> Result<()> {
+    let own = bridge_comment(bridge);
+    let prefix = format!("{own}:");
+    for (table, chain) in [("nat", "POSTROUTING"), ("nat", "PREROUTING"), ("nat", "OUTPUT"), ("filter", "FORWARD")] {
+        delete_where(table, chain, |c| c == own || c.starts_with(&prefix))?;
+    }
     Ok(())
 }
 

@@ -39,14 +39,21 @@ impl Drop for Stack {
             let _ = c.wait();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        // whatever the NodeEngine left (nothing, if undeploys worked) and the baseline's namespace
+        // whatever the NodeEngine left (nothing, if undeploys worked), the images, the namespaces
+        let ls = |ns: &str, what: &str| {
+            let out = Command::new("ctr").args(["-n", ns, what, "ls", "-q"]).output();
+            out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+        };
         for ns in [self.ctr_ns.as_str(), "oakbench-baseline"] {
-            let out = Command::new("ctr").args(["-n", ns, "containers", "ls", "-q"]).output();
-            for id in out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default().lines() {
+            for id in ls(ns, "containers").lines() {
                 let _ = Command::new("ctr").args(["-n", ns, "tasks", "kill", "-s", "SIGKILL", id]).output();
                 let _ = Command::new("ctr").args(["-n", ns, "tasks", "rm", "-f", id]).output();
                 let _ = Command::new("ctr").args(["-n", ns, "containers", "rm", id]).output();
             }
+            for img in ls(ns, "images").lines() {
+                let _ = Command::new("ctr").args(["-n", ns, "images", "rm", "--sync", img]).output();
+            }
+            let _ = Command::new("ctr").args(["namespaces", "rm", ns]).output();
         }
     }
 }
