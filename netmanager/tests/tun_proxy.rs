@@ -174,6 +174,16 @@ fn test_bpffs() -> String {
     root.to_string()
 }
 
+/// Ok when all `n` answers of `ask` are `want`; otherwise the answers (errors as their text).
+fn all_answer(n: usize, want: &str, ask: impl Fn() -> Result<String, String>) -> Result<(), String> {
+    let answers: Vec<String> = (0..n).map(|_| ask().unwrap_or_else(|e| e)).collect();
+    if answers.iter().all(|a| a == want) {
+        Ok(())
+    } else {
+        Err(format!("{answers:?}"))
+    }
+}
+
 fn tally(answers: &[String]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for a in answers {
@@ -559,18 +569,11 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
         eprintln!("UDP round robin: {answers:?}");
 
         // closest: the local instance, from either side
-        let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_ca, closest, 8080).unwrap_or_else(|e| e)).collect();
-        assert!(answers.iter().all(|a| a == "inst0"), "closest from A: {answers:?}");
+        all_answer(4, "inst0", || tcp_ask(&ns_ca, closest, 8080)).unwrap_or_else(|a| panic!("closest from A: {a}"));
         eventually(20, "closest from B", || {
-            let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_cb, closest, 8080).unwrap_or_else(|e| e)).collect();
-            if answers.iter().all(|a| a == "inst1") {
-                Ok(())
-            } else {
-                Err(format!("{answers:?}"))
-            }
+            all_answer(4, "inst1", || tcp_ask(&ns_cb, closest, 8080))
         });
-        let answers: Vec<String> = (0..4).map(|_| udp_ask(&ns_cb, closest, 8081).unwrap_or_else(|e| e)).collect();
-        assert!(answers.iter().all(|a| a == "inst1"), "closest from B (UDP): {answers:?}");
+        all_answer(4, "inst1", || udp_ask(&ns_cb, closest, 8081)).unwrap_or_else(|a| panic!("closest from B (UDP): {a}"));
 
         // ICMP echo to a service IP
         let pid_ca = ns_ca.split('/').nth(2).unwrap().to_string();
@@ -664,16 +667,10 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
         assert_eq!(code, 200, "{body}");
         let t3 = Instant::now();
         eventually(15, "traffic moves to the remaining instance", || {
-            let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_ca, rr, 8080).unwrap_or_else(|e| e)).collect();
-            if answers.iter().all(|a| a == "inst0") {
-                Ok(())
-            } else {
-                Err(format!("{answers:?}"))
-            }
+            all_answer(4, "inst0", || tcp_ask(&ns_ca, rr, 8080))
         });
         eprintln!("traffic on inst0 only {:?} after the undeploy", t3.elapsed());
-        let answers: Vec<String> = (0..4).map(|_| udp_ask(&ns_ca, rr, 8081).unwrap_or_else(|e| e)).collect();
-        assert!(answers.iter().all(|a| a == "inst0"), "UDP after undeploy: {answers:?}");
+        all_answer(4, "inst0", || udp_ask(&ns_ca, rr, 8081)).unwrap_or_else(|a| panic!("UDP after undeploy: {a}"));
     });
 }
 
@@ -879,15 +876,9 @@ async fn closest_follows_measured_rtt() {
         // once both RTTs are measured, closest is the near one, for TCP and UDP
         let t0 = Instant::now();
         eventually(20, "closest = the worker with the lower RTT", || {
-            let answers: Vec<String> = (0..4).map(|_| tcp_ask(&ns_ca, closest, 8080).unwrap_or_else(|e| e)).collect();
-            if answers.iter().all(|a| a == "near") {
-                Ok(())
-            } else {
-                Err(format!("{answers:?}"))
-            }
+            all_answer(4, "near", || tcp_ask(&ns_ca, closest, 8080))
         });
-        let answers: Vec<String> = (0..4).map(|_| udp_ask(&ns_ca, closest, 8081).unwrap_or_else(|e| e)).collect();
-        assert!(answers.iter().all(|a| a == "near"), "closest (UDP): {answers:?}");
+        all_answer(4, "near", || udp_ask(&ns_ca, closest, 8081)).unwrap_or_else(|a| panic!("closest (UDP): {a}"));
         eprintln!("closest picked the near worker {:?} after the first probes could run", t0.elapsed());
         let c = wa.counters();
         let rtt = |ep: &str| c["rtt_us"][ep].as_u64().unwrap_or_else(|| panic!("no RTT for {ep}: {c}"));

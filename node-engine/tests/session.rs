@@ -85,6 +85,19 @@ async fn wait_instance(
     }
 }
 
+/// A worker session with no NetManager, dialling the test's cluster on `port`.
+fn session_config(env: &common::Env, port: u16, node_name: &str) -> SessionConfig {
+    SessionConfig {
+        cluster_url: format!("http://127.0.0.1:{port}"),
+        node_name: node_name.into(),
+        data_dir: env.data_dir(),
+        netmanager_port: 0,
+        token: String::new(),
+        unikernel: false,
+        location: String::new(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     require_containerd!();
@@ -100,15 +113,7 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     );
 
     let (rt, events) = env.runtime().await;
-    let scfg = SessionConfig {
-        cluster_url: format!("http://127.0.0.1:{port}"),
-        node_name: "test-worker".into(),
-        data_dir: env.data_dir(),
-        netmanager_port: 0,
-        token: String::new(),
-        unikernel: false,
-        location: String::new(),
-    };
+    let scfg = session_config(&env, port, "test-worker");
     let worker = tokio::spawn(session::run(scfg, rt.clone(), events));
 
     // Hello first.
@@ -222,15 +227,7 @@ async fn failed_connection_is_retried() {
     let (rt, events) = env.runtime().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let scfg = SessionConfig {
-        cluster_url: format!("http://127.0.0.1:{port}"),
-        node_name: "w".into(),
-        data_dir: env.data_dir(),
-        netmanager_port: 0,
-        token: String::new(),
-        unikernel: false,
-        location: String::new(),
-    };
+    let scfg = session_config(&env, port, "w");
     let worker = tokio::spawn(session::run(scfg, rt.clone(), events));
     // The first attempt meets a peer that hangs up without speaking HTTP/2 …
     let (first, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())

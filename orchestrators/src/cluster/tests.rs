@@ -11,76 +11,7 @@ use tokio::sync::mpsc;
 use super::{Cluster, Config};
 use crate::simworker::SimWorker;
 
-struct RootH {
-    api: String,
-    grpc: String,
-    net: String,
-    http: reqwest::Client,
-    token: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn start_root(dir: &std::path::Path) -> RootH {
-    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cfg = crate::root::Config {
-        api_addr: api_l.local_addr().unwrap(),
-        grpc_addr: grpc_l.local_addr().unwrap(),
-        netsvc_addr: net_l.local_addr().unwrap(),
-        data_dir: dir.to_path_buf(),
-        admin_password: Some("pw".into()),
-        cluster_stale: Duration::from_secs(30),
-        retry_interval: Duration::from_secs(3600),
-        report_interval_ms: 500,
-    };
-    let root = crate::root::Root::open(cfg.clone()).unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(crate::root::serve(root, api_l, grpc_l, net_l, async move {
-        let _ = rx.await;
-    }));
-    let api = format!("http://{}", cfg.api_addr);
-    let http = reqwest::Client::new();
-    poll("root health", || async { http.get(format!("{api}/api/health")).send().await.is_ok_and(|r| r.status() == 200) }).await;
-    let r: Value = http
-        .post(format!("{api}/api/auth/login"))
-        .json(&json!({"username":"Admin","password":"pw"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    RootH {
-        api,
-        grpc: format!("http://{}", cfg.grpc_addr),
-        net: format!("http://{}", cfg.netsvc_addr),
-        http,
-        token: r["token"].as_str().unwrap().to_string(),
-        stop: Some(stop),
-        task,
-    }
-}
-
-impl RootH {
-    async fn req(&self, m: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut rb = self.http.request(m, format!("{}{path}", self.api)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let r = rb.send().await.unwrap();
-        let code = r.status().as_u16();
-        (code, r.json().await.unwrap_or(Value::Null))
-    }
-    async fn get(&self, path: &str) -> Value {
-        self.req(reqwest::Method::GET, path, None).await.1
-    }
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("root stops").unwrap().unwrap();
-    }
-}
+use crate::root::tests::{start as start_root, Harness as RootH};
 
 struct ClusterH {
     cluster: Arc<Cluster>,

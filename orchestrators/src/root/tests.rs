@@ -8,9 +8,12 @@ use serde_json::{json, Value};
 
 use super::{Config, Root};
 
-struct Harness {
-    api: String,
-    grpc: String,
+/// A real root on port-0 listeners (also used by the cluster orchestrator's tests).
+pub(crate) struct Harness {
+    pub(crate) api: String,
+    pub(crate) grpc: String,
+    /// The service manager (root network service).
+    pub(crate) net: String,
     http: reqwest::Client,
     token: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -18,7 +21,7 @@ struct Harness {
     _dir: Option<tempfile::TempDir>,
 }
 
-async fn start(dir: &std::path::Path) -> Harness {
+pub(crate) async fn start(dir: &std::path::Path) -> Harness {
     let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -61,6 +64,7 @@ async fn start(dir: &std::path::Path) -> Harness {
     Harness {
         api,
         grpc: format!("http://{}", cfg.grpc_addr),
+        net: format!("http://{}", cfg.netsvc_addr),
         http,
         token: r["token"].as_str().unwrap().to_string(),
         stop: Some(stop),
@@ -70,7 +74,7 @@ async fn start(dir: &std::path::Path) -> Harness {
 }
 
 impl Harness {
-    async fn req(&self, m: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub(crate) async fn req(&self, m: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut rb = self.http.request(m, format!("{}{path}", self.api)).bearer_auth(&self.token);
         if let Some(b) = body {
             rb = rb.json(&b);
@@ -79,7 +83,10 @@ impl Harness {
         let code = r.status().as_u16();
         (code, r.json().await.unwrap_or(Value::Null))
     }
-    async fn stop(mut self) {
+    pub(crate) async fn get(&self, path: &str) -> Value {
+        self.req(reqwest::Method::GET, path, None).await.1
+    }
+    pub(crate) async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("graceful stop").unwrap().unwrap();
     }

@@ -546,16 +546,22 @@ mod tests {
         assert_eq!(again, w3, "released subnet is reused");
     }
 
-    #[tokio::test]
-    async fn changes_in_another_cluster_are_pushed_to_interested_subscribers() {
-        use futures::StreamExt;
+    /// A root and two clusters under it; cluster 1 served (its URL returned, its root watch running).
+    async fn two_clusters() -> (tempfile::TempDir, RootNetSvc, ClusterNetSvc, ClusterNetSvc, String) {
         let (dir, root, url) = setup().await;
-        let (rr, _) = root.allocate_service_ips("s1", "app.ns.web.ns").unwrap();
         let c1 = ClusterNetSvc::open(&dir.path().join("c1"), &url, "c1").unwrap();
         let c2 = ClusterNetSvc::open(&dir.path().join("c2"), &url, "c2").unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c1_url = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(serve_listener(c1.clone(), l));
+        (dir, root, c1, c2, c1_url)
+    }
+
+    #[tokio::test]
+    async fn changes_in_another_cluster_are_pushed_to_interested_subscribers() {
+        use futures::StreamExt;
+        let (_dir, root, c1, c2, c1_url) = two_clusters().await;
+        let (rr, _) = root.allocate_service_ips("s1", "app.ns.web.ns").unwrap();
         let n1 = c1.lease_subnet("n1", "192.0.2.1", 50103).await.unwrap();
         let n2 = c2.lease_subnet("n2", "192.0.2.2", 50103).await.unwrap();
         assert_ne!(n1, n2, "clusters get disjoint blocks");
@@ -603,12 +609,7 @@ mod tests {
     #[tokio::test]
     async fn worker_routes_cross_clusters_through_the_root() {
         use futures::StreamExt;
-        let (dir, root, url) = setup().await;
-        let c1 = ClusterNetSvc::open(&dir.path().join("c1"), &url, "c1").unwrap();
-        let c2 = ClusterNetSvc::open(&dir.path().join("c2"), &url, "c2").unwrap();
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c1_url = format!("http://{}", l.local_addr().unwrap());
-        tokio::spawn(serve_listener(c1.clone(), l));
+        let (_dir, root, c1, c2, c1_url) = two_clusters().await;
         let n1 = c1.lease_subnet("n1", "192.0.2.1", 50103).await.unwrap();
         let mut client = pb::cluster_net_service_client::ClusterNetServiceClient::connect(c1_url).await.unwrap();
         let mut updates = client.subscribe(pb::SubscribeRequest { node: "n1".into() }).await.unwrap().into_inner();
