@@ -2,20 +2,7 @@
 //! loopback, a NetManager leasing its subnet, then a real process in a fresh netns wired through the
 //! local API and unwired again.
 
-// The network services are compiled straight from the orchestrators' sources so this test does not
-// depend on the rest of that crate.
-#[allow(dead_code)]
-#[path = "../../orchestrators/src/root/netsvc/mod.rs"]
-pub mod root_netsvc;
-#[allow(dead_code)]
-#[path = "../../orchestrators/src/cluster/netsvc/mod.rs"]
-pub mod cluster_netsvc;
-mod root {
-    pub use super::root_netsvc as netsvc;
-}
-mod cluster {
-    pub use super::cluster_netsvc as netsvc;
-}
+use oak_orchestrators::{cluster, root};
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

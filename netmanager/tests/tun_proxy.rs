@@ -8,18 +8,7 @@
 //! one, ICMP echo to a service IP, garbage on the tunnel port counted, a NetManager restart recovers (tun and
 //! routes re-created), undeploying an instance moves traffic to the remaining one.
 
-#[allow(dead_code)]
-#[path = "../../orchestrators/src/cluster/netsvc/mod.rs"]
-pub mod cluster_netsvc;
-#[allow(dead_code)]
-#[path = "../../orchestrators/src/root/netsvc/mod.rs"]
-pub mod root_netsvc;
-mod root {
-    pub use super::root_netsvc as netsvc;
-}
-mod cluster {
-    pub use super::cluster_netsvc as netsvc;
-}
+use oak_orchestrators::{cluster, root};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -492,16 +492,7 @@ pub async fn serve_with(svc: ClusterNetSvc, addr: SocketAddr) -> Result<()> {
 
 pub async fn serve_listener(svc: ClusterNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "cluster network service listening");
-    // (a local guard: the NetManager's tests compile this file on its own, without crate::task)
-    struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            if let Some(h) = &self.0 {
-                h.abort();
-            }
-        }
-    }
-    let _watch = AbortOnDrop(svc.spawn_root_watch());
+    let _watch = svc.spawn_root_watch().map(crate::task::AbortOnDrop);
     tonic::transport::Server::builder()
         .add_service(svc.grpc())
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
