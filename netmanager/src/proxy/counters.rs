@@ -95,6 +95,10 @@ impl Counters {
         self.events[e as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn add(&self, e: Event, n: u64) {
+        self.events[e as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn dropped(&self, r: Reason) -> u64 {
         self.drops[r as usize].load(Ordering::Relaxed)
     }

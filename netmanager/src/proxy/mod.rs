@@ -46,7 +46,13 @@ pub struct ProxyOptions {
 
 impl Default for ProxyOptions {
     fn default() -> Self {
-        Self { tun_name: "oaktun0".into(), mtu: 1450, probe_interval: Duration::from_secs(2), offload: true, flows_file: None }
+        Self {
+            tun_name: "oaktun0".into(),
+            mtu: 1450,
+            probe_interval: Duration::from_secs(2),
+            offload: true,
+            flows_file: None,
+        }
     }
 }
 
@@ -193,6 +199,7 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
         enc_n: 0,
         enc_short: false,
         gso_ok: udp_offload,
+        vnet: offload,
     };
     let interval = opts.probe_interval;
     let seg_len = HDR_LEN + opts.mtu as usize + 64;
@@ -234,6 +241,32 @@ const VOFF: usize = 16;
 const BATCH: usize = 64;
 /// Segments of one GSO super-packet read from the tun (65535 / 88-byte minimum MSS = 745).
 const MAX_SEGMENTS: usize = 1024;
+const VHL: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// Bytes of UDP payload one UDP_SEGMENT send may carry (65535 - IPv4 and UDP headers, rounded down).
+const UDP_GSO_MAX_PAYLOAD: usize = 65000;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
+
+/// The kernel's `hdr_len` is not trusted (on a forwarded packet it can span the whole first segment): it is
+/// recomputed from the transport header, as tun-rs does before its own split. False when the header is
+/// inconsistent with the packet.
+pub(crate) fn gso_header_fixup(hdr: &mut tun_rs::VirtioNetHdr, pkt: &[u8]) -> bool {
+    let start = hdr.csum_start as usize;
+    let l4_len = match hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN {
+        tun_rs::VIRTIO_NET_HDR_GSO_TCPV4 => match pkt.get(start + 12) {
+            Some(b) => usize::from(b >> 4) * 4,
+            None => return false,
+        },
+        tun_rs::VIRTIO_NET_HDR_GSO_UDP_L4 => 8,
+        _ => return false,
+    };
+    if !(8..=60).contains(&l4_len) || hdr.gso_size == 0 || start + l4_len > pkt.len() {
+        return false;
+    }
+    hdr.hdr_len = (start + l4_len) as u16;
+    true
+}
 
 struct Datapath {
     tun: Arc<tun_rs::AsyncDevice>,
@@ -269,15 +302,19 @@ struct Datapath {
     enc_short: bool,
     /// UDP GSO/GRO on the tunnel socket (off after the kernel refused once).
     gso_ok: bool,
+    /// The tun was opened with IFF_VNET_HDR (reads start with a virtio header).
+    vnet: bool,
 }
 
 impl Datapath {
     async fn run(mut self, mut res_rx: mpsc::Receiver<(Ipv4Addr, bool)>, interval: Duration, seg_len: usize) {
         let tun = self.tun.clone();
         let udp = self.udp.clone();
-        // a read from the tun: the raw read (virtio header + possibly a GSO super-packet) and its segments,
-        // each with HDR_LEN bytes of room for the tunnel header
-        let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65536];
+        // a read from the tun: with offloads the virtio header + possibly a GSO super-packet (split into
+        // `segs`, each with HDR_LEN bytes of room for the tunnel header); without, HDR_LEN bytes of room +
+        // the packet
+        let rd_off = if self.vnet { 0 } else { HDR_LEN };
+        let mut raw = vec![0u8; HDR_LEN + VHL + 65536];
         // enough segment buffers for a 64 KiB super-packet cut at the smallest TCP MSS (88 bytes)
         let mut segs: Vec<Vec<u8>> = (0..MAX_SEGMENTS).map(|_| vec![0u8; seg_len.max(HDR_LEN + 1600)]).collect();
         let mut sizes = vec![0usize; MAX_SEGMENTS];
@@ -288,21 +325,13 @@ impl Datapath {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                r = tun.recv_multiple(&mut raw, &mut segs, &mut sizes, HDR_LEN) => match r {
+                r = tun.recv(&mut raw[rd_off..]) => match r {
                     Ok(n) => {
                         errors = 0;
                         self.counters.event(Event::TunReads);
-                        for i in 0..n {
-                            self.counters.event(Event::TunRx);
-                            self.on_tun(&mut segs[i][..HDR_LEN + sizes[i]]).await;
-                        }
+                        self.on_tun_read(&mut raw[..rd_off + n], &mut segs, &mut sizes).await;
                         self.flush_enc().await;
                         self.flush().await;
-                    }
-                    Err(e) if e.raw_os_error().is_none() => {
-                        // a super-packet tun-rs could not split
-                        tracing::debug!(error = %e, "malformed read from the tun");
-                        self.counters.drop_packet(Reason::TunMalformed);
                     }
                     Err(e) => {
                         errors += 1;
@@ -319,11 +348,12 @@ impl Datapath {
                             Ok((n, from, gso)) => {
                                 // a coalesced run (UDP GRO) holds datagrams of gso bytes, the last maybe shorter
                                 let seg = gso.unwrap_or(n).max(1);
+                                let now = Instant::now();
                                 let mut off = 0;
                                 while off < n {
                                     let end = (off + seg).min(n);
                                     self.counters.event(Event::TunnelRx);
-                                    self.on_udp(&mut ubuf[off..end], from).await;
+                                    self.on_udp(&mut ubuf[off..end], from, now).await;
                                     off = end;
                                 }
                             }
@@ -349,6 +379,124 @@ impl Datapath {
         if self.rx.has_changed().unwrap_or(false) {
             self.rx.borrow_and_update();
             self.snap = self.tables.snapshot();
+        }
+    }
+
+    /// One read from the tun (`raw`: the virtio header and the packet with offloads, else HDR_LEN bytes of
+    /// room and the packet). A GSO super-packet is translated once, on its header, and then cut into
+    /// segments (tun-rs computes their checksums from scratch), instead of translating every segment.
+    async fn on_tun_read(&mut self, raw: &mut [u8], segs: &mut [Vec<u8>], sizes: &mut [usize]) {
+        if !self.vnet {
+            self.counters.event(Event::TunRx);
+            self.on_tun(raw).await;
+            return;
+        }
+        let Some(mut hdr) = raw.get(..VHL).and_then(|h| tun_rs::VirtioNetHdr::decode(h).ok()) else {
+            self.counters.drop_packet(Reason::TunMalformed);
+            return;
+        };
+        if raw.len() <= VHL {
+            self.counters.drop_packet(Reason::TunMalformed);
+            return;
+        }
+        if raw[VHL] >> 4 != 4 {
+            // IPv6 (the kernel's own router solicitations on the tun; the overlay is IPv4)
+            self.counters.drop_packet(Reason::NotIpv4);
+            return;
+        }
+        if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
+            if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
+                && !packet::complete_partial(&mut raw[VHL..], hdr.csum_start, hdr.csum_offset)
+            {
+                self.counters.drop_packet(Reason::TunMalformed);
+                return;
+            }
+            self.counters.event(Event::TunRx);
+            // the virtio header is 10 bytes: its last HDR_LEN bytes become the tunnel header's room
+            self.on_tun(&mut raw[VHL - HDR_LEN..]).await;
+            return;
+        }
+        if !gso_header_fixup(&mut hdr, &raw[VHL..]) {
+            self.counters.drop_packet(Reason::TunMalformed);
+            return;
+        }
+        self.refresh();
+        let now = Instant::now();
+        let v = self.engine.outbound(&mut raw[VHL..], &self.snap, now);
+        if matches!(v, Verdict::Drop(_)) {
+            return; // counted by the engine
+        }
+        let n = match tun_rs::gso_split(&mut raw[VHL..], hdr, segs, sizes, HDR_LEN, false) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "a GSO super-packet from the tun could not be split");
+                self.counters.drop_packet(Reason::TunMalformed);
+                return;
+            }
+        };
+        self.counters.add(Event::TunRx, n as u64);
+        match v {
+            Verdict::Resolve(ip) => {
+                for i in 0..n {
+                    self.counters.drop_packet(Reason::UnknownService);
+                    self.hold(ip, &segs[i][..HDR_LEN + sizes[i]], now);
+                }
+            }
+            Verdict::Encap(SocketAddr::V4(ep)) if self.gso_ok && n > 1 => {
+                self.flush_enc().await;
+                self.send_split(&mut segs[..n], &sizes[..n], ep).await;
+            }
+            v => {
+                for i in 0..n {
+                    self.emit(&mut segs[i][..HDR_LEN + sizes[i]], v).await;
+                }
+            }
+        }
+    }
+
+    /// The segments of one super-packet to one worker: the tunnel header is written into each segment's
+    /// room and the kernel gathers them (one iovec each) into one UDP_SEGMENT send, with no copy here.
+    async fn send_split(&mut self, segs: &mut [Vec<u8>], sizes: &[usize], ep: SocketAddrV4) {
+        for (s, len) in segs.iter_mut().zip(sizes) {
+            packet::write_header_flags(&mut s[..HDR_LEN], packet::TYPE_DATA, packet::FLAG_CSUM_COMPLETE, 0);
+            debug_assert!(HDR_LEN + len <= s.len());
+        }
+        let parts: Vec<&[u8]> = segs.iter().zip(sizes).map(|(s, len)| &s[..HDR_LEN + len]).collect();
+        let seg = parts[0].len();
+        // one send carries at most 64 KiB of UDP payload: a 64 KiB TCP super-packet plus the per-segment
+        // headers is more, so it goes out in two or more sends
+        let per_send = (UDP_GSO_MAX_PAYLOAD / seg).clamp(1, BATCH);
+        let fd = self.udp.as_raw_fd();
+        for run in parts.chunks(per_send) {
+            let r = loop {
+                match self.udp.try_io(Interest::WRITABLE, || udpio::send_segments_iov(fd, run, seg as u16, ep)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.udp.writable().await {
+                            break Err(e);
+                        }
+                    }
+                    r => break r,
+                }
+            };
+            match r {
+                Ok(_) => {
+                    self.counters.event(Event::TunnelSends);
+                    self.counters.add(Event::TunnelTx, run.len() as u64);
+                }
+                Err(e) => {
+                    if self.gso_ok {
+                        tracing::warn!(error = %e, segments = run.len(), seg, "UDP segmentation offload refused; sending datagrams one by one from now on");
+                        self.gso_ok = false;
+                    }
+                    for p in run {
+                        self.counters.event(Event::TunnelSends);
+                        match self.udp.send_to(p, SocketAddr::V4(ep)).await {
+                            Ok(_) => self.counters.event(Event::TunnelTx),
+                            Err(_) => self.counters.drop_packet(Reason::SendError),
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -382,7 +530,9 @@ impl Datapath {
                 }
             }
             Verdict::Encap(ep) => {
-                packet::write_header(&mut frame[..HDR_LEN], packet::TYPE_DATA, 0);
+                // every packet the tun path sends has a complete checksum: the kernel's (no offload), or
+                // completed on the read, or computed by the GSO split
+                packet::write_header_flags(&mut frame[..HDR_LEN], packet::TYPE_DATA, packet::FLAG_CSUM_COMPLETE, 0);
                 if let (true, SocketAddr::V4(ep4)) = (self.gso_ok, ep) {
                     let l = frame.len();
                     if self.enc_n > 0
@@ -390,7 +540,7 @@ impl Datapath {
                             || l > self.enc_seg
                             || self.enc_short
                             || self.enc_n >= BATCH
-                            || self.enc.len() + l > 65000)
+                            || self.enc.len() + l > UDP_GSO_MAX_PAYLOAD)
                     {
                         self.flush_enc().await;
                     }
@@ -542,7 +692,7 @@ impl Datapath {
         self.flush().await;
     }
 
-    async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr) {
+    async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr, now: Instant) {
         match packet::decode_tunnel(dgram) {
             Err(r) => self.counters.drop_packet(r),
             Ok(packet::Tunnel::ProbeRequest { id, stamp }) => {
@@ -561,7 +711,8 @@ impl Datapath {
             }
             Ok(packet::Tunnel::Data(_)) => {
                 self.refresh();
-                let v = self.engine.inbound(&mut dgram[HDR_LEN..], &self.snap, Instant::now());
+                let complete = dgram[3] & packet::FLAG_CSUM_COMPLETE != 0;
+                let v = self.engine.inbound_with(&mut dgram[HDR_LEN..], &self.snap, now, complete);
                 self.emit(dgram, v).await;
             }
         }
@@ -576,7 +727,9 @@ impl Datapath {
                 let r = std::fs::write(&tmp, self.engine.export()).and_then(|()| std::fs::rename(&tmp, f));
                 match r {
                     Ok(()) => self.saved = self.engine.changes(),
-                    Err(e) => tracing::warn!(file = %f.display(), "saving the conversion table: {e}"),
+                    Err(e) => {
+                        tracing::warn!(file = %f.display(), "saving the conversion table: {e}")
+                    }
                 }
             }
         }

@@ -62,6 +62,36 @@ pub fn send_segments(fd: RawFd, buf: &[u8], seg: u16, to: SocketAddrV4) -> io::R
     }
 }
 
+/// [`send_segments`] of the concatenation of `parts` (one iovec each, gathered by the kernel): every part
+/// but the last must be `seg` bytes long.
+pub fn send_segments_iov(fd: RawFd, parts: &[&[u8]], seg: u16, to: SocketAddrV4) -> io::Result<usize> {
+    let mut sa = sockaddr(to);
+    let mut iov: Vec<libc::iovec> =
+        parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
+    let mut cbuf = [0u64; 4];
+    // SAFETY: as in send_segments; the iovecs point into `parts`, alive for the call
+    unsafe {
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = &mut sa as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len() as _;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+        let n = libc::sendmsg(fd, &msg, 0);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
 /// One `recvmsg`: (bytes, source, gso_size when the kernel coalesced a run of datagrams).
 pub fn recv_segments(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<usize>)> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
