@@ -32,8 +32,12 @@ use crate::util::{cargo, sh, step};
 #[derive(ClapArgs, Debug)]
 pub struct Args {
     /// Seconds per throughput measurement (iperf3 -t).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     seconds: u32,
+    /// Rounds per datapath (each: 1-stream, 8-stream, ping-pong); the table shows each measure's median.
+    /// Single runs on a small shared machine vary by 10-30 %.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Round trips per request-response latency measurement (one TCP connection).
     #[arg(long, default_value_t = 20000)]
     round_trips: u32,
@@ -383,6 +387,16 @@ struct Row {
     note: String,
 }
 
+/// The median (the mean of the middle two for an even count); None when nothing was measured.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
+}
+
 /// The three measurements from `client` to `server_ip`, with iperf3 -s and the ping-pong server in `server`.
 fn measure(w: &mut World, a: &Args, name: &'static str, client: &Ns, server: &Ns, server_ip: Ipv4Addr) -> anyhow::Result<Row> {
     check_interrupted()?;
@@ -408,34 +422,41 @@ fn measure(w: &mut World, a: &Args, name: &'static str, client: &Ns, server: &Ns
         errs.push(format!("{e:#}"));
     }
     let _ = wait_for(&format!("{name}: iperf3 server up"), Duration::from_secs(10), || can_connect(&client.path(), server_ip, 5201));
-    for streams in [1, 8] {
-        check_interrupted()?;
-        match iperf(client, server_ip, a.seconds, streams) {
-            Ok(bps) => {
-                if streams == 1 {
-                    row.one = Some(bps / 1e9)
-                } else {
-                    row.eight = Some(bps / 1e9)
+    let (mut ones, mut eights, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=a.rounds.max(1) {
+        if a.rounds > 1 {
+            eprintln!("    round {round}/{}", a.rounds);
+        }
+        for streams in [1, 8] {
+            check_interrupted()?;
+            match iperf(client, server_ip, a.seconds, streams) {
+                Ok(bps) => {
+                    if streams == 1 {
+                        ones.push(bps / 1e9)
+                    } else {
+                        eights.push(bps / 1e9)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("      {e:#}");
+                    errs.push(format!("{e:#}"));
                 }
             }
+        }
+        check_interrupted()?;
+        match rr_client(&client.path(), server_ip, a.rr_bytes, a.round_trips) {
+            Ok((p50, p99)) => {
+                eprintln!("      ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs", a.round_trips, a.rr_bytes);
+                p50s.push(p50);
+                p99s.push(p99);
+            }
             Err(e) => {
-                eprintln!("      {e:#}");
-                errs.push(format!("{e:#}"));
+                eprintln!("      ping-pong failed: {e:#}");
+                errs.push(format!("ping-pong: {e:#}"));
             }
         }
     }
-    check_interrupted()?;
-    match rr_client(&client.path(), server_ip, a.rr_bytes, a.round_trips) {
-        Ok((p50, p99)) => {
-            eprintln!("      ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs", a.round_trips, a.rr_bytes);
-            row.p50 = Some(p50);
-            row.p99 = Some(p99);
-        }
-        Err(e) => {
-            eprintln!("      ping-pong failed: {e:#}");
-            errs.push(format!("ping-pong: {e:#}"));
-        }
-    }
+    (row.one, row.eight, row.p50, row.p99) = (median(ones), median(eights), median(p50s), median(p99s));
     w.stop_proc(&tag);
     stop.store(true, Ordering::Relaxed);
     if let Some(h) = server_thread {
@@ -708,8 +729,8 @@ fn report(rows: &[Row], a: &Args, verdict: &str, load_start: &str, t0: Instant) 
     let base = &rows[0];
     println!();
     println!(
-        "overlay datapaths: 2 worker namespaces on a veth underlay; iperf3 TCP {} s per run; ping-pong {} x {} B on one connection",
-        a.seconds, a.round_trips, a.rr_bytes
+        "overlay datapaths: 2 worker namespaces on a veth underlay; medians of {} rounds of iperf3 TCP {} s and ping-pong {} x {} B on one connection",
+        a.rounds.max(1), a.seconds, a.round_trips, a.rr_bytes
     );
     println!("1-min load average: {load_start} at the start, {} at the end; {:.0} s so far", loadavg(), t0.elapsed().as_secs_f64());
     println!(
@@ -766,5 +787,17 @@ fn report(rows: &[Row], a: &Args, verdict: &str, load_start: &str, t0: Instant) 
             None => "MISSED (no measurement)",
         };
         println!("  {what:<32} {mark}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
     }
 }
