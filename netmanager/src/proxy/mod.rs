@@ -248,6 +248,18 @@ const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
 const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
 
+/// One UDP_SEGMENT send of `parts` (gathered by the kernel; every part but the last `seg` bytes) to `ep`,
+/// waiting while the socket buffer is full.
+async fn send_gso(udp: &UdpSocket, parts: &[&[u8]], seg: usize, ep: SocketAddrV4) -> std::io::Result<usize> {
+    let fd = udp.as_raw_fd();
+    loop {
+        match udp.try_io(Interest::WRITABLE, || udpio::send_segments(fd, parts, seg as u16, ep)) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => udp.writable().await?,
+            r => return r,
+        }
+    }
+}
+
 /// The kernel's `hdr_len` is not trusted (on a forwarded packet it can span the whole first segment): it is
 /// recomputed from the transport header, as tun-rs does before its own split. False when the header is
 /// inconsistent with the packet.
@@ -466,19 +478,8 @@ impl Datapath {
         // one send carries at most 64 KiB of UDP payload: a 64 KiB TCP super-packet plus the per-segment
         // headers is more, so it goes out in two or more sends
         let per_send = (UDP_GSO_MAX_PAYLOAD / seg).clamp(1, BATCH);
-        let fd = self.udp.as_raw_fd();
         for run in parts.chunks(per_send) {
-            let r = loop {
-                match self.udp.try_io(Interest::WRITABLE, || udpio::send_segments_iov(fd, run, seg as u16, ep)) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if let Err(e) = self.udp.writable().await {
-                            break Err(e);
-                        }
-                    }
-                    r => break r,
-                }
-            };
-            match r {
+            match send_gso(&self.udp, run, seg, ep).await {
                 Ok(_) => {
                     self.counters.event(Event::TunnelSends);
                     self.counters.add(Event::TunnelTx, run.len() as u64);
@@ -488,14 +489,19 @@ impl Datapath {
                         tracing::warn!(error = %e, segments = run.len(), seg, "UDP segmentation offload refused; sending datagrams one by one from now on");
                         self.gso_ok = false;
                     }
-                    for p in run {
-                        self.counters.event(Event::TunnelSends);
-                        match self.udp.send_to(p, SocketAddr::V4(ep)).await {
-                            Ok(_) => self.counters.event(Event::TunnelTx),
-                            Err(_) => self.counters.drop_packet(Reason::SendError),
-                        }
-                    }
+                    self.send_each(run.iter().copied(), ep).await;
                 }
+            }
+        }
+    }
+
+    /// Datagrams one `send_to` each (the fallback when the kernel refuses UDP GSO).
+    async fn send_each<'a>(&self, datagrams: impl Iterator<Item = &'a [u8]>, ep: SocketAddrV4) {
+        for d in datagrams {
+            self.counters.event(Event::TunnelSends);
+            match self.udp.send_to(d, SocketAddr::V4(ep)).await {
+                Ok(_) => self.counters.event(Event::TunnelTx),
+                Err(_) => self.counters.drop_packet(Reason::SendError),
             }
         }
     }
@@ -580,36 +586,18 @@ impl Datapath {
         let r = if n == 1 {
             self.udp.send_to(&self.enc, SocketAddr::V4(ep)).await
         } else {
-            let fd = self.udp.as_raw_fd();
-            loop {
-                match self.udp.try_io(Interest::WRITABLE, || udpio::send_segments(fd, &self.enc, seg as u16, ep)) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if let Err(e) = self.udp.writable().await {
-                            break Err(e);
-                        }
-                    }
-                    r => break r,
-                }
-            }
+            send_gso(&self.udp, &[&self.enc], seg, ep).await
         };
         match r {
             Ok(_) => {
                 self.counters.event(Event::TunnelSends);
-                for _ in 0..n {
-                    self.counters.event(Event::TunnelTx);
-                }
+                self.counters.add(Event::TunnelTx, n as u64);
             }
             Err(e) if n > 1 => {
                 tracing::warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one from now on");
                 self.gso_ok = false;
                 let enc = std::mem::take(&mut self.enc);
-                for d in enc.chunks(seg) {
-                    self.counters.event(Event::TunnelSends);
-                    match self.udp.send_to(d, SocketAddr::V4(ep)).await {
-                        Ok(_) => self.counters.event(Event::TunnelTx),
-                        Err(_) => self.counters.drop_packet(Reason::SendError),
-                    }
-                }
+                self.send_each(enc.chunks(seg), ep).await;
                 self.enc = enc;
             }
             Err(e) => {

@@ -34,42 +34,15 @@ fn sockaddr(to: SocketAddrV4) -> libc::sockaddr_in {
     sa
 }
 
-/// One `sendmsg` of `buf` to `to`, cut by the kernel into datagrams of `seg` bytes (the last may be shorter).
-pub fn send_segments(fd: RawFd, buf: &[u8], seg: u16, to: SocketAddrV4) -> io::Result<usize> {
-    let mut sa = sockaddr(to);
-    let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    let mut cbuf = [0u64; 4]; // 32 bytes, aligned: room for one cmsg with a u16
-                              // SAFETY: msghdr/cmsg built per cmsg(3): the control buffer is large enough for CMSG_SPACE(2)
-    unsafe {
-        let mut msg: libc::msghdr = zeroed();
-        msg.msg_name = &mut sa as *mut _ as *mut libc::c_void;
-        msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_UDP;
-        (*c).cmsg_type = UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
-        let n = libc::sendmsg(fd, &msg, 0);
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-}
-
-/// [`send_segments`] of the concatenation of `parts` (one iovec each, gathered by the kernel): every part
-/// but the last must be `seg` bytes long.
-pub fn send_segments_iov(fd: RawFd, parts: &[&[u8]], seg: u16, to: SocketAddrV4) -> io::Result<usize> {
+/// One `sendmsg` to `to` of the concatenation of `parts` (one iovec each, gathered by the kernel), cut by the
+/// kernel into datagrams of `seg` bytes (the last may be shorter; parts need not align with datagrams).
+pub fn send_segments(fd: RawFd, parts: &[&[u8]], seg: u16, to: SocketAddrV4) -> io::Result<usize> {
     let mut sa = sockaddr(to);
     let mut iov: Vec<libc::iovec> =
         parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
     let mut cbuf = [0u64; 4];
-    // SAFETY: as in send_segments; the iovecs point into `parts`, alive for the call
+    // SAFETY: msghdr/cmsg built per cmsg(3): the control buffer is large enough for CMSG_SPACE(2); the
+    // iovecs point into `parts`, alive for the call
     unsafe {
         let mut msg: libc::msghdr = zeroed();
         msg.msg_name = &mut sa as *mut _ as *mut libc::c_void;
