@@ -11,7 +11,7 @@ pub mod udpio;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -171,9 +171,25 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
         }
     }
     let saved = engine.changes();
+    let engine: SharedEngine = Arc::new(Mutex::new(engine));
+    let (tun, udp) = (Arc::new(tun), Arc::new(udp));
+    let base = Instant::now();
+    let replied = Arc::new(Mutex::new(HashMap::new()));
+    let ingress = Ingress {
+        tun: tun.clone(),
+        udp: udp.clone(),
+        engine: engine.clone(),
+        tables: tables.clone(),
+        rx: tables.subscribe(),
+        snap: tables.snapshot(),
+        counters: counters.clone(),
+        base,
+        replied: replied.clone(),
+        out: TunOut::new(),
+    };
     let dp = Datapath {
-        tun: Arc::new(tun),
-        udp: Arc::new(udp),
+        tun,
+        udp,
         engine,
         flows_file: opts.flows_file.clone(),
         saved,
@@ -187,12 +203,10 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
         resolving: HashSet::new(),
         negative: HashMap::new(),
         res_tx,
-        base: Instant::now(),
+        base,
         seq: 0,
-        replied: HashMap::new(),
-        gro: tun_rs::GROTable::new(),
-        out: Vec::new(),
-        nout: 0,
+        replied,
+        out: TunOut::new(),
         enc: Vec::with_capacity(65536),
         enc_ep: None,
         enc_seg: 0,
@@ -204,8 +218,9 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
     let interval = opts.probe_interval;
     let seg_len = HDR_LEN + opts.mtu as usize + 64;
     let dp_task = tokio::spawn(dp.run(res_rx, interval, seg_len));
+    let in_task = tokio::spawn(ingress.run());
     tracing::info!(tun = %opts.tun_name, port = public.port(), offload, udp_offload, "userspace proxy running");
-    Ok(Proxy { counters, tun_name: opts.tun_name.clone(), tasks: vec![dp_task, route_task, conn_task] })
+    Ok(Proxy { counters, tun_name: opts.tun_name.clone(), tasks: vec![dp_task, in_task, route_task, conn_task] })
 }
 
 /// Big socket buffers for the tunnel socket: a burst of a fast sender must not overflow the (default
@@ -280,10 +295,66 @@ pub(crate) fn gso_header_fixup(hdr: &mut tun_rs::VirtioNetHdr, pkt: &[u8]) -> bo
     true
 }
 
+/// The engine, shared by the two directions (each locks it once per packet or super-packet).
+type SharedEngine = Arc<Mutex<Engine>>;
+
+fn lock(e: &SharedEngine) -> MutexGuard<'_, Engine> {
+    e.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Packets queued for the tun (VOFF bytes of room + packet), written GRO-coalesced by `flush`. Each
+/// direction has its own.
+struct TunOut {
+    gro: tun_rs::GROTable,
+    out: Vec<Vec<u8>>,
+    nout: usize,
+}
+
+impl TunOut {
+    fn new() -> Self {
+        Self { gro: tun_rs::GROTable::new(), out: Vec::new(), nout: 0 }
+    }
+
+    /// Queue a packet; true when the queue is full and should be flushed.
+    fn push(&mut self, pkt: &[u8]) -> bool {
+        if self.nout == self.out.len() {
+            // GRO appends coalesced payloads in place: room for a 64 KiB super-packet
+            self.out.push(Vec::with_capacity(VOFF + 65536));
+        }
+        let b = &mut self.out[self.nout];
+        b.clear();
+        b.resize(VOFF, 0);
+        b.extend_from_slice(pkt);
+        self.nout += 1;
+        self.nout >= BATCH
+    }
+
+    /// Write the queued packets into the tun (coalesced into super-packets when offloads are on).
+    async fn flush(&mut self, tun: &tun_rs::AsyncDevice, counters: &Counters) {
+        if self.nout == 0 {
+            return;
+        }
+        let n = self.nout;
+        self.nout = 0;
+        match tun.send_multiple(&mut self.gro, &mut self.out[..n], VOFF).await {
+            Ok(_) => counters.add(Event::TunTx, n as u64),
+            Err(e) => {
+                tracing::debug!(error = %e, "writing into the tun");
+                for _ in 0..n {
+                    counters.drop_packet(Reason::TunWriteError);
+                }
+            }
+        }
+    }
+}
+
+/// The tun-to-world direction (reads from the tun: translation, encapsulation, resolution of unknown
+/// service IPs) and the periodic work (probes, eviction, saving the table). The other direction runs in
+/// [`Ingress`], on its own task, so a worker's replies (TCP ACKs) are not queued behind its bulk data.
 struct Datapath {
     tun: Arc<tun_rs::AsyncDevice>,
     udp: Arc<UdpSocket>,
-    engine: Engine,
+    engine: SharedEngine,
     flows_file: Option<std::path::PathBuf>,
     /// `engine.changes()` when the table was last saved.
     saved: u64,
@@ -300,12 +371,10 @@ struct Datapath {
     res_tx: mpsc::Sender<(Ipv4Addr, bool)>,
     base: Instant,
     seq: u32,
-    /// Last probe reply per worker endpoint.
-    replied: HashMap<SocketAddr, Instant>,
-    /// Packets queued for the tun (VOFF bytes of room + packet), written (GRO-coalesced) by `flush`.
-    gro: tun_rs::GROTable,
-    out: Vec<Vec<u8>>,
-    nout: usize,
+    /// Last probe reply per worker endpoint (written by the ingress side).
+    replied: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+    /// Hairpinned packets for local instances.
+    out: TunOut,
     /// A run of encapsulated datagrams for one worker, sent with one UDP_SEGMENT sendmsg by `flush_enc`.
     enc: Vec<u8>,
     enc_ep: Option<SocketAddrV4>,
@@ -321,7 +390,6 @@ struct Datapath {
 impl Datapath {
     async fn run(mut self, mut res_rx: mpsc::Receiver<(Ipv4Addr, bool)>, interval: Duration, seg_len: usize) {
         let tun = self.tun.clone();
-        let udp = self.udp.clone();
         // a read from the tun: with offloads the virtio header + possibly a GSO super-packet (split into
         // `segs`, each with HDR_LEN bytes of room for the tunnel header); without, HDR_LEN bytes of room +
         // the packet
@@ -330,9 +398,7 @@ impl Datapath {
         // enough segment buffers for a 64 KiB super-packet cut at the smallest TCP MSS (88 bytes)
         let mut segs: Vec<Vec<u8>> = (0..MAX_SEGMENTS).map(|_| vec![0u8; seg_len.max(HDR_LEN + 1600)]).collect();
         let mut sizes = vec![0usize; MAX_SEGMENTS];
-        let mut ubuf = vec![0u8; HDR_LEN + 65536];
         let mut errors = 0u32;
-        let fd = udp.as_raw_fd();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -352,34 +418,6 @@ impl Datapath {
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                },
-                r = udp.async_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf)) => {
-                    let mut next = r;
-                    for _ in 0..BATCH {
-                        match next {
-                            Ok((n, from, gso)) => {
-                                // a coalesced run (UDP GRO) holds datagrams of gso bytes, the last maybe shorter
-                                let seg = gso.unwrap_or(n).max(1);
-                                let now = Instant::now();
-                                let mut off = 0;
-                                while off < n {
-                                    let end = (off + seg).min(n);
-                                    self.counters.event(Event::TunnelRx);
-                                    self.on_udp(&mut ubuf[off..end], from, now).await;
-                                    off = end;
-                                }
-                            }
-                            Err(e) => {
-                                if e.kind() != std::io::ErrorKind::WouldBlock {
-                                    tracing::debug!(error = %e, "tunnel socket");
-                                }
-                                break;
-                            }
-                        }
-                        next = udp.try_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf));
-                    }
-                    self.flush_enc().await;
-                    self.flush().await;
                 },
                 Some((ip, found)) = res_rx.recv() => self.on_resolved(ip, found).await,
                 _ = tick.tick() => self.on_tick().await,
@@ -434,7 +472,7 @@ impl Datapath {
         }
         self.refresh();
         let now = Instant::now();
-        let v = self.engine.outbound(&mut raw[VHL..], &self.snap, now);
+        let v = lock(&self.engine).outbound(&mut raw[VHL..], &self.snap, now);
         if matches!(v, Verdict::Drop(_)) {
             return; // counted by the engine
         }
@@ -510,7 +548,7 @@ impl Datapath {
     async fn on_tun(&mut self, frame: &mut [u8]) {
         self.refresh();
         let now = Instant::now();
-        let v = self.engine.outbound(&mut frame[HDR_LEN..], &self.snap, now);
+        let v = lock(&self.engine).outbound(&mut frame[HDR_LEN..], &self.snap, now);
         if let Verdict::Resolve(ip) = v {
             self.counters.drop_packet(Reason::UnknownService);
             self.hold(ip, frame, now);
@@ -522,16 +560,7 @@ impl Datapath {
     async fn emit(&mut self, frame: &mut [u8], v: Verdict) {
         match v {
             Verdict::ToTun => {
-                if self.nout == self.out.len() {
-                    // GRO appends coalesced payloads in place: room for a 64 KiB super-packet
-                    self.out.push(Vec::with_capacity(VOFF + 65536));
-                }
-                let b = &mut self.out[self.nout];
-                b.clear();
-                b.resize(VOFF, 0);
-                b.extend_from_slice(&frame[HDR_LEN..]);
-                self.nout += 1;
-                if self.nout >= BATCH {
+                if self.out.push(&frame[HDR_LEN..]) {
                     self.flush().await;
                 }
             }
@@ -607,26 +636,8 @@ impl Datapath {
         }
     }
 
-    /// Write the queued packets into the tun (coalesced into super-packets when offloads are on).
     async fn flush(&mut self) {
-        if self.nout == 0 {
-            return;
-        }
-        let n = self.nout;
-        self.nout = 0;
-        match self.tun.send_multiple(&mut self.gro, &mut self.out[..n], VOFF).await {
-            Ok(_) => {
-                for _ in 0..n {
-                    self.counters.event(Event::TunTx);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "writing into the tun");
-                for _ in 0..n {
-                    self.counters.drop_packet(Reason::TunWriteError);
-                }
-            }
-        }
+        self.out.flush(&self.tun, &self.counters).await;
     }
 
     fn hold(&mut self, ip: Ipv4Addr, frame: &[u8], now: Instant) {
@@ -670,7 +681,7 @@ impl Datapath {
             return;
         }
         for mut frame in held {
-            let v = self.engine.outbound(&mut frame[HDR_LEN..], &self.snap, Instant::now());
+            let v = lock(&self.engine).outbound(&mut frame[HDR_LEN..], &self.snap, Instant::now());
             if matches!(v, Verdict::ToTun | Verdict::Encap(_)) {
                 self.counters.event(Event::HeldReplayed);
             }
@@ -680,58 +691,40 @@ impl Datapath {
         self.flush().await;
     }
 
-    async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr, now: Instant) {
-        match packet::decode_tunnel(dgram) {
-            Err(r) => self.counters.drop_packet(r),
-            Ok(packet::Tunnel::ProbeRequest { id, stamp }) => {
-                self.counters.event(Event::ProbeRequests);
-                let _ = self.udp.send_to(&packet::probe(packet::TYPE_PROBE_REPLY, id, stamp), from).await;
-            }
-            Ok(packet::Tunnel::ProbeReply { stamp, .. }) => {
-                self.counters.event(Event::ProbeReplies);
-                let now_ns = self.base.elapsed().as_nanos() as u64;
-                if stamp <= now_ns {
-                    let rtt_us = ((now_ns - stamp) / 1000).max(1);
-                    self.engine.rtt.insert(from, rtt_us);
-                    self.counters.set_rtt(from.to_string(), rtt_us);
-                    self.replied.insert(from, Instant::now());
-                }
-            }
-            Ok(packet::Tunnel::Data(_)) => {
-                self.refresh();
-                let complete = dgram[3] & packet::FLAG_CSUM_COMPLETE != 0;
-                let v = self.engine.inbound_with(&mut dgram[HDR_LEN..], &self.snap, now, complete);
-                self.emit(dgram, v).await;
-            }
-        }
-    }
-
     async fn on_tick(&mut self) {
         let now = Instant::now();
-        self.engine.evict(now);
-        if let Some(f) = &self.flows_file {
-            if self.engine.changes() != self.saved {
-                let tmp = f.with_extension("tmp");
-                let r = std::fs::write(&tmp, self.engine.export()).and_then(|()| std::fs::rename(&tmp, f));
-                match r {
-                    Ok(()) => self.saved = self.engine.changes(),
-                    Err(e) => {
-                        tracing::warn!(file = %f.display(), "saving the conversion table: {e}")
-                    }
-                }
+        let (changes, export) = {
+            let mut e = lock(&self.engine);
+            e.evict(now);
+            let c = e.changes();
+            (c, (self.flows_file.is_some() && c != self.saved).then(|| e.export()))
+        };
+        if let (Some(f), Some(export)) = (&self.flows_file, export) {
+            let tmp = f.with_extension("tmp");
+            match std::fs::write(&tmp, export).and_then(|()| std::fs::rename(&tmp, f)) {
+                Ok(()) => self.saved = changes,
+                Err(e) => tracing::warn!(file = %f.display(), "saving the conversion table: {e}"),
             }
         }
         self.negative.retain(|_, t| now.duration_since(*t) < NEGATIVE_TTL);
         // forget RTTs of workers that stopped answering
-        let stale: Vec<SocketAddr> = self
-            .replied
-            .iter()
-            .filter(|(_, t)| now.duration_since(**t) > Duration::from_secs(10))
-            .map(|(a, _)| *a)
-            .collect();
-        for a in stale {
-            self.replied.remove(&a);
-            self.engine.rtt.remove(&a);
+        let stale: Vec<SocketAddr> = {
+            let mut replied = self.replied.lock().unwrap_or_else(|p| p.into_inner());
+            let stale: Vec<SocketAddr> = replied
+                .iter()
+                .filter(|(_, t)| now.duration_since(**t) > Duration::from_secs(10))
+                .map(|(a, _)| *a)
+                .collect();
+            for a in &stale {
+                replied.remove(a);
+            }
+            stale
+        };
+        if !stale.is_empty() {
+            let mut e = lock(&self.engine);
+            for a in stale {
+                e.rtt.remove(&a);
+            }
         }
         self.refresh();
         let mut peers: BTreeSet<SocketAddr> = self.snap.routes.values().copied().collect();
@@ -747,7 +740,7 @@ impl Datapath {
             }
         }
         // publish the measured RTTs in the tables (InstanceEndpoint.rtt_us) and the counters
-        let rtt = self.engine.rtt.clone();
+        let rtt = lock(&self.engine).rtt.clone();
         self.counters.set_rtts(rtt.iter().map(|(a, us)| (a.to_string(), *us)));
         let local = self.snap.local_subnet;
         let stale = self.snap.services.values().flat_map(|s| &s.instances).any(|i| {
@@ -766,6 +759,92 @@ impl Datapath {
                     }
                 }
             });
+        }
+    }
+}
+
+/// The world-to-tun direction: tunnel datagrams (decapsulation, reverse translation, into the tun) and
+/// probes (answered; replies give the RTTs).
+struct Ingress {
+    tun: Arc<tun_rs::AsyncDevice>,
+    udp: Arc<UdpSocket>,
+    engine: SharedEngine,
+    tables: Tables,
+    rx: watch::Receiver<u64>,
+    snap: Snapshot,
+    counters: Arc<Counters>,
+    base: Instant,
+    replied: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+    out: TunOut,
+}
+
+impl Ingress {
+    async fn run(mut self) {
+        let udp = self.udp.clone();
+        let fd = udp.as_raw_fd();
+        let mut ubuf = vec![0u8; HDR_LEN + 65536];
+        loop {
+            let mut next = udp.async_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf)).await;
+            for _ in 0..BATCH {
+                match next {
+                    Ok((n, from, gso)) => {
+                        // a coalesced run (UDP GRO) holds datagrams of gso bytes, the last maybe shorter
+                        let seg = gso.unwrap_or(n).max(1);
+                        let now = Instant::now();
+                        let mut off = 0;
+                        while off < n {
+                            let end = (off + seg).min(n);
+                            self.counters.event(Event::TunnelRx);
+                            self.on_udp(&mut ubuf[off..end], from, now).await;
+                            off = end;
+                        }
+                    }
+                    Err(e) => {
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            tracing::debug!(error = %e, "tunnel socket");
+                        }
+                        break;
+                    }
+                }
+                next = udp.try_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf));
+            }
+            self.out.flush(&self.tun, &self.counters).await;
+        }
+    }
+
+    fn refresh(&mut self) {
+        if self.rx.has_changed().unwrap_or(false) {
+            self.rx.borrow_and_update();
+            self.snap = self.tables.snapshot();
+        }
+    }
+
+    async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr, now: Instant) {
+        match packet::decode_tunnel(dgram) {
+            Err(r) => self.counters.drop_packet(r),
+            Ok(packet::Tunnel::ProbeRequest { id, stamp }) => {
+                self.counters.event(Event::ProbeRequests);
+                let _ = self.udp.send_to(&packet::probe(packet::TYPE_PROBE_REPLY, id, stamp), from).await;
+            }
+            Ok(packet::Tunnel::ProbeReply { stamp, .. }) => {
+                self.counters.event(Event::ProbeReplies);
+                let now_ns = self.base.elapsed().as_nanos() as u64;
+                if stamp <= now_ns {
+                    let rtt_us = ((now_ns - stamp) / 1000).max(1);
+                    lock(&self.engine).rtt.insert(from, rtt_us);
+                    self.counters.set_rtt(from.to_string(), rtt_us);
+                    self.replied.lock().unwrap_or_else(|p| p.into_inner()).insert(from, Instant::now());
+                }
+            }
+            Ok(packet::Tunnel::Data(_)) => {
+                self.refresh();
+                let complete = dgram[3] & packet::FLAG_CSUM_COMPLETE != 0;
+                let v = lock(&self.engine).inbound_with(&mut dgram[HDR_LEN..], &self.snap, now, complete);
+                // inbound verdicts are ToTun or a (counted) drop
+                if v == Verdict::ToTun && self.out.push(&dgram[HDR_LEN..]) {
+                    self.out.flush(&self.tun, &self.counters).await;
+                }
+            }
         }
     }
 }
