@@ -292,6 +292,21 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> Result<(), String>) 
     }
 }
 
+/// The root and cluster network services in-process (the cluster's listener on 0.0.0.0:10110 in host
+/// `ha`'s namespace) and `svcE`/`app.ns.echo.ns` allocated at the root: the services, its rr and closest IPs.
+async fn services(dir: &Path, ha: &Netns) -> (root::netsvc::RootNetSvc, cluster::netsvc::ClusterNetSvc, Ipv4Addr, Ipv4Addr) {
+    let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let root_url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(root::netsvc::serve_listener(rootsvc.clone(), l));
+    let cluster = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, "c1").unwrap();
+    let std_l = in_ns(&ha.path(), || std::net::TcpListener::bind("0.0.0.0:10110").unwrap()).join().unwrap();
+    std_l.set_nonblocking(true).unwrap();
+    tokio::spawn(cluster::netsvc::serve_listener(cluster.clone(), tokio::net::TcpListener::from_std(std_l).unwrap()));
+    let (rr, closest) = rootsvc.allocate_service_ips("svcE", "app.ns.echo.ns").unwrap();
+    (rootsvc, cluster, rr, closest)
+}
+
 /// Two worker hosts joined by a veth pair, the root + cluster network services (the cluster's listener in
 /// host A's namespace), and `svcE`/`app.ns.echo.ns` allocated at the root (returns its rr and closest IPs).
 async fn world(
@@ -308,16 +323,7 @@ async fn world(
     sh(&["ip", "-n", &ha.0, "link", "set", "up0", "up"]);
     sh(&["ip", "-n", &hb.0, "link", "set", "up1", "up"]);
 
-    // root + cluster network services in-process; the cluster's listener in host A's namespace
-    let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let root_url = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(root::netsvc::serve_listener(rootsvc.clone(), l));
-    let cluster = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, "c1").unwrap();
-    let std_l = in_ns(&ha.path(), || std::net::TcpListener::bind("0.0.0.0:10110").unwrap()).join().unwrap();
-    std_l.set_nonblocking(true).unwrap();
-    tokio::spawn(cluster::netsvc::serve_listener(cluster.clone(), tokio::net::TcpListener::from_std(std_l).unwrap()));
-    let (rr, closest) = rootsvc.allocate_service_ips("svcE", "app.ns.echo.ns").unwrap();
+    let (rootsvc, cluster, rr, closest) = services(dir, &ha).await;
 
     let mk = |ns: Netns, ip: Ipv4Addr, tag: &str, extra: &[&str]| {
         let cfg = dir.join(format!("netcfg-{tag}.json"));
@@ -804,15 +810,7 @@ async fn closest_follows_measured_rtt() {
     let [ha, hb, hc]: [Netns; 3] = hosts.try_into().ok().unwrap();
     let ipa = Ipv4Addr::new(192, 168, 77, 1);
 
-    let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let root_url = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(root::netsvc::serve_listener(rootsvc.clone(), l));
-    let cluster = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, "c1").unwrap();
-    let std_l = in_ns(&ha.path(), || std::net::TcpListener::bind("0.0.0.0:10110").unwrap()).join().unwrap();
-    std_l.set_nonblocking(true).unwrap();
-    tokio::spawn(cluster::netsvc::serve_listener(cluster.clone(), tokio::net::TcpListener::from_std(std_l).unwrap()));
-    let (rr, closest) = rootsvc.allocate_service_ips("svcE", "app.ns.echo.ns").unwrap();
+    let (_rootsvc, _cluster, rr, closest) = services(dir, &ha).await;
 
     // worker C advertises the relay (on host A, port 50200) as its tunnel endpoint
     delay_relay(&ha.path(), 50200, SocketAddr::from(([192, 168, 77, 3], 50200)), Duration::from_millis(15));

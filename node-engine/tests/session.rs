@@ -56,6 +56,16 @@ async fn next_msg(rx: &mut mpsc::UnboundedReceiver<WorkerMessage>) -> worker_mes
         .expect("message body")
 }
 
+/// The worker's next session (within 30 s) and its first message, which must be a Hello.
+async fn next_session(
+    sessions: &mut mpsc::UnboundedReceiver<(Down, mpsc::UnboundedReceiver<WorkerMessage>)>,
+) -> (Down, mpsc::UnboundedReceiver<WorkerMessage>, oak_proto::v1::WorkerHello) {
+    let (down_tx, mut up) =
+        tokio::time::timeout(Duration::from_secs(30), sessions.recv()).await.unwrap().unwrap();
+    let worker_message::Msg::Hello(hello) = next_msg(&mut up).await else { panic!("first message is not Hello") };
+    (down_tx, up, hello)
+}
+
 fn down(msg: cluster_to_worker::Msg) -> Result<ClusterToWorker, Status> {
     Ok(ClusterToWorker { msg: Some(msg) })
 }
@@ -117,13 +127,7 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     let worker = tokio::spawn(session::run(scfg, rt.clone(), events));
 
     // Hello first.
-    let (down_tx, mut up) = tokio::time::timeout(Duration::from_secs(30), sess_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let worker_message::Msg::Hello(hello) = next_msg(&mut up).await else {
-        panic!("first message is not Hello")
-    };
+    let (down_tx, mut up, hello) = next_session(&mut sess_rx).await;
     assert_eq!(hello.node_id, "");
     assert_eq!(hello.node_name, "test-worker");
     assert_eq!(hello.netmanager_port, 0);
@@ -184,13 +188,7 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     // the running instance.
     drop(down_tx);
     drop(up);
-    let (down_tx, mut up) = tokio::time::timeout(Duration::from_secs(30), sess_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let worker_message::Msg::Hello(hello) = next_msg(&mut up).await else {
-        panic!("first message is not Hello")
-    };
+    let (down_tx, mut up, hello) = next_session(&mut sess_rx).await;
     assert_eq!(hello.node_id, "node-42");
     assert_eq!(hello.instances.len(), 1, "{:?}", hello.instances);
     assert_eq!(hello.instances[0].service_id, "svc-sess");
