@@ -78,6 +78,8 @@ pub struct Engine {
     rr: HashMap<String, u64>,
     /// Measured RTT to worker tunnel endpoints (µs).
     pub rtt: HashMap<SocketAddr, u64>,
+    /// When each worker last answered a probe.
+    replied: HashMap<SocketAddr, Instant>,
     pub counters: Arc<Counters>,
     pub idle: Duration,
     next_port: u16,
@@ -92,6 +94,7 @@ impl Engine {
             rev: FastMap::default(),
             rr: HashMap::new(),
             rtt: HashMap::new(),
+            replied: HashMap::new(),
             counters,
             idle: FLOW_IDLE,
             next_port: 0,
@@ -126,6 +129,22 @@ impl Engine {
         // orphans (should not happen)
         let fwd = &self.fwd;
         self.rev.retain(|_, r| fwd.contains_key(&r.fwd));
+    }
+
+    /// A probe reply from `from`: its round-trip time.
+    pub fn record_rtt(&mut self, from: SocketAddr, rtt_us: u64, now: Instant) {
+        self.rtt.insert(from, rtt_us);
+        self.replied.insert(from, now);
+    }
+
+    /// Forget the RTTs of workers whose last probe reply is older than `max_age`.
+    pub fn forget_silent(&mut self, now: Instant, max_age: Duration) {
+        let stale: Vec<SocketAddr> =
+            self.replied.iter().filter(|(_, t)| now.duration_since(**t) > max_age).map(|(a, _)| *a).collect();
+        for a in stale {
+            self.replied.remove(&a);
+            self.rtt.remove(&a);
+        }
     }
 
     fn is_local(snap: &Snapshot, inst: &InstanceEndpoint) -> bool {
@@ -491,6 +510,20 @@ mod tests {
         let mut bad = hdr;
         bad.csum_start = 4000;
         assert!(!crate::proxy::gso_header_fixup(&mut bad, &pkt));
+    }
+
+    /// RTTs of workers that stopped answering probes are forgotten; others are kept.
+    #[test]
+    fn silent_workers_lose_their_rtt() {
+        let mut e = Engine::new(Arc::new(Counters::new()));
+        let (quiet, busy): (SocketAddr, SocketAddr) =
+            ("192.0.2.2:50103".parse().unwrap(), "192.0.2.3:50103".parse().unwrap());
+        let t0 = Instant::now();
+        e.record_rtt(quiet, 300, t0);
+        e.record_rtt(busy, 500, t0 + Duration::from_secs(8));
+        e.forget_silent(t0 + Duration::from_secs(11), Duration::from_secs(10));
+        assert_eq!(e.rtt.get(&quiet), None);
+        assert_eq!(e.rtt.get(&busy), Some(&500));
     }
 
     #[test]

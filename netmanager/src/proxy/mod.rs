@@ -174,17 +174,13 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
     let engine: SharedEngine = Arc::new(Mutex::new(engine));
     let (tun, udp) = (Arc::new(tun), Arc::new(udp));
     let base = Instant::now();
-    let replied = Arc::new(Mutex::new(HashMap::new()));
     let ingress = Ingress {
         tun: tun.clone(),
         udp: udp.clone(),
         engine: engine.clone(),
-        tables: tables.clone(),
-        rx: tables.subscribe(),
-        snap: tables.snapshot(),
+        view: View::new(&tables),
         counters: counters.clone(),
         base,
-        replied: replied.clone(),
         out: TunOut::new(),
     };
     let dp = Datapath {
@@ -193,9 +189,7 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
         engine,
         flows_file: opts.flows_file.clone(),
         saved,
-        rx: tables.subscribe(),
-        snap: tables.snapshot(),
-        tables,
+        view: View::new(&tables),
         control,
         counters: counters.clone(),
         public,
@@ -205,7 +199,6 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
         res_tx,
         base,
         seq: 0,
-        replied,
         out: TunOut::new(),
         enc: Vec::with_capacity(65536),
         enc_ep: None,
@@ -295,6 +288,30 @@ pub(crate) fn gso_header_fixup(hdr: &mut tun_rs::VirtioNetHdr, pkt: &[u8]) -> bo
     true
 }
 
+/// The tables' current snapshot, taken again when they changed.
+struct View {
+    tables: Tables,
+    rx: watch::Receiver<u64>,
+    snap: Snapshot,
+}
+
+impl View {
+    fn new(tables: &Tables) -> Self {
+        Self { tables: tables.clone(), rx: tables.subscribe(), snap: tables.snapshot() }
+    }
+
+    fn refresh(&mut self) {
+        if self.rx.has_changed().unwrap_or(false) {
+            self.reload();
+        }
+    }
+
+    fn reload(&mut self) {
+        self.rx.borrow_and_update();
+        self.snap = self.tables.snapshot();
+    }
+}
+
 /// The engine, shared by the two directions (each locks it once per packet or super-packet).
 type SharedEngine = Arc<Mutex<Engine>>;
 
@@ -358,9 +375,7 @@ struct Datapath {
     flows_file: Option<std::path::PathBuf>,
     /// `engine.changes()` when the table was last saved.
     saved: u64,
-    tables: Tables,
-    rx: watch::Receiver<u64>,
-    snap: Snapshot,
+    view: View,
     control: Option<Control>,
     counters: Arc<Counters>,
     public: SocketAddr,
@@ -371,8 +386,6 @@ struct Datapath {
     res_tx: mpsc::Sender<(Ipv4Addr, bool)>,
     base: Instant,
     seq: u32,
-    /// Last probe reply per worker endpoint (written by the ingress side).
-    replied: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
     /// Hairpinned packets for local instances.
     out: TunOut,
     /// A run of encapsulated datagrams for one worker, sent with one UDP_SEGMENT sendmsg by `flush_enc`.
@@ -425,13 +438,6 @@ impl Datapath {
         }
     }
 
-    fn refresh(&mut self) {
-        if self.rx.has_changed().unwrap_or(false) {
-            self.rx.borrow_and_update();
-            self.snap = self.tables.snapshot();
-        }
-    }
-
     /// One read from the tun (`raw`: the virtio header and the packet with offloads, else HDR_LEN bytes of
     /// room and the packet). A GSO super-packet is translated once, on its header, and then cut into
     /// segments (tun-rs computes their checksums from scratch), instead of translating every segment.
@@ -441,14 +447,13 @@ impl Datapath {
             self.on_tun(raw).await;
             return;
         }
-        let Some(mut hdr) = raw.get(..VHL).and_then(|h| tun_rs::VirtioNetHdr::decode(h).ok()) else {
+        // a virtio header and at least one byte of packet
+        let Some(mut hdr) =
+            raw.get(..VHL).filter(|_| raw.len() > VHL).and_then(|h| tun_rs::VirtioNetHdr::decode(h).ok())
+        else {
             self.counters.drop_packet(Reason::TunMalformed);
             return;
         };
-        if raw.len() <= VHL {
-            self.counters.drop_packet(Reason::TunMalformed);
-            return;
-        }
         if raw[VHL] >> 4 != 4 {
             // IPv6 (the kernel's own router solicitations on the tun; the overlay is IPv4)
             self.counters.drop_packet(Reason::NotIpv4);
@@ -470,9 +475,9 @@ impl Datapath {
             self.counters.drop_packet(Reason::TunMalformed);
             return;
         }
-        self.refresh();
+        self.view.refresh();
         let now = Instant::now();
-        let v = lock(&self.engine).outbound(&mut raw[VHL..], &self.snap, now);
+        let v = lock(&self.engine).outbound(&mut raw[VHL..], &self.view.snap, now);
         if matches!(v, Verdict::Drop(_)) {
             return; // counted by the engine
         }
@@ -546,9 +551,9 @@ impl Datapath {
 
     /// `frame` = HDR_LEN bytes of room + the packet read from the tun.
     async fn on_tun(&mut self, frame: &mut [u8]) {
-        self.refresh();
+        self.view.refresh();
         let now = Instant::now();
-        let v = lock(&self.engine).outbound(&mut frame[HDR_LEN..], &self.snap, now);
+        let v = lock(&self.engine).outbound(&mut frame[HDR_LEN..], &self.view.snap, now);
         if let Verdict::Resolve(ip) = v {
             self.counters.drop_packet(Reason::UnknownService);
             self.hold(ip, frame, now);
@@ -672,16 +677,15 @@ impl Datapath {
 
     async fn on_resolved(&mut self, ip: Ipv4Addr, found: bool) {
         self.resolving.remove(&ip);
-        self.rx.borrow_and_update();
-        self.snap = self.tables.snapshot();
+        self.view.reload();
         let held = self.held.remove(&ip).unwrap_or_default();
-        if !found || self.snap.service_by_ip(ip).is_none() {
+        if !found || self.view.snap.service_by_ip(ip).is_none() {
             tracing::debug!(%ip, "service IP not resolvable");
             self.negative.insert(ip, Instant::now());
             return;
         }
         for mut frame in held {
-            let v = lock(&self.engine).outbound(&mut frame[HDR_LEN..], &self.snap, Instant::now());
+            let v = lock(&self.engine).outbound(&mut frame[HDR_LEN..], &self.view.snap, Instant::now());
             if matches!(v, Verdict::ToTun | Verdict::Encap(_)) {
                 self.counters.event(Event::HeldReplayed);
             }
@@ -708,27 +712,10 @@ impl Datapath {
         }
         self.negative.retain(|_, t| now.duration_since(*t) < NEGATIVE_TTL);
         // forget RTTs of workers that stopped answering
-        let stale: Vec<SocketAddr> = {
-            let mut replied = self.replied.lock().unwrap_or_else(|p| p.into_inner());
-            let stale: Vec<SocketAddr> = replied
-                .iter()
-                .filter(|(_, t)| now.duration_since(**t) > Duration::from_secs(10))
-                .map(|(a, _)| *a)
-                .collect();
-            for a in &stale {
-                replied.remove(a);
-            }
-            stale
-        };
-        if !stale.is_empty() {
-            let mut e = lock(&self.engine);
-            for a in stale {
-                e.rtt.remove(&a);
-            }
-        }
-        self.refresh();
-        let mut peers: BTreeSet<SocketAddr> = self.snap.routes.values().copied().collect();
-        for s in self.snap.services.values() {
+        lock(&self.engine).forget_silent(now, Duration::from_secs(10));
+        self.view.refresh();
+        let mut peers: BTreeSet<SocketAddr> = self.view.snap.routes.values().copied().collect();
+        for s in self.view.snap.services.values() {
             peers.extend(s.instances.iter().map(|i| i.worker));
         }
         peers.remove(&self.public);
@@ -742,13 +729,13 @@ impl Datapath {
         // publish the measured RTTs in the tables (InstanceEndpoint.rtt_us) and the counters
         let rtt = lock(&self.engine).rtt.clone();
         self.counters.set_rtts(rtt.iter().map(|(a, us)| (a.to_string(), *us)));
-        let local = self.snap.local_subnet;
-        let stale = self.snap.services.values().flat_map(|s| &s.instances).any(|i| {
+        let local = self.view.snap.local_subnet;
+        let stale = self.view.snap.services.values().flat_map(|s| &s.instances).any(|i| {
             let want = if local.is_some_and(|n| n.contains(&i.ns_ip)) { Some(0) } else { rtt.get(&i.worker).copied() };
             i.rtt_us != want
         });
         if stale {
-            self.tables.update(|s| {
+            self.view.tables.update(|s| {
                 for svc in s.services.values_mut() {
                     for i in &mut svc.instances {
                         i.rtt_us = if local.is_some_and(|n| n.contains(&i.ns_ip)) {
@@ -769,12 +756,9 @@ struct Ingress {
     tun: Arc<tun_rs::AsyncDevice>,
     udp: Arc<UdpSocket>,
     engine: SharedEngine,
-    tables: Tables,
-    rx: watch::Receiver<u64>,
-    snap: Snapshot,
+    view: View,
     counters: Arc<Counters>,
     base: Instant,
-    replied: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
     out: TunOut,
 }
 
@@ -812,13 +796,6 @@ impl Ingress {
         }
     }
 
-    fn refresh(&mut self) {
-        if self.rx.has_changed().unwrap_or(false) {
-            self.rx.borrow_and_update();
-            self.snap = self.tables.snapshot();
-        }
-    }
-
     async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr, now: Instant) {
         match packet::decode_tunnel(dgram) {
             Err(r) => self.counters.drop_packet(r),
@@ -831,15 +808,14 @@ impl Ingress {
                 let now_ns = self.base.elapsed().as_nanos() as u64;
                 if stamp <= now_ns {
                     let rtt_us = ((now_ns - stamp) / 1000).max(1);
-                    lock(&self.engine).rtt.insert(from, rtt_us);
+                    lock(&self.engine).record_rtt(from, rtt_us, Instant::now());
                     self.counters.set_rtt(from.to_string(), rtt_us);
-                    self.replied.lock().unwrap_or_else(|p| p.into_inner()).insert(from, Instant::now());
                 }
             }
             Ok(packet::Tunnel::Data(_)) => {
-                self.refresh();
+                self.view.refresh();
                 let complete = dgram[3] & packet::FLAG_CSUM_COMPLETE != 0;
-                let v = lock(&self.engine).inbound_with(&mut dgram[HDR_LEN..], &self.snap, now, complete);
+                let v = lock(&self.engine).inbound_with(&mut dgram[HDR_LEN..], &self.view.snap, now, complete);
                 // inbound verdicts are ToTun or a (counted) drop
                 if v == Verdict::ToTun && self.out.push(&dgram[HDR_LEN..]) {
                     self.out.flush(&self.tun, &self.counters).await;
