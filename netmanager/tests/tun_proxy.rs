@@ -635,6 +635,31 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
             }
         });
 
+        // a burst queues datagrams on B's tunnel socket faster than B answers them: every one is handled
+        // (a batch of reads must not read one datagram more than it handles)
+        const BURST: u64 = 3000;
+        let before = wb.counters();
+        in_ns(&wa.ns.path(), move || {
+            let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for id in 0..BURST as u32 {
+                let p = oak_netmanager::proxy::packet::probe(oak_netmanager::proxy::packet::TYPE_PROBE_REQUEST, id, 1);
+                u.send_to(&p, target).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+        eventually(10, "every probe of the burst handled", || {
+            let c = wb.counters();
+            let d = |k: &str| c["events"][k].as_u64().unwrap() - before["events"][k].as_u64().unwrap();
+            let kernel = in_ns(&wb.ns.path(), || std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap()).join().unwrap();
+            let rcvbuf_errors = kernel.lines().filter(|l| l.starts_with("Udp: ")).nth(1).map(|l| l.to_string());
+            if d("probe_requests") == BURST {
+                Ok(())
+            } else {
+                Err(format!("{} of {BURST} handled; B's kernel UDP counters {rcvbuf_errors:?}; {c}", d("probe_requests")))
+            }
+        });
+
         // NetManager A restarts: tun and routes come back, both instances are reachable again
         drop(wa.nm.take());
         let t2 = Instant::now();

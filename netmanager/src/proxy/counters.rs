@@ -50,6 +50,8 @@ names! {
         TunnelSends = "tunnel_sends",
         TunnelRx = "tunnel_rx",
         TunnelTx = "tunnel_tx",
+        TunnelRxBytes = "tunnel_rx_bytes",
+        TunnelTxBytes = "tunnel_tx_bytes",
         ForwardTranslated = "forward_translated",
         ReverseTranslated = "reverse_translated",
         FlowsCreated = "flows_created",

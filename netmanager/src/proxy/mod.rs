@@ -523,9 +523,10 @@ impl Datapath {
         let per_send = (UDP_GSO_MAX_PAYLOAD / seg).clamp(1, BATCH);
         for run in parts.chunks(per_send) {
             match send_gso(&self.udp, run, seg, ep).await {
-                Ok(_) => {
+                Ok(b) => {
                     self.counters.event(Event::TunnelSends);
                     self.counters.add(Event::TunnelTx, run.len() as u64);
+                    self.counters.add(Event::TunnelTxBytes, b as u64);
                 }
                 Err(e) => {
                     if self.gso_ok {
@@ -543,7 +544,10 @@ impl Datapath {
         for d in datagrams {
             self.counters.event(Event::TunnelSends);
             match self.udp.send_to(d, SocketAddr::V4(ep)).await {
-                Ok(_) => self.counters.event(Event::TunnelTx),
+                Ok(b) => {
+                    self.counters.event(Event::TunnelTx);
+                    self.counters.add(Event::TunnelTxBytes, b as u64);
+                }
                 Err(_) => self.counters.drop_packet(Reason::SendError),
             }
         }
@@ -598,7 +602,10 @@ impl Datapath {
                 }
                 self.counters.event(Event::TunnelSends);
                 match self.udp.send_to(frame, ep).await {
-                    Ok(_) => self.counters.event(Event::TunnelTx),
+                    Ok(b) => {
+                        self.counters.event(Event::TunnelTx);
+                        self.counters.add(Event::TunnelTxBytes, b as u64);
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, %ep, "sending to a worker");
                         self.counters.drop_packet(Reason::SendError);
@@ -623,9 +630,10 @@ impl Datapath {
             send_gso(&self.udp, &[&self.enc], seg, ep).await
         };
         match r {
-            Ok(_) => {
+            Ok(b) => {
                 self.counters.event(Event::TunnelSends);
                 self.counters.add(Event::TunnelTx, n as u64);
+                self.counters.add(Event::TunnelTxBytes, b as u64);
             }
             Err(e) if n > 1 => {
                 tracing::warn!(error = %e, "UDP segmentation offload refused; sending datagrams one by one from now on");
@@ -768,12 +776,18 @@ impl Ingress {
         let fd = udp.as_raw_fd();
         let mut ubuf = vec![0u8; HDR_LEN + 65536];
         loop {
+            // wait for the first datagram, then take what else is queued (at most BATCH reads) before the
+            // coalesced write into the tun; a read is only made when its datagram will be handled
             let mut next = udp.async_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf)).await;
-            for _ in 0..BATCH {
+            for i in 0..BATCH {
+                if i > 0 {
+                    next = udp.try_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf));
+                }
                 match next {
                     Ok((n, from, gso)) => {
                         // a coalesced run (UDP GRO) holds datagrams of gso bytes, the last maybe shorter
                         let seg = gso.unwrap_or(n).max(1);
+                        self.counters.add(Event::TunnelRxBytes, n as u64);
                         let now = Instant::now();
                         let mut off = 0;
                         while off < n {
@@ -790,7 +804,6 @@ impl Ingress {
                         break;
                     }
                 }
-                next = udp.try_io(Interest::READABLE, || udpio::recv_segments(fd, &mut ubuf));
             }
             self.out.flush(&self.tun, &self.counters).await;
         }
