@@ -44,11 +44,38 @@ pub struct Args {
     /// Request and response size of the latency ping-pong, bytes.
     #[arg(long, default_value_t = 64)]
     rr_bytes: usize,
+    /// Which datapaths to measure besides plain veth (the baseline, always measured): any of vxlan, tun, ebpf.
+    #[arg(long, value_delimiter = ',', default_values_t = [Datapath::Vxlan, Datapath::Tun, Datapath::Ebpf])]
+    only: Vec<Datapath>,
     /// Do not build (use the release binaries and the eBPF object already in the target directory).
     #[arg(long)]
     skip_build: bool,
+    /// After the last measurement, keep the namespaces, instances and NetManagers running for inspection
+    /// (instance pids and the service IP are printed) until Ctrl-C.
+    #[arg(long)]
+    hold: bool,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datapath {
+    Vxlan,
+    Tun,
+    Ebpf,
+}
+
+impl std::fmt::Display for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Datapath::Vxlan => "vxlan",
+            Datapath::Tun => "tun",
+            Datapath::Ebpf => "ebpf",
+        })
+    }
+}
+
+const VXLAN: &str = "kernel VXLAN";
+const TUN: &str = "NetManager tun";
+const EBPF: &str = "NetManager eBPF";
 const IP_A: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 const IP_B: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 const NM_API: u16 = 6000;
@@ -202,7 +229,9 @@ fn http(ns: &str, method: &str, url: &str, token: Option<&str>, body: Option<Val
         };
         match resp {
             Ok(r) => Ok(r.into_json::<Value>().unwrap_or(Value::Null)),
-            Err(ureq::Error::Status(code, r)) => bail!("{method} {url}: HTTP {code}: {}", r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => {
+                bail!("{method} {url}: HTTP {code}: {}", r.into_string().unwrap_or_default())
+            }
             Err(e) => bail!("{method} {url}: {e}"),
         }
     })?
@@ -288,11 +317,7 @@ fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32) -> anyhow::Resu
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     match v["end"]["sum_received"]["bits_per_second"].as_f64() {
         Some(bps) => {
-            eprintln!(
-                "      iperf3 -P {streams}: {:.2} Gbit/s (retransmits {})",
-                bps / 1e9,
-                v["end"]["sum_sent"]["retransmits"]
-            );
+            eprintln!("      iperf3 -P {streams}: {:.2} Gbit/s (retransmits {})", bps / 1e9, v["end"]["sum_sent"]["retransmits"]);
             Ok(bps)
         }
         None => bail!(
@@ -416,9 +441,7 @@ fn measure(w: &mut World, a: &Args, name: &'static str, client: &Ns, server: &Ns
         }
     };
     // reachable (for the overlays: the first connection resolves the service IP), iperf3 server up
-    if let Err(e) = wait_for(&format!("{name}: {server_ip}:{RR_PORT} reachable"), Duration::from_secs(30), || {
-        can_connect(&client.path(), server_ip, RR_PORT)
-    }) {
+    if let Err(e) = wait_for(&format!("{name}: {server_ip}:{RR_PORT} reachable"), Duration::from_secs(30), || can_connect(&client.path(), server_ip, RR_PORT)) {
         errs.push(format!("{e:#}"));
     }
     let _ = wait_for(&format!("{name}: iperf3 server up"), Duration::from_secs(10), || can_connect(&client.path(), server_ip, 5201));
@@ -523,32 +546,45 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     let mut rows = Vec::new();
 
     // 1. plain veth
-    step("[1/4] plain veth between the worker namespaces");
+    let total = 1 + a.only.len();
+    let mut phase = 1;
+    let mut next = |what: &str| {
+        step(&format!("[{phase}/{total}] {what}"));
+        phase += 1;
+    };
+    next("plain veth between the worker namespaces");
     rows.push(measure(w, a, "plain veth", &wa, &wb, IP_B)?);
 
     // 2. kernel VXLAN, instance namespaces behind a bridge on each worker (as Flannel's cni0 + flannel.1)
-    step("[2/4] kernel VXLAN (vx0, VNI 42, port 4789), instance namespace behind a bridge on each worker");
-    let (va, vb) = (format!("obva{id}"), format!("obvb{id}"));
-    for (wn, inst, peer, mine, theirs) in [(&na, &va, IP_B, 1u8, 2u8), (&nb, &vb, IP_A, 2, 1)] {
-        w.add_netns(inst)?;
-        cmd_ok(&["ip", "-n", wn, "link", "add", "vx0", "type", "vxlan", "id", "42", "remote", &peer.to_string(), "dstport", "4789", "dev", "up0"])?;
-        cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.99.0.{mine}/24"), "dev", "vx0"])?;
-        cmd_ok(&["ip", "-n", wn, "link", "set", "vx0", "up"])?;
-        cmd_ok(&["ip", "-n", wn, "link", "add", "vxbr0", "type", "bridge"])?;
-        cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.244.{mine}.1/24"), "dev", "vxbr0"])?;
-        cmd_ok(&["ip", "-n", wn, "link", "set", "vxbr0", "up"])?;
-        cmd_ok(&["ip", "-n", wn, "link", "add", "vxh0", "type", "veth", "peer", "name", "eth0", "netns", inst])?;
-        cmd_ok(&["ip", "-n", wn, "link", "set", "vxh0", "master", "vxbr0", "up"])?;
-        cmd_ok(&["ip", "-n", inst, "addr", "add", &format!("10.244.{mine}.2/24"), "dev", "eth0"])?;
-        cmd_ok(&["ip", "-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
-        cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.244.{mine}.1")])?;
-        cmd_ok(&["ip", "-n", wn, "route", "add", &format!("10.244.{theirs}.0/24"), "via", &format!("10.99.0.{theirs}"), "dev", "vx0"])?;
+    if a.only.contains(&Datapath::Vxlan) {
+        next("kernel VXLAN (vx0, VNI 42, port 4789), instance namespace behind a bridge on each worker");
+        let (va, vb) = (format!("obva{id}"), format!("obvb{id}"));
+        for (wn, inst, peer, mine, theirs) in [(&na, &va, IP_B, 1u8, 2u8), (&nb, &vb, IP_A, 2, 1)] {
+            w.add_netns(inst)?;
+            cmd_ok(&["ip", "-n", wn, "link", "add", "vx0", "type", "vxlan", "id", "42", "remote", &peer.to_string(), "dstport", "4789", "dev", "up0"])?;
+            cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.99.0.{mine}/24"), "dev", "vx0"])?;
+            cmd_ok(&["ip", "-n", wn, "link", "set", "vx0", "up"])?;
+            cmd_ok(&["ip", "-n", wn, "link", "add", "vxbr0", "type", "bridge"])?;
+            cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.244.{mine}.1/24"), "dev", "vxbr0"])?;
+            cmd_ok(&["ip", "-n", wn, "link", "set", "vxbr0", "up"])?;
+            cmd_ok(&["ip", "-n", wn, "link", "add", "vxh0", "type", "veth", "peer", "name", "eth0", "netns", inst])?;
+            cmd_ok(&["ip", "-n", wn, "link", "set", "vxh0", "master", "vxbr0", "up"])?;
+            cmd_ok(&["ip", "-n", inst, "addr", "add", &format!("10.244.{mine}.2/24"), "dev", "eth0"])?;
+            cmd_ok(&["ip", "-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
+            cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.244.{mine}.1")])?;
+            cmd_ok(&["ip", "-n", wn, "route", "add", &format!("10.244.{theirs}.0/24"), "via", &format!("10.99.0.{theirs}"), "dev", "vx0"])?;
+        }
+        rows.push(measure(w, a, VXLAN, &Ns::Named(va.clone()), &Ns::Named(vb.clone()), Ipv4Addr::new(10, 244, 2, 2))?);
+        // take VXLAN away so it cannot interfere with the overlays
+        for n in [&na, &nb] {
+            let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vx0"]);
+            let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vxbr0"]);
+        }
     }
-    rows.push(measure(w, a, "kernel VXLAN", &Ns::Named(va.clone()), &Ns::Named(vb.clone()), Ipv4Addr::new(10, 244, 2, 2))?);
-    // take VXLAN away so it cannot interfere with the overlays
-    for n in [&na, &nb] {
-        let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vx0"]);
-        let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vxbr0"]);
+    let (tun_on, ebpf_on) = (a.only.contains(&Datapath::Tun), a.only.contains(&Datapath::Ebpf));
+    if !tun_on && !ebpf_on {
+        report(&rows, a, None, &load_start, t0);
+        return Ok(());
     }
 
     // orchestrators in worker A's namespace
@@ -652,9 +688,9 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     };
     let counters = |ns: &str| http(&netns_path(ns), "GET", &format!("http://127.0.0.1:{NM_API}/counters"), None, None);
 
-    step("[3/4] NetManager tun overlay (--no-ebpf): client instance on A -> service IP -> instance on B");
-    nm(w, "a", &na, false)?;
-    nm(w, "b", &nb, false)?;
+    // the instances are deployed once, on the first datapath's NetManagers
+    nm(w, "a", &na, !tun_on)?;
+    nm(w, "b", &nb, !tun_on)?;
     let srv_pid = instance(w, "instance-srv-on-b")?;
     let cli_pid = instance(w, "instance-cli-on-a")?;
     let deploy = |ns: &str, pid: u32, sid: &str, job: &str| -> anyhow::Result<String> {
@@ -671,22 +707,36 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     let cli_ip = deploy(&na, cli_pid, &cli_id, &cli_job)?;
     eprintln!("    instances: server {srv_ip} on B, client {cli_ip} on A; traffic to {rr}");
     let (ci, si) = (Ns::Pid(cli_pid), Ns::Pid(srv_pid));
-    let mut tun = measure(w, a, "NetManager tun", &ci, &si, rr)?;
-    let ca = counters(&na)?;
-    let fwd = ca["events"]["forward_translated"].as_u64().unwrap_or(0);
-    eprintln!("    worker A proxy: forward_translated {fwd}, dropped_total {}", ca["dropped_total"]);
-    if fwd == 0 {
-        tun.note = format!("tun proxy translated nothing (counters: {ca}) {}", tun.note);
+    if tun_on {
+        next("NetManager tun overlay (--no-ebpf): client instance on A -> service IP -> instance on B");
+        let mut tun = measure(w, a, TUN, &ci, &si, rr)?;
+        let ca = counters(&na)?;
+        let fwd = ca["events"]["forward_translated"].as_u64().unwrap_or(0);
+        eprintln!("    worker A proxy: forward_translated {fwd}, dropped_total {}", ca["dropped_total"]);
+        if fwd == 0 {
+            tun.note = format!("tun proxy translated nothing (counters: {ca}) {}", tun.note);
+        }
+        rows.push(tun);
     }
-    rows.push(tun);
-
-    step("[4/4] NetManager eBPF fast path: the same NetManagers restarted with --ebpf-object");
-    w.stop_proc("netmanager-a");
-    w.stop_proc("netmanager-b");
-    nm(w, "a", &na, true)?;
-    nm(w, "b", &nb, true)?;
+    if !ebpf_on {
+        report(&rows, a, None, &load_start, t0);
+        hold(
+            a,
+            &format!("worker namespaces {na} and {nb}; client instance pid {cli_pid} ({cli_ip}), server instance pid {srv_pid} ({srv_ip}), service IP {rr}"),
+        );
+        return Ok(());
+    }
+    if tun_on {
+        next("NetManager eBPF fast path: the same NetManagers restarted with --ebpf-object");
+        w.stop_proc("netmanager-a");
+        w.stop_proc("netmanager-b");
+        nm(w, "a", &na, true)?;
+        nm(w, "b", &nb, true)?;
+    } else {
+        next("NetManager eBPF fast path: client instance on A -> service IP -> instance on B");
+    }
     let before = counters(&na)?;
-    let mut ebpf = measure(w, a, "NetManager eBPF", &ci, &si, rr)?;
+    let mut ebpf = measure(w, a, EBPF, &ci, &si, rr)?;
     let after = counters(&na)?;
     let cb = counters(&nb)?;
     let d = |k: &str| after["ebpf"][k].as_u64().unwrap_or(0).saturating_sub(before["ebpf"][k].as_u64().unwrap_or(0));
@@ -709,8 +759,19 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     }
     rows.push(ebpf);
 
-    report(&rows, a, &verdict, &load_start, t0);
+    report(&rows, a, Some(&verdict), &load_start, t0);
+    hold(a, &format!("worker namespaces {na} and {nb}; client instance pid {cli_pid} ({cli_ip}), server instance pid {srv_pid} ({srv_ip}), service IP {rr}"));
     Ok(())
+}
+
+/// With --hold: waits for Ctrl-C, leaving everything up for inspection.
+fn hold(a: &Args, what: &str) {
+    if a.hold {
+        eprintln!("holding (Ctrl-C cleans up): {what}");
+        while check_interrupted().is_ok() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// The 1-minute load average and the CPU count (the numbers depend on what else runs on the machine).
@@ -720,7 +781,7 @@ fn loadavg() -> String {
     format!("{} (on {cpus} CPUs)", l.split_whitespace().next().unwrap_or("?"))
 }
 
-fn report(rows: &[Row], a: &Args, verdict: &str, load_start: &str, t0: Instant) {
+fn report(rows: &[Row], a: &Args, verdict: Option<&str>, load_start: &str, t0: Instant) {
     let f = |v: Option<f64>, prec: usize| v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "failed".into());
     let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
         (Some(v), Some(b)) if b > 0.0 => format!("{:.2}x", v / b),
@@ -730,13 +791,13 @@ fn report(rows: &[Row], a: &Args, verdict: &str, load_start: &str, t0: Instant) 
     println!();
     println!(
         "overlay datapaths: 2 worker namespaces on a veth underlay; medians of {} rounds of iperf3 TCP {} s and ping-pong {} x {} B on one connection",
-        a.rounds.max(1), a.seconds, a.round_trips, a.rr_bytes
+        a.rounds.max(1),
+        a.seconds,
+        a.round_trips,
+        a.rr_bytes
     );
     println!("1-min load average: {load_start} at the start, {} at the end; {:.0} s so far", loadavg(), t0.elapsed().as_secs_f64());
-    println!(
-        "{:<16} | {:>15} | {:>15} | {:>15} | {:>15}",
-        "datapath", "1-stream Gbit/s", "8-stream Gbit/s", "RR p50 µs", "RR p99 µs"
-    );
+    println!("{:<16} | {:>15} | {:>15} | {:>15} | {:>15}", "datapath", "1-stream Gbit/s", "8-stream Gbit/s", "RR p50 µs", "RR p99 µs");
     println!("{}", "-".repeat(16 + 4 * 18));
     for r in rows {
         let cell = |v: Option<f64>, b: Option<f64>, prec: usize| {
@@ -761,8 +822,11 @@ fn report(rows: &[Row], a: &Args, verdict: &str, load_start: &str, t0: Instant) 
             println!("note {}: {}", r.name, r.note);
         }
     }
-    println!("eBPF run: {verdict}");
-    let (vx, tun, eb) = (&rows[1], &rows[2], &rows[3]);
+    if let Some(v) = verdict {
+        println!("eBPF run: {v}");
+    }
+    let row = |n: &str| rows.iter().find(|r| r.name == n);
+    let (vx, tun, eb) = (row(VXLAN), row(TUN), row(EBPF));
     let mut checks: Vec<(String, Option<bool>)> = Vec::new();
     let ge = |x: Option<f64>, y: Option<f64>, k: f64| match (x, y) {
         (Some(x), Some(y)) => Some(x >= k * y),
@@ -772,13 +836,19 @@ fn report(rows: &[Row], a: &Args, verdict: &str, load_start: &str, t0: Instant) 
         (Some(x), Some(y)) => Some(x <= k * y),
         _ => None,
     };
-    checks.push(("tun   1-stream >= 0.5x veth".into(), ge(tun.one, base.one, 0.5)));
-    checks.push(("eBPF  1-stream >= 0.9x veth".into(), ge(eb.one, base.one, 0.9)));
-    checks.push(("eBPF  8-stream >= 0.9x veth".into(), ge(eb.eight, base.eight, 0.9)));
-    checks.push(("eBPF  RR p50 <= 1.15x veth".into(), le(eb.p50, base.p50, 1.15)));
-    checks.push(("eBPF  1-stream > kernel VXLAN".into(), ge(eb.one, vx.one, 1.0)));
-    checks.push(("eBPF  8-stream > kernel VXLAN".into(), ge(eb.eight, vx.eight, 1.0)));
-    checks.push(("eBPF  RR p50 < kernel VXLAN".into(), le(eb.p50, vx.p50, 1.0)));
+    if let Some(tun) = tun {
+        checks.push(("tun   1-stream >= 0.5x veth".into(), ge(tun.one, base.one, 0.5)));
+    }
+    if let Some(eb) = eb {
+        checks.push(("eBPF  1-stream >= 0.9x veth".into(), ge(eb.one, base.one, 0.9)));
+        checks.push(("eBPF  8-stream >= 0.9x veth".into(), ge(eb.eight, base.eight, 0.9)));
+        checks.push(("eBPF  RR p50 <= 1.15x veth".into(), le(eb.p50, base.p50, 1.15)));
+        if let Some(vx) = vx {
+            checks.push(("eBPF  1-stream > kernel VXLAN".into(), ge(eb.one, vx.one, 1.0)));
+            checks.push(("eBPF  8-stream > kernel VXLAN".into(), ge(eb.eight, vx.eight, 1.0)));
+            checks.push(("eBPF  RR p50 < kernel VXLAN".into(), le(eb.p50, vx.p50, 1.0)));
+        }
+    }
     println!("targets:");
     for (what, ok) in checks {
         let mark = match ok {
