@@ -62,6 +62,8 @@ names! {
         Resolves = "resolves",
         HeldReplayed = "held_replayed",
         ChecksumsCompleted = "checksums_completed",
+        RunsReassembled = "runs_reassembled",
+        SuperPacketsReceived = "super_packets_received",
     }
 }
 
@@ -91,6 +93,10 @@ impl Counters {
 
     pub fn drop_packet(&self, r: Reason) {
         self.drops[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn drop_packets(&self, r: Reason, n: u64) {
+        self.drops[r as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn event(&self, e: Event) {

@@ -288,14 +288,15 @@ impl Engine {
 
     /// Translates a reply of a flow this proxy translated back (source = the service IP, destination = the
     /// client); returns the client's address, or None when the packet belongs to no such flow.
-    fn reverse(&mut self, pkt: &mut [u8], p: &Parsed, now: Instant) -> Option<Ipv4Addr> {
+    /// `n`: how many packets `pkt` stands for (a reassembled run shares its first segment's headers).
+    fn reverse(&mut self, pkt: &mut [u8], p: &Parsed, now: Instant, n: u64) -> Option<Ipv4Addr> {
         let l4 = p.l4?;
         let k = FlowKey { proto: p.proto, src: p.src, sport: l4.sport, dst: p.dst, dport: l4.dport };
         let r = self.rev.get_mut(&k)?;
         r.last = now;
         let (svc, client) = (r.svc_ip, r.client);
         packet::rewrite(pkt, p, Some((svc, l4.sport)), Some(client));
-        self.counters.event(Event::ReverseTranslated);
+        self.counters.add(Event::ReverseTranslated, n);
         Some(client.0)
     }
 
@@ -305,7 +306,7 @@ impl Engine {
             Err(r) => return Verdict::Drop(r),
         };
         // reply of a local instance to a hairpinned flow (its dst is the service IP)
-        if let Some(client) = self.reverse(pkt, &p, now) {
+        if let Some(client) = self.reverse(pkt, &p, now, 1) {
             return Self::route(snap, client);
         }
         if !SERVICE_SPACE.contains(&p.dst) {
@@ -390,14 +391,24 @@ impl Engine {
     /// [`Engine::inbound`]; `csum_complete`: the sender flagged the inner checksum as complete
     /// (`FLAG_CSUM_COMPLETE`), so it is not summed again here.
     pub fn inbound_with(&mut self, pkt: &mut [u8], snap: &Snapshot, now: Instant, csum_complete: bool) -> Verdict {
-        let v = self.inbound_inner(pkt, snap, now, csum_complete);
+        let v = self.inbound_inner(pkt, snap, now, csum_complete, 1);
         if let Verdict::Drop(r) = v {
             self.counters.drop_packet(r);
         }
         v
     }
 
-    fn inbound_inner(&mut self, pkt: &mut [u8], snap: &Snapshot, now: Instant, csum_complete: bool) -> Verdict {
+    /// The headers of a run of `n` segments of one flow (the first segment's inner packet, its checksum
+    /// left alone: the caller writes a new one): translated once, counted `n` times.
+    pub fn inbound_run(&mut self, first: &mut [u8], snap: &Snapshot, now: Instant, n: u64) -> Verdict {
+        let v = self.inbound_inner(first, snap, now, true, n);
+        if let Verdict::Drop(r) = v {
+            self.counters.drop_packets(r, n);
+        }
+        v
+    }
+
+    fn inbound_inner(&mut self, pkt: &mut [u8], snap: &Snapshot, now: Instant, csum_complete: bool, n: u64) -> Verdict {
         let p: Parsed = match packet::parse(pkt, Reason::TunnelMalformedInner) {
             Ok(p) => p,
             Err(r) => return Verdict::Drop(r),
@@ -405,7 +416,7 @@ impl Engine {
         if !csum_complete && packet::complete_transport_checksum(pkt, &p) {
             self.counters.event(Event::ChecksumsCompleted);
         }
-        let dst = self.reverse(pkt, &p, now).unwrap_or(p.dst);
+        let dst = self.reverse(pkt, &p, now, n).unwrap_or(p.dst);
         if snap.local_subnet.is_some_and(|n| n.contains(&dst)) {
             Verdict::ToTun
         } else {

@@ -6,6 +6,7 @@
 pub mod counters;
 pub mod engine;
 pub mod packet;
+pub mod reassemble;
 pub mod udpio;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -182,6 +183,9 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
         counters: counters.clone(),
         base,
         out: TunOut::new(),
+        vnet: offload,
+        mtu: opts.mtu as usize,
+        split: Vec::new(),
     };
     let dp = Datapath {
         tun,
@@ -768,6 +772,12 @@ struct Ingress {
     counters: Arc<Counters>,
     base: Instant,
     out: TunOut,
+    /// The tun takes virtio headers (offloads on): a run of segments can be written as one super-packet.
+    vnet: bool,
+    /// The instances' MTU: a larger inner TCP packet is a super-packet to be written as such (or cut).
+    mtu: usize,
+    /// Segment buffers for cutting super-packets when the tun takes no virtio headers (made on first use).
+    split: Vec<Vec<u8>>,
 }
 
 impl Ingress {
@@ -786,13 +796,31 @@ impl Ingress {
                 match next {
                     Ok((n, from, gso)) => {
                         // a coalesced run (UDP GRO) holds datagrams of gso bytes, the last maybe shorter
-                        let seg = gso.unwrap_or(n).max(1);
+                        // (or one uncut datagram larger than the segment size: an eBPF sender's super-packet)
+                        let (seg, mss_hint) = match gso {
+                            Some(g) if g < n && reassemble::whole_datagram(&ubuf[..n]) => (n, Some(g)),
+                            Some(g) => (g.max(1), None),
+                            None => (n.max(1), None),
+                        };
                         self.counters.add(Event::TunnelRxBytes, n as u64);
                         let now = Instant::now();
+                        if self.vnet && n > seg {
+                            if let Some(run) = reassemble::check_run(&ubuf, n, seg) {
+                                self.write_run(&mut ubuf, run, now).await;
+                                continue;
+                            }
+                        }
                         let mut off = 0;
                         while off < n {
                             let end = (off + seg).min(n);
                             self.counters.event(Event::TunnelRx);
+                            if end - off > HDR_LEN + self.mtu {
+                                if let Some(run) = reassemble::super_packet(&ubuf[off..end], mss_hint, self.mtu) {
+                                    self.write_super(&mut ubuf[off..end], run, now).await;
+                                    off = end;
+                                    continue;
+                                }
+                            }
                             self.on_udp(&mut ubuf[off..end], from, now).await;
                             off = end;
                         }
@@ -807,6 +835,96 @@ impl Ingress {
             }
             self.out.flush(&self.tun, &self.counters).await;
         }
+    }
+
+    /// A run of one flow's consecutive segments (see [`reassemble`]): translated once, on the first
+    /// segment's headers, and written into the tun as one super-packet whose payloads are gathered from
+    /// the receive buffer (no copy here, no checksum: the kernel completes it).
+    async fn write_run(&mut self, ubuf: &mut [u8], run: reassemble::Run, now: Instant) {
+        self.counters.add(Event::TunnelRx, run.count as u64);
+        self.view.refresh();
+        let first = run.inner(0);
+        let v = lock(&self.engine).inbound_run(&mut ubuf[first.clone()], &self.view.snap, now, run.count as u64);
+        if v != Verdict::ToTun {
+            return; // counted by the engine, once per segment
+        }
+        // what is queued goes first, so the flow's order is kept
+        self.out.flush(&self.tun, &self.counters).await;
+        let mut hdr = [0u8; VHL + 60 + 60];
+        let hl = reassemble::write_header(&ubuf[first], &run, &mut hdr);
+        let mut iov = Vec::with_capacity(run.count + 1);
+        iov.push(std::io::IoSlice::new(&hdr[..hl]));
+        for i in 0..run.count {
+            iov.push(std::io::IoSlice::new(&ubuf[run.payload_of(i)]));
+        }
+        match self.tun.send_vectored(&iov).await {
+            Ok(_) => {
+                self.counters.add(Event::TunTx, run.count as u64);
+                self.counters.event(Event::RunsReassembled);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "writing a reassembled super-packet into the tun");
+                self.counters.drop_packets(Reason::TunWriteError, run.count as u64);
+            }
+        }
+    }
+
+    /// One datagram carrying a TCP super-packet (see [`reassemble::super_packet`]): translated, then
+    /// written as one GSO packet, or cut into MTU-sized segments when the tun takes no virtio headers.
+    async fn write_super(&mut self, dgram: &mut [u8], run: reassemble::Run, now: Instant) {
+        self.counters.event(Event::SuperPacketsReceived);
+        if self.vnet {
+            let mut hdr = [0u8; VHL + 60 + 60];
+            self.view.refresh();
+            let inner = run.inner(0);
+            let v = lock(&self.engine).inbound_run(&mut dgram[inner.clone()], &self.view.snap, now, 1);
+            if v != Verdict::ToTun {
+                return;
+            }
+            self.out.flush(&self.tun, &self.counters).await;
+            let hl = reassemble::write_header(&dgram[inner], &run, &mut hdr);
+            let iov = [std::io::IoSlice::new(&hdr[..hl]), std::io::IoSlice::new(&dgram[run.payload_of(0)])];
+            match self.tun.send_vectored(&iov).await {
+                Ok(_) => self.counters.event(Event::TunTx),
+                Err(e) => {
+                    tracing::debug!(error = %e, "writing a super-packet into the tun");
+                    self.counters.drop_packet(Reason::TunWriteError);
+                }
+            }
+            return;
+        }
+        // no virtio headers: cut it here (tun-rs computes each segment's checksums), translate each
+        let inner = run.inner(0);
+        let hdr = tun_rs::VirtioNetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: run.hdr_len as u16,
+            gso_size: run.mss as u16,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let need = run.payload.div_ceil(run.mss);
+        while self.split.len() < need {
+            self.split.push(vec![0u8; self.mtu + 64]);
+        }
+        let mut sizes = vec![0usize; need];
+        self.view.refresh();
+        let n = match tun_rs::gso_split(&mut dgram[inner], hdr, &mut self.split[..need], &mut sizes, 0, false) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "a super-packet from the tunnel could not be cut");
+                self.counters.drop_packet(Reason::TunnelMalformedInner);
+                return;
+            }
+        };
+        let mut split = std::mem::take(&mut self.split);
+        for (seg, len) in split.iter_mut().zip(&sizes[..n.min(need)]) {
+            let v = lock(&self.engine).inbound_with(&mut seg[..*len], &self.view.snap, now, true);
+            if v == Verdict::ToTun && self.out.push(&seg[..*len]) {
+                self.out.flush(&self.tun, &self.counters).await;
+            }
+        }
+        self.split = split;
     }
 
     async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr, now: Instant) {
