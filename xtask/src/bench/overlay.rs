@@ -47,6 +47,9 @@ pub struct Args {
     /// Which datapaths to measure besides plain veth (the baseline, always measured): any of vxlan, tun, ebpf.
     #[arg(long, value_delimiter = ',', default_values_t = [Datapath::Vxlan, Datapath::Tun, Datapath::Ebpf])]
     only: Vec<Datapath>,
+    /// Extra argument for both NetManagers (repeatable), e.g. `--nm-arg=--no-veth-rps` to compare settings.
+    #[arg(long = "nm-arg", allow_hyphen_values = true)]
+    nm_args: Vec<String>,
     /// Do not build (use the release binaries and the eBPF object already in the target directory).
     #[arg(long)]
     skip_build: bool,
@@ -663,6 +666,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).arg(bins.join("NetManager")).arg("-c").arg(&cfg).arg("--data-dir").arg(w.work.join(format!("nm-{tag}")));
         c.args(["-p", &NM_API.to_string(), "--bridge", "oak0", "--tun", "oaktun0", "--log-level", "info"]);
+        c.args(&a.nm_args);
         if ebpf {
             c.arg("--ebpf-object").arg(object);
         } else {
