@@ -14,6 +14,8 @@
 use super::packet::{HDR_LEN, MAGIC, TYPE_DATA, VERSION};
 
 const IP_HDR: usize = 20;
+/// Longest run written as one super-packet (well under the kernel's 1,024 iovecs per write).
+const MAX_RUN: usize = 512;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -120,6 +122,10 @@ pub fn check_run(buf: &[u8], len: usize, seg: usize) -> Option<Run> {
         return None;
     }
     let count = len.div_ceil(seg);
+    // one iovec per segment in the write (the kernel's GRO makes runs of at most 64 datagrams)
+    if count > MAX_RUN {
+        return None;
+    }
     let first = &buf[..seg];
     let hdr_len = segment_header(first)?;
     let p0 = &first[HDR_LEN..];
@@ -224,13 +230,17 @@ mod tests {
     /// A TCP super-packet with `n` bytes of payload (seq 1000, timestamps option), cut like the sender
     /// cuts it, as one read: tunnel header + segment, each.
     fn run_of(n: usize, last_flags: u8) -> (Vec<u8>, usize, Vec<u8>) {
+        run_mss(n, MSS, last_flags)
+    }
+
+    fn run_mss(n: usize, mss: usize, last_flags: u8) -> (Vec<u8>, usize, Vec<u8>) {
         let payload: Vec<u8> = (0..n).map(|i| (i * 7 + 3) as u8).collect();
         let mut read = Vec::new();
         let mut seg = 0;
-        for (i, chunk) in payload.chunks(MSS).enumerate() {
-            let last = (i + 1) * MSS >= n;
+        for (i, chunk) in payload.chunks(mss).enumerate() {
+            let last = (i + 1) * mss >= n;
             let mut b = PacketBuilder::ipv4([10, 18, 0, 2], [10, 18, 0, 66], 63)
-                .tcp(40000, 5201, 1000 + (i * MSS) as u32, 502)
+                .tcp(40000, 5201, 1000 + (i * mss) as u32, 502)
                 .ack(77)
                 .options(&[etherparse::TcpOptionElement::Timestamp(5, 6)])
                 .unwrap();
@@ -317,6 +327,11 @@ mod tests {
         assert_eq!(check_run(&ts, ts.len(), seg), None);
         // a short segment before the last
         assert_eq!(check_run(&read, read.len(), seg + 1), None);
+        // longer than MAX_RUN segments
+        let (long, seg, _) = run_mss((MAX_RUN + 1) * 8, 8, 0);
+        assert_eq!(check_run(&long, long.len(), seg), None);
+        let (ok, seg, _) = run_mss(MAX_RUN * 8, 8, 0);
+        assert_eq!(check_run(&ok, ok.len(), seg).map(|r| r.count), Some(MAX_RUN));
     }
 
     #[test]
