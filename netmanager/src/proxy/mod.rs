@@ -210,6 +210,8 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
         enc_n: 0,
         enc_short: false,
         gso_ok: udp_offload,
+        seg_hdrs: Vec::new(),
+        seg_payloads: Vec::new(),
         vnet: offload,
     };
     let interval = opts.probe_interval;
@@ -400,6 +402,9 @@ struct Datapath {
     enc_short: bool,
     /// UDP GSO/GRO on the tunnel socket (off after the kernel refused once).
     gso_ok: bool,
+    /// Per-segment header buffers for cutting TCP super-packets without copying payloads (made on first use).
+    seg_hdrs: Vec<[u8; reassemble::SEG_HDR_MAX]>,
+    seg_payloads: Vec<std::ops::Range<usize>>,
     /// The tun was opened with IFF_VNET_HDR (reads start with a virtio header).
     vnet: bool,
 }
@@ -485,6 +490,43 @@ impl Datapath {
         if matches!(v, Verdict::Drop(_)) {
             return; // counted by the engine
         }
+        // TCP to another worker: cut without copying payloads (headers per segment, payloads gathered)
+        if let Verdict::Encap(SocketAddr::V4(ep)) = v {
+            if self.gso_ok && hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN == tun_rs::VIRTIO_NET_HDR_GSO_TCPV4 {
+                if self.seg_hdrs.is_empty() {
+                    self.seg_hdrs = vec![[0u8; reassemble::SEG_HDR_MAX]; MAX_SEGMENTS];
+                    self.seg_payloads = vec![0..0; MAX_SEGMENTS];
+                }
+                let (hl, mss) = (usize::from(hdr.hdr_len), usize::from(hdr.gso_size));
+                let pkt = &raw[VHL..];
+                if let Some(n) = reassemble::split_tcp(pkt, hl, mss, &mut self.seg_hdrs, &mut self.seg_payloads) {
+                    if n > 1 {
+                        self.counters.add(Event::TunRx, n as u64);
+                        self.flush_enc().await;
+                        let mut hdrs = std::mem::take(&mut self.seg_hdrs);
+                        let payloads = std::mem::take(&mut self.seg_payloads);
+                        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * n);
+                        for h in hdrs[..n].iter_mut() {
+                            packet::write_header_flags(
+                                &mut h[..HDR_LEN],
+                                packet::TYPE_DATA,
+                                packet::FLAG_CSUM_COMPLETE,
+                                0,
+                            );
+                        }
+                        for (h, r) in hdrs[..n].iter().zip(&payloads[..n]) {
+                            parts.push(&h[..HDR_LEN + hl]);
+                            parts.push(&pkt[r.clone()]);
+                        }
+                        self.send_parts(&parts, 2, HDR_LEN + hl + mss, ep).await;
+                        drop(parts);
+                        self.seg_hdrs = hdrs;
+                        self.seg_payloads = payloads;
+                        return;
+                    }
+                }
+            }
+        }
         let n = match tun_rs::gso_split(&mut raw[VHL..], hdr, segs, sizes, HDR_LEN, false) {
             Ok(n) => n,
             Err(e) => {
@@ -522,22 +564,30 @@ impl Datapath {
         }
         let parts: Vec<&[u8]> = segs.iter().zip(sizes).map(|(s, len)| &s[..HDR_LEN + len]).collect();
         let seg = parts[0].len();
+        self.send_parts(&parts, 1, seg, ep).await;
+    }
+
+    /// Datagrams of `seg` bytes (the last may be shorter), each made of `per_seg` consecutive `parts`, to
+    /// `ep` with UDP_SEGMENT sends (one datagram per `send_to` if the kernel refuses).
+    async fn send_parts(&mut self, parts: &[&[u8]], per_seg: usize, seg: usize, ep: SocketAddrV4) {
         // one send carries at most 64 KiB of UDP payload: a 64 KiB TCP super-packet plus the per-segment
         // headers is more, so it goes out in two or more sends
         let per_send = (UDP_GSO_MAX_PAYLOAD / seg).clamp(1, BATCH);
-        for run in parts.chunks(per_send) {
+        for run in parts.chunks(per_send * per_seg) {
+            let datagrams = run.len() / per_seg;
             match send_gso(&self.udp, run, seg, ep).await {
                 Ok(b) => {
                     self.counters.event(Event::TunnelSends);
-                    self.counters.add(Event::TunnelTx, run.len() as u64);
+                    self.counters.add(Event::TunnelTx, datagrams as u64);
                     self.counters.add(Event::TunnelTxBytes, b as u64);
                 }
                 Err(e) => {
                     if self.gso_ok {
-                        tracing::warn!(error = %e, segments = run.len(), seg, "UDP segmentation offload refused; sending datagrams one by one from now on");
+                        tracing::warn!(error = %e, segments = datagrams, seg, "UDP segmentation offload refused; sending datagrams one by one from now on");
                         self.gso_ok = false;
                     }
-                    self.send_each(run.iter().copied(), ep).await;
+                    let whole: Vec<Vec<u8>> = run.chunks(per_seg).map(|d| d.concat()).collect();
+                    self.send_each(whole.iter().map(|d| d.as_slice()), ep).await;
                 }
             }
         }

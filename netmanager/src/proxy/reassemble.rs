@@ -1,5 +1,7 @@
-//! Receive side of the tun path: turning a coalesced run of tunnel datagrams back into one TCP
-//! super-packet without copying its payload.
+//! Runs of segments on the tun path, without copying payloads: [`split_tcp`] cuts a TCP super-packet
+//! read from the tun into per-segment headers (the payloads stay where they are and are gathered by the
+//! send), and [`check_run`] / [`write_header`] turn a coalesced run of tunnel datagrams back into one TCP
+//! super-packet on the receiving side.
 //!
 //! A tun-path sender cuts each TCP super-packet it reads from its tun into segments and sends them with
 //! one UDP_SEGMENT `sendmsg`; the receiving socket (UDP_GRO) hands the run back in one read: `seg`-byte
@@ -177,6 +179,65 @@ pub fn check_run(buf: &[u8], len: usize, seg: usize) -> Option<Run> {
         return None;
     }
     Some(Run { count, seg, len, hdr_len, mss, payload, last_flags })
+}
+
+/// Bytes of tunnel header + IPv4 + TCP header one segment header buffer must hold.
+pub const SEG_HDR_MAX: usize = HDR_LEN + 60 + 60;
+
+/// Cuts a TCP/IPv4 GSO super-packet `pkt` (`hdr_len` bytes of IPv4 + TCP header, then the payload) into
+/// segments of `mss` payload bytes without copying a payload: `hdrs[i][HDR_LEN..HDR_LEN + hdr_len]`
+/// receives segment i's headers (IP ID + i, total length, IP checksum, sequence number, CWR only on the
+/// first, PSH/FIN only on the last, the complete TCP checksum over its payload) and `payloads[i]` the range
+/// of `pkt` that follows them. The same bytes as `tun_rs::gso_split`. Returns the segment count, None when
+/// the packet is not such a super-packet or there are too few buffers.
+pub fn split_tcp(
+    pkt: &[u8],
+    hdr_len: usize,
+    mss: usize,
+    hdrs: &mut [[u8; SEG_HDR_MAX]],
+    payloads: &mut [std::ops::Range<usize>],
+) -> Option<usize> {
+    if mss == 0 || pkt.len() <= hdr_len || hdr_len < IP_HDR + 20 || HDR_LEN + hdr_len > SEG_HDR_MAX {
+        return None;
+    }
+    if pkt[0] != 0x45 || pkt[9] != 6 || usize::from(pkt[IP_HDR + 12] >> 4) * 4 != hdr_len - IP_HDR {
+        return None;
+    }
+    let count = (pkt.len() - hdr_len).div_ceil(mss);
+    if count > hdrs.len() || count > payloads.len() {
+        return None;
+    }
+    let (id0, seq0) = (be16(pkt, 4), be32(pkt, IP_HDR + 4));
+    let mut pseudo: u64 = 6;
+    for c in pkt[12..20].chunks(2) {
+        pseudo += u64::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    for i in 0..count {
+        let start = hdr_len + i * mss;
+        let end = (start + mss).min(pkt.len());
+        let plen = end - start;
+        let h = &mut hdrs[i][HDR_LEN..HDR_LEN + hdr_len];
+        h.copy_from_slice(&pkt[..hdr_len]);
+        h[2..4].copy_from_slice(&((hdr_len + plen) as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+        h[10..12].fill(0);
+        let ip_csum = !tun_rs::checksum(&h[..IP_HDR], 0);
+        h[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+        h[IP_HDR + 4..IP_HDR + 8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
+        if i > 0 {
+            h[IP_HDR + 13] &= !TCP_CWR;
+        }
+        if i + 1 < count {
+            h[IP_HDR + 13] &= !(TCP_PSH | TCP_FIN);
+        }
+        h[IP_HDR + 16..IP_HDR + 18].fill(0);
+        // the TCP header is a multiple of 4 bytes long, so its sum and the payload's add up as one
+        let sum = tun_rs::checksum_no_fold(&h[IP_HDR..], pseudo + (hdr_len - IP_HDR + plen) as u64);
+        let tcp_csum = !tun_rs::checksum(&pkt[start..end], sum);
+        h[IP_HDR + 16..IP_HDR + 18].copy_from_slice(&tcp_csum.to_be_bytes());
+        payloads[i] = start..end;
+    }
+    Some(count)
 }
 
 fn fold(mut sum: u32) -> u16 {
@@ -367,6 +428,65 @@ mod tests {
         assert_eq!(&pkt[..20], &d[HDR_LEN..HDR_LEN + 20], "IP header kept (same length, same checksum)");
         assert!(crate::proxy::packet::complete_partial(&mut pkt, 20, 16));
         assert!(crate::proxy::packet::tests::checksums_ok(&pkt));
+    }
+
+    #[test]
+    fn split_tcp_matches_tun_rs() {
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut hdrs = vec![[0u8; SEG_HDR_MAX]; 128];
+        let mut payloads = vec![0..0; 128];
+        let mut segs: Vec<Vec<u8>> = (0..128).map(|_| vec![0u8; 2000]).collect();
+        let mut sizes = vec![0usize; 128];
+        for round in 0..200 {
+            let n = 1 + (next() as usize) % 40_000;
+            let mss = 500 + (next() as usize) % 1000;
+            let payload: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+            let mut b =
+                PacketBuilder::ipv4([10, 18, 0, 2], [10, 18, 0, 66], 63).tcp(40000, 5201, next() as u32, 502).ack(7);
+            if round % 3 == 0 {
+                b = b.options(&[etherparse::TcpOptionElement::Timestamp(next() as u32, 6)]).unwrap();
+            }
+            if round % 2 == 0 {
+                b = b.psh();
+            }
+            if round % 5 == 0 {
+                b = b.fin().cwr();
+            }
+            let mut pkt = Vec::new();
+            b.write(&mut pkt, &payload).unwrap();
+            let hl = 20 + usize::from(pkt[32] >> 4) * 4;
+            let count = split_tcp(&pkt, hl, mss, &mut hdrs, &mut payloads).expect("split");
+            let vh = tun_rs::VirtioNetHdr {
+                flags: super::super::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
+                hdr_len: hl as u16,
+                gso_size: mss as u16,
+                csum_start: 20,
+                csum_offset: 16,
+            };
+            let mut input = pkt.clone();
+            let want = tun_rs::gso_split(&mut input, vh, &mut segs, &mut sizes, 0, false).unwrap();
+            assert_eq!(count, want, "round {round}");
+            for i in 0..count {
+                let mut got = hdrs[i][HDR_LEN..HDR_LEN + hl].to_vec();
+                got.extend_from_slice(&pkt[payloads[i].clone()]);
+                assert_eq!(got, segs[i][..sizes[i]], "round {round} segment {i}");
+                assert!(crate::proxy::packet::tests::checksums_ok(&got));
+            }
+        }
+        // not a TCP/IPv4 super-packet, or too few buffers
+        let (read, seg, _) = run_of(3 * MSS, 0);
+        let pkt = &read[HDR_LEN..];
+        assert_eq!(split_tcp(pkt, 52, 0, &mut hdrs, &mut payloads), None);
+        assert_eq!(split_tcp(pkt, 40, 100, &mut hdrs, &mut payloads), None, "header length must match");
+        assert_eq!(split_tcp(pkt, 52, 1, &mut hdrs[..2], &mut payloads), None);
+        let _ = seg;
     }
 
     #[test]
