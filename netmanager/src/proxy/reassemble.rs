@@ -288,6 +288,16 @@ mod tests {
 
     const MSS: usize = 1000;
 
+    /// A seeded pseudo-random sequence (xorshift64), for reproducible random tests.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
     /// A TCP super-packet with `n` bytes of payload (seq 1000, timestamps option), cut like the sender
     /// cuts it, as one read: tunnel header + segment, each.
     fn run_of(n: usize, last_flags: u8) -> (Vec<u8>, usize, Vec<u8>) {
@@ -432,13 +442,7 @@ mod tests {
 
     #[test]
     fn split_tcp_matches_tun_rs() {
-        let mut x: u64 = 0x1234_5678_9abc_def1;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x1234_5678_9abc_def1);
         let mut hdrs = vec![[0u8; SEG_HDR_MAX]; 128];
         let mut payloads = vec![0..0; 128];
         let mut segs: Vec<Vec<u8>> = (0..128).map(|_| vec![0u8; 2000]).collect();
@@ -481,23 +485,16 @@ mod tests {
             }
         }
         // not a TCP/IPv4 super-packet, or too few buffers
-        let (read, seg, _) = run_of(3 * MSS, 0);
+        let (read, _, _) = run_of(3 * MSS, 0);
         let pkt = &read[HDR_LEN..];
         assert_eq!(split_tcp(pkt, 52, 0, &mut hdrs, &mut payloads), None);
         assert_eq!(split_tcp(pkt, 40, 100, &mut hdrs, &mut payloads), None, "header length must match");
         assert_eq!(split_tcp(pkt, 52, 1, &mut hdrs[..2], &mut payloads), None);
-        let _ = seg;
     }
 
     #[test]
     fn random_bytes_never_panic() {
-        let mut x: u64 = 0x9e3779b97f4a7c15;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x9e3779b97f4a7c15);
         let (read, seg, _) = run_of(6 * MSS, 0);
         for _ in 0..20_000 {
             let mut b = read.clone();
