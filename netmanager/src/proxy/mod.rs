@@ -506,15 +506,9 @@ impl Datapath {
                         let mut hdrs = std::mem::take(&mut self.seg_hdrs);
                         let payloads = std::mem::take(&mut self.seg_payloads);
                         let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * n);
-                        for h in hdrs[..n].iter_mut() {
-                            packet::write_header_flags(
-                                &mut h[..HDR_LEN],
-                                packet::TYPE_DATA,
-                                packet::FLAG_CSUM_COMPLETE,
-                                0,
-                            );
-                        }
-                        for (h, r) in hdrs[..n].iter().zip(&payloads[..n]) {
+                        for (h, r) in hdrs[..n].iter_mut().zip(&payloads[..n]) {
+                            packet::write_header_flags(h, packet::TYPE_DATA, packet::FLAG_CSUM_COMPLETE, 0);
+                            let h: &[u8] = h;
                             parts.push(&h[..HDR_LEN + hl]);
                             parts.push(&pkt[r.clone()]);
                         }
@@ -887,72 +881,25 @@ impl Ingress {
         }
     }
 
-    /// A run of one flow's consecutive segments (see [`reassemble`]): translated once, on the first
-    /// segment's headers, and written into the tun as one super-packet whose payloads are gathered from
-    /// the receive buffer (no copy here, no checksum: the kernel completes it).
+    /// A run of one flow's consecutive segments (see [`reassemble`]), written as one super-packet.
     async fn write_run(&mut self, ubuf: &mut [u8], run: reassemble::Run, now: Instant) {
         self.counters.add(Event::TunnelRx, run.count as u64);
-        self.view.refresh();
-        let first = run.inner(0);
-        let v = lock(&self.engine).inbound_run(&mut ubuf[first.clone()], &self.view.snap, now, run.count as u64);
-        if v != Verdict::ToTun {
-            return; // counted by the engine, once per segment
-        }
-        // what is queued goes first, so the flow's order is kept
-        self.out.flush(&self.tun, &self.counters).await;
-        let mut hdr = [0u8; VHL + 60 + 60];
-        let hl = reassemble::write_header(&ubuf[first], &run, &mut hdr);
-        let mut iov = Vec::with_capacity(run.count + 1);
-        iov.push(std::io::IoSlice::new(&hdr[..hl]));
-        for i in 0..run.count {
-            iov.push(std::io::IoSlice::new(&ubuf[run.payload_of(i)]));
-        }
-        match self.tun.send_vectored(&iov).await {
-            Ok(_) => {
-                self.counters.add(Event::TunTx, run.count as u64);
-                self.counters.event(Event::RunsReassembled);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "writing a reassembled super-packet into the tun");
-                self.counters.drop_packets(Reason::TunWriteError, run.count as u64);
-            }
+        if self.write_gso(ubuf, run, now).await {
+            self.counters.event(Event::RunsReassembled);
         }
     }
 
-    /// One datagram carrying a TCP super-packet (see [`reassemble::super_packet`]): translated, then
-    /// written as one GSO packet, or cut into MTU-sized segments when the tun takes no virtio headers.
+    /// One datagram carrying a TCP super-packet (see [`reassemble::super_packet`]): written as one GSO
+    /// packet, or cut into MTU-sized segments when the tun takes no virtio headers.
     async fn write_super(&mut self, dgram: &mut [u8], run: reassemble::Run, now: Instant) {
         self.counters.event(Event::SuperPacketsReceived);
         if self.vnet {
-            let mut hdr = [0u8; VHL + 60 + 60];
-            self.view.refresh();
-            let inner = run.inner(0);
-            let v = lock(&self.engine).inbound_run(&mut dgram[inner.clone()], &self.view.snap, now, 1);
-            if v != Verdict::ToTun {
-                return;
-            }
-            self.out.flush(&self.tun, &self.counters).await;
-            let hl = reassemble::write_header(&dgram[inner], &run, &mut hdr);
-            let iov = [std::io::IoSlice::new(&hdr[..hl]), std::io::IoSlice::new(&dgram[run.payload_of(0)])];
-            match self.tun.send_vectored(&iov).await {
-                Ok(_) => self.counters.event(Event::TunTx),
-                Err(e) => {
-                    tracing::debug!(error = %e, "writing a super-packet into the tun");
-                    self.counters.drop_packet(Reason::TunWriteError);
-                }
-            }
+            self.write_gso(dgram, run, now).await;
             return;
         }
         // no virtio headers: cut it here (tun-rs computes each segment's checksums), translate each
         let inner = run.inner(0);
-        let hdr = tun_rs::VirtioNetHdr {
-            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
-            gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
-            hdr_len: run.hdr_len as u16,
-            gso_size: run.mss as u16,
-            csum_start: 20,
-            csum_offset: 16,
-        };
+        let hdr = reassemble::gso_header(&dgram[inner.clone()], &run);
         let need = run.payload.div_ceil(run.mss);
         while self.split.len() < need {
             self.split.push(vec![0u8; self.mtu + 64]);
@@ -975,6 +922,38 @@ impl Ingress {
             }
         }
         self.split = split;
+    }
+
+    /// Translates `run` once, on its first segment's headers (counted once per segment), and writes it into
+    /// the tun as one GSO packet: virtio header and rebuilt IPv4/TCP header from a small buffer, payloads
+    /// gathered from `buf` (no copy here, no checksum: the kernel completes it). True when written.
+    async fn write_gso(&mut self, buf: &mut [u8], run: reassemble::Run, now: Instant) -> bool {
+        self.view.refresh();
+        let first = run.inner(0);
+        let v = lock(&self.engine).inbound_run(&mut buf[first.clone()], &self.view.snap, now, run.count as u64);
+        if v != Verdict::ToTun {
+            return false; // counted by the engine, once per segment
+        }
+        // what is queued goes first, so the flow's order is kept
+        self.out.flush(&self.tun, &self.counters).await;
+        let mut hdr = [0u8; VHL + 60 + 60];
+        let hl = reassemble::write_header(&buf[first], &run, &mut hdr);
+        let mut iov = Vec::with_capacity(run.count + 1);
+        iov.push(std::io::IoSlice::new(&hdr[..hl]));
+        for i in 0..run.count {
+            iov.push(std::io::IoSlice::new(&buf[run.payload_of(i)]));
+        }
+        match self.tun.send_vectored(&iov).await {
+            Ok(_) => {
+                self.counters.add(Event::TunTx, run.count as u64);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "writing a super-packet into the tun");
+                self.counters.drop_packets(Reason::TunWriteError, run.count as u64);
+                false
+            }
+        }
     }
 
     async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr, now: Instant) {

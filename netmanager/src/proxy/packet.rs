@@ -191,7 +191,7 @@ pub fn csum_update(csum: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
-fn get16(p: &[u8], off: usize) -> u16 {
+pub(crate) fn get16(p: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([p[off], p[off + 1]])
 }
 

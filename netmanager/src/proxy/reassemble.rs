@@ -13,7 +13,7 @@
 //! protocols, IP options, SYN/RST/URG/CWR, gaps) returns `None` and takes the general path, which
 //! translates and coalesces packet by packet.
 
-use super::packet::{HDR_LEN, MAGIC, TYPE_DATA, VERSION};
+use super::packet::{fix_ip_checksum, get16, HDR_LEN, MAGIC, TYPE_DATA, VERSION};
 
 const IP_HDR: usize = 20;
 /// Longest run written as one super-packet (well under the kernel's 1,024 iovecs per write).
@@ -60,10 +60,6 @@ impl Run {
     }
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
@@ -75,7 +71,7 @@ fn segment_header(d: &[u8]) -> Option<usize> {
         return None;
     }
     let p = &d[HDR_LEN..];
-    if p[0] != 0x45 || p[9] != 6 || be16(p, 6) & 0x3fff != 0 || usize::from(be16(p, 2)) != p.len() {
+    if p[0] != 0x45 || p[9] != 6 || get16(p, 6) & 0x3fff != 0 || usize::from(get16(p, 2)) != p.len() {
         return None;
     }
     let doff = usize::from(p[IP_HDR + 12] >> 4) * 4;
@@ -92,7 +88,7 @@ pub fn whole_datagram(d: &[u8]) -> bool {
         && d[1] == VERSION
         && d[2] == TYPE_DATA
         && d[HDR_LEN] >> 4 == 4
-        && HDR_LEN + usize::from(be16(d, HDR_LEN + 2)) == d.len()
+        && HDR_LEN + usize::from(get16(d, HDR_LEN + 2)) == d.len()
 }
 
 /// A single inner TCP packet larger than the instances' MTU (an eBPF sender's GSO super-packet, see
@@ -207,11 +203,8 @@ pub fn split_tcp(
     if count > hdrs.len() || count > payloads.len() {
         return None;
     }
-    let (id0, seq0) = (be16(pkt, 4), be32(pkt, IP_HDR + 4));
-    let mut pseudo: u64 = 6;
-    for c in pkt[12..20].chunks(2) {
-        pseudo += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
+    let (id0, seq0) = (get16(pkt, 4), be32(pkt, IP_HDR + 4));
+    let pseudo = tun_rs::checksum_no_fold(&pkt[12..20], 6);
     for i in 0..count {
         let start = hdr_len + i * mss;
         let end = (start + mss).min(pkt.len());
@@ -220,9 +213,7 @@ pub fn split_tcp(
         h.copy_from_slice(&pkt[..hdr_len]);
         h[2..4].copy_from_slice(&((hdr_len + plen) as u16).to_be_bytes());
         h[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
-        h[10..12].fill(0);
-        let ip_csum = !tun_rs::checksum(&h[..IP_HDR], 0);
-        h[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+        fix_ip_checksum(h, IP_HDR);
         h[IP_HDR + 4..IP_HDR + 8].copy_from_slice(&seq0.wrapping_add((i * mss) as u32).to_be_bytes());
         if i > 0 {
             h[IP_HDR + 13] &= !TCP_CWR;
@@ -240,13 +231,6 @@ pub fn split_tcp(
     Some(count)
 }
 
-fn fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
 /// Writes into `out` the virtio header and the super-packet's IPv4 + TCP header, made from `first` (the
 /// first segment's inner headers, already translated): total length, IP checksum, the last segment's
 /// PSH/FIN, and in the TCP checksum field the pseudo-header sum the kernel completes (NEEDS_CSUM).
@@ -254,30 +238,32 @@ fn fold(mut sum: u32) -> u16 {
 pub fn write_header(first: &[u8], run: &Run, out: &mut [u8]) -> usize {
     let vhl = tun_rs::VIRTIO_NET_HDR_LEN;
     let hl = run.hdr_len;
-    // a congestion-window-reduced mark (only ever on the first segment) needs the ECN variant
-    let ecn = if first[IP_HDR + 13] & TCP_CWR != 0 { super::VIRTIO_NET_HDR_GSO_ECN } else { 0 };
-    let vh = tun_rs::VirtioNetHdr {
-        flags: super::VIRTIO_NET_HDR_F_NEEDS_CSUM,
-        gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4 | ecn,
-        hdr_len: hl as u16,
-        gso_size: run.mss as u16,
-        csum_start: IP_HDR as u16,
-        csum_offset: 16,
-    };
-    vh.encode(&mut out[..vhl]).expect("room for the virtio header");
+    gso_header(first, run).encode(&mut out[..vhl]).expect("room for the virtio header");
     let h = &mut out[vhl..vhl + hl];
     h.copy_from_slice(&first[..hl]);
     let total = (hl + run.payload) as u16;
     h[2..4].copy_from_slice(&total.to_be_bytes());
-    h[10..12].fill(0);
-    let mut s: u32 = h[..IP_HDR].chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
-    h[10..12].copy_from_slice(&(!fold(s)).to_be_bytes());
+    fix_ip_checksum(h, IP_HDR);
     h[IP_HDR + 13] = (h[IP_HDR + 13] & !(TCP_PSH | TCP_FIN)) | run.last_flags;
-    let tcp_len = (hl - IP_HDR + run.payload) as u32;
-    s = h[12..20].chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
-    s += 6 + tcp_len;
-    h[IP_HDR + 16..IP_HDR + 18].copy_from_slice(&fold(s).to_be_bytes());
+    let tcp_len = (hl - IP_HDR + run.payload) as u64;
+    let pseudo = tun_rs::checksum(&h[12..20], 6 + tcp_len);
+    h[IP_HDR + 16..IP_HDR + 18].copy_from_slice(&pseudo.to_be_bytes());
     vhl + hl
+}
+
+/// The virtio header of `run` as one TCP/IPv4 GSO packet (`first`: its first segment's headers): cut
+/// every `mss` bytes, checksum left to the kernel; a congestion-window-reduced mark (only ever on the
+/// first segment) needs the ECN variant.
+pub fn gso_header(first: &[u8], run: &Run) -> tun_rs::VirtioNetHdr {
+    let ecn = if first[IP_HDR + 13] & TCP_CWR != 0 { super::VIRTIO_NET_HDR_GSO_ECN } else { 0 };
+    tun_rs::VirtioNetHdr {
+        flags: super::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4 | ecn,
+        hdr_len: run.hdr_len as u16,
+        gso_size: run.mss as u16,
+        csum_start: IP_HDR as u16,
+        csum_offset: 16,
+    }
 }
 
 #[cfg(test)]
@@ -502,7 +488,7 @@ mod tests {
                 let at = (next() as usize) % b.len();
                 b[at] = next() as u8;
             }
-            let seg_try = if next() % 4 == 0 { (next() as usize) % (2 * seg) } else { seg };
+            let seg_try = if next().is_multiple_of(4) { (next() as usize) % (2 * seg) } else { seg };
             if whole_datagram(&b) {
                 let _ = super_packet(&b, Some(seg_try), 1450);
             }
