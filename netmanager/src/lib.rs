@@ -165,6 +165,12 @@ pub async fn start(opts: Options) -> Result<Running> {
             }
         },
     };
+    // the tun path carries remote traffic: instances' super-packets sized to cross as one UDP send
+    let segs = match (&opts.proxy, &fastpath) {
+        (Some(p), None) if p.offload => proxy::instance_gso_max_segs(p.mtu),
+        _ => wiring::GSO_MAX_SEGS_DEFAULT,
+    };
+    wiring.set_instance_gso_max_segs(segs).await;
     let _ = state.ready.set(Ready { control: control.clone(), wiring: wiring.clone() });
     tracing::info!(%subnet, bridge = %opts.bridge, fast_path = fastpath.is_some(), "NetManager ready");
     Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, proxy, fastpath, api_task, sub_task })

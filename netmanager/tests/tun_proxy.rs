@@ -574,9 +574,24 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
         // receiver rebuilds super-packets from runs of segments, which must keep every byte in order
         let runs_before = wb.counters()["events"]["runs_reassembled"].as_u64().unwrap_or(0);
         let supers_before = wb.counters()["events"]["super_packets_received"].as_u64().unwrap_or(0);
+        let ev = |c: &Value, k: &str| c["events"][k].as_u64().unwrap_or(0);
+        let a_before = wa.counters();
         sink(&ns_i1);
         sink(&ns_i0);
         bulk(&ns_ca, ip1, 24 << 20).unwrap_or_else(|e| panic!("bulk A -> B: {e}"));
+        let a_after = wa.counters();
+        let reads = ev(&a_after, "tun_reads") - ev(&a_before, "tun_reads");
+        let sends = ev(&a_after, "tunnel_sends") - ev(&a_before, "tunnel_sends");
+        eprintln!("bulk A -> B: A read {reads} packets from its tun and sent {sends} times");
+        // on the tun path with offloads instances build super-packets that cross as one UDP send each
+        let kernel_default = |extra: &[&str]| !extra.contains(&"--no-ebpf") || extra.contains(&"--no-tun-offload");
+        for (w, ns, extra) in [(&wa, &ns_ca, extra_a), (&wb, &ns_cb, extra_b)] {
+            let want = if kernel_default(extra) { 65535 } else { oak_netmanager::proxy::instance_gso_max_segs(1450) };
+            assert_eq!(gso_max_segs(ns), want, "eth0 of a client instance on {}", w.ip);
+        }
+        if !ebpf_a && !extra_a.contains(&"--no-tun-offload") {
+            assert!(reads > 0 && sends <= reads, "one send per super-packet: {reads} reads, {sends} sends");
+        }
         bulk(&ns_cb, ip0, 24 << 20).unwrap_or_else(|e| panic!("bulk B -> A: {e}"));
         let runs = wb.counters()["events"]["runs_reassembled"].as_u64().unwrap_or(0) - runs_before;
         eprintln!("bulk transfers intact; B rebuilt {runs} super-packets from runs");
@@ -723,6 +738,16 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
         eprintln!("traffic on inst0 only {:?} after the undeploy", t3.elapsed());
         all_answer(4, "inst0", || udp_ask(&ns_ca, rr, 8081)).unwrap_or_else(|a| panic!("UDP after undeploy: {a}"));
     });
+}
+
+/// `gso_max_segs` of eth0 in the instance netns `ns` (a /proc/PID/ns/net path).
+fn gso_max_segs(ns: &str) -> u32 {
+    let pid = ns.split('/').nth(2).unwrap();
+    let out = Command::new("nsenter").args(["-t", pid, "-n", "ip", "-d", "link", "show", "eth0"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut words = text.split_whitespace();
+    let n = words.find(|w| *w == "gso_max_segs").and_then(|_| words.next()).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("no gso_max_segs in: {text}"))
 }
 
 fn fnv1a(h: &mut u64, data: &[u8]) {

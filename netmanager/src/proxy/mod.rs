@@ -258,6 +258,14 @@ const MAX_SEGMENTS: usize = 1024;
 const VHL: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 /// Bytes of UDP payload one UDP_SEGMENT send may carry (65535 - IPv4 and UDP headers, rounded down).
 const UDP_GSO_MAX_PAYLOAD: usize = 65000;
+
+/// The GSO segment limit the tun path wants on instances' interfaces: as many full-MTU segments as fit one
+/// UDP_SEGMENT send once each carries the tunnel header (44 at MTU 1450). With the kernel's default the
+/// instance's TCP builds 46-segment super-packets, and each crossed as two sends, two reads and two tun
+/// writes; measured here (single stream, tun path on both workers) 6.7-7.3 against 7.8-8.3 Gbit/s.
+pub fn instance_gso_max_segs(mtu: u16) -> u32 {
+    (UDP_GSO_MAX_PAYLOAD / (HDR_LEN + mtu as usize)).max(1) as u32
+}
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
 const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
@@ -982,5 +990,22 @@ impl Ingress {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_super_packets_fit_one_udp_send() {
+        for mtu in [576u16, 1280, 1450, 1500, 8950] {
+            let n = instance_gso_max_segs(mtu) as usize;
+            let per_datagram = HDR_LEN + mtu as usize;
+            assert!(n * per_datagram <= UDP_GSO_MAX_PAYLOAD, "mtu {mtu}: {n} segments");
+            assert!(n == 1 || (n + 1) * per_datagram > UDP_GSO_MAX_PAYLOAD, "mtu {mtu}: {n} is the most");
+        }
+        assert_eq!(instance_gso_max_segs(1450), 44);
+        assert_eq!(instance_gso_max_segs(u16::MAX), 1);
     }
 }

@@ -61,7 +61,12 @@ pub struct Wiring {
     gateway: Ipv4Addr,
     file: PathBuf,
     state: Mutex<Persisted>,
+    /// GSO segment limit set on every instance's eth0 (see [`Wiring::set_instance_gso_max_segs`]).
+    gso_max_segs: std::sync::atomic::AtomicU32,
 }
+
+/// The kernel's default (and largest) per-device GSO segment limit.
+pub const GSO_MAX_SEGS_DEFAULT: u32 = 65535;
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
@@ -142,7 +147,15 @@ impl Wiring {
             state.attachments.clear();
         }
         state.subnet = Some(subnet);
-        let w = Self { handle, bridge: bridge.to_string(), subnet, gateway, file, state: Mutex::new(state) };
+        let w = Self {
+            handle,
+            bridge: bridge.to_string(),
+            subnet,
+            gateway,
+            file,
+            state: Mutex::new(state),
+            gso_max_segs: GSO_MAX_SEGS_DEFAULT.into(),
+        };
         w.save(&*w.state.lock().await)?;
         tracing::info!(bridge, %subnet, %gateway, "worker bridge ready");
         Ok(w)
@@ -163,6 +176,29 @@ impl Wiring {
         std::fs::write(&tmp, serde_json::to_vec_pretty(s)?).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &self.file).with_context(|| format!("replacing {}", self.file.display()))?;
         Ok(())
+    }
+
+    /// The most segments an instance's TCP may put in one GSO super-packet (its eth0's `gso_max_segs`),
+    /// for instances wired from now on and, best effort, for those already wired (a NetManager that
+    /// restarts on another datapath resets them). The tun path asks for as many as fit one UDP_SEGMENT send
+    /// once split and encapsulated, so a super-packet crosses as one send, one read and one tun write
+    /// instead of two of each.
+    pub async fn set_instance_gso_max_segs(&self, segs: u32) {
+        self.gso_max_segs.store(segs, std::sync::atomic::Ordering::Relaxed);
+        for att in self.attachments().await {
+            let ns_path = format!("/proc/{}/ns/net", att.pid);
+            let res = match std::fs::File::open(&ns_path) {
+                Ok(ns) => tokio::task::spawn_blocking(move || set_gso_inside(ns, segs))
+                    .await
+                    .map_err(|e| anyhow!("netns thread: {e}"))
+                    .and_then(|r| r),
+                Err(e) => Err(anyhow!("opening {ns_path}: {e}")),
+            };
+            match res {
+                Ok(()) => tracing::debug!(ip = %att.ip, segs, "instance GSO segment limit set"),
+                Err(e) => tracing::debug!(ip = %att.ip, "instance GSO segment limit not set: {e:#}"),
+            }
+        }
     }
 
     pub async fn attachments(&self) -> Vec<Attachment> {
@@ -253,7 +289,8 @@ impl Wiring {
             .await
             .with_context(|| format!("moving {peer_tmp} into the netns of pid {}", att.pid))?;
         let (ip, prefix, gw, peer_tmp) = (att.ip, self.subnet.prefix_len(), self.gateway, peer_tmp.to_string());
-        tokio::task::spawn_blocking(move || configure_inside(ns, &peer_tmp, ip, prefix, gw))
+        let segs = self.gso_max_segs.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || configure_inside(ns, &peer_tmp, ip, prefix, gw, segs))
             .await
             .map_err(|e| anyhow!("netns configuration thread: {e}"))??;
         nat::add_port_mappings(&self.bridge, &att.service_id, att.instance_number, ip, &att.ports)?;
@@ -301,46 +338,69 @@ impl Wiring {
     }
 }
 
-/// Runs on a throw-away thread that joins the instance's netns: rename to eth0, address, up, lo up,
-/// default route via the gateway.
-fn configure_inside(ns: std::fs::File, peer_tmp: &str, ip: Ipv4Addr, prefix: u8, gw: Ipv4Addr) -> Result<()> {
-    let peer_tmp = peer_tmp.to_string();
+/// Runs `f` with a netlink handle on a throw-away thread that joins the network namespace `ns`.
+fn in_netns<F, Fut>(ns: std::fs::File, f: F) -> Result<()>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     std::thread::spawn(move || -> Result<()> {
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("entering the instance netns")?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {
             let (conn, h, _) = rtnetlink::new_connection().context("netlink socket inside the netns")?;
             tokio::spawn(conn);
-            let idx = link_index(&h, &peer_tmp).await?.with_context(|| format!("{peer_tmp} not in the netns"))?;
-            if let Some(old) = link_index(&h, "eth0").await? {
-                if old != idx {
-                    bail!("the instance netns already has an eth0");
-                }
-            }
-            h.link()
-                .set(idx)
-                .name("eth0".into())
-                .mtu(INSTANCE_MTU)
-                .address(instance_mac(ip).to_vec())
-                .execute()
-                .await
-                .context("renaming to eth0 (MTU, MAC)")?;
-            h.address().add(idx, ip.into(), prefix).execute().await.with_context(|| format!("adding {ip}/{prefix}"))?;
-            h.link().set(idx).up().execute().await.context("setting eth0 up")?;
-            if let Some(lo) = link_index(&h, "lo").await? {
-                h.link().set(lo).up().execute().await.context("setting lo up")?;
-            }
-            h.route()
-                .add()
-                .v4()
-                .gateway(gw)
-                .output_interface(idx)
-                .execute()
-                .await
-                .with_context(|| format!("adding default route via {gw}"))?;
-            Ok(())
+            f(h).await
         })
     })
     .join()
-    .map_err(|_| anyhow!("netns configuration thread panicked"))?
+    .map_err(|_| anyhow!("netns thread panicked"))?
+}
+
+/// Sets `gso_max_segs` of eth0 in the instance netns `ns`.
+fn set_gso_inside(ns: std::fs::File, segs: u32) -> Result<()> {
+    in_netns(ns, move |h| async move {
+        let idx = link_index(&h, "eth0").await?.context("no eth0 in the instance netns")?;
+        let mut req = h.link().set(idx);
+        req.message_mut().attributes.push(netlink_packet_route::link::LinkAttribute::GsoMaxSegs(segs));
+        req.execute().await.context("setting gso_max_segs on eth0")
+    })
+}
+
+/// Runs on a throw-away thread that joins the instance's netns: rename to eth0 (MTU, MAC, GSO segment
+/// limit), address, up, lo up, default route via the gateway.
+fn configure_inside(
+    ns: std::fs::File,
+    peer_tmp: &str,
+    ip: Ipv4Addr,
+    prefix: u8,
+    gw: Ipv4Addr,
+    segs: u32,
+) -> Result<()> {
+    let peer_tmp = peer_tmp.to_string();
+    in_netns(ns, move |h| async move {
+        let idx = link_index(&h, &peer_tmp).await?.with_context(|| format!("{peer_tmp} not in the netns"))?;
+        if let Some(old) = link_index(&h, "eth0").await? {
+            if old != idx {
+                bail!("the instance netns already has an eth0");
+            }
+        }
+        let mut req = h.link().set(idx).name("eth0".into()).mtu(INSTANCE_MTU).address(instance_mac(ip).to_vec());
+        req.message_mut().attributes.push(netlink_packet_route::link::LinkAttribute::GsoMaxSegs(segs));
+        req.execute().await.context("renaming to eth0 (MTU, MAC, GSO segment limit)")?;
+        h.address().add(idx, ip.into(), prefix).execute().await.with_context(|| format!("adding {ip}/{prefix}"))?;
+        h.link().set(idx).up().execute().await.context("setting eth0 up")?;
+        if let Some(lo) = link_index(&h, "lo").await? {
+            h.link().set(lo).up().execute().await.context("setting lo up")?;
+        }
+        h.route()
+            .add()
+            .v4()
+            .gateway(gw)
+            .output_interface(idx)
+            .execute()
+            .await
+            .with_context(|| format!("adding default route via {gw}"))?;
+        Ok(())
+    })
 }
