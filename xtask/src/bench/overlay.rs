@@ -8,8 +8,18 @@
 //!    its one instance on worker B;
 //! 4. the NetManager eBPF fast path (the same NetManagers restarted with `--ebpf-object`), same flows.
 //!
-//! For each: single-stream and 8-stream TCP throughput (iperf3) and TCP request-response latency (a 64-byte
-//! ping-pong on one connection, implemented here: threads that `setns` into the instance namespaces).
+//! For each: single-stream and 8-stream TCP throughput (iperf3, cubic unless `--congestion` says otherwise)
+//! and TCP request-response latency (a 64-byte ping-pong on one connection, implemented here: threads that
+//! `setns` into the instance namespaces), in two CPU layouts (`--layouts`), each round measuring both on
+//! the same setup:
+//!
+//! * `hosts`: each worker is a machine of its own. Worker A's processes (its NetManager, the client) run on
+//!   the first half of the CPUs, worker B's on the second, and what arrives on a worker's end of the
+//!   underlay is processed on its CPUs (RPS on that veth end), as a NIC's interrupt is on its host;
+//! * `shared`: every process may run on every CPU. A veth runs its receiving side on the sending CPU, so the
+//!   receiving worker's kernel work (decapsulation, its TCP) is done by the sender's CPU, and two workers'
+//!   datapaths compete for the same cores: not how two machines behave, but how containers or namespaces
+//!   as workers on one machine do.
 //! The root and cluster orchestrators (release binaries) run in worker A's namespace; the service and its IP
 //! come from the root REST API, the instances are registered through the NetManagers' local API, exactly as
 //! the NodeEngine does. Everything (namespaces, processes, bpffs pins) is removed at the end, also on error.
@@ -47,6 +57,16 @@ pub struct Args {
     /// Which datapaths to measure besides plain veth (the baseline, always measured): any of vxlan, tun, ebpf.
     #[arg(long, value_delimiter = ',', default_values_t = [Datapath::Vxlan, Datapath::Tun, Datapath::Ebpf])]
     only: Vec<Datapath>,
+    /// CPU layouts to measure (every round measures each on the same setup): `hosts` (each worker its own
+    /// CPUs, received packets processed on the receiver's CPUs, as on two machines) and `shared` (every
+    /// process on every CPU).
+    #[arg(long, value_delimiter = ',', default_values_t = [Layout::Hosts, Layout::Shared])]
+    layouts: Vec<Layout>,
+    /// TCP congestion control of the iperf3 runs (`iperf3 -C`): cubic, the kernel's default, so the result
+    /// does not depend on the machine's sysctl (BBR paces by timer without the fq qdisc, which this kernel
+    /// lacks, and capped plain veth at ~11 Gbit/s in the hosts layout here).
+    #[arg(long, default_value = "cubic")]
+    congestion: String,
     /// Extra argument for both NetManagers (repeatable), e.g. `--nm-arg=--no-veth-rps` to compare settings.
     #[arg(long = "nm-arg", allow_hyphen_values = true)]
     nm_args: Vec<String>,
@@ -74,6 +94,104 @@ impl std::fmt::Display for Datapath {
             Datapath::Ebpf => "ebpf",
         })
     }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Hosts,
+    Shared,
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layout::Hosts => "hosts",
+            Layout::Shared => "shared",
+        })
+    }
+}
+
+/// Which worker a process belongs to (for the `hosts` layout's CPU split).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    A,
+    B,
+}
+
+/// One layout on this machine: the CPUs of worker A and of worker B.
+#[derive(Clone)]
+struct Placement {
+    layout: Layout,
+    a: Vec<usize>,
+    b: Vec<usize>,
+}
+
+impl Placement {
+    fn cpus(&self, side: Side) -> &[usize] {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+}
+
+/// The CPUs this process may use.
+fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect(),
+        Err(_) => (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect(),
+    }
+}
+
+/// The placements of `layouts` on this machine; `hosts` needs at least two CPUs and is left out (with a
+/// word) without them.
+fn placements(layouts: &[Layout]) -> Vec<Placement> {
+    let all = allowed_cpus();
+    let mut out = Vec::new();
+    for &layout in layouts {
+        match layout {
+            Layout::Shared => out.push(Placement { layout, a: all.clone(), b: all.clone() }),
+            Layout::Hosts if all.len() >= 2 => {
+                let (a, b) = all.split_at(all.len() / 2);
+                out.push(Placement { layout, a: a.to_vec(), b: b.to_vec() });
+            }
+            Layout::Hosts => eprintln!("    the hosts layout needs 2 CPUs or more; this machine offers {}: left out", all.len()),
+        }
+    }
+    out
+}
+
+/// `cpus` as a sysfs CPU mask (comma-separated 32-bit hex groups, highest first).
+fn cpu_mask(cpus: &[usize]) -> String {
+    let groups = cpus.iter().max().map(|m| m / 32 + 1).unwrap_or(1);
+    let mut words = vec![0u32; groups];
+    for &c in cpus {
+        words[c / 32] |= 1 << (c % 32);
+    }
+    words.iter().rev().map(|w| format!("{w:x}")).collect::<Vec<_>>().join(",")
+}
+
+/// Binds every thread of `pid` to `cpus` (threads it starts later inherit it); a process that is gone is
+/// skipped.
+fn pin_process(pid: u32, cpus: &[usize]) {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        let _ = set.set(c);
+    }
+    let tids: Vec<i32> =
+        fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()).unwrap_or_default();
+    for tid in tids {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
+    }
+}
+
+/// Binds the calling thread to `cpus`.
+fn pin_thread(cpus: &[usize]) {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        let _ = set.set(c);
+    }
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
 }
 
 const VXLAN: &str = "kernel VXLAN";
@@ -122,6 +240,10 @@ struct World {
     pins: Vec<PathBuf>,
     /// Stop flags of the ping-pong servers still running.
     stops: Vec<Arc<AtomicBool>>,
+    /// Processes that belong to a worker (the layouts bind them to its CPUs).
+    placed: Vec<(u32, Side)>,
+    /// The two worker namespaces (their underlay ends steer received packets in the hosts layout).
+    workers: Option<(String, String)>,
 }
 
 impl World {
@@ -138,6 +260,23 @@ impl World {
         let pid = child.id();
         self.procs.push((name.to_string(), child));
         Ok(pid)
+    }
+
+    /// Puts the processes of each worker on its CPUs of `p`, and steers what arrives on each worker's end
+    /// of the underlay to them (hosts) or lets it run where it arrives (shared: no RPS).
+    fn apply(&mut self, p: &Placement) -> anyhow::Result<()> {
+        self.placed.retain(|(pid, _)| Path::new(&format!("/proc/{pid}")).exists());
+        for &(pid, side) in &self.placed {
+            pin_process(pid, p.cpus(side));
+        }
+        if let Some((na, nb)) = &self.workers {
+            for (ns, side) in [(na, Side::A), (nb, Side::B)] {
+                let mask = if p.layout == Layout::Hosts { cpu_mask(p.cpus(side)) } else { "0".into() };
+                let script = format!("for q in /sys/class/net/up0/queues/rx-*/rps_cpus; do echo {mask} > $q; done");
+                cmd_ok(&["ip", "netns", "exec", ns, "sh", "-c", &script]).context("setting RPS on the underlay")?;
+            }
+        }
+        Ok(())
     }
 
     /// Stops the process `name` (SIGTERM, then SIGKILL after 3 s).
@@ -308,14 +447,18 @@ impl Ns {
     }
 }
 
-/// One iperf3 TCP run (`streams` parallel streams) from `client` to `server`; bits/s received.
-fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32) -> anyhow::Result<f64> {
+/// One iperf3 TCP run (`streams` parallel streams, congestion control `cc`) from `client`, on `cpus`, to
+/// `server`; bits/s received.
+fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc: &str, cpus: &[usize]) -> anyhow::Result<f64> {
     let mut c = Command::new("timeout");
     c.arg((secs + 30).to_string());
+    let list: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
+    c.args(["taskset", "-c", &list.join(",")]);
     let inner = client.cmd("iperf3");
     c.arg(inner.get_program());
     c.args(inner.get_args());
     c.args(["-c", &server.to_string(), "-t", &secs.to_string(), "-P", &streams.to_string(), "-J", "--connect-timeout", "3000"]);
+    c.args(["-C", cc]);
     let out = c.output().context("running iperf3")?;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     match v["end"]["sum_received"]["bits_per_second"].as_f64() {
@@ -332,9 +475,10 @@ fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32) -> anyhow::Resu
     }
 }
 
-/// The ping-pong server in `ns`: echoes fixed-size messages on every connection (one at a time) until
-/// `stop`; the thread ends (and its listener closes) within 10 ms of `stop` once no connection is open.
-fn rr_server(ns: &str, size: usize, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+/// The ping-pong server in `ns`: echoes fixed-size messages on every connection (one at a time, each served
+/// on the CPUs `cpus` holds when it is accepted) until `stop`; the thread ends (and its listener closes)
+/// within 10 ms of `stop` once no connection is open.
+fn rr_server(ns: &str, size: usize, stop: Arc<AtomicBool>, cpus: Arc<std::sync::Mutex<Vec<usize>>>) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let file = fs::File::open(ns).with_context(|| format!("open {ns}"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || {
@@ -358,6 +502,7 @@ fn rr_server(ns: &str, size: usize, stop: Arc<AtomicBool>) -> anyhow::Result<std
         while !stop.load(Ordering::Relaxed) {
             match l.accept() {
                 Ok((mut s, _)) => {
+                    pin_thread(&cpus.lock().expect("cpus lock"));
                     let _ = s.set_nonblocking(false);
                     let _ = s.set_nodelay(true);
                     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -375,9 +520,11 @@ fn rr_server(ns: &str, size: usize, stop: Arc<AtomicBool>) -> anyhow::Result<std
     Ok(h)
 }
 
-/// `n` round trips of `size` bytes on one TCP connection from `ns` to `to`; (p50, p99) in µs.
-fn rr_client(ns: &str, to: Ipv4Addr, size: usize, n: u32) -> anyhow::Result<(f64, f64)> {
+/// `n` round trips of `size` bytes on one TCP connection from `ns`, on `cpus`, to `to`; (p50, p99) in µs.
+fn rr_client(ns: &str, to: Ipv4Addr, size: usize, n: u32, cpus: &[usize]) -> anyhow::Result<(f64, f64)> {
+    let cpus = cpus.to_vec();
     in_ns(ns, move || -> anyhow::Result<(f64, f64)> {
+        pin_thread(&cpus);
         let mut s = TcpStream::connect_timeout(&SocketAddr::from((to, RR_PORT)), Duration::from_secs(3))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -408,6 +555,7 @@ fn can_connect(ns: &str, to: Ipv4Addr, port: u16) -> anyhow::Result<bool> {
 #[derive(Clone, Debug)]
 struct Row {
     name: &'static str,
+    layout: Layout,
     one: Option<f64>,
     eight: Option<f64>,
     p50: Option<f64>,
@@ -425,18 +573,20 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
 }
 
-/// The three measurements from `client` to `server_ip`, with iperf3 -s and the ping-pong server in `server`.
-fn measure(w: &mut World, a: &Args, name: &'static str, client: &Ns, server: &Ns, server_ip: Ipv4Addr) -> anyhow::Result<Row> {
+/// The three measurements from `client` (on worker A) to `server_ip`, with iperf3 -s and the ping-pong server
+/// in `server` (on worker B): one row per placement, every round measuring each placement in turn.
+fn measure(w: &mut World, a: &Args, places: &[Placement], name: &'static str, client: &Ns, server: &Ns, server_ip: Ipv4Addr) -> anyhow::Result<Vec<Row>> {
     check_interrupted()?;
-    let mut row = Row { name, one: None, eight: None, p50: None, p99: None, note: String::new() };
     let mut errs = Vec::new();
     let tag = format!("iperf3-server-{}", name.split_whitespace().next().unwrap_or("x"));
-    if let Err(e) = w.spawn(&tag, server.cmd("iperf3").arg("-s")) {
-        errs.push(format!("{e:#}"));
+    match w.spawn(&tag, server.cmd("iperf3").arg("-s")) {
+        Ok(pid) => w.placed.push((pid, Side::B)),
+        Err(e) => errs.push(format!("{e:#}")),
     }
     let stop = Arc::new(AtomicBool::new(false));
     w.stops.push(stop.clone());
-    let server_thread = match rr_server(&server.path(), a.rr_bytes, stop.clone()) {
+    let rr_cpus = Arc::new(std::sync::Mutex::new(allowed_cpus()));
+    let server_thread = match rr_server(&server.path(), a.rr_bytes, stop.clone(), rr_cpus.clone()) {
         Ok(h) => Some(h),
         Err(e) => {
             errs.push(format!("ping-pong server: {e:#}"));
@@ -448,48 +598,61 @@ fn measure(w: &mut World, a: &Args, name: &'static str, client: &Ns, server: &Ns
         errs.push(format!("{e:#}"));
     }
     let _ = wait_for(&format!("{name}: iperf3 server up"), Duration::from_secs(10), || can_connect(&client.path(), server_ip, 5201));
-    let (mut ones, mut eights, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // per placement: 1-stream, 8-stream, p50, p99
+    let mut got: Vec<[Vec<f64>; 4]> = places.iter().map(|_| Default::default()).collect();
     for round in 1..=a.rounds.max(1) {
-        if a.rounds > 1 {
-            eprintln!("    round {round}/{}", a.rounds);
-        }
-        for streams in [1, 8] {
+        for (p, got) in places.iter().zip(got.iter_mut()) {
             check_interrupted()?;
-            match iperf(client, server_ip, a.seconds, streams) {
-                Ok(bps) => {
-                    if streams == 1 {
-                        ones.push(bps / 1e9)
-                    } else {
-                        eights.push(bps / 1e9)
+            w.apply(p)?;
+            *rr_cpus.lock().expect("cpus lock") = p.b.clone();
+            eprintln!("    round {round}/{}, {} layout", a.rounds.max(1), p.layout);
+            for (streams, slot) in [(1, 0), (8, 1)] {
+                check_interrupted()?;
+                match iperf(client, server_ip, a.seconds, streams, &a.congestion, &p.a) {
+                    Ok(bps) => got[slot].push(bps / 1e9),
+                    Err(e) => {
+                        eprintln!("      {e:#}");
+                        errs.push(format!("{e:#}"));
                     }
                 }
-                Err(e) => {
-                    eprintln!("      {e:#}");
-                    errs.push(format!("{e:#}"));
+            }
+            check_interrupted()?;
+            match rr_client(&client.path(), server_ip, a.rr_bytes, a.round_trips, &p.a) {
+                Ok((p50, p99)) => {
+                    eprintln!("      ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs", a.round_trips, a.rr_bytes);
+                    got[2].push(p50);
+                    got[3].push(p99);
                 }
-            }
-        }
-        check_interrupted()?;
-        match rr_client(&client.path(), server_ip, a.rr_bytes, a.round_trips) {
-            Ok((p50, p99)) => {
-                eprintln!("      ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs", a.round_trips, a.rr_bytes);
-                p50s.push(p50);
-                p99s.push(p99);
-            }
-            Err(e) => {
-                eprintln!("      ping-pong failed: {e:#}");
-                errs.push(format!("ping-pong: {e:#}"));
+                Err(e) => {
+                    eprintln!("      ping-pong failed: {e:#}");
+                    errs.push(format!("ping-pong: {e:#}"));
+                }
             }
         }
     }
-    (row.one, row.eight, row.p50, row.p99) = (median(ones), median(eights), median(p50s), median(p99s));
     w.stop_proc(&tag);
     stop.store(true, Ordering::Relaxed);
     if let Some(h) = server_thread {
         let _ = h.join();
     }
-    row.note = errs.join("; ");
-    Ok(row)
+    // leave everything free to run anywhere between measurements (and while held)
+    if let Some(shared) = placements(&[Layout::Shared]).first() {
+        w.apply(shared)?;
+    }
+    let note = errs.join("; ");
+    Ok(places
+        .iter()
+        .zip(got)
+        .map(|(p, [one, eight, p50, p99])| Row {
+            name,
+            layout: p.layout,
+            one: median(one),
+            eight: median(eight),
+            p50: median(p50),
+            p99: median(p99),
+            note: note.clone(),
+        })
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -522,7 +685,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("oak-bench-overlay-{id}"));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
-    let mut w = World { work, keep_work: false, procs: Vec::new(), netns: Vec::new(), pins: Vec::new(), stops: Vec::new() };
+    let mut w = World { work, keep_work: false, procs: Vec::new(), netns: Vec::new(), pins: Vec::new(), stops: Vec::new(), placed: Vec::new(), workers: None };
     let r = bench(&mut w, &a, id, &bins, &object, t0);
     if r.is_err() {
         w.keep_work = true;
@@ -546,6 +709,18 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         cmd_ok(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     }
     let (wa, wb) = (Ns::Named(na.clone()), Ns::Named(nb.clone()));
+    w.workers = Some((na.clone(), nb.clone()));
+    let places = placements(&a.layouts);
+    if places.is_empty() {
+        bail!("no CPU layout left to measure in");
+    }
+    let cc = fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").unwrap_or_default();
+    if !cc.split_whitespace().any(|c| c == a.congestion) {
+        bail!("congestion control {:?} is not available here (available: {})", a.congestion, cc.trim());
+    }
+    for p in &places {
+        eprintln!("    {} layout: worker A on CPUs {:?}, worker B on CPUs {:?}", p.layout, p.a, p.b);
+    }
     let mut rows = Vec::new();
 
     // 1. plain veth
@@ -556,7 +731,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         phase += 1;
     };
     next("plain veth between the worker namespaces");
-    rows.push(measure(w, a, "plain veth", &wa, &wb, IP_B)?);
+    rows.extend(measure(w, a, &places, "plain veth", &wa, &wb, IP_B)?);
 
     // 2. kernel VXLAN, instance namespaces behind a bridge on each worker (as Flannel's cni0 + flannel.1)
     if a.only.contains(&Datapath::Vxlan) {
@@ -577,7 +752,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.244.{mine}.1")])?;
             cmd_ok(&["ip", "-n", wn, "route", "add", &format!("10.244.{theirs}.0/24"), "via", &format!("10.99.0.{theirs}"), "dev", "vx0"])?;
         }
-        rows.push(measure(w, a, VXLAN, &Ns::Named(va.clone()), &Ns::Named(vb.clone()), Ipv4Addr::new(10, 244, 2, 2))?);
+        rows.extend(measure(w, a, &places, VXLAN, &Ns::Named(va.clone()), &Ns::Named(vb.clone()), Ipv4Addr::new(10, 244, 2, 2))?);
         // take VXLAN away so it cannot interfere with the overlays
         for n in [&na, &nb] {
             let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vx0"]);
@@ -594,7 +769,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     step("starting root + cluster orchestrators (release binaries) in worker A's namespace");
     let root_dir = w.work.join("root");
     let cluster_dir = w.work.join("cluster");
-    w.spawn(
+    let root_pid = w.spawn(
         "root",
         Command::new("ip")
             .args(["netns", "exec", &na])
@@ -608,7 +783,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     let pa = netns_path(&na);
     let api = "http://127.0.0.1:10000";
     wait_for("root API", Duration::from_secs(30), || Ok(http(&pa, "GET", &format!("{api}/api/health"), None, None).is_ok()))?;
-    w.spawn(
+    let cluster_pid = w.spawn(
         "cluster",
         Command::new("ip")
             .args(["netns", "exec", &na])
@@ -620,6 +795,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             .env("CLUSTER_NAME", "bench")
             .env("CLUSTER_LOCATION", "bench"),
     )?;
+    w.placed.extend([(root_pid, Side::A), (cluster_pid, Side::A)]);
     let token = http(&pa, "POST", &format!("{api}/api/auth/login"), None, Some(json!({"username":"Admin","password":ADMIN_PW})))?["token"]
         .as_str()
         .context("login: no token")?
@@ -673,7 +849,8 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             c.arg("--no-ebpf");
         }
         let name = format!("netmanager-{tag}");
-        w.spawn(&name, &mut c)?;
+        let pid = w.spawn(&name, &mut c)?;
+        w.placed.push((pid, if tag == "a" { Side::A } else { Side::B }));
         let p = netns_path(ns);
         let r = wait_for(&format!("NetManager {tag} ready (eBPF {})", if ebpf { "on" } else { "off" }), Duration::from_secs(30), || {
             let v = http(&p, "GET", &format!("http://127.0.0.1:{NM_API}/status"), None, None)?;
@@ -713,14 +890,16 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     let (ci, si) = (Ns::Pid(cli_pid), Ns::Pid(srv_pid));
     if tun_on {
         next("NetManager tun overlay (--no-ebpf): client instance on A -> service IP -> instance on B");
-        let mut tun = measure(w, a, TUN, &ci, &si, rr)?;
+        let mut tun = measure(w, a, &places, TUN, &ci, &si, rr)?;
         let ca = counters(&na)?;
         let fwd = ca["events"]["forward_translated"].as_u64().unwrap_or(0);
         eprintln!("    worker A proxy: forward_translated {fwd}, dropped_total {}", ca["dropped_total"]);
         if fwd == 0 {
-            tun.note = format!("tun proxy translated nothing (counters: {ca}) {}", tun.note);
+            for r in &mut tun {
+                r.note = format!("tun proxy translated nothing (counters: {ca}) {}", r.note);
+            }
         }
-        rows.push(tun);
+        rows.extend(tun);
     }
     if !ebpf_on {
         report(&rows, a, None, &load_start, t0);
@@ -740,7 +919,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         next("NetManager eBPF fast path: client instance on A -> service IP -> instance on B");
     }
     let before = counters(&na)?;
-    let mut ebpf = measure(w, a, EBPF, &ci, &si, rr)?;
+    let mut ebpf = measure(w, a, &places, EBPF, &ci, &si, rr)?;
     let after = counters(&na)?;
     let cb = counters(&nb)?;
     let d = |k: &str| after["ebpf"][k].as_u64().unwrap_or(0).saturating_sub(before["ebpf"][k].as_u64().unwrap_or(0));
@@ -759,9 +938,11 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         format!("traffic did NOT take the eBPF path (A: ebpf = {})", after["ebpf"])
     };
     if !took_ebpf {
-        ebpf.note = format!("NOT on the eBPF path; {}", ebpf.note);
+        for r in &mut ebpf {
+            r.note = format!("NOT on the eBPF path; {}", r.note);
+        }
     }
-    rows.push(ebpf);
+    rows.extend(ebpf);
 
     report(&rows, a, Some(&verdict), &load_start, t0);
     hold(a, &format!("worker namespaces {na} and {nb}; client instance pid {cli_pid} ({cli_ip}), server instance pid {srv_pid} ({srv_ip}), service IP {rr}"));
@@ -786,26 +967,50 @@ fn loadavg() -> String {
 }
 
 fn report(rows: &[Row], a: &Args, verdict: Option<&str>, load_start: &str, t0: Instant) {
-    let f = |v: Option<f64>, prec: usize| v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "failed".into());
-    let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
-        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}x", v / b),
-        _ => "-".into(),
-    };
-    let base = &rows[0];
     println!();
     println!(
-        "overlay datapaths: 2 worker namespaces on a veth underlay; medians of {} rounds of iperf3 TCP {} s and ping-pong {} x {} B on one connection",
+        "overlay datapaths: 2 worker namespaces on a veth underlay; medians of {} rounds of iperf3 TCP ({}) {} s and ping-pong {} x {} B on one connection",
         a.rounds.max(1),
+        a.congestion,
         a.seconds,
         a.round_trips,
         a.rr_bytes
     );
     println!("1-min load average: {load_start} at the start, {} at the end; {:.0} s so far", loadavg(), t0.elapsed().as_secs_f64());
+    let mut layouts: Vec<Layout> = Vec::new();
+    for r in rows {
+        if !layouts.contains(&r.layout) {
+            layouts.push(r.layout);
+        }
+    }
+    for layout in layouts {
+        let of: Vec<&Row> = rows.iter().filter(|r| r.layout == layout).collect();
+        table(&of, layout);
+    }
+    if let Some(v) = verdict {
+        println!();
+        println!("eBPF run: {v}");
+    }
+}
+
+/// One layout's table, its notes and its targets (`rows[0]` is plain veth, the baseline).
+fn table(rows: &[&Row], layout: Layout) {
+    let f = |v: Option<f64>, prec: usize| v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "failed".into());
+    let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}x", v / b),
+        _ => "-".into(),
+    };
+    let base = rows[0];
+    println!();
+    match layout {
+        Layout::Hosts => println!("hosts layout: each worker on its own CPUs, received packets processed on the receiver's CPUs (as two machines)"),
+        Layout::Shared => println!("shared layout: every process on every CPU, a veth's receiving side on the sender's CPU (as workers sharing one machine)"),
+    }
     println!("{:<16} | {:>15} | {:>15} | {:>15} | {:>15}", "datapath", "1-stream Gbit/s", "8-stream Gbit/s", "RR p50 µs", "RR p99 µs");
     println!("{}", "-".repeat(16 + 4 * 18));
     for r in rows {
         let cell = |v: Option<f64>, b: Option<f64>, prec: usize| {
-            if std::ptr::eq(r, base) {
+            if std::ptr::eq(*r, base) {
                 f(v, prec)
             } else {
                 format!("{} ({})", f(v, prec), ratio(v, b))
@@ -825,9 +1030,6 @@ fn report(rows: &[Row], a: &Args, verdict: Option<&str>, load_start: &str, t0: I
         if !r.note.is_empty() {
             println!("note {}: {}", r.name, r.note);
         }
-    }
-    if let Some(v) = verdict {
-        println!("eBPF run: {v}");
     }
     let row = |n: &str| rows.iter().find(|r| r.name == n);
     let (vx, tun, eb) = (row(VXLAN), row(TUN), row(EBPF));
@@ -853,7 +1055,7 @@ fn report(rows: &[Row], a: &Args, verdict: Option<&str>, load_start: &str, t0: I
             checks.push(("eBPF  RR p50 < kernel VXLAN".into(), le(eb.p50, vx.p50, 1.0)));
         }
     }
-    println!("targets:");
+    println!("targets ({layout} layout):");
     for (what, ok) in checks {
         let mark = match ok {
             Some(true) => "met",
@@ -866,7 +1068,17 @@ fn report(rows: &[Row], a: &Args, verdict: Option<&str>, load_start: &str, t0: I
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{cpu_mask, median};
+
+    #[test]
+    fn cpu_masks() {
+        assert_eq!(cpu_mask(&[0]), "1");
+        assert_eq!(cpu_mask(&[1]), "2");
+        assert_eq!(cpu_mask(&[0, 1, 2, 3]), "f");
+        assert_eq!(cpu_mask(&[2, 3]), "c");
+        assert_eq!(cpu_mask(&[33]), "2,0");
+        assert_eq!(cpu_mask(&[0, 32, 64]), "1,1,1");
+    }
 
     #[test]
     fn medians() {
