@@ -137,6 +137,7 @@ pub async fn start(opts: Options) -> Result<Running> {
         {
             Ok(px) => {
                 let _ = state.counters.set(px.counters.clone());
+                wiring::nat::ensure_tunnel_untracked(&opts.bridge, cfg.node_public_port);
                 Some(px)
             }
             Err(e) => {

@@ -252,6 +252,16 @@ async fn lease_wire_ping_undeploy() {
     let post = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "POSTROUTING"]).output().unwrap().stdout)
         .to_string();
     assert!(post.lines().any(|l| l.contains(&subnet.to_string()) && l.contains("MASQUERADE")), "{post}");
+    // traffic inside the overlay is exempt from connection tracking
+    let raw_rules = || {
+        String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "raw", "-S", "PREROUTING"]).output().unwrap().stdout)
+            .to_string()
+    };
+    let raw = raw_rules();
+    assert!(
+        raw.lines().any(|l| l.contains("-s 10.16.0.0/12 -d 10.16.0.0/12") && l.contains(&format!("oak:{bridge}")) && l.contains("NOTRACK")),
+        "{raw}"
+    );
 
     // the cluster network service restarts: the NetManager notices, re-subscribes and gets pushes again
     // (the NetManager talks to it through a proxy whose death closes every connection, like a process exit)
@@ -268,6 +278,10 @@ async fn lease_wire_ping_undeploy() {
     }
     assert!(running.tables.snapshot().routes.contains_key(&other), "routes re-sent on re-subscription");
     running.stop();
+    // removing the worker's wiring removes its rules, the exemption too
+    _cleanup.0.destroy().await.unwrap();
+    let raw = raw_rules();
+    assert!(!raw.contains(&format!("oak:{bridge}")), "{raw}");
 }
 
 #[tokio::test]

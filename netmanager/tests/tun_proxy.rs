@@ -592,6 +592,23 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
         if !ebpf_a && !extra_a.contains(&"--no-tun-offload") {
             assert!(reads > 0 && sends <= reads, "one send per super-packet: {reads} reads, {sends} sends");
         }
+        // the tunnel's datagrams bypass connection tracking (raw-table rules that matched packets)
+        for (w, ebpf) in [(&wa, ebpf_a), (&wb, ebpf_b)] {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", w.ns.path()))
+                .args(["iptables", "-w", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let hits = |what: &str| -> u64 {
+                let line = text.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no rule {what:?} on {}: {text}", w.ip));
+                line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap()
+            };
+            // (an eBPF worker takes the tunnel's data in front of netfilter)
+            let tunnel = hits("oak:obr0:tunnel");
+            assert!((ebpf || tunnel > 0) && text.contains("dpt:50103"), "tunnel NOTRACK on {}: {text}", w.ip);
+            assert!(hits("/* oak:obr0 */") > 0, "overlay NOTRACK on {}: {text}", w.ip);
+        }
         bulk(&ns_cb, ip0, 24 << 20).unwrap_or_else(|e| panic!("bulk B -> A: {e}"));
         let runs = wb.counters()["events"]["runs_reassembled"].as_u64().unwrap_or(0) - runs_before;
         eprintln!("bulk transfers intact; B rebuilt {runs} super-packets from runs");

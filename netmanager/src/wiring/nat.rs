@@ -112,7 +112,34 @@ pub fn ensure_bridge_rules(bridge: &str, subnet: Ipv4Net) -> Result<()> {
     ensure("nat", "POSTROUTING", false, &["-s", &s, "!", "-d", OVERLAY, "-m", "comment", "--comment", &c, "-j", "MASQUERADE"])?;
     ensure("filter", "FORWARD", true, &["-i", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
     ensure("filter", "FORWARD", true, &["-o", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
+    // traffic inside the overlay is never NATed (see the masquerade above): no connection tracking for it
+    let untracked = ["-s", OVERLAY, "-d", OVERLAY, "-m", "comment", "--comment", &c, "-j", "NOTRACK"];
+    if let Err(e) = ensure("raw", "PREROUTING", true, &untracked) {
+        tracing::warn!("overlay traffic stays connection-tracked (slower): {e:#}");
+    }
     Ok(())
+}
+
+fn tunnel_comment(bridge: &str) -> String {
+    format!("oak:{bridge}:tunnel")
+}
+
+/// The tunnel's datagrams (UDP to and from `port`) are not connection-tracked. Connection tracking serves
+/// NAT leaving the overlay and port mappings; on a worker a tun-path packet crosses netfilter up to four
+/// times (instance to tun, tunnel out, tunnel in, tun to instance); exempting the tunnel and the overlay's
+/// own traffic made single-stream TCP over the tun path ~4 % faster here (four A/B pairs, 8.28 against
+/// 7.98 Gbit/s on average, every pair in the same direction).
+/// Best effort: without the raw table the overlay only runs slower. Rules of an earlier port go first.
+pub fn ensure_tunnel_untracked(bridge: &str, port: u16) {
+    let c = tunnel_comment(bridge);
+    let p = port.to_string();
+    let r = delete_commented("raw", "PREROUTING", &c)
+        .and_then(|_| delete_commented("raw", "OUTPUT", &c))
+        .and_then(|_| ensure("raw", "PREROUTING", true, &["-p", "udp", "--dport", &p, "-m", "comment", "--comment", &c, "-j", "NOTRACK"]))
+        .and_then(|_| ensure("raw", "OUTPUT", true, &["-p", "udp", "--sport", &p, "-m", "comment", "--comment", &c, "-j", "NOTRACK"]));
+    if let Err(e) = r {
+        tracing::warn!("tunnel datagrams stay connection-tracked (slower): {e:#}");
+    }
 }
 
 /// Every rule of this bridge: its own and its instances' port mappings (teardown of the whole worker).
@@ -122,6 +149,10 @@ pub fn remove_all_rules(bridge: &str) -> Result<()> {
     for (table, chain) in [("nat", "POSTROUTING"), ("nat", "PREROUTING"), ("nat", "OUTPUT"), ("filter", "FORWARD")] {
         delete_where(table, chain, |c| c == own || c.starts_with(&prefix))?;
     }
+    // best effort, as they were added
+    for chain in ["PREROUTING", "OUTPUT"] {
+        let _ = delete_where("raw", chain, |c| c == own || c.starts_with(&prefix));
+    }
     Ok(())
 }
 
@@ -129,6 +160,11 @@ pub fn remove_bridge_rules(bridge: &str, _subnet: Ipv4Net) -> Result<()> {
     let c = bridge_comment(bridge);
     delete_commented("nat", "POSTROUTING", &c)?;
     delete_commented("filter", "FORWARD", &c)?;
+    // best effort, as they were added
+    let t = tunnel_comment(bridge);
+    let _ = delete_commented("raw", "PREROUTING", &c);
+    let _ = delete_commented("raw", "PREROUTING", &t);
+    let _ = delete_commented("raw", "OUTPUT", &t);
     Ok(())
 }
 
