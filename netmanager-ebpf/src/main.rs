@@ -305,9 +305,12 @@ pub fn oak_inst_ingress(mut ctx: TcContext) -> i32 {
             count(counter::REV_NAT);
         }
     } else if p.dst & cfg.subnet_mask != cfg.subnet && opens_flow(&p) {
-        // a flow to a remote instance IP: its replies may be decapsulated here
+        // a flow to a remote instance IP: its replies may be decapsulated here (every UDP datagram "opens"
+        // its flow: a lookup first, so a stream does not rewrite its LRU entry per datagram)
         let rev = FlowKey { src: p.dst, dst: p.src, sport: p.dport, dport: p.sport, proto: p.proto, _pad: [0; 3] };
-        let _ = CT.insert(&rev, &FlowVal { addr: 0, dir: CT_PASSTHROUGH, _pad: [0; 3] }, 0);
+        if unsafe { CT.get(&rev) }.is_none() {
+            let _ = CT.insert(&rev, &FlowVal { addr: 0, dir: CT_PASSTHROUGH, _pad: [0; 3] }, 0);
+        }
     }
     deliver(&mut ctx, cfg, &p, dst)
 }

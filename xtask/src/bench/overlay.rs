@@ -560,6 +560,8 @@ struct Row {
     eight: Option<f64>,
     p50: Option<f64>,
     p99: Option<f64>,
+    /// Every round's figures (1-stream, 8-stream, p50, p99), for the spread.
+    all: [Vec<f64>; 4],
     note: String,
 }
 
@@ -643,13 +645,14 @@ fn measure(w: &mut World, a: &Args, places: &[Placement], name: &'static str, cl
     Ok(places
         .iter()
         .zip(got)
-        .map(|(p, [one, eight, p50, p99])| Row {
+        .map(|(p, all)| Row {
             name,
             layout: p.layout,
-            one: median(one),
-            eight: median(eight),
-            p50: median(p50),
-            p99: median(p99),
+            one: median(all[0].clone()),
+            eight: median(all[1].clone()),
+            p50: median(all[2].clone()),
+            p99: median(all[3].clone()),
+            all,
             note: note.clone(),
         })
         .collect())
@@ -1026,6 +1029,14 @@ fn table(rows: &[&Row], layout: Layout) {
         );
     }
     println!("(ratios: of plain veth; for latency x/veth, lower is better)");
+    println!("spread (lowest-highest of the rounds):");
+    for r in rows {
+        let span = |v: &Vec<f64>, prec: usize| match (v.iter().cloned().reduce(f64::min), v.iter().cloned().reduce(f64::max)) {
+            (Some(lo), Some(hi)) => format!("{lo:.prec$}-{hi:.prec$}"),
+            _ => "-".into(),
+        };
+        println!("{:<16} | {:>15} | {:>15} | {:>15} | {:>15}", r.name, span(&r.all[0], 2), span(&r.all[1], 2), span(&r.all[2], 1), span(&r.all[3], 1));
+    }
     for r in rows {
         if !r.note.is_empty() {
             println!("note {}: {}", r.name, r.note);
