@@ -175,6 +175,28 @@ async fn lease_wire_ping_undeploy() {
         .status()
         .unwrap();
     assert!(ok.success(), "ping from the instance to the bridge gateway {gw}");
+    // the GSO segment limit of the instance's eth0 follows the datapath, also for instances already wired
+    let segs = || {
+        let out = Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "-d", "link", "show", "eth0"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut w = text.split_whitespace();
+        w.find(|x| *x == "gso_max_segs").and_then(|_| w.next()).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0)
+    };
+    assert_eq!(segs(), 65535, "no proxy: the kernel's default");
+    running.wiring.set_instance_gso_max_segs(44).await;
+    assert_eq!(segs(), 44);
+    running.wiring.set_instance_gso_max_segs(oak_netmanager::wiring::GSO_MAX_SEGS_DEFAULT).await;
+    assert_eq!(segs(), 65535);
+    // an eth0 that is not the instance's (a recorded pid may name another process by now) is left alone
+    let mac = |m: &str| {
+        assert!(Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "link", "set", "eth0", "address", m]).status().unwrap().success())
+    };
+    let own_mac: String = oak_netmanager::wiring::instance_mac(ns_ip).iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    mac("02:00:00:00:00:01");
+    running.wiring.set_instance_gso_max_segs(44).await;
+    assert_eq!(segs(), 65535, "a foreign eth0 keeps its limit");
+    mac(&own_mac);
+    running.wiring.set_instance_gso_max_segs(oak_netmanager::wiring::GSO_MAX_SEGS_DEFAULT).await;
     let nat = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output().unwrap().stdout)
         .to_string();
     assert!(nat.contains(&format!("{ns_ip}:80")) && nat.contains("18080"), "DNAT rule: {nat}");

@@ -188,7 +188,7 @@ impl Wiring {
         for att in self.attachments().await {
             let ns_path = format!("/proc/{}/ns/net", att.pid);
             let res = match std::fs::File::open(&ns_path) {
-                Ok(ns) => tokio::task::spawn_blocking(move || set_gso_inside(ns, segs))
+                Ok(ns) => tokio::task::spawn_blocking(move || set_gso_inside(ns, att.ip, segs))
                     .await
                     .map_err(|e| anyhow!("netns thread: {e}"))
                     .and_then(|r| r),
@@ -357,11 +357,24 @@ where
     .map_err(|_| anyhow!("netns thread panicked"))?
 }
 
-/// Sets `gso_max_segs` of eth0 in the instance netns `ns`.
-fn set_gso_inside(ns: std::fs::File, segs: u32) -> Result<()> {
+/// Sets `gso_max_segs` of eth0 in the instance netns `ns`, if that eth0 is the instance's (its MAC is
+/// derived from `ip`): a pid recorded for an instance that is gone may name another process by now.
+fn set_gso_inside(ns: std::fs::File, ip: Ipv4Addr, segs: u32) -> Result<()> {
     in_netns(ns, move |h| async move {
-        let idx = link_index(&h, "eth0").await?.context("no eth0 in the instance netns")?;
-        let mut req = h.link().set(idx);
+        let mut links = h.link().get().match_name("eth0".to_string()).execute();
+        let link = match links.try_next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => bail!("no eth0 in the instance netns"),
+            Err(e) => bail!("looking up eth0: {e}"),
+        };
+        let mac = link.attributes.iter().find_map(|a| match a {
+            netlink_packet_route::link::LinkAttribute::Address(m) => Some(m.clone()),
+            _ => None,
+        });
+        if mac.as_deref() != Some(&instance_mac(ip)[..]) {
+            bail!("eth0 there is not this instance's (MAC {mac:02x?})");
+        }
+        let mut req = h.link().set(link.header.index);
         req.message_mut().attributes.push(netlink_packet_route::link::LinkAttribute::GsoMaxSegs(segs));
         req.execute().await.context("setting gso_max_segs on eth0")
     })
