@@ -67,7 +67,7 @@ pub struct Args {
     /// lacks, and capped plain veth at ~11 Gbit/s in the hosts layout here).
     #[arg(long, default_value = "cubic")]
     congestion: String,
-    /// Extra argument for both NetManagers (repeatable), e.g. `--nm-arg=--no-veth-rps` to compare settings.
+    /// Extra argument for both NetManagers (repeatable), e.g. `--nm-arg=--no-tun-offload` to compare settings.
     #[arg(long = "nm-arg", allow_hyphen_values = true)]
     nm_args: Vec<String>,
     /// Do not build (use the release binaries and the eBPF object already in the target directory).
