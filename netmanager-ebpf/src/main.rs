@@ -83,27 +83,43 @@ struct Pkt {
     tcp_flags: u8,
 }
 
+/// `b[i..i + 2]` as a u16 in memory order (network order kept, as the maps hold ports and addresses).
+#[inline(always)]
+fn ne16(b: &[u8], i: usize) -> u16 {
+    u16::from_ne_bytes([b[i], b[i + 1]])
+}
+
+#[inline(always)]
+fn ne32(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Reads the IPv4 header and the transport ports with one `bpf_skb_load_bytes` each (a helper call per
+/// field cost ~8 calls a packet).
 #[inline(always)]
 fn parse(ctx: &TcContext, l3: usize) -> Option<Pkt> {
-    let vihl: u8 = ctx.load(l3).ok()?;
-    if vihl >> 4 != 4 {
+    let h: [u8; 20] = ctx.load(l3).ok()?;
+    if h[0] >> 4 != 4 {
         return None;
     }
-    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
     if ihl < 20 {
         return None;
     }
-    let frag: u16 = u16::from_be(ctx.load(l3 + 6).ok()?);
-    if frag & 0x1fff != 0 {
+    if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
         return None; // non-first fragment: no ports
     }
-    let proto: u8 = ctx.load(l3 + 9).ok()?;
-    let src: u32 = ctx.load(l3 + 12).ok()?;
-    let dst: u32 = ctx.load(l3 + 16).ok()?;
+    let (proto, src, dst) = (h[9], ne32(&h, 12), ne32(&h, 16));
     let l4 = l3 + (ihl & 0x3c);
     let (sport, dport, tcp_flags) = match proto {
-        PROTO_TCP => (ctx.load(l4).ok()?, ctx.load(l4 + 2).ok()?, ctx.load(l4 + 13).ok()?),
-        PROTO_UDP => (ctx.load(l4).ok()?, ctx.load(l4 + 2).ok()?, 0u8),
+        PROTO_TCP => {
+            let t: [u8; 14] = ctx.load(l4).ok()?;
+            (ne16(&t, 0), ne16(&t, 2), t[13])
+        }
+        PROTO_UDP => {
+            let u: [u8; 4] = ctx.load(l4).ok()?;
+            (ne16(&u, 0), ne16(&u, 2), 0u8)
+        }
         _ => return None,
     };
     Some(Pkt { l3, l4, proto, src, dst, sport, dport, tcp_flags })
@@ -322,15 +338,10 @@ pub fn oak_uplink_ingress(mut ctx: TcContext) -> i32 {
         Ok(t) if u16::from_be(t) == ETH_P_IP => {}
         _ => return TC_ACT_OK as i32,
     }
-    // outer: plain 20-byte IPv4 header + UDP to our tunnel port
-    let Ok(vihl) = ctx.load::<u8>(ETH_LEN) else { return TC_ACT_OK as i32 };
-    let Ok(proto) = ctx.load::<u8>(ETH_LEN + 9) else { return TC_ACT_OK as i32 };
-    if vihl != 0x45 || proto != PROTO_UDP {
+    // outer: plain 20-byte IPv4 header + UDP to our tunnel port (one load for both)
+    let Ok(outer) = ctx.load::<[u8; 24]>(ETH_LEN) else { return TC_ACT_OK as i32 };
+    if outer[0] != 0x45 || outer[9] != PROTO_UDP || ne16(&outer, 22) != cfg.tunnel_port {
         return TC_ACT_OK as i32;
-    }
-    match ctx.load::<u16>(ETH_LEN + 22) {
-        Ok(port) if port == cfg.tunnel_port => {}
-        _ => return TC_ACT_OK as i32,
     }
     // A GSO packet is either one encapsulated super-packet (from a fast-path peer over a link that kept
     // it whole: decapsulate it like any other) or several datagrams glued by UDP GRO for the userspace
@@ -342,8 +353,7 @@ pub fn oak_uplink_ingress(mut ctx: TcContext) -> i32 {
             return TC_ACT_OK as i32;
         }
     }
-    let hdr = ETH_LEN + 28;
-    let (Ok(magic), Ok(version), Ok(ty)) = (ctx.load::<u8>(hdr), ctx.load::<u8>(hdr + 1), ctx.load::<u8>(hdr + 2)) else {
+    let Ok([magic, version, ty]) = ctx.load::<[u8; 3]>(ETH_LEN + 28) else {
         count(counter::PASS_BAD_TUNNEL);
         return TC_ACT_OK as i32;
     };
