@@ -380,8 +380,8 @@ fn set_gso_inside(ns: std::fs::File, ip: Ipv4Addr, segs: u32) -> Result<()> {
     })
 }
 
-/// Runs on a throw-away thread that joins the instance's netns: rename to eth0 (MTU, MAC, GSO segment
-/// limit), address, up, lo up, default route via the gateway.
+/// Runs on a throw-away thread that joins the instance's netns: rename to eth0 (MTU, MAC), its GSO segment
+/// limit, address, up, lo up, default route via the gateway.
 fn configure_inside(
     ns: std::fs::File,
     peer_tmp: &str,
@@ -398,9 +398,22 @@ fn configure_inside(
                 bail!("the instance netns already has an eth0");
             }
         }
-        let mut req = h.link().set(idx).name("eth0".into()).mtu(INSTANCE_MTU).address(instance_mac(ip).to_vec());
-        req.message_mut().attributes.push(netlink_packet_route::link::LinkAttribute::GsoMaxSegs(segs));
-        req.execute().await.context("renaming to eth0 (MTU, MAC, GSO segment limit)")?;
+        h.link()
+            .set(idx)
+            .name("eth0".into())
+            .mtu(INSTANCE_MTU)
+            .address(instance_mac(ip).to_vec())
+            .execute()
+            .await
+            .context("renaming to eth0 (MTU, MAC)")?;
+        // a speed setting: an instance is wired without it if the kernel refuses it
+        if segs != GSO_MAX_SEGS_DEFAULT {
+            let mut req = h.link().set(idx);
+            req.message_mut().attributes.push(netlink_packet_route::link::LinkAttribute::GsoMaxSegs(segs));
+            if let Err(e) = req.execute().await {
+                tracing::warn!(%ip, segs, "eth0's GSO segment limit not set (the tun path runs slower): {e}");
+            }
+        }
         h.address().add(idx, ip.into(), prefix).execute().await.with_context(|| format!("adding {ip}/{prefix}"))?;
         h.link().set(idx).up().execute().await.context("setting eth0 up")?;
         if let Some(lo) = link_index(&h, "lo").await? {

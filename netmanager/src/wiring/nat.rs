@@ -112,8 +112,12 @@ pub fn ensure_bridge_rules(bridge: &str, subnet: Ipv4Net) -> Result<()> {
     ensure("nat", "POSTROUTING", false, &["-s", &s, "!", "-d", OVERLAY, "-m", "comment", "--comment", &c, "-j", "MASQUERADE"])?;
     ensure("filter", "FORWARD", true, &["-i", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
     ensure("filter", "FORWARD", true, &["-o", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
-    // traffic inside the overlay is never NATed (see the masquerade above): no connection tracking for it
-    let untracked = ["-s", OVERLAY, "-d", OVERLAY, "-m", "comment", "--comment", &c, "-j", "NOTRACK"];
+    // traffic inside the overlay is never NATed (see the masquerade above): no connection tracking for it,
+    // except to this host's own addresses (e.g. an instance using a port mapping through its gateway)
+    let untracked = [
+        "-s", OVERLAY, "-d", OVERLAY, "-m", "addrtype", "!", "--dst-type", "LOCAL", "-m", "comment", "--comment", &c, "-j",
+        "NOTRACK",
+    ];
     if let Err(e) = ensure("raw", "PREROUTING", true, &untracked) {
         tracing::warn!("overlay traffic stays connection-tracked (slower): {e:#}");
     }
