@@ -1,12 +1,15 @@
 //! `cargo xtask bench overlay`: the data plane, measured on one pair of worker network namespaces joined by
-//! a veth pair (the underlay), for four datapaths in one run:
+//! a veth pair (the underlay), for five datapaths in one run:
 //!
 //! 1. plain veth between the two worker namespaces (the limit, the baseline);
-//! 2. kernel VXLAN between the workers (what Flannel does): an instance namespace behind a bridge on each
+//! 2. routed, no overlay: an instance namespace behind a veth on each worker, the kernel forwarding between
+//!    them over the underlay (what any design with instances in namespaces behind veths and no eBPF pays,
+//!    without the cost of an overlay: the lower bound of the kernel's own path);
+//! 3. kernel VXLAN between the workers (what Flannel does): an instance namespace behind a bridge on each
 //!    worker, the other worker's instance subnet routed over `vx0`;
-//! 3. the NetManager tun overlay (`--no-ebpf`): client instance on worker A -> round-robin service IP ->
+//! 4. the NetManager tun overlay (`--no-ebpf`): client instance on worker A -> round-robin service IP ->
 //!    its one instance on worker B;
-//! 4. the NetManager eBPF fast path (the same NetManagers restarted with `--ebpf-object`), same flows.
+//! 5. the NetManager eBPF fast path (the same NetManagers restarted with `--ebpf-object`), same flows.
 //!
 //! For each: single-stream and 8-stream TCP throughput (iperf3, cubic unless `--congestion` says otherwise)
 //! and TCP request-response latency (a 64-byte ping-pong on one connection, implemented here: threads that
@@ -54,8 +57,9 @@ pub struct Args {
     /// Request and response size of the latency ping-pong, bytes.
     #[arg(long, default_value_t = 64)]
     rr_bytes: usize,
-    /// Which datapaths to measure besides plain veth (the baseline, always measured): any of vxlan, tun, ebpf.
-    #[arg(long, value_delimiter = ',', default_values_t = [Datapath::Vxlan, Datapath::Tun, Datapath::Ebpf])]
+    /// Which datapaths to measure besides plain veth (the baseline, always measured): any of routed, vxlan,
+    /// tun, ebpf.
+    #[arg(long, value_delimiter = ',', default_values_t = [Datapath::Routed, Datapath::Vxlan, Datapath::Tun, Datapath::Ebpf])]
     only: Vec<Datapath>,
     /// CPU layouts to measure (every round measures each on the same setup): `hosts` (each worker its own
     /// CPUs, received packets processed on the receiver's CPUs, as on two machines) and `shared` (every
@@ -81,6 +85,7 @@ pub struct Args {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Datapath {
+    Routed,
     Vxlan,
     Tun,
     Ebpf,
@@ -89,6 +94,7 @@ pub enum Datapath {
 impl std::fmt::Display for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Datapath::Routed => "routed",
             Datapath::Vxlan => "vxlan",
             Datapath::Tun => "tun",
             Datapath::Ebpf => "ebpf",
@@ -194,6 +200,7 @@ fn pin_thread(cpus: &[usize]) {
     let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
 }
 
+const ROUTED: &str = "routed, no ovl";
 const VXLAN: &str = "kernel VXLAN";
 const TUN: &str = "NetManager tun";
 const EBPF: &str = "NetManager eBPF";
@@ -736,7 +743,29 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     next("plain veth between the worker namespaces");
     rows.extend(measure(w, a, &places, "plain veth", &wa, &wb, IP_B)?);
 
-    // 2. kernel VXLAN, instance namespaces behind a bridge on each worker (as Flannel's cni0 + flannel.1)
+    // 2. routed, no overlay: instance namespaces behind a veth, the workers forward between them
+    if a.only.contains(&Datapath::Routed) {
+        next("routed, no overlay: an instance namespace behind a veth on each worker, kernel forwarding over the underlay");
+        let (ra, rb) = (format!("obra{id}"), format!("obrb{id}"));
+        for (wn, inst, peer, mine, theirs) in [(&na, &ra, IP_B, 1u8, 2u8), (&nb, &rb, IP_A, 2, 1)] {
+            w.add_netns(inst)?;
+            cmd_ok(&["ip", "-n", wn, "link", "add", "rth0", "type", "veth", "peer", "name", "eth0", "netns", inst])?;
+            cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.250.{mine}.1/24"), "dev", "rth0"])?;
+            cmd_ok(&["ip", "-n", wn, "link", "set", "rth0", "up"])?;
+            cmd_ok(&["ip", "-n", inst, "addr", "add", &format!("10.250.{mine}.2/24"), "dev", "eth0"])?;
+            // the overlays' instance MTU, so every datapath's TCP uses the same segment size
+            cmd_ok(&["ip", "-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
+            cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.250.{mine}.1")])?;
+            cmd_ok(&["ip", "-n", wn, "route", "add", &format!("10.250.{theirs}.0/24"), "via", &peer.to_string(), "dev", "up0"])?;
+        }
+        rows.extend(measure(w, a, &places, ROUTED, &Ns::Named(ra.clone()), &Ns::Named(rb.clone()), Ipv4Addr::new(10, 250, 2, 2))?);
+        for (n, theirs) in [(&na, 2), (&nb, 1)] {
+            let _ = cmd_ok(&["ip", "-n", n, "route", "del", &format!("10.250.{theirs}.0/24")]);
+            let _ = cmd_ok(&["ip", "-n", n, "link", "del", "rth0"]);
+        }
+    }
+
+    // 3. kernel VXLAN, instance namespaces behind a bridge on each worker (as Flannel's cni0 + flannel.1)
     if a.only.contains(&Datapath::Vxlan) {
         next("kernel VXLAN (vx0, VNI 42, port 4789), instance namespace behind a bridge on each worker");
         let (va, vb) = (format!("obva{id}"), format!("obvb{id}"));
