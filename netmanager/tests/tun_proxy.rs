@@ -1016,8 +1016,17 @@ async fn closest_follows_measured_rtt() {
                 Err(format!("{t:?}"))
             }
         });
-        // once both RTTs are measured, closest is the near one, for TCP and UDP
+        // once both RTTs are measured (a probe to C takes 30 ms there and back), closest is the near one, for
+        // TCP and UDP; before that an unmeasured worker can look nearest or farthest
         let t0 = Instant::now();
+        eventually(20, "RTTs to both remote workers measured", || {
+            let c = wa.counters();
+            if ["192.168.77.2:50103", "192.168.77.1:50200"].iter().all(|ep| c["rtt_us"][*ep].is_u64()) {
+                Ok(())
+            } else {
+                Err(format!("{}", c["rtt_us"]))
+            }
+        });
         eventually(20, "closest = the worker with the lower RTT", || {
             all_answer(4, "near", || tcp_ask(&ns_ca, closest, 8080))
         });
