@@ -1104,6 +1104,19 @@ fn table(rows: &[&Row], layout: Layout) {
         };
         println!("  {what:<32} {mark}");
     }
+    // not a target: how the fast path compares with the kernel's own routing of the same topology
+    if let (Some(eb), Some(rt)) = (eb, row(ROUTED)) {
+        let cmp = |x: Option<f64>, y: Option<f64>, higher_better: bool| match (x, y) {
+            (Some(x), Some(y)) if y > 0.0 => format!("{:.2}x{}", x / y, if (x >= y) == higher_better { "" } else { " (behind)" }),
+            _ => "-".into(),
+        };
+        println!(
+            "eBPF against routed, no overlay: 1-stream {}, 8-stream {}, RR p50 {}",
+            cmp(eb.one, rt.one, true),
+            cmp(eb.eight, rt.eight, true),
+            cmp(eb.p50, rt.p50, false)
+        );
+    }
 }
 
 #[cfg(test)]
