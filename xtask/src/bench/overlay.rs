@@ -23,6 +23,7 @@
 //!   receiving worker's kernel work (decapsulation, its TCP) is done by the sender's CPU, and two workers'
 //!   datapaths compete for the same cores: not how two machines behave, but how containers or namespaces
 //!   as workers on one machine do.
+//!
 //! The root and cluster orchestrators (release binaries) run in worker A's namespace; the service and its IP
 //! come from the root REST API, the instances are registered through the NetManagers' local API, exactly as
 //! the NodeEngine does. Everything (namespaces, processes, bpffs pins) is removed at the end, also on error.
@@ -177,13 +178,18 @@ fn cpu_mask(cpus: &[usize]) -> String {
     words.iter().rev().map(|w| format!("{w:x}")).collect::<Vec<_>>().join(",")
 }
 
-/// Binds every thread of `pid` to `cpus` (threads it starts later inherit it); a process that is gone is
-/// skipped.
-fn pin_process(pid: u32, cpus: &[usize]) {
+fn cpu_set(cpus: &[usize]) -> nix::sched::CpuSet {
     let mut set = nix::sched::CpuSet::new();
     for &c in cpus {
         let _ = set.set(c);
     }
+    set
+}
+
+/// Binds every thread of `pid` to `cpus` (threads it starts later inherit it); a process that is gone is
+/// skipped.
+fn pin_process(pid: u32, cpus: &[usize]) {
+    let set = cpu_set(cpus);
     let tids: Vec<i32> =
         fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()).unwrap_or_default();
     for tid in tids {
@@ -193,11 +199,7 @@ fn pin_process(pid: u32, cpus: &[usize]) {
 
 /// Binds the calling thread to `cpus`.
 fn pin_thread(cpus: &[usize]) {
-    let mut set = nix::sched::CpuSet::new();
-    for &c in cpus {
-        let _ = set.set(c);
-    }
-    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu_set(cpus));
 }
 
 const ROUTED: &str = "routed, no ovl";
