@@ -185,6 +185,15 @@ async fn lease_wire_ping_undeploy() {
     assert_eq!(segs(), 65535, "no proxy: the kernel's default");
     running.wiring.set_instance_gso_max_segs(44).await;
     assert_eq!(segs(), 44);
+    // the limit is recorded as every wired instance's: the same call again enters no namespace (changed by
+    // hand behind its back, eth0 keeps the hand-set value)
+    let set_by_hand = |n: &str| {
+        assert!(Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "link", "set", "eth0", "gso_max_segs", n]).status().unwrap().success())
+    };
+    set_by_hand("65535");
+    running.wiring.set_instance_gso_max_segs(44).await;
+    assert_eq!(segs(), 65535, "a recorded limit is not applied again");
+    set_by_hand("44");
     running.wiring.set_instance_gso_max_segs(oak_netmanager::wiring::GSO_MAX_SEGS_DEFAULT).await;
     assert_eq!(segs(), 65535);
     // an eth0 that is not the instance's (a recorded pid may name another process by now) is left alone

@@ -36,6 +36,9 @@ struct Persisted {
     subnet: Option<Ipv4Net>,
     /// "service_id/instance_number" -> attachment
     attachments: BTreeMap<String, Attachment>,
+    /// The GSO segment limit every wired instance's eth0 has (None: not known to be the same for all).
+    #[serde(default)]
+    instance_gso_max_segs: Option<u32>,
 }
 
 /// MTU inside instances: a 1500-byte underlay minus the overlay's 36 bytes of encapsulation, rounded
@@ -75,14 +78,24 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>> {
+async fn link_by_name(handle: &rtnetlink::Handle, name: &str) -> Result<Option<netlink_packet_route::link::LinkMessage>> {
     let mut links = handle.clone().link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
-        Ok(Some(m)) => Ok(Some(m.header.index)),
-        Ok(None) => Ok(None),
+        Ok(m) => Ok(m),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(anyhow!("looking up link {name}: {e}")),
     }
+}
+
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>> {
+    Ok(link_by_name(handle, name).await?.map(|m| m.header.index))
+}
+
+/// Sets the link's GSO segment limit (`gso_max_segs`).
+async fn set_gso_max_segs(handle: &rtnetlink::Handle, index: u32, segs: u32) -> Result<(), rtnetlink::Error> {
+    let mut req = handle.link().set(index);
+    req.message_mut().attributes.push(netlink_packet_route::link::LinkAttribute::GsoMaxSegs(segs));
+    req.execute().await
 }
 
 async fn has_address(handle: &rtnetlink::Handle, index: u32, ip: Ipv4Addr) -> Result<bool> {
@@ -182,9 +195,13 @@ impl Wiring {
     /// for instances wired from now on and, best effort, for those already wired (a NetManager that
     /// restarts on another datapath resets them). The tun path asks for as many as fit one UDP_SEGMENT send
     /// once split and encapsulated, so a super-packet crosses as one send, one read and one tun write
-    /// instead of two of each.
+    /// instead of two of each. Nothing is entered when every wired instance has it already (recorded).
     pub async fn set_instance_gso_max_segs(&self, segs: u32) {
         self.gso_max_segs.store(segs, std::sync::atomic::Ordering::Relaxed);
+        if self.state.lock().await.instance_gso_max_segs == Some(segs) {
+            return;
+        }
+        let mut all = true;
         for att in self.attachments().await {
             let ns_path = format!("/proc/{}/ns/net", att.pid);
             let res = match std::fs::File::open(&ns_path) {
@@ -196,8 +213,16 @@ impl Wiring {
             };
             match res {
                 Ok(()) => tracing::debug!(ip = %att.ip, segs, "instance GSO segment limit set"),
-                Err(e) => tracing::debug!(ip = %att.ip, "instance GSO segment limit not set: {e:#}"),
+                Err(e) => {
+                    tracing::debug!(ip = %att.ip, "instance GSO segment limit not set: {e:#}");
+                    all = false;
+                }
             }
+        }
+        let mut st = self.state.lock().await;
+        st.instance_gso_max_segs = all.then_some(segs);
+        if let Err(e) = self.save(&st) {
+            tracing::warn!("recording the instances' GSO segment limit: {e:#}");
         }
     }
 
@@ -361,12 +386,7 @@ where
 /// derived from `ip`): a pid recorded for an instance that is gone may name another process by now.
 fn set_gso_inside(ns: std::fs::File, ip: Ipv4Addr, segs: u32) -> Result<()> {
     in_netns(ns, move |h| async move {
-        let mut links = h.link().get().match_name("eth0".to_string()).execute();
-        let link = match links.try_next().await {
-            Ok(Some(m)) => m,
-            Ok(None) => bail!("no eth0 in the instance netns"),
-            Err(e) => bail!("looking up eth0: {e}"),
-        };
+        let link = link_by_name(&h, "eth0").await?.context("no eth0 in the instance netns")?;
         let mac = link.attributes.iter().find_map(|a| match a {
             netlink_packet_route::link::LinkAttribute::Address(m) => Some(m.clone()),
             _ => None,
@@ -374,9 +394,7 @@ fn set_gso_inside(ns: std::fs::File, ip: Ipv4Addr, segs: u32) -> Result<()> {
         if mac.as_deref() != Some(&instance_mac(ip)[..]) {
             bail!("eth0 there is not this instance's (MAC {mac:02x?})");
         }
-        let mut req = h.link().set(link.header.index);
-        req.message_mut().attributes.push(netlink_packet_route::link::LinkAttribute::GsoMaxSegs(segs));
-        req.execute().await.context("setting gso_max_segs on eth0")
+        set_gso_max_segs(&h, link.header.index, segs).await.context("setting gso_max_segs on eth0")
     })
 }
 
@@ -408,9 +426,7 @@ fn configure_inside(
             .context("renaming to eth0 (MTU, MAC)")?;
         // a speed setting: an instance is wired without it if the kernel refuses it
         if segs != GSO_MAX_SEGS_DEFAULT {
-            let mut req = h.link().set(idx);
-            req.message_mut().attributes.push(netlink_packet_route::link::LinkAttribute::GsoMaxSegs(segs));
-            if let Err(e) = req.execute().await {
+            if let Err(e) = set_gso_max_segs(&h, idx, segs).await {
                 tracing::warn!(%ip, segs, "eth0's GSO segment limit not set (the tun path runs slower): {e}");
             }
         }
