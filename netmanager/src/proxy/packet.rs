@@ -5,16 +5,17 @@ use std::net::Ipv4Addr;
 
 use super::counters::Reason;
 
-/// First byte of every tunnel datagram.
-pub const MAGIC: u8 = 0x4F; // 'O'
+// The format's constants come from the crate the eBPF programs share, so both paths speak one format.
+/// First byte of every tunnel datagram (0x4F, 'O').
+pub const MAGIC: u8 = netmanager_ebpf_common::TUNNEL_MAGIC;
 /// Header version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = netmanager_ebpf_common::TUNNEL_VERSION;
 /// Fixed header length.
-pub const HDR_LEN: usize = 8;
+pub const HDR_LEN: usize = netmanager_ebpf_common::TUNNEL_HDR_LEN;
 /// Probe datagrams: header + 8-byte timestamp.
 pub const PROBE_LEN: usize = HDR_LEN + 8;
 
-pub const TYPE_DATA: u8 = 0;
+pub const TYPE_DATA: u8 = netmanager_ebpf_common::TUNNEL_TYPE_DATA;
 pub const TYPE_PROBE_REQUEST: u8 = 1;
 pub const TYPE_PROBE_REPLY: u8 = 2;
 
