@@ -13,7 +13,7 @@
 //! protocols, IP options, SYN/RST/URG/CWR, gaps) returns `None` and takes the general path, which
 //! translates and coalesces packet by packet.
 
-use super::packet::{fix_ip_checksum, get16, HDR_LEN, MAGIC, TYPE_DATA, VERSION};
+use super::packet::{fix_ip_checksum, get16, HDR_LEN, MAGIC, PROTO_TCP, TYPE_DATA, VERSION};
 
 const IP_HDR: usize = 20;
 /// Longest run written as one super-packet (well under the kernel's 1,024 iovecs per write).
@@ -71,7 +71,7 @@ fn segment_header(d: &[u8]) -> Option<usize> {
         return None;
     }
     let p = &d[HDR_LEN..];
-    if p[0] != 0x45 || p[9] != 6 || get16(p, 6) & 0x3fff != 0 || usize::from(get16(p, 2)) != p.len() {
+    if p[0] != 0x45 || p[9] != PROTO_TCP || get16(p, 6) & 0x3fff != 0 || usize::from(get16(p, 2)) != p.len() {
         return None;
     }
     let doff = usize::from(p[IP_HDR + 12] >> 4) * 4;
@@ -196,7 +196,7 @@ pub fn split_tcp(
     if mss == 0 || pkt.len() <= hdr_len || hdr_len < IP_HDR + 20 || HDR_LEN + hdr_len > SEG_HDR_MAX {
         return None;
     }
-    if pkt[0] != 0x45 || pkt[9] != 6 || usize::from(pkt[IP_HDR + 12] >> 4) * 4 != hdr_len - IP_HDR {
+    if pkt[0] != 0x45 || pkt[9] != PROTO_TCP || usize::from(pkt[IP_HDR + 12] >> 4) * 4 != hdr_len - IP_HDR {
         return None;
     }
     let count = (pkt.len() - hdr_len).div_ceil(mss);
