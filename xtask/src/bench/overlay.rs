@@ -473,8 +473,8 @@ impl Ns {
 }
 
 /// One iperf3 TCP run (`streams` parallel streams, congestion control `cc`) from `client`, on `cpus`, to
-/// `server`; bits/s received.
-fn iperf(label: &str, client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc: &str, cpus: &[usize]) -> anyhow::Result<f64> {
+/// `server`; bits/s received and the sender's retransmits.
+fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc: &str, cpus: &[usize]) -> anyhow::Result<(f64, u64)> {
     let mut c = Command::new("timeout");
     c.arg((secs + 30).to_string());
     let list: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
@@ -487,10 +487,7 @@ fn iperf(label: &str, client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc
     let out = c.output().context("running iperf3")?;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     match v["end"]["sum_received"]["bits_per_second"].as_f64() {
-        Some(bps) => {
-            eprintln!("      {label}: iperf3 -P {streams}: {:.2} Gbit/s (retransmits {})", bps / 1e9, v["end"]["sum_sent"]["retransmits"]);
-            Ok(bps)
-        }
+        Some(bps) => Ok((bps, v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0))),
         None => bail!(
             "iperf3 -P {streams} to {server} failed ({}): {} {}",
             out.status,
@@ -498,6 +495,56 @@ fn iperf(label: &str, client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc
             String::from_utf8_lossy(&out.stderr).trim()
         ),
     }
+}
+
+/// One datapath's throughput, logged: iperf3 for `secs` seconds; Gbit/s.
+fn iperf_logged(label: &str, client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc: &str, cpus: &[usize]) -> anyhow::Result<f64> {
+    let (bps, retrans) = iperf(client, server, secs, streams, cc, cpus)?;
+    eprintln!("      {label}: iperf3 -P {streams}: {:.2} Gbit/s (retransmits {retrans})", bps / 1e9);
+    Ok(bps / 1e9)
+}
+
+/// Plain veth's throughput (from `base` to `base_to`) and a datapath's (from `own` to `to`): `secs` 1-second
+/// iperf3 runs each, alternating (plain, datapath, plain, ...), so both see the same seconds of this
+/// machine (its speed changes within seconds: single 5 s runs a few seconds apart went from 11 to 22
+/// Gbit/s). Each figure is the median of its runs (a slow second of the machine hits one side only), in
+/// Gbit/s.
+#[allow(clippy::too_many_arguments)]
+fn iperf_pair(
+    label: &str,
+    base: &Ns,
+    base_to: Ipv4Addr,
+    own: &Ns,
+    to: Ipv4Addr,
+    secs: u32,
+    streams: u32,
+    cc: &str,
+    cpus: &[usize],
+) -> anyhow::Result<(anyhow::Result<f64>, anyhow::Result<f64>)> {
+    // per side: every run's (bits/s, retransmits), or why one failed
+    type Runs = anyhow::Result<Vec<(f64, u64)>>;
+    let (mut rb, mut ro): (Runs, Runs) = (Ok(Vec::new()), Ok(Vec::new()));
+    for _ in 0..secs.max(1) {
+        check_interrupted()?;
+        for (r, ns, ip) in [(&mut rb, base, base_to), (&mut ro, own, to)] {
+            if let Ok(v) = r {
+                match iperf(ns, ip, 1, streams, cc, cpus) {
+                    Ok(x) => v.push(x),
+                    Err(e) => *r = Err(e),
+                }
+            }
+        }
+    }
+    let summary = |label: &str, r: Runs| -> anyhow::Result<f64> {
+        let v = r?;
+        let g: Vec<f64> = v.iter().map(|(b, _)| b / 1e9).collect();
+        let mid = median(g.clone()).unwrap_or(0.0);
+        let (lo, hi) = (g.iter().cloned().fold(f64::MAX, f64::min), g.iter().cloned().fold(0.0, f64::max));
+        let retrans: u64 = v.iter().map(|(_, r)| r).sum();
+        eprintln!("      {label}: iperf3 -P {streams}, {} x 1 s: median {mid:.2} Gbit/s (runs {lo:.2}-{hi:.2}, retransmits {retrans})", g.len());
+        Ok(mid)
+    };
+    Ok((summary(PLAIN, rb), summary(label, ro)))
 }
 
 /// The ping-pong server in `ns`: echoes fixed-size messages on every connection (one at a time, each served
@@ -821,16 +868,20 @@ fn measure(
             }
             eprintln!("    round {round}/{}, {} layout", a.rounds.max(1), p.layout);
             for (streams, slot) in [(1, 0), (8, 1)] {
-                if let Some(pl) = plain.as_deref() {
-                    check_interrupted()?;
-                    let r = iperf(PLAIN, &pl.client, pl.ip, a.seconds, streams, &a.congestion, &p.a).map(|b| b / 1e9);
-                    base[i][slot].push(r.as_ref().ok().copied());
-                    if let Err(e) = r {
+                check_interrupted()?;
+                let (rb, r) = match plain.as_deref() {
+                    Some(pl) => {
+                        let (rb, r) = iperf_pair(name, &pl.client, pl.ip, client, server_ip, a.seconds, streams, &a.congestion, &p.a)?;
+                        (Some(rb), r)
+                    }
+                    None => (None, iperf_logged(name, client, server_ip, a.seconds, streams, &a.congestion, &p.a)),
+                };
+                if let Some(rb) = rb {
+                    base[i][slot].push(rb.as_ref().ok().copied());
+                    if let Err(e) = rb {
                         note_err(&mut errs, e.context("plain veth"));
                     }
                 }
-                check_interrupted()?;
-                let r = iperf(name, client, server_ip, a.seconds, streams, &a.congestion, &p.a).map(|b| b / 1e9);
                 own[i][slot].push(r.as_ref().ok().copied());
                 if let Err(e) = r {
                     note_err(&mut errs, e);
