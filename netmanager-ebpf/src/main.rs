@@ -15,13 +15,16 @@
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
+        TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -34,6 +37,7 @@ use netmanager_ebpf_common::{
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const AF_INET: u8 = 2;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 const TCP_SYN: u8 = 0x02;
@@ -264,6 +268,23 @@ fn encap(ctx: &mut TcContext, cfg: &Config, p: &Pkt, r: &Route) -> i32 {
     }
     count(counter::ENCAP);
     add(counter::FAST_BYTES, ctx.len() as u64);
+    // The next hop from the FIB and its resolved neighbour: MACs written here and a plain redirect, which
+    // costs less than `bpf_redirect_neigh`'s route and neighbour output per packet. No resolved neighbour
+    // (first packets, or an entry the kernel dropped): `bpf_redirect_neigh` resolves it. The NetManager's
+    // own datagrams to the worker (probes every 2 s) keep the kernel revalidating the entry.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.ifindex = cfg.uplink_ifindex;
+    fib.__bindgen_anon_3.ipv4_src = cfg.public_ip;
+    fib.__bindgen_anon_4.ipv4_dst = r.worker_ip;
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.skb.skb as *mut c_void, &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, BPF_FIB_LOOKUP_OUTPUT)
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && ctx.store(0, &fib.dmac, 0).is_ok() && ctx.store(6, &fib.smac, 0).is_ok() {
+        count(counter::REDIRECT_FIB);
+        return unsafe { bpf_redirect(fib.ifindex, 0) as i32 };
+    }
+    count(counter::REDIRECT_NEIGH);
     unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 

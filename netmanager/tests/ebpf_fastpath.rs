@@ -258,6 +258,12 @@ fn service_ip_across_two_workers_in_the_kernel() {
     assert!(c1["local_deliver"] > 0, "hairpin to the local instance via redirect_peer: {c1:?}");
     assert!(c1["encap"] > 0 && c1["decap"] > 0, "to and from worker 2 through the tunnel: {c1:?}");
     assert!(c2["decap"] > 0 && c2["encap"] > 0 && c2["local_deliver"] > 0, "{c2:?}");
+    for c in [&c1, &c2] {
+        // every encapsulated packet left by one of the two redirects; once the neighbour was resolved (by
+        // the kernel, for the first packets), by the FIB's next hop
+        assert_eq!(c["redirect_fib"] + c["redirect_neigh"], c["encap"], "{c:?}");
+        assert!(c["redirect_fib"] > 0, "the FIB's next hop was used: {c:?}");
+    }
     assert_eq!(c2["new_flow"], 0, "worker 2 only routes: {c2:?}");
     assert_eq!(c1["pass_bad_tunnel"] + c2["pass_bad_tunnel"], 0);
     assert_eq!(c1["pass_unknown_flow"] + c2["pass_unknown_flow"], 0, "every tunnel packet belonged to a known flow");

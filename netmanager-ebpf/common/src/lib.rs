@@ -123,7 +123,11 @@ pub mod counter {
     pub const PASS_OTHER: u32 = 14;
     /// Tunnel data for a flow the fast path does not know (e.g. one the tun path translated): left to it.
     pub const PASS_UNKNOWN_FLOW: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Encapsulated packets sent with the next hop from `bpf_fib_lookup` (MACs written, `bpf_redirect`).
+    pub const REDIRECT_FIB: u32 = 16;
+    /// Encapsulated packets left to `bpf_redirect_neigh` (no resolved neighbour for the next hop yet).
+    pub const REDIRECT_NEIGH: u32 = 17;
+    pub const COUNT: u32 = 18;
     /// Names, in slot order (what the NetManager API shows).
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -142,6 +146,8 @@ pub mod counter {
         "pass_no_backend",
         "pass_other",
         "pass_unknown_flow",
+        "redirect_fib",
+        "redirect_neigh",
     ];
 }
 
