@@ -3,9 +3,9 @@
 //!
 //! 1. plain veth between the two worker namespaces (the limit, the baseline): a veth pair of its own beside
 //!    the underlay, with nothing attached. It is measured beside every measurement of the others, in the
-//!    same round and layout (iperf3 right before, the ping-pong interleaved in chunks), and each ratio is
-//!    the median over the rounds of the paired quotients: the machine's speed drifts over seconds to
-//!    minutes (plain veth went from 11 to 22 Gbit/s between runs a minute apart);
+//!    same round and layout (alternating 1 s iperf3 runs, the ping-pong interleaved in chunks), and each
+//!    ratio is the median over the rounds of the paired quotients: the machine's speed drifts over seconds
+//!    to minutes (plain veth went from 11 to 22 Gbit/s between runs seconds apart);
 //! 2. routed, no overlay: an instance namespace behind a veth on each worker, the kernel forwarding between
 //!    them over the underlay (what any design with instances in namespaces behind veths and no eBPF pays,
 //!    without the cost of an overlay: the lower bound of the kernel's own path);
@@ -50,7 +50,7 @@ use crate::util::{cargo, sh, step};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Seconds per throughput measurement (iperf3 -t).
+    /// Seconds per throughput measurement (with plain veth beside it: this many alternating 1 s runs each).
     #[arg(long, default_value_t = 5)]
     seconds: u32,
     /// Rounds per datapath (each: 1-stream, 8-stream, ping-pong); the table shows each measure's median.
