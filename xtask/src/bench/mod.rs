@@ -10,8 +10,9 @@ use clap::Subcommand;
 pub enum Bench {
     /// Register simulated workers in several clusters, deploy services, report placement latency and RSS.
     ControlPlane(control_plane::Args),
-    /// Data plane on two worker namespaces: plain veth, kernel VXLAN, NetManager tun overlay and eBPF fast
-    /// path; TCP throughput (1 and 8 streams) and request-response latency, as ratios of plain veth.
+    /// Data plane on two worker namespaces: plain veth, routed instances without overlay, kernel VXLAN,
+    /// NetManager tun overlay and eBPF fast path; TCP throughput (1 and 8 streams) and request-response
+    /// latency, as ratios of plain veth measured beside each in the same round.
     Overlay(overlay::Args),
     /// 1-DOC stack with real containerd: deploy request -> RUNNING vs containerd alone; NodeEngine idle RSS/CPU.
     Deploy(deploy::Args),
