@@ -260,7 +260,7 @@ struct World {
     stops: Vec<Arc<AtomicBool>>,
     /// Processes that belong to a worker (the layouts bind them to its CPUs).
     placed: Vec<(u32, Side)>,
-    /// The two worker namespaces (their underlay ends steer received packets in the hosts layout).
+    /// The two worker namespaces (their veths steer received packets to the worker's CPUs in the hosts layout).
     workers: Option<(String, String)>,
 }
 
@@ -645,10 +645,10 @@ fn warmup(n: u32) -> u32 {
 }
 
 /// `n` round trips of `size` bytes on one TCP connection from `ns`, on `cpus`, to `to`; (p50, p99) in µs.
-fn rr_client(ns: &str, to: Ipv4Addr, size: usize, n: u32, cpus: &[usize]) -> anyhow::Result<(f64, f64)> {
+fn rr_client(ns: &str, to: Ipv4Addr, size: usize, n: u32, cpus: &[usize]) -> Quantiles {
     let mut s = rr_connect(ns, to, RR_PORT, size, warmup(n))?;
     let cpus = cpus.to_vec();
-    std::thread::spawn(move || -> anyhow::Result<(f64, f64)> {
+    std::thread::spawn(move || -> Quantiles {
         pin_thread(&cpus);
         let mut rtts = Vec::with_capacity(n as usize);
         rr_rounds(&mut s, size, n.max(1), &mut rtts)?;
