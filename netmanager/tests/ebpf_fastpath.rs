@@ -63,6 +63,9 @@ fn worker(t: &mut Topo, ns: &str, subnet: Ipv4Net) {
     sh(&["ip", "netns", "add", ns]);
     t.names.push(ns.into());
     sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    // as the NetManager does (a new namespace inherits the host's setting, 0 on a fresh machine); the
+    // kernel's FIB lookup for a program answers "forwarding disabled" without it
+    sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     sh(&["ip", "-n", ns, "link", "add", "oak0", "type", "bridge"]);
     let gw = format!("{}/{}", subnet.hosts().next().unwrap(), subnet.prefix_len());
     sh(&["ip", "-n", ns, "addr", "add", &gw, "dev", "oak0"]);
