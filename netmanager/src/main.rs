@@ -73,7 +73,10 @@ fn log_filter(level: &str) -> String {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(log_filter(&cli.log_level)).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(log_filter(&cli.log_level))
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info"))),
+        )
         .init();
     let opts = oak_netmanager::Options {
         config_path: cli.config,
