@@ -381,7 +381,8 @@ async fn mixed_ebpf_and_tun_workers() {
 }
 
 /// The fast path's object with the first instruction of its TC programs' section made invalid: the ELF
-/// and its relocations stay sound, so the object loads and the kernel's verifier is what refuses it.
+/// and its relocations stay sound, so the object loads and the kernel's verifier is what refuses it. None:
+/// no object has been built.
 fn refused_object(dir: &Path) -> Option<PathBuf> {
     let mut b = std::fs::read(oak_netmanager::ebpf::default_object()?).ok()?;
     let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
@@ -391,10 +392,12 @@ fn refused_object(dir: &Path) -> Option<PathBuf> {
     let (shoff, shentsize, shnum, shstrndx) = (u64_at(&b, 0x28), u16_at(&b, 0x3a), u16_at(&b, 0x3c), u16_at(&b, 0x3e));
     let sh = |i: usize| shoff + i * shentsize;
     let names = u64_at(&b, sh(shstrndx) + 0x18);
-    let text = (0..shnum).find(|&i| {
-        let n = names + u32_at(&b, sh(i));
-        b[n..].starts_with(b"classifier\0")
-    })?;
+    let text = (0..shnum)
+        .find(|&i| {
+            let n = names + u32_at(&b, sh(i));
+            b[n..].starts_with(b"classifier\0")
+        })
+        .expect("the eBPF object has a `classifier` section (its TC programs)");
     let off = u64_at(&b, sh(text) + 0x18);
     b[off] = 0xff; // no such opcode
     let out = dir.join("refused.o");
