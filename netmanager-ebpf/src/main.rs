@@ -32,7 +32,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, error};
 use netmanager_ebpf_common::{
     counter, Config, FlowKey, FlowVal, LocalEndpoint, Route, Service, CT_FORWARD, CT_PASSTHROUGH, CT_REVERSE, ENCAP_LEN,
-    KIND_CLOSEST, MAX_BACKENDS, TUNNEL_HDR_LEN, TUNNEL_MAGIC, TUNNEL_TYPE_DATA, TUNNEL_VERSION,
+    KIND_CLOSEST, KIND_TUN, MAX_BACKENDS, TUNNEL_HDR_LEN, TUNNEL_MAGIC, TUNNEL_TYPE_DATA, TUNNEL_VERSION,
 };
 
 const ETH_LEN: usize = 14;
@@ -309,6 +309,10 @@ pub fn oak_inst_ingress(mut ctx: TcContext) -> i32 {
                     count(counter::PASS_UNKNOWN_SERVICE);
                     return TC_ACT_OK as i32; // the tun path resolves it
                 };
+                if svc.kind == KIND_TUN {
+                    count(counter::PASS_TUN_SERVICE);
+                    return TC_ACT_OK as i32;
+                }
                 if p.proto == PROTO_TCP && (p.tcp_flags & TCP_SYN == 0 || p.tcp_flags & TCP_ACK != 0) {
                     count(counter::PASS_TCP_MIDFLOW);
                     return TC_ACT_OK as i32; // a flow the tun path started

@@ -209,14 +209,21 @@ fn pin_dir(node: &str, bridge: &str) -> PathBuf {
     PathBuf::from("oakestra-rs").join(clean)
 }
 
+/// `prefer` when interface `iface` holds it, else the interface's first IPv4 address.
+fn uplink_ipv4(iface: &str, prefer: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
+    let addrs: Vec<std::net::Ipv4Addr> =
+        ebpf::host_addresses().into_iter().filter(|(name, _)| name == iface).map(|(_, a)| a).collect();
+    if addrs.contains(&prefer) {
+        Some(prefer)
+    } else {
+        addrs.first().copied()
+    }
+}
+
 /// The interface holding `ip`, else the one the default route leaves by.
 fn uplink_for(ip: std::net::Ipv4Addr) -> Result<String> {
-    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
-        for a in addrs {
-            if a.address.and_then(|s| s.as_sockaddr_in().map(|v| v.ip())) == Some(ip) {
-                return Ok(a.interface_name);
-            }
-        }
+    if let Some((name, _)) = ebpf::host_addresses().into_iter().find(|(_, a)| *a == ip) {
+        return Ok(name);
     }
     let routes = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
     routes
@@ -249,6 +256,11 @@ async fn start_fastpath(
         Some(u) => u,
         None => uplink_for(public_ip)?,
     };
+    // the outer source: the uplink's own address (the advertised one may be a NAT's or a relay's)
+    let source_ip = uplink_ipv4(&uplink, public_ip).unwrap_or(public_ip);
+    if source_ip != public_ip {
+        tracing::info!(%uplink, %source_ip, advertised = %public_ip, "tunnel packets leave with the uplink's own address");
+    }
     let mac = std::fs::read_to_string(format!("/sys/class/net/{bridge}/address"))
         .with_context(|| format!("reading the MAC of bridge {bridge}"))?;
     let mut gateway_mac = [0u8; 6];
@@ -259,7 +271,7 @@ async fn start_fastpath(
         &object,
         ebpf::FastPathConfig {
             uplink,
-            public_ip,
+            source_ip,
             tunnel_port: cfg.node_public_port,
             subnet,
             worker_prefix: subnet.prefix_len(),

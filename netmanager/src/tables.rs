@@ -62,6 +62,12 @@ impl Snapshot {
         })
     }
 
+    /// Whether `ip` is in this worker's own subnet (an instance here, whatever endpoint other workers share
+    /// an address with).
+    pub fn is_local(&self, ip: Ipv4Addr) -> bool {
+        self.local_subnet.is_some_and(|n| n.contains(&ip))
+    }
+
     /// The tunnel endpoint of the worker whose subnet holds `ip`.
     pub fn route_for(&self, ip: Ipv4Addr) -> Option<SocketAddr> {
         self.routes.iter().find(|(net, _)| net.contains(&ip)).map(|(_, ep)| *ep)

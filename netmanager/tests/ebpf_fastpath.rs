@@ -205,7 +205,7 @@ fn service_ip_across_two_workers_in_the_kernel() {
                 &obj,
                 FastPathConfig {
                     uplink: "up0".into(),
-                    public_ip: public,
+                    source_ip: public,
                     tunnel_port: 50103,
                     subnet,
                     worker_prefix: 26,

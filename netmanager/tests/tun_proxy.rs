@@ -1012,12 +1012,31 @@ fn delay_relay(ns: &str, listen_port: u16, upstream: SocketAddr, delay: Duration
 }
 
 /// Closest by measured RTT between two *remote* instances: three worker hosts on a LAN (a bridge in its
-/// own namespace); worker C is reached through a relay adding 15 ms each way. The far instance has the
-/// lower instance number (the tie-breaker), so choosing the near one proves the RTT is used.
+/// own namespace); worker C is reached through a relay adding 15 ms each way, on worker A's host. The far
+/// instance has the lower instance number (the tie-breaker), so choosing the near one proves the RTT is used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closest_follows_measured_rtt() {
+    closest_by_rtt("closest_follows_measured_rtt", false, true).await;
+}
+
+/// The same with workers A and B on the eBPF fast path, the relay on a host of its own: A's kernel
+/// balances and picks the closest instance (from the same RTTs) and carries the flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closest_follows_measured_rtt_ebpf() {
+    closest_by_rtt("closest_follows_measured_rtt_ebpf", true, false).await;
+}
+
+/// On the eBPF fast path with C's endpoint (the relay) an address of A's own host: the kernel could not
+/// own the replies (they come back over loopback), so A leaves that service whole to the tun path, which
+/// balances it and picks the closest; A's counters and log say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_leaves_a_service_behind_an_endpoint_on_this_host_to_the_tun_path() {
+    closest_by_rtt("ebpf_leaves_a_service_behind_an_endpoint_on_this_host_to_the_tun_path", true, true).await;
+}
+
+async fn closest_by_rtt(name: &str, ebpf: bool, relay_on_a: bool) {
     if !is_root() {
-        eprintln!("skipping closest_follows_measured_rtt: needs root (network namespaces, tun)");
+        eprintln!("skipping {name}: needs root (network namespaces, tun, eBPF)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1025,7 +1044,8 @@ async fn closest_follows_measured_rtt() {
     let lan = Netns::new("otpl");
     sh(&["ip", "-n", &lan.0, "link", "add", "br0", "type", "bridge"]);
     sh(&["ip", "-n", &lan.0, "link", "set", "br0", "up"]);
-    let hosts: Vec<Netns> = ["otpa", "otpb", "otpc"].iter().map(|p| Netns::new(p)).collect();
+    // hosts A, B, C and R (the relay's own host, used when it is not on A)
+    let hosts: Vec<Netns> = ["otpa", "otpb", "otpc", "otpr"].iter().map(|p| Netns::new(p)).collect();
     for (i, h) in hosts.iter().enumerate() {
         let port = format!("l{i}");
         sh(&["ip", "-n", &lan.0, "link", "add", &port, "type", "veth", "peer", "name", "up0", "netns", &h.0]);
@@ -1034,19 +1054,27 @@ async fn closest_follows_measured_rtt() {
         sh(&["ip", "-n", &h.0, "addr", "add", &format!("192.168.77.{}/24", i + 1), "dev", "up0"]);
         sh(&["ip", "-n", &h.0, "link", "set", "up0", "up"]);
     }
-    let [ha, hb, hc]: [Netns; 3] = hosts.try_into().ok().unwrap();
+    let [ha, hb, hc, hr]: [Netns; 4] = hosts.try_into().ok().unwrap();
     let ipa = Ipv4Addr::new(192, 168, 77, 1);
+    let relay = if relay_on_a { ipa } else { Ipv4Addr::new(192, 168, 77, 4) };
 
     let (_rootsvc, _cluster, rr, closest) = services(dir, &ha).await;
 
-    // worker C advertises the relay (on host A, port 50200) as its tunnel endpoint
-    delay_relay(&ha.path(), 50200, SocketAddr::from(([192, 168, 77, 3], 50200)), Duration::from_millis(15));
+    // worker C advertises the relay (port 50200) as its tunnel endpoint
+    let relay_host = if relay_on_a { ha.path() } else { hr.path() };
+    delay_relay(&relay_host, 50200, SocketAddr::from(([192, 168, 77, 3], 50200)), Duration::from_millis(15));
+    // C is on the tun path in every variant: the relay is a userspace socket on a veth underlay, so it
+    // hands on an eBPF sender's inner checksums as the offload left them (partial); the tun path completes
+    // them (flag 0), an eBPF receiver relies on the kernel's offload state, which the relay does not keep
+    // (over real links the sending device completes them before the wire)
     let mk = |ns: Netns, advertised: Ipv4Addr, port: u16, tag: &str| {
+        let fast = ebpf && tag != "c";
         let cfg = dir.join(format!("netcfg-{tag}.json"));
+        let node = unique(&format!("node{tag}"));
         std::fs::write(
             &cfg,
             json!({"NodePublicAddress": advertised.to_string(), "NodePublicPort": port.to_string(),
-                   "ClusterUrl": ipa.to_string(), "ClusterNetPort": "10110", "NodeName": unique(&format!("node{tag}"))})
+                   "ClusterUrl": ipa.to_string(), "ClusterNetPort": "10110", "NodeName": node})
             .to_string(),
         )
         .unwrap();
@@ -1057,14 +1085,14 @@ async fn closest_follows_measured_rtt() {
             data: dir.join(format!("nm-{tag}")),
             log: dir.join(format!("nm-{tag}.log")),
             nm: None,
-            extra: vec!["--no-ebpf".into()],
-            pins: None,
+            extra: if fast { vec!["--bpf-pin-root".into(), test_bpffs()] } else { vec!["--no-ebpf".into()] },
+            pins: fast.then(|| PathBuf::from(test_bpffs()).join("oakestra-rs").join(format!("{node}-obr0"))),
         }
     };
     let mut wa = mk(ha, ipa, 50103, "a");
     let mut wb = mk(hb, Ipv4Addr::new(192, 168, 77, 2), 50103, "b");
-    let mut wc = mk(hc, ipa, 50200, "c");
-    let _lan = lan;
+    let mut wc = mk(hc, relay, 50200, "c");
+    let (_lan, _hr) = (lan, hr);
     tokio::task::block_in_place(|| {
         wa.start_nm();
         wb.start_nm();
@@ -1092,7 +1120,7 @@ async fn closest_follows_measured_rtt() {
         let t0 = Instant::now();
         eventually(20, "RTTs to both remote workers measured", || {
             let c = wa.counters();
-            if ["192.168.77.2:50103", "192.168.77.1:50200"].iter().all(|ep| c["rtt_us"][*ep].is_u64()) {
+            if ["192.168.77.2:50103".to_string(), format!("{relay}:50200")].iter().all(|ep| c["rtt_us"][ep].is_u64()) {
                 Ok(())
             } else {
                 Err(format!("{}", c["rtt_us"]))
@@ -1101,11 +1129,33 @@ async fn closest_follows_measured_rtt() {
         eventually(20, "closest = the worker with the lower RTT", || {
             all_answer(4, "near", || tcp_ask(&ns_ca, closest, 8080))
         });
-        all_answer(4, "near", || udp_ask(&ns_ca, closest, 8081)).unwrap_or_else(|a| panic!("closest (UDP): {a}"));
         eprintln!("closest picked the near worker {:?} after the first probes could run", t0.elapsed());
+        // which datapath carries them: four new TCP flows and four UDP datagrams from fresh sockets
+        let before = wa.counters();
+        all_answer(4, "near", || tcp_ask(&ns_ca, closest, 8080)).unwrap_or_else(|a| panic!("closest (TCP): {a}"));
+        all_answer(4, "near", || udp_ask(&ns_ca, closest, 8081)).unwrap_or_else(|a| panic!("closest (UDP): {a}"));
         let c = wa.counters();
+        let ebpf_delta = |k: &str| c["ebpf"][k].as_u64().unwrap_or(0) - before["ebpf"][k].as_u64().unwrap_or(0);
+        let proxy_delta = |k: &str| c["events"][k].as_u64().unwrap_or(0) - before["events"][k].as_u64().unwrap_or(0);
+        match (ebpf, relay_on_a) {
+            (false, _) => assert!(proxy_delta("forward_translated") >= 8, "{c}"),
+            (true, false) => {
+                assert!(ebpf_delta("new_flow") >= 8 && ebpf_delta("encap") >= 8, "flows not taken by the kernel: {c}");
+                assert_eq!(ebpf_delta("pass_tun_service"), 0, "{c}");
+            }
+            (true, true) => {
+                assert!(ebpf_delta("pass_tun_service") >= 8, "service not left to the tun path: {c}");
+                assert_eq!(ebpf_delta("new_flow"), 0, "{c}");
+                assert!(proxy_delta("forward_translated") >= 8, "{c}");
+                let log = wa.log_text();
+                assert!(
+                    log.contains("service left to the tun path") && log.contains(&format!("{relay}:50200")),
+                    "A did not say why the service stays on the tun path:\n{log}"
+                );
+            }
+        }
         let rtt = |ep: &str| c["rtt_us"][ep].as_u64().unwrap_or_else(|| panic!("no RTT for {ep}: {c}"));
-        let (near, far) = (rtt("192.168.77.2:50103"), rtt("192.168.77.1:50200"));
+        let (near, far) = (rtt("192.168.77.2:50103"), rtt(&format!("{relay}:50200")));
         eprintln!("A measured RTT: near {near} µs, far {far} µs");
         assert!(far >= 30_000 && near < far, "near {near} µs, far {far} µs");
     });

@@ -17,6 +17,10 @@ pub const ENCAP_LEN: usize = 36;
 
 pub const KIND_ROUND_ROBIN: u8 = 0;
 pub const KIND_CLOSEST: u8 = 1;
+/// A service the fast path leaves whole to the tun path: one of its instances is behind a tunnel endpoint
+/// the kernel cannot own both directions of (an address of this host: a relay or port forward here, or a
+/// second NetManager). Translating only some of its flows in the kernel would skew the balancing.
+pub const KIND_TUN: u8 = 2;
 
 /// SERVICES value, keyed by a service IP (round-robin and closest IPs each have an entry).
 #[repr(C)]
@@ -92,7 +96,8 @@ pub struct Config {
     /// Service IP space (10.30.0.0/16) and its mask.
     pub service_net: u32,
     pub service_mask: u32,
-    /// Source of encapsulated packets (NodePublicAddress) and the uplink they leave by.
+    /// Source of encapsulated packets (the uplink's own address: NodePublicAddress when the uplink holds
+    /// it) and the uplink they leave by.
     pub public_ip: u32,
     pub uplink_ifindex: u32,
     /// Tunnel UDP port we listen on, network byte order.
@@ -127,7 +132,9 @@ pub mod counter {
     pub const REDIRECT_FIB: u32 = 16;
     /// Encapsulated packets left to `bpf_redirect_neigh` (no resolved neighbour for the next hop yet).
     pub const REDIRECT_NEIGH: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// Packets to a service left whole to the tun path (`KIND_TUN`).
+    pub const PASS_TUN_SERVICE: u32 = 18;
+    pub const COUNT: u32 = 19;
     /// Names, in slot order (what the NetManager API shows).
     pub const NAMES: [&str; COUNT as usize] = [
         "new_flow",
@@ -148,6 +155,7 @@ pub mod counter {
         "pass_unknown_flow",
         "redirect_fib",
         "redirect_neigh",
+        "pass_tun_service",
     ];
 }
 

@@ -16,8 +16,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
-use netmanager_ebpf_common::{counter, Config, LocalEndpoint, Route, Service, KIND_CLOSEST, KIND_ROUND_ROBIN, MAX_BACKENDS};
-
+use netmanager_ebpf_common::{
+    counter, Config, LocalEndpoint, Route, Service, KIND_CLOSEST, KIND_ROUND_ROBIN, KIND_TUN, MAX_BACKENDS,
+};
 
 use crate::tables::Snapshot;
 
@@ -47,8 +48,9 @@ fn raw_port(port: u16) -> u16 {
 pub struct FastPathConfig {
     /// Interface tunnel traffic arrives on and leaves by.
     pub uplink: String,
-    /// NodePublicAddress: source of encapsulated packets.
-    pub public_ip: Ipv4Addr,
+    /// Source of encapsulated packets: the uplink's own address (NodePublicAddress when the uplink holds
+    /// it; behind NAT or a relay the advertised address belongs to another host).
+    pub source_ip: Ipv4Addr,
     pub tunnel_port: u16,
     /// This worker's subnet (first address = bridge).
     pub subnet: Ipv4Net,
@@ -106,6 +108,8 @@ pub struct FastPath {
     counters: PerCpuArray<MapData, u64>,
     /// host veth name -> instance ip
     attached: StdHashMap<String, Ipv4Addr>,
+    /// Services left whole to the tun path, and why (logged when that changes).
+    tun_only: BTreeMap<String, String>,
     /// The programs' log records (aya-log); must live as long as the programs use its map. None when a
     /// tokio task owns it and forwards the records into tracing.
     _log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -215,7 +219,7 @@ impl FastPath {
         let routes = HashMap::try_from(take(&mut ebpf, "ROUTES")?)?;
         let local = HashMap::try_from(take(&mut ebpf, "LOCAL")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
-        let mut fp = Self { ebpf, cfg, services, routes, local, counters, attached: StdHashMap::new(), _log: log };
+        let mut fp = Self { ebpf, cfg, services, routes, local, counters, attached: StdHashMap::new(), tun_only: BTreeMap::new(), _log: log };
         // adopted maps keep the previous incarnation's config (enabled) until the new one rewrites it
         if fp.cfg.pin_dir.is_none() {
             fp.write_config(false)?;
@@ -263,7 +267,7 @@ impl FastPath {
             route_mask: mask(c.worker_prefix),
             service_net: raw(c.service_net.network()),
             service_mask: raw(c.service_net.netmask()),
-            public_ip: raw(c.public_ip),
+            public_ip: raw(c.source_ip),
             uplink_ifindex: ifindex(&c.uplink)?,
             tunnel_port: raw_port(c.tunnel_port),
             gw_mac: c.gateway_mac,
@@ -297,51 +301,30 @@ impl FastPath {
         Ok(())
     }
 
-    /// Makes SERVICES and ROUTES equal to the tables.
+    /// Makes SERVICES and ROUTES equal to the tables. Routes go in before the services that use them and
+    /// out after, so the programs never pick an instance they have no way to.
     pub fn sync(&mut self, snap: &Snapshot) -> Result<()> {
-        let mut want_svc: StdHashMap<u32, Service> = StdHashMap::new();
-        for s in snap.services.values() {
-            let mut insts: Vec<_> = s.instances.iter().collect();
-            insts.sort_by_key(|i| i.instance_number);
-            insts.truncate(MAX_BACKENDS);
-            let mut backends = [0u32; MAX_BACKENDS];
-            for (k, i) in insts.iter().enumerate() {
-                backends[k] = raw(i.ns_ip);
+        let own: HashSet<Ipv4Addr> = host_addresses().into_iter().map(|(_, a)| a).collect();
+        let plan = plan_maps(snap, self.cfg.worker_prefix, &own);
+        if plan.tun_only != self.tun_only {
+            for (svc, why) in plan.tun_only.iter().filter(|(k, _)| !self.tun_only.contains_key(*k)) {
+                tracing::info!(service = %svc, "service left to the tun path: {why}");
             }
-            let local = |w: &SocketAddr| w.ip() == std::net::IpAddr::V4(self.cfg.public_ip);
-            let closest = insts
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, i)| if local(&i.worker) { 0 } else { i.rtt_us.unwrap_or(u64::MAX / 2) })
-                .map(|(k, _)| k as u8)
-                .unwrap_or(0);
-            let base = Service { kind: KIND_ROUND_ROBIN, count: insts.len() as u8, closest, _pad: 0, backends };
-            if let Some(ip) = s.rr_ip {
-                want_svc.insert(raw(ip), base);
-            }
-            if let Some(ip) = s.closest_ip {
-                want_svc.insert(raw(ip), Service { kind: KIND_CLOSEST, ..base });
-            }
+            self.tun_only = plan.tun_only.clone();
+        }
+        for (k, v) in &plan.routes {
+            self.routes.insert(*k, *v, 0)?;
         }
         let have: HashSet<u32> = self.services.keys().filter_map(|k| k.ok()).collect();
-        for k in have.iter().filter(|k| !want_svc.contains_key(k)) {
+        for k in have.iter().filter(|k| !plan.services.contains_key(k)) {
             let _ = self.services.remove(k);
         }
-        for (k, v) in &want_svc {
+        for (k, v) in &plan.services {
             self.services.insert(*k, *v, 0)?;
         }
-        let mut want_routes: StdHashMap<u32, Route> = StdHashMap::new();
-        for (net, ep) in &snap.routes {
-            if let SocketAddr::V4(v4) = ep {
-                want_routes.insert(raw(net.network()), Route { worker_ip: raw(*v4.ip()), port: raw_port(v4.port()), _pad: 0 });
-            }
-        }
         let have: HashSet<u32> = self.routes.keys().filter_map(|k| k.ok()).collect();
-        for k in have.iter().filter(|k| !want_routes.contains_key(k)) {
+        for k in have.iter().filter(|k| !plan.routes.contains_key(k)) {
             let _ = self.routes.remove(k);
-        }
-        for (k, v) in &want_routes {
-            self.routes.insert(*k, *v, 0)?;
         }
         Ok(())
     }
@@ -354,5 +337,197 @@ impl FastPath {
             m.insert(*name, v.iter().sum());
         }
         Ok(m)
+    }
+}
+
+/// This host's IPv4 addresses with their interfaces (the calling thread's network namespace).
+pub fn host_addresses() -> Vec<(String, Ipv4Addr)> {
+    nix::ifaddrs::getifaddrs()
+        .map(|addrs| addrs.filter_map(|a| Some((a.interface_name.clone(), a.address?.as_sockaddr_in()?.ip()))).collect())
+        .unwrap_or_default()
+}
+
+/// What SERVICES and ROUTES should hold for a snapshot.
+#[derive(Debug, Default)]
+struct MapPlan {
+    services: StdHashMap<u32, Service>,
+    routes: StdHashMap<u32, Route>,
+    /// Services left whole to the tun path (`KIND_TUN`) -> why.
+    tun_only: BTreeMap<String, String>,
+}
+
+/// ROUTES: every remote worker subnet whose tunnel endpoint is not an address of this host (`own`):
+/// packets to such an endpoint would have to be delivered here, and its replies would come back over
+/// loopback, past the uplink program, so the tun path carries them. SERVICES: each service IP with its
+/// instances in the tun path's order (instance number, then address); a service with an instance the
+/// kernel cannot reach (no route, or more than MAX_BACKENDS instances) is marked `KIND_TUN` so the tun
+/// path balances all of its flows. Closest: local instances first (RTT 0), then the lowest measured RTT.
+fn plan_maps(snap: &Snapshot, worker_prefix: u8, own: &HashSet<Ipv4Addr>) -> MapPlan {
+    let mut plan = MapPlan::default();
+    let mask = u32::from(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, worker_prefix).expect("prefix").netmask());
+    for (net, ep) in &snap.routes {
+        if Some(*net) == snap.local_subnet {
+            continue;
+        }
+        if let SocketAddr::V4(v4) = ep {
+            if !own.contains(v4.ip()) {
+                plan.routes.insert(raw(net.network()), Route { worker_ip: raw(*v4.ip()), port: raw_port(v4.port()), _pad: 0 });
+            }
+        }
+    }
+    for s in snap.services.values() {
+        let mut insts: Vec<_> = s.instances.iter().collect();
+        insts.sort_by_key(|i| (i.instance_number, u32::from(i.ns_ip)));
+        let routed = |ip: Ipv4Addr| plan.routes.contains_key(&raw(Ipv4Addr::from(u32::from(ip) & mask)));
+        let why = if insts.len() > MAX_BACKENDS {
+            Some(format!("{} instances, the kernel balances over at most {MAX_BACKENDS}", insts.len()))
+        } else {
+            insts.iter().find(|i| !snap.is_local(i.ns_ip) && !routed(i.ns_ip)).map(|i| match snap.route_for(i.ns_ip) {
+                Some(ep) => format!("instance {} is behind tunnel endpoint {ep}, an address of this host", i.ns_ip),
+                None => format!("no route to instance {} yet", i.ns_ip),
+            })
+        };
+        insts.truncate(MAX_BACKENDS);
+        let mut backends = [0u32; MAX_BACKENDS];
+        for (k, i) in insts.iter().enumerate() {
+            backends[k] = raw(i.ns_ip);
+        }
+        let closest = insts
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, i)| if snap.is_local(i.ns_ip) { 0 } else { i.rtt_us.unwrap_or(u64::MAX / 2) })
+            .map(|(k, _)| k as u8)
+            .unwrap_or(0);
+        let base = Service { kind: KIND_ROUND_ROBIN, count: insts.len() as u8, closest, _pad: 0, backends };
+        let (rr_kind, closest_kind) = match why {
+            Some(why) => {
+                plan.tun_only.insert(s.job_name.clone(), why);
+                (KIND_TUN, KIND_TUN)
+            }
+            None => (KIND_ROUND_ROBIN, KIND_CLOSEST),
+        };
+        if let Some(ip) = s.rr_ip {
+            plan.services.insert(raw(ip), Service { kind: rr_kind, ..base });
+        }
+        if let Some(ip) = s.closest_ip {
+            plan.services.insert(raw(ip), Service { kind: closest_kind, ..base });
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tables::{InstanceEndpoint, ServiceEntry};
+
+    fn inst(n: u32, ip: &str, worker: &str, rtt: Option<u64>) -> InstanceEndpoint {
+        InstanceEndpoint {
+            service_id: "s1".into(),
+            job_name: "app.ns.echo.ns".into(),
+            instance_number: n,
+            ns_ip: ip.parse().unwrap(),
+            worker: worker.parse().unwrap(),
+            rtt_us: rtt,
+        }
+    }
+
+    /// This worker: 10.18.0.0/26 at 192.168.77.1:50103; worker B (10.18.0.64/26) at 192.168.77.2:50103;
+    /// worker C (10.18.0.128/26) advertises 192.168.77.1:50200, an address of this host (a relay here).
+    fn snap(instances: Vec<InstanceEndpoint>) -> Snapshot {
+        let mut s = Snapshot { local_subnet: Some("10.18.0.0/26".parse().unwrap()), ..Default::default() };
+        s.routes.insert("10.18.0.0/26".parse().unwrap(), "192.168.77.1:50103".parse().unwrap());
+        s.routes.insert("10.18.0.64/26".parse().unwrap(), "192.168.77.2:50103".parse().unwrap());
+        s.routes.insert("10.18.0.128/26".parse().unwrap(), "192.168.77.1:50200".parse().unwrap());
+        s.services.insert(
+            "s1".into(),
+            ServiceEntry {
+                service_id: "s1".into(),
+                job_name: "app.ns.echo.ns".into(),
+                rr_ip: Some("10.30.0.2".parse().unwrap()),
+                closest_ip: Some("10.30.0.3".parse().unwrap()),
+                instances,
+            },
+        );
+        s
+    }
+
+    fn own() -> HashSet<Ipv4Addr> {
+        ["127.0.0.1", "192.168.77.1"].iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    fn svc(p: &MapPlan, ip: &str) -> Service {
+        p.services[&raw(ip.parse().unwrap())]
+    }
+
+    #[test]
+    fn routes_skip_the_local_subnet_and_endpoints_on_this_host() {
+        let p = plan_maps(&snap(vec![]), 26, &own());
+        let keys: HashSet<u32> = p.routes.keys().copied().collect();
+        assert_eq!(keys, HashSet::from([raw("10.18.0.64".parse().unwrap())]));
+        let r = p.routes[&raw("10.18.0.64".parse().unwrap())];
+        assert_eq!((r.worker_ip, r.port), (raw("192.168.77.2".parse().unwrap()), raw_port(50103)));
+    }
+
+    #[test]
+    fn a_service_reachable_in_the_kernel_is_balanced_there() {
+        // instance numbers out of order on purpose: backends follow the instance number
+        let p = plan_maps(
+            &snap(vec![inst(1, "10.18.0.66", "192.168.77.2:50103", Some(300)), inst(0, "10.18.0.2", "192.168.77.1:50103", None)]),
+            26,
+            &own(),
+        );
+        assert!(p.tun_only.is_empty(), "{:?}", p.tun_only);
+        let rr = svc(&p, "10.30.0.2");
+        assert_eq!((rr.kind, rr.count), (KIND_ROUND_ROBIN, 2));
+        assert_eq!(&rr.backends[..2], &[raw("10.18.0.2".parse().unwrap()), raw("10.18.0.66".parse().unwrap())]);
+        let c = svc(&p, "10.30.0.3");
+        assert_eq!((c.kind, c.closest), (KIND_CLOSEST, 0), "the local instance is the closest");
+    }
+
+    #[test]
+    fn closest_is_by_rtt_not_by_a_shared_endpoint_address() {
+        // two remote instances, the one on B measured nearer; C's endpoint has this host's address (a
+        // relay here) but C's instance is not local, so it must not count as RTT 0. With C's endpoint not
+        // on this host the kernel serves the service:
+        let mut s = snap(vec![
+            inst(0, "10.18.0.130", "192.168.77.1:50200", Some(30_000)),
+            inst(1, "10.18.0.66", "192.168.77.2:50103", Some(200)),
+        ]);
+        let elsewhere = HashSet::from(["192.168.77.9".parse().unwrap()]);
+        let p = plan_maps(&s, 26, &elsewhere);
+        assert!(p.tun_only.is_empty(), "{:?}", p.tun_only);
+        assert_eq!(svc(&p, "10.30.0.3").closest, 1, "B (200 µs) is nearer than C (30 ms)");
+        // an unmeasured RTT loses against a measured one
+        s.services.get_mut("s1").unwrap().instances[1].rtt_us = None;
+        assert_eq!(svc(&plan_maps(&s, 26, &elsewhere), "10.30.0.3").closest, 0);
+    }
+
+    #[test]
+    fn an_instance_behind_an_endpoint_on_this_host_leaves_the_service_to_the_tun_path() {
+        let p = plan_maps(
+            &snap(vec![
+                inst(0, "10.18.0.130", "192.168.77.1:50200", Some(30_000)),
+                inst(1, "10.18.0.66", "192.168.77.2:50103", Some(200)),
+            ]),
+            26,
+            &own(),
+        );
+        assert_eq!(svc(&p, "10.30.0.2").kind, KIND_TUN);
+        assert_eq!(svc(&p, "10.30.0.3").kind, KIND_TUN);
+        let why = &p.tun_only["app.ns.echo.ns"];
+        assert!(why.contains("10.18.0.130") && why.contains("192.168.77.1:50200"), "{why}");
+    }
+
+    #[test]
+    fn no_route_yet_or_too_many_instances_leave_the_service_to_the_tun_path() {
+        let p = plan_maps(&snap(vec![inst(0, "10.18.0.200", "192.168.77.5:50103", None)]), 26, &own());
+        assert_eq!(svc(&p, "10.30.0.2").kind, KIND_TUN);
+        assert!(p.tun_only["app.ns.echo.ns"].contains("no route"), "{:?}", p.tun_only);
+        let many =
+            (0..MAX_BACKENDS as u32 + 1).map(|n| inst(n, &format!("10.18.0.{}", n + 2), "192.168.77.1:50103", None)).collect();
+        let p = plan_maps(&snap(many), 26, &own());
+        assert_eq!(svc(&p, "10.30.0.2").kind, KIND_TUN);
+        assert!(p.tun_only["app.ns.echo.ns"].contains("at most 32"), "{:?}", p.tun_only);
     }
 }

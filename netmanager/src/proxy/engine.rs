@@ -147,10 +147,6 @@ impl Engine {
         }
     }
 
-    fn is_local(snap: &Snapshot, inst: &InstanceEndpoint) -> bool {
-        snap.local_subnet.is_some_and(|n| n.contains(&inst.ns_ip))
-    }
-
     /// Pick an instance for a new flow.
     fn pick<'a>(
         &mut self,
@@ -172,7 +168,7 @@ impl Engine {
                 Some(i)
             }
             AddressKind::Closest => sorted.into_iter().min_by_key(|i| {
-                let local = Self::is_local(snap, i);
+                let local = snap.is_local(i.ns_ip);
                 let rtt = if local { 0 } else { self.rtt.get(&i.worker).copied().or(i.rtt_us).unwrap_or(u64::MAX / 2) };
                 (rtt, !local, i.instance_number)
             }),
@@ -346,7 +342,7 @@ impl Engine {
                 let Some(i) = self.pick(snap, &sid, kind, &instances) else {
                     return Verdict::Drop(Reason::NoInstance);
                 };
-                let local = Self::is_local(snap, i);
+                let local = snap.is_local(i.ns_ip);
                 let inst = i.ns_ip;
                 let nat = if local && !l4.icmp {
                     match self.free_port(p.proto, inst, l4.dport, p.dst, l4.sport, (p.src, l4.sport)) {
