@@ -163,6 +163,16 @@ fn test_bpffs() -> String {
     root.to_string()
 }
 
+/// The flags that put a fast-path NetManager's pins on the test bpffs.
+fn pin_flags() -> Vec<String> {
+    vec!["--bpf-pin-root".into(), test_bpffs()]
+}
+
+/// Where a fast-path NetManager of node `node` (bridge obr0) pins its maps and links.
+fn pin_dir(node: &str) -> PathBuf {
+    PathBuf::from(test_bpffs()).join("oakestra-rs").join(format!("{node}-obr0"))
+}
+
 /// Ok when all `n` answers of `ask` are `want`; otherwise the answers (errors as their text).
 fn all_answer(n: usize, want: &str, ask: impl Fn() -> Result<String, String>) -> Result<(), String> {
     let answers: Vec<String> = (0..n).map(|_| ask().unwrap_or_else(|e| e)).collect();
@@ -340,11 +350,11 @@ async fn world(
             extra: {
                 let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
                 if ebpf {
-                    v.extend(["--bpf-pin-root".to_string(), test_bpffs()]);
+                    v.extend(pin_flags());
                 }
                 v
             },
-            pins: ebpf.then(|| PathBuf::from(test_bpffs()).join("oakestra-rs").join(format!("{node}-obr0"))),
+            pins: ebpf.then(|| pin_dir(&node)),
         }
     };
     let (wa, wb) = (mk(ha, ipa, "a", extra_a), mk(hb, ipb, "b", extra_b));
@@ -1085,8 +1095,8 @@ async fn closest_by_rtt(name: &str, ebpf: bool, relay_on_a: bool) {
             data: dir.join(format!("nm-{tag}")),
             log: dir.join(format!("nm-{tag}.log")),
             nm: None,
-            extra: if fast { vec!["--bpf-pin-root".into(), test_bpffs()] } else { vec!["--no-ebpf".into()] },
-            pins: fast.then(|| PathBuf::from(test_bpffs()).join("oakestra-rs").join(format!("{node}-obr0"))),
+            extra: if fast { pin_flags() } else { vec!["--no-ebpf".into()] },
+            pins: fast.then(|| pin_dir(&node)),
         }
     };
     let mut wa = mk(ha, ipa, 50103, "a");

@@ -364,7 +364,6 @@ struct MapPlan {
 /// path balances all of its flows. Closest: local instances first (RTT 0), then the lowest measured RTT.
 fn plan_maps(snap: &Snapshot, worker_prefix: u8, own: &HashSet<Ipv4Addr>) -> MapPlan {
     let mut plan = MapPlan::default();
-    let mask = u32::from(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, worker_prefix).expect("prefix").netmask());
     for (net, ep) in &snap.routes {
         if Some(*net) == snap.local_subnet {
             continue;
@@ -378,7 +377,8 @@ fn plan_maps(snap: &Snapshot, worker_prefix: u8, own: &HashSet<Ipv4Addr>) -> Map
     for s in snap.services.values() {
         let mut insts: Vec<_> = s.instances.iter().collect();
         insts.sort_by_key(|i| (i.instance_number, u32::from(i.ns_ip)));
-        let routed = |ip: Ipv4Addr| plan.routes.contains_key(&raw(Ipv4Addr::from(u32::from(ip) & mask)));
+        // the programs' ROUTES key: the destination's worker subnet
+        let routed = |ip: Ipv4Addr| plan.routes.contains_key(&raw(Ipv4Net::new(ip, worker_prefix).expect("prefix").network()));
         let why = if insts.len() > MAX_BACKENDS {
             Some(format!("{} instances, the kernel balances over at most {MAX_BACKENDS}", insts.len()))
         } else {
