@@ -19,7 +19,5 @@ fn main() {
     files.sort();
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(&files, [root]).expect("protobuf sources compile");
-    tonic_prost_build::configure()
-        .compile_fds(fds)
-        .expect("generate Rust from protobuf");
+    tonic_prost_build::configure().compile_fds(fds).expect("generate Rust from protobuf");
 }

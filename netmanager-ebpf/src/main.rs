@@ -19,10 +19,9 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
@@ -31,8 +30,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, error};
 use netmanager_ebpf_common::{
-    counter, Config, FlowKey, FlowVal, LocalEndpoint, Route, Service, CT_FORWARD, CT_PASSTHROUGH, CT_REVERSE, ENCAP_LEN,
-    KIND_CLOSEST, KIND_TUN, MAX_BACKENDS, TUNNEL_HDR_LEN, TUNNEL_MAGIC, TUNNEL_TYPE_DATA, TUNNEL_VERSION,
+    counter, Config, FlowKey, FlowVal, LocalEndpoint, Route, Service, CT_FORWARD, CT_PASSTHROUGH, CT_REVERSE,
+    ENCAP_LEN, KIND_CLOSEST, KIND_TUN, MAX_BACKENDS, TUNNEL_HDR_LEN, TUNNEL_MAGIC, TUNNEL_TYPE_DATA, TUNNEL_VERSION,
 };
 
 const ETH_LEN: usize = 14;
@@ -278,9 +277,15 @@ fn encap(ctx: &mut TcContext, cfg: &Config, p: &Pkt, r: &Route) -> i32 {
     fib.__bindgen_anon_3.ipv4_src = cfg.public_ip;
     fib.__bindgen_anon_4.ipv4_dst = r.worker_ip;
     let rc = unsafe {
-        bpf_fib_lookup(ctx.skb.skb as *mut c_void, &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, BPF_FIB_LOOKUP_OUTPUT)
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut c_void,
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
     };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && ctx.store(0, &fib.dmac, 0).is_ok() && ctx.store(6, &fib.smac, 0).is_ok() {
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && ctx.store(0, &fib.dmac, 0).is_ok() && ctx.store(6, &fib.smac, 0).is_ok()
+    {
         count(counter::REDIRECT_FIB);
         return unsafe { bpf_redirect(fib.ifindex, 0) as i32 };
     }

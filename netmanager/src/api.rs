@@ -59,7 +59,11 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 fn service_key(id: &str, name: &str) -> String {
-    if id.is_empty() { name.to_string() } else { id.to_string() }
+    if id.is_empty() {
+        name.to_string()
+    } else {
+        id.to_string()
+    }
 }
 
 async fn status(State(st): State<Arc<ApiState>>) -> Json<Value> {
@@ -108,7 +112,8 @@ async fn deploy(State(st): State<Arc<ApiState>>, body: Result<Json<DeployRequest
         return error(StatusCode::BAD_REQUEST, "pid must be the pid of the instance's process");
     }
     let sid = service_key(&req.service_id, &req.service_name);
-    let ip = match ready.wiring.attach(req.pid, &sid, &req.service_name, req.instance_number, &req.port_mappings).await {
+    let ip = match ready.wiring.attach(req.pid, &sid, &req.service_name, req.instance_number, &req.port_mappings).await
+    {
         Ok(ip) => ip,
         Err(e) => {
             let msg = format!("{e:#}");
@@ -124,7 +129,9 @@ async fn deploy(State(st): State<Arc<ApiState>>, body: Result<Json<DeployRequest
     if let Some(fp) = st.fastpath.get() {
         let veth = ready.wiring.attachments().await.into_iter().find(|a| a.ip == ip).map(|a| a.host_veth);
         if let Some(veth) = veth {
-            if let Err(e) = fp.lock().expect("fast path lock").attach_instance(&veth, ip, crate::wiring::instance_mac(ip)) {
+            if let Err(e) =
+                fp.lock().expect("fast path lock").attach_instance(&veth, ip, crate::wiring::instance_mac(ip))
+            {
                 tracing::warn!(%veth, "instance stays on the kernel path: {e:#}");
             }
         }
@@ -169,7 +176,9 @@ async fn undeploy(State(st): State<Arc<ApiState>>, body: Result<Json<UndeployReq
                 }
                 let control = ready.control.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = control.deregister_instance(&att.service_id, &att.job_name, att.instance_number).await {
+                    if let Err(e) =
+                        control.deregister_instance(&att.service_id, &att.job_name, att.instance_number).await
+                    {
                         tracing::warn!(error = %format!("{e:#}"), "instance deregistration failed");
                     }
                 });

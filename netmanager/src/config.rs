@@ -47,10 +47,9 @@ const FIELDS: &[&str] = &[
 
 fn port(field: &str, v: &Value) -> Result<u16> {
     let n = match v {
-        Value::String(s) => s
-            .trim()
-            .parse::<u64>()
-            .with_context(|| format!("field {field}: {s:?} is not a port number"))?,
+        Value::String(s) => {
+            s.trim().parse::<u64>().with_context(|| format!("field {field}: {s:?} is not a port number"))?
+        }
         Value::Number(n) => n.as_u64().with_context(|| format!("field {field}: {n} is not a port number"))?,
         other => bail!("field {field}: expected a port (string or number), got {}", kind(other)),
     };
@@ -134,11 +133,7 @@ impl NetConfig {
 
     /// gRPC URL of the cluster network service.
     pub fn cluster_net_url(&self) -> String {
-        let host = self
-            .cluster_url
-            .trim_start_matches("http://")
-            .trim_start_matches("https://")
-            .trim_end_matches('/');
+        let host = self.cluster_url.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/');
         // "host:port" in ClusterUrl: keep the host only
         let host = match host.rsplit_once(':') {
             Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.contains(':') => h,

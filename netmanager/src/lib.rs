@@ -85,7 +85,11 @@ fn node_name(cfg: &NetConfig) -> String {
     if let Some(n) = &cfg.node_name {
         return n.clone();
     }
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).unwrap_or_else(|| "worker".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
 }
 
 /// Load the config, bind the API (answering `ready:false` until done), lease the worker subnet (fatal on
@@ -99,7 +103,12 @@ pub async fn start(opts: Options) -> Result<Running> {
     let node = node_name(&cfg);
     tracing::info!(%url, %node, %public, "starting NetManager");
 
-    let state = Arc::new(ApiState { ready: tokio::sync::OnceCell::new(), public, counters: std::sync::OnceLock::new(), fastpath: std::sync::OnceLock::new() });
+    let state = Arc::new(ApiState {
+        ready: tokio::sync::OnceCell::new(),
+        public,
+        counters: std::sync::OnceLock::new(),
+        fastpath: std::sync::OnceLock::new(),
+    });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding the local API on {}", opts.listen))?;
@@ -128,7 +137,10 @@ pub async fn start(opts: Options) -> Result<Running> {
     let proxy = match &opts.proxy {
         None => None,
         Some(p) => match proxy::start(
-            &proxy::ProxyOptions { flows_file: p.flows_file.clone().or_else(|| Some(opts.data_dir.join("proxy-flows"))), ..p.clone() },
+            &proxy::ProxyOptions {
+                flows_file: p.flows_file.clone().or_else(|| Some(opts.data_dir.join("proxy-flows"))),
+                ..p.clone()
+            },
             tables.clone(),
             Some(control.clone()),
             public,
@@ -155,16 +167,19 @@ pub async fn start(opts: Options) -> Result<Running> {
             ebpf::remove_pins(&pin_dir);
             None
         }
-        Some(o) => match start_fastpath(o, &cfg, public_ip, subnet, &opts.bridge, &tables, &wiring, (pin_root, pin_dir)).await {
-            Ok(fp) => {
-                let _ = state.fastpath.set(fp.clone());
-                Some(fp)
+        Some(o) => {
+            match start_fastpath(o, &cfg, public_ip, subnet, &opts.bridge, &tables, &wiring, (pin_root, pin_dir)).await
+            {
+                Ok(fp) => {
+                    let _ = state.fastpath.set(fp.clone());
+                    Some(fp)
+                }
+                Err(e) => {
+                    tracing::warn!("eBPF fast path unavailable, running on the tun path only: {e:#}");
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!("eBPF fast path unavailable, running on the tun path only: {e:#}");
-                None
-            }
-        },
+        }
     };
     // the tun path carries remote traffic: instances' super-packets sized to cross as one UDP send
     let segs = match (&opts.proxy, &fastpath) {
@@ -183,7 +198,9 @@ pub async fn start(opts: Options) -> Result<Running> {
 pub fn teardown(opts: &Options) -> Result<()> {
     let node = match NetConfig::load(&opts.config_path) {
         Ok(c) => node_name(&c),
-        Err(_) => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+        Err(_) => {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+        }
     };
     let root = opts.ebpf.as_ref().and_then(|o| o.pin_root.clone()).unwrap_or_else(|| PathBuf::from("/sys/fs/bpf"));
     let pins = root.join(pin_dir(&node, &opts.bridge));
@@ -233,7 +250,9 @@ fn uplink_for(ip: std::net::Ipv4Addr) -> Result<String> {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.len() > 2 && f[1] == "00000000").then(|| f[0].to_string())
         })
-        .with_context(|| format!("no interface holds {ip} and there is no default route: set DefaultInterface in netcfg.json"))
+        .with_context(|| {
+            format!("no interface holds {ip} and there is no default route: set DefaultInterface in netcfg.json")
+        })
 }
 
 /// Loads the fast path, fills its maps, adopts the instances already wired and follows table changes.

@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "NetManager", version, about = "Worker overlay network manager: leases the worker subnet from the \
-cluster, wires instance network namespaces into the worker bridge, serves the local API for the NodeEngine.")]
+#[command(
+    name = "NetManager",
+    version,
+    about = "Worker overlay network manager: leases the worker subnet from the \
+cluster, wires instance network namespaces into the worker bridge, serves the local API for the NodeEngine."
+)]
 struct Cli {
     /// Port of the local API (HTTP/JSON for the NodeEngine).
     #[arg(short = 'p', long, default_value_t = 6000)]

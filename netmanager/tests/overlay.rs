@@ -164,7 +164,10 @@ async fn lease_wire_ping_undeploy() {
     assert!(subnet.contains(&ns_ip) && ns_ip != gw, "{ns_ip} in {subnet}");
 
     let pid_s = pid.to_string();
-    let out = Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "-4", "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
+    let out = Command::new("nsenter")
+        .args(["-t", &pid_s, "-n", "ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("{ns_ip}/26")), "eth0 inside the netns: {text}");
     let out = Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "-4", "route"]).output().unwrap();
@@ -177,7 +180,8 @@ async fn lease_wire_ping_undeploy() {
     assert!(ok.success(), "ping from the instance to the bridge gateway {gw}");
     // the GSO segment limit of the instance's eth0 follows the datapath, also for instances already wired
     let segs = || {
-        let out = Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "-d", "link", "show", "eth0"]).output().unwrap();
+        let out =
+            Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "-d", "link", "show", "eth0"]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let mut w = text.split_whitespace();
         w.find(|x| *x == "gso_max_segs").and_then(|_| w.next()).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0)
@@ -188,7 +192,11 @@ async fn lease_wire_ping_undeploy() {
     // the limit is recorded as every wired instance's: the same call again enters no namespace (changed by
     // hand behind its back, eth0 keeps the hand-set value)
     let set_by_hand = |n: &str| {
-        assert!(Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "link", "set", "eth0", "gso_max_segs", n]).status().unwrap().success())
+        assert!(Command::new("nsenter")
+            .args(["-t", &pid_s, "-n", "ip", "link", "set", "eth0", "gso_max_segs", n])
+            .status()
+            .unwrap()
+            .success())
     };
     set_by_hand("65535");
     running.wiring.set_instance_gso_max_segs(44).await;
@@ -198,16 +206,23 @@ async fn lease_wire_ping_undeploy() {
     assert_eq!(segs(), 65535);
     // an eth0 that is not the instance's (a recorded pid may name another process by now) is left alone
     let mac = |m: &str| {
-        assert!(Command::new("nsenter").args(["-t", &pid_s, "-n", "ip", "link", "set", "eth0", "address", m]).status().unwrap().success())
+        assert!(Command::new("nsenter")
+            .args(["-t", &pid_s, "-n", "ip", "link", "set", "eth0", "address", m])
+            .status()
+            .unwrap()
+            .success())
     };
-    let own_mac: String = oak_netmanager::wiring::instance_mac(ns_ip).iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let own_mac: String =
+        oak_netmanager::wiring::instance_mac(ns_ip).iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
     mac("02:00:00:00:00:01");
     running.wiring.set_instance_gso_max_segs(44).await;
     assert_eq!(segs(), 65535, "a foreign eth0 keeps its limit");
     mac(&own_mac);
     running.wiring.set_instance_gso_max_segs(oak_netmanager::wiring::GSO_MAX_SEGS_DEFAULT).await;
-    let nat = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output().unwrap().stdout)
-        .to_string();
+    let nat = String::from_utf8_lossy(
+        &Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output().unwrap().stdout,
+    )
+    .to_string();
     assert!(nat.contains(&format!("{ns_ip}:80")) && nat.contains("18080"), "DNAT rule: {nat}");
 
     // a restart (a fresh Wiring over the same bridge and data dir) keeps the allocation: the address in use
@@ -262,8 +277,10 @@ async fn lease_wire_ping_undeploy() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(!link_exists(&host_veth), "host veth removed");
-    let nat = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output().unwrap().stdout)
-        .to_string();
+    let nat = String::from_utf8_lossy(
+        &Command::new("iptables").args(["-w", "-t", "nat", "-S", "PREROUTING"]).output().unwrap().stdout,
+    )
+    .to_string();
     assert!(!nat.contains(&format!("oak:{bridge}:")), "DNAT removed: {nat}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !running.tables.snapshot().services.get("svc1").is_some_and(|s| s.instances.is_empty()) {
@@ -280,17 +297,23 @@ async fn lease_wire_ping_undeploy() {
     assert_eq!(r.status(), 200);
 
     // masquerade for egress leaving the overlay
-    let post = String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "nat", "-S", "POSTROUTING"]).output().unwrap().stdout)
-        .to_string();
+    let post = String::from_utf8_lossy(
+        &Command::new("iptables").args(["-w", "-t", "nat", "-S", "POSTROUTING"]).output().unwrap().stdout,
+    )
+    .to_string();
     assert!(post.lines().any(|l| l.contains(&subnet.to_string()) && l.contains("MASQUERADE")), "{post}");
     // traffic inside the overlay is exempt from connection tracking
     let raw_rules = || {
-        String::from_utf8_lossy(&Command::new("iptables").args(["-w", "-t", "raw", "-S", "PREROUTING"]).output().unwrap().stdout)
-            .to_string()
+        String::from_utf8_lossy(
+            &Command::new("iptables").args(["-w", "-t", "raw", "-S", "PREROUTING"]).output().unwrap().stdout,
+        )
+        .to_string()
     };
     let raw = raw_rules();
     assert!(
-        raw.lines().any(|l| l.contains("-s 10.16.0.0/12 -d 10.16.0.0/12") && l.contains(&format!("oak:{bridge}")) && l.contains("NOTRACK")),
+        raw.lines().any(|l| l.contains("-s 10.16.0.0/12 -d 10.16.0.0/12")
+            && l.contains(&format!("oak:{bridge}"))
+            && l.contains("NOTRACK")),
         "{raw}"
     );
 
@@ -356,30 +379,50 @@ use oak_proto::net::v1 as pb;
 
 #[tonic::async_trait]
 impl pb::cluster_net_service_server::ClusterNetService for BadCluster {
-    async fn lease_subnet(&self, _: tonic::Request<pb::LeaseSubnetRequest>) -> Result<tonic::Response<pb::LeaseSubnetReply>, tonic::Status> {
+    async fn lease_subnet(
+        &self,
+        _: tonic::Request<pb::LeaseSubnetRequest>,
+    ) -> Result<tonic::Response<pb::LeaseSubnetReply>, tonic::Status> {
         Ok(tonic::Response::new(pb::LeaseSubnetReply { subnet: self.0.into(), cluster_id: "bad".into() }))
     }
-    async fn release_subnet(&self, _: tonic::Request<pb::ReleaseSubnetRequest>) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
+    async fn release_subnet(
+        &self,
+        _: tonic::Request<pb::ReleaseSubnetRequest>,
+    ) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
         Err(tonic::Status::unimplemented("fake"))
     }
-    async fn register_instance(&self, _: tonic::Request<pb::InstanceAddress>) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
+    async fn register_instance(
+        &self,
+        _: tonic::Request<pb::InstanceAddress>,
+    ) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
         Err(tonic::Status::unimplemented("fake"))
     }
-    async fn deregister_instance(&self, _: tonic::Request<pb::InstanceKey>) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
+    async fn deregister_instance(
+        &self,
+        _: tonic::Request<pb::InstanceKey>,
+    ) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
         Err(tonic::Status::unimplemented("fake"))
     }
-    async fn resolve(&self, _: tonic::Request<pb::ResolveRequest>) -> Result<tonic::Response<pb::ResolveReply>, tonic::Status> {
+    async fn resolve(
+        &self,
+        _: tonic::Request<pb::ResolveRequest>,
+    ) -> Result<tonic::Response<pb::ResolveReply>, tonic::Status> {
         Err(tonic::Status::unimplemented("fake"))
     }
     type SubscribeStream = Updates;
-    async fn subscribe(&self, _: tonic::Request<pb::SubscribeRequest>) -> Result<tonic::Response<Updates>, tonic::Status> {
+    async fn subscribe(
+        &self,
+        _: tonic::Request<pb::SubscribeRequest>,
+    ) -> Result<tonic::Response<Updates>, tonic::Status> {
         Err(tonic::Status::unimplemented("fake"))
     }
 }
 
 #[tokio::test]
 async fn bad_network_received_is_fatal() {
-    for (answer, why) in [("10.18.0.0/24", "expected a /26"), ("172.16.0.0/26", "outside"), ("nonsense", "not an IPv4 subnet")] {
+    for (answer, why) in
+        [("10.18.0.0/24", "expected a /26"), ("172.16.0.0/26", "outside"), ("nonsense", "not an IPv4 subnet")]
+    {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let server = tokio::spawn(
@@ -395,7 +438,7 @@ async fn bad_network_received_is_fatal() {
             data_dir: dir.path().join("nm"),
             bridge: unique("ob"),
             proxy: None,
-        ebpf: None,
+            ebpf: None,
         })
         .await
         {

@@ -158,7 +158,8 @@ fn test_bpffs() -> String {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(root)) {
         std::fs::create_dir_all(root).unwrap();
-        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).expect("mount bpffs");
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .expect("mount bpffs");
     }
     root.to_string()
 }
@@ -304,7 +305,10 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> Result<(), String>) 
 
 /// The root and cluster network services in-process (the cluster's listener on 0.0.0.0:10110 in host
 /// `ha`'s namespace) and `svcE`/`app.ns.echo.ns` allocated at the root: the services, its rr and closest IPs.
-async fn services(dir: &Path, ha: &Netns) -> (root::netsvc::RootNetSvc, cluster::netsvc::ClusterNetSvc, Ipv4Addr, Ipv4Addr) {
+async fn services(
+    dir: &Path,
+    ha: &Netns,
+) -> (root::netsvc::RootNetSvc, cluster::netsvc::ClusterNetSvc, Ipv4Addr, Ipv4Addr) {
     let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let root_url = format!("http://{}", l.local_addr().unwrap());
@@ -430,12 +434,16 @@ async fn refused_programs_fall_back_to_the_tun_path() {
         return;
     };
     let obj = obj.to_string_lossy().to_string();
-    let (mut wa, mut wb, rr, _closest, _rootsvc, _cluster) = world(dir.path(), &["--ebpf-object", &obj], &["--no-ebpf"]).await;
+    let (mut wa, mut wb, rr, _closest, _rootsvc, _cluster) =
+        world(dir.path(), &["--ebpf-object", &obj], &["--no-ebpf"]).await;
     tokio::task::block_in_place(|| {
         wa.start_nm();
         wb.start_nm();
         let log = wa.log_text();
-        let said = log.lines().filter(|l| l.contains("eBPF fast path unavailable, running on the tun path only")).collect::<Vec<_>>();
+        let said = log
+            .lines()
+            .filter(|l| l.contains("eBPF fast path unavailable, running on the tun path only"))
+            .collect::<Vec<_>>();
         assert_eq!(said.len(), 1, "the reason, once:\n{log}");
         eprintln!("A's NetManager: {}", said[0]);
         assert!(said[0].contains("refused"), "it names the kernel's refusal: {}", said[0]);
@@ -519,7 +527,11 @@ async fn stream_across_restart(ebpf: bool) {
             // both instances known to A before the first contact, which goes to the decoy
             eventually(20, "service resolved with both instances", || {
                 let a = tcp_ask(&ns_ca, rr, 8080)?;
-                if a == "decoy" { Ok(()) } else { Err(format!("first contact answered by {a}")) }
+                if a == "decoy" {
+                    Ok(())
+                } else {
+                    Err(format!("first contact answered by {a}"))
+                }
             });
         }
         let before = if ebpf { wa.counters()["ebpf"]["new_flow"].as_u64().unwrap() } else { 0 };
@@ -527,7 +539,8 @@ async fn stream_across_restart(ebpf: bool) {
         let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (stop2, progress2) = (stop.clone(), progress.clone());
         let stream = in_ns(&ns_ca, move || -> Result<u64, String> {
-            let mut c = TcpStream::connect_timeout(&SocketAddr::from((rr, 9000)), Duration::from_secs(3)).map_err(|e| e.to_string())?;
+            let mut c = TcpStream::connect_timeout(&SocketAddr::from((rr, 9000)), Duration::from_secs(3))
+                .map_err(|e| e.to_string())?;
             c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let mut n = 0u64;
             let mut buf = [0u8; 1024];
@@ -548,7 +561,11 @@ async fn stream_across_restart(ebpf: bool) {
             let from = progress.load(std::sync::atomic::Ordering::Relaxed);
             eventually(10, what, || {
                 let now = progress.load(std::sync::atomic::Ordering::Relaxed);
-                if now >= from + 50 { Ok(()) } else { Err(format!("{from} -> {now} round trips")) }
+                if now >= from + 50 {
+                    Ok(())
+                } else {
+                    Err(format!("{from} -> {now} round trips"))
+                }
             });
         };
         advance("stream running");
@@ -641,10 +658,9 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
 
         // closest: the local instance, from either side
         all_answer(4, "inst0", || tcp_ask(&ns_ca, closest, 8080)).unwrap_or_else(|a| panic!("closest from A: {a}"));
-        eventually(20, "closest from B", || {
-            all_answer(4, "inst1", || tcp_ask(&ns_cb, closest, 8080))
-        });
-        all_answer(4, "inst1", || udp_ask(&ns_cb, closest, 8081)).unwrap_or_else(|a| panic!("closest from B (UDP): {a}"));
+        eventually(20, "closest from B", || all_answer(4, "inst1", || tcp_ask(&ns_cb, closest, 8080)));
+        all_answer(4, "inst1", || udp_ask(&ns_cb, closest, 8081))
+            .unwrap_or_else(|a| panic!("closest from B (UDP): {a}"));
 
         // bulk TCP both ways across the overlay, every byte checked: on the tun path with offloads the
         // receiver rebuilds super-packets from runs of segments, which must keep every byte in order
@@ -677,7 +693,10 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout).to_string();
             let hits = |what: &str| -> u64 {
-                let line = text.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no rule {what:?} on {}: {text}", w.ip));
+                let line = text
+                    .lines()
+                    .find(|l| l.contains(what))
+                    .unwrap_or_else(|| panic!("no rule {what:?} on {}: {text}", w.ip));
                 line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap()
             };
             // (an eBPF worker takes the tunnel's data in front of netfilter)
@@ -724,7 +743,11 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
             assert!(e["local_deliver"].as_u64().unwrap() > 0 && e["rev_nat"].as_u64().unwrap() > 0, "{ca}");
             // the programs' aya-log records reach the NetManager's log
             eventually(5, "eBPF log records in the NetManager's log", || {
-                if wa.log_text().contains("new flow to service") { Ok(()) } else { Err("not yet".into()) }
+                if wa.log_text().contains("new flow to service") {
+                    Ok(())
+                } else {
+                    Err("not yet".into())
+                }
             });
         } else {
             assert_eq!(ca["ebpf"], false, "{ca}");
@@ -794,7 +817,8 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
         .unwrap();
         eventually(10, "every probe of the burst handled", || {
             let c = wb.counters();
-            let handled = c["events"]["probe_requests"].as_u64().unwrap() - before["events"]["probe_requests"].as_u64().unwrap();
+            let handled =
+                c["events"]["probe_requests"].as_u64().unwrap() - before["events"]["probe_requests"].as_u64().unwrap();
             let kernel = udp_drops(wb.ns.path()) - kernel_before;
             let periodic = a_probes(&wa.counters()) - a_before;
             if handled + kernel == BURST + periodic {
@@ -888,7 +912,8 @@ fn bulk(ns: &str, ip: Ipv4Addr, len: usize) -> Result<(), String> {
             .collect();
         let mut h = 0xcbf29ce484222325u64;
         fnv1a(&mut h, &data);
-        let mut c = TcpStream::connect_timeout(&SocketAddr::from((ip, 9100)), Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        let mut c = TcpStream::connect_timeout(&SocketAddr::from((ip, 9100)), Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
         c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         c.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         c.write_all(&data).map_err(|e| format!("send: {e}"))?;

@@ -10,21 +10,11 @@ use clap::{ArgAction, Parser};
 #[command(name = "NodeEngine", version, about, long_about = None)]
 pub struct Config {
     /// Address (IP or host name) of the cluster orchestrator to register with.
-    #[arg(
-        short = 'a',
-        long = "cluster-address",
-        default_value = "127.0.0.1",
-        env = "CLUSTER_ADDRESS"
-    )]
+    #[arg(short = 'a', long = "cluster-address", default_value = "127.0.0.1", env = "CLUSTER_ADDRESS")]
     pub cluster_address: String,
 
     /// gRPC worker-registration port of the cluster orchestrator.
-    #[arg(
-        short = 'p',
-        long = "cluster-port",
-        default_value_t = 10100,
-        env = "CLUSTER_PORT"
-    )]
+    #[arg(short = 'p', long = "cluster-port", default_value_t = 10100, env = "CLUSTER_PORT")]
     pub cluster_port: u16,
 
     /// Port of the local NetManager API on 127.0.0.1 (0 = run without NetManager: instances get no
@@ -42,10 +32,7 @@ pub struct Config {
     pub log_level: String,
 
     /// Path of containerd's gRPC socket.
-    #[arg(
-        long = "containerd-socket",
-        default_value = "/run/containerd/containerd.sock"
-    )]
+    #[arg(long = "containerd-socket", default_value = "/run/containerd/containerd.sock")]
     pub containerd_socket: PathBuf,
 
     /// Name this worker registers under (default: the host name).
@@ -66,12 +53,7 @@ pub struct Config {
 
     /// Registries (`host[:port]`, comma-separated) reached over plain HTTP when pulling images
     /// (loopback registries and `http://host/name:tag` references always are).
-    #[arg(
-        long = "insecure-registries",
-        env = "OAK_INSECURE_REGISTRIES",
-        value_delimiter = ',',
-        default_value = ""
-    )]
+    #[arg(long = "insecure-registries", env = "OAK_INSECURE_REGISTRIES", value_delimiter = ',', default_value = "")]
     pub insecure_registries: Vec<String>,
 
     /// Optional "lat,lon" location of this worker, reported with its resources.
@@ -128,10 +110,7 @@ mod tests {
         assert_eq!(c.netmanager_port, 6000);
         assert!(!c.unikernel);
         assert_eq!(c.namespace, "oakestra");
-        assert_eq!(
-            c.data_dir,
-            PathBuf::from("/var/lib/oakestra-rs/node-engine")
-        );
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/oakestra-rs/node-engine"));
         assert_eq!(c.cluster_url(), "http://127.0.0.1:10100");
     }
 

@@ -17,8 +17,12 @@ async fn main() -> anyhow::Result<()> {
 
     if cfg.unikernel {
         match oak_node_engine::metrics::find_qemu() {
-            Some(q) => info!(qemu = %q.display(), kvm = oak_node_engine::metrics::kvm_usable(), "unikernel support enabled"),
-            None => warn!("-u/--unikernel given but no qemu-system-* binary found in PATH: unikernel instances will fail"),
+            Some(q) => {
+                info!(qemu = %q.display(), kvm = oak_node_engine::metrics::kvm_usable(), "unikernel support enabled")
+            }
+            None => {
+                warn!("-u/--unikernel given but no qemu-system-* binary found in PATH: unikernel instances will fail")
+            }
         }
     }
     std::fs::create_dir_all(&cfg.data_dir)
@@ -48,10 +52,9 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     match runtime.adopt().await {
-        Ok(v) if !v.is_empty() => info!(
-            count = v.len(),
-            "re-adopted instances from containerd namespace {}", cfg.namespace
-        ),
+        Ok(v) if !v.is_empty() => {
+            info!(count = v.len(), "re-adopted instances from containerd namespace {}", cfg.namespace)
+        }
         Ok(_) => {}
         Err(e) => error!("cannot list containers to re-adopt: {e:#}"),
     }
@@ -67,8 +70,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

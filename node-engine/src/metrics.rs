@@ -35,20 +35,13 @@ pub fn find_qemu() -> Option<PathBuf> {
 
 /// Whether /dev/kvm can be opened (qemu then runs with KVM, otherwise with TCG emulation).
 pub fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
 }
 
 /// Looks a program up in PATH.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")
-        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// Collects node resources; keeps sysinfo state between calls so CPU usage is a delta.
@@ -89,9 +82,7 @@ impl MetricsCollector {
         self.sys.refresh_cpu_usage();
         self.sys.refresh_memory();
         let cpu_cores = match self.sys.cpus().len() {
-            0 => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         } as u32;
         let cpu_percent = (self.sys.global_cpu_usage() as f64).clamp(0.0, 100.0);
@@ -104,11 +95,7 @@ impl MetricsCollector {
             disk_total_mb,
             disk_free_mb,
             arch: go_arch(std::env::consts::ARCH),
-            gpus: if self.gpu_probe {
-                nvidia_gpus()
-            } else {
-                Vec::new()
-            },
+            gpus: if self.gpu_probe { nvidia_gpus() } else { Vec::new() },
             virtualization: self.virtualization(),
             location: self.location.clone(),
         }
@@ -130,10 +117,7 @@ impl MetricsCollector {
             .filter(|d| probe.starts_with(d.mount_point()))
             .max_by_key(|d| d.mount_point().as_os_str().len());
         match best {
-            Some(d) => (
-                d.total_space() / (1024 * 1024),
-                d.available_space() / (1024 * 1024),
-            ),
+            Some(d) => (d.total_space() / (1024 * 1024), d.available_space() / (1024 * 1024)),
             None => statvfs_mb(&probe),
         }
     }
@@ -150,19 +134,13 @@ fn statvfs_mb(path: &Path) -> (u64, u64) {
         return (0, 0);
     }
     let frsize = st.f_frsize as u64;
-    (
-        (st.f_blocks as u64 * frsize) >> 20,
-        (st.f_bavail as u64 * frsize) >> 20,
-    )
+    ((st.f_blocks as u64 * frsize) >> 20, (st.f_bavail as u64 * frsize) >> 20)
 }
 
 /// GPUs as nvidia-smi reports them (empty when it is absent or fails).
 pub fn nvidia_gpus() -> Vec<Gpu> {
     let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name,memory.total,utilization.gpu",
-            "--format=csv,noheader,nounits",
-        ])
+        .args(["--query-gpu=name,memory.total,utilization.gpu", "--format=csv,noheader,nounits"])
         .output();
     match out {
         Ok(o) if o.status.success() => parse_nvidia_smi(&String::from_utf8_lossy(&o.stdout)),
@@ -201,8 +179,7 @@ mod tests {
 
     #[test]
     fn metrics_sanity() {
-        let mut m =
-            MetricsCollector::new(Path::new("/tmp/does/not/exist/yet"), false, String::new());
+        let mut m = MetricsCollector::new(Path::new("/tmp/does/not/exist/yet"), false, String::new());
         let r = m.collect();
         assert!(r.cpu_cores >= 1);
         assert!((0.0..=100.0).contains(&r.cpu_percent));
@@ -220,10 +197,7 @@ mod tests {
     #[test]
     fn unikernel_listed_only_with_qemu() {
         let m = MetricsCollector::new(Path::new("/"), true, String::new());
-        assert_eq!(
-            m.virtualization().contains(&"unikernel".to_string()),
-            find_qemu().is_some()
-        );
+        assert_eq!(m.virtualization().contains(&"unikernel".to_string()), find_qemu().is_some());
     }
 
     #[test]

@@ -67,33 +67,23 @@ impl NetManagerClient {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         if !status.is_success() {
-            anyhow::bail!(
-                "NetManager at 127.0.0.1:{} refused {what}: HTTP {status}: {}",
-                self.port,
-                text.trim()
-            );
+            anyhow::bail!("NetManager at 127.0.0.1:{} refused {what}: HTTP {status}: {}", self.port, text.trim());
         }
         if text.trim().is_empty() {
             return Ok(R::default());
         }
         serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "NetManager at 127.0.0.1:{} sent an unreadable answer to {what}: {e}",
-                self.port
-            )
+            anyhow::anyhow!("NetManager at 127.0.0.1:{} sent an unreadable answer to {what}: {e}", self.port)
         })
     }
 
     /// Wires the network namespace of `pid`; returns the instance's overlay addresses.
     pub async fn deploy(&self, req: &DeployRequest<'_>) -> anyhow::Result<DeployAnswer> {
-        self.post("/container/deploy", req, "/container/deploy")
-            .await
+        self.post("/container/deploy", req, "/container/deploy").await
     }
 
     pub async fn undeploy(&self, req: &UndeployRequest<'_>) -> anyhow::Result<()> {
-        let _: serde_json::Value = self
-            .post("/container/undeploy", req, "/container/undeploy")
-            .await?;
+        let _: serde_json::Value = self.post("/container/undeploy", req, "/container/undeploy").await?;
         Ok(())
     }
 }
@@ -116,27 +106,16 @@ mod tests {
             v,
             serde_json::json!({"pid":42,"serviceName":"a.b.c.d","serviceId":"s1","instanceNumber":3,"portMappings":"80:8080"})
         );
-        let a: DeployAnswer =
-            serde_json::from_str(r#"{"nsAddress":"10.18.0.3","nsAddressv6":""}"#).unwrap();
+        let a: DeployAnswer = serde_json::from_str(r#"{"nsAddress":"10.18.0.3","nsAddressv6":""}"#).unwrap();
         assert_eq!(a.ns_address, "10.18.0.3");
     }
 
     #[tokio::test]
     async fn unreachable_is_a_clear_timeout() {
         // Bind then drop to get a port nobody listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let c = NetManagerClient::new(port);
-        let r = DeployRequest {
-            pid: 1,
-            service_name: "x",
-            service_id: "y",
-            instance_number: 0,
-            port_mappings: "",
-        };
+        let r = DeployRequest { pid: 1, service_name: "x", service_id: "y", instance_number: 0, port_mappings: "" };
         let e = c.deploy(&r).await.unwrap_err().to_string();
         assert!(e.starts_with("NetManager timeout"), "{e}");
         assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");

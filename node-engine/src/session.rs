@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use oak_proto::v1::{
-    cluster_to_worker, worker_message, worker_registry_client::WorkerRegistryClient,
-    InstanceStatus, WorkerHello, WorkerMessage,
+    cluster_to_worker, worker_message, worker_registry_client::WorkerRegistryClient, InstanceStatus, WorkerHello,
+    WorkerMessage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,9 +23,7 @@ pub fn node_id_path(data_dir: &Path) -> PathBuf {
 }
 
 pub fn load_node_id(data_dir: &Path) -> String {
-    std::fs::read_to_string(node_id_path(data_dir))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string(node_id_path(data_dir)).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 pub fn store_node_id(data_dir: &Path, id: &str) -> anyhow::Result<()> {
@@ -74,10 +72,7 @@ pub async fn run(
     mut events: mpsc::UnboundedReceiver<InstanceStatus>,
 ) -> anyhow::Result<()> {
     let mut metrics = MetricsCollector::new(&cfg.data_dir, cfg.unikernel, cfg.location.clone());
-    let mut ident = Identity {
-        node_id: load_node_id(&cfg.data_dir),
-        public_ip: String::new(),
-    };
+    let mut ident = Identity { node_id: load_node_id(&cfg.data_dir), public_ip: String::new() };
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
@@ -86,7 +81,10 @@ pub async fn run(
             backoff = Duration::from_secs(1);
         }
         match result {
-            Ok(reason) => warn!("session with the cluster orchestrator at {} ended: {reason}; reconnecting in {backoff:?}", cfg.cluster_url),
+            Ok(reason) => warn!(
+                "session with the cluster orchestrator at {} ended: {reason}; reconnecting in {backoff:?}",
+                cfg.cluster_url
+            ),
             Err(e) => error!("{e:#}; retrying in {backoff:?}"),
         }
         tokio::time::sleep(backoff).await;
@@ -123,10 +121,7 @@ async fn session_once(
         .tcp_keepalive(Some(Duration::from_secs(20)))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| unreachable(&error_chain(&e)))?;
+    let channel = endpoint.connect().await.map_err(|e| unreachable(&error_chain(&e)))?;
     let mut client = WorkerRegistryClient::new(channel);
 
     let (tx, rx) = mpsc::channel::<WorkerMessage>(256);
@@ -137,11 +132,8 @@ async fn session_once(
         queued.push(st);
     }
     let mut instances = runtime.instances();
-    queued.retain(|q| {
-        !instances
-            .iter()
-            .any(|i| i.service_id == q.service_id && i.instance_number == q.instance_number)
-    });
+    queued
+        .retain(|q| !instances.iter().any(|i| i.service_id == q.service_id && i.instance_number == q.instance_number));
     for st in &mut instances {
         stamp(st, ident, &cfg.node_name);
     }
@@ -155,11 +147,7 @@ async fn session_once(
         token: cfg.token.clone(),
         version: crate::VERSION.to_string(),
     };
-    tx.send(WorkerMessage {
-        msg: Some(worker_message::Msg::Hello(hello)),
-    })
-    .await
-    .ok();
+    tx.send(WorkerMessage { msg: Some(worker_message::Msg::Hello(hello)) }).await.ok();
     let mut inbound = client
         .session(ReceiverStream::new(rx))
         .await
@@ -168,36 +156,15 @@ async fn session_once(
 
     let first = tokio::time::timeout(Duration::from_secs(15), inbound.message())
         .await
-        .map_err(|_| {
-            anyhow!(
-                "the cluster orchestrator at {} sent no Welcome within 15 s",
-                cfg.cluster_url
-            )
-        })?
-        .map_err(|e| {
-            anyhow!(
-                "session with {} failed before Welcome: {}",
-                cfg.cluster_url,
-                e.message()
-            )
-        })?;
+        .map_err(|_| anyhow!("the cluster orchestrator at {} sent no Welcome within 15 s", cfg.cluster_url))?
+        .map_err(|e| anyhow!("session with {} failed before Welcome: {}", cfg.cluster_url, e.message()))?;
     let welcome = match first.and_then(|m| m.msg) {
         Some(cluster_to_worker::Msg::Welcome(w)) => w,
         Some(cluster_to_worker::Msg::Rejected(r)) => {
-            bail!(
-                "the cluster orchestrator at {} rejected this worker: {}",
-                cfg.cluster_url,
-                r.reason
-            )
+            bail!("the cluster orchestrator at {} rejected this worker: {}", cfg.cluster_url, r.reason)
         }
-        Some(other) => bail!(
-            "the cluster orchestrator at {} sent {other:?} before Welcome",
-            cfg.cluster_url
-        ),
-        None => bail!(
-            "the cluster orchestrator at {} closed the session before Welcome",
-            cfg.cluster_url
-        ),
+        Some(other) => bail!("the cluster orchestrator at {} sent {other:?} before Welcome", cfg.cluster_url),
+        None => bail!("the cluster orchestrator at {} closed the session before Welcome", cfg.cluster_url),
     };
     if !welcome.node_id.is_empty() && welcome.node_id != ident.node_id {
         ident.node_id = welcome.node_id.clone();
@@ -218,13 +185,7 @@ async fn session_once(
 
     for mut st in queued {
         stamp(&mut st, ident, &cfg.node_name);
-        if tx
-            .send(WorkerMessage {
-                msg: Some(worker_message::Msg::Instance(st)),
-            })
-            .await
-            .is_err()
-        {
+        if tx.send(WorkerMessage { msg: Some(worker_message::Msg::Instance(st)) }).await.is_err() {
             return Ok("the stream closed".into());
         }
     }

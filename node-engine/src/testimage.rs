@@ -87,27 +87,12 @@ pub fn build_busybox_image(dir: &Path, name: &str) -> Result<PathBuf> {
     }))?;
 
     let mut out = tar::Builder::new(Vec::new());
-    append_file(
-        &mut out,
-        "oci-layout",
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-        0o644,
-    )?;
+    append_file(&mut out, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644)?;
     append_file(&mut out, "index.json", &index, 0o644)?;
-    for (d, data) in [
-        (&layer_digest, &layer),
-        (&config_digest, &config),
-        (&manifest_digest, &manifest),
-    ] {
-        append_file(
-            &mut out,
-            &format!("blobs/sha256/{}", d.trim_start_matches("sha256:")),
-            data,
-            0o644,
-        )?;
+    for (d, data) in [(&layer_digest, &layer), (&config_digest, &config), (&manifest_digest, &manifest)] {
+        append_file(&mut out, &format!("blobs/sha256/{}", d.trim_start_matches("sha256:")), data, 0o644)?;
     }
     let path = dir.join("busybox-oci.tar");
     std::fs::write(&path, out.into_inner()?).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
-

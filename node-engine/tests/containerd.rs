@@ -8,10 +8,8 @@ use oak_node_engine::runtime::instance_id;
 
 fn memory_limit_bytes(cgroups_path: &str) -> Option<u64> {
     let rel = cgroups_path.trim_start_matches('/');
-    for f in [
-        format!("/sys/fs/cgroup/memory/{rel}/memory.limit_in_bytes"),
-        format!("/sys/fs/cgroup/{rel}/memory.max"),
-    ] {
+    for f in [format!("/sys/fs/cgroup/memory/{rel}/memory.limit_in_bytes"), format!("/sys/fs/cgroup/{rel}/memory.max")]
+    {
         if let Ok(s) = std::fs::read_to_string(&f) {
             return s.trim().parse().ok();
         }
@@ -19,16 +17,12 @@ fn memory_limit_bytes(cgroups_path: &str) -> Option<u64> {
     None
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn httpd_runs_answers_and_undeploys_cleanly() {
     require_containerd!();
     let env = common::Env::new("httpd");
     let (rt, mut rx) = env.runtime().await;
-    let mut spec = env.spec(
-        "svc-httpd",
-        &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
-    );
+    let mut spec = env.spec("svc-httpd", &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]);
     spec.memory_mb = 64;
     spec.vcpus = 0.5;
     spec.environment = vec!["SLA_VAR=1".into()];
@@ -68,23 +62,15 @@ async fn httpd_runs_answers_and_undeploys_cleanly() {
     }
     if body.is_err() {
         let logs = std::fs::read_to_string(rt.log_path(&id)).unwrap_or_default();
-        let ip = std::process::Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-n", "ip", "addr"])
-            .output()
-            .unwrap();
-        panic!(
-            "httpd does not answer: {body:?}; logs: {logs}; netns: {}",
-            String::from_utf8_lossy(&ip.stdout)
-        );
+        let ip =
+            std::process::Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "ip", "addr"]).output().unwrap();
+        panic!("httpd does not answer: {body:?}; logs: {logs}; netns: {}", String::from_utf8_lossy(&ip.stdout));
     }
     assert_eq!(body.unwrap(), "hello-oak");
     // Image env and SLA env both reach the process.
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     let environ = String::from_utf8_lossy(&environ);
-    assert!(
-        environ.contains("IMAGE_VAR=from-image") && environ.contains("SLA_VAR=1"),
-        "{environ}"
-    );
+    assert!(environ.contains("IMAGE_VAR=from-image") && environ.contains("SLA_VAR=1"), "{environ}");
 
     rt.undeploy("svc-httpd", 0).await.expect("undeploy");
     let st = common::wait_for(&mut rx, "svc-httpd", &["UNDEPLOYED"], &mut seen).await;
@@ -100,25 +86,14 @@ async fn memory_limit_is_enforced() {
     require_containerd!();
     let env = common::Env::new("oom");
     let (rt, mut rx) = env.runtime().await;
-    let mut spec = env.spec(
-        "svc-oom",
-        &[
-            "/bin/sh",
-            "-c",
-            "x=0123456789abcdef; while :; do x=$x$x; done",
-        ],
-    );
+    let mut spec = env.spec("svc-oom", &["/bin/sh", "-c", "x=0123456789abcdef; while :; do x=$x$x; done"]);
     spec.memory_mb = 16;
     let id = instance_id(&spec.job_name, 0);
     rt.deploy(spec, 0);
     let mut seen = Vec::new();
     common::wait_for(&mut rx, "svc-oom", &["RUNNING"], &mut seen).await;
     let failed = common::wait_for(&mut rx, "svc-oom", &["FAILED"], &mut seen).await;
-    assert!(
-        failed.detail.contains("memory limit exceeded"),
-        "detail: {}",
-        failed.detail
-    );
+    assert!(failed.detail.contains("memory limit exceeded"), "detail: {}", failed.detail);
     assert!(failed.detail.contains("16 MB"), "detail: {}", failed.detail);
     assert_eq!(failed.exit_code, Some(137));
     rt.undeploy("svc-oom", 0).await.expect("undeploy");
@@ -140,22 +115,14 @@ async fn bad_image_fails_clearly_and_others_still_run() {
     let f = common::wait_for(&mut rx, "svc-bad", &["FAILED"], &mut seen).await;
     assert_eq!(seen, ["CREATING", "FAILED"]);
     eprintln!("bad image detail: {}", f.detail);
-    assert!(
-        f.detail.contains("registry.invalid/oak-ne/none:1"),
-        "detail: {}",
-        f.detail
-    );
+    assert!(f.detail.contains("registry.invalid/oak-ne/none:1"), "detail: {}", f.detail);
     common::assert_gone(&rt, &instance_id(&bad.job_name, 0)).await;
 
     let mut invalid = env.spec("svc-invalid", &[]);
     invalid.code = "Not A Ref!".into();
     rt.deploy(invalid, 0);
     let f = common::wait_for(&mut rx, "svc-invalid", &["FAILED"], &mut Vec::new()).await;
-    assert!(
-        f.detail.contains("invalid image reference"),
-        "detail: {}",
-        f.detail
-    );
+    assert!(f.detail.contains("invalid image reference"), "detail: {}", f.detail);
 
     let mut missing = env.spec("svc-missing", &[]);
     missing.code = format!("oci-archive:{}/nope.tar", env.dir.path().display());
@@ -170,11 +137,7 @@ async fn bad_image_fails_clearly_and_others_still_run() {
     let mut seen = Vec::new();
     let done = common::wait_for(&mut rx, "svc-oneshot", &["COMPLETED"], &mut seen).await;
     assert_eq!(done.exit_code, Some(0));
-    assert!(
-        done.logs.contains("done-from-image"),
-        "logs: {:?}",
-        done.logs
-    );
+    assert!(done.logs.contains("done-from-image"), "logs: {:?}", done.logs);
 
     // A failing command is FAILED with its exit code.
     rt.deploy(env.spec("svc-exit3", &["/bin/sh", "-c", "exit 3"]), 0);
@@ -187,19 +150,9 @@ async fn bad_image_fails_clearly_and_others_still_run() {
     uk.virtualization = "unikernel".into();
     rt.deploy(uk, 0);
     let f = common::wait_for(&mut rx, "svc-uk", &["FAILED"], &mut Vec::new()).await;
-    assert_eq!(
-        f.detail,
-        "unikernel support not enabled (start with -u=true)"
-    );
+    assert_eq!(f.detail, "unikernel support not enabled (start with -u=true)");
 
-    for s in [
-        "svc-bad",
-        "svc-invalid",
-        "svc-missing",
-        "svc-oneshot",
-        "svc-exit3",
-        "svc-uk",
-    ] {
+    for s in ["svc-bad", "svc-invalid", "svc-missing", "svc-oneshot", "svc-exit3", "svc-uk"] {
         rt.undeploy(s, 0).await.expect("undeploy");
     }
     common::assert_gone(&rt, &instance_id(&ok.job_name, 0)).await;
@@ -233,10 +186,7 @@ async fn restarted_runtime_readopts_running_instances() {
     let (rt3, mut rx3) = env.runtime().await;
     rt3.adopt().await.unwrap();
     common::wait_for(&mut rx3, "svc-adopt", &["RUNNING"], &mut Vec::new()).await;
-    rt3.containerd()
-        .kill_task(&id, libc::SIGKILL as u32)
-        .await
-        .unwrap();
+    rt3.containerd().kill_task(&id, libc::SIGKILL as u32).await.unwrap();
     let f = common::wait_for(&mut rx3, "svc-adopt", &["FAILED"], &mut Vec::new()).await;
     assert!(f.detail.contains("signal 9"), "{}", f.detail);
 
@@ -271,10 +221,7 @@ async fn docker_save_archive_is_imported_and_runs() {
     assert!(done.logs.contains("from-docker"), "logs: {:?}", done.logs);
     rt.undeploy("svc-docker", 0).await.unwrap();
     common::assert_gone(&rt, &instance_id(&spec.job_name, 0)).await;
-    rt.containerd()
-        .delete_image_sync(&format!("docker.io/{tag}"), true)
-        .await
-        .unwrap();
+    rt.containerd().delete_image_sync(&format!("docker.io/{tag}"), true).await.unwrap();
     env.cleanup(&rt).await;
 }
 
@@ -294,11 +241,7 @@ async fn undeploy_right_after_deploy_leaves_nothing() {
         rt.undeploy("svc-race", round).await.expect("undeploy");
         deploying.await.unwrap();
         common::assert_gone(&rt, &id).await;
-        assert!(
-            rt.instances().is_empty(),
-            "round {round}: {:?}",
-            rt.instances()
-        );
+        assert!(rt.instances().is_empty(), "round {round}: {:?}", rt.instances());
         // The last state reported for this instance is UNDEPLOYED.
         let mut last = None;
         while let Ok(st) = rx.try_recv() {

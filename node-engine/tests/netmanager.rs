@@ -7,9 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// A one-purpose HTTP/1.1 server: records (path, JSON body), answers `answer` to /container/deploy.
-async fn fake_netmanager(
-    answer: &'static str,
-) -> (u16, mpsc::UnboundedReceiver<(String, serde_json::Value)>) {
+async fn fake_netmanager(answer: &'static str) -> (u16, mpsc::UnboundedReceiver<(String, serde_json::Value)>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -32,10 +30,7 @@ async fn fake_netmanager(
                         let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
                         let len = head
                             .lines()
-                            .find_map(|l| {
-                                l.strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap())
-                            })
+                            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
                             .unwrap_or(0);
                         break (i + 4, len);
                     }
@@ -51,11 +46,7 @@ async fn fake_netmanager(
                 let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
                 let body: serde_json::Value =
                     serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
-                let reply = if path == "/container/deploy" {
-                    answer
-                } else {
-                    "{}"
-                };
+                let reply = if path == "/container/deploy" { answer } else { "{}" };
                 let _ = tx.send((path, body));
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
@@ -72,8 +63,7 @@ async fn fake_netmanager(
 async fn netmanager_wires_instances_and_is_told_of_undeploy() {
     require_containerd!();
     let env = common::Env::new("nm");
-    let (port, mut calls) =
-        fake_netmanager(r#"{"nsAddress":"10.18.0.7","nsAddressv6":"fc00::7"}"#).await;
+    let (port, mut calls) = fake_netmanager(r#"{"nsAddress":"10.18.0.7","nsAddressv6":"fc00::7"}"#).await;
     let mut cfg = env.runtime_config();
     cfg.netmanager_port = port;
     let (rt, mut rx) = Runtime::connect(cfg).await.unwrap();
@@ -101,10 +91,7 @@ async fn netmanager_wires_instances_and_is_told_of_undeploy() {
     rt.undeploy("svc-nm", 0).await.unwrap();
     let (path, body) = calls.recv().await.unwrap();
     assert_eq!(path, "/container/undeploy");
-    assert_eq!(
-        body,
-        serde_json::json!({"serviceName": spec.job_name, "serviceId": "svc-nm", "instanceNumber": 0})
-    );
+    assert_eq!(body, serde_json::json!({"serviceName": spec.job_name, "serviceId": "svc-nm", "instanceNumber": 0}));
     common::wait_for(&mut rx, "svc-nm", &["UNDEPLOYED"], &mut Vec::new()).await;
     common::assert_gone(&rt, &id).await;
     env.cleanup(&rt).await;
@@ -114,11 +101,7 @@ async fn netmanager_wires_instances_and_is_told_of_undeploy() {
 async fn unreachable_netmanager_fails_the_instance_clearly() {
     require_containerd!();
     let env = common::Env::new("nmdown");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut cfg = env.runtime_config();
     cfg.netmanager_port = port;
     let (rt, mut rx) = Runtime::connect(cfg).await.unwrap();
@@ -128,11 +111,7 @@ async fn unreachable_netmanager_fails_the_instance_clearly() {
     let f = common::wait_for(&mut rx, "svc-nmdown", &["FAILED"], &mut seen).await;
     assert_eq!(seen, ["CREATING", "CREATED", "FAILED"]);
     assert!(f.detail.starts_with("NetManager timeout"), "{}", f.detail);
-    assert!(
-        f.detail.contains(&format!("127.0.0.1:{port}")),
-        "{}",
-        f.detail
-    );
+    assert!(f.detail.contains(&format!("127.0.0.1:{port}")), "{}", f.detail);
     // Nothing is left of the failed instance.
     common::assert_gone(&rt, &instance_id(&spec.job_name, 0)).await;
     rt.undeploy("svc-nmdown", 0).await.unwrap();

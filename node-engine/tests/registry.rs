@@ -42,12 +42,7 @@ fn read_layout(archive: &Path) -> (HashMap<String, Vec<u8>>, Value) {
         if !e.header().entry_type().is_file() {
             continue;
         }
-        let p = e
-            .path()
-            .unwrap()
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_string();
+        let p = e.path().unwrap().to_string_lossy().trim_start_matches("./").to_string();
         let mut data = Vec::new();
         std::io::Read::read_to_end(&mut e, &mut data).unwrap();
         files.insert(p, data);
@@ -56,10 +51,7 @@ fn read_layout(archive: &Path) -> (HashMap<String, Vec<u8>>, Value) {
     let desc = index["manifests"][0].clone();
     let blobs = files
         .into_iter()
-        .filter_map(|(p, d)| {
-            p.strip_prefix("blobs/sha256/")
-                .map(|h| (format!("sha256:{h}"), d))
-        })
+        .filter_map(|(p, d)| p.strip_prefix("blobs/sha256/").map(|h| (format!("sha256:{h}"), d)))
         .collect();
     (blobs, desc)
 }
@@ -98,49 +90,32 @@ fn build_registry(archive: &Path) -> Registry {
     }))
     .unwrap();
 
-    let mut good = Repo {
-        blobs: blobs.clone(),
-        ..Default::default()
-    };
-    good.manifests
-        .insert("1".into(), (MT_INDEX.into(), index.clone()));
-    good.manifests
-        .insert(digest(&index), (MT_INDEX.into(), index));
-    good.manifests
-        .insert(mdigest.clone(), (MT_MANIFEST.into(), manifest.clone()));
-    good.manifests
-        .insert(digest(&other), (MT_MANIFEST.into(), other.clone()));
+    let mut good = Repo { blobs: blobs.clone(), ..Default::default() };
+    good.manifests.insert("1".into(), (MT_INDEX.into(), index.clone()));
+    good.manifests.insert(digest(&index), (MT_INDEX.into(), index));
+    good.manifests.insert(mdigest.clone(), (MT_MANIFEST.into(), manifest.clone()));
+    good.manifests.insert(digest(&other), (MT_MANIFEST.into(), other.clone()));
 
     let mdoc: Value = serde_json::from_slice(&manifest).unwrap();
     let layer = mdoc["layers"][0]["digest"].as_str().unwrap().to_string();
     let mut corrupt = good.clone();
-    corrupt
-        .manifests
-        .insert("1".into(), (MT_MANIFEST.into(), manifest));
+    corrupt.manifests.insert("1".into(), (MT_MANIFEST.into(), manifest));
     let l = corrupt.blobs.get_mut(&layer).unwrap();
     let last = l.len() - 1;
     l[last] ^= 0xff;
 
     let mut foreign_repo = good.clone();
-    foreign_repo
-        .manifests
-        .insert("1".into(), (MT_INDEX.into(), foreign_index));
+    foreign_repo.manifests.insert("1".into(), (MT_INDEX.into(), foreign_index));
 
     let mut repos = HashMap::new();
     repos.insert("oak/busybox".to_string(), good);
     repos.insert("oak/corrupt".to_string(), corrupt);
     repos.insert("oak/foreign".to_string(), foreign_repo);
-    Registry {
-        repos,
-        ..Default::default()
-    }
+    Registry { repos, ..Default::default() }
 }
 
 fn response(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+    let mut out = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
     for (k, v) in headers {
         out.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -157,11 +132,7 @@ fn handle(reg: &Registry, port: u16, target: &str, headers: &HashMap<String, Str
             return response("400 Bad Request", &[], b"bad token request");
         }
         let body = serde_json::to_vec(&json!({"token": TOKEN})).unwrap();
-        return response(
-            "200 OK",
-            &[("Content-Type", "application/json".into())],
-            &body,
-        );
+        return response("200 OK", &[("Content-Type", "application/json".into())], &body);
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return response("404 Not Found", &[], b"");
@@ -173,8 +144,7 @@ fn handle(reg: &Registry, port: u16, target: &str, headers: &HashMap<String, Str
             None => return response("404 Not Found", &[], b""),
         },
     };
-    if headers.get("authorization").map(String::as_str) != Some(format!("Bearer {TOKEN}").as_str())
-    {
+    if headers.get("authorization").map(String::as_str) != Some(format!("Bearer {TOKEN}").as_str()) {
         let challenge = format!(
             "Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"oak-test\",scope=\"repository:{repo}:pull\""
         );
@@ -185,40 +155,19 @@ fn handle(reg: &Registry, port: u16, target: &str, headers: &HashMap<String, Str
         );
     }
     let Some(r) = reg.repos.get(repo) else {
-        return response(
-            "404 Not Found",
-            &[],
-            br#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#,
-        );
+        return response("404 Not Found", &[], br#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#);
     };
     if kind == "manifests" {
         match r.manifests.get(reference) {
-            Some((mt, data)) => response(
-                "200 OK",
-                &[
-                    ("Content-Type", mt.clone()),
-                    ("Docker-Content-Digest", digest(data)),
-                ],
-                data,
-            ),
-            None => response(
-                "404 Not Found",
-                &[],
-                br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#,
-            ),
+            Some((mt, data)) => {
+                response("200 OK", &[("Content-Type", mt.clone()), ("Docker-Content-Digest", digest(data))], data)
+            }
+            None => response("404 Not Found", &[], br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#),
         }
     } else {
         match r.blobs.get(reference) {
-            Some(data) => response(
-                "200 OK",
-                &[("Content-Type", "application/octet-stream".into())],
-                data,
-            ),
-            None => response(
-                "404 Not Found",
-                &[],
-                br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
-            ),
+            Some(data) => response("200 OK", &[("Content-Type", "application/octet-stream".into())], data),
+            None => response("404 Not Found", &[], br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#),
         }
     }
 }
@@ -255,10 +204,7 @@ async fn serve(reg: Arc<Registry>) -> u16 {
                     .collect();
                 let resp = handle(&reg, port, &target, &headers);
                 let status = String::from_utf8_lossy(&resp[9..12]).to_string();
-                reg.log
-                    .lock()
-                    .unwrap()
-                    .push(format!("{method} {target} -> {status}"));
+                reg.log.lock().unwrap().push(format!("{method} {target} -> {status}"));
                 let _ = sock.write_all(&resp).await;
                 let _ = sock.shutdown().await;
             });
@@ -266,7 +212,6 @@ async fn serve(reg: Arc<Registry>) -> u16 {
     });
     port
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_is_pulled_from_a_registry_with_token_auth_and_runs() {
@@ -276,10 +221,7 @@ async fn image_is_pulled_from_a_registry_with_token_auth_and_runs() {
     let port = serve(reg.clone()).await;
     let (rt, mut rx) = env.runtime().await;
     let image = format!("127.0.0.1:{port}/oak/busybox:1");
-    let mut spec = env.spec(
-        "svc-pull",
-        &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
-    );
+    let mut spec = env.spec("svc-pull", &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]);
     spec.code = image.clone();
     let id = instance_id(&spec.job_name, 0);
     rt.deploy(spec, 0);
@@ -289,24 +231,10 @@ async fn image_is_pulled_from_a_registry_with_token_auth_and_runs() {
 
     let log = reg.log.lock().unwrap().clone();
     eprintln!("registry requests:\n  {}", log.join("\n  "));
-    assert!(
-        log[0].starts_with("GET /v2/oak/busybox/manifests/1 -> 401"),
-        "first request is challenged: {log:?}"
-    );
-    assert!(
-        log[1].starts_with("GET /token?") && log[1].ends_with("-> 200"),
-        "{log:?}"
-    );
-    assert_eq!(
-        log.iter().filter(|l| l.starts_with("GET /token")).count(),
-        1,
-        "{log:?}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l.starts_with("GET /v2/oak/busybox/blobs/") && l.ends_with("200")),
-        "{log:?}"
-    );
+    assert!(log[0].starts_with("GET /v2/oak/busybox/manifests/1 -> 401"), "first request is challenged: {log:?}");
+    assert!(log[1].starts_with("GET /token?") && log[1].ends_with("-> 200"), "{log:?}");
+    assert_eq!(log.iter().filter(|l| l.starts_with("GET /token")).count(), 1, "{log:?}");
+    assert!(log.iter().any(|l| l.starts_with("GET /v2/oak/busybox/blobs/") && l.ends_with("200")), "{log:?}");
     assert!(log.iter().skip(2).all(|l| l.ends_with("200")), "{log:?}");
 
     let pid = rt.pid_of("svc-pull", 0).expect("pid known");
@@ -327,11 +255,7 @@ async fn image_is_pulled_from_a_registry_with_token_auth_and_runs() {
     again.one_shot = true;
     rt.deploy(again.clone(), 0);
     let done = common::wait_for(&mut rx, "svc-pull2", &["COMPLETED"], &mut Vec::new()).await;
-    assert!(
-        done.logs.contains("again-from-image"),
-        "logs: {:?}",
-        done.logs
-    );
+    assert!(done.logs.contains("again-from-image"), "logs: {:?}", done.logs);
     assert_eq!(reg.log.lock().unwrap().len(), before);
 
     rt.undeploy("svc-pull", 0).await.expect("undeploy");
@@ -339,10 +263,7 @@ async fn image_is_pulled_from_a_registry_with_token_auth_and_runs() {
     rt.undeploy("svc-pull2", 0).await.expect("undeploy");
     common::assert_gone(&rt, &id).await;
     common::assert_gone(&rt, &instance_id(&again.job_name, 0)).await;
-    rt.containerd()
-        .delete_image_sync(&image, true)
-        .await
-        .unwrap();
+    rt.containerd().delete_image_sync(&image, true).await.unwrap();
     env.cleanup(&rt).await;
 }
 
@@ -355,21 +276,9 @@ async fn registry_failures_fail_the_instance_clearly() {
     let (rt, mut rx) = env.runtime().await;
 
     let cases = [
-        (
-            "svc-corrupt",
-            format!("127.0.0.1:{port}/oak/corrupt:1"),
-            "digest mismatch for layer 1/1",
-        ),
-        (
-            "svc-404",
-            format!("127.0.0.1:{port}/oak/busybox:nope"),
-            "404",
-        ),
-        (
-            "svc-foreign",
-            format!("127.0.0.1:{port}/oak/foreign:1"),
-            "no manifest for this platform",
-        ),
+        ("svc-corrupt", format!("127.0.0.1:{port}/oak/corrupt:1"), "digest mismatch for layer 1/1"),
+        ("svc-404", format!("127.0.0.1:{port}/oak/busybox:nope"), "404"),
+        ("svc-foreign", format!("127.0.0.1:{port}/oak/foreign:1"), "no manifest for this platform"),
         // Explicit http:// on a port nobody listens on: the URL tried is named.
         (
             "svc-down",
@@ -390,10 +299,7 @@ async fn registry_failures_fail_the_instance_clearly() {
         assert!(f.detail.contains(want), "wanted '{want}' in: {}", f.detail);
         common::assert_gone(&rt, &instance_id(&spec.job_name, 0)).await;
         rt.undeploy(svc, 0).await.expect("undeploy");
-        assert!(
-            rt.containerd().ensure_image(code).await.is_err(),
-            "no image record was created for {code}"
-        );
+        assert!(rt.containerd().ensure_image(code).await.is_err(), "no image record was created for {code}");
     }
     env.cleanup(&rt).await;
 }

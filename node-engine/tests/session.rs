@@ -26,10 +26,7 @@ struct FakeCluster {
 impl WorkerRegistry for FakeCluster {
     type SessionStream = ReceiverStream<Result<ClusterToWorker, Status>>;
 
-    async fn session(
-        &self,
-        req: Request<Streaming<WorkerMessage>>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let (down_tx, down_rx) = mpsc::channel(16);
         let (up_tx, up_rx) = mpsc::unbounded_channel();
         let mut inbound = req.into_inner();
@@ -40,9 +37,7 @@ impl WorkerRegistry for FakeCluster {
                 }
             }
         });
-        self.sessions
-            .send((down_tx, up_rx))
-            .map_err(|_| Status::unavailable("test over"))?;
+        self.sessions.send((down_tx, up_rx)).map_err(|_| Status::unavailable("test over"))?;
         Ok(Response::new(ReceiverStream::new(down_rx)))
     }
 }
@@ -60,8 +55,7 @@ async fn next_msg(rx: &mut mpsc::UnboundedReceiver<WorkerMessage>) -> worker_mes
 async fn next_session(
     sessions: &mut mpsc::UnboundedReceiver<(Down, mpsc::UnboundedReceiver<WorkerMessage>)>,
 ) -> (Down, mpsc::UnboundedReceiver<WorkerMessage>, oak_proto::v1::WorkerHello) {
-    let (down_tx, mut up) =
-        tokio::time::timeout(Duration::from_secs(30), sessions.recv()).await.unwrap().unwrap();
+    let (down_tx, mut up) = tokio::time::timeout(Duration::from_secs(30), sessions.recv()).await.unwrap().unwrap();
     let worker_message::Msg::Hello(hello) = next_msg(&mut up).await else { panic!("first message is not Hello") };
     (down_tx, up, hello)
 }
@@ -86,11 +80,7 @@ async fn wait_instance(
             if st.status == wanted {
                 return st;
             }
-            assert_ne!(
-                st.status, "FAILED",
-                "instance failed: {} / logs {}",
-                st.detail, st.logs
-            );
+            assert_ne!(st.status, "FAILED", "instance failed: {} / logs {}", st.detail, st.logs);
         }
     }
 }
@@ -151,29 +141,17 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     // Metrics flow at the heartbeat interval.
     let t0 = tokio::time::Instant::now();
     for _ in 0..3 {
-        let worker_message::Msg::Metrics(m) = next_msg(&mut up).await else {
-            panic!("expected metrics")
-        };
+        let worker_message::Msg::Metrics(m) = next_msg(&mut up).await else { panic!("expected metrics") };
         assert!(m.cpu_cores >= 1);
     }
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "3 heartbeats at 100 ms took {:?}",
-        t0.elapsed()
-    );
-    assert_eq!(
-        std::fs::read_to_string(env.data_dir().join("node_id")).unwrap(),
-        "node-42"
-    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "3 heartbeats at 100 ms took {:?}", t0.elapsed());
+    assert_eq!(std::fs::read_to_string(env.data_dir().join("node_id")).unwrap(), "node-42");
 
     // Deploy → CREATING … RUNNING.
     let spec = env.spec("svc-sess", &["/bin/sleep", "600"]);
     let id = instance_id(&spec.job_name, 1);
     down_tx
-        .send(down(cluster_to_worker::Msg::Deploy(DeployInstance {
-            service: Some(spec.clone()),
-            instance_number: 1,
-        })))
+        .send(down(cluster_to_worker::Msg::Deploy(DeployInstance { service: Some(spec.clone()), instance_number: 1 })))
         .await
         .unwrap();
     let mut seen = Vec::new();
@@ -228,10 +206,7 @@ async fn failed_connection_is_retried() {
     let scfg = session_config(&env, port, "w");
     let worker = tokio::spawn(session::run(scfg, rt.clone(), events));
     // The first attempt meets a peer that hangs up without speaking HTTP/2 …
-    let (first, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-        .await
-        .unwrap()
-        .unwrap();
+    let (first, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.unwrap().unwrap();
     drop(first);
     // … then a real cluster appears on the same port: the worker must retry and say Hello.
     let (sess_tx, mut sess_rx) = mpsc::unbounded_channel();
@@ -240,14 +215,9 @@ async fn failed_connection_is_retried() {
             .add_service(WorkerRegistryServer::new(FakeCluster { sessions: sess_tx }))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    let (_down, mut up) = tokio::time::timeout(Duration::from_secs(30), sess_rx.recv())
-        .await
-        .expect("worker retried")
-        .unwrap();
-    assert!(matches!(
-        next_msg(&mut up).await,
-        worker_message::Msg::Hello(_)
-    ));
+    let (_down, mut up) =
+        tokio::time::timeout(Duration::from_secs(30), sess_rx.recv()).await.expect("worker retried").unwrap();
+    assert!(matches!(next_msg(&mut up).await, worker_message::Msg::Hello(_)));
     worker.abort();
     env.cleanup(&rt).await;
 }

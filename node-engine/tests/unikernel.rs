@@ -27,16 +27,7 @@ fn multiboot_kernel(msg: &[u8], halt_forever: bool) -> Vec<u8> {
     }
     code.extend([0xFA, 0xF4, 0xEB, 0xFC]); // cli; hlt; jmp back
     let mut k = Vec::new();
-    for v in [
-        MAGIC,
-        FLAGS,
-        0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)),
-        BASE,
-        BASE,
-        0,
-        0,
-        BASE + 32,
-    ] {
+    for v in [MAGIC, FLAGS, 0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)), BASE, BASE, 0, 0, BASE + 32] {
         k.extend(v.to_le_bytes());
     }
     k.extend(code);
@@ -45,10 +36,7 @@ fn multiboot_kernel(msg: &[u8], halt_forever: bool) -> Vec<u8> {
 }
 
 fn tar_gz(dir: &std::path::Path, kernel: &[u8]) -> std::path::PathBuf {
-    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-        Vec::new(),
-        flate2::Compression::fast(),
-    ));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
     let mut h = tar::Header::new_gnu();
     h.set_size(kernel.len() as u64);
     h.set_mode(0o644);
@@ -89,9 +77,7 @@ async fn unikernel_runs_completes_and_is_readopted() {
         service_id: "svc-uk-once".into(),
         job_name: "t.uk.once.x".into(),
         virtualization: "unikernel".into(),
-        code: tar_gz(env.dir.path(), &multiboot_kernel(b"UNIKERNEL-OK\n", false))
-            .display()
-            .to_string(),
+        code: tar_gz(env.dir.path(), &multiboot_kernel(b"UNIKERNEL-OK\n", false)).display().to_string(),
         one_shot: true,
         memory_mb: 32,
         ..Default::default()
@@ -109,9 +95,7 @@ async fn unikernel_runs_completes_and_is_readopted() {
         service_id: "svc-uk-up".into(),
         job_name: "t.uk.up.x".into(),
         virtualization: "unikernel".into(),
-        code: tar_gz(env.dir.path(), &multiboot_kernel(b"UP\n", true))
-            .display()
-            .to_string(),
+        code: tar_gz(env.dir.path(), &multiboot_kernel(b"UP\n", true)).display().to_string(),
         ..Default::default()
     };
     let id = instance_id(&spec.job_name, 3);
@@ -127,18 +111,12 @@ async fn unikernel_runs_completes_and_is_readopted() {
 
     let (rt2, mut rx2) = Runtime::connect(cfg).await.unwrap();
     let adopted = rt2.adopt().await.unwrap();
-    let a = adopted
-        .iter()
-        .find(|s| s.service_id == "svc-uk-up")
-        .expect("VM re-adopted");
+    let a = adopted.iter().find(|s| s.service_id == "svc-uk-up").expect("VM re-adopted");
     assert_eq!(a.status, "RUNNING");
     assert_eq!(rt2.pid_of("svc-uk-up", 3), Some(pid));
     rt2.undeploy("svc-uk-up", 3).await.unwrap();
     common::wait_for(&mut rx2, "svc-uk-up", &["UNDEPLOYED"], &mut Vec::new()).await;
     assert!(!unikernel::is_our_vm(pid, &id), "qemu still running");
-    assert!(
-        !unikernel::vm_dir(&env.data_dir(), &id).exists(),
-        "VM files left behind"
-    );
+    assert!(!unikernel::vm_dir(&env.data_dir(), &id).exists(), "VM files left behind");
     env.cleanup(&rt).await;
 }

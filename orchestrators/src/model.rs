@@ -198,7 +198,12 @@ fn opt_str_array(o: &serde_json::Map<String, Value>, path: &str, key: &str) -> R
     }
 }
 
-fn array<'a>(o: &'a serde_json::Map<String, Value>, path: &str, key: &str, required: bool) -> Result<&'a [Value], SlaError> {
+fn array<'a>(
+    o: &'a serde_json::Map<String, Value>,
+    path: &str,
+    key: &str,
+    required: bool,
+) -> Result<&'a [Value], SlaError> {
     let p = format!("{path}{key}");
     match o.get(key) {
         None | Some(Value::Null) if required => Err(err(p, "required field is missing")),
@@ -294,10 +299,9 @@ pub fn validate(sla: &Sla) -> Result<(), SlaError> {
             validate_service(s, &format!("{ap}.microservices[{si}]"))?;
         }
         for (si, s) in a.microservices.iter().enumerate() {
-            if a.microservices[..si]
-                .iter()
-                .any(|o| o.microservice_name == s.microservice_name && o.microservice_namespace == s.microservice_namespace)
-            {
+            if a.microservices[..si].iter().any(|o| {
+                o.microservice_name == s.microservice_name && o.microservice_namespace == s.microservice_namespace
+            }) {
                 return Err(err(
                     format!("{ap}.microservices[{si}].microservice_name"),
                     "duplicate microservice name+namespace in this application",

@@ -67,8 +67,10 @@ impl SimWorker {
     }
 
     async fn session(&self, held: &Arc<Mutex<Held>>) -> Result<()> {
-        let ep = tonic::transport::Endpoint::from_shared(self.cluster_url.clone())?.connect_timeout(Duration::from_secs(5));
-        let mut client = pb::worker_registry_client::WorkerRegistryClient::new(ep.connect().await.context("connecting")?);
+        let ep =
+            tonic::transport::Endpoint::from_shared(self.cluster_url.clone())?.connect_timeout(Duration::from_secs(5));
+        let mut client =
+            pb::worker_registry_client::WorkerRegistryClient::new(ep.connect().await.context("connecting")?);
         let (tx, rx) = mpsc::unbounded_channel();
         let hello = {
             let h = held.lock().expect("held");
@@ -120,7 +122,10 @@ impl SimWorker {
                         let spec = d.service.unwrap_or_default();
                         let k = format!("{}/{}", spec.service_id, d.instance_number);
                         let st = status(&spec.service_id, d.instance_number, "CREATING", "simulated");
-                        held.lock().expect("held").instances.insert(k.clone(), (st.clone(), spec.vcpus, spec.memory_mb));
+                        held.lock()
+                            .expect("held")
+                            .instances
+                            .insert(k.clone(), (st.clone(), spec.vcpus, spec.memory_mb));
                         let _ = tx.send(worker_msg(pb::worker_message::Msg::Instance(st)));
                         let (h, t, delay) = (held.clone(), tx.clone(), self.start_delay);
                         let running = status(&spec.service_id, d.instance_number, "RUNNING", "simulated");

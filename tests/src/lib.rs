@@ -39,7 +39,11 @@ pub fn bin_dir() -> PathBuf {
 /// Path of a workspace binary; panics with a hint when it was not built.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is missing: build the binaries first (cargo build --workspace --bins, or cargo xtask test)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins, or cargo xtask test)",
+        p.display()
+    );
     p
 }
 
@@ -200,7 +204,12 @@ impl Net {
             let ns = format!("oak{id}{name}");
             ip(&["netns", "add", &ns])?;
             let addr = Ipv4Addr::new(10, 99, 0, i as u8 + 1);
-            net.hosts.push(Host { name: name.to_string(), ns: ns.clone(), ip: addr, logs: net.dir.path().to_path_buf() });
+            net.hosts.push(Host {
+                name: name.to_string(),
+                ns: ns.clone(),
+                ip: addr,
+                logs: net.dir.path().to_path_buf(),
+            });
             let port = format!("p{i}");
             ip(&["-n", &switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             ip(&["-n", &switch, "link", "set", &port, "master", "br0", "up"])?;
@@ -276,7 +285,8 @@ impl Api {
     }
 
     pub fn login(&mut self, user: &str, password: &str) -> Result<()> {
-        let (c, v) = self.call("POST", "/api/auth/login", Some(&serde_json::json!({"username": user, "password": password})));
+        let (c, v) =
+            self.call("POST", "/api/auth/login", Some(&serde_json::json!({"username": user, "password": password})));
         if c != 200 {
             bail!("login failed: {c} {v}");
         }

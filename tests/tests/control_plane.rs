@@ -36,7 +36,11 @@ impl Cp {
         });
     }
     fn active_nodes(&self) -> u64 {
-        self.get("/api/clusters/active").as_array().and_then(|a| a.first()).and_then(|c| c["active_nodes"].as_u64()).unwrap_or(0)
+        self.get("/api/clusters/active")
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|c| c["active_nodes"].as_u64())
+            .unwrap_or(0)
     }
     /// Creates the application and deploys one instance; returns the service id.
     fn deploy(&self, name: &str, memory: u64, vcpus: f64) -> String {
@@ -75,7 +79,16 @@ fn mdoc_placement_no_resources_malformed_sla_and_worker_loss() {
         .spawn(
             "cluster",
             &bin("cluster-orchestrator"),
-            &["--root-address", &root_ip, "--data-dir", &cluster_dir, "--heartbeat-interval-ms", "200", "--worker-stale-ms", "2000"],
+            &[
+                "--root-address",
+                &root_ip,
+                "--data-dir",
+                &cluster_dir,
+                "--heartbeat-interval-ms",
+                "200",
+                "--worker-stale-ms",
+                "2000",
+            ],
             &[("CLUSTER_NAME", "edge-1"), ("CLUSTER_LOCATION", "48.26,11.67,1000")],
         )
         .unwrap();
@@ -97,7 +110,9 @@ fn mdoc_placement_no_resources_malformed_sla_and_worker_loss() {
     assert_eq!(c, 401, "{v}");
     cp.api.token = tok;
 
-    wait_for("both workers registered in the root's view", Duration::from_secs(20), || (cp.active_nodes() == 2).then_some(()));
+    wait_for("both workers registered in the root's view", Duration::from_secs(20), || {
+        (cp.active_nodes() == 2).then_some(())
+    });
     let cl = &cp.get("/api/clusters/active")[0];
     assert_eq!(cl["cluster_name"], "edge-1");
     assert_eq!(cl["total_cpu_cores"], 4);
@@ -116,8 +131,9 @@ fn mdoc_placement_no_resources_malformed_sla_and_worker_loss() {
     let big = cp.deploy("app2", 256, 8.0);
     wait_for("NoResourcesAvailable reported", Duration::from_secs(20), || {
         let i = cp.instance0(&big);
-        (i["status"] == "NoActiveClusterWithCapacity" && i["status_detail"].as_str().unwrap_or("").contains("NoResourcesAvailable"))
-            .then_some(())
+        (i["status"] == "NoActiveClusterWithCapacity"
+            && i["status_detail"].as_str().unwrap_or("").contains("NoResourcesAvailable"))
+        .then_some(())
     });
 
     // malformed SLA: 400 naming the field, nothing stored
@@ -156,7 +172,8 @@ fn root_kill9_and_restart_keeps_applications_and_the_cluster_returns() {
     let root_dir = d.join("root").display().to_string();
     let ra: Vec<String> = root_args(&root_dir);
     let ra: Vec<&str> = ra.iter().map(String::as_str).collect();
-    let mut root = net.host("root").spawn("root", &bin("root-orchestrator"), &ra, &[("OAK_ADMIN_PASSWORD", PW)]).unwrap();
+    let mut root =
+        net.host("root").spawn("root", &bin("root-orchestrator"), &ra, &[("OAK_ADMIN_PASSWORD", PW)]).unwrap();
     let root_ip = net.host("root").ip.to_string();
     let cluster_dir = d.join("cluster").display().to_string();
     let _cluster = net

@@ -174,7 +174,8 @@ fn mdnc(nm_flags: &[&str]) {
     let root_ip = net.host("root").ip.to_string();
 
     let root_args = ["--data-dir", &p("root")];
-    let _root = net.host("root").spawn("root", &bin("root-orchestrator"), &root_args, &[("OAK_ADMIN_PASSWORD", PW)]).unwrap();
+    let _root =
+        net.host("root").spawn("root", &bin("root-orchestrator"), &root_args, &[("OAK_ADMIN_PASSWORD", PW)]).unwrap();
     let clusters: Vec<Proc> = [("ca", "mdnc-a", "48.26,11.67,1000"), ("cb", "mdnc-b", "52.52,13.40,1000")]
         .iter()
         .map(|(h, name, loc)| {
@@ -196,7 +197,8 @@ fn mdnc(nm_flags: &[&str]) {
         std::fs::write(&cfg, doc.to_string()).unwrap();
         let cfg = cfg.display().to_string();
         let data = p(&format!("nm-{w}"));
-        let mut args = vec!["-c", cfg.as_str(), "--data-dir", data.as_str(), "--log-level", "oak_netmanager=debug,info"];
+        let mut args =
+            vec!["-c", cfg.as_str(), "--data-dir", data.as_str(), "--log-level", "oak_netmanager=debug,info"];
         args.extend(nm_flags);
         let nm = h.spawn(&format!("netmanager-{w}"), &bin("NetManager"), &args, &[]).unwrap();
         Worker { host: h, nm }
@@ -237,8 +239,9 @@ fn mdnc(nm_flags: &[&str]) {
             s
         })
         .collect();
-    let by_name =
-        |n: &str| svcs.iter().find(|s| s["microservice_name"] == n).unwrap_or_else(|| panic!("no {n}: {svcs:?}")).clone();
+    let by_name = |n: &str| {
+        svcs.iter().find(|s| s["microservice_name"] == n).unwrap_or_else(|| panic!("no {n}: {svcs:?}")).clone()
+    };
     let (echo, client) = (by_name("echo"), by_name("client"));
     let sid = echo["microserviceID"].as_str().unwrap().to_string();
     let job = echo["job_name"].as_str().unwrap().to_string();
@@ -287,7 +290,10 @@ fn mdnc(nm_flags: &[&str]) {
     let ca = wa.counters();
     eprintln!("counters wa: {ca}");
     eprintln!("counters wb: {}", wb.counters());
-    assert!(ca["events"]["resolves"].as_u64().unwrap_or(0) >= 1, "wa resolved the service IP through its cluster: {ca}");
+    assert!(
+        ca["events"]["resolves"].as_u64().unwrap_or(0) >= 1,
+        "wa resolved the service IP through its cluster: {ca}"
+    );
     if ebpf {
         assert!(ca["ebpf"]["encap"].as_u64().unwrap_or(0) > 0, "the flows ran on wa's fast path: {ca}");
     } else {

@@ -30,9 +30,15 @@ fn oak_cli_drives_the_root_unchanged() {
     let h = net.host("doc");
     let d = net.dir.path().to_path_buf();
     let (rd, cd) = (d.join("root").display().to_string(), d.join("cl").display().to_string());
-    let _root = h.spawn("root", &bin("root-orchestrator"), &["--data-dir", &rd], &[("OAK_ADMIN_PASSWORD", "Admin")]).unwrap();
+    let _root =
+        h.spawn("root", &bin("root-orchestrator"), &["--data-dir", &rd], &[("OAK_ADMIN_PASSWORD", "Admin")]).unwrap();
     let _cl = h
-        .spawn("cluster", &bin("cluster-orchestrator"), &["--data-dir", &cd], &[("CLUSTER_NAME", "cli-cluster"), ("CLUSTER_LOCATION", "garching")])
+        .spawn(
+            "cluster",
+            &bin("cluster-orchestrator"),
+            &["--data-dir", &cd],
+            &[("CLUSTER_NAME", "cli-cluster"), ("CLUSTER_LOCATION", "garching")],
+        )
         .unwrap();
     let _w = h.spawn("workers", &bin("oak-sim-worker"), &["--count", "2"], &[]).unwrap();
     let home = d.join("home");

@@ -40,7 +40,9 @@ fn one_doc_deploy_reach_restart_undeploy() {
     )
     .unwrap();
     let p = |s: &str| d.join(s).display().to_string();
-    let _root = h.spawn("root", &bin("root-orchestrator"), &["--data-dir", &p("root")], &[("OAK_ADMIN_PASSWORD", "pw")]).unwrap();
+    let _root = h
+        .spawn("root", &bin("root-orchestrator"), &["--data-dir", &p("root")], &[("OAK_ADMIN_PASSWORD", "pw")])
+        .unwrap();
     let _cluster = h
         .spawn(
             "cluster",
@@ -49,9 +51,11 @@ fn one_doc_deploy_reach_restart_undeploy() {
             &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
         )
         .unwrap();
-    let nm = h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
+    let nm =
+        h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
     nm.wait_log("NetManager ready", Duration::from_secs(30)).unwrap();
-    let ne_args = ["-a", "127.0.0.1", "-n", "6000", "--data-dir", &p("ne"), "--namespace", &ctr_ns, "--node-name", "doc-worker"];
+    let ne_args =
+        ["-a", "127.0.0.1", "-n", "6000", "--data-dir", &p("ne"), "--namespace", &ctr_ns, "--node-name", "doc-worker"];
     let mut ne = h.spawn("nodeengine", &bin("NodeEngine"), &ne_args, &[]).unwrap();
 
     let mut api = Api::new(h.ip);
@@ -114,7 +118,10 @@ fn one_doc_deploy_reach_restart_undeploy() {
     let (c, _) = call("DELETE", &format!("/api/service/{sid}/instance/0"), None);
     assert_eq!(c, 200);
     wait_for("instance removed", Duration::from_secs(30), || {
-        call("GET", &format!("/api/service/{sid}"), None).1["instance_list"].as_array().is_some_and(|l| l.is_empty()).then_some(())
+        call("GET", &format!("/api/service/{sid}"), None).1["instance_list"]
+            .as_array()
+            .is_some_and(|l| l.is_empty())
+            .then_some(())
     });
     wait_for("container removed from containerd", Duration::from_secs(20), || {
         (!containers(&ctr_ns).contains(".instance.0")).then_some(())
@@ -126,5 +133,9 @@ fn one_doc_deploy_reach_restart_undeploy() {
         let _ = Command::new("ctr").args(["-n", &ctr_ns, "images", "rm", "--sync", img]).output();
     }
     let rm = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output().unwrap();
-    assert!(rm.status.success(), "nothing left in containerd namespace {ctr_ns}: {}", String::from_utf8_lossy(&rm.stderr));
+    assert!(
+        rm.status.success(),
+        "nothing left in containerd namespace {ctr_ns}: {}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
 }

@@ -57,7 +57,15 @@ pub fn run() -> anyhow::Result<()> {
         step(&format!("{tc} with rust-src: present"));
     } else {
         step(&format!("{tc} with rust-src: installing (the eBPF build's pinned nightly)"));
-        sh(Command::new("rustup").args(["toolchain", "install", tc, "--profile", "minimal", "--component", "rust-src"]))?;
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            tc,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
 
     if have("bpf-linker") && succeeds(Command::new("bpf-linker").arg("--version")) {
@@ -90,7 +98,9 @@ fn setup_oak_cli() -> anyhow::Result<()> {
         step(&format!("oak-cli {OAK_CLI_VERSION}: present in {OAK_CLI_VENV}"));
         return Ok(());
     }
-    step(&format!("oak-cli {OAK_CLI_VERSION}: installing into {OAK_CLI_VENV} (Oakestra's CLI, for compatibility tests)"));
+    step(&format!(
+        "oak-cli {OAK_CLI_VERSION}: installing into {OAK_CLI_VENV} (Oakestra's CLI, for compatibility tests)"
+    ));
     sh(Command::new("python3").args(["-m", "venv", OAK_CLI_VENV]))?;
     sh(Command::new(&pip).args(["install", "-q", &format!("oak-cli=={OAK_CLI_VERSION}")]))?;
     Ok(())

@@ -261,10 +261,13 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     println!();
     println!("1-DOC cluster '{}' is up.", args.cluster_name);
     println!("  Root API:   http://127.0.0.1:10000/api  (docs: http://127.0.0.1:10000/api/docs)");
-    println!("  Login:      user 'Admin', password {}", match std::env::var("OAK_ADMIN_PASSWORD") {
-        Ok(_) => "from OAK_ADMIN_PASSWORD".to_string(),
-        Err(_) => format!("in {DATA_DIR}/root/admin-password"),
-    });
+    println!(
+        "  Login:      user 'Admin', password {}",
+        match std::env::var("OAK_ADMIN_PASSWORD") {
+            Ok(_) => "from OAK_ADMIN_PASSWORD".to_string(),
+            Err(_) => format!("in {DATA_DIR}/root/admin-password"),
+        }
+    );
     println!("  Logs:       {LOG_DIR}/*.log");
     println!("  Stop with:  cargo xtask down");
     Ok(())

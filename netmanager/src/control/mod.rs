@@ -38,7 +38,9 @@ pub fn validate_subnet(text: &str, tables: &Snapshot) -> Result<Ipv4Net, String>
     if SERVICE_SPACE.contains(&net.network()) || net.contains(&SERVICE_SPACE.network()) {
         return Err(format!("{net} overlaps the service space {SERVICE_SPACE}"));
     }
-    if let Some((other, ep)) = tables.routes.iter().find(|(r, _)| r.contains(&net.network()) || net.contains(&r.network())) {
+    if let Some((other, ep)) =
+        tables.routes.iter().find(|(r, _)| r.contains(&net.network()) || net.contains(&r.network()))
+    {
         return Err(format!("{net} overlaps {other}, the subnet of worker {ep}"));
     }
     Ok(net)
@@ -155,7 +157,8 @@ impl Control {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         };
-        let net = validate_subnet(&reply.subnet, &self.tables.snapshot()).map_err(|e| anyhow!("bad network received: {e}"))?;
+        let net = validate_subnet(&reply.subnet, &self.tables.snapshot())
+            .map_err(|e| anyhow!("bad network received: {e}"))?;
         *self.subnet.lock().expect("lock") = Some(net);
         self.tables.set_local_subnet(net);
         tracing::info!(subnet = %net, cluster = %reply.cluster_id, "leased worker subnet");
@@ -238,18 +241,32 @@ impl Control {
 
     /// Resolve a job name (app.appns.svc.svcns), put it in the tables and get its future changes pushed.
     pub async fn resolve_name(&self, job_name: &str) -> Result<Option<ServiceEntry>> {
-        self.resolve(pb::ResolveRequest { job_name: job_name.into(), service_ip: String::new(), subscriber: self.node.clone() })
-            .await
+        self.resolve(pb::ResolveRequest {
+            job_name: job_name.into(),
+            service_ip: String::new(),
+            subscriber: self.node.clone(),
+        })
+        .await
     }
 
     /// Resolve a service IP (10.30.x.y) the datapath saw but does not know yet.
     pub async fn resolve_ip(&self, ip: Ipv4Addr) -> Result<Option<ServiceEntry>> {
-        self.resolve(pb::ResolveRequest { job_name: String::new(), service_ip: ip.to_string(), subscriber: self.node.clone() })
-            .await
+        self.resolve(pb::ResolveRequest {
+            job_name: String::new(),
+            service_ip: ip.to_string(),
+            subscriber: self.node.clone(),
+        })
+        .await
     }
 
     /// Register an instance wired on this worker.
-    pub async fn register_instance(&self, service_id: &str, job_name: &str, instance_number: u32, ns_ip: Ipv4Addr) -> Result<()> {
+    pub async fn register_instance(
+        &self,
+        service_id: &str,
+        job_name: &str,
+        instance_number: u32,
+        ns_ip: Ipv4Addr,
+    ) -> Result<()> {
         let subnet = self.subnet().map(|n| n.to_string()).unwrap_or_default();
         let mut client = self.client.clone();
         client
@@ -271,7 +288,11 @@ impl Control {
     pub async fn deregister_instance(&self, service_id: &str, job_name: &str, instance_number: u32) -> Result<()> {
         let mut client = self.client.clone();
         client
-            .deregister_instance(pb::InstanceKey { service_id: service_id.into(), instance_number, job_name: job_name.into() })
+            .deregister_instance(pb::InstanceKey {
+                service_id: service_id.into(),
+                instance_number,
+                job_name: job_name.into(),
+            })
             .await
             .map_err(|e| anyhow!("deregistering instance: {}", e.message()))?;
         Ok(())

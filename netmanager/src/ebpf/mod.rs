@@ -219,7 +219,17 @@ impl FastPath {
         let routes = HashMap::try_from(take(&mut ebpf, "ROUTES")?)?;
         let local = HashMap::try_from(take(&mut ebpf, "LOCAL")?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)?;
-        let mut fp = Self { ebpf, cfg, services, routes, local, counters, attached: StdHashMap::new(), tun_only: BTreeMap::new(), _log: log };
+        let mut fp = Self {
+            ebpf,
+            cfg,
+            services,
+            routes,
+            local,
+            counters,
+            attached: StdHashMap::new(),
+            tun_only: BTreeMap::new(),
+            _log: log,
+        };
         // adopted maps keep the previous incarnation's config (enabled) until the new one rewrites it
         if fp.cfg.pin_dir.is_none() {
             fp.write_config(false)?;
@@ -343,7 +353,9 @@ impl FastPath {
 /// This host's IPv4 addresses with their interfaces (the calling thread's network namespace).
 pub fn host_addresses() -> Vec<(String, Ipv4Addr)> {
     nix::ifaddrs::getifaddrs()
-        .map(|addrs| addrs.filter_map(|a| Some((a.interface_name.clone(), a.address?.as_sockaddr_in()?.ip()))).collect())
+        .map(|addrs| {
+            addrs.filter_map(|a| Some((a.interface_name.clone(), a.address?.as_sockaddr_in()?.ip()))).collect()
+        })
         .unwrap_or_default()
 }
 
@@ -370,7 +382,8 @@ fn plan_maps(snap: &Snapshot, worker_prefix: u8, own: &HashSet<Ipv4Addr>) -> Map
         }
         if let SocketAddr::V4(v4) = ep {
             if !own.contains(v4.ip()) {
-                plan.routes.insert(raw(net.network()), Route { worker_ip: raw(*v4.ip()), port: raw_port(v4.port()), _pad: 0 });
+                plan.routes
+                    .insert(raw(net.network()), Route { worker_ip: raw(*v4.ip()), port: raw_port(v4.port()), _pad: 0 });
             }
         }
     }
@@ -378,7 +391,8 @@ fn plan_maps(snap: &Snapshot, worker_prefix: u8, own: &HashSet<Ipv4Addr>) -> Map
         let mut insts: Vec<_> = s.instances.iter().collect();
         insts.sort_by_key(|i| (i.instance_number, u32::from(i.ns_ip)));
         // the programs' ROUTES key: the destination's worker subnet
-        let routed = |ip: Ipv4Addr| plan.routes.contains_key(&raw(Ipv4Net::new(ip, worker_prefix).expect("prefix").network()));
+        let routed =
+            |ip: Ipv4Addr| plan.routes.contains_key(&raw(Ipv4Net::new(ip, worker_prefix).expect("prefix").network()));
         let why = if insts.len() > MAX_BACKENDS {
             Some(format!("{} instances, the kernel balances over at most {MAX_BACKENDS}", insts.len()))
         } else {
@@ -473,7 +487,10 @@ mod tests {
     fn a_service_reachable_in_the_kernel_is_balanced_there() {
         // instance numbers out of order on purpose: backends follow the instance number
         let p = plan_maps(
-            &snap(vec![inst(1, "10.18.0.66", "192.168.77.2:50103", Some(300)), inst(0, "10.18.0.2", "192.168.77.1:50103", None)]),
+            &snap(vec![
+                inst(1, "10.18.0.66", "192.168.77.2:50103", Some(300)),
+                inst(0, "10.18.0.2", "192.168.77.1:50103", None),
+            ]),
             26,
             &own(),
         );
@@ -524,8 +541,9 @@ mod tests {
         let p = plan_maps(&snap(vec![inst(0, "10.18.0.200", "192.168.77.5:50103", None)]), 26, &own());
         assert_eq!(svc(&p, "10.30.0.2").kind, KIND_TUN);
         assert!(p.tun_only["app.ns.echo.ns"].contains("no route"), "{:?}", p.tun_only);
-        let many =
-            (0..MAX_BACKENDS as u32 + 1).map(|n| inst(n, &format!("10.18.0.{}", n + 2), "192.168.77.1:50103", None)).collect();
+        let many = (0..MAX_BACKENDS as u32 + 1)
+            .map(|n| inst(n, &format!("10.18.0.{}", n + 2), "192.168.77.1:50103", None))
+            .collect();
         let p = plan_maps(&snap(many), 26, &own());
         assert_eq!(svc(&p, "10.30.0.2").kind, KIND_TUN);
         assert!(p.tun_only["app.ns.echo.ns"].contains("at most 32"), "{:?}", p.tun_only);

@@ -78,7 +78,10 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-async fn link_by_name(handle: &rtnetlink::Handle, name: &str) -> Result<Option<netlink_packet_route::link::LinkMessage>> {
+async fn link_by_name(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Option<netlink_packet_route::link::LinkMessage>> {
     let mut links = handle.clone().link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
         Ok(m) => Ok(m),

@@ -109,13 +109,31 @@ fn instance_comment(bridge: &str, service_id: &str, instance: u32) -> String {
 pub fn ensure_bridge_rules(bridge: &str, subnet: Ipv4Net) -> Result<()> {
     let c = bridge_comment(bridge);
     let s = subnet.to_string();
-    ensure("nat", "POSTROUTING", false, &["-s", &s, "!", "-d", OVERLAY, "-m", "comment", "--comment", &c, "-j", "MASQUERADE"])?;
+    ensure(
+        "nat",
+        "POSTROUTING",
+        false,
+        &["-s", &s, "!", "-d", OVERLAY, "-m", "comment", "--comment", &c, "-j", "MASQUERADE"],
+    )?;
     ensure("filter", "FORWARD", true, &["-i", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
     ensure("filter", "FORWARD", true, &["-o", bridge, "-m", "comment", "--comment", &c, "-j", "ACCEPT"])?;
     // traffic inside the overlay is never NATed (see the masquerade above): no connection tracking for it,
     // except to this host's own addresses (e.g. an instance using a port mapping through its gateway)
     let untracked = [
-        "-s", OVERLAY, "-d", OVERLAY, "-m", "addrtype", "!", "--dst-type", "LOCAL", "-m", "comment", "--comment", &c, "-j",
+        "-s",
+        OVERLAY,
+        "-d",
+        OVERLAY,
+        "-m",
+        "addrtype",
+        "!",
+        "--dst-type",
+        "LOCAL",
+        "-m",
+        "comment",
+        "--comment",
+        &c,
+        "-j",
         "NOTRACK",
     ];
     if let Err(e) = ensure("raw", "PREROUTING", true, &untracked) {
@@ -139,8 +157,22 @@ pub fn ensure_tunnel_untracked(bridge: &str, port: u16) {
     let p = port.to_string();
     let r = delete_commented("raw", "PREROUTING", &c)
         .and_then(|_| delete_commented("raw", "OUTPUT", &c))
-        .and_then(|_| ensure("raw", "PREROUTING", true, &["-p", "udp", "--dport", &p, "-m", "comment", "--comment", &c, "-j", "NOTRACK"]))
-        .and_then(|_| ensure("raw", "OUTPUT", true, &["-p", "udp", "--sport", &p, "-m", "comment", "--comment", &c, "-j", "NOTRACK"]));
+        .and_then(|_| {
+            ensure(
+                "raw",
+                "PREROUTING",
+                true,
+                &["-p", "udp", "--dport", &p, "-m", "comment", "--comment", &c, "-j", "NOTRACK"],
+            )
+        })
+        .and_then(|_| {
+            ensure(
+                "raw",
+                "OUTPUT",
+                true,
+                &["-p", "udp", "--sport", &p, "-m", "comment", "--comment", &c, "-j", "NOTRACK"],
+            )
+        });
     if let Err(e) = r {
         tracing::warn!("tunnel datagrams stay connection-tracked (slower): {e:#}");
     }
@@ -172,7 +204,13 @@ pub fn remove_bridge_rules(bridge: &str, _subnet: Ipv4Net) -> Result<()> {
     Ok(())
 }
 
-pub fn add_port_mappings(bridge: &str, service_id: &str, instance: u32, ip: Ipv4Addr, ports: &[PortMapping]) -> Result<()> {
+pub fn add_port_mappings(
+    bridge: &str,
+    service_id: &str,
+    instance: u32,
+    ip: Ipv4Addr,
+    ports: &[PortMapping],
+) -> Result<()> {
     let c = instance_comment(bridge, service_id, instance);
     for p in ports {
         let dport = p.host.to_string();
@@ -181,15 +219,45 @@ pub fn add_port_mappings(bridge: &str, service_id: &str, instance: u32, ip: Ipv4
             "nat",
             "PREROUTING",
             false,
-            &["-p", &p.proto, "--dport", &dport, "-m", "comment", "--comment", &c, "-j", "DNAT", "--to-destination", &to],
+            &[
+                "-p",
+                &p.proto,
+                "--dport",
+                &dport,
+                "-m",
+                "comment",
+                "--comment",
+                &c,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ],
         )?;
         ensure(
             "nat",
             "OUTPUT",
             false,
             &[
-                "-p", &p.proto, "!", "-d", "127.0.0.0/8", "--dport", &dport, "-m", "addrtype", "--dst-type", "LOCAL", "-m",
-                "comment", "--comment", &c, "-j", "DNAT", "--to-destination", &to,
+                "-p",
+                &p.proto,
+                "!",
+                "-d",
+                "127.0.0.0/8",
+                "--dport",
+                &dport,
+                "-m",
+                "addrtype",
+                "--dst-type",
+                "LOCAL",
+                "-m",
+                "comment",
+                "--comment",
+                &c,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
             ],
         )?;
     }

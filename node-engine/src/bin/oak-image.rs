@@ -7,8 +7,11 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Write a minimal OCI image archive built from a static busybox (offline: no registry \
-needed). Deploy it with an SLA whose code is oci-archive:<path>.")]
+#[command(
+    version,
+    about = "Write a minimal OCI image archive built from a static busybox (offline: no registry \
+needed). Deploy it with an SLA whose code is oci-archive:<path>."
+)]
 struct Args {
     /// Directory to write busybox-oci.tar into.
     #[arg(long, default_value = ".")]

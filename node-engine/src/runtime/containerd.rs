@@ -43,15 +43,8 @@ fn is(e: &tonic::Status, c: Code) -> bool {
 fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!(
-        "{prefix}-{}-{t}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{prefix}-{}-{t}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 impl Containerd {
@@ -82,33 +75,20 @@ impl Containerd {
 
     pub fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
-        r.metadata_mut().insert(
-            "containerd-namespace",
-            self.namespace.parse().expect("namespace is ascii"),
-        );
+        r.metadata_mut().insert("containerd-namespace", self.namespace.parse().expect("namespace is ascii"));
         r
     }
 
     fn req_lease<T>(&self, msg: T, lease: &str) -> Request<T> {
         let mut r = self.req(msg);
-        r.metadata_mut().insert(
-            "containerd-lease",
-            lease.parse().expect("lease id is ascii"),
-        );
+        r.metadata_mut().insert("containerd-lease", lease.parse().expect("lease id is ascii"));
         r
     }
 
     // ------------------------------------------------------------------ content
 
     async fn content_exists(&self, digest: &str) -> anyhow::Result<bool> {
-        match self
-            .client
-            .content()
-            .info(self.req(cs::InfoRequest {
-                digest: digest.into(),
-            }))
-            .await
-        {
+        match self.client.content().info(self.req(cs::InfoRequest { digest: digest.into() })).await {
             Ok(_) => Ok(true),
             Err(e) if is(&e, Code::NotFound) => Ok(false),
             Err(e) => Err(e).context("content info"),
@@ -118,8 +98,7 @@ impl Containerd {
     async fn write_blob(&self, blob: &image::Blob, lease: &str) -> anyhow::Result<()> {
         if self.content_exists(&blob.digest).await? {
             if !blob.labels.is_empty() {
-                self.update_content_labels(&blob.digest, &blob.labels)
-                    .await?;
+                self.update_content_labels(&blob.digest, &blob.labels).await?;
             }
             return Ok(());
         }
@@ -132,21 +111,13 @@ impl Containerd {
             let end = (offset + CHUNK).min(blob.data.len());
             let last = end == blob.data.len();
             msgs.push(cs::WriteContentRequest {
-                action: if last {
-                    cs::WriteAction::Commit as i32
-                } else {
-                    cs::WriteAction::Write as i32
-                },
+                action: if last { cs::WriteAction::Commit as i32 } else { cs::WriteAction::Write as i32 },
                 r#ref: r.clone(),
                 total,
                 expected: blob.digest.clone(),
                 offset: offset as i64,
                 data: blob.data[offset..end].to_vec(),
-                labels: if last {
-                    blob.labels.clone()
-                } else {
-                    HashMap::new()
-                },
+                labels: if last { blob.labels.clone() } else { HashMap::new() },
             });
             offset = end;
             if last {
@@ -154,11 +125,7 @@ impl Containerd {
             }
         }
         let stream = futures::stream::iter(msgs);
-        let res = self
-            .client
-            .content()
-            .write(self.req_lease(stream, lease))
-            .await;
+        let res = self.client.content().write(self.req_lease(stream, lease)).await;
         let mut resp = match res {
             Ok(r) => r.into_inner(),
             Err(e) if is(&e, Code::AlreadyExists) => return Ok(()),
@@ -178,20 +145,12 @@ impl Containerd {
         Ok(())
     }
 
-    async fn update_content_labels(
-        &self,
-        digest: &str,
-        labels: &HashMap<String, String>,
-    ) -> anyhow::Result<()> {
+    async fn update_content_labels(&self, digest: &str, labels: &HashMap<String, String>) -> anyhow::Result<()> {
         let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
         self.client
             .content()
             .update(self.req(cs::UpdateRequest {
-                info: Some(cs::Info {
-                    digest: digest.into(),
-                    labels: labels.clone(),
-                    ..Default::default()
-                }),
+                info: Some(cs::Info { digest: digest.into(), labels: labels.clone(), ..Default::default() }),
                 update_mask: Some(prost_types::FieldMask { paths }),
             }))
             .await
@@ -203,20 +162,12 @@ impl Containerd {
         let mut s = self
             .client
             .content()
-            .read(self.req(cs::ReadContentRequest {
-                digest: digest.into(),
-                offset: 0,
-                size: 0,
-            }))
+            .read(self.req(cs::ReadContentRequest { digest: digest.into(), offset: 0, size: 0 }))
             .await
             .with_context(|| format!("reading blob {digest}"))?
             .into_inner();
         let mut out = Vec::new();
-        while let Some(m) = s
-            .message()
-            .await
-            .with_context(|| format!("reading blob {digest}"))?
-        {
+        while let Some(m) = s.message().await.with_context(|| format!("reading blob {digest}"))? {
             out.extend_from_slice(&m.data);
         }
         Ok(out)
@@ -231,24 +182,14 @@ impl Containerd {
         labels.insert("containerd.io/gc.expire".into(), rfc3339_in(3600));
         self.client
             .leases()
-            .create(self.req(cs::CreateRequest {
-                id: id.clone(),
-                labels,
-            }))
+            .create(self.req(cs::CreateRequest { id: id.clone(), labels }))
             .await
             .context("creating a containerd lease")?;
         Ok(id)
     }
 
     pub async fn delete_lease(&self, id: &str) {
-        let _ = self
-            .client
-            .leases()
-            .delete(self.req(cs::DeleteRequest {
-                id: id.into(),
-                sync: false,
-            }))
-            .await;
+        let _ = self.client.leases().delete(self.req(cs::DeleteRequest { id: id.into(), sync: false })).await;
     }
 
     // ------------------------------------------------------------------ images
@@ -262,11 +203,7 @@ impl Containerd {
     }
 
     /// Like [`Self::ensure_image`] under a caller-held lease (keep it until the container exists).
-    pub async fn ensure_image_leased(
-        &self,
-        code: &str,
-        lease: &str,
-    ) -> anyhow::Result<ResolvedImage> {
+    pub async fn ensure_image_leased(&self, code: &str, lease: &str) -> anyhow::Result<ResolvedImage> {
         let name = match image::parse_source(code)? {
             ImageSource::Archive(path) => self.import_archive(&path, lease).await?,
             ImageSource::Reference(r) => {
@@ -282,21 +219,13 @@ impl Containerd {
                 r
             }
         };
-        let img = self
-            .get_image(&name)
-            .await?
-            .with_context(|| format!("image {name} vanished"))?;
+        let img = self.get_image(&name).await?.with_context(|| format!("image {name} vanished"))?;
         let target = img.target.context("image without target")?;
         self.unpack(&name, &target, lease).await
     }
 
     async fn get_image(&self, name: &str) -> anyhow::Result<Option<cs::Image>> {
-        match self
-            .client
-            .images()
-            .get(self.req(cs::GetImageRequest { name: name.into() }))
-            .await
-        {
+        match self.client.images().get(self.req(cs::GetImageRequest { name: name.into() })).await {
             Ok(r) => Ok(r.into_inner().image),
             Err(e) if is(&e, Code::NotFound) => Ok(None),
             Err(e) => Err(e).with_context(|| format!("looking up image {name}")),
@@ -325,10 +254,7 @@ impl Containerd {
         match self
             .client
             .images()
-            .create(self.req(cs::CreateImageRequest {
-                image: Some(image.clone()),
-                source_date_epoch: None,
-            }))
+            .create(self.req(cs::CreateImageRequest { image: Some(image.clone()), source_date_epoch: None }))
             .await
         {
             Ok(_) => {}
@@ -337,9 +263,7 @@ impl Containerd {
                     .images()
                     .update(self.req(cs::UpdateImageRequest {
                         image: Some(image),
-                        update_mask: Some(prost_types::FieldMask {
-                            paths: vec!["target".into()],
-                        }),
+                        update_mask: Some(prost_types::FieldMask { paths: vec!["target".into()] }),
                         source_date_epoch: None,
                     }))
                     .await
@@ -359,8 +283,7 @@ impl Containerd {
             .await
             .context("import task")?
             .with_context(|| format!("cannot import image archive {}", path.display()))?;
-        self.store_plan(&plan, lease, &path.display().to_string())
-            .await?;
+        self.store_plan(&plan, lease, &path.display().to_string()).await?;
         info!(archive = %path.display(), image = %plan.name, "image archive imported");
         Ok(plan.name)
     }
@@ -369,16 +292,13 @@ impl Containerd {
     /// has one (containerd >= 1.7) and the registry is reached over HTTPS, with the NodeEngine's own
     /// registry client otherwise (containerd 1.6, plain-HTTP registries).
     async fn pull(&self, reference: &str, plain_http: bool, lease: &str) -> anyhow::Result<()> {
-        let mut r = registry::RegistryRef::parse(reference)
-            .with_context(|| format!("pulling image {reference}"))?;
+        let mut r = registry::RegistryRef::parse(reference).with_context(|| format!("pulling image {reference}"))?;
         r.explicit_http = plain_http;
         let no_transfer = self.no_transfer.load(std::sync::atomic::Ordering::Relaxed);
         if !r.plain_http() && !no_transfer && self.pull_transfer(reference).await? {
             return Ok(());
         }
-        self.pull_native(&r, lease)
-            .await
-            .with_context(|| format!("pulling image {reference} failed"))
+        self.pull_native(&r, lease).await.with_context(|| format!("pulling image {reference} failed"))
     }
 
     /// Pulls with the NodeEngine's OCI distribution client into the content store.
@@ -390,12 +310,8 @@ impl Containerd {
         let m = client.resolve(&arch).await?;
         info!(image = %name, manifest = %m.desc.digest, layers = m.layers.len(), "resolved manifest for linux/{arch}");
         let n = m.layers.len();
-        let todo = std::iter::once(("config".to_string(), &m.config)).chain(
-            m.layers
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (format!("layer {}/{n}", i + 1), l)),
-        );
+        let todo = std::iter::once(("config".to_string(), &m.config))
+            .chain(m.layers.iter().enumerate().map(|(i, l)| (format!("layer {}/{n}", i + 1), l)));
         let mut total = 0usize;
         for (what, d) in todo {
             if self.content_exists(&d.digest).await? {
@@ -427,19 +343,13 @@ impl Containerd {
     /// Pulls through containerd's Transfer service (containerd >= 1.7); `Ok(false)` if this
     /// containerd has none.
     async fn pull_transfer(&self, reference: &str) -> anyhow::Result<bool> {
-        info!(
-            image = reference,
-            "pulling image through containerd's Transfer service"
-        );
+        info!(image = reference, "pulling image through containerd's Transfer service");
         let platform = Platform {
             os: "linux".into(),
             architecture: crate::metrics::go_arch(std::env::consts::ARCH),
             ..Default::default()
         };
-        let source = containerd_client::types::transfer::OciRegistry {
-            reference: reference.into(),
-            resolver: None,
-        };
+        let source = containerd_client::types::transfer::OciRegistry { reference: reference.into(), resolver: None };
         let dest = containerd_client::types::transfer::ImageStore {
             name: reference.into(),
             platforms: vec![platform.clone()],
@@ -457,27 +367,27 @@ impl Containerd {
         match self.client.transfer().transfer(self.req(req)).await {
             Ok(_) => Ok(true),
             Err(e) if is(&e, Code::Unimplemented) => {
-                self.no_transfer
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                info!(image = reference, "containerd has no Transfer service (< 1.7): pulling with the NodeEngine's registry client");
+                self.no_transfer.store(true, std::sync::atomic::Ordering::Relaxed);
+                info!(
+                    image = reference,
+                    "containerd has no Transfer service (< 1.7): pulling with the NodeEngine's registry client"
+                );
                 Ok(false)
             }
-            Err(e) => bail!("pulling image {reference} failed: {} (is the registry reachable and the reference right?)", e.message()),
+            Err(e) => bail!(
+                "pulling image {reference} failed: {} (is the registry reachable and the reference right?)",
+                e.message()
+            ),
         }
     }
 
     /// Resolves manifest + config and unpacks the layers into snapshots.
-    async fn unpack(
-        &self,
-        name: &str,
-        target: &Descriptor,
-        lease: &str,
-    ) -> anyhow::Result<ResolvedImage> {
+    async fn unpack(&self, name: &str, target: &Descriptor, lease: &str) -> anyhow::Result<ResolvedImage> {
         let arch = crate::metrics::go_arch(std::env::consts::ARCH);
         let mut desc = target.clone();
         if image::is_index(&desc.media_type) {
-            let idx: Value = serde_json::from_slice(&self.read_blob(&desc.digest).await?)
-                .context("image index is not JSON")?;
+            let idx: Value =
+                serde_json::from_slice(&self.read_blob(&desc.digest).await?).context("image index is not JSON")?;
             let ms = idx["manifests"].as_array().cloned().unwrap_or_default();
             let m = ms
                 .iter()
@@ -485,24 +395,17 @@ impl Containerd {
                 .or(ms.first())
                 .with_context(|| format!("image {name} has no manifest for linux/{arch}"))?;
             desc = Descriptor {
-                media_type: m["mediaType"]
-                    .as_str()
-                    .unwrap_or(image::MT_OCI_MANIFEST)
-                    .into(),
+                media_type: m["mediaType"].as_str().unwrap_or(image::MT_OCI_MANIFEST).into(),
                 digest: m["digest"].as_str().unwrap_or_default().into(),
                 size: m["size"].as_i64().unwrap_or(0),
                 annotations: HashMap::new(),
             };
         }
-        let manifest: Value = serde_json::from_slice(&self.read_blob(&desc.digest).await?)
-            .context("image manifest is not JSON")?;
-        let config_digest = manifest["config"]["digest"]
-            .as_str()
-            .context("manifest without config")?
-            .to_string();
+        let manifest: Value =
+            serde_json::from_slice(&self.read_blob(&desc.digest).await?).context("image manifest is not JSON")?;
+        let config_digest = manifest["config"]["digest"].as_str().context("manifest without config")?.to_string();
         let config_bytes = self.read_blob(&config_digest).await?;
-        let config_doc: Value =
-            serde_json::from_slice(&config_bytes).context("image config is not JSON")?;
+        let config_doc: Value = serde_json::from_slice(&config_bytes).context("image config is not JSON")?;
         if let Some(a) = config_doc["architecture"].as_str() {
             if !a.is_empty() && a != arch {
                 bail!("image {name} is built for {a}, this worker is {arch}");
@@ -517,32 +420,21 @@ impl Containerd {
             .collect();
         let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
         if layers.len() != diff_ids.len() || layers.is_empty() {
-            bail!(
-                "image {name}: {} layers but {} diff_ids in its config",
-                layers.len(),
-                diff_ids.len()
-            );
+            bail!("image {name}: {} layers but {} diff_ids in its config", layers.len(), diff_ids.len());
         }
         let chains = image::chain_ids(&diff_ids);
         let mut sn = self.client.snapshots();
         for (i, layer) in layers.iter().enumerate() {
             let chain = &chains[i];
             let exists = sn
-                .stat(self.req(snap::StatSnapshotRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    key: chain.clone(),
-                }))
+                .stat(self.req(snap::StatSnapshotRequest { snapshotter: self.snapshotter.clone(), key: chain.clone() }))
                 .await
                 .is_ok();
             if exists {
                 continue;
             }
             let key = unique(&format!("extract-{chain}"));
-            let parent = if i == 0 {
-                String::new()
-            } else {
-                chains[i - 1].clone()
-            };
+            let parent = if i == 0 { String::new() } else { chains[i - 1].clone() };
             let mounts = sn
                 .prepare(self.req_lease(
                     snap::PrepareSnapshotRequest {
@@ -558,10 +450,7 @@ impl Containerd {
                 .into_inner()
                 .mounts;
             let ld = Descriptor {
-                media_type: layer["mediaType"]
-                    .as_str()
-                    .unwrap_or(image::MT_OCI_LAYER)
-                    .into(),
+                media_type: layer["mediaType"].as_str().unwrap_or(image::MT_OCI_LAYER).into(),
                 digest: layer["digest"].as_str().unwrap_or_default().into(),
                 size: layer["size"].as_i64().unwrap_or(0),
                 annotations: HashMap::new(),
@@ -571,21 +460,18 @@ impl Containerd {
                 .client
                 .diff()
                 .apply(self.req_lease(
-                    cs::ApplyRequest {
-                        diff: Some(ld.clone()),
-                        mounts,
-                        payloads: HashMap::new(),
-                        sync_fs: false,
-                    },
+                    cs::ApplyRequest { diff: Some(ld.clone()), mounts, payloads: HashMap::new(), sync_fs: false },
                     lease,
                 ))
                 .await;
             if let Err(e) = applied {
                 let _ = sn
-                    .remove(self.req(snap::RemoveSnapshotRequest {
-                        snapshotter: self.snapshotter.clone(),
-                        key: key.clone(),
-                    }))
+                    .remove(
+                        self.req(snap::RemoveSnapshotRequest {
+                            snapshotter: self.snapshotter.clone(),
+                            key: key.clone(),
+                        }),
+                    )
                     .await;
                 return Err(e).with_context(|| format!("unpacking layer {}", ld.digest));
             }
@@ -604,10 +490,7 @@ impl Containerd {
                 Ok(_) => {}
                 Err(e) if is(&e, Code::AlreadyExists) => {
                     let _ = sn
-                        .remove(self.req(snap::RemoveSnapshotRequest {
-                            snapshotter: self.snapshotter.clone(),
-                            key,
-                        }))
+                        .remove(self.req(snap::RemoveSnapshotRequest { snapshotter: self.snapshotter.clone(), key }))
                         .await;
                 }
                 Err(e) => return Err(e).with_context(|| format!("committing snapshot {chain}")),
@@ -616,26 +499,14 @@ impl Containerd {
         let top = chains.last().cloned().unwrap_or_default();
         // Keep the unpacked snapshots alive as long as the image config is.
         let mut labels = HashMap::new();
-        labels.insert(
-            format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
-            top.clone(),
-        );
+        labels.insert(format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter), top.clone());
         self.update_content_labels(&config_digest, &labels).await?;
-        Ok(ResolvedImage {
-            name: name.into(),
-            config,
-            chain_id: top,
-        })
+        Ok(ResolvedImage { name: name.into(), config, chain_id: top })
     }
 
     // ------------------------------------------------------------------ containers & tasks
 
-    pub async fn prepare_rootfs(
-        &self,
-        key: &str,
-        parent: &str,
-        lease: Option<&str>,
-    ) -> anyhow::Result<Vec<Mount>> {
+    pub async fn prepare_rootfs(&self, key: &str, parent: &str, lease: Option<&str>) -> anyhow::Result<Vec<Mount>> {
         let mut sn = self.client.snapshots();
         let req = |m| match lease {
             Some(l) => self.req_lease(m, l),
@@ -651,12 +522,7 @@ impl Containerd {
             Ok(r) => Ok(r.into_inner().mounts),
             Err(e) if is(&e, Code::AlreadyExists) => {
                 self.remove_snapshot(key).await?;
-                Ok(sn
-                    .prepare(req(p()))
-                    .await
-                    .context("preparing rootfs snapshot")?
-                    .into_inner()
-                    .mounts)
+                Ok(sn.prepare(req(p())).await.context("preparing rootfs snapshot")?.into_inner().mounts)
             }
             Err(e) => Err(e).context("preparing rootfs snapshot"),
         }
@@ -666,10 +532,7 @@ impl Containerd {
         match self
             .client
             .snapshots()
-            .remove(self.req(snap::RemoveSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            }))
+            .remove(self.req(snap::RemoveSnapshotRequest { snapshotter: self.snapshotter.clone(), key: key.into() }))
             .await
         {
             Ok(_) => Ok(()),
@@ -682,10 +545,7 @@ impl Containerd {
         match self
             .client
             .snapshots()
-            .stat(self.req(snap::StatSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            }))
+            .stat(self.req(snap::StatSnapshotRequest { snapshotter: self.snapshotter.clone(), key: key.into() }))
             .await
         {
             Ok(_) => Ok(true),
@@ -706,14 +566,8 @@ impl Containerd {
             id: id.into(),
             labels,
             image: image.into(),
-            runtime: Some(cs::container::Runtime {
-                name: RUNC_RUNTIME.into(),
-                options: None,
-            }),
-            spec: Some(prost_types::Any {
-                type_url: SPEC_TYPE_URL.into(),
-                value: serde_json::to_vec(spec)?,
-            }),
+            runtime: Some(cs::container::Runtime { name: RUNC_RUNTIME.into(), options: None }),
+            spec: Some(prost_types::Any { type_url: SPEC_TYPE_URL.into(), value: serde_json::to_vec(spec)? }),
             snapshotter: self.snapshotter.clone(),
             snapshot_key: id.into(),
             ..Default::default()
@@ -726,25 +580,14 @@ impl Containerd {
         Ok(())
     }
 
-    pub async fn set_container_label(
-        &self,
-        id: &str,
-        key: &str,
-        value: &str,
-    ) -> anyhow::Result<()> {
+    pub async fn set_container_label(&self, id: &str, key: &str, value: &str) -> anyhow::Result<()> {
         let mut labels = HashMap::new();
         labels.insert(key.to_string(), value.to_string());
         self.client
             .containers()
             .update(self.req(cs::UpdateContainerRequest {
-                container: Some(cs::Container {
-                    id: id.into(),
-                    labels,
-                    ..Default::default()
-                }),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec![format!("labels.{key}")],
-                }),
+                container: Some(cs::Container { id: id.into(), labels, ..Default::default() }),
+                update_mask: Some(prost_types::FieldMask { paths: vec![format!("labels.{key}")] }),
             }))
             .await
             .with_context(|| format!("labelling container {id}"))?;
@@ -752,12 +595,7 @@ impl Containerd {
     }
 
     pub async fn get_container(&self, id: &str) -> anyhow::Result<Option<cs::Container>> {
-        match self
-            .client
-            .containers()
-            .get(self.req(cs::GetContainerRequest { id: id.into() }))
-            .await
-        {
+        match self.client.containers().get(self.req(cs::GetContainerRequest { id: id.into() })).await {
             Ok(r) => Ok(r.into_inner().container),
             Err(e) if is(&e, Code::NotFound) => Ok(None),
             Err(e) => Err(e).context("get container"),
@@ -776,12 +614,7 @@ impl Containerd {
     }
 
     pub async fn delete_container(&self, id: &str) -> anyhow::Result<()> {
-        match self
-            .client
-            .containers()
-            .delete(self.req(cs::DeleteContainerRequest { id: id.into() }))
-            .await
-        {
+        match self.client.containers().delete(self.req(cs::DeleteContainerRequest { id: id.into() })).await {
             Ok(_) => Ok(()),
             Err(e) if is(&e, Code::NotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("deleting container {id}")),
@@ -789,12 +622,7 @@ impl Containerd {
     }
 
     /// Creates the task (stdout+stderr appended to `log`); returns its pid.
-    pub async fn create_task(
-        &self,
-        id: &str,
-        rootfs: Vec<Mount>,
-        log: &Path,
-    ) -> anyhow::Result<u32> {
+    pub async fn create_task(&self, id: &str, rootfs: Vec<Mount>, log: &Path) -> anyhow::Result<u32> {
         let uri = format!("file://{}", log.display());
         let r = self
             .client
@@ -815,10 +643,7 @@ impl Containerd {
         let r = self
             .client
             .tasks()
-            .start(self.req(cs::StartRequest {
-                container_id: id.into(),
-                exec_id: String::new(),
-            }))
+            .start(self.req(cs::StartRequest { container_id: id.into(), exec_id: String::new() }))
             .await
             .map_err(|e| anyhow::anyhow!("starting task {id}: {}", e.message()))?;
         Ok(r.into_inner().pid)
@@ -829,27 +654,18 @@ impl Containerd {
         Ok(self
             .client
             .tasks()
-            .wait(self.req(cs::WaitRequest {
-                container_id: id.into(),
-                exec_id: String::new(),
-            }))
+            .wait(self.req(cs::WaitRequest { container_id: id.into(), exec_id: String::new() }))
             .await?
             .into_inner()
             .exit_status)
     }
 
     /// The task's process (pid, status, exit status), if there is a task.
-    pub async fn get_task(
-        &self,
-        id: &str,
-    ) -> anyhow::Result<Option<containerd_client::types::v1::Process>> {
+    pub async fn get_task(&self, id: &str) -> anyhow::Result<Option<containerd_client::types::v1::Process>> {
         match self
             .client
             .tasks()
-            .get(self.req(cs::GetRequest {
-                container_id: id.into(),
-                exec_id: String::new(),
-            }))
+            .get(self.req(cs::GetRequest { container_id: id.into(), exec_id: String::new() }))
             .await
         {
             Ok(r) => Ok(r.into_inner().process),
@@ -862,12 +678,7 @@ impl Containerd {
         match self
             .client
             .tasks()
-            .kill(self.req(cs::KillRequest {
-                container_id: id.into(),
-                exec_id: String::new(),
-                signal,
-                all: true,
-            }))
+            .kill(self.req(cs::KillRequest { container_id: id.into(), exec_id: String::new(), signal, all: true }))
             .await
         {
             Ok(_) => Ok(()),
@@ -877,14 +688,7 @@ impl Containerd {
     }
 
     pub async fn delete_task(&self, id: &str) -> anyhow::Result<()> {
-        match self
-            .client
-            .tasks()
-            .delete(self.req(cs::DeleteTaskRequest {
-                container_id: id.into(),
-            }))
-            .await
-        {
+        match self.client.tasks().delete(self.req(cs::DeleteTaskRequest { container_id: id.into() })).await {
             Ok(_) => Ok(()),
             Err(e) if is(&e, Code::NotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("deleting task {id}")),
@@ -895,9 +699,7 @@ impl Containerd {
     pub async fn delete_namespace(&self) -> anyhow::Result<()> {
         self.client
             .namespaces()
-            .delete(Request::new(cs::DeleteNamespaceRequest {
-                name: self.namespace.clone(),
-            }))
+            .delete(Request::new(cs::DeleteNamespaceRequest { name: self.namespace.clone() }))
             .await
             .with_context(|| format!("deleting namespace {}", self.namespace))?;
         Ok(())
@@ -908,11 +710,7 @@ impl Containerd {
         match self
             .client
             .images()
-            .delete(self.req(cs::DeleteImageRequest {
-                name: name.into(),
-                sync,
-                target: None,
-            }))
+            .delete(self.req(cs::DeleteImageRequest { name: name.into(), sync, target: None }))
             .await
         {
             Ok(_) => Ok(()),
@@ -925,11 +723,7 @@ impl Containerd {
         match self
             .client
             .images()
-            .delete(self.req(cs::DeleteImageRequest {
-                name: name.into(),
-                sync: false,
-                target: None,
-            }))
+            .delete(self.req(cs::DeleteImageRequest { name: name.into(), sync: false, target: None }))
             .await
         {
             Ok(_) => Ok(()),
@@ -941,11 +735,7 @@ impl Containerd {
 
 /// RFC 3339 UTC timestamp `secs` seconds from now.
 fn rfc3339_in(secs: u64) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-        + secs;
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() + secs;
     let days = (t / 86400) as i64;
     let rem = t % 86400;
     // Civil from days (Howard Hinnant).
@@ -958,12 +748,7 @@ fn rfc3339_in(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -972,9 +757,6 @@ mod tests {
     fn rfc3339_shape() {
         let s = super::rfc3339_in(0);
         assert_eq!(s.len(), 20, "{s}");
-        assert!(
-            s.starts_with("20") && s.ends_with('Z') && &s[10..11] == "T",
-            "{s}"
-        );
+        assert!(s.starts_with("20") && s.ends_with('Z') && &s[10..11] == "T", "{s}");
     }
 }

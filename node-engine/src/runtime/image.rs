@@ -53,14 +53,10 @@ pub fn parse_source(code: &str) -> anyhow::Result<ImageSource> {
         return Ok(ImageSource::Archive(PathBuf::from(code)));
     }
     if let Some(r) = code.strip_prefix("http://") {
-        return Ok(ImageSource::HttpReference(normalize_reference(
-            r.trim_end_matches('/'),
-        )?));
+        return Ok(ImageSource::HttpReference(normalize_reference(r.trim_end_matches('/'))?));
     }
     if let Some(r) = code.strip_prefix("https://") {
-        return Ok(ImageSource::Reference(normalize_reference(
-            r.trim_end_matches('/'),
-        )?));
+        return Ok(ImageSource::Reference(normalize_reference(r.trim_end_matches('/'))?));
     }
     Ok(ImageSource::Reference(normalize_reference(code)?))
 }
@@ -68,8 +64,7 @@ pub fn parse_source(code: &str) -> anyhow::Result<ImageSource> {
 /// Docker-style normalization: `busybox` → `docker.io/library/busybox:latest`.
 pub fn normalize_reference(r: &str) -> anyhow::Result<String> {
     let valid = !r.is_empty()
-        && r.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
+        && r.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
         && !r.starts_with(['/', ':', '@', '.', '-'])
         && !r.ends_with(['/', ':', '@']);
     if !valid {
@@ -81,18 +76,14 @@ pub fn normalize_reference(r: &str) -> anyhow::Result<String> {
     };
     let last_slash = name_part.rfind('/').map(|i| i + 1).unwrap_or(0);
     let (name, tag) = match name_part[last_slash..].rfind(':') {
-        Some(i) => (
-            &name_part[..last_slash + i],
-            Some(&name_part[last_slash + i + 1..]),
-        ),
+        Some(i) => (&name_part[..last_slash + i], Some(&name_part[last_slash + i + 1..])),
         None => (name_part, None),
     };
     if name.chars().any(|c| c.is_ascii_uppercase()) {
         bail!("invalid image reference '{r}': repository names must be lowercase");
     }
     let first = name.split('/').next().unwrap_or("");
-    let has_domain =
-        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_domain = name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     let full = if has_domain {
         name.to_string()
     } else if name.contains('/') {
@@ -101,10 +92,7 @@ pub fn normalize_reference(r: &str) -> anyhow::Result<String> {
         format!("docker.io/library/{name}")
     };
     Ok(match (tag, digest) {
-        (_, Some(d)) => format!(
-            "{full}{}@{d}",
-            tag.map(|t| format!(":{t}")).unwrap_or_default()
-        ),
+        (_, Some(d)) => format!("{full}{}@{d}", tag.map(|t| format!(":{t}")).unwrap_or_default()),
         (Some(t), None) => format!("{full}:{t}"),
         (None, None) => format!("{full}:latest"),
     })
@@ -131,23 +119,15 @@ pub struct ImportPlan {
 }
 
 fn read_tar(path: &Path) -> anyhow::Result<HashMap<String, Vec<u8>>> {
-    let f = std::fs::File::open(path)
-        .with_context(|| format!("cannot open image archive {}", path.display()))?;
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open image archive {}", path.display()))?;
     let mut ar = tar::Archive::new(std::io::BufReader::new(f));
     let mut files = HashMap::new();
-    for entry in ar
-        .entries()
-        .with_context(|| format!("{} is not a tar archive", path.display()))?
-    {
+    for entry in ar.entries().with_context(|| format!("{} is not a tar archive", path.display()))? {
         let mut entry = entry.with_context(|| format!("corrupt tar archive {}", path.display()))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let name = entry
-            .path()?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_string();
+        let name = entry.path()?.to_string_lossy().trim_start_matches("./").to_string();
         let mut data = Vec::with_capacity(entry.size() as usize);
         entry.read_to_end(&mut data)?;
         files.insert(name, data);
@@ -156,21 +136,18 @@ fn read_tar(path: &Path) -> anyhow::Result<HashMap<String, Vec<u8>>> {
 }
 
 fn default_name(path: &Path, tag: Option<&str>) -> String {
-    let stem = path
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "image".into());
+    let stem = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "image".into());
     let stem = stem.trim_end_matches(".tar").trim_end_matches(".oci");
-    let clean: String = stem
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let clean: String =
+        stem.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
     format!("import.local/{}:{}", clean, tag.unwrap_or("latest"))
 }
 
@@ -182,33 +159,26 @@ pub fn plan_import(path: &Path, arch: &str) -> anyhow::Result<ImportPlan> {
     } else if files.contains_key("manifest.json") {
         plan_docker(path, &files)
     } else {
-        bail!("{} is neither an OCI image layout (index.json) nor a docker save archive (manifest.json)", path.display())
+        bail!(
+            "{} is neither an OCI image layout (index.json) nor a docker save archive (manifest.json)",
+            path.display()
+        )
     }
 }
 
 fn blob_path(digest: &str) -> anyhow::Result<String> {
-    let (alg, hex) = digest
-        .split_once(':')
-        .with_context(|| format!("bad digest {digest}"))?;
+    let (alg, hex) = digest.split_once(':').with_context(|| format!("bad digest {digest}"))?;
     Ok(format!("blobs/{alg}/{hex}"))
 }
 
 fn platform_matches(d: &Value, arch: &str) -> bool {
     d.get("platform")
-        .map(|p| {
-            p["architecture"].as_str() == Some(arch)
-                && p["os"].as_str().unwrap_or("linux") == "linux"
-        })
+        .map(|p| p["architecture"].as_str() == Some(arch) && p["os"].as_str().unwrap_or("linux") == "linux")
         .unwrap_or(true)
 }
 
-fn plan_oci(
-    path: &Path,
-    files: &HashMap<String, Vec<u8>>,
-    arch: &str,
-) -> anyhow::Result<ImportPlan> {
-    let index: Value =
-        serde_json::from_slice(&files["index.json"]).context("index.json is not JSON")?;
+fn plan_oci(path: &Path, files: &HashMap<String, Vec<u8>>, arch: &str) -> anyhow::Result<ImportPlan> {
+    let index: Value = serde_json::from_slice(&files["index.json"]).context("index.json is not JSON")?;
     let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
     let top = manifests
         .iter()
@@ -236,10 +206,7 @@ fn plan_oci(
     Ok(ImportPlan {
         name,
         blobs,
-        target_media_type: top["mediaType"]
-            .as_str()
-            .unwrap_or(MT_OCI_MANIFEST)
-            .to_string(),
+        target_media_type: top["mediaType"].as_str().unwrap_or(MT_OCI_MANIFEST).to_string(),
         target_digest: top["digest"].as_str().unwrap_or_default().to_string(),
         target_size: top["size"].as_i64().unwrap_or(0),
     })
@@ -251,32 +218,20 @@ fn add_oci_tree(
     out: &mut Vec<Blob>,
     seen: &mut std::collections::HashSet<String>,
 ) -> anyhow::Result<()> {
-    let digest = desc["digest"]
-        .as_str()
-        .context("descriptor without digest")?
-        .to_string();
+    let digest = desc["digest"].as_str().context("descriptor without digest")?.to_string();
     if !seen.insert(digest.clone()) {
         return Ok(());
     }
     let media_type = desc["mediaType"].as_str().unwrap_or_default().to_string();
-    let data = files
-        .get(&blob_path(&digest)?)
-        .with_context(|| format!("archive lacks blob {digest}"))?
-        .clone();
+    let data = files.get(&blob_path(&digest)?).with_context(|| format!("archive lacks blob {digest}"))?.clone();
     if sha256_digest(&data) != digest {
         bail!("blob {digest} in the archive does not match its digest");
     }
     let mut labels = HashMap::new();
     if media_type == MT_OCI_MANIFEST || media_type == MT_DOCKER_MANIFEST || is_index(&media_type) {
-        let doc: Value =
-            serde_json::from_slice(&data).with_context(|| format!("{digest} is not JSON"))?;
+        let doc: Value = serde_json::from_slice(&data).with_context(|| format!("{digest} is not JSON"))?;
         if is_index(&media_type) {
-            for (i, m) in doc["manifests"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
+            for (i, m) in doc["manifests"].as_array().into_iter().flatten().enumerate() {
                 // Only children present in the archive (single-platform archives list others too).
                 if let Some(d) = m["digest"].as_str() {
                     if files.contains_key(&blob_path(d)?) {
@@ -301,64 +256,32 @@ fn add_oci_tree(
             }
         }
     }
-    out.push(Blob {
-        digest,
-        media_type,
-        data,
-        labels,
-    });
+    out.push(Blob { digest, media_type, data, labels });
     Ok(())
 }
 
 fn plan_docker(path: &Path, files: &HashMap<String, Vec<u8>>) -> anyhow::Result<ImportPlan> {
-    let manifest: Value =
-        serde_json::from_slice(&files["manifest.json"]).context("manifest.json is not JSON")?;
-    let entry = manifest
-        .as_array()
-        .and_then(|a| a.first())
-        .context("manifest.json lists no image")?;
-    let config_path = entry["Config"]
-        .as_str()
-        .context("manifest.json: no Config")?;
-    let config = files
-        .get(config_path)
-        .with_context(|| format!("archive lacks {config_path}"))?
-        .clone();
+    let manifest: Value = serde_json::from_slice(&files["manifest.json"]).context("manifest.json is not JSON")?;
+    let entry = manifest.as_array().and_then(|a| a.first()).context("manifest.json lists no image")?;
+    let config_path = entry["Config"].as_str().context("manifest.json: no Config")?;
+    let config = files.get(config_path).with_context(|| format!("archive lacks {config_path}"))?.clone();
     let mut blobs = Vec::new();
     let mut layer_descs = Vec::new();
     let mut labels = HashMap::new();
     for (i, l) in entry["Layers"].as_array().into_iter().flatten().enumerate() {
         let lp = l.as_str().context("bad layer path")?;
-        let data = files
-            .get(lp)
-            .with_context(|| format!("archive lacks layer {lp}"))?
-            .clone();
+        let data = files.get(lp).with_context(|| format!("archive lacks layer {lp}"))?.clone();
         let gz = data.starts_with(&[0x1f, 0x8b]);
-        let media_type = if gz {
-            MT_DOCKER_LAYER_GZ
-        } else {
-            MT_DOCKER_LAYER
-        };
+        let media_type = if gz { MT_DOCKER_LAYER_GZ } else { MT_DOCKER_LAYER };
         let digest = sha256_digest(&data);
         layer_descs.push(json!({"mediaType": media_type, "size": data.len(), "digest": digest}));
-        labels.insert(
-            format!("containerd.io/gc.ref.content.l.{i}"),
-            digest.clone(),
-        );
+        labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), digest.clone());
         if !blobs.iter().any(|b: &Blob| b.digest == digest) {
-            blobs.push(Blob {
-                digest,
-                media_type: media_type.into(),
-                data,
-                labels: HashMap::new(),
-            });
+            blobs.push(Blob { digest, media_type: media_type.into(), data, labels: HashMap::new() });
         }
     }
     let config_digest = sha256_digest(&config);
-    labels.insert(
-        "containerd.io/gc.ref.content.config".into(),
-        config_digest.clone(),
-    );
+    labels.insert("containerd.io/gc.ref.content.config".into(), config_digest.clone());
     let manifest_doc = json!({
         "schemaVersion": 2,
         "mediaType": MT_DOCKER_MANIFEST,
@@ -374,12 +297,7 @@ fn plan_docker(path: &Path, files: &HashMap<String, Vec<u8>>) -> anyhow::Result<
     let mdata = serde_json::to_vec(&manifest_doc)?;
     let mdigest = sha256_digest(&mdata);
     let size = mdata.len() as i64;
-    blobs.push(Blob {
-        digest: mdigest.clone(),
-        media_type: MT_DOCKER_MANIFEST.into(),
-        data: mdata,
-        labels,
-    });
+    blobs.push(Blob { digest: mdigest.clone(), media_type: MT_DOCKER_MANIFEST.into(), data: mdata, labels });
     let name = entry["RepoTags"]
         .as_array()
         .and_then(|t| t.first())
@@ -414,58 +332,28 @@ mod tests {
 
     #[test]
     fn references() {
-        assert_eq!(
-            normalize_reference("busybox").unwrap(),
-            "docker.io/library/busybox:latest"
-        );
-        assert_eq!(
-            normalize_reference("nginx:1.27").unwrap(),
-            "docker.io/library/nginx:1.27"
-        );
-        assert_eq!(
-            normalize_reference("oakestra/app:v1").unwrap(),
-            "docker.io/oakestra/app:v1"
-        );
-        assert_eq!(
-            normalize_reference("ghcr.io/a/b").unwrap(),
-            "ghcr.io/a/b:latest"
-        );
-        assert_eq!(
-            normalize_reference("localhost:5000/x:1").unwrap(),
-            "localhost:5000/x:1"
-        );
+        assert_eq!(normalize_reference("busybox").unwrap(), "docker.io/library/busybox:latest");
+        assert_eq!(normalize_reference("nginx:1.27").unwrap(), "docker.io/library/nginx:1.27");
+        assert_eq!(normalize_reference("oakestra/app:v1").unwrap(), "docker.io/oakestra/app:v1");
+        assert_eq!(normalize_reference("ghcr.io/a/b").unwrap(), "ghcr.io/a/b:latest");
+        assert_eq!(normalize_reference("localhost:5000/x:1").unwrap(), "localhost:5000/x:1");
         assert!(normalize_reference("Not A Ref!").is_err());
         assert!(normalize_reference("UPPER/case").is_err());
-        assert_eq!(
-            parse_source("oci-archive:/tmp/x.tar").unwrap(),
-            ImageSource::Archive("/tmp/x.tar".into())
-        );
-        assert_eq!(
-            parse_source("/tmp/x.tar").unwrap(),
-            ImageSource::Archive("/tmp/x.tar".into())
-        );
+        assert_eq!(parse_source("oci-archive:/tmp/x.tar").unwrap(), ImageSource::Archive("/tmp/x.tar".into()));
+        assert_eq!(parse_source("/tmp/x.tar").unwrap(), ImageSource::Archive("/tmp/x.tar".into()));
         assert!(parse_source("").is_err());
         assert_eq!(
             parse_source("http://127.0.0.1:5000/oak/busybox:1").unwrap(),
             ImageSource::HttpReference("127.0.0.1:5000/oak/busybox:1".into())
         );
-        assert_eq!(
-            parse_source("https://ghcr.io/a/b").unwrap(),
-            ImageSource::Reference("ghcr.io/a/b:latest".into())
-        );
+        assert_eq!(parse_source("https://ghcr.io/a/b").unwrap(), ImageSource::Reference("ghcr.io/a/b:latest".into()));
         assert_eq!(
             parse_source("127.0.0.1:5000/oak/busybox:1").unwrap(),
             ImageSource::Reference("127.0.0.1:5000/oak/busybox:1".into())
         );
         let d = format!("sha256:{}", "0".repeat(64));
-        assert_eq!(
-            normalize_reference(&format!("busybox@{d}")).unwrap(),
-            format!("docker.io/library/busybox@{d}")
-        );
-        assert_eq!(
-            normalize_reference(&format!("localhost:5000/x:1@{d}")).unwrap(),
-            format!("localhost:5000/x:1@{d}")
-        );
+        assert_eq!(normalize_reference(&format!("busybox@{d}")).unwrap(), format!("docker.io/library/busybox@{d}"));
+        assert_eq!(normalize_reference(&format!("localhost:5000/x:1@{d}")).unwrap(), format!("localhost:5000/x:1@{d}"));
     }
 
     #[test]

@@ -109,14 +109,8 @@ pub fn oom_kills(cgroups_path: &str) -> Option<u64> {
     let rel = cgroups_path.trim_start_matches('/');
     let candidates = [
         (format!("/sys/fs/cgroup/{rel}/memory.events"), "oom_kill"),
-        (
-            format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"),
-            "oom_kill",
-        ),
-        (
-            format!("/sys/fs/cgroup/unified/{rel}/memory.events"),
-            "oom_kill",
-        ),
+        (format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"), "oom_kill"),
+        (format!("/sys/fs/cgroup/unified/{rel}/memory.events"), "oom_kill"),
     ];
     for (file, field) in candidates {
         if let Ok(text) = std::fs::read_to_string(&file) {
@@ -136,23 +130,17 @@ pub fn oom_kills(cgroups_path: &str) -> Option<u64> {
 /// Current memory use of the instance's cgroup (v1 or v2), if readable.
 pub fn memory_usage(cgroups_path: &str) -> Option<u64> {
     let rel = cgroups_path.trim_start_matches('/');
-    [
-        format!("/sys/fs/cgroup/{rel}/memory.current"),
-        format!("/sys/fs/cgroup/memory/{rel}/memory.usage_in_bytes"),
-    ]
-    .iter()
-    .find_map(|f| std::fs::read_to_string(f).ok()?.trim().parse().ok())
+    [format!("/sys/fs/cgroup/{rel}/memory.current"), format!("/sys/fs/cgroup/memory/{rel}/memory.usage_in_bytes")]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(f).ok()?.trim().parse().ok())
 }
 
 impl Runtime {
-    pub async fn connect(
-        cfg: RuntimeConfig,
-    ) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<InstanceStatus>)> {
+    pub async fn connect(cfg: RuntimeConfig) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<InstanceStatus>)> {
         let ctr = Containerd::connect(&cfg.containerd_socket, &cfg.namespace).await?;
         std::fs::create_dir_all(cfg.data_dir.join("logs"))
             .with_context(|| format!("cannot create {}", cfg.data_dir.join("logs").display()))?;
-        let netmanager =
-            (cfg.netmanager_port != 0).then(|| NetManagerClient::new(cfg.netmanager_port));
+        let netmanager = (cfg.netmanager_port != 0).then(|| NetManagerClient::new(cfg.netmanager_port));
         let (tx, rx) = mpsc::unbounded_channel();
         Ok((
             Arc::new(Self {
@@ -183,36 +171,18 @@ impl Runtime {
 
     /// Current state of every instance this runtime knows.
     pub fn instances(&self) -> Vec<InstanceStatus> {
-        let mut v: Vec<_> = self
-            .instances
-            .lock()
-            .unwrap()
-            .values()
-            .map(|i| i.status.clone())
-            .collect();
-        v.sort_by(|a, b| {
-            (&a.service_id, a.instance_number).cmp(&(&b.service_id, b.instance_number))
-        });
+        let mut v: Vec<_> = self.instances.lock().unwrap().values().map(|i| i.status.clone()).collect();
+        v.sort_by(|a, b| (&a.service_id, a.instance_number).cmp(&(&b.service_id, b.instance_number)));
         v
     }
 
     /// Pid of an instance's task, once created.
     pub fn pid_of(&self, service_id: &str, n: u32) -> Option<u32> {
-        self.instances
-            .lock()
-            .unwrap()
-            .get(&key(service_id, n))
-            .map(|i| i.pid)
-            .filter(|p| *p != 0)
+        self.instances.lock().unwrap().get(&key(service_id, n)).map(|i| i.pid).filter(|p| *p != 0)
     }
 
     fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.ops
-            .lock()
-            .unwrap()
-            .entry(id.to_string())
-            .or_default()
-            .clone()
+        self.ops.lock().unwrap().entry(id.to_string()).or_default().clone()
     }
 
     /// Records and publishes a state change.
@@ -226,11 +196,8 @@ impl Runtime {
         inst.status.exit_code = exit_code;
         inst.status.timestamp_ms = oak_proto::now_ms();
         inst.status.logs = tail_file(&self.log_path(&inst.id), 4096);
-        inst.status.memory_bytes = if inst.vm_exit.is_none() {
-            memory_usage(&self.cgroups_path(&inst.id)).unwrap_or(0)
-        } else {
-            0
-        };
+        inst.status.memory_bytes =
+            if inst.vm_exit.is_none() { memory_usage(&self.cgroups_path(&inst.id)).unwrap_or(0) } else { 0 };
         let st = inst.status.clone();
         drop(map);
         match st.status.as_str() {
@@ -258,21 +225,12 @@ impl Runtime {
     }
 
     fn is_undeploying(&self, service_id: &str, n: u32) -> bool {
-        self.instances
-            .lock()
-            .unwrap()
-            .get(&key(service_id, n))
-            .map(|i| i.undeploying)
-            .unwrap_or(true)
+        self.instances.lock().unwrap().get(&key(service_id, n)).map(|i| i.undeploying).unwrap_or(true)
     }
 
     /// Starts deploying an instance in the background; progress arrives as events.
     /// An undeploy issued before the deploy started cancels it.
-    pub fn deploy(
-        self: &Arc<Self>,
-        spec: ServiceSpec,
-        instance_number: u32,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn deploy(self: &Arc<Self>, spec: ServiceSpec, instance_number: u32) -> tokio::task::JoinHandle<()> {
         let generation = self.request_deploy(&spec.service_id, instance_number);
         let me = self.clone();
         tokio::spawn(async move { me.deploy_gen(spec, instance_number, generation).await })
@@ -285,13 +243,8 @@ impl Runtime {
     }
 
     fn request_deploy(&self, service_id: &str, n: u32) -> u64 {
-        let generation = self
-            .next_gen
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.pending
-            .lock()
-            .unwrap()
-            .insert(key(service_id, n), generation);
+        let generation = self.next_gen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pending.lock().unwrap().insert(key(service_id, n), generation);
         generation
     }
 
@@ -317,10 +270,7 @@ impl Runtime {
                 pending.remove(&key(&spec.service_id, n));
             }
             if let Some(existing) = map.get(&key(&spec.service_id, n)) {
-                if matches!(
-                    existing.status.status.as_str(),
-                    state::CREATING | state::CREATED | state::RUNNING
-                ) {
+                if matches!(existing.status.status.as_str(), state::CREATING | state::CREATED | state::RUNNING) {
                     info!(instance = %id, status = %existing.status.status, "deploy of an instance already here: ignored");
                     let st = existing.status.clone();
                     drop(map);
@@ -348,13 +298,7 @@ impl Runtime {
                 },
             );
         }
-        self.emit(
-            &spec.service_id,
-            n,
-            state::CREATING,
-            format!("creating {id}"),
-            None,
-        );
+        self.emit(&spec.service_id, n, state::CREATING, format!("creating {id}"), None);
         if spec.virtualization == "unikernel" {
             if !self.cfg.unikernel {
                 let detail = "unikernel support not enabled (start with -u=true)".to_string();
@@ -418,14 +362,8 @@ impl Runtime {
                 Ok(pid) => break pid,
                 // containerd 1.6 can race its snapshot cleanup against a fresh Prepare (the new
                 // snapshot's directory vanishes): prepare the rootfs again.
-                Err(e)
-                    if attempt < 3
-                        && format!("{e:#}").contains("failed to mount rootfs component") =>
-                {
-                    warn!(
-                        instance = id,
-                        "rootfs mount failed ({e:#}); preparing the rootfs again"
-                    );
+                Err(e) if attempt < 3 && format!("{e:#}").contains("failed to mount rootfs component") => {
+                    warn!(instance = id, "rootfs mount failed ({e:#}); preparing the rootfs again");
                     self.ctr.remove_snapshot(id).await?;
                     mounts = self.ctr.prepare_rootfs(id, &chain_id, None).await?;
                 }
@@ -433,13 +371,7 @@ impl Runtime {
             }
         };
         self.set_pid(&spec.service_id, n, pid);
-        self.emit(
-            &spec.service_id,
-            n,
-            state::CREATED,
-            format!("task pid {pid}"),
-            None,
-        );
+        self.emit(&spec.service_id, n, state::CREATED, format!("task pid {pid}"), None);
         if let Some(nm) = &self.netmanager {
             let ans = nm
                 .deploy(&DeployRequest {
@@ -451,10 +383,7 @@ impl Runtime {
                 })
                 .await?;
             self.set_ns_address(&spec.service_id, n, &ans.ns_address, &ans.ns_address_v6);
-            let _ = self
-                .ctr
-                .set_container_label(id, LABEL_NS_ADDRESS, &ans.ns_address)
-                .await;
+            let _ = self.ctr.set_container_label(id, LABEL_NS_ADDRESS, &ans.ns_address).await;
         }
         self.ctr.start_task(id).await?;
         Ok(())
@@ -481,39 +410,21 @@ impl Runtime {
         labels.insert(LABEL_JOB.to_string(), spec.job_name.clone());
         labels.insert(LABEL_ONE_SHOT.to_string(), spec.one_shot.to_string());
         labels.insert(LABEL_MEMORY_MB.to_string(), spec.memory_mb.to_string());
-        let mounts = self
-            .ctr
-            .prepare_rootfs(id, &img.chain_id, Some(lease))
-            .await?;
-        self.ctr
-            .create_container(id, &img.name, &oci, labels, lease)
-            .await?;
+        let mounts = self.ctr.prepare_rootfs(id, &img.chain_id, Some(lease)).await?;
+        self.ctr.create_container(id, &img.name, &oci, labels, lease).await?;
         Ok((img.chain_id, mounts))
     }
 
-    async fn deploy_vm(
-        &self,
-        spec: &ServiceSpec,
-        n: u32,
-        id: &str,
-    ) -> anyhow::Result<unikernel::ExitRx> {
+    async fn deploy_vm(&self, spec: &ServiceSpec, n: u32, id: &str) -> anyhow::Result<unikernel::ExitRx> {
         let qemu = crate::metrics::find_qemu().ok_or_else(|| {
-            anyhow::anyhow!(
-                "no qemu-system-* binary for this architecture in PATH (install qemu-system)"
-            )
+            anyhow::anyhow!("no qemu-system-* binary for this architecture in PATH (install qemu-system)")
         })?;
         let dir = unikernel::vm_dir(&self.cfg.data_dir, id);
         let _ = std::fs::remove_dir_all(&dir);
         let (kernel, initrd) = unikernel::fetch_image(&spec.code, &dir)
             .await
             .map_err(|e| anyhow::anyhow!("unikernel image '{}' unavailable: {e:#}", spec.code))?;
-        self.emit(
-            &spec.service_id,
-            n,
-            state::CREATED,
-            format!("kernel {}", kernel.display()),
-            None,
-        );
+        self.emit(&spec.service_id, n, state::CREATED, format!("kernel {}", kernel.display()), None);
         let log = self.log_path(id);
         let _ = std::fs::remove_file(&log);
         let (pid, exit) = unikernel::launch(&qemu, spec, &kernel, initrd.as_deref(), &log).await?;
@@ -527,38 +438,21 @@ impl Runtime {
             pid,
         };
         std::fs::write(dir.join("instance.json"), serde_json::to_vec(&rec)?)?;
-        if let Some(i) = self
-            .instances
-            .lock()
-            .unwrap()
-            .get_mut(&key(&spec.service_id, n))
-        {
+        if let Some(i) = self.instances.lock().unwrap().get_mut(&key(&spec.service_id, n)) {
             i.pid = pid;
             i.vm_exit = Some(exit.clone());
         }
         Ok(exit)
     }
 
-    async fn watch_vm(
-        self: Arc<Self>,
-        service_id: String,
-        n: u32,
-        id: String,
-        mut exit: unikernel::ExitRx,
-    ) {
+    async fn watch_vm(self: Arc<Self>, service_id: String, n: u32, id: String, mut exit: unikernel::ExitRx) {
         let code = match exit.wait_for(|c| c.is_some()).await {
             Ok(c) => c.unwrap_or(-1),
             Err(_) => -1,
         };
         if code == -1 {
             if !self.is_undeploying(&service_id, n) {
-                self.emit(
-                    &service_id,
-                    n,
-                    state::DEAD,
-                    "VM exited (exit code unknown)".into(),
-                    None,
-                );
+                self.emit(&service_id, n, state::DEAD, "VM exited (exit code unknown)".into(), None);
             }
             return;
         }
@@ -585,13 +479,7 @@ impl Runtime {
                 Ok(code) => break code,
                 Err(e) if e.code() == tonic::Code::NotFound => {
                     if !self.is_undeploying(&service_id, n) {
-                        self.emit(
-                            &service_id,
-                            n,
-                            state::DEAD,
-                            format!("task {id} disappeared from containerd"),
-                            None,
-                        );
+                        self.emit(&service_id, n, state::DEAD, format!("task {id} disappeared from containerd"), None);
                     }
                     return;
                 }
@@ -624,18 +512,10 @@ impl Runtime {
             return;
         }
         let code_i = code as i32;
-        let ooms = if container {
-            oom_kills(&self.cgroups_path(id)).unwrap_or(0)
-        } else {
-            0
-        };
+        let ooms = if container { oom_kills(&self.cgroups_path(id)).unwrap_or(0) } else { 0 };
         let unknown = container && oom_kills(&self.cgroups_path(id)).is_none();
         if ooms > 0 || (code == 137 && memory_mb > 0 && unknown) {
-            let certain = if ooms > 0 {
-                "OOM-killed"
-            } else {
-                "killed (SIGKILL), probably OOM"
-            };
+            let certain = if ooms > 0 { "OOM-killed" } else { "killed (SIGKILL), probably OOM" };
             self.emit(
                 service_id,
                 n,
@@ -644,13 +524,7 @@ impl Runtime {
                 Some(code_i),
             );
         } else if code == 0 && one_shot {
-            self.emit(
-                service_id,
-                n,
-                state::COMPLETED,
-                "one-shot instance exited with code 0".into(),
-                Some(0),
-            );
+            self.emit(service_id, n, state::COMPLETED, "one-shot instance exited with code 0".into(), Some(0));
         } else if code == 0 {
             self.emit(
                 service_id,
@@ -668,13 +542,7 @@ impl Runtime {
                 Some(code_i),
             );
         } else {
-            self.emit(
-                service_id,
-                n,
-                state::FAILED,
-                format!("exited with code {code}"),
-                Some(code_i),
-            );
+            self.emit(service_id, n, state::FAILED, format!("exited with code {code}"), Some(code_i));
         }
     }
 
@@ -683,8 +551,7 @@ impl Runtime {
         let known = {
             let map = self.instances.lock().unwrap();
             self.pending.lock().unwrap().remove(&key(service_id, n));
-            map.get(&key(service_id, n))
-                .map(|i| (i.id.clone(), i.job_name.clone()))
+            map.get(&key(service_id, n)).map(|i| (i.id.clone(), i.job_name.clone()))
         };
         let (id, job_name) = match known {
             Some(k) => k,
@@ -701,11 +568,7 @@ impl Runtime {
                         (c.id, job)
                     }
                     None => {
-                        info!(
-                            service = service_id,
-                            instance = n,
-                            "undeploy of an unknown instance"
-                        );
+                        info!(service = service_id, instance = n, "undeploy of an unknown instance");
                         let _ = self.events.send(InstanceStatus {
                             service_id: service_id.into(),
                             instance_number: n,
@@ -732,33 +595,19 @@ impl Runtime {
                 memory_mb: 0,
                 pid: 0,
                 undeploying: true,
-                status: InstanceStatus {
-                    service_id: service_id.into(),
-                    instance_number: n,
-                    ..Default::default()
-                },
+                status: InstanceStatus { service_id: service_id.into(), instance_number: n, ..Default::default() },
                 vm_exit: None,
             });
             e.undeploying = true;
         }
         if let Some(nm) = &self.netmanager {
-            if let Err(e) = nm
-                .undeploy(&UndeployRequest {
-                    service_name: &job_name,
-                    service_id,
-                    instance_number: n,
-                })
-                .await
+            if let Err(e) =
+                nm.undeploy(&UndeployRequest { service_name: &job_name, service_id, instance_number: n }).await
             {
                 warn!(instance = %id, "{e:#}");
             }
         }
-        let vm_exit = self
-            .instances
-            .lock()
-            .unwrap()
-            .get(&key(service_id, n))
-            .and_then(|i| i.vm_exit.clone());
+        let vm_exit = self.instances.lock().unwrap().get(&key(service_id, n)).and_then(|i| i.vm_exit.clone());
         let remaining = match vm_exit {
             Some(exit) => self.stop_vm(&id, exit).await,
             None => self.stop_and_remove(&id).await,
@@ -776,27 +625,15 @@ impl Runtime {
 
     /// SIGTERM, grace period, SIGKILL for a VM; then removes its files.
     async fn stop_vm(&self, id: &str, mut exit: unikernel::ExitRx) -> anyhow::Result<()> {
-        let pid = self
-            .instances
-            .lock()
-            .unwrap()
-            .values()
-            .find(|i| i.id == id)
-            .map(|i| i.pid)
-            .unwrap_or(0);
+        let pid = self.instances.lock().unwrap().values().find(|i| i.id == id).map(|i| i.pid).unwrap_or(0);
         // While the exit channel is empty the pid is still ours: our unreaped child, or (re-adopted)
         // a process whose pidfd has not fired.
         if pid != 0 && exit.borrow().is_none() {
             // SAFETY: plain kill(2) on the VM's pid (see above).
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            if tokio::time::timeout(self.cfg.stop_grace, exit.wait_for(|c| c.is_some()))
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(self.cfg.stop_grace, exit.wait_for(|c| c.is_some())).await.is_err() {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|c| c.is_some()))
-                        .await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|c| c.is_some())).await;
             }
         }
         let dir = unikernel::vm_dir(&self.cfg.data_dir, id);
@@ -815,13 +652,11 @@ impl Runtime {
                 || p.status == Status::Created as i32
             {
                 self.ctr.kill_task(id, libc::SIGTERM as u32).await?;
-                let waited =
-                    tokio::time::timeout(self.cfg.stop_grace, self.ctr.wait_task(id)).await;
+                let waited = tokio::time::timeout(self.cfg.stop_grace, self.ctr.wait_task(id)).await;
                 if waited.is_err() {
                     info!(instance = id, grace = ?self.cfg.stop_grace, "no exit after SIGTERM: SIGKILL");
                     self.ctr.kill_task(id, libc::SIGKILL as u32).await?;
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(10), self.ctr.wait_task(id)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), self.ctr.wait_task(id)).await;
                 }
             }
             self.ctr.delete_task(id).await?;
@@ -859,19 +694,10 @@ impl Runtime {
                 continue;
             }
             let service_id = c.labels.get(LABEL_SERVICE_ID).cloned().unwrap_or_default();
-            let Some(n) = c
-                .labels
-                .get(LABEL_INSTANCE)
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
+            let Some(n) = c.labels.get(LABEL_INSTANCE).and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            if self
-                .instances
-                .lock()
-                .unwrap()
-                .contains_key(&key(&service_id, n))
-            {
+            if self.instances.lock().unwrap().contains_key(&key(&service_id, n)) {
                 continue;
             }
             let job_name = c.labels.get(LABEL_JOB).cloned().unwrap_or_default();
@@ -882,11 +708,7 @@ impl Runtime {
                 instance_number: n,
                 job_name,
                 one_shot: c.labels.get(LABEL_ONE_SHOT).map(String::as_str) == Some("true"),
-                memory_mb: c
-                    .labels
-                    .get(LABEL_MEMORY_MB)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
+                memory_mb: c.labels.get(LABEL_MEMORY_MB).and_then(|s| s.parse().ok()).unwrap_or(0),
                 pid: task.as_ref().map(|t| t.pid).unwrap_or(0),
                 undeploying: false,
                 status: InstanceStatus {
@@ -897,20 +719,11 @@ impl Runtime {
                 },
                 vm_exit: None,
             };
-            self.instances
-                .lock()
-                .unwrap()
-                .insert(key(&service_id, n), inst);
+            self.instances.lock().unwrap().insert(key(&service_id, n), inst);
             match task {
                 Some(t) if t.status == Status::Running as i32 => {
                     info!(instance = %c.id, pid = t.pid, "re-adopted running instance");
-                    self.emit(
-                        &service_id,
-                        n,
-                        state::RUNNING,
-                        "re-adopted after NodeEngine restart".into(),
-                        None,
-                    );
+                    self.emit(&service_id, n, state::RUNNING, "re-adopted after NodeEngine restart".into(), None);
                     let me = self.clone();
                     let id = c.id.clone();
                     tokio::spawn(async move { me.watch(service_id, n, id).await });
@@ -960,11 +773,7 @@ impl Runtime {
                 continue;
             }
             let alive = unikernel::is_our_vm(rec.pid, &rec.id);
-            let exit = if alive {
-                unikernel::watch_foreign(rec.pid).ok()
-            } else {
-                None
-            };
+            let exit = if alive { unikernel::watch_foreign(rec.pid).ok() } else { None };
             let (tx_dead, rx_dead) = tokio::sync::watch::channel(Some(-1));
             drop(tx_dead);
             self.instances.lock().unwrap().insert(
@@ -997,10 +806,7 @@ impl Runtime {
                         None,
                     );
                     let me = self.clone();
-                    tokio::spawn(async move {
-                        me.watch_vm(rec.service_id, rec.instance_number, rec.id, exit)
-                            .await
-                    });
+                    tokio::spawn(async move { me.watch_vm(rec.service_id, rec.instance_number, rec.id, exit).await });
                 }
                 None => {
                     self.emit(

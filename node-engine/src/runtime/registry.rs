@@ -22,40 +22,24 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use super::image::{
-    self, Blob, ImportPlan, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
-};
+use super::image::{self, Blob, ImportPlan, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST};
 
 static INSECURE: RwLock<Vec<String>> = RwLock::new(Vec::new());
 
 /// Registries (`host[:port]`) to reach over plain HTTP, in addition to `OAK_INSECURE_REGISTRIES`.
 pub fn set_insecure_registries(list: Vec<String>) {
-    let list = list
-        .into_iter()
-        .map(|s| s.trim().trim_end_matches('/').to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let list = list.into_iter().map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect();
     *INSECURE.write().unwrap_or_else(|e| e.into_inner()) = list;
 }
 
 fn is_insecure(host: &str) -> bool {
     let env = std::env::var("OAK_INSECURE_REGISTRIES").unwrap_or_default();
     let strip = |s: &str| {
-        s.trim()
-            .trim_start_matches("http://")
-            .trim_start_matches("https://")
-            .trim_end_matches('/')
-            .to_string()
+        s.trim().trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/').to_string()
     };
     env.split(',')
         .map(strip)
-        .chain(
-            INSECURE
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|s| strip(s)),
-        )
+        .chain(INSECURE.read().unwrap_or_else(|e| e.into_inner()).iter().map(|s| strip(s)))
         .any(|h| !h.is_empty() && h == host)
 }
 
@@ -72,10 +56,7 @@ fn host_only(host: &str) -> &str {
 
 fn is_loopback(host: &str) -> bool {
     let h = host_only(host);
-    h == "localhost"
-        || h.parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
+    h == "localhost" || h.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
 }
 
 fn is_ip_literal(host: &str) -> bool {
@@ -108,9 +89,7 @@ impl RegistryRef {
             (false, code)
         };
         let norm = image::normalize_reference(rest.trim_end_matches('/'))?;
-        let (host, path) = norm
-            .split_once('/')
-            .with_context(|| format!("invalid image reference '{code}'"))?;
+        let (host, path) = norm.split_once('/').with_context(|| format!("invalid image reference '{code}'"))?;
         let (name_tag, digest) = match path.split_once('@') {
             Some((n, d)) => (n, Some(d.to_string())),
             None => (path, None),
@@ -120,20 +99,14 @@ impl RegistryRef {
             _ => (name_tag.to_string(), None),
         };
         if let Some(d) = &digest {
-            let hex = d.strip_prefix("sha256:").ok_or_else(|| {
-                anyhow!("invalid image reference '{code}': only sha256 digests are supported")
-            })?;
+            let hex = d
+                .strip_prefix("sha256:")
+                .ok_or_else(|| anyhow!("invalid image reference '{code}': only sha256 digests are supported"))?;
             if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
                 bail!("invalid image reference '{code}': malformed digest {d}");
             }
         }
-        Ok(Self {
-            host: host.to_string(),
-            repository,
-            tag,
-            digest,
-            explicit_http,
-        })
+        Ok(Self { host: host.to_string(), repository, tag, digest, explicit_http })
     }
 
     /// The containerd image name (`docker.io/library/busybox:latest`, no scheme).
@@ -161,10 +134,7 @@ impl RegistryRef {
 
     /// What to ask `/manifests/` for: the digest if given, the tag otherwise.
     pub fn manifest_ref(&self) -> &str {
-        self.digest
-            .as_deref()
-            .or(self.tag.as_deref())
-            .unwrap_or("latest")
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
     }
 
     /// Plain HTTP (explicit `http://`, insecure list, loopback)?
@@ -173,11 +143,7 @@ impl RegistryRef {
     }
 
     fn base_url(&self, http: bool) -> String {
-        format!(
-            "{}://{}",
-            if http { "http" } else { "https" },
-            self.api_host()
-        )
+        format!("{}://{}", if http { "http" } else { "https" }, self.api_host())
     }
 }
 
@@ -193,10 +159,7 @@ impl Desc {
     fn from_json(v: &Value, default_mt: &str) -> anyhow::Result<Self> {
         Ok(Self {
             media_type: v["mediaType"].as_str().unwrap_or(default_mt).to_string(),
-            digest: v["digest"]
-                .as_str()
-                .context("descriptor without digest")?
-                .to_string(),
+            digest: v["digest"].as_str().context("descriptor without digest")?.to_string(),
             size: v["size"].as_i64().unwrap_or(-1),
         })
     }
@@ -298,12 +261,7 @@ impl RegistryClient {
             .user_agent(concat!("oak-node-engine/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("building the HTTP client")?;
-        Ok(Self {
-            base: r.base_url(r.plain_http()),
-            r: r.clone(),
-            http,
-            token: None,
-        })
+        Ok(Self { base: r.base_url(r.plain_http()), r: r.clone(), http, token: None })
     }
 
     pub fn reference(&self) -> &RegistryRef {
@@ -321,10 +279,8 @@ impl RegistryClient {
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| anyhow!("registry unreachable: GET {url} failed: {}", chain(&e)))?;
+            let resp =
+                req.send().await.map_err(|e| anyhow!("registry unreachable: GET {url} failed: {}", chain(&e)))?;
             if resp.status() == reqwest::StatusCode::UNAUTHORIZED && !authed {
                 authed = true;
                 let challenge = resp
@@ -344,10 +300,7 @@ impl RegistryClient {
 
     async fn fetch_token(&self, c: &HashMap<String, String>) -> anyhow::Result<String> {
         let realm = &c["realm"];
-        let scope = c
-            .get("scope")
-            .cloned()
-            .unwrap_or_else(|| format!("repository:{}:pull", self.r.repository));
+        let scope = c.get("scope").cloned().unwrap_or_else(|| format!("repository:{}:pull", self.r.repository));
         let mut query = vec![("scope", scope.as_str())];
         if let Some(s) = c.get("service") {
             query.push(("service", s.as_str()));
@@ -358,20 +311,12 @@ impl RegistryClient {
             .query(&query)
             .send()
             .await
-            .map_err(|e| {
-                anyhow!(
-                    "token service unreachable: GET {realm} failed: {}",
-                    chain(&e)
-                )
-            })?;
+            .map_err(|e| anyhow!("token service unreachable: GET {realm} failed: {}", chain(&e)))?;
         let status = resp.status();
         if !status.is_success() {
             bail!("token service {realm} answered {status} (only anonymous pulls are supported)");
         }
-        let v: Value = resp
-            .json()
-            .await
-            .with_context(|| format!("token service {realm}: answer is not JSON"))?;
+        let v: Value = resp.json().await.with_context(|| format!("token service {realm}: answer is not JSON"))?;
         v["token"]
             .as_str()
             .or(v["access_token"].as_str())
@@ -380,10 +325,7 @@ impl RegistryClient {
     }
 
     async fn get_manifest(&mut self, reference: &str) -> anyhow::Result<(String, Vec<u8>)> {
-        let url = format!(
-            "{}/v2/{}/manifests/{reference}",
-            self.base, self.r.repository
-        );
+        let url = format!("{}/v2/{}/manifests/{reference}", self.base, self.r.repository);
         let resp = self.get(&url, Some(MANIFEST_ACCEPT)).await?;
         let status = resp.status();
         if status == reqwest::StatusCode::NOT_FOUND {
@@ -398,28 +340,24 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
             .unwrap_or_default();
-        let data = resp
-            .bytes()
-            .await
-            .with_context(|| format!("reading GET {url}"))?
-            .to_vec();
+        let data = resp.bytes().await.with_context(|| format!("reading GET {url}"))?.to_vec();
         if reference.starts_with("sha256:") {
             verify(&format!("manifest {reference}"), reference, &data)?;
         }
-        let doc: Value =
-            serde_json::from_slice(&data).with_context(|| format!("GET {url}: not JSON"))?;
-        let mt = doc["mediaType"]
-            .as_str()
-            .map(str::to_string)
-            .filter(|s| !s.is_empty())
-            .or_else(|| (!ct.is_empty() && ct != "application/json").then_some(ct))
-            .unwrap_or_else(|| {
-                if doc.get("manifests").is_some() {
-                    MT_OCI_INDEX.into()
-                } else {
-                    MT_OCI_MANIFEST.into()
-                }
-            });
+        let doc: Value = serde_json::from_slice(&data).with_context(|| format!("GET {url}: not JSON"))?;
+        let mt =
+            doc["mediaType"]
+                .as_str()
+                .map(str::to_string)
+                .filter(|s| !s.is_empty())
+                .or_else(|| (!ct.is_empty() && ct != "application/json").then_some(ct))
+                .unwrap_or_else(|| {
+                    if doc.get("manifests").is_some() {
+                        MT_OCI_INDEX.into()
+                    } else {
+                        MT_OCI_MANIFEST.into()
+                    }
+                });
         Ok((mt, data))
     }
 
@@ -434,9 +372,7 @@ impl RegistryClient {
             {
                 info!(registry = %self.r.host, "HTTPS failed, trying plain HTTP");
                 self.base = self.r.base_url(true);
-                self.get_manifest(&reference)
-                    .await
-                    .map_err(|e2| anyhow!("{e:#}; over plain HTTP: {e2:#}"))?
+                self.get_manifest(&reference).await.map_err(|e2| anyhow!("{e:#}; over plain HTTP: {e2:#}"))?
             }
             r => r?,
         };
@@ -447,8 +383,7 @@ impl RegistryClient {
             let ms = idx["manifests"].as_array().cloned().unwrap_or_default();
             let matches = |d: &&Value| {
                 let p = &d["platform"];
-                p["os"].as_str().unwrap_or("linux") == "linux"
-                    && p["architecture"].as_str() == Some(arch)
+                p["os"].as_str().unwrap_or("linux") == "linux" && p["architecture"].as_str() == Some(arch)
             };
             let m = ms.iter().find(matches).with_context(|| {
                 let have: Vec<String> = ms
@@ -461,29 +396,19 @@ impl RegistryClient {
                         )
                     })
                     .collect();
-                format!(
-                    "no manifest for this platform linux/{arch} in the image index (it has: {})",
-                    have.join(", ")
-                )
+                format!("no manifest for this platform linux/{arch} in the image index (it has: {})", have.join(", "))
             })?;
             let d = Desc::from_json(m, MT_OCI_MANIFEST)?;
             let (mt2, data2) = self.get_manifest(&d.digest).await?;
-            mt = if d.media_type.is_empty() {
-                mt2
-            } else {
-                d.media_type.clone()
-            };
+            mt = if d.media_type.is_empty() { mt2 } else { d.media_type.clone() };
             data = data2;
             digest = d.digest;
         }
         if mt != MT_OCI_MANIFEST && mt != MT_DOCKER_MANIFEST {
-            bail!(
-                "unsupported manifest media type {mt} (need an OCI or Docker v2 schema 2 manifest)"
-            );
+            bail!("unsupported manifest media type {mt} (need an OCI or Docker v2 schema 2 manifest)");
         }
         let doc: Value = serde_json::from_slice(&data).context("image manifest is not JSON")?;
-        let config =
-            Desc::from_json(&doc["config"], image::MT_OCI_CONFIG).context("manifest config")?;
+        let config = Desc::from_json(&doc["config"], image::MT_OCI_CONFIG).context("manifest config")?;
         let layers = doc["layers"]
             .as_array()
             .into_iter()
@@ -491,16 +416,7 @@ impl RegistryClient {
             .map(|l| Desc::from_json(l, image::MT_OCI_LAYER))
             .collect::<anyhow::Result<Vec<_>>>()
             .context("manifest layers")?;
-        Ok(Manifest {
-            desc: Desc {
-                media_type: mt,
-                digest,
-                size: data.len() as i64,
-            },
-            data,
-            config,
-            layers,
-        })
+        Ok(Manifest { desc: Desc { media_type: mt, digest, size: data.len() as i64 }, data, config, layers })
     }
 
     /// Downloads a blob, verifying size and digest; `what` names it in logs and errors.
@@ -519,17 +435,11 @@ impl RegistryClient {
         let mut stream = resp.bytes_stream();
         let mut last_log = std::time::Instant::now();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                anyhow!("downloading {what} {} from {url}: {}", d.digest, chain(&e))
-            })?;
+            let chunk = chunk.map_err(|e| anyhow!("downloading {what} {} from {url}: {}", d.digest, chain(&e)))?;
             hasher.update(&chunk);
             data.extend_from_slice(&chunk);
             if d.size >= 0 && data.len() as i64 > d.size {
-                bail!(
-                    "{what} {}: registry sent more than the {} bytes of the manifest",
-                    d.digest,
-                    d.size
-                );
+                bail!("{what} {}: registry sent more than the {} bytes of the manifest", d.digest, d.size);
             }
             if last_log.elapsed() > Duration::from_secs(2) {
                 last_log = std::time::Instant::now();
@@ -538,19 +448,10 @@ impl RegistryClient {
         }
         let got = format!("sha256:{:x}", hasher.finalize());
         if got != d.digest {
-            bail!(
-                "digest mismatch for {what} {}: the registry sent {} bytes hashing to {got}",
-                d.digest,
-                data.len()
-            );
+            bail!("digest mismatch for {what} {}: the registry sent {} bytes hashing to {got}", d.digest, data.len());
         }
         if d.size >= 0 && data.len() as i64 != d.size {
-            bail!(
-                "{what} {}: got {} bytes, the manifest says {}",
-                d.digest,
-                data.len(),
-                d.size
-            );
+            bail!("{what} {}: got {} bytes, the manifest says {}", d.digest, data.len(), d.size);
         }
         Ok(data)
     }
@@ -560,15 +461,9 @@ impl RegistryClient {
 /// and layer blobs not yet in the content store) and names the image.
 pub fn plan_from_manifest(name: &str, m: &Manifest, fetched: Vec<Blob>) -> ImportPlan {
     let mut labels = HashMap::new();
-    labels.insert(
-        "containerd.io/gc.ref.content.config".to_string(),
-        m.config.digest.clone(),
-    );
+    labels.insert("containerd.io/gc.ref.content.config".to_string(), m.config.digest.clone());
     for (i, l) in m.layers.iter().enumerate() {
-        labels.insert(
-            format!("containerd.io/gc.ref.content.l.{i}"),
-            l.digest.clone(),
-        );
+        labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
     }
     let mut blobs = fetched;
     blobs.push(Blob {
@@ -624,10 +519,7 @@ mod tests {
         assert_eq!(r.base_url(true), "http://registry.lan:5000");
 
         let r = RegistryRef::parse("ghcr.io/a/b/c:tag").unwrap();
-        assert_eq!(
-            (r.host.as_str(), r.repository.as_str()),
-            ("ghcr.io", "a/b/c")
-        );
+        assert_eq!((r.host.as_str(), r.repository.as_str()), ("ghcr.io", "a/b/c"));
         assert!(!r.plain_http());
 
         let d = format!("sha256:{}", "a".repeat(64));
@@ -671,10 +563,7 @@ mod tests {
         assert_eq!(c["service"], "registry.docker.io");
         assert_eq!(c["scope"], "repository:library/busybox:pull,push");
         let c = parse_bearer_challenge("bearer realm=http://x/t, service=s").unwrap();
-        assert_eq!(
-            (c["realm"].as_str(), c["service"].as_str()),
-            ("http://x/t", "s")
-        );
+        assert_eq!((c["realm"].as_str(), c["service"].as_str()), ("http://x/t", "s"));
         assert!(parse_bearer_challenge(r#"Basic realm="x""#).is_none());
         assert!(parse_bearer_challenge("Bearer service=x").is_none());
     }

@@ -64,11 +64,7 @@ pub fn process_env(image: &ImageConfig, spec: &ServiceSpec) -> Vec<String> {
         if k.is_empty() {
             continue;
         }
-        let entry = if e.contains('=') {
-            e.clone()
-        } else {
-            format!("{e}=")
-        };
+        let entry = if e.contains('=') { e.clone() } else { format!("{e}=") };
         match env.iter_mut().find(|x| key(x) == k) {
             Some(slot) => *slot = entry,
             None => env.push(entry),
@@ -150,10 +146,7 @@ const ALL_CAPS: &[&str] = &[
 
 /// RLIMIT_NOFILE for instances: this process's hard limit (raising above it may be refused), max 1M.
 fn nofile_limit() -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: r is a valid out pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
         return 1024;
@@ -165,22 +158,9 @@ fn nofile_limit() -> u64 {
 
 /// Host name for an instance (max 63 characters, DNS-label characters only).
 pub fn hostname_for(id: &str) -> String {
-    let h: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let h: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
     let h = h.trim_matches('-');
-    h.chars()
-        .take(63)
-        .collect::<String>()
-        .trim_end_matches('-')
-        .to_string()
+    h.chars().take(63).collect::<String>().trim_end_matches('-').to_string()
 }
 
 /// Builds the runtime spec. `cgroups_path` is where the instance's cgroup goes (relative to the
@@ -189,17 +169,9 @@ pub fn build_spec(id: &str, image: &ImageConfig, spec: &ServiceSpec, cgroups_pat
     let args = process_args(image, spec);
     let env = process_env(image, spec);
     let (uid, gid) = parse_user(image.user.as_deref());
-    let cwd = image
-        .working_dir
-        .clone()
-        .filter(|w| !w.is_empty())
-        .unwrap_or_else(|| "/".into());
+    let cwd = image.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
     let nofile = nofile_limit();
-    let caps: &[&str] = if spec.privileged {
-        ALL_CAPS
-    } else {
-        DEFAULT_CAPS
-    };
+    let caps: &[&str] = if spec.privileged { ALL_CAPS } else { DEFAULT_CAPS };
 
     let mut resources = json!({
         "devices": [{"allow": spec.privileged, "access": "rwm"}],
@@ -246,13 +218,7 @@ pub fn build_spec(id: &str, image: &ImageConfig, spec: &ServiceSpec, cgroups_pat
             "/sys/firmware",
             "/proc/scsi"
         ]);
-        linux["readonlyPaths"] = json!([
-            "/proc/bus",
-            "/proc/fs",
-            "/proc/irq",
-            "/proc/sys",
-            "/proc/sysrq-trigger"
-        ]);
+        linux["readonlyPaths"] = json!(["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]);
     }
 
     json!({
@@ -301,14 +267,8 @@ mod tests {
 
     #[test]
     fn env_merge() {
-        let s = ServiceSpec {
-            environment: vec!["B=20".into(), "C=3".into()],
-            ..Default::default()
-        };
-        assert_eq!(
-            process_env(&image(), &s),
-            ["PATH=/bin", "A=1", "B=20", "C=3"]
-        );
+        let s = ServiceSpec { environment: vec!["B=20".into(), "C=3".into()], ..Default::default() };
+        assert_eq!(process_env(&image(), &s), ["PATH=/bin", "A=1", "B=20", "C=3"]);
         let bare = process_env(&ImageConfig::default(), &s);
         assert_eq!(bare[0], DEFAULT_PATH);
         assert_eq!(bare.len(), 3);
@@ -316,11 +276,7 @@ mod tests {
 
     #[test]
     fn limits() {
-        let s = ServiceSpec {
-            memory_mb: 16,
-            vcpus: 0.5,
-            ..Default::default()
-        };
+        let s = ServiceSpec { memory_mb: 16, vcpus: 0.5, ..Default::default() };
         let v = build_spec("app.ns.svc.ns.instance.0", &image(), &s, "/oakestra/x");
         assert_eq!(v["linux"]["resources"]["memory"]["limit"], 16 * 1024 * 1024);
         assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 50_000);
@@ -331,10 +287,7 @@ mod tests {
         assert_eq!(v["process"]["cwd"], "/www");
         assert_eq!(v["hostname"], "app-ns-svc-ns-instance-0");
         let ns = v["linux"]["namespaces"].as_array().unwrap();
-        let net = ns
-            .iter()
-            .find(|n| n["type"] == "network")
-            .expect("network namespace");
+        let net = ns.iter().find(|n| n["type"] == "network").expect("network namespace");
         assert!(net.get("path").is_none(), "new netns, not a path");
 
         let unlimited = build_spec("x", &image(), &ServiceSpec::default(), "/o/x");
@@ -350,9 +303,6 @@ mod tests {
         .unwrap();
         assert_eq!(c.entrypoint.unwrap(), ["/bin/busybox"]);
         assert_eq!(c.cmd.unwrap(), ["sh"]);
-        assert_eq!(
-            ImageConfig::from_image_json(b"{}").unwrap(),
-            ImageConfig::default()
-        );
+        assert_eq!(ImageConfig::from_image_json(b"{}").unwrap(), ImageConfig::default());
     }
 }

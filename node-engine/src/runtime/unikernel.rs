@@ -37,14 +37,9 @@ pub async fn fetch_image(code: &str, dir: &Path) -> anyhow::Result<(PathBuf, Opt
     std::fs::create_dir_all(dir)?;
     let bytes = if code.starts_with("http://") || code.starts_with("https://") {
         info!(url = code, "downloading unikernel image");
-        let resp = reqwest::get(code)
-            .await
-            .with_context(|| format!("cannot download unikernel image {code}"))?;
+        let resp = reqwest::get(code).await.with_context(|| format!("cannot download unikernel image {code}"))?;
         if !resp.status().is_success() {
-            bail!(
-                "cannot download unikernel image {code}: HTTP {}",
-                resp.status()
-            );
+            bail!("cannot download unikernel image {code}: HTTP {}", resp.status());
         }
         resp.bytes().await?.to_vec()
     } else {
@@ -56,26 +51,16 @@ pub async fn fetch_image(code: &str, dir: &Path) -> anyhow::Result<(PathBuf, Opt
 }
 
 fn extract(bytes: &[u8], dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    let reader: Box<dyn Read> = if bytes.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::GzDecoder::new(bytes))
-    } else {
-        Box::new(bytes)
-    };
+    let reader: Box<dyn Read> =
+        if bytes.starts_with(&[0x1f, 0x8b]) { Box::new(flate2::read::GzDecoder::new(bytes)) } else { Box::new(bytes) };
     let mut ar = tar::Archive::new(reader);
     let (mut kernel, mut initrd) = (None, None);
-    for e in ar
-        .entries()
-        .context("unikernel image is not a tar(.gz) archive")?
-    {
+    for e in ar.entries().context("unikernel image is not a tar(.gz) archive")? {
         let mut e = e.context("corrupt unikernel archive")?;
         if !e.header().entry_type().is_file() {
             continue;
         }
-        let name = e
-            .path()?
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
+        let name = e.path()?.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let target = match name.as_str() {
             "kernel" => dir.join("kernel"),
             "initramfs.cpio" | "initrd" | "initramfs.cpio.gz" => dir.join("initramfs.cpio"),
@@ -94,18 +79,8 @@ fn extract(bytes: &[u8], dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>
 }
 
 /// qemu arguments (without the binary).
-pub fn qemu_args(
-    spec: &ServiceSpec,
-    kernel: &Path,
-    initrd: Option<&Path>,
-    log: &Path,
-    kvm: bool,
-) -> Vec<String> {
-    let mem = if spec.memory_mb > 0 {
-        spec.memory_mb
-    } else {
-        64
-    };
+pub fn qemu_args(spec: &ServiceSpec, kernel: &Path, initrd: Option<&Path>, log: &Path, kvm: bool) -> Vec<String> {
+    let mem = if spec.memory_mb > 0 { spec.memory_mb } else { 64 };
     let smp = spec.vcpus.ceil().max(1.0) as u32;
     let mut a: Vec<String> = vec![
         "-kernel".into(),
@@ -158,11 +133,7 @@ pub fn kvm_failure(log: &Path, code: i32) -> Option<String> {
         return None;
     }
     let tail = super::tail_file(log, 2048);
-    let line = tail
-        .lines()
-        .find(|l| l.to_lowercase().contains("kvm"))?
-        .trim()
-        .to_string();
+    let line = tail.lines().find(|l| l.to_lowercase().contains("kvm"))?.trim().to_string();
     KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
     Some(line)
 }
@@ -177,10 +148,7 @@ pub async fn launch(
 ) -> anyhow::Result<(u32, ExitRx)> {
     let mut kvm = use_kvm();
     loop {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
         let args = qemu_args(spec, kernel, initrd, log, kvm);
         info!(qemu = %qemu.display(), accel = if kvm { "kvm" } else { "tcg" }, "starting unikernel VM");
@@ -195,9 +163,7 @@ pub async fn launch(
         let pid = child.id().unwrap_or(0);
         // A KVM that cannot be used makes qemu exit at once: fall back to TCG.
         if kvm {
-            if let Ok(Ok(status)) =
-                tokio::time::timeout(Duration::from_millis(700), child.wait()).await
-            {
+            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(700), child.wait()).await {
                 let tail = super::tail_file(log, 2048);
                 if tail.to_lowercase().contains("kvm") {
                     warn!(status = ?status, "qemu could not use KVM; using TCG emulation from now on");
@@ -239,8 +205,8 @@ pub fn watch_foreign(pid: u32) -> anyhow::Result<ExitRx> {
     // SAFETY: fd is a fresh, valid file descriptor we own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: `owned` is an OwnedFd moved into the AsyncFd, which keeps it open while registered.
-    let afd = unsafe { tokio::io::unix::AsyncFd::register(owned) }
-        .map_err(|e| anyhow::anyhow!("registering pidfd: {e}"))?;
+    let afd =
+        unsafe { tokio::io::unix::AsyncFd::register(owned) }.map_err(|e| anyhow::anyhow!("registering pidfd: {e}"))?;
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let _ = afd.readable().await;
@@ -265,39 +231,12 @@ mod tests {
 
     #[test]
     fn args() {
-        let s = ServiceSpec {
-            memory_mb: 128,
-            vcpus: 1.5,
-            args: vec!["ip=10.0.0.2".into()],
-            ..Default::default()
-        };
-        let a = qemu_args(
-            &s,
-            Path::new("/k"),
-            Some(Path::new("/i")),
-            Path::new("/l"),
-            false,
-        );
+        let s = ServiceSpec { memory_mb: 128, vcpus: 1.5, args: vec!["ip=10.0.0.2".into()], ..Default::default() };
+        let a = qemu_args(&s, Path::new("/k"), Some(Path::new("/i")), Path::new("/l"), false);
         let j = a.join(" ");
-        assert!(
-            j.contains("-m 128") && j.contains("-smp 2") && j.contains("-initrd /i"),
-            "{j}"
-        );
-        assert!(
-            j.contains("-accel tcg") && j.contains("console=ttyS0 ip=10.0.0.2"),
-            "{j}"
-        );
-        let k = qemu_args(
-            &ServiceSpec::default(),
-            Path::new("/k"),
-            None,
-            Path::new("/l"),
-            true,
-        )
-        .join(" ");
-        assert!(
-            k.contains("-accel kvm -cpu host") && k.contains("-m 64") && !k.contains("-initrd"),
-            "{k}"
-        );
+        assert!(j.contains("-m 128") && j.contains("-smp 2") && j.contains("-initrd /i"), "{j}");
+        assert!(j.contains("-accel tcg") && j.contains("console=ttyS0 ip=10.0.0.2"), "{j}");
+        let k = qemu_args(&ServiceSpec::default(), Path::new("/k"), None, Path::new("/l"), true).join(" ");
+        assert!(k.contains("-accel kvm -cpu host") && k.contains("-m 64") && !k.contains("-initrd"), "{k}");
     }
 }

@@ -20,9 +20,7 @@ pub fn skip_reason() -> Option<String> {
         return Some("not root".into());
     }
     if !Path::new(SOCKET).exists() {
-        return Some(format!(
-            "no containerd socket at {SOCKET} (start containerd)"
-        ));
+        return Some(format!("no containerd socket at {SOCKET} (start containerd)"));
     }
     if !Path::new(BUSYBOX).exists() {
         return Some(format!("{BUSYBOX} missing (install busybox-static)"));
@@ -78,10 +76,7 @@ pub fn build_busybox_docker_archive(dir: &Path, repo_tag: &str) -> PathBuf {
 
 /// A unique-enough suffix for names in containerd.
 pub fn unique(tag: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{tag}{}x{}", std::process::id(), t % 1_000_000_007)
 }
 
@@ -99,12 +94,7 @@ impl Env {
         let namespace = format!("oak-ne-test-{u}");
         let image_name = format!("import.local/oak-ne-test/{u}:latest");
         let archive = build_busybox_image(dir.path(), &image_name);
-        Env {
-            dir,
-            namespace,
-            image_name,
-            archive,
-        }
+        Env { dir, namespace, image_name, archive }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -123,9 +113,7 @@ impl Env {
     }
 
     pub async fn runtime(&self) -> (Arc<Runtime>, mpsc::UnboundedReceiver<InstanceStatus>) {
-        Runtime::connect(self.runtime_config())
-            .await
-            .expect("runtime connects to containerd")
+        Runtime::connect(self.runtime_config()).await.expect("runtime connects to containerd")
     }
 
     pub fn spec(&self, service_id: &str, cmd: &[&str]) -> ServiceSpec {
@@ -141,16 +129,8 @@ impl Env {
 
     /// Removes the test image (synchronously garbage-collected) and the test namespace.
     pub async fn cleanup(&self, rt: &Runtime) {
-        rt.containerd()
-            .delete_image_sync(&self.image_name, true)
-            .await
-            .expect("delete test image");
-        if let Err(e) = rt
-            .containerd()
-            .delete_namespace()
-            .await
-            .map_err(|e| format!("{e:#}"))
-        {
+        rt.containerd().delete_image_sync(&self.image_name, true).await.expect("delete test image");
+        if let Err(e) = rt.containerd().delete_namespace().await.map_err(|e| format!("{e:#}")) {
             if e.contains("not found") {
                 return;
             }
@@ -171,9 +151,7 @@ pub async fn wait_for(
     loop {
         let st = tokio::time::timeout_at(deadline, rx.recv())
             .await
-            .unwrap_or_else(|_| {
-                panic!("timeout waiting for {wanted:?} of {service_id}; seen {seen:?}")
-            })
+            .unwrap_or_else(|_| panic!("timeout waiting for {wanted:?} of {service_id}; seen {seen:?}"))
             .expect("runtime event channel open");
         if st.service_id != service_id {
             continue;
@@ -182,10 +160,7 @@ pub async fn wait_for(
         if wanted.contains(&st.status.as_str()) {
             return st;
         }
-        if matches!(
-            st.status.as_str(),
-            "FAILED" | "DEAD" | "COMPLETED" | "UNDEPLOYED"
-        ) {
+        if matches!(st.status.as_str(), "FAILED" | "DEAD" | "COMPLETED" | "UNDEPLOYED") {
             panic!(
                 "{service_id} reached {} ({}) while waiting for {wanted:?}; logs: {}",
                 st.status, st.detail, st.logs
@@ -197,18 +172,9 @@ pub async fn wait_for(
 /// Asserts that task, container and rootfs snapshot of `id` are gone.
 pub async fn assert_gone(rt: &Runtime, id: &str) {
     let c = rt.containerd();
-    assert!(
-        c.get_task(id).await.unwrap().is_none(),
-        "task {id} left behind"
-    );
-    assert!(
-        c.get_container(id).await.unwrap().is_none(),
-        "container {id} left behind"
-    );
-    assert!(
-        !c.snapshot_exists(id).await.unwrap(),
-        "snapshot {id} left behind"
-    );
+    assert!(c.get_task(id).await.unwrap().is_none(), "task {id} left behind");
+    assert!(c.get_container(id).await.unwrap().is_none(), "container {id} left behind");
+    assert!(!c.snapshot_exists(id).await.unwrap(), "snapshot {id} left behind");
 }
 
 /// HTTP GET of 127.0.0.1:`port``path` from inside the network namespace of `pid` (a thread that
@@ -219,26 +185,20 @@ pub async fn http_get_in_netns(pid: u32, port: u16, path: &str) -> Result<String
         std::thread::spawn(move || -> Result<String, String> {
             use std::io::{Read, Write};
             use std::os::fd::AsRawFd;
-            let ns =
-                std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
             // SAFETY: a valid netns fd; only this short-lived thread changes namespace.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(format!("setns: {}", std::io::Error::last_os_error()));
             }
-            let mut s =
-                std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .map_err(|e| e.to_string())?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
             let mut resp = String::new();
             s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
             if !resp.starts_with("HTTP/1.") || !resp.contains(" 200 ") {
                 return Err(format!("bad answer: {resp}"));
             }
-            Ok(resp
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default())
+            Ok(resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
         })
         .join()
         .map_err(|_| "thread panicked".to_string())?

@@ -8,10 +8,13 @@ use clap::Parser;
 
 /// Oakestra-compatible cluster orchestrator.
 #[derive(Parser, Debug)]
-#[command(version, about = "Cluster orchestrator: registers with the root orchestrator (dialling out, so it works \
+#[command(
+    version,
+    about = "Cluster orchestrator: registers with the root orchestrator (dialling out, so it works \
 behind NAT), accepts worker registrations, schedules each instance on the best matching worker, moves instances \
 off workers that miss heartbeats, reports aggregated resources up. Serves the cluster network service for the \
-workers' NetManagers.")]
+workers' NetManagers."
+)]
 struct Args {
     /// Name of this cluster as the root and oak-cli show it.
     #[arg(long, env = "CLUSTER_NAME")]
@@ -99,7 +102,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let root_url = url(&a.root_address, a.root_grpc_port);
     // the service manager lives on the root's host at its own port
-    let host = root_url.split("://").nth(1).and_then(|r| r.rsplit_once(':')).map(|(h, _)| h.to_string()).unwrap_or_default();
+    let host =
+        root_url.split("://").nth(1).and_then(|r| r.rsplit_once(':')).map(|(h, _)| h.to_string()).unwrap_or_default();
     let cfg = oak_orchestrators::cluster::Config {
         cluster_name,
         cluster_location,

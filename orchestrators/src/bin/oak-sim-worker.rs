@@ -5,8 +5,11 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Simulated workers: register with a cluster orchestrator over the real worker protocol, \
-report resources, accept deploys (CREATING then RUNNING) and undeploys. Runs no workload; for tests and benchmarks.")]
+#[command(
+    version,
+    about = "Simulated workers: register with a cluster orchestrator over the real worker protocol, \
+report resources, accept deploys (CREATING then RUNNING) and undeploys. Runs no workload; for tests and benchmarks."
+)]
 struct Args {
     /// Cluster orchestrator worker registry, host:port.
     #[arg(long, default_value = "127.0.0.1:10100")]

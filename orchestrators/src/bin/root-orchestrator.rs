@@ -8,7 +8,10 @@ use clap::Parser;
 
 /// Oakestra-compatible root orchestrator.
 #[derive(Parser, Debug)]
-#[command(version, about = "Oakestra-compatible root orchestrator: REST API for users (oak-cli works against it), gRPC registry for clusters, redb store")]
+#[command(
+    version,
+    about = "Oakestra-compatible root orchestrator: REST API for users (oak-cli works against it), gRPC registry for clusters, redb store"
+)]
 struct Args {
     /// REST API listen address (Oakestra's root API; OpenAPI at /api/docs).
     #[arg(long, env = "OAK_API_ADDR", default_value = "0.0.0.0:10000")]

@@ -145,7 +145,10 @@ impl Cluster {
             state.instances.insert(i.key(), i);
         }
         if !state.instances.is_empty() {
-            tracing::info!(instances = state.instances.len(), "restored placements; waiting for their workers to reconnect");
+            tracing::info!(
+                instances = state.instances.len(),
+                "restored placements; waiting for their workers to reconnect"
+            );
         }
         Ok(Arc::new(Self {
             cfg,
@@ -175,7 +178,9 @@ impl Cluster {
                             tracing::warn!(node_id = %node, "worker session closed; message dropped");
                         }
                     }
-                    None => tracing::warn!(node_id = %node, "worker has no session; message dropped (sent again when it reconnects)"),
+                    None => {
+                        tracing::warn!(node_id = %node, "worker has no session; message dropped (sent again when it reconnects)")
+                    }
                 }
             }
         }
@@ -229,7 +234,10 @@ impl Cluster {
     fn views(s: &State, exclude: Option<&str>) -> Vec<WorkerView> {
         let mut reserved: HashMap<&str, (f64, u64, u32)> = HashMap::new();
         for i in s.instances.values() {
-            if i.undeploying || i.status.node_id.is_empty() || matches!(i.status.status.as_str(), "FAILED" | "DEAD" | "COMPLETED") {
+            if i.undeploying
+                || i.status.node_id.is_empty()
+                || matches!(i.status.status.as_str(), "FAILED" | "DEAD" | "COMPLETED")
+            {
                 continue;
             }
             let spec = i.spec();
@@ -354,7 +362,8 @@ impl Cluster {
         let mut out = Out::default();
         {
             let mut s = self.lock();
-            let has_session = |s: &State, node: &str| s.workers.get(node).is_some_and(|w| w.alive && w.session.is_some());
+            let has_session =
+                |s: &State, node: &str| s.workers.get(node).is_some_and(|w| w.alive && w.session.is_some());
             match s.instances.get(&k).map(|i| i.status.node_id.clone()) {
                 Some(node) if has_session(&s, &node) => {
                     let inst = s.instances.get_mut(&k).expect("present");
@@ -379,17 +388,29 @@ impl Cluster {
     // ------------------------------------------------------------------ from workers
 
     /// A worker opened a session. Returns (node id, connection number).
-    pub fn on_worker_hello(&self, hello: &pb::WorkerHello, peer: Option<SocketAddr>, tx: WorkerOutbox) -> Result<(String, u64)> {
+    pub fn on_worker_hello(
+        &self,
+        hello: &pb::WorkerHello,
+        peer: Option<SocketAddr>,
+        tx: WorkerOutbox,
+    ) -> Result<(String, u64)> {
         if hello.node_name.is_empty() || hello.node_name.len() > 128 {
             anyhow::bail!("node_name must be 1..128 characters, got {} characters", hello.node_name.len());
         }
         let conn = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let known = self.store.nodes()?;
-        let node_id = if !hello.node_id.is_empty() && hello.node_id.len() <= 64 && hello.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        let node_id = if !hello.node_id.is_empty()
+            && hello.node_id.len() <= 64
+            && hello.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             hello.node_id.clone()
         } else {
             // a worker without an id gets the one its name had before, or a new one
-            known.iter().find(|(_, n)| **n == hello.node_name).map(|(id, _)| id.clone()).unwrap_or_else(crate::root::store::new_id)
+            known
+                .iter()
+                .find(|(_, n)| **n == hello.node_name)
+                .map(|(id, _)| id.clone())
+                .unwrap_or_else(crate::root::store::new_id)
         };
         if known.get(&node_id) != Some(&hello.node_name) {
             self.store.put_node(&node_id, &hello.node_name)?;
@@ -446,7 +467,8 @@ impl Cluster {
                     let (sid, n) = (&inst.status.service_id, inst.status.instance_number);
                     self.report_undeployed(&s, sid, n, "undeployed".into(), &mut out);
                 } else {
-                    out.to_workers.push((node_id.clone(), worker_msg(pb::cluster_to_worker::Msg::Deploy(inst.deploy.clone()))));
+                    out.to_workers
+                        .push((node_id.clone(), worker_msg(pb::cluster_to_worker::Msg::Deploy(inst.deploy.clone()))));
                 }
             }
             tracing::info!(node_id = %node_id, worker = %hello.node_name, %address, instances = hello.instances.len(), rejoined = was_alive, "worker registered");
@@ -587,7 +609,8 @@ impl Cluster {
                         self.report_undeployed(&s, sid, n, format!("undeployed (worker '{name}' is down)"), &mut out);
                         continue;
                     }
-                    let why = format!("worker '{name}' missed heartbeats for {:.0} s; rescheduled: ", silent.as_secs_f64());
+                    let why =
+                        format!("worker '{name}' missed heartbeats for {:.0} s; rescheduled: ", silent.as_secs_f64());
                     self.schedule(&mut s, &k, Some(&node), &why, &mut out);
                 }
             }
@@ -710,7 +733,8 @@ impl Cluster {
     /// Live workers as (node id, name), for tests and status.
     pub fn live_workers(&self) -> Vec<(String, String)> {
         let s = self.lock();
-        let mut v: Vec<_> = s.workers.iter().filter(|(_, w)| w.alive).map(|(id, w)| (id.clone(), w.name.clone())).collect();
+        let mut v: Vec<_> =
+            s.workers.iter().filter(|(_, w)| w.alive).map(|(id, w)| (id.clone(), w.name.clone())).collect();
         v.sort();
         v
     }
@@ -794,7 +818,9 @@ pub async fn serve(
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(pb::worker_registry_server::WorkerRegistryServer::new(workers::Registry { cluster: cluster.clone() }))
+        .add_service(pb::worker_registry_server::WorkerRegistryServer::new(workers::Registry {
+            cluster: cluster.clone(),
+        }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(workers_l), async move {
             let _ = stop_wait.wait_for(|v| *v).await;
         });

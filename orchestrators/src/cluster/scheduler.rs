@@ -71,7 +71,10 @@ pub fn normalize_arch(a: &str) -> &str {
 fn not_qualified(spec: &ServiceSpec, w: &WorkerView) -> Option<String> {
     let r = &w.resources;
     if !spec.virtualization.is_empty() && !r.virtualization.iter().any(|v| v == &spec.virtualization) {
-        return Some(format!("does not offer virtualization '{}' (offers {:?})", spec.virtualization, r.virtualization));
+        return Some(format!(
+            "does not offer virtualization '{}' (offers {:?})",
+            spec.virtualization, r.virtualization
+        ));
     }
     if !spec.arch.is_empty() && !spec.arch.iter().any(|a| normalize_arch(a) == normalize_arch(&r.arch)) {
         return Some(format!("is {} (SLA allows {:?})", r.arch, spec.arch));
@@ -114,7 +117,10 @@ fn reasons(list: &[(String, String)]) -> String {
 /// Chooses the worker id for `spec` among `workers` (live ones only).
 pub fn place(spec: &ServiceSpec, workers: &[WorkerView]) -> Result<String, NoFit> {
     if workers.is_empty() {
-        return Err(NoFit { status: NO_CAPACITY, detail: "NoResourcesAvailable: the cluster has no active worker".into() });
+        return Err(NoFit {
+            status: NO_CAPACITY,
+            detail: "NoResourcesAvailable: the cluster has no active worker".into(),
+        });
     }
     let mut unqualified = Vec::new();
     let mut full = Vec::new();
@@ -154,7 +160,10 @@ pub fn place(spec: &ServiceSpec, workers: &[WorkerView]) -> Result<String, NoFit
         if spec.arch.is_empty() { vec!["any arch".to_string()] } else { spec.arch.clone() }
     );
     if full.is_empty() {
-        Err(NoFit { status: NO_QUALIFIED, detail: format!("NoResourcesAvailable: {ask}; no worker qualifies: {}", reasons(&unqualified)) })
+        Err(NoFit {
+            status: NO_QUALIFIED,
+            detail: format!("NoResourcesAvailable: {ask}; no worker qualifies: {}", reasons(&unqualified)),
+        })
     } else {
         let mut all = full;
         all.extend(unqualified);

@@ -115,7 +115,12 @@ mod tests {
                     service: Some(ServiceSpec { service_id: "s1".into(), memory_mb: 64, ..Default::default() }),
                     instance_number: 2,
                 }),
-                status: Some(InstanceStatus { service_id: "s1".into(), instance_number: 2, status: "RUNNING".into(), ..Default::default() }),
+                status: Some(InstanceStatus {
+                    service_id: "s1".into(),
+                    instance_number: 2,
+                    status: "RUNNING".into(),
+                    ..Default::default()
+                }),
                 undeploying: false,
             };
             s.put_instance("s1/2", &rec).unwrap();

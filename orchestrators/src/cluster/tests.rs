@@ -31,7 +31,13 @@ async fn start_cluster(dir: &std::path::Path, root: &RootH, name: &str, stale: D
     start_cluster_with(dir, root, name, stale, Duration::from_secs(3600)).await
 }
 
-async fn start_cluster_with(dir: &std::path::Path, root: &RootH, name: &str, stale: Duration, remove_after: Duration) -> ClusterH {
+async fn start_cluster_with(
+    dir: &std::path::Path,
+    root: &RootH,
+    name: &str,
+    stale: Duration,
+    remove_after: Duration,
+) -> ClusterH {
     let workers_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cfg = Config {
@@ -145,7 +151,8 @@ async fn register_schedule_run_and_report_no_resources() {
     let sid2 = deploy(&root, "toobig", 100, 3.5).await;
     poll("unplaceable instance reported", || async {
         let i = instance0(&root, &sid2).await;
-        i["status"] == "NoActiveClusterWithCapacity" && i["status_detail"].as_str().unwrap_or("").contains("NoResourcesAvailable")
+        i["status"] == "NoActiveClusterWithCapacity"
+            && i["status_detail"].as_str().unwrap_or("").contains("NoResourcesAvailable")
     })
     .await;
     // the cluster forgot it (the root owns retries)
@@ -166,7 +173,10 @@ async fn register_schedule_run_and_report_no_resources() {
 }
 
 /// A worker that registers and reports, then goes silent while keeping its connection open.
-async fn silent_worker(url: &str, name: &str) -> (mpsc::UnboundedSender<pb::WorkerMessage>, tonic::Streaming<pb::ClusterToWorker>) {
+async fn silent_worker(
+    url: &str,
+    name: &str,
+) -> (mpsc::UnboundedSender<pb::WorkerMessage>, tonic::Streaming<pb::ClusterToWorker>) {
     let mut client = pb::worker_registry_client::WorkerRegistryClient::connect(url.to_string()).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let res = pb::NodeResources {
@@ -185,7 +195,8 @@ async fn silent_worker(url: &str, name: &str) -> (mpsc::UnboundedSender<pb::Work
         })),
     })
     .unwrap();
-    let mut inbound = client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut inbound =
+        client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
     let w = inbound.message().await.unwrap().unwrap();
     assert!(matches!(w.msg, Some(pb::cluster_to_worker::Msg::Welcome(_))), "{w:?}");
     (tx, inbound)
@@ -261,7 +272,8 @@ async fn cluster_restart_keeps_placements_and_reregisters() {
     assert_eq!(clusters[0]["cluster_id"], cluster_id);
     // the worker (a new simulated process: it lost its instance) gets it deployed again and it runs
     poll("RUNNING again", || async {
-        cl.cluster.instance(&sid, 0).is_some_and(|s| s.status == "RUNNING") && instance0(&root, &sid).await["status"] == "RUNNING"
+        cl.cluster.instance(&sid, 0).is_some_and(|s| s.status == "RUNNING")
+            && instance0(&root, &sid).await["status"] == "RUNNING"
     })
     .await;
     w.abort();
@@ -273,7 +285,14 @@ async fn cluster_restart_keeps_placements_and_reregisters() {
 async fn a_worker_gone_for_long_is_removed_and_its_subnet_released() {
     let dir = tempfile::tempdir().unwrap();
     let root = start_root(&dir.path().join("root")).await;
-    let cl = start_cluster_with(&dir.path().join("cluster"), &root, "edge-d", Duration::from_millis(500), Duration::from_millis(500)).await;
+    let cl = start_cluster_with(
+        &dir.path().join("cluster"),
+        &root,
+        "edge-d",
+        Duration::from_millis(500),
+        Duration::from_millis(500),
+    )
+    .await;
     // the network service runs once the cluster has its id
     poll("cluster network service up", || async { cl.cluster.netsvc.get().is_some() }).await;
     let net = cl.cluster.netsvc.get().unwrap().clone();

@@ -18,13 +18,14 @@ pub struct Registry {
 impl pb::worker_registry_server::WorkerRegistry for Registry {
     type SessionStream = UnboundedReceiverStream<Result<pb::ClusterToWorker, Status>>;
 
-    async fn session(&self, req: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = req.remote_addr();
         let mut inbound = req.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("stream closed before WorkerHello"))?;
+        let first =
+            inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before WorkerHello"))?;
         let Some(Msg::Hello(hello)) = first.msg else {
             return Err(Status::invalid_argument("the first message must be a WorkerHello"));
         };
@@ -34,7 +35,9 @@ impl pb::worker_registry_server::WorkerRegistry for Registry {
             Err(e) => {
                 tracing::warn!(?peer, "rejecting worker registration: {e:#}");
                 let _ = tx.send(Ok(pb::ClusterToWorker {
-                    msg: Some(pb::cluster_to_worker::Msg::Rejected(pb::RegistrationRejected { reason: format!("{e:#}") })),
+                    msg: Some(pb::cluster_to_worker::Msg::Rejected(pb::RegistrationRejected {
+                        reason: format!("{e:#}"),
+                    })),
                 }));
                 return Ok(Response::new(UnboundedReceiverStream::new(rx)));
             }

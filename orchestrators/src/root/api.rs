@@ -109,7 +109,8 @@ fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
     if body.len() > 1 << 20 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "body too large (at most 1 MiB)"));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("body is not valid JSON: {e}")))
 }
 
 fn tokens(root: &Root, user: &str) -> ApiResult {
@@ -128,9 +129,10 @@ async fn login(State(root): State<Arc<Root>>, body: Bytes) -> ApiResult {
     let user: Option<User> = root.store.get(USERS, u)?;
     let root2 = root.clone();
     let p = p.to_string();
-    let ok = tokio::task::spawn_blocking(move || user.is_some_and(|user| auth::verify_password(&p, &user.password_hash)))
-        .await
-        .unwrap_or(false);
+    let ok =
+        tokio::task::spawn_blocking(move || user.is_some_and(|user| auth::verify_password(&p, &user.password_hash)))
+            .await
+            .unwrap_or(false);
     if !ok {
         tracing::info!(user = u, "failed login");
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid username or password"));
@@ -139,7 +141,8 @@ async fn login(State(root): State<Arc<Root>>, body: Bytes) -> ApiResult {
 }
 
 async fn refresh(State(root): State<Arc<Root>>, headers: axum::http::HeaderMap, body: Bytes) -> ApiResult {
-    let from_body = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from));
+    let from_body =
+        serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from));
     let from_header = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
@@ -189,7 +192,8 @@ async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body:
                     )
                 })
             };
-            let wanted = want(&ms.addresses.rr_ip, "rr_ip").and_then(|rr| Ok((rr, want(&ms.addresses.closest_ip, "closest_ip")?)));
+            let wanted = want(&ms.addresses.rr_ip, "rr_ip")
+                .and_then(|rr| Ok((rr, want(&ms.addresses.closest_ip, "closest_ip")?)));
             let (want_rr, want_cl) = match wanted {
                 Ok(w) => w,
                 Err(e) => {
@@ -211,8 +215,12 @@ async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body:
                 Err(e) => {
                     release(&allocated);
                     let msg = format!("{e:#}");
-                    let field = if msg.contains("closest_ip") { format!("{path}.closest_ip") } else { format!("{path}.rr_ip") };
-                    return Err(ApiError(StatusCode::BAD_REQUEST, json!({"message": format!("invalid SLA: {path}: {msg}"), "field": field})));
+                    let field =
+                        if msg.contains("closest_ip") { format!("{path}.closest_ip") } else { format!("{path}.rr_ip") };
+                    return Err(ApiError(
+                        StatusCode::BAD_REQUEST,
+                        json!({"message": format!("invalid SLA: {path}: {msg}"), "field": field}),
+                    ));
                 }
             }
         }
@@ -224,9 +232,9 @@ async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body:
         for (ai, a) in sla.applications.iter().enumerate() {
             let dup = existing.iter().any(|e| {
                 e.application_name == a.application_name && e.application_namespace == a.application_namespace
-            }) || sla.applications[..ai]
-                .iter()
-                .any(|o| o.application_name == a.application_name && o.application_namespace == a.application_namespace);
+            }) || sla.applications[..ai].iter().any(|o| {
+                o.application_name == a.application_name && o.application_namespace == a.application_namespace
+            });
             if dup {
                 // nothing written yet: returning before any put keeps the store unchanged
                 return Ok(Err(ApiError::new(
@@ -308,7 +316,12 @@ async fn get_application(State(root): State<Arc<Root>>, user: AuthUser, Path(id)
     Ok(Json(load_app(&root, &user, &id)?.to_json()))
 }
 
-async fn update_application(State(root): State<Arc<Root>>, user: AuthUser, Path(id): Path<String>, body: Bytes) -> ApiResult {
+async fn update_application(
+    State(root): State<Arc<Root>>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
     let v = parse_json(&body)?;
     let mut app = load_app(&root, &user, &id)?;
     for (k, target) in [("application_name", 0), ("application_namespace", 1), ("application_desc", 2)] {
@@ -316,10 +329,16 @@ async fn update_application(State(root): State<Arc<Root>>, user: AuthUser, Path(
             None | Some(Value::Null) => {}
             Some(Value::String(s)) => {
                 if target < 2 && !((1..=30).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())) {
-                    return Err(ApiError(StatusCode::BAD_REQUEST, json!({"message": format!("{k}: must match ^[a-zA-Z0-9]{{1,30}}$"), "field": k})));
+                    return Err(ApiError(
+                        StatusCode::BAD_REQUEST,
+                        json!({"message": format!("{k}: must match ^[a-zA-Z0-9]{{1,30}}$"), "field": k}),
+                    ));
                 }
                 if s.len() > model::MAX_STRING {
-                    return Err(ApiError(StatusCode::BAD_REQUEST, json!({"message": format!("{k}: string too long"), "field": k})));
+                    return Err(ApiError(
+                        StatusCode::BAD_REQUEST,
+                        json!({"message": format!("{k}: string too long"), "field": k}),
+                    ));
                 }
                 match target {
                     0 => app.application_name = s.clone(),
@@ -327,7 +346,12 @@ async fn update_application(State(root): State<Arc<Root>>, user: AuthUser, Path(
                     _ => app.application_desc = s.clone(),
                 }
             }
-            Some(_) => return Err(ApiError(StatusCode::BAD_REQUEST, json!({"message": format!("{k}: expected a string"), "field": k}))),
+            Some(_) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    json!({"message": format!("{k}: expected a string"), "field": k}),
+                ))
+            }
         }
     }
     let r = root.store.update(|tx| {
@@ -426,11 +450,15 @@ async fn deploy_instance(State(root): State<Arc<Root>>, user: AuthUser, Path(id)
     })))
 }
 
-async fn undeploy_instance(State(root): State<Arc<Root>>, user: AuthUser, Path((id, n)): Path<(String, String)>) -> ApiResult {
+async fn undeploy_instance(
+    State(root): State<Arc<Root>>,
+    user: AuthUser,
+    Path((id, n)): Path<(String, String)>,
+) -> ApiResult {
     load_service(&root, &user, &id)?;
-    let n: u32 = n
-        .parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("instance number {n:?} is not a non-negative integer")))?;
+    let n: u32 = n.parse().map_err(|_| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("instance number {n:?} is not a non-negative integer"))
+    })?;
     if !root.undeploy_instance(&id, n)? {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("service {id} has no instance {n}")));
     }

@@ -18,13 +18,14 @@ pub struct Registry {
 impl pb::cluster_registry_server::ClusterRegistry for Registry {
     type SessionStream = UnboundedReceiverStream<Result<pb::RootMessage, Status>>;
 
-    async fn session(&self, req: Request<Streaming<pb::ClusterMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::ClusterMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = req.remote_addr();
         let mut inbound = req.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("stream closed before ClusterHello"))?;
+        let first =
+            inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before ClusterHello"))?;
         let Some(Msg::Hello(hello)) = first.msg else {
             return Err(Status::invalid_argument("the first message must be a ClusterHello"));
         };

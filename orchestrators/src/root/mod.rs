@@ -111,9 +111,21 @@ fn previous_refusals(detail: &str) -> String {
 /// Oakestra-vocabulary service status derived from its instances.
 pub fn service_status(insts: &[InstanceRecord]) -> (String, String) {
     const ORDER: &[&str] = &[
-        "RUNNING", "CREATED", "CREATING", "NODE_SCHEDULED", "CLUSTER_SCHEDULED", "REQUESTED", "COMPLETED",
-        "NO_WORKER_CAPACITY", "NO_QUALIFIED_WORKER_FOUND", "TargetClusterNotFound", "TargetClusterNotActive",
-        "NoActiveClusterWithCapacity", "FAILED", "DEAD", "UNDEPLOYED",
+        "RUNNING",
+        "CREATED",
+        "CREATING",
+        "NODE_SCHEDULED",
+        "CLUSTER_SCHEDULED",
+        "REQUESTED",
+        "COMPLETED",
+        "NO_WORKER_CAPACITY",
+        "NO_QUALIFIED_WORKER_FOUND",
+        "TargetClusterNotFound",
+        "TargetClusterNotActive",
+        "NoActiveClusterWithCapacity",
+        "FAILED",
+        "DEAD",
+        "UNDEPLOYED",
     ];
     if insts.is_empty() {
         return ("UNDEPLOYED".into(), "no instance deployed".into());
@@ -124,7 +136,12 @@ pub fn service_status(insts: &[InstanceRecord]) -> (String, String) {
     let detail = if best.status_detail.is_empty() {
         format!("{n_running}/{} instances running", insts.len())
     } else {
-        format!("{n_running}/{} instances running; instance {}: {}", insts.len(), best.instance_number, best.status_detail)
+        format!(
+            "{n_running}/{} instances running; instance {}: {}",
+            insts.len(),
+            best.instance_number,
+            best.status_detail
+        )
     };
     (best.status.clone(), detail)
 }
@@ -332,7 +349,14 @@ impl Root {
     }
 
     /// Places instance `idx` of `svc`; on success queues the Deploy in `out`.
-    fn place_instance(&self, tx: &Tx, svc: &mut ServiceRecord, idx: usize, out: &mut Outgoing, prior: &str) -> Result<bool> {
+    fn place_instance(
+        &self,
+        tx: &Tx,
+        svc: &mut ServiceRecord,
+        idx: usize,
+        out: &mut Outgoing,
+        prior: &str,
+    ) -> Result<bool> {
         let views = self.views(tx)?;
         let spec = svc.spec();
         let inst = &mut svc.instance_list[idx];
@@ -696,8 +720,12 @@ impl Root {
 /// Runs the root orchestrator until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let root = Root::open(cfg.clone())?;
-    let api_l = tokio::net::TcpListener::bind(cfg.api_addr).await.map_err(|e| anyhow!("binding --api-addr {}: {e}", cfg.api_addr))?;
-    let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_addr).await.map_err(|e| anyhow!("binding --grpc-addr {}: {e}", cfg.grpc_addr))?;
+    let api_l = tokio::net::TcpListener::bind(cfg.api_addr)
+        .await
+        .map_err(|e| anyhow!("binding --api-addr {}: {e}", cfg.api_addr))?;
+    let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_addr)
+        .await
+        .map_err(|e| anyhow!("binding --grpc-addr {}: {e}", cfg.grpc_addr))?;
     let net_l = tokio::net::TcpListener::bind(cfg.netsvc_addr)
         .await
         .map_err(|e| anyhow!("binding --netsvc-addr {}: {e}", cfg.netsvc_addr))?;

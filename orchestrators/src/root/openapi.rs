@@ -6,7 +6,8 @@ use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{
-    ComponentsBuilder, Content, InfoBuilder, OpenApiBuilder, PathsBuilder, Ref, RefOr, Required, ResponseBuilder, Schema,
+    ComponentsBuilder, Content, InfoBuilder, OpenApiBuilder, PathsBuilder, Ref, RefOr, Required, ResponseBuilder,
+    Schema,
 };
 
 fn s() -> ObjectBuilder {
@@ -95,7 +96,11 @@ fn schemas() -> Vec<(&'static str, Schema)> {
         (
             "Sla",
             obj(
-                &[("sla_version", o(s().enum_values(Some(["v2.0"])))), ("customerID", o(s())), ("applications", a(arr(r("SlaApplication"))))],
+                &[
+                    ("sla_version", o(s().enum_values(Some(["v2.0"])))),
+                    ("customerID", o(s())),
+                    ("applications", a(arr(r("SlaApplication")))),
+                ],
                 &["sla_version", "applications"],
             ),
         ),
@@ -257,13 +262,25 @@ pub fn document() -> Value {
         }
         if let Some(b) = ep.body {
             op = op.request_body(Some(
-                RequestBodyBuilder::new().content("application/json", Content::new(Some(r(b)))).required(Some(Required::True)).build(),
+                RequestBodyBuilder::new()
+                    .content("application/json", Content::new(Some(r(b))))
+                    .required(Some(Required::True))
+                    .build(),
             ));
         }
         let ok_schema = if ep.ok.1 { a(arr(r(ep.ok.0))) } else { r(ep.ok.0) };
-        op = op.response("200", ResponseBuilder::new().description("OK").content("application/json", Content::new(Some(ok_schema))).build());
+        op = op.response(
+            "200",
+            ResponseBuilder::new().description("OK").content("application/json", Content::new(Some(ok_schema))).build(),
+        );
         for (code, why) in ep.errors {
-            op = op.response(*code, ResponseBuilder::new().description(*why).content("application/json", Content::new(Some(r("Message")))).build());
+            op = op.response(
+                *code,
+                ResponseBuilder::new()
+                    .description(*why)
+                    .content("application/json", Content::new(Some(r("Message"))))
+                    .build(),
+            );
         }
         if ep.auth {
             op = op.security(SecurityRequirement::new("bearer", Vec::<String>::new()));
@@ -314,16 +331,25 @@ pub fn html(doc: &Value) -> String {
     if let Some(paths) = doc["paths"].as_object() {
         for (path, item) in paths {
             for (method, op) in item.as_object().into_iter().flatten() {
-                h.push_str(&format!("<h3><code>{} {}</code>{}</h3><p>{}</p>", method.to_uppercase(), esc(path),
+                h.push_str(&format!(
+                    "<h3><code>{} {}</code>{}</h3><p>{}</p>",
+                    method.to_uppercase(),
+                    esc(path),
                     if op.get("security").is_some() { " 🔒" } else { "" },
-                    esc(op["summary"].as_str().unwrap_or(""))));
+                    esc(op["summary"].as_str().unwrap_or(""))
+                ));
                 if let Some(b) = op.pointer("/requestBody/content/application~1json/schema") {
                     h.push_str(&format!("<p>Body: {}</p>", schema_text(b)));
                 }
                 h.push_str("<table><tr><th>status</th><th>meaning</th><th>body</th></tr>");
                 for (code, resp) in op["responses"].as_object().into_iter().flatten() {
                     let body = resp.pointer("/content/application~1json/schema").map(schema_text).unwrap_or_default();
-                    h.push_str(&format!("<tr><td>{}</td><td>{}</td><td>{}</td></tr>", esc(code), esc(resp["description"].as_str().unwrap_or("")), body));
+                    h.push_str(&format!(
+                        "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                        esc(code),
+                        esc(resp["description"].as_str().unwrap_or("")),
+                        body
+                    ));
                 }
                 h.push_str("</table>");
             }
@@ -333,7 +359,10 @@ pub fn html(doc: &Value) -> String {
     if let Some(sch) = doc.pointer("/components/schemas").and_then(Value::as_object) {
         for (name, s) in sch {
             let req: Vec<&str> = s["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-            h.push_str(&format!("<h3 id=\"schema-{0}\">{0}</h3><table><tr><th>field</th><th>type</th><th>notes</th></tr>", esc(name)));
+            h.push_str(&format!(
+                "<h3 id=\"schema-{0}\">{0}</h3><table><tr><th>field</th><th>type</th><th>notes</th></tr>",
+                esc(name)
+            ));
             for (f, fs) in s["properties"].as_object().into_iter().flatten() {
                 let mut notes = Vec::new();
                 if req.contains(&f.as_str()) {
@@ -348,7 +377,12 @@ pub fn html(doc: &Value) -> String {
                 if let Some(d) = fs["description"].as_str() {
                     notes.push(d.to_string());
                 }
-                h.push_str(&format!("<tr><td><code>{}</code></td><td>{}</td><td>{}</td></tr>", esc(f), schema_text(fs), esc(&notes.join("; "))));
+                h.push_str(&format!(
+                    "<tr><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+                    esc(f),
+                    schema_text(fs),
+                    esc(&notes.join("; "))
+                ));
             }
             h.push_str("</table>");
         }

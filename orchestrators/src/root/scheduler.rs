@@ -73,10 +73,16 @@ fn misfit(spec: &ServiceSpec, a: &ClusterAggregate) -> Option<String> {
         return Some(format!("has no worker with arch {:?} (has {:?})", spec.arch, a.arch));
     }
     if spec.vcpus > a.max_free_cpu_cores + 1e-9 {
-        return Some(format!("largest free CPU on one worker is {:.2} cores, {} requested", a.max_free_cpu_cores, spec.vcpus));
+        return Some(format!(
+            "largest free CPU on one worker is {:.2} cores, {} requested",
+            a.max_free_cpu_cores, spec.vcpus
+        ));
     }
     if spec.memory_mb > a.max_free_memory_mb {
-        return Some(format!("largest free memory on one worker is {} MB, {} MB requested", a.max_free_memory_mb, spec.memory_mb));
+        return Some(format!(
+            "largest free memory on one worker is {} MB, {} MB requested",
+            a.max_free_memory_mb, spec.memory_mb
+        ));
     }
     if spec.vgpus > a.max_free_gpus {
         return Some(format!("largest free GPU count on one worker is {}, {} requested", a.max_free_gpus, spec.vgpus));
@@ -242,7 +248,12 @@ mod tests {
         nowhere.location = "rack 4".into();
         let cs = vec![munich, berlin, nowhere];
         let mut s = spec(1.0, 100);
-        s.constraints = vec![Constraint { r#type: "geo".into(), location: "48.26,11.67".into(), threshold: 50.0, ..Default::default() }];
+        s.constraints = vec![Constraint {
+            r#type: "geo".into(),
+            location: "48.26,11.67".into(),
+            threshold: 50.0,
+            ..Default::default()
+        }];
         assert_eq!(place(&s, &cs, &[]).unwrap(), "m", "only Munich is within 50 km of Garching");
         s.constraints[0].threshold = 600.0;
         assert_eq!(place(&s, &cs, &[]).unwrap(), "b", "within 600 km the bigger Berlin wins");

@@ -117,7 +117,13 @@ async fn api_login_crud_errors_and_unplaceable_deploy() {
     assert!(r.json::<Value>().await.unwrap()["message"].is_string());
     let r = h.http.get(format!("{}/api/applications", h.api)).bearer_auth("x.y.z").send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = h.http.post(format!("{}/api/auth/login", h.api)).json(&json!({"username":"Admin","password":"Admin"})).send().await.unwrap();
+    let r = h
+        .http
+        .post(format!("{}/api/auth/login", h.api))
+        .json(&json!({"username":"Admin","password":"Admin"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 
     // create
@@ -213,12 +219,11 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
     ctx.send(hello("")).unwrap();
-    let mut inbound = client
-        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(pb::root_message::Msg::Welcome(w)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no welcome") };
+    let mut inbound =
+        client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx)).await.unwrap().into_inner();
+    let Some(pb::root_message::Msg::Welcome(w)) = inbound.message().await.unwrap().unwrap().msg else {
+        panic!("no welcome")
+    };
     assert_eq!(w.cluster_id.len(), 24);
     let (_, cl) = h.req(reqwest::Method::GET, "/api/clusters/active", None).await;
     assert_eq!(cl[0]["cluster_name"], "c1");
@@ -228,7 +233,9 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     // deploy -> Deploy on the session
     let (_, v) = h.req(reqwest::Method::POST, &format!("/api/service/{sid}/instance"), None).await;
     assert_eq!(v["status"], "CLUSTER_SCHEDULED", "{v}");
-    let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no deploy") };
+    let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else {
+        panic!("no deploy")
+    };
     assert_eq!(d.instance_number, 0);
     assert_eq!(d.service.as_ref().unwrap().job_name, "web.test.nginx.test");
     let status = |s: &str, detail: &str| pb::ClusterMessage {
@@ -260,7 +267,9 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
         })),
     })
     .unwrap();
-    let Some(pb::root_message::Msg::Undeploy(u)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no undeploy") };
+    let Some(pb::root_message::Msg::Undeploy(u)) = inbound.message().await.unwrap().unwrap().msg else {
+        panic!("no undeploy")
+    };
     assert_eq!((u.service_id.as_str(), u.instance_number), ("ffffffffffffffffffffffff", 3));
 
     // the only cluster says no capacity -> escalated to NoActiveClusterWithCapacity / NoResourcesAvailable
@@ -289,15 +298,16 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
     ctx.send(hello(&cid)).unwrap();
-    let mut inbound = client
-        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(pb::root_message::Msg::Welcome(w2)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no welcome") };
+    let mut inbound =
+        client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx)).await.unwrap().into_inner();
+    let Some(pb::root_message::Msg::Welcome(w2)) = inbound.message().await.unwrap().unwrap().msg else {
+        panic!("no welcome")
+    };
     assert_eq!(w2.cluster_id, cid);
     // registration triggers a retry of the unplaced instance -> Deploy again
-    let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else { panic!("no redeploy") };
+    let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else {
+        panic!("no redeploy")
+    };
     assert_eq!(d.instance_number, 0);
     // graceful stop with the cluster session still open
     h.stop().await;

@@ -44,7 +44,9 @@ impl Drop for Procs {
 fn rss_kb(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -57,7 +59,14 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[i]
 }
 
-fn spawn(procs: &mut Procs, name: &str, bin: &Path, args: &[String], env: &[(&str, &str)], logs: &Path) -> anyhow::Result<u32> {
+fn spawn(
+    procs: &mut Procs,
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    logs: &Path,
+) -> anyhow::Result<u32> {
     let log = fs::File::create(logs.join(format!("{name}.log")))?;
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).env("RUST_LOG", "warn");
@@ -98,7 +107,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let p = a.base_port;
     let (api_port, grpc_port, net_port) = (p, p + 1, p + 2);
     let pw = "bench-pw";
-    step(&format!("starting root, {} clusters, {} simulated workers each (logs in {})", a.clusters, a.workers_per_cluster, work.display()));
+    step(&format!(
+        "starting root, {} clusters, {} simulated workers each (logs in {})",
+        a.clusters,
+        a.workers_per_cluster,
+        work.display()
+    ));
     let root_pid = spawn(
         &mut procs,
         "root",
@@ -178,10 +192,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let total = u64::from(a.clusters * a.workers_per_cluster);
     wait(&format!("{} clusters with {total} workers registered", a.clusters), Duration::from_secs(300), || {
-        get("/api/clusters/active")
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .is_some_and(|cs| cs.len() as u32 == a.clusters && cs.iter().filter_map(|c| c["active_nodes"].as_u64()).sum::<u64>() == total)
+        get("/api/clusters/active").ok().and_then(|v| v.as_array().cloned()).is_some_and(|cs| {
+            cs.len() as u32 == a.clusters && cs.iter().filter_map(|c| c["active_nodes"].as_u64()).sum::<u64>() == total
+        })
     })?;
 
     // baseline: a no-op authenticated API round trip
@@ -200,17 +213,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for app in 0..a.services.div_ceil(per_app) {
         let n = per_app.min(a.services - app * per_app);
         let ms: Vec<Value> = (0..n)
-            .map(|j| json!({"microserviceID":"","microservice_name":format!("s{j}"),"microservice_namespace":"b",
-                "virtualization":"container","code":"docker.io/library/nginx:latest","memory":64,"vcpus":0.1}))
+            .map(|j| {
+                json!({"microserviceID":"","microservice_name":format!("s{j}"),"microservice_namespace":"b",
+                "virtualization":"container","code":"docker.io/library/nginx:latest","memory":64,"vcpus":0.1})
+            })
             .collect();
         let sla = json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"",
             "application_name":format!("a{app}"),"application_namespace":"bench","application_desc":"","microservices":ms}]});
-        let apps: Value = ureq::post(&format!("{api}/api/application")).set("Authorization", &auth).send_json(sla)?.into_json()?;
+        let apps: Value =
+            ureq::post(&format!("{api}/api/application")).set("Authorization", &auth).send_json(sla)?.into_json()?;
         let created = apps
             .as_array()
             .and_then(|l| l.iter().find(|x| x["application_name"] == format!("a{app}")))
             .context("created application not listed")?;
-        sids.extend(created["microservices"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)));
+        sids.extend(
+            created["microservices"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)),
+        );
     }
     for (k, sid) in sids.iter().enumerate() {
         let t = Instant::now();
@@ -247,12 +265,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!();
     println!("control plane: {} clusters x {} workers, {} services", a.clusters, a.workers_per_cluster, sids.len());
     println!("  baseline: no-op API round trip        p50 {b50:8.2} ms");
-    println!("  API call -> placed on a worker        p50 {p50:8.2} ms  p99 {p99:8.2} ms   ({:.1}x / {:.1}x baseline p50)", p50 / b50, p99 / b50);
+    println!(
+        "  API call -> placed on a worker        p50 {p50:8.2} ms  p99 {p99:8.2} ms   ({:.1}x / {:.1}x baseline p50)",
+        p50 / b50,
+        p99 / b50
+    );
     println!("  API call -> RUNNING (sim, 10 ms start) p50 {r50:8.2} ms  p99 {r99:8.2} ms");
-    println!("  RSS root {:.1} MiB; clusters mean {:.1} MiB, max {:.1} MiB",
+    println!(
+        "  RSS root {:.1} MiB; clusters mean {:.1} MiB, max {:.1} MiB",
         root_rss as f64 / 1024.0,
         cl_rss.iter().sum::<u64>() as f64 / cl_rss.len().max(1) as f64 / 1024.0,
-        cl_rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0);
+        cl_rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0
+    );
     drop(procs);
     let _ = fs::remove_dir_all(&work);
     Ok(())

@@ -62,7 +62,14 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     sh(Command::new("ip").args(args))
 }
 
-fn spawn(stack: &mut Stack, name: &str, bin: &Path, args: &[&str], env: &[(&str, &str)], logs: &Path) -> anyhow::Result<u32> {
+fn spawn(
+    stack: &mut Stack,
+    name: &str,
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    logs: &Path,
+) -> anyhow::Result<u32> {
     let log = File::create(logs.join(format!("{name}.log")))?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &stack.ns]).arg(bin).args(args);
@@ -101,20 +108,33 @@ fn cpu_ticks(pid: u32) -> u64 {
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     // after the command: state(0) ... utime(11) stime(12)
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.skip_build {
         step("building release binaries");
-        sh(cargo().args(["build", "--release", "--bins", "-p", "oak-orchestrators", "-p", "oak-netmanager", "-p", "oak-node-engine"]))?;
+        sh(cargo().args([
+            "build",
+            "--release",
+            "--bins",
+            "-p",
+            "oak-orchestrators",
+            "-p",
+            "oak-netmanager",
+            "-p",
+            "oak-node-engine",
+        ]))?;
         crate::ebpf::build()?;
     }
     crate::up::ensure_containerd()?;
@@ -124,7 +144,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let w = |s: &str| work.join(s).display().to_string();
     step("building a local busybox OCI image (oak-image)");
-    let out = Command::new(bins.join("oak-image")).args(["--out-dir", &w("img"), "--name", "localhost/oak/bench:1"]).output()?;
+    let out = Command::new(bins.join("oak-image"))
+        .args(["--out-dir", &w("img"), "--name", "localhost/oak/bench:1"])
+        .output()?;
     if !out.status.success() {
         bail!("oak-image: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -144,7 +166,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         json!({"NodePublicAddress": "10.250.0.1", "NodePublicPort": "50103", "ClusterUrl": "127.0.0.1", "NodeName": "bench-worker"}).to_string(),
     )?;
     step("starting root, cluster, NetManager, NodeEngine in their own network namespace");
-    spawn(&mut stack, "root", &bins.join("root-orchestrator"), &["--data-dir", &w("root")], &[("OAK_ADMIN_PASSWORD", "bench")], &work)?;
+    spawn(
+        &mut stack,
+        "root",
+        &bins.join("root-orchestrator"),
+        &["--data-dir", &w("root")],
+        &[("OAK_ADMIN_PASSWORD", "bench")],
+        &work,
+    )?;
     spawn(
         &mut stack,
         "cluster",
@@ -154,7 +183,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &work,
     )?;
     let obj = crate::util::target_dir().join("bpf/netmanager-ebpf.o").display().to_string();
-    spawn(&mut stack, "netmanager", &bins.join("NetManager"), &["-c", &w("netcfg.json"), "--data-dir", &w("nm"), "--ebpf-object", &obj], &[], &work)?;
+    spawn(
+        &mut stack,
+        "netmanager",
+        &bins.join("NetManager"),
+        &["-c", &w("netcfg.json"), "--data-dir", &w("nm"), "--ebpf-object", &obj],
+        &[],
+        &work,
+    )?;
     let ctr_ns = stack.ctr_ns.clone();
     let ne = spawn(
         &mut stack,
@@ -172,7 +208,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         move || -> anyhow::Result<String> {
             let t = Instant::now();
             loop {
-                if let Ok(r) = ureq::post(&format!("{api}/api/auth/login")).send_json(json!({"username":"Admin","password":"bench"})) {
+                if let Ok(r) = ureq::post(&format!("{api}/api/auth/login"))
+                    .send_json(json!({"username":"Admin","password":"bench"}))
+                {
                     let v: Value = r.into_json()?;
                     return v["token"].as_str().map(str::to_string).context("no token");
                 }
@@ -186,7 +224,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let auth = format!("Bearer {token}");
     let (n, api2, auth2, image2) = (a.deployments, api.clone(), auth.clone(), image.clone());
     let mut times: Vec<f64> = in_ns(&ns, move || -> anyhow::Result<Vec<f64>> {
-        let get = |p: &str| -> anyhow::Result<Value> { Ok(ureq::get(&format!("{api2}{p}")).set("Authorization", &auth2).call()?.into_json()?) };
+        let get = |p: &str| -> anyhow::Result<Value> {
+            Ok(ureq::get(&format!("{api2}{p}")).set("Authorization", &auth2).call()?.into_json()?)
+        };
         let t = Instant::now();
         while get("/api/clusters/active")?[0]["active_nodes"] != 1 {
             if t.elapsed() > Duration::from_secs(60) {
@@ -198,17 +238,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
           "application_namespace":"bench","application_desc":"","microservices":[{"microserviceID":"","microservice_name":"httpd",
           "microservice_namespace":"bench","virtualization":"container","code":format!("oci-archive:{image2}"),
           "cmd":["httpd","-f","-p","8080","-h","/www"],"memory":64,"vcpus":0.2}]}]});
-        let apps: Value = ureq::post(&format!("{api2}/api/application")).set("Authorization", &auth2).send_json(sla)?.into_json()?;
+        let apps: Value =
+            ureq::post(&format!("{api2}/api/application")).set("Authorization", &auth2).send_json(sla)?.into_json()?;
         let sid = apps[0]["microservices"][0].as_str().context("no service id")?.to_string();
         let mut times = Vec::new();
         // one warm-up deployment imports the image; the timed ones find it present
         for k in 0..=n {
             let t = Instant::now();
-            let r: Value = ureq::post(&format!("{api2}/api/service/{sid}/instance")).set("Authorization", &auth2).call()?.into_json()?;
+            let r: Value = ureq::post(&format!("{api2}/api/service/{sid}/instance"))
+                .set("Authorization", &auth2)
+                .call()?
+                .into_json()?;
             let num = r["instance_number"].as_u64().context("no instance number")?;
             loop {
                 let v = get(&format!("/api/service/{sid}"))?;
-                let inst = v["instance_list"].as_array().into_iter().flatten().find(|i| i["instance_number"] == num).cloned().unwrap_or_default();
+                let inst = v["instance_list"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|i| i["instance_number"] == num)
+                    .cloned()
+                    .unwrap_or_default();
                 match inst["status"].as_str().unwrap_or("") {
                     "RUNNING" => break,
                     "FAILED" | "DEAD" => bail!("deployment failed: {inst}"),
@@ -240,7 +290,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let id = format!("oakbench-{}-{k}", std::process::id());
         let t = Instant::now();
         let ok = Command::new("ctr")
-            .args(["-n", bns, "run", "-d", "--memory-limit", &(64u64 << 20).to_string(), "localhost/oak/bench:1", &id, "httpd", "-f", "-p", "8080", "-h", "/www"])
+            .args([
+                "-n",
+                bns,
+                "run",
+                "-d",
+                "--memory-limit",
+                &(64u64 << 20).to_string(),
+                "localhost/oak/bench:1",
+                &id,
+                "httpd",
+                "-f",
+                "-p",
+                "8080",
+                "-h",
+                "/www",
+            ])
             .stdout(Stdio::null())
             .status()?;
         if !ok.success() {

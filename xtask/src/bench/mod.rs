@@ -1,8 +1,8 @@
 //! `cargo xtask bench <name>`: benchmarks that print ratios against a baseline measured in the same run.
 
 pub mod control_plane;
-pub mod overlay;
 pub mod deploy;
+pub mod overlay;
 
 use clap::Subcommand;
 

@@ -167,7 +167,9 @@ fn placements(layouts: &[Layout]) -> Vec<Placement> {
                 let (a, b) = all.split_at(all.len() / 2);
                 out.push(Placement { layout, a: a.to_vec(), b: b.to_vec() });
             }
-            Layout::Hosts => eprintln!("    the hosts layout needs 2 CPUs or more; this machine offers {}: left out", all.len()),
+            Layout::Hosts => {
+                eprintln!("    the hosts layout needs 2 CPUs or more; this machine offers {}: left out", all.len())
+            }
         }
     }
     out
@@ -195,8 +197,9 @@ fn cpu_set(cpus: &[usize]) -> nix::sched::CpuSet {
 /// skipped.
 fn pin_process(pid: u32, cpus: &[usize]) {
     let set = cpu_set(cpus);
-    let tids: Vec<i32> =
-        fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()).unwrap_or_default();
+    let tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
     for tid in tids {
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
     }
@@ -298,7 +301,8 @@ impl World {
                     "for d in $(ip -o link show type veth | sed -n 's/^[0-9]*: \\([^@:]*\\).*/\\1/p'); do \
                      for q in /sys/class/net/$d/queues/rx-*/rps_cpus; do echo {mask} > $q || exit 1; done; done"
                 );
-                cmd_ok(&["ip", "netns", "exec", ns, "sh", "-c", &script]).with_context(|| format!("setting RPS on the veths of {ns}"))?;
+                cmd_ok(&["ip", "netns", "exec", ns, "sh", "-c", &script])
+                    .with_context(|| format!("setting RPS on the veths of {ns}"))?;
             }
         }
         Ok(())
@@ -474,7 +478,14 @@ impl Ns {
 
 /// One iperf3 TCP run (`streams` parallel streams, congestion control `cc`) from `client`, on `cpus`, to
 /// `server`; bits/s received and the sender's retransmits.
-fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc: &str, cpus: &[usize]) -> anyhow::Result<(f64, u64)> {
+fn iperf(
+    client: &Ns,
+    server: Ipv4Addr,
+    secs: u32,
+    streams: u32,
+    cc: &str,
+    cpus: &[usize],
+) -> anyhow::Result<(f64, u64)> {
     let mut c = Command::new("timeout");
     c.arg((secs + 30).to_string());
     let list: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
@@ -482,7 +493,17 @@ fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc: &str, cpus:
     let inner = client.cmd("iperf3");
     c.arg(inner.get_program());
     c.args(inner.get_args());
-    c.args(["-c", &server.to_string(), "-t", &secs.to_string(), "-P", &streams.to_string(), "-J", "--connect-timeout", "3000"]);
+    c.args([
+        "-c",
+        &server.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-P",
+        &streams.to_string(),
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ]);
     c.args(["-C", cc]);
     let out = c.output().context("running iperf3")?;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -498,7 +519,15 @@ fn iperf(client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc: &str, cpus:
 }
 
 /// One datapath's throughput, logged: iperf3 for `secs` seconds; Gbit/s.
-fn iperf_logged(label: &str, client: &Ns, server: Ipv4Addr, secs: u32, streams: u32, cc: &str, cpus: &[usize]) -> anyhow::Result<f64> {
+fn iperf_logged(
+    label: &str,
+    client: &Ns,
+    server: Ipv4Addr,
+    secs: u32,
+    streams: u32,
+    cc: &str,
+    cpus: &[usize],
+) -> anyhow::Result<f64> {
     let (bps, retrans) = iperf(client, server, secs, streams, cc, cpus)?;
     eprintln!("      {label}: iperf3 -P {streams}: {:.2} Gbit/s (retransmits {retrans})", bps / 1e9);
     Ok(bps / 1e9)
@@ -550,7 +579,12 @@ fn iperf_pair(
 /// The ping-pong server in `ns`: echoes fixed-size messages on every connection (one at a time, each served
 /// on the CPUs `cpus` holds when it is accepted) until `stop`; the thread ends (and its listener closes)
 /// within 10 ms of `stop` once no connection is open.
-fn rr_server(ns: &str, size: usize, stop: Arc<AtomicBool>, cpus: Arc<std::sync::Mutex<Vec<usize>>>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+fn rr_server(
+    ns: &str,
+    size: usize,
+    stop: Arc<AtomicBool>,
+    cpus: Arc<std::sync::Mutex<Vec<usize>>>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let file = fs::File::open(ns).with_context(|| format!("open {ns}"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || {
@@ -685,7 +719,9 @@ fn rr_pair(
     client_cpus: &[usize],
     server_cpus: &[usize],
 ) -> (Quantiles, Quantiles) {
-    let listen = |ns: &str| in_ns(ns, || TcpListener::bind(("0.0.0.0", RR_PAIR_PORT))).and_then(|r| r.map_err(anyhow::Error::from));
+    let listen = |ns: &str| {
+        in_ns(ns, || TcpListener::bind(("0.0.0.0", RR_PAIR_PORT))).and_then(|r| r.map_err(anyhow::Error::from))
+    };
     let (lb, lo) = match (listen(base.server_ns), listen(own.server_ns)) {
         (Ok(b), Ok(o)) => (b, o),
         (Err(e), _) | (_, Err(e)) => {
@@ -846,10 +882,14 @@ fn measure(
         }
     };
     // reachable (for the overlays: the first connection resolves the service IP), iperf3 server up
-    if let Err(e) = wait_for(&format!("{name}: {server_ip}:{RR_PORT} reachable"), Duration::from_secs(30), || can_connect(&client.path(), server_ip, RR_PORT)) {
+    if let Err(e) = wait_for(&format!("{name}: {server_ip}:{RR_PORT} reachable"), Duration::from_secs(30), || {
+        can_connect(&client.path(), server_ip, RR_PORT)
+    }) {
         errs.push(format!("{e:#}"));
     }
-    let _ = wait_for(&format!("{name}: iperf3 server up"), Duration::from_secs(10), || can_connect(&client.path(), server_ip, 5201));
+    let _ = wait_for(&format!("{name}: iperf3 server up"), Duration::from_secs(10), || {
+        can_connect(&client.path(), server_ip, 5201)
+    });
     // per placement and measure (1-stream, 8-stream, p50, p99): this datapath's figure and plain veth's
     // of the same round (None: failed or not measured)
     let mut own: Vec<[Vec<Option<f64>>; 4]> = places.iter().map(|_| Default::default()).collect();
@@ -871,7 +911,17 @@ fn measure(
                 check_interrupted()?;
                 let (rb, r) = match plain.as_deref() {
                     Some(pl) => {
-                        let (rb, r) = iperf_pair(name, &pl.client, pl.ip, client, server_ip, a.seconds, streams, &a.congestion, &p.a)?;
+                        let (rb, r) = iperf_pair(
+                            name,
+                            &pl.client,
+                            pl.ip,
+                            client,
+                            server_ip,
+                            a.seconds,
+                            streams,
+                            &a.congestion,
+                            &p.a,
+                        )?;
                         (Some(rb), r)
                     }
                     None => (None, iperf_logged(name, client, server_ip, a.seconds, streams, &a.congestion, &p.a)),
@@ -899,7 +949,10 @@ fn measure(
             };
             if let Some(rb) = rb {
                 if let Ok((p50, p99)) = rb {
-                    eprintln!("      {PLAIN}: ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs", a.round_trips, a.rr_bytes);
+                    eprintln!(
+                        "      {PLAIN}: ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs",
+                        a.round_trips, a.rr_bytes
+                    );
                 }
                 base[i][2].push(rb.as_ref().ok().map(|r| r.0));
                 base[i][3].push(rb.as_ref().ok().map(|r| r.1));
@@ -908,7 +961,10 @@ fn measure(
                 }
             }
             match &r {
-                Ok((p50, p99)) => eprintln!("      {name}: ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs", a.round_trips, a.rr_bytes),
+                Ok((p50, p99)) => eprintln!(
+                    "      {name}: ping-pong {} x {} B: p50 {p50:.1} µs, p99 {p99:.1} µs",
+                    a.round_trips, a.rr_bytes
+                ),
                 Err(e) => eprintln!("      {name}: ping-pong failed: {e:#}"),
             }
             own[i][2].push(r.as_ref().ok().map(|r| r.0));
@@ -941,7 +997,8 @@ fn measure(
         .zip(own.iter().zip(&base))
         .map(|(p, (own, base))| {
             let all: [Vec<f64>; 4] = std::array::from_fn(|k| own[k].iter().flatten().copied().collect());
-            let ratio: [Option<f64>; 4] = std::array::from_fn(|k| if paired { paired_ratio(&own[k], &base[k]) } else { None });
+            let ratio: [Option<f64>; 4] =
+                std::array::from_fn(|k| if paired { paired_ratio(&own[k], &base[k]) } else { None });
             Row {
                 name,
                 layout: p.layout,
@@ -999,7 +1056,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         step("building the eBPF object");
         crate::ebpf::build()?;
     }
-    for f in [bins.join("NetManager"), bins.join("root-orchestrator"), bins.join("cluster-orchestrator"), object.clone()] {
+    for f in
+        [bins.join("NetManager"), bins.join("root-orchestrator"), bins.join("cluster-orchestrator"), object.clone()]
+    {
         if !f.exists() {
             bail!("{} is missing (run without --skip-build)", f.display());
         }
@@ -1008,7 +1067,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("oak-bench-overlay-{id}"));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
-    let mut w = World { work, keep_work: false, procs: Vec::new(), netns: Vec::new(), pins: Vec::new(), stops: Vec::new(), placed: Vec::new(), workers: None };
+    let mut w = World {
+        work,
+        keep_work: false,
+        procs: Vec::new(),
+        netns: Vec::new(),
+        pins: Vec::new(),
+        stops: Vec::new(),
+        placed: Vec::new(),
+        workers: None,
+    };
     let r = bench(&mut w, &a, id, &bins, &object, t0);
     if r.is_err() {
         w.keep_work = true;
@@ -1074,7 +1142,13 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     // (its thread ends with the run: the guard sets `stop`)
     rr_server(&wb.path(), a.rr_bytes, stop, rr_cpus.clone())?;
     wait_for("plain veth: iperf3 server up", Duration::from_secs(10), || can_connect(&wa.path(), REF_B, 5201))?;
-    let mut plain = Plain { client: wa.clone(), server: wb.clone(), ip: REF_B, rr_cpus, all: places.iter().map(|_| Default::default()).collect() };
+    let mut plain = Plain {
+        client: wa.clone(),
+        server: wb.clone(),
+        ip: REF_B,
+        rr_cpus,
+        all: places.iter().map(|_| Default::default()).collect(),
+    };
 
     // 2. routed, no overlay: instance namespaces behind a veth, the workers forward between them
     if a.only.contains(&Datapath::Routed) {
@@ -1089,9 +1163,29 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             // the overlays' instance MTU, so every datapath's TCP uses the same segment size
             cmd_ok(&["ip", "-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
             cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.250.{mine}.1")])?;
-            cmd_ok(&["ip", "-n", wn, "route", "add", &format!("10.250.{theirs}.0/24"), "via", &peer.to_string(), "dev", "up0"])?;
+            cmd_ok(&[
+                "ip",
+                "-n",
+                wn,
+                "route",
+                "add",
+                &format!("10.250.{theirs}.0/24"),
+                "via",
+                &peer.to_string(),
+                "dev",
+                "up0",
+            ])?;
         }
-        rows.extend(measure(w, a, &places, ROUTED, &Ns::Named(ra.clone()), &Ns::Named(rb.clone()), Ipv4Addr::new(10, 250, 2, 2), Some(&mut plain))?);
+        rows.extend(measure(
+            w,
+            a,
+            &places,
+            ROUTED,
+            &Ns::Named(ra.clone()),
+            &Ns::Named(rb.clone()),
+            Ipv4Addr::new(10, 250, 2, 2),
+            Some(&mut plain),
+        )?);
         for (n, theirs) in [(&na, 2), (&nb, 1)] {
             let _ = cmd_ok(&["ip", "-n", n, "route", "del", &format!("10.250.{theirs}.0/24")]);
             let _ = cmd_ok(&["ip", "-n", n, "link", "del", "rth0"]);
@@ -1104,7 +1198,24 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         let (va, vb) = (format!("obva{id}"), format!("obvb{id}"));
         for (wn, inst, peer, mine, theirs) in [(&na, &va, IP_B, 1u8, 2u8), (&nb, &vb, IP_A, 2, 1)] {
             w.add_netns(inst)?;
-            cmd_ok(&["ip", "-n", wn, "link", "add", "vx0", "type", "vxlan", "id", "42", "remote", &peer.to_string(), "dstport", "4789", "dev", "up0"])?;
+            cmd_ok(&[
+                "ip",
+                "-n",
+                wn,
+                "link",
+                "add",
+                "vx0",
+                "type",
+                "vxlan",
+                "id",
+                "42",
+                "remote",
+                &peer.to_string(),
+                "dstport",
+                "4789",
+                "dev",
+                "up0",
+            ])?;
             cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.99.0.{mine}/24"), "dev", "vx0"])?;
             cmd_ok(&["ip", "-n", wn, "link", "set", "vx0", "up"])?;
             cmd_ok(&["ip", "-n", wn, "link", "add", "vxbr0", "type", "bridge"])?;
@@ -1115,9 +1226,29 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             cmd_ok(&["ip", "-n", inst, "addr", "add", &format!("10.244.{mine}.2/24"), "dev", "eth0"])?;
             cmd_ok(&["ip", "-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
             cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.244.{mine}.1")])?;
-            cmd_ok(&["ip", "-n", wn, "route", "add", &format!("10.244.{theirs}.0/24"), "via", &format!("10.99.0.{theirs}"), "dev", "vx0"])?;
+            cmd_ok(&[
+                "ip",
+                "-n",
+                wn,
+                "route",
+                "add",
+                &format!("10.244.{theirs}.0/24"),
+                "via",
+                &format!("10.99.0.{theirs}"),
+                "dev",
+                "vx0",
+            ])?;
         }
-        rows.extend(measure(w, a, &places, VXLAN, &Ns::Named(va.clone()), &Ns::Named(vb.clone()), Ipv4Addr::new(10, 244, 2, 2), Some(&mut plain))?);
+        rows.extend(measure(
+            w,
+            a,
+            &places,
+            VXLAN,
+            &Ns::Named(va.clone()),
+            &Ns::Named(vb.clone()),
+            Ipv4Addr::new(10, 244, 2, 2),
+            Some(&mut plain),
+        )?);
         // take VXLAN away so it cannot interfere with the overlays
         for n in [&na, &nb] {
             let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vx0"]);
@@ -1139,7 +1270,14 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         Command::new("ip")
             .args(["netns", "exec", &na])
             .arg(bins.join("root-orchestrator"))
-            .args(["--api-addr", "127.0.0.1:10000", "--grpc-addr", "127.0.0.1:50052", "--netsvc-addr", "127.0.0.1:10099"])
+            .args([
+                "--api-addr",
+                "127.0.0.1:10000",
+                "--grpc-addr",
+                "127.0.0.1:50052",
+                "--netsvc-addr",
+                "127.0.0.1:10099",
+            ])
             .arg("--data-dir")
             .arg(&root_dir)
             .args(["--report-interval-ms", "1000"])
@@ -1147,13 +1285,22 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     )?;
     let pa = netns_path(&na);
     let api = "http://127.0.0.1:10000";
-    wait_for("root API", Duration::from_secs(30), || Ok(http(&pa, "GET", &format!("{api}/api/health"), None, None).is_ok()))?;
+    wait_for("root API", Duration::from_secs(30), || {
+        Ok(http(&pa, "GET", &format!("{api}/api/health"), None, None).is_ok())
+    })?;
     let cluster_pid = w.spawn(
         "cluster",
         Command::new("ip")
             .args(["netns", "exec", &na])
             .arg(bins.join("cluster-orchestrator"))
-            .args(["--root-address", "127.0.0.1:50052", "--root-netsvc-port", "10099", "--worker-addr", "127.0.0.1:10100"])
+            .args([
+                "--root-address",
+                "127.0.0.1:50052",
+                "--root-netsvc-port",
+                "10099",
+                "--worker-addr",
+                "127.0.0.1:10100",
+            ])
             .args(["--netsvc-addr", &format!("{IP_A}:10110")])
             .arg("--data-dir")
             .arg(&cluster_dir)
@@ -1161,12 +1308,20 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             .env("CLUSTER_LOCATION", "bench"),
     )?;
     w.placed.extend([(root_pid, Side::A), (cluster_pid, Side::A)]);
-    let token = http(&pa, "POST", &format!("{api}/api/auth/login"), None, Some(json!({"username":"Admin","password":ADMIN_PW})))?["token"]
+    let token = http(
+        &pa,
+        "POST",
+        &format!("{api}/api/auth/login"),
+        None,
+        Some(json!({"username":"Admin","password":ADMIN_PW})),
+    )?["token"]
         .as_str()
         .context("login: no token")?
         .to_string();
     wait_for("cluster registered at the root", Duration::from_secs(30), || {
-        Ok(http(&pa, "GET", &format!("{api}/api/clusters/active"), Some(&token), None)?.as_array().is_some_and(|l| !l.is_empty()))
+        Ok(http(&pa, "GET", &format!("{api}/api/clusters/active"), Some(&token), None)?
+            .as_array()
+            .is_some_and(|l| !l.is_empty()))
     })?;
     let ms = |n: &str| {
         json!({"microserviceID":"","microservice_name":n,"microservice_namespace":"bench","virtualization":"container",
@@ -1182,7 +1337,11 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     let mut svcs = Vec::new();
     for sid in app["microservices"].as_array().into_iter().flatten().filter_map(|s| s.as_str()) {
         let v = http(&pa, "GET", &format!("{api}/api/service/{sid}"), Some(&token), None)?;
-        svcs.push((sid.to_string(), v["job_name"].as_str().unwrap_or("").to_string(), v["addresses"]["rr_ip"].as_str().unwrap_or("").to_string()));
+        svcs.push((
+            sid.to_string(),
+            v["job_name"].as_str().unwrap_or("").to_string(),
+            v["addresses"]["rr_ip"].as_str().unwrap_or("").to_string(),
+        ));
     }
     let [(srv_id, srv_job, rr), (cli_id, cli_job, _)]: [(String, String, String); 2] =
         svcs.try_into().map_err(|v| anyhow!("expected 2 services, got {v:?}"))?;
@@ -1205,7 +1364,12 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             w.pins.push(pin);
         }
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).arg(bins.join("NetManager")).arg("-c").arg(&cfg).arg("--data-dir").arg(w.work.join(format!("nm-{tag}")));
+        c.args(["netns", "exec", ns])
+            .arg(bins.join("NetManager"))
+            .arg("-c")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(w.work.join(format!("nm-{tag}")));
         c.args(["-p", &NM_API.to_string(), "--bridge", "oak0", "--tun", "oaktun0", "--log-level", "info"]);
         c.args(&a.nm_args);
         if ebpf {
@@ -1217,17 +1381,24 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         let pid = w.spawn(&name, &mut c)?;
         w.placed.push((pid, if tag == "a" { Side::A } else { Side::B }));
         let p = netns_path(ns);
-        let r = wait_for(&format!("NetManager {tag} ready (eBPF {})", if ebpf { "on" } else { "off" }), Duration::from_secs(30), || {
-            let v = http(&p, "GET", &format!("http://127.0.0.1:{NM_API}/status"), None, None)?;
-            Ok(v["ready"] == true)
-        });
+        let r = wait_for(
+            &format!("NetManager {tag} ready (eBPF {})", if ebpf { "on" } else { "off" }),
+            Duration::from_secs(30),
+            || {
+                let v = http(&p, "GET", &format!("http://127.0.0.1:{NM_API}/status"), None, None)?;
+                Ok(v["ready"] == true)
+            },
+        );
         if let Err(e) = r {
             bail!("{e:#}\nlog tail:\n{}", w.log_tail(&name));
         }
         if ebpf {
             let c = http(&p, "GET", &format!("http://127.0.0.1:{NM_API}/counters"), None, None)?;
             if c["ebpf"] == false || c["ebpf"].is_null() {
-                eprintln!("    WARNING: NetManager {tag} runs WITHOUT the eBPF fast path; log tail:\n{}", w.log_tail(&name));
+                eprintln!(
+                    "    WARNING: NetManager {tag} runs WITHOUT the eBPF fast path; log tail:\n{}",
+                    w.log_tail(&name)
+                );
             }
         }
         Ok(())
@@ -1288,7 +1459,8 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     let after = counters(&na)?;
     let cb = counters(&nb)?;
     let d = |k: &str| after["ebpf"][k].as_u64().unwrap_or(0).saturating_sub(before["ebpf"][k].as_u64().unwrap_or(0));
-    let dt = |k: &str| after["events"][k].as_u64().unwrap_or(0).saturating_sub(before["events"][k].as_u64().unwrap_or(0));
+    let dt =
+        |k: &str| after["events"][k].as_u64().unwrap_or(0).saturating_sub(before["events"][k].as_u64().unwrap_or(0));
     let (new_flow, encap, decap, rev) = (d("new_flow"), d("encap"), d("decap"), d("rev_nat"));
     let took_ebpf = after["ebpf"].is_object() && new_flow > 0 && encap > 0;
     eprintln!(
@@ -1341,7 +1513,11 @@ fn report(rows: &[Row], a: &Args, verdict: Option<&str>, load_start: &str, t0: I
         a.round_trips,
         a.rr_bytes
     );
-    println!("1-min load average: {load_start} at the start, {} at the end; {:.0} s so far", loadavg(), t0.elapsed().as_secs_f64());
+    println!(
+        "1-min load average: {load_start} at the start, {} at the end; {:.0} s so far",
+        loadavg(),
+        t0.elapsed().as_secs_f64()
+    );
     let mut layouts: Vec<Layout> = Vec::new();
     for r in rows {
         if !layouts.contains(&r.layout) {
@@ -1368,7 +1544,10 @@ fn table(rows: &[&Row], layout: Layout) {
         Layout::Hosts => println!("hosts layout: each worker on its own CPUs, received packets processed on the receiver's CPUs (as two machines)"),
         Layout::Shared => println!("shared layout: every process on every CPU, a veth's receiving side on the sender's CPU (as workers sharing one machine)"),
     }
-    println!("{:<16} | {:>15} | {:>15} | {:>15} | {:>15}", "datapath", "1-stream Gbit/s", "8-stream Gbit/s", "RR p50 µs", "RR p99 µs");
+    println!(
+        "{:<16} | {:>15} | {:>15} | {:>15} | {:>15}",
+        "datapath", "1-stream Gbit/s", "8-stream Gbit/s", "RR p50 µs", "RR p99 µs"
+    );
     println!("{}", "-".repeat(16 + 4 * 18));
     for r in rows {
         let cell = |v: Option<f64>, k: usize, prec: usize| {
@@ -1378,17 +1557,36 @@ fn table(rows: &[&Row], layout: Layout) {
                 format!("{} ({})", f(v, prec), ratio(r.ratio[k]))
             }
         };
-        println!("{:<16} | {:>15} | {:>15} | {:>15} | {:>15}", r.name, cell(r.one, 0, 2), cell(r.eight, 1, 2), cell(r.p50, 2, 1), cell(r.p99, 3, 1));
+        println!(
+            "{:<16} | {:>15} | {:>15} | {:>15} | {:>15}",
+            r.name,
+            cell(r.one, 0, 2),
+            cell(r.eight, 1, 2),
+            cell(r.p50, 2, 1),
+            cell(r.p99, 3, 1)
+        );
     }
-    println!("(ratios: the median over the rounds of the datapath's figure / plain veth's measured beside it in the same");
+    println!(
+        "(ratios: the median over the rounds of the datapath's figure / plain veth's measured beside it in the same"
+    );
     println!(" round; for latency lower is better. Plain veth's row: all its measurements of the run)");
     println!("spread (lowest-highest of the rounds):");
     for r in rows {
-        let span = |v: &Vec<f64>, prec: usize| match (v.iter().cloned().reduce(f64::min), v.iter().cloned().reduce(f64::max)) {
+        let span = |v: &Vec<f64>, prec: usize| match (
+            v.iter().cloned().reduce(f64::min),
+            v.iter().cloned().reduce(f64::max),
+        ) {
             (Some(lo), Some(hi)) => format!("{lo:.prec$}-{hi:.prec$}"),
             _ => "-".into(),
         };
-        println!("{:<16} | {:>15} | {:>15} | {:>15} | {:>15}", r.name, span(&r.all[0], 2), span(&r.all[1], 2), span(&r.all[2], 1), span(&r.all[3], 1));
+        println!(
+            "{:<16} | {:>15} | {:>15} | {:>15} | {:>15}",
+            r.name,
+            span(&r.all[0], 2),
+            span(&r.all[1], 2),
+            span(&r.all[2], 1),
+            span(&r.all[3], 1)
+        );
     }
     for r in rows {
         if !r.note.is_empty() {
@@ -1428,7 +1626,9 @@ fn table(rows: &[&Row], layout: Layout) {
     // not a target: how the fast path compares with the kernel's own routing of the same topology
     if let (Some(eb), Some(rt)) = (eb, row(ROUTED)) {
         let cmp = |x: Option<f64>, y: Option<f64>, higher_better: bool| match (x, y) {
-            (Some(x), Some(y)) if y > 0.0 => format!("{:.2}x{}", x / y, if (x >= y) == higher_better { "" } else { " (behind)" }),
+            (Some(x), Some(y)) if y > 0.0 => {
+                format!("{:.2}x{}", x / y, if (x >= y) == higher_better { "" } else { " (behind)" })
+            }
             _ => "-".into(),
         };
         println!(

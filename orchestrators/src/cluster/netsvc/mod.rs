@@ -270,7 +270,10 @@ impl ClusterNetSvc {
         let inst: Vec<_> = s
             .instances
             .values()
-            .filter(|i| (!job_name.is_empty() && i.job_name == job_name) || (!service_id.is_empty() && i.service_id == service_id))
+            .filter(|i| {
+                (!job_name.is_empty() && i.job_name == job_name)
+                    || (!service_id.is_empty() && i.service_id == service_id)
+            })
             .map(InstanceRec::to_pb)
             .collect();
         let first = inst.first()?;
@@ -287,7 +290,8 @@ impl ClusterNetSvc {
     pub async fn resolve(&self, job_name: &str, service_ip: &str) -> Result<Option<pb::ServiceAddresses>> {
         let local = if job_name.is_empty() { None } else { self.local_service(job_name, "") };
         let Some(root) = self.inner.root.clone() else { return Ok(local) };
-        let req = pb::ResolveRequest { job_name: job_name.into(), service_ip: service_ip.into(), subscriber: String::new() };
+        let req =
+            pb::ResolveRequest { job_name: job_name.into(), service_ip: service_ip.into(), subscriber: String::new() };
         match root.clone().resolve(req).await {
             Ok(r) => {
                 let r = r.into_inner();
@@ -315,10 +319,9 @@ impl ClusterNetSvc {
         }
         match self.resolve(job_name, "").await {
             Ok(Some(svc)) => self.broadcast(update(pb::net_update::Update::Service(svc)), Some(service_id)),
-            Ok(None) => self.broadcast(
-                update(pb::net_update::Update::ServiceRemoved(service_id.to_string())),
-                Some(service_id),
-            ),
+            Ok(None) => {
+                self.broadcast(update(pb::net_update::Update::ServiceRemoved(service_id.to_string())), Some(service_id))
+            }
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot refresh service for subscribers"),
         }
     }
@@ -344,7 +347,8 @@ impl ClusterNetSvc {
     }
 
     pub async fn deregister_instance(&self, key: pb::InstanceKey) -> Result<()> {
-        let removed = self.mutate(|s| Ok(s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number))))?;
+        let removed =
+            self.mutate(|s| Ok(s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number))))?;
         if let Some(root) = self.inner.root.clone() {
             if let Err(e) = root.clone().deregister_instance(key.clone()).await {
                 tracing::warn!(error = %e.message(), "could not forward instance removal to root");
@@ -369,23 +373,20 @@ impl ClusterNetSvc {
                         backoff = Duration::from_millis(200);
                         let mut stream = stream.into_inner();
                         // our routes to the root, the others' routes from it
-                        let own: Vec<pb::Route> = this.inner.state.lock().expect("lock").leases.values().map(route_of).collect();
+                        let own: Vec<pb::Route> =
+                            this.inner.state.lock().expect("lock").leases.values().map(route_of).collect();
                         for r in own {
                             this.report_route(r, false);
                         }
                         match root.clone().routes(pb::RoutesRequest {}).await {
                             Ok(r) => this.set_foreign_routes(r.into_inner().routes),
-                            Err(e) => tracing::warn!(error = %e.message(), "cannot fetch other clusters' routes from the root"),
+                            Err(e) => {
+                                tracing::warn!(error = %e.message(), "cannot fetch other clusters' routes from the root")
+                            }
                         }
                         // catch up on whatever changed while we were not watching
-                        let interests: HashMap<String, String> = this
-                            .inner
-                            .subs
-                            .lock()
-                            .expect("subs")
-                            .values()
-                            .flat_map(|s| s.interests.clone())
-                            .collect();
+                        let interests: HashMap<String, String> =
+                            this.inner.subs.lock().expect("subs").values().flat_map(|s| s.interests.clone()).collect();
                         for (id, job) in interests {
                             this.push_service(&id, &job).await;
                         }
@@ -418,13 +419,19 @@ type UpdateStream = Pin<Box<dyn futures::Stream<Item = Result<pb::NetUpdate, Sta
 
 #[tonic::async_trait]
 impl ClusterNetService for ClusterNetSvc {
-    async fn lease_subnet(&self, req: Request<pb::LeaseSubnetRequest>) -> Result<Response<pb::LeaseSubnetReply>, Status> {
+    async fn lease_subnet(
+        &self,
+        req: Request<pb::LeaseSubnetRequest>,
+    ) -> Result<Response<pb::LeaseSubnetReply>, Status> {
         let r = req.into_inner();
         let subnet = self
             .lease_subnet(&r.node, &r.public_ip, r.tunnel_port)
             .await
             .map_err(|e| Status::resource_exhausted(format!("{e:#}")))?;
-        Ok(Response::new(pb::LeaseSubnetReply { subnet: subnet.to_string(), cluster_id: self.inner.cluster_id.clone() }))
+        Ok(Response::new(pb::LeaseSubnetReply {
+            subnet: subnet.to_string(),
+            cluster_id: self.inner.cluster_id.clone(),
+        }))
     }
     async fn release_subnet(&self, req: Request<pb::ReleaseSubnetRequest>) -> Result<Response<pb::Ack>, Status> {
         self.release_worker(&req.into_inner().node).map_err(|e| Status::internal(format!("{e:#}")))?;
@@ -443,7 +450,8 @@ impl ClusterNetService for ClusterNetSvc {
         if r.job_name.is_empty() && r.service_ip.is_empty() {
             return Err(Status::invalid_argument("resolve needs job_name or service_ip"));
         }
-        let service = self.resolve(&r.job_name, &r.service_ip).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
+        let service =
+            self.resolve(&r.job_name, &r.service_ip).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
         if let (Some(svc), false) = (&service, r.subscriber.is_empty()) {
             for s in self.inner.subs.lock().expect("subs").values_mut() {
                 if s.node == r.subscriber {
@@ -458,7 +466,8 @@ impl ClusterNetService for ClusterNetSvc {
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<UpdateStream>, Status> {
         let node = req.into_inner().node;
-        let initial = self.inner.state.lock().expect("lock").leases.len() + self.inner.foreign.lock().expect("foreign").len();
+        let initial =
+            self.inner.state.lock().expect("lock").leases.len() + self.inner.foreign.lock().expect("foreign").len();
         let (tx, rx) = mpsc::channel(1024 + initial);
         for l in self.inner.state.lock().expect("lock").leases.values() {
             let _ = tx.try_send(Ok(update(pb::net_update::Update::RouteAdded(route_of(l)))));
@@ -562,7 +571,11 @@ mod tests {
         let first = updates.next().await.unwrap().unwrap();
         assert!(matches!(first.update, Some(pb::net_update::Update::RouteAdded(ref r)) if r.subnet == n1.to_string()));
         let r = client
-            .resolve(pb::ResolveRequest { job_name: String::new(), service_ip: rr.to_string(), subscriber: "n1".into() })
+            .resolve(pb::ResolveRequest {
+                job_name: String::new(),
+                service_ip: rr.to_string(),
+                subscriber: "n1".into(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -618,10 +631,17 @@ mod tests {
         .await
         .expect("route of the other cluster pushed");
         assert_eq!((got.worker_ip.as_str(), got.worker_port), ("192.0.2.2", 50104));
-        assert!(root.routes().iter().any(|r| r.cluster_id == "c1" && r.route.as_ref().unwrap().subnet == n1.to_string()));
+        assert!(root
+            .routes()
+            .iter()
+            .any(|r| r.cluster_id == "c1" && r.route.as_ref().unwrap().subnet == n1.to_string()));
         // a cluster cannot claim a subnet outside its blocks
         let bad = pb::Route { subnet: n2.to_string(), worker_ip: "192.0.2.9".into(), worker_port: 1 };
-        assert!(root.report_route("c1", &bad, false).unwrap_err().to_string().contains("not in a block leased to cluster c1"));
+        assert!(root
+            .report_route("c1", &bad, false)
+            .unwrap_err()
+            .to_string()
+            .contains("not in a block leased to cluster c1"));
         // a new subscriber gets it in its initial dump; released, it is withdrawn
         let mut fresh = client.subscribe(pb::SubscribeRequest { node: "n1b".into() }).await.unwrap().into_inner();
         let mut initial = Vec::new();

@@ -191,11 +191,9 @@ impl RootNetSvc {
             bail!("cluster_id is empty");
         }
         self.mutate(|s| {
-            let idx = (0..blocks_in_space())
-                .find(|i| !s.blocks.contains_key(i))
-                .with_context(|| {
-                    format!("worker address space {WORKER_SPACE} exhausted: all {} blocks leased", blocks_in_space())
-                })?;
+            let idx = (0..blocks_in_space()).find(|i| !s.blocks.contains_key(i)).with_context(|| {
+                format!("worker address space {WORKER_SPACE} exhausted: all {} blocks leased", blocks_in_space())
+            })?;
             s.blocks.insert(idx, cluster_id.to_string());
             let all = s.blocks.iter().filter(|(_, c)| *c == cluster_id).map(|(i, _)| block_net(*i)).collect();
             Ok((block_net(idx), all))
@@ -207,7 +205,8 @@ impl RootNetSvc {
         let gone = self.mutate(|s| {
             s.blocks.retain(|_, c| c != cluster_id);
             s.instances.retain(|_, i| i.cluster_id != cluster_id);
-            let gone: Vec<String> = s.routes.iter().filter(|(_, r)| r.cluster_id == cluster_id).map(|(n, _)| n.clone()).collect();
+            let gone: Vec<String> =
+                s.routes.iter().filter(|(_, r)| r.cluster_id == cluster_id).map(|(n, _)| n.clone()).collect();
             s.routes.retain(|_, r| r.cluster_id != cluster_id);
             Ok(gone)
         })?;
@@ -228,9 +227,13 @@ impl RootNetSvc {
 
     /// A cluster leased (or released) a worker subnet: it must lie in one of that cluster's blocks.
     pub fn report_route(&self, cluster_id: &str, route: &pb::Route, removed: bool) -> Result<()> {
-        let net: Ipv4Net = route.subnet.parse().with_context(|| format!("route subnet {:?} is not a network", route.subnet))?;
+        let net: Ipv4Net =
+            route.subnet.parse().with_context(|| format!("route subnet {:?} is not a network", route.subnet))?;
         if !removed {
-            route.worker_ip.parse::<Ipv4Addr>().with_context(|| format!("worker_ip {:?} is not an IPv4 address", route.worker_ip))?;
+            route
+                .worker_ip
+                .parse::<Ipv4Addr>()
+                .with_context(|| format!("worker_ip {:?} is not an IPv4 address", route.worker_ip))?;
         }
         let changed = self.mutate(|s| {
             let owner = s.blocks.iter().find(|(i, _)| block_net(**i).contains(&net)).map(|(_, c)| c.as_str());
@@ -241,7 +244,11 @@ impl RootNetSvc {
             if removed {
                 return Ok(s.routes.remove(&key).is_some());
             }
-            let rec = RouteRec { cluster_id: cluster_id.into(), worker_ip: route.worker_ip.clone(), worker_port: route.worker_port };
+            let rec = RouteRec {
+                cluster_id: cluster_id.into(),
+                worker_ip: route.worker_ip.clone(),
+                worker_port: route.worker_port,
+            };
             Ok(s.routes.insert(key, rec.clone()) != Some(rec))
         })?;
         if changed {
@@ -257,7 +264,11 @@ impl RootNetSvc {
             .iter()
             .map(|(n, r)| pb::ClusterRoute {
                 cluster_id: r.cluster_id.clone(),
-                route: Some(pb::Route { subnet: n.clone(), worker_ip: r.worker_ip.clone(), worker_port: r.worker_port }),
+                route: Some(pb::Route {
+                    subnet: n.clone(),
+                    worker_ip: r.worker_ip.clone(),
+                    worker_port: r.worker_port,
+                }),
             })
             .collect()
     }
@@ -294,9 +305,11 @@ impl RootNetSvc {
         self.mutate(|s| {
             for (field, ip) in [("rr_ip", want_rr), ("closest_ip", want_closest)] {
                 let Some(ip) = ip else { continue };
-                if let Some((other, r)) = s.services.iter().find(|(id, r)| {
-                    id.as_str() != service_id && (r.rr_ip == Some(ip) || r.closest_ip == Some(ip))
-                }) {
+                if let Some((other, r)) = s
+                    .services
+                    .iter()
+                    .find(|(id, r)| id.as_str() != service_id && (r.rr_ip == Some(ip) || r.closest_ip == Some(ip)))
+                {
                     bail!("addresses.{field} {ip} is already the address of service {} ({other})", r.job_name);
                 }
             }
@@ -368,7 +381,8 @@ impl RootNetSvc {
     }
 
     pub fn deregister_instance(&self, key: &pb::InstanceKey) -> Result<()> {
-        let removed = self.mutate(|s| Ok(s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number))))?;
+        let removed =
+            self.mutate(|s| Ok(s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number))))?;
         if let Some(r) = removed {
             self.notify(&r.service_id, &r.job_name, &r.cluster_id);
         }
@@ -385,8 +399,7 @@ impl RootNetSvc {
         let s = self.inner.state.lock().expect("netsvc lock");
         let ip: Option<Ipv4Addr> = service_ip.parse().ok();
         let (id, rec) = s.services.iter().find(|(_, r)| {
-            (!job_name.is_empty() && r.job_name == job_name)
-                || (ip.is_some() && (r.rr_ip == ip || r.closest_ip == ip))
+            (!job_name.is_empty() && r.job_name == job_name) || (ip.is_some() && (r.rr_ip == ip || r.closest_ip == ip))
         })?;
         Some(pb::ServiceAddresses {
             service_id: id.clone(),
