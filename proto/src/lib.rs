@@ -1,4 +1,11 @@
-//! Generated gRPC types. One module per protobuf package.
+//! Wire contracts and the vocabulary every tier shares: generated gRPC types (one module per protobuf
+//! package), the NodeEngine ↔ NetManager JSON contract, instance keys and states, architecture names.
+
+pub mod arch;
+pub mod instance;
+pub mod netmanager_api;
+
+pub use instance::{instance_key, InstanceKey, InstanceState};
 
 /// Control plane: root <-> cluster <-> worker sessions.
 pub mod v1 {
