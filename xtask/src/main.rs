@@ -2,6 +2,7 @@
 
 mod bench;
 mod ebpf;
+mod lint;
 mod setup;
 mod test;
 mod up;
@@ -10,7 +11,7 @@ mod util;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "cargo xtask", about = "Project tasks: setup, build-ebpf, up/down (1-DOC), test, bench")]
+#[command(name = "cargo xtask", about = "Project tasks: setup, build-ebpf, up/down (1-DOC), lint, test, bench")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -27,7 +28,9 @@ enum Cmd {
     Up(up::UpArgs),
     /// Stop everything `up` started and clean up.
     Down(up::DownArgs),
-    /// Set up the machine, build everything and run the whole test suite.
+    /// Check formatting (workspace and netmanager-ebpf) and clippy with warnings as errors.
+    Lint,
+    /// Set up the machine, lint, build everything and run the whole test suite.
     Test(test::TestArgs),
     /// Benchmarks: print results and ratios against a baseline measured in the same run.
     #[command(subcommand)]
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf => ebpf::build(),
         Cmd::Up(a) => up::up(a),
         Cmd::Down(a) => up::down(a),
+        Cmd::Lint => lint::run(),
         Cmd::Test(a) => test::run(a),
         Cmd::Bench(b) => bench::run(b),
     }

@@ -46,6 +46,7 @@ pub fn run_setup_packages() -> anyhow::Result<()> {
 
 pub fn run() -> anyhow::Result<()> {
     run_setup_packages()?;
+    setup_lint_components()?;
 
     let tc = crate::ebpf::EBPF_TOOLCHAIN;
     let has_src = Command::new("rustup")
@@ -78,6 +79,32 @@ pub fn run() -> anyhow::Result<()> {
     }
     setup_oak_cli()?;
     step("setup complete");
+    Ok(())
+}
+
+/// The lint gate's tools: rustfmt and clippy on the toolchain that builds the workspace (the one running
+/// this, `RUSTUP_TOOLCHAIN` under cargo), and rustfmt on stable, which formats netmanager-ebpf (its own
+/// toolchain file pins a nightly for the build).
+fn setup_lint_components() -> anyhow::Result<()> {
+    let active = std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".into());
+    for (toolchain, components) in [(active.as_str(), &["rustfmt", "clippy"][..]), ("stable", &["rustfmt"][..])] {
+        let installed = Command::new("rustup")
+            .args(["component", "list", "--installed", "--toolchain", toolchain])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let missing: Vec<&str> = components
+            .iter()
+            .copied()
+            .filter(|c| !installed.lines().any(|l| l.starts_with(&format!("{c}-"))))
+            .collect();
+        if missing.is_empty() {
+            step(&format!("{toolchain}: {} present", components.join(", ")));
+            continue;
+        }
+        step(&format!("{toolchain}: adding {} (the lint gate of `cargo xtask test`)", missing.join(", ")));
+        sh(Command::new("rustup").args(["component", "add", "--toolchain", toolchain]).args(&missing))?;
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! `cargo xtask test`: the README's test command. Sets the machine up, builds every binary once, builds
-//! the eBPF object, then runs the whole workspace test suite (nextest when present, else cargo test).
+//! `cargo xtask test`: the README's test command. Sets the machine up, checks formatting and clippy (the lint
+//! gate, before anything is built for the tests), builds every binary once, builds the eBPF object, then
+//! runs the whole workspace test suite (nextest when present, else cargo test).
 use clap::Args;
 
 use crate::util::{cargo, have, sh, step};
@@ -9,6 +10,9 @@ pub struct TestArgs {
     /// Skip `setup` (when you know the machine is ready).
     #[arg(long)]
     pub no_setup: bool,
+    /// Skip the lint gate (formatting, clippy) while iterating locally; CI always lints.
+    #[arg(long)]
+    pub no_lint: bool,
     /// Extra arguments passed to the test runner (after `--`).
     #[arg(last = true)]
     pub rest: Vec<String>,
@@ -17,6 +21,11 @@ pub struct TestArgs {
 pub fn run(args: TestArgs) -> anyhow::Result<()> {
     if !args.no_setup {
         crate::setup::run()?;
+    }
+    if !args.no_lint {
+        crate::lint::run()?;
+    } else if std::env::var_os("CI").is_some() {
+        anyhow::bail!("--no-lint is for local runs: CI must lint");
     }
     crate::ebpf::build()?;
     step("building all binaries (the end-to-end tests start them as processes)");
