@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use oak_proto::v1 as pb;
+use oak_proto::{instance_key, InstanceState};
 use pb::cluster_to_worker::Msg;
 use tokio::sync::mpsc;
 
@@ -106,10 +107,10 @@ impl SimWorker {
                 }
             }
         }));
-        let status = |sid: &str, n: u32, st: &str, detail: &str| pb::InstanceStatus {
+        let status = |sid: &str, n: u32, st: InstanceState, detail: &str| pb::InstanceStatus {
             service_id: sid.into(),
             instance_number: n,
-            status: st.into(),
+            status: st.as_str().into(),
             detail: detail.into(),
             node_name: self.name.clone(),
             timestamp_ms: oak_proto::now_ms(),
@@ -120,15 +121,15 @@ impl SimWorker {
                 match m.msg {
                     Some(Msg::Deploy(d)) => {
                         let spec = d.service.unwrap_or_default();
-                        let k = format!("{}/{}", spec.service_id, d.instance_number);
-                        let st = status(&spec.service_id, d.instance_number, "CREATING", "simulated");
+                        let k = instance_key(&spec.service_id, d.instance_number);
+                        let st = status(&spec.service_id, d.instance_number, InstanceState::Creating, "simulated");
                         held.lock()
                             .expect("held")
                             .instances
                             .insert(k.clone(), (st.clone(), spec.vcpus, spec.memory_mb));
                         let _ = tx.send(worker_msg(pb::worker_message::Msg::Instance(st)));
                         let (h, t, delay) = (held.clone(), tx.clone(), self.start_delay);
-                        let running = status(&spec.service_id, d.instance_number, "RUNNING", "simulated");
+                        let running = status(&spec.service_id, d.instance_number, InstanceState::Running, "simulated");
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
                             let mut g = h.lock().expect("held");
@@ -139,9 +140,9 @@ impl SimWorker {
                         });
                     }
                     Some(Msg::Undeploy(u)) => {
-                        let k = format!("{}/{}", u.service_id, u.instance_number);
+                        let k = instance_key(&u.service_id, u.instance_number);
                         held.lock().expect("held").instances.remove(&k);
-                        let st = status(&u.service_id, u.instance_number, "UNDEPLOYED", "undeployed");
+                        let st = status(&u.service_id, u.instance_number, InstanceState::Undeployed, "undeployed");
                         let _ = tx.send(worker_msg(pb::worker_message::Msg::Instance(st)));
                     }
                     Some(Msg::Rejected(r)) => bail!("rejected: {}", r.reason),

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use oak_proto::v1 as pb;
+use oak_proto::{instance_key, InstanceState};
 use tokio::sync::{mpsc, Notify};
 
 use scheduler::WorkerView;
@@ -75,7 +76,7 @@ struct Instance {
 
 impl Instance {
     fn key(&self) -> String {
-        key(&self.status.service_id, self.status.instance_number)
+        instance_key(&self.status.service_id, self.status.instance_number)
     }
     fn spec(&self) -> &pb::ServiceSpec {
         self.deploy.service.as_ref().expect("stored instances carry their spec")
@@ -87,10 +88,6 @@ impl Instance {
             undeploying: self.undeploying,
         }
     }
-}
-
-pub fn key(service_id: &str, n: u32) -> String {
-    format!("{service_id}/{n}")
 }
 
 #[derive(Default)]
@@ -124,6 +121,12 @@ pub struct Cluster {
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// The cluster network service, once it runs (removing a worker releases its subnet there).
     pub netsvc: std::sync::OnceLock<netsvc::ClusterNetSvc>,
+}
+
+/// An instance that has ended on its worker and no longer holds the resources it asked for.
+fn has_ended(st: &pb::InstanceStatus) -> bool {
+    use InstanceState::{Completed, Dead, Failed};
+    matches!(InstanceState::parse(&st.status), Some(Failed | Dead | Completed))
 }
 
 fn worker_msg(m: pb::cluster_to_worker::Msg) -> pb::ClusterToWorker {
@@ -223,7 +226,7 @@ impl Cluster {
         let mut st = pb::InstanceStatus {
             service_id: service_id.into(),
             instance_number: n,
-            status: "UNDEPLOYED".into(),
+            status: InstanceState::Undeployed.as_str().into(),
             detail,
             ..Default::default()
         };
@@ -234,10 +237,7 @@ impl Cluster {
     fn views(s: &State, exclude: Option<&str>) -> Vec<WorkerView> {
         let mut reserved: HashMap<&str, (f64, u64, u32)> = HashMap::new();
         for i in s.instances.values() {
-            if i.undeploying
-                || i.status.node_id.is_empty()
-                || matches!(i.status.status.as_str(), "FAILED" | "DEAD" | "COMPLETED")
-            {
+            if i.undeploying || i.status.node_id.is_empty() || has_ended(&i.status) {
                 continue;
             }
             let spec = i.spec();
@@ -279,7 +279,7 @@ impl Cluster {
                 inst.status.node_id = node.clone();
                 inst.status.node_name = wname.clone();
                 inst.status.public_ip = address;
-                inst.status.status = "NODE_SCHEDULED".into();
+                inst.status.status = InstanceState::NodeScheduled.as_str().into();
                 inst.status.detail = format!("{why}scheduled on worker '{wname}'");
                 inst.status.ns_address.clear();
                 inst.status.exit_code = None;
@@ -296,11 +296,11 @@ impl Cluster {
             Err(nofit) => {
                 let inst = s.instances.remove(k).expect("present");
                 self.forget(k);
-                tracing::warn!(instance = %k, status = nofit.status, detail = %nofit.detail, "cannot place instance");
+                tracing::warn!(instance = %k, status = %nofit.status, detail = %nofit.detail, "cannot place instance");
                 let mut st = pb::InstanceStatus {
                     service_id: inst.status.service_id.clone(),
                     instance_number: inst.status.instance_number,
-                    status: nofit.status.into(),
+                    status: nofit.status.as_str().into(),
                     detail: format!("{why}{}", nofit.detail),
                     ..Default::default()
                 };
@@ -318,7 +318,7 @@ impl Cluster {
             tracing::warn!("DeployInstance without a service spec ignored");
             return;
         };
-        let k = key(&spec.service_id, d.instance_number);
+        let k = instance_key(&spec.service_id, d.instance_number);
         let mut out = Out::default();
         {
             let mut s = self.lock();
@@ -343,7 +343,7 @@ impl Cluster {
                         status: pb::InstanceStatus {
                             service_id: spec.service_id.clone(),
                             instance_number: d.instance_number,
-                            status: "CLUSTER_SCHEDULED".into(),
+                            status: InstanceState::ClusterScheduled.as_str().into(),
                             ..Default::default()
                         },
                         deploy: d.clone(),
@@ -358,7 +358,7 @@ impl Cluster {
 
     /// The root asks to remove an instance.
     pub fn on_undeploy(&self, u: pb::UndeployInstance) {
-        let k = key(&u.service_id, u.instance_number);
+        let k = instance_key(&u.service_id, u.instance_number);
         let mut out = Out::default();
         {
             let mut s = self.lock();
@@ -435,11 +435,11 @@ impl Cluster {
             );
             // Reconcile what the worker runs with what we placed on it.
             for st in &hello.instances {
-                let k = key(&st.service_id, st.instance_number);
+                let k = instance_key(&st.service_id, st.instance_number);
                 let ours = s.instances.get(&k).is_some_and(|i| i.status.node_id == node_id);
                 if ours {
                     self.apply_worker_status(&mut s, &node_id, st, &mut out);
-                } else if st.status != "UNDEPLOYED" {
+                } else if st.status != InstanceState::Undeployed.as_str() {
                     tracing::info!(instance = %k, worker = %hello.node_name, "worker runs an instance not placed there (moved while it was away, or removed); undeploying it");
                     out.to_workers.push((
                         node_id.clone(),
@@ -455,7 +455,7 @@ impl Cluster {
                 .iter()
                 .filter(|(k, i)| {
                     i.status.node_id == node_id
-                        && !hello.instances.iter().any(|st| &key(&st.service_id, st.instance_number) == *k)
+                        && !hello.instances.iter().any(|st| &instance_key(&st.service_id, st.instance_number) == *k)
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
@@ -509,11 +509,11 @@ impl Cluster {
         let mut out = Out::default();
         {
             let mut s = self.lock();
-            let k = key(&st.service_id, st.instance_number);
+            let k = instance_key(&st.service_id, st.instance_number);
             let ours = s.instances.get(&k).is_some_and(|i| i.status.node_id == node_id);
             if ours {
                 self.apply_worker_status(&mut s, node_id, st, &mut out);
-            } else if st.status != "UNDEPLOYED" {
+            } else if st.status != InstanceState::Undeployed.as_str() {
                 tracing::warn!(instance = %k, node_id, status = %st.status, "status for an instance not placed on this worker; undeploying it there");
                 out.to_workers.push((
                     node_id.to_string(),
@@ -528,9 +528,9 @@ impl Cluster {
     }
 
     fn apply_worker_status(&self, s: &mut State, node_id: &str, st: &pb::InstanceStatus, out: &mut Out) {
-        let k = key(&st.service_id, st.instance_number);
+        let k = instance_key(&st.service_id, st.instance_number);
         let Some(inst) = s.instances.get_mut(&k) else { return };
-        if st.status == "UNDEPLOYED" && inst.undeploying {
+        if st.status == InstanceState::Undeployed.as_str() && inst.undeploying {
             s.instances.remove(&k);
             self.forget(&k);
         } else {
@@ -671,7 +671,7 @@ impl Cluster {
                     a.virtualization.push(x.clone());
                 }
             }
-            let arch = scheduler::normalize_arch(&r.arch).to_string();
+            let arch = oak_proto::arch::normalize(&r.arch);
             if !arch.is_empty() && !a.arch.contains(&arch) {
                 a.arch.push(arch);
             }
@@ -741,7 +741,7 @@ impl Cluster {
 
     /// Where instance `service_id/n` is placed and its last status, if this cluster has it.
     pub fn instance(&self, service_id: &str, n: u32) -> Option<pb::InstanceStatus> {
-        self.lock().instances.get(&key(service_id, n)).map(|i| i.status.clone())
+        self.lock().instances.get(&instance_key(service_id, n)).map(|i| i.status.clone())
     }
 }
 

@@ -7,10 +7,8 @@
 //! (ties: more free memory, then name), which spreads load the way Oakestra's best-fit does.
 
 use oak_proto::v1::{NodeResources, ServiceSpec};
-
-/// Statuses a cluster reports up when it cannot place an instance (Oakestra's vocabulary).
-pub const NO_CAPACITY: &str = "NO_WORKER_CAPACITY";
-pub const NO_QUALIFIED: &str = "NO_QUALIFIED_WORKER_FOUND";
+use oak_proto::{arch, InstanceState};
+use InstanceState::{NoQualifiedWorkerFound, NoWorkerCapacity};
 
 /// What the scheduler knows about one live worker.
 #[derive(Debug, Clone, Default)]
@@ -50,22 +48,13 @@ impl WorkerView {
     }
 }
 
-/// Why an instance cannot be placed: `status` in Oakestra's vocabulary, `detail` starting with the user
-/// guide's name (`NoResourcesAvailable: ...`) and saying which worker lacked what.
+/// Why an instance cannot be placed: `status` is what the cluster reports up ([`NoWorkerCapacity`] or
+/// [`NoQualifiedWorkerFound`]), `detail` starts with the user guide's name (`NoResourcesAvailable: ...`)
+/// and says which worker lacked what.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoFit {
-    pub status: &'static str,
+    pub status: InstanceState,
     pub detail: String,
-}
-
-/// Go-style architecture names, so "x86_64" in an SLA matches an "amd64" worker.
-pub fn normalize_arch(a: &str) -> &str {
-    match a {
-        "x86_64" | "x86-64" | "amd64" => "amd64",
-        "aarch64" | "arm64" => "arm64",
-        "armv7" | "armv7l" | "armhf" | "arm" => "arm",
-        other => other,
-    }
 }
 
 fn not_qualified(spec: &ServiceSpec, w: &WorkerView) -> Option<String> {
@@ -76,7 +65,7 @@ fn not_qualified(spec: &ServiceSpec, w: &WorkerView) -> Option<String> {
             spec.virtualization, r.virtualization
         ));
     }
-    if !spec.arch.is_empty() && !spec.arch.iter().any(|a| normalize_arch(a) == normalize_arch(&r.arch)) {
+    if !arch::matches(&spec.arch, &r.arch) {
         return Some(format!("is {} (SLA allows {:?})", r.arch, spec.arch));
     }
     let nodes: Vec<&str> = spec
@@ -118,7 +107,7 @@ fn reasons(list: &[(String, String)]) -> String {
 pub fn place(spec: &ServiceSpec, workers: &[WorkerView]) -> Result<String, NoFit> {
     if workers.is_empty() {
         return Err(NoFit {
-            status: NO_CAPACITY,
+            status: NoWorkerCapacity,
             detail: "NoResourcesAvailable: the cluster has no active worker".into(),
         });
     }
@@ -161,13 +150,13 @@ pub fn place(spec: &ServiceSpec, workers: &[WorkerView]) -> Result<String, NoFit
     );
     if full.is_empty() {
         Err(NoFit {
-            status: NO_QUALIFIED,
+            status: NoQualifiedWorkerFound,
             detail: format!("NoResourcesAvailable: {ask}; no worker qualifies: {}", reasons(&unqualified)),
         })
     } else {
         let mut all = full;
         all.extend(unqualified);
-        Err(NoFit { status: NO_CAPACITY, detail: format!("NoResourcesAvailable: {ask}; {}", reasons(&all)) })
+        Err(NoFit { status: NoWorkerCapacity, detail: format!("NoResourcesAvailable: {ask}; {}", reasons(&all)) })
     }
 }
 
@@ -212,7 +201,7 @@ mod tests {
         let mut c = worker("c", 4, 0.0, 4000);
         c.reserved_memory_mb = 8000; // total 8192
         let e = place(&spec(0.1, 500), &[c]).unwrap_err();
-        assert_eq!(e.status, NO_CAPACITY);
+        assert_eq!(e.status, NoWorkerCapacity);
         assert!(e.detail.contains("192 MB free memory, 500 MB requested"), "{}", e.detail);
     }
 
@@ -220,7 +209,7 @@ mod tests {
     fn no_capacity_names_resources_available_and_each_worker() {
         let ws = [worker("a", 2, 50.0, 300), worker("b", 1, 0.0, 9000)];
         let e = place(&spec(2.5, 512), &ws).unwrap_err();
-        assert_eq!(e.status, NO_CAPACITY);
+        assert_eq!(e.status, NoWorkerCapacity);
         assert!(e.detail.starts_with("NoResourcesAvailable: "), "{}", e.detail);
         assert!(e.detail.contains("worker 'a' has 2.00 free cores"), "{}", e.detail);
         assert!(e.detail.contains("worker 'b' has 1.00 free cores"), "{}", e.detail);
@@ -237,12 +226,12 @@ mod tests {
         let mut s = spec(0.1, 10);
         s.virtualization = "unikernel".into();
         let e = place(&s, &ws).unwrap_err();
-        assert_eq!(e.status, NO_QUALIFIED);
+        assert_eq!(e.status, NoQualifiedWorkerFound);
         assert!(e.detail.contains("does not offer virtualization 'unikernel'"), "{}", e.detail);
 
         let mut s = spec(0.1, 10);
         s.arch = vec!["arm64".into()];
-        assert_eq!(place(&s, &ws).unwrap_err().status, NO_QUALIFIED);
+        assert_eq!(place(&s, &ws).unwrap_err().status, NoQualifiedWorkerFound);
         s.arch = vec!["x86_64".into()];
         assert_eq!(place(&s, &ws).unwrap(), "id-a");
 

@@ -118,7 +118,7 @@ mod tests {
                 status: Some(InstanceStatus {
                     service_id: "s1".into(),
                     instance_number: 2,
-                    status: "RUNNING".into(),
+                    status: oak_proto::InstanceState::Running.as_str().into(),
                     ..Default::default()
                 }),
                 undeploying: false,

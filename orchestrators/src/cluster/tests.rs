@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oak_proto::v1 as pb;
+use oak_proto::InstanceState;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -218,7 +219,7 @@ async fn worker_that_misses_heartbeats_loses_its_instance_to_another() {
         msg: Some(pb::worker_message::Msg::Instance(pb::InstanceStatus {
             service_id: sid.clone(),
             instance_number: d.instance_number,
-            status: "RUNNING".into(),
+            status: InstanceState::Running.as_str().into(),
             ..Default::default()
         })),
     })

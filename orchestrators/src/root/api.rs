@@ -439,7 +439,7 @@ async fn deploy_instance(State(root): State<Arc<Root>>, user: AuthUser, Path(id)
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("service {id} not found")));
     };
     // 200 even when unplaceable: the instance exists and is retried; oak-cli fails on any non-200.
-    let placed = inst.status == "CLUSTER_SCHEDULED";
+    let placed = inst.status == oak_proto::InstanceState::ClusterScheduled;
     Ok(Json(json!({
         "message": if placed { "ok".to_string() } else { format!("instance {} not placed yet: {}", inst.instance_number, inst.status_detail) },
         "instance_number": inst.instance_number,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use oak_proto::v1 as pb;
+use oak_proto::InstanceState;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
@@ -61,10 +62,10 @@ impl ApplicationRecord {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceRecord {
     pub instance_number: u32,
-    pub status: String,
+    pub status: InstanceState,
     pub status_detail: String,
     pub cluster_id: String,
     pub cluster_name: String,
@@ -84,6 +85,31 @@ pub struct InstanceRecord {
     pub undeploying: bool,
     #[serde(default)]
     pub last_modified_ms: u64,
+}
+
+impl InstanceRecord {
+    /// Instance `instance_number` in `status`, placed nowhere yet.
+    pub fn new(instance_number: u32, status: InstanceState) -> Self {
+        Self {
+            instance_number,
+            status,
+            status_detail: String::new(),
+            cluster_id: String::new(),
+            cluster_name: String::new(),
+            worker_id: String::new(),
+            node_name: String::new(),
+            publicip: String::new(),
+            logs: String::new(),
+            cpu_history: Vec::new(),
+            memory_history: Vec::new(),
+            exit_code: None,
+            ns_address: String::new(),
+            ns_address_v6: String::new(),
+            tried_clusters: Vec::new(),
+            undeploying: false,
+            last_modified_ms: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -108,31 +134,32 @@ fn previous_refusals(detail: &str) -> String {
     detail[..r].rfind("cluster '").map(|p| detail[p..].to_string()).unwrap_or_default()
 }
 
-/// Oakestra-vocabulary service status derived from its instances.
-pub fn service_status(insts: &[InstanceRecord]) -> (String, String) {
-    const ORDER: &[&str] = &[
-        "RUNNING",
-        "CREATED",
-        "CREATING",
-        "NODE_SCHEDULED",
-        "CLUSTER_SCHEDULED",
-        "REQUESTED",
-        "COMPLETED",
-        "NO_WORKER_CAPACITY",
-        "NO_QUALIFIED_WORKER_FOUND",
-        "TargetClusterNotFound",
-        "TargetClusterNotActive",
-        "NoActiveClusterWithCapacity",
-        "FAILED",
-        "DEAD",
-        "UNDEPLOYED",
+/// A service's status derived from its instances: the state of the instance furthest along, in this order.
+pub fn service_status(insts: &[InstanceRecord]) -> (InstanceState, String) {
+    use InstanceState::*;
+    const ORDER: &[InstanceState] = &[
+        Running,
+        Created,
+        Creating,
+        NodeScheduled,
+        ClusterScheduled,
+        Requested,
+        Completed,
+        NoWorkerCapacity,
+        NoQualifiedWorkerFound,
+        TargetClusterNotFound,
+        TargetClusterNotActive,
+        NoActiveClusterWithCapacity,
+        Failed,
+        Dead,
+        Undeployed,
     ];
     if insts.is_empty() {
-        return ("UNDEPLOYED".into(), "no instance deployed".into());
+        return (Undeployed, "no instance deployed".into());
     }
-    let rank = |s: &str| ORDER.iter().position(|o| *o == s).unwrap_or(ORDER.len());
-    let best = insts.iter().min_by_key(|i| rank(&i.status)).expect("non-empty");
-    let n_running = insts.iter().filter(|i| i.status == "RUNNING").count();
+    let rank = |s: InstanceState| ORDER.iter().position(|o| *o == s).unwrap_or(ORDER.len());
+    let best = insts.iter().min_by_key(|i| rank(i.status)).expect("non-empty");
+    let n_running = insts.iter().filter(|i| i.status == Running).count();
     let detail = if best.status_detail.is_empty() {
         format!("{n_running}/{} instances running", insts.len())
     } else {
@@ -143,7 +170,7 @@ pub fn service_status(insts: &[InstanceRecord]) -> (String, String) {
             best.status_detail
         )
     };
-    (best.status.clone(), detail)
+    (best.status, detail)
 }
 
 impl ServiceRecord {
@@ -364,7 +391,7 @@ impl Root {
         match scheduler::place(&spec, &views, &inst.tried_clusters) {
             Ok(cid) => {
                 let name = views.iter().find(|v| v.id == cid).map(|v| v.name.clone()).unwrap_or_default();
-                inst.status = "CLUSTER_SCHEDULED".into();
+                inst.status = InstanceState::ClusterScheduled;
                 inst.status_detail = format!("scheduled on cluster '{name}'");
                 inst.cluster_id = cid.clone();
                 inst.cluster_name = name;
@@ -376,7 +403,7 @@ impl Root {
                 Ok(true)
             }
             Err(Unplaced { status, detail }) => {
-                inst.status = status.into();
+                inst.status = status;
                 inst.status_detail = if prior.is_empty() { detail } else { format!("{detail}; {prior}") };
                 inst.cluster_id.clear();
                 inst.cluster_name.clear();
@@ -398,11 +425,7 @@ impl Root {
             }
             let n = svc.next_instance;
             svc.next_instance += 1;
-            svc.instance_list.push(InstanceRecord {
-                instance_number: n,
-                status: "REQUESTED".into(),
-                ..Default::default()
-            });
+            svc.instance_list.push(InstanceRecord::new(n, InstanceState::Requested));
             let idx = svc.instance_list.len() - 1;
             self.place_instance(tx, &mut svc, idx, &mut out, "")?;
             let inst = svc.instance_list[idx].clone();
@@ -459,26 +482,30 @@ impl Root {
         let svc = tx.get::<ServiceRecord>(SERVICES, &st.service_id)?;
         let pos = svc.as_ref().and_then(|s| s.instance_list.iter().position(|i| i.instance_number == n));
         let (Some(mut svc), Some(pos)) = (svc, pos) else {
-            if st.status != "UNDEPLOYED" {
+            if st.status != InstanceState::Undeployed.as_str() {
                 tracing::warn!(cluster_id, service_id = %st.service_id, instance = n, status = %st.status, "status for an instance the root does not have; telling the cluster to undeploy it");
                 out.push((cluster_id.to_string(), undeploy_msg(&st.service_id, n)));
             }
             return Ok(());
         };
         if svc.instance_list[pos].cluster_id != cluster_id {
-            if st.status != "UNDEPLOYED" {
+            if st.status != InstanceState::Undeployed.as_str() {
                 tracing::warn!(cluster_id, service_id = %st.service_id, instance = n, "instance is assigned to another cluster; telling this one to undeploy it");
                 out.push((cluster_id.to_string(), undeploy_msg(&st.service_id, n)));
             }
             return Ok(());
         }
+        let Some(state) = InstanceState::parse(&st.status) else {
+            tracing::warn!(cluster_id, service_id = %st.service_id, instance = n, status = %st.status, "status outside Oakestra's vocabulary ignored");
+            return Ok(());
+        };
         let inst = &mut svc.instance_list[pos];
         inst.last_modified_ms = oak_proto::now_ms();
-        match st.status.as_str() {
-            "UNDEPLOYED" if inst.undeploying => {
+        match state {
+            InstanceState::Undeployed if inst.undeploying => {
                 svc.instance_list.remove(pos);
             }
-            "NO_WORKER_CAPACITY" | "NO_QUALIFIED_WORKER_FOUND" if !inst.undeploying => {
+            InstanceState::NoWorkerCapacity | InstanceState::NoQualifiedWorkerFound if !inst.undeploying => {
                 let cname = inst.cluster_name.clone();
                 if !inst.tried_clusters.iter().any(|c| c == cluster_id) {
                     inst.tried_clusters.push(cluster_id.to_string());
@@ -488,7 +515,7 @@ impl Root {
                 self.place_instance(tx, &mut svc, pos, out, &prior)?;
             }
             _ => {
-                inst.status = st.status.clone();
+                inst.status = state;
                 inst.status_detail = st.detail.clone();
                 if !st.node_id.is_empty() {
                     inst.worker_id = st.node_id.clone();
@@ -521,7 +548,7 @@ impl Root {
                         }
                     }
                 }
-                if st.status == "RUNNING" {
+                if state == InstanceState::Running {
                     inst.tried_clusters.clear();
                 }
             }
@@ -660,7 +687,7 @@ impl Root {
                 let mut changed = false;
                 for idx in 0..svc.instance_list.len() {
                     let i = &mut svc.instance_list[idx];
-                    if i.undeploying || !scheduler::is_unplaced(&i.status) {
+                    if i.undeploying || !i.status.is_unplaced() {
                         continue;
                     }
                     if full {
@@ -668,14 +695,14 @@ impl Root {
                     } else {
                         i.tried_clusters.retain(|c| !grown.contains(c));
                     }
-                    let before = (i.status.clone(), i.status_detail.clone());
+                    let before = (i.status, i.status_detail.clone());
                     let prior = if full { String::new() } else { previous_refusals(&i.status_detail) };
                     if self.place_instance(tx, &mut svc, idx, &mut out, &prior)? {
                         placed += 1;
                         changed = true;
                     } else {
                         let i = &svc.instance_list[idx];
-                        changed |= (i.status.clone(), i.status_detail.clone()) != before;
+                        changed |= (i.status, i.status_detail.clone()) != before;
                     }
                 }
                 if changed {

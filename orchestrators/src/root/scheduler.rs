@@ -1,6 +1,8 @@
 //! Root placement: pick a cluster for one instance. Pure function, no I/O.
 
 use oak_proto::v1::{ClusterAggregate, ServiceSpec};
+use oak_proto::{arch, InstanceState};
+use InstanceState::{NoActiveClusterWithCapacity, TargetClusterNotActive, TargetClusterNotFound};
 
 /// What the scheduler needs to know about a cluster.
 #[derive(Debug, Clone, Default)]
@@ -46,20 +48,12 @@ fn geo_misfit(spec: &ServiceSpec, location: &str) -> Option<String> {
     None
 }
 
-/// Why nothing could be placed: (`status` in Oakestra's vocabulary, human readable `detail`).
+/// Why nothing could be placed: the root's `status` (one of the unplaced states, see
+/// [`InstanceState::is_unplaced`]; such instances are retried) and a human readable `detail`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unplaced {
-    pub status: &'static str,
+    pub status: InstanceState,
     pub detail: String,
-}
-
-pub const TARGET_NOT_FOUND: &str = "TargetClusterNotFound";
-pub const TARGET_NOT_ACTIVE: &str = "TargetClusterNotActive";
-pub const NO_CAPACITY: &str = "NoActiveClusterWithCapacity";
-
-/// Statuses meaning "the root could not place this instance"; such instances are retried.
-pub fn is_unplaced(status: &str) -> bool {
-    matches!(status, TARGET_NOT_FOUND | TARGET_NOT_ACTIVE | NO_CAPACITY)
 }
 
 fn misfit(spec: &ServiceSpec, a: &ClusterAggregate) -> Option<String> {
@@ -69,7 +63,8 @@ fn misfit(spec: &ServiceSpec, a: &ClusterAggregate) -> Option<String> {
     if !spec.virtualization.is_empty() && !a.virtualization.iter().any(|v| v == &spec.virtualization) {
         return Some(format!("does not offer virtualization '{}' (has {:?})", spec.virtualization, a.virtualization));
     }
-    if !spec.arch.is_empty() && !spec.arch.iter().any(|x| a.arch.contains(x)) {
+    // both sides through the one architecture table: an SLA's "x86_64" is an "amd64" cluster
+    if !spec.arch.is_empty() && !a.arch.iter().any(|x| arch::matches(&spec.arch, x)) {
         return Some(format!("has no worker with arch {:?} (has {:?})", spec.arch, a.arch));
     }
     if spec.vcpus > a.max_free_cpu_cores + 1e-9 {
@@ -109,21 +104,24 @@ pub fn place(spec: &ServiceSpec, clusters: &[ClusterView], tried: &[String]) -> 
         candidates.retain(|c| targets.contains(&c.name.as_str()));
         if candidates.is_empty() {
             return Err(Unplaced {
-                status: TARGET_NOT_FOUND,
+                status: TargetClusterNotFound,
                 detail: format!("NoTargetCluster: target cluster {targets:?} is not registered"),
             });
         }
         if !candidates.iter().any(|c| c.active) {
             return Err(Unplaced {
-                status: TARGET_NOT_ACTIVE,
+                status: TargetClusterNotActive,
                 detail: format!("NoTargetCluster: target cluster {targets:?} is registered but not active"),
             });
         }
     } else if candidates.is_empty() {
-        return Err(Unplaced { status: NO_CAPACITY, detail: "NoTargetCluster: no cluster is registered".into() });
+        return Err(Unplaced {
+            status: NoActiveClusterWithCapacity,
+            detail: "NoTargetCluster: no cluster is registered".into(),
+        });
     } else if !candidates.iter().any(|c| c.active) {
         return Err(Unplaced {
-            status: NO_CAPACITY,
+            status: NoActiveClusterWithCapacity,
             detail: format!("NoTargetCluster: none of the {} registered clusters is active", candidates.len()),
         });
     }
@@ -147,7 +145,7 @@ pub fn place(spec: &ServiceSpec, clusters: &[ClusterView], tried: &[String]) -> 
     match best {
         Some(c) => Ok(c.id.clone()),
         None => Err(Unplaced {
-            status: NO_CAPACITY,
+            status: NoActiveClusterWithCapacity,
             detail: format!(
                 "NoResourcesAvailable: asked for {} vcpus, {} MB memory, {} gpus, {} ({}); {}",
                 spec.vcpus,
@@ -189,7 +187,7 @@ mod tests {
     #[test]
     fn no_clusters_and_inactive() {
         let e = place(&spec(1.0, 10), &[], &[]).unwrap_err();
-        assert_eq!(e.status, NO_CAPACITY);
+        assert_eq!(e.status, NoActiveClusterWithCapacity);
         assert!(e.detail.starts_with("NoTargetCluster: "));
         let e = place(&spec(1.0, 10), &[cl("1", false, 8.0, 1000)], &[]).unwrap_err();
         assert!(e.detail.starts_with("NoTargetCluster: "), "{}", e.detail);
@@ -201,7 +199,7 @@ mod tests {
         assert_eq!(place(&spec(1.0, 10), &cs, &[]).unwrap(), "2");
         assert_eq!(place(&spec(1.0, 10), &cs, &["2".into()]).unwrap(), "1");
         let e = place(&spec(1.0, 10), &cs, &["1".into(), "2".into()]).unwrap_err();
-        assert_eq!(e.status, NO_CAPACITY);
+        assert_eq!(e.status, NoActiveClusterWithCapacity);
         assert!(e.detail.starts_with("NoResourcesAvailable: "), "{}", e.detail);
     }
 
@@ -225,6 +223,22 @@ mod tests {
     }
 
     #[test]
+    fn an_x86_64_sla_is_placed_on_an_amd64_cluster() {
+        let mut s = spec(1.0, 10);
+        s.arch = vec!["x86_64".into()];
+        assert_eq!(place(&s, &[cl("1", true, 2.0, 1000)], &[]).unwrap(), "1");
+    }
+
+    #[test]
+    fn an_arm64_sla_is_refused_by_an_amd64_cluster_for_its_arch() {
+        let mut s = spec(1.0, 10);
+        s.arch = vec!["arm64".into()];
+        let e = place(&s, &[cl("1", true, 2.0, 1000)], &[]).unwrap_err();
+        assert_eq!(e.status, NoActiveClusterWithCapacity);
+        assert!(e.detail.contains("cluster 'n1' has no worker with arch [\"arm64\"]"), "{}", e.detail);
+    }
+
+    #[test]
     fn direct_constraint() {
         let cs = [cl("1", true, 2.0, 1000), cl("2", true, 8.0, 1000), cl("3", false, 8.0, 1000)];
         let mut s = spec(1.0, 10);
@@ -232,10 +246,10 @@ mod tests {
         assert_eq!(place(&s, &cs, &[]).unwrap(), "1");
         s.constraints[0].cluster = "nope".into();
         let e = place(&s, &cs, &[]).unwrap_err();
-        assert_eq!(e.status, TARGET_NOT_FOUND);
+        assert_eq!(e.status, TargetClusterNotFound);
         assert!(e.detail.starts_with("NoTargetCluster: "));
         s.constraints[0].cluster = "n3".into();
-        assert_eq!(place(&s, &cs, &[]).unwrap_err().status, TARGET_NOT_ACTIVE);
+        assert_eq!(place(&s, &cs, &[]).unwrap_err().status, TargetClusterNotActive);
     }
 
     #[test]

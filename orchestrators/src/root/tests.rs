@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oak_proto::v1 as pb;
+use oak_proto::InstanceState;
 use serde_json::{json, Value};
 
 use super::{Config, Root};
@@ -238,11 +239,11 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     };
     assert_eq!(d.instance_number, 0);
     assert_eq!(d.service.as_ref().unwrap().job_name, "web.test.nginx.test");
-    let status = |s: &str, detail: &str| pb::ClusterMessage {
+    let status = |s: InstanceState, detail: &str| pb::ClusterMessage {
         msg: Some(pb::cluster_message::Msg::Instance(pb::InstanceStatus {
             service_id: sid.clone(),
             instance_number: 0,
-            status: s.into(),
+            status: s.as_str().into(),
             detail: detail.into(),
             node_id: "n1".into(),
             node_name: "w1".into(),
@@ -250,7 +251,7 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
             ..Default::default()
         })),
     };
-    ctx.send(status("RUNNING", "")).unwrap();
+    ctx.send(status(InstanceState::Running, "")).unwrap();
     poll("RUNNING", || async {
         let (_, s) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;
         s["status"] == "RUNNING" && s["instance_list"][0]["publicip"] == "10.0.0.5"
@@ -262,7 +263,7 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
         msg: Some(pb::cluster_message::Msg::Instance(pb::InstanceStatus {
             service_id: "ffffffffffffffffffffffff".into(),
             instance_number: 3,
-            status: "RUNNING".into(),
+            status: InstanceState::Running.as_str().into(),
             ..Default::default()
         })),
     })
@@ -273,7 +274,8 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     assert_eq!((u.service_id.as_str(), u.instance_number), ("ffffffffffffffffffffffff", 3));
 
     // the only cluster says no capacity -> escalated to NoActiveClusterWithCapacity / NoResourcesAvailable
-    ctx.send(status("NO_WORKER_CAPACITY", "NoResourcesAvailable: asked 1 cpu, best worker had 0.5")).unwrap();
+    ctx.send(status(InstanceState::NoWorkerCapacity, "NoResourcesAvailable: asked 1 cpu, best worker had 0.5"))
+        .unwrap();
     poll("escalation", || async {
         let (_, s) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;
         let i = &s["instance_list"][0];
@@ -318,18 +320,14 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
 #[test]
 fn service_status_uses_oakestra_vocabulary() {
     use super::{service_status, InstanceRecord};
-    let i = |n: u32, s: &str, d: &str| InstanceRecord {
-        instance_number: n,
-        status: s.into(),
-        status_detail: d.into(),
-        ..Default::default()
-    };
+    use InstanceState::*;
+    let i = |n: u32, s: InstanceState, d: &str| InstanceRecord { status_detail: d.into(), ..InstanceRecord::new(n, s) };
     assert_eq!(service_status(&[]).0, "UNDEPLOYED");
-    let (s, d) = service_status(&[i(0, "FAILED", "exit 1"), i(1, "RUNNING", "")]);
+    let (s, d) = service_status(&[i(0, Failed, "exit 1"), i(1, Running, "")]);
     assert_eq!(s, "RUNNING");
     assert!(d.starts_with("1/2 instances running"), "{d}");
-    let (s, d) = service_status(&[i(0, "NoActiveClusterWithCapacity", "NoTargetCluster: no cluster is registered")]);
+    let (s, d) = service_status(&[i(0, NoActiveClusterWithCapacity, "NoTargetCluster: no cluster is registered")]);
     assert_eq!(s, "NoActiveClusterWithCapacity");
     assert!(d.contains("NoTargetCluster: "), "{d}");
-    assert_eq!(service_status(&[i(0, "NODE_SCHEDULED", ""), i(1, "CLUSTER_SCHEDULED", "")]).0, "NODE_SCHEDULED");
+    assert_eq!(service_status(&[i(0, NodeScheduled, ""), i(1, ClusterScheduled, "")]).0, "NODE_SCHEDULED");
 }

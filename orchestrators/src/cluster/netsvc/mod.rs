@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
+use oak_proto::instance_key;
 use oak_proto::net::v1 as pb;
 use pb::cluster_net_service_server::{ClusterNetService, ClusterNetServiceServer};
 use pb::root_net_service_client::RootNetServiceClient;
@@ -347,8 +348,7 @@ impl ClusterNetSvc {
     }
 
     pub async fn deregister_instance(&self, key: pb::InstanceKey) -> Result<()> {
-        let removed =
-            self.mutate(|s| Ok(s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number))))?;
+        let removed = self.mutate(|s| Ok(s.instances.remove(&instance_key(&key.service_id, key.instance_number))))?;
         if let Some(root) = self.inner.root.clone() {
             if let Err(e) = root.clone().deregister_instance(key.clone()).await {
                 tracing::warn!(error = %e.message(), "could not forward instance removal to root");

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
+use oak_proto::instance_key;
 use oak_proto::net::v1 as pb;
 use pb::root_net_service_server::{RootNetService, RootNetServiceServer};
 use redb::{ReadableDatabase, TableDefinition};
@@ -71,8 +72,9 @@ impl InstanceRec {
             worker_subnet: self.worker_subnet.clone(),
         }
     }
+    /// The key the instance is filed under (`service_id/instance_number`).
     pub(crate) fn key(&self) -> String {
-        format!("{}/{}", self.service_id, self.instance_number)
+        instance_key(&self.service_id, self.instance_number)
     }
 }
 
@@ -82,7 +84,7 @@ struct RootState {
     blocks: BTreeMap<u32, String>,
     /// service id -> addresses
     services: BTreeMap<String, ServiceRec>,
-    /// "service_id/instance_number" -> instance
+    /// instance key (`service_id/instance_number`) -> instance
     instances: BTreeMap<String, InstanceRec>,
     /// worker subnet -> its route, as the cluster that leased it reported
     #[serde(default)]
@@ -381,8 +383,7 @@ impl RootNetSvc {
     }
 
     pub fn deregister_instance(&self, key: &pb::InstanceKey) -> Result<()> {
-        let removed =
-            self.mutate(|s| Ok(s.instances.remove(&format!("{}/{}", key.service_id, key.instance_number))))?;
+        let removed = self.mutate(|s| Ok(s.instances.remove(&instance_key(&key.service_id, key.instance_number))))?;
         if let Some(r) = removed {
             self.notify(&r.service_id, &r.job_name, &r.cluster_id);
         }
