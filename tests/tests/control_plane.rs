@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use oak_tests::{bin, require_root, wait_for, Api, Net};
 use serde_json::{json, Value};
+use testbed::{bin, require_root, wait_for, Api, Net};
 
 const PW: &str = "test-admin-pw";
 

@@ -17,12 +17,11 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use oak_tests::{bin, require_root, wait_for, Api, Host, Net, Proc};
 use serde_json::{json, Value};
+use testbed::{bin, in_netns, require_root, wait_for, Api, Host, Net, Proc};
 
 const PW: &str = "mdnc-admin-pw";
 const PORT: u16 = 8080;
@@ -41,17 +40,6 @@ fn mdnc_cross_cluster_service_ip_tun() {
         return;
     }
     mdnc(&["--no-ebpf"]);
-}
-
-/// Runs `f` on a thread inside the network namespace at `path` (e.g. `/proc/<pid>/ns/net`).
-fn in_netns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-    std::thread::spawn(move || {
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread in namespace panicked")
 }
 
 /// An "instance": a `sleep` process in a fresh network namespace; killed when dropped.
@@ -76,7 +64,7 @@ impl Instance {
     }
     /// A TCP server on PORT answering `name` (write and close); returns once it listens.
     fn serve(&self, name: &'static str) {
-        let l = in_netns(&self.ns, || TcpListener::bind(("0.0.0.0", PORT)).unwrap());
+        let l = in_netns(&self.ns, || TcpListener::bind(("0.0.0.0", PORT)).unwrap()).unwrap();
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
                 let _ = s.write_all(format!("{name}\n").as_bytes());
@@ -93,6 +81,7 @@ impl Instance {
             s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
             Ok(out.trim().to_string())
         })
+        .unwrap_or_else(|e| Err(format!("{e:#}")))
     }
 }
 
@@ -126,20 +115,8 @@ struct Worker<'a> {
 
 impl Worker<'_> {
     fn api(&self, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("http://127.0.0.1:6000{path}");
-        self.host.run(move || {
-            let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-            let req = agent.request(method, &url);
-            let r = match body {
-                Some(b) => req.send_json(b),
-                None => req.call(),
-            };
-            match r {
-                Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
-                Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or(Value::Null)),
-                Err(e) => (0, Value::String(e.to_string())),
-            }
-        })
+        let (api, path) = (Api::at("http://127.0.0.1:6000"), path.to_string());
+        self.host.run(move || api.call(method, &path, body.as_ref()))
     }
     fn deploy(&self, inst: &Instance, job: &str, sid: &str, n: u32) -> Ipv4Addr {
         let body = json!({"pid": inst.pid(), "serviceName": job, "serviceId": sid, "instanceNumber": n});

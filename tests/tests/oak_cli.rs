@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use oak_tests::{bin, require_root, wait_for, Api, Net};
+use testbed::{bin, require_root, wait_for, Api, Net};
 
 fn oak_cli() -> Option<PathBuf> {
     let p = std::env::var_os("OAK_CLI")

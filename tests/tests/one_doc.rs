@@ -6,8 +6,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use oak_tests::{bin, require_root, wait_for, Api, Net};
+use oak_proto::InstanceState;
 use serde_json::{json, Value};
+use testbed::{bin, require_root, wait_for, Api, Net};
 
 fn containerd_ready() -> bool {
     Command::new("ctr").arg("version").output().is_ok_and(|o| o.status.success())
@@ -88,8 +89,9 @@ fn one_doc_deploy_reach_restart_undeploy() {
         if seen.last() != Some(&st) {
             seen.push(st.clone());
         }
-        assert!(!matches!(st.as_str(), "FAILED" | "DEAD"), "instance failed: {i}");
-        (st == "RUNNING").then_some(i)
+        let state = InstanceState::parse(&st);
+        assert!(!matches!(state, Some(InstanceState::Failed | InstanceState::Dead)), "instance failed: {i}");
+        (state == Some(InstanceState::Running)).then_some(i)
     });
     eprintln!("states seen: {seen:?}");
     assert_eq!(inst["node_name"], "doc-worker", "{inst}");

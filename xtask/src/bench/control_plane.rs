@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args as ClapArgs;
+use oak_proto::InstanceState;
 use serde_json::{json, Value};
 
+use super::stats::{pct, rss_kb};
 use crate::util::{cargo, sh, step};
 
 #[derive(ClapArgs, Debug)]
@@ -39,24 +41,6 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
 }
 
 fn spawn(
@@ -236,20 +220,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let mut got_placed = false;
         loop {
             let v = get(&format!("/api/service/{sid}"))?;
-            let st = v["instance_list"][0]["status"].as_str().unwrap_or("").to_string();
-            if !got_placed && matches!(st.as_str(), "NODE_SCHEDULED" | "CREATING" | "CREATED" | "RUNNING") {
+            let status = v["instance_list"][0]["status"].as_str().unwrap_or("");
+            let st = InstanceState::parse(status);
+            if !got_placed && st.is_some_and(InstanceState::is_placed) {
                 placed.push(t.elapsed().as_secs_f64() * 1e3);
                 got_placed = true;
             }
-            if st == "RUNNING" {
-                running.push(t.elapsed().as_secs_f64() * 1e3);
-                break;
-            }
-            if !matches!(st.as_str(), "REQUESTED" | "CLUSTER_SCHEDULED" | "NODE_SCHEDULED" | "CREATING" | "CREATED") {
-                bail!("service {sid}: unexpected status {st}: {}", v["instance_list"][0]);
+            match st {
+                Some(InstanceState::Running) => {
+                    running.push(t.elapsed().as_secs_f64() * 1e3);
+                    break;
+                }
+                // on its way: not yet placed, or placed and starting
+                Some(InstanceState::Requested | InstanceState::ClusterScheduled) => {}
+                Some(s) if s.is_placed() => {}
+                _ => bail!("service {sid}: unexpected status {status}: {}", v["instance_list"][0]),
             }
             if t.elapsed() > Duration::from_secs(30) {
-                bail!("service {sid} not RUNNING after 30 s (status {st})");
+                bail!("service {sid} not RUNNING after 30 s (status {status})");
             }
             std::thread::sleep(Duration::from_micros(500));
         }

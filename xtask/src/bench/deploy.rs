@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args as ClapArgs;
+use oak_proto::InstanceState;
 use serde_json::{json, Value};
+use testbed::{in_netns, ip};
 
+use super::stats::{pct, rss_kb};
 use crate::util::{cargo, sh, step};
 
 #[derive(ClapArgs, Debug)]
@@ -58,10 +61,6 @@ impl Drop for Stack {
     }
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    sh(Command::new("ip").args(args))
-}
-
 fn spawn(
     stack: &mut Stack,
     name: &str,
@@ -83,26 +82,6 @@ fn spawn(
     Ok(pid)
 }
 
-/// Runs `f` on a thread inside network namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || -> anyhow::Result<T> {
-        let fd = File::open(&path)?;
-        use std::os::fd::AsRawFd;
-        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn cpu_ticks(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -110,15 +89,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     // after the command: state(0) ... utime(11) stime(12)
     f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -203,7 +173,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // (`ip netns exec` execs the program: the pid is the NodeEngine's)
 
     let api = "http://127.0.0.1:10000".to_string();
-    let token: String = in_ns(&ns, {
+    let token: String = in_netns(&ns, {
         let api = api.clone();
         move || -> anyhow::Result<String> {
             let t = Instant::now();
@@ -223,7 +193,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })??;
     let auth = format!("Bearer {token}");
     let (n, api2, auth2, image2) = (a.deployments, api.clone(), auth.clone(), image.clone());
-    let mut times: Vec<f64> = in_ns(&ns, move || -> anyhow::Result<Vec<f64>> {
+    let mut times: Vec<f64> = in_netns(&ns, move || -> anyhow::Result<Vec<f64>> {
         let get = |p: &str| -> anyhow::Result<Value> {
             Ok(ureq::get(&format!("{api2}{p}")).set("Authorization", &auth2).call()?.into_json()?)
         };
@@ -259,9 +229,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     .find(|i| i["instance_number"] == num)
                     .cloned()
                     .unwrap_or_default();
-                match inst["status"].as_str().unwrap_or("") {
-                    "RUNNING" => break,
-                    "FAILED" | "DEAD" => bail!("deployment failed: {inst}"),
+                match inst["status"].as_str().and_then(InstanceState::parse) {
+                    Some(InstanceState::Running) => break,
+                    Some(InstanceState::Failed | InstanceState::Dead) => bail!("deployment failed: {inst}"),
                     _ if t.elapsed() > Duration::from_secs(60) => bail!("not RUNNING after 60 s: {inst}"),
                     _ => std::thread::sleep(Duration::from_millis(2)),
                 }

@@ -3,6 +3,7 @@
 pub mod control_plane;
 pub mod deploy;
 pub mod overlay;
+mod stats;
 
 use clap::Subcommand;
 

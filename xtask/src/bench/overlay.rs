@@ -35,16 +35,19 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args as ClapArgs;
+use parking_lot::Mutex;
 use serde_json::{json, Value};
+use testbed::{in_netns, ip, join, spawn_in_netns};
 
 use crate::util::{cargo, sh, step};
 
@@ -269,9 +272,9 @@ struct World {
 
 impl World {
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
-        cmd_ok(&["ip", "netns", "add", name])?;
+        ip(&["netns", "add", name])?;
         self.netns.push(name.to_string());
-        cmd_ok(&["ip", "-n", name, "link", "set", "lo", "up"])
+        ip(&["-n", name, "link", "set", "lo", "up"])
     }
 
     fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<u32> {
@@ -301,7 +304,7 @@ impl World {
                     "for d in $(ip -o link show type veth | sed -n 's/^[0-9]*: \\([^@:]*\\).*/\\1/p'); do \
                      for q in /sys/class/net/$d/queues/rx-*/rps_cpus; do echo {mask} > $q || exit 1; done; done"
                 );
-                cmd_ok(&["ip", "netns", "exec", ns, "sh", "-c", &script])
+                ip(&["netns", "exec", ns, "sh", "-c", &script])
                     .with_context(|| format!("setting RPS on the veths of {ns}"))?;
             }
         }
@@ -363,32 +366,10 @@ impl Drop for World {
 // ---------------------------------------------------------------------------------------------------------
 // helpers
 
-fn cmd_ok(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
-    if !out.status.success() {
-        bail!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-/// Runs `f` on a fresh thread inside the network namespace at `ns` (a path); sockets it creates live there.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-    let file = fs::File::open(ns).with_context(|| format!("open {ns}"))?;
-    let h = std::thread::spawn(move || -> anyhow::Result<T> {
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-        Ok(f())
-    });
-    h.join().map_err(|_| anyhow!("thread in {ns} panicked"))?
-}
-
-fn netns_path(name: &str) -> String {
-    format!("/run/netns/{name}")
-}
-
 /// HTTP with JSON bodies from inside `ns` (the services listen on that namespace's loopback).
 fn http(ns: &str, method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> anyhow::Result<Value> {
     let (method, url, token) = (method.to_string(), url.to_string(), token.map(str::to_string));
-    in_ns(ns, move || -> anyhow::Result<Value> {
+    in_netns(ns, move || -> anyhow::Result<Value> {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
         let mut req = agent.request(&method, &url);
         if let Some(t) = token {
@@ -439,7 +420,7 @@ fn instance(w: &mut World, name: &str) -> anyhow::Result<u32> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    cmd_ok(&["nsenter", "-t", &pid.to_string(), "-n", "ip", "link", "set", "lo", "up"])?;
+    testbed::run(&["nsenter", "-t", &pid.to_string(), "-n", "ip", "link", "set", "lo", "up"])?;
     Ok(pid)
 }
 
@@ -454,9 +435,10 @@ enum Ns {
 }
 
 impl Ns {
+    /// The namespace as testbed names it: an `ip netns` name, or the path of a process's namespace.
     fn path(&self) -> String {
         match self {
-            Ns::Named(n) => netns_path(n),
+            Ns::Named(n) => n.clone(),
             Ns::Pid(p) => format!("/proc/{p}/ns/net"),
         }
     }
@@ -583,18 +565,11 @@ fn rr_server(
     ns: &str,
     size: usize,
     stop: Arc<AtomicBool>,
-    cpus: Arc<std::sync::Mutex<Vec<usize>>>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let file = fs::File::open(ns).with_context(|| format!("open {ns}"))?;
+    cpus: Arc<Mutex<Vec<usize>>>,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let r = (|| -> anyhow::Result<TcpListener> {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let l = TcpListener::bind(("0.0.0.0", RR_PORT))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })();
-        let l = match r {
+    let h = spawn_in_netns(ns, move || {
+        let l = match TcpListener::bind(("0.0.0.0", RR_PORT)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
             Ok(l) => {
                 let _ = tx.send(Ok(()));
                 l
@@ -608,7 +583,7 @@ fn rr_server(
         while !stop.load(Ordering::Relaxed) {
             match l.accept() {
                 Ok((mut s, _)) => {
-                    pin_thread(&cpus.lock().expect("cpus lock"));
+                    pin_thread(&cpus.lock());
                     let _ = s.set_nonblocking(false);
                     let _ = s.set_nodelay(true);
                     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -621,15 +596,22 @@ fn rr_server(
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).context("ping-pong server did not start")??;
+    })?;
+    match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(listening) => listening?,
+        // the thread ended before a word: it could not enter the namespace, and says why
+        Err(RecvTimeoutError::Disconnected) => {
+            return Err(join(ns, h).err().unwrap_or_else(|| anyhow!("ping-pong server ended before listening")))
+        }
+        Err(RecvTimeoutError::Timeout) => bail!("ping-pong server did not start"),
+    }
     Ok(h)
 }
 
 /// A ping-pong connection from `ns` to `port` at `to` (sockets keep the namespace they were created in),
 /// warmed up with `warmup` round trips.
 fn rr_connect(ns: &str, to: Ipv4Addr, port: u16, size: usize, warmup: u32) -> anyhow::Result<TcpStream> {
-    in_ns(ns, move || -> anyhow::Result<TcpStream> {
+    in_netns(ns, move || -> anyhow::Result<TcpStream> {
         let mut s = TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(3))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -720,7 +702,7 @@ fn rr_pair(
     server_cpus: &[usize],
 ) -> (Quantiles, Quantiles) {
     let listen = |ns: &str| {
-        in_ns(ns, || TcpListener::bind(("0.0.0.0", RR_PAIR_PORT))).and_then(|r| r.map_err(anyhow::Error::from))
+        in_netns(ns, || TcpListener::bind(("0.0.0.0", RR_PAIR_PORT))).and_then(|r| r.map_err(anyhow::Error::from))
     };
     let (lb, lo) = match (listen(base.server_ns), listen(own.server_ns)) {
         (Ok(b), Ok(o)) => (b, o),
@@ -801,7 +783,7 @@ fn rr_pair(
 
 /// A TCP connection from `ns` to `to` succeeds (and is closed at once).
 fn can_connect(ns: &str, to: Ipv4Addr, port: u16) -> anyhow::Result<bool> {
-    in_ns(ns, move || TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(2)).is_ok())
+    in_netns(ns, move || TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(2)).is_ok())
 }
 
 #[derive(Clone, Debug)]
@@ -845,7 +827,7 @@ struct Plain {
     server: Ns,
     ip: Ipv4Addr,
     /// The CPUs its ping-pong server serves the next connection on.
-    rr_cpus: Arc<std::sync::Mutex<Vec<usize>>>,
+    rr_cpus: Arc<Mutex<Vec<usize>>>,
     /// Per placement: every plain veth figure of the run (1-stream, 8-stream, p50, p99).
     all: Vec<[Vec<f64>; 4]>,
 }
@@ -873,7 +855,7 @@ fn measure(
     }
     let stop = Arc::new(AtomicBool::new(false));
     w.stops.push(stop.clone());
-    let rr_cpus = Arc::new(std::sync::Mutex::new(allowed_cpus()));
+    let rr_cpus = Arc::new(Mutex::new(allowed_cpus()));
     let server_thread = match rr_server(&server.path(), a.rr_bytes, stop.clone(), rr_cpus.clone()) {
         Ok(h) => Some(h),
         Err(e) => {
@@ -902,9 +884,9 @@ fn measure(
         for (i, p) in places.iter().enumerate() {
             check_interrupted()?;
             w.apply(p)?;
-            *rr_cpus.lock().expect("cpus lock") = p.b.clone();
+            *rr_cpus.lock() = p.b.clone();
             if let Some(pl) = plain.as_deref() {
-                *pl.rr_cpus.lock().expect("cpus lock") = p.b.clone();
+                *pl.rr_cpus.lock() = p.b.clone();
             }
             eprintln!("    round {round}/{}, {} layout", a.rounds.max(1), p.layout);
             for (streams, slot) in [(1, 0), (8, 1)] {
@@ -1093,17 +1075,17 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     step(&format!("worker namespaces {na} ({IP_A}) and {nb} ({IP_B}) joined by a veth pair (the underlay)"));
     w.add_netns(&na)?;
     w.add_netns(&nb)?;
-    cmd_ok(&["ip", "-n", &na, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", &nb])?;
-    for (n, ip) in [(&na, IP_A), (&nb, IP_B)] {
-        cmd_ok(&["ip", "-n", n, "addr", "add", &format!("{ip}/24"), "dev", "up0"])?;
-        cmd_ok(&["ip", "-n", n, "link", "set", "up0", "up"])?;
-        cmd_ok(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    ip(&["-n", &na, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", &nb])?;
+    for (n, addr) in [(&na, IP_A), (&nb, IP_B)] {
+        ip(&["-n", n, "addr", "add", &format!("{addr}/24"), "dev", "up0"])?;
+        ip(&["-n", n, "link", "set", "up0", "up"])?;
+        ip(&["netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     }
     // plain veth, the baseline: a second veth pair between the workers that nothing else uses
-    cmd_ok(&["ip", "-n", &na, "link", "add", "ref0", "type", "veth", "peer", "name", "ref0", "netns", &nb])?;
-    for (n, ip) in [(&na, REF_A), (&nb, REF_B)] {
-        cmd_ok(&["ip", "-n", n, "addr", "add", &format!("{ip}/24"), "dev", "ref0"])?;
-        cmd_ok(&["ip", "-n", n, "link", "set", "ref0", "up"])?;
+    ip(&["-n", &na, "link", "add", "ref0", "type", "veth", "peer", "name", "ref0", "netns", &nb])?;
+    for (n, addr) in [(&na, REF_A), (&nb, REF_B)] {
+        ip(&["-n", n, "addr", "add", &format!("{addr}/24"), "dev", "ref0"])?;
+        ip(&["-n", n, "link", "set", "ref0", "up"])?;
     }
     let (wa, wb) = (Ns::Named(na.clone()), Ns::Named(nb.clone()));
     w.workers = Some((na.clone(), nb.clone()));
@@ -1138,7 +1120,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     w.placed.push((pid, Side::B));
     let stop = Arc::new(AtomicBool::new(false));
     w.stops.push(stop.clone());
-    let rr_cpus = Arc::new(std::sync::Mutex::new(allowed_cpus()));
+    let rr_cpus = Arc::new(Mutex::new(allowed_cpus()));
     // (its thread ends with the run: the guard sets `stop`)
     rr_server(&wb.path(), a.rr_bytes, stop, rr_cpus.clone())?;
     wait_for("plain veth: iperf3 server up", Duration::from_secs(10), || can_connect(&wa.path(), REF_B, 5201))?;
@@ -1156,25 +1138,14 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         let (ra, rb) = (format!("obra{id}"), format!("obrb{id}"));
         for (wn, inst, peer, mine, theirs) in [(&na, &ra, IP_B, 1u8, 2u8), (&nb, &rb, IP_A, 2, 1)] {
             w.add_netns(inst)?;
-            cmd_ok(&["ip", "-n", wn, "link", "add", "rth0", "type", "veth", "peer", "name", "eth0", "netns", inst])?;
-            cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.250.{mine}.1/24"), "dev", "rth0"])?;
-            cmd_ok(&["ip", "-n", wn, "link", "set", "rth0", "up"])?;
-            cmd_ok(&["ip", "-n", inst, "addr", "add", &format!("10.250.{mine}.2/24"), "dev", "eth0"])?;
+            ip(&["-n", wn, "link", "add", "rth0", "type", "veth", "peer", "name", "eth0", "netns", inst])?;
+            ip(&["-n", wn, "addr", "add", &format!("10.250.{mine}.1/24"), "dev", "rth0"])?;
+            ip(&["-n", wn, "link", "set", "rth0", "up"])?;
+            ip(&["-n", inst, "addr", "add", &format!("10.250.{mine}.2/24"), "dev", "eth0"])?;
             // the overlays' instance MTU, so every datapath's TCP uses the same segment size
-            cmd_ok(&["ip", "-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
-            cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.250.{mine}.1")])?;
-            cmd_ok(&[
-                "ip",
-                "-n",
-                wn,
-                "route",
-                "add",
-                &format!("10.250.{theirs}.0/24"),
-                "via",
-                &peer.to_string(),
-                "dev",
-                "up0",
-            ])?;
+            ip(&["-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
+            ip(&["-n", inst, "route", "add", "default", "via", &format!("10.250.{mine}.1")])?;
+            ip(&["-n", wn, "route", "add", &format!("10.250.{theirs}.0/24"), "via", &peer.to_string(), "dev", "up0"])?;
         }
         rows.extend(measure(
             w,
@@ -1187,8 +1158,8 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             Some(&mut plain),
         )?);
         for (n, theirs) in [(&na, 2), (&nb, 1)] {
-            let _ = cmd_ok(&["ip", "-n", n, "route", "del", &format!("10.250.{theirs}.0/24")]);
-            let _ = cmd_ok(&["ip", "-n", n, "link", "del", "rth0"]);
+            let _ = ip(&["-n", n, "route", "del", &format!("10.250.{theirs}.0/24")]);
+            let _ = ip(&["-n", n, "link", "del", "rth0"]);
         }
     }
 
@@ -1198,8 +1169,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         let (va, vb) = (format!("obva{id}"), format!("obvb{id}"));
         for (wn, inst, peer, mine, theirs) in [(&na, &va, IP_B, 1u8, 2u8), (&nb, &vb, IP_A, 2, 1)] {
             w.add_netns(inst)?;
-            cmd_ok(&[
-                "ip",
+            ip(&[
                 "-n",
                 wn,
                 "link",
@@ -1216,18 +1186,17 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
                 "dev",
                 "up0",
             ])?;
-            cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.99.0.{mine}/24"), "dev", "vx0"])?;
-            cmd_ok(&["ip", "-n", wn, "link", "set", "vx0", "up"])?;
-            cmd_ok(&["ip", "-n", wn, "link", "add", "vxbr0", "type", "bridge"])?;
-            cmd_ok(&["ip", "-n", wn, "addr", "add", &format!("10.244.{mine}.1/24"), "dev", "vxbr0"])?;
-            cmd_ok(&["ip", "-n", wn, "link", "set", "vxbr0", "up"])?;
-            cmd_ok(&["ip", "-n", wn, "link", "add", "vxh0", "type", "veth", "peer", "name", "eth0", "netns", inst])?;
-            cmd_ok(&["ip", "-n", wn, "link", "set", "vxh0", "master", "vxbr0", "up"])?;
-            cmd_ok(&["ip", "-n", inst, "addr", "add", &format!("10.244.{mine}.2/24"), "dev", "eth0"])?;
-            cmd_ok(&["ip", "-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
-            cmd_ok(&["ip", "-n", inst, "route", "add", "default", "via", &format!("10.244.{mine}.1")])?;
-            cmd_ok(&[
-                "ip",
+            ip(&["-n", wn, "addr", "add", &format!("10.99.0.{mine}/24"), "dev", "vx0"])?;
+            ip(&["-n", wn, "link", "set", "vx0", "up"])?;
+            ip(&["-n", wn, "link", "add", "vxbr0", "type", "bridge"])?;
+            ip(&["-n", wn, "addr", "add", &format!("10.244.{mine}.1/24"), "dev", "vxbr0"])?;
+            ip(&["-n", wn, "link", "set", "vxbr0", "up"])?;
+            ip(&["-n", wn, "link", "add", "vxh0", "type", "veth", "peer", "name", "eth0", "netns", inst])?;
+            ip(&["-n", wn, "link", "set", "vxh0", "master", "vxbr0", "up"])?;
+            ip(&["-n", inst, "addr", "add", &format!("10.244.{mine}.2/24"), "dev", "eth0"])?;
+            ip(&["-n", inst, "link", "set", "eth0", "mtu", "1450", "up"])?;
+            ip(&["-n", inst, "route", "add", "default", "via", &format!("10.244.{mine}.1")])?;
+            ip(&[
                 "-n",
                 wn,
                 "route",
@@ -1251,8 +1220,8 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         )?);
         // take VXLAN away so it cannot interfere with the overlays
         for n in [&na, &nb] {
-            let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vx0"]);
-            let _ = cmd_ok(&["ip", "-n", n, "link", "del", "vxbr0"]);
+            let _ = ip(&["-n", n, "link", "del", "vx0"]);
+            let _ = ip(&["-n", n, "link", "del", "vxbr0"]);
         }
     }
     let (tun_on, ebpf_on) = (a.only.contains(&Datapath::Tun), a.only.contains(&Datapath::Ebpf));
@@ -1283,7 +1252,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
             .args(["--report-interval-ms", "1000"])
             .env("OAK_ADMIN_PASSWORD", ADMIN_PW),
     )?;
-    let pa = netns_path(&na);
+    let pa = na.clone();
     let api = "http://127.0.0.1:10000";
     wait_for("root API", Duration::from_secs(30), || {
         Ok(http(&pa, "GET", &format!("{api}/api/health"), None, None).is_ok())
@@ -1380,7 +1349,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         let name = format!("netmanager-{tag}");
         let pid = w.spawn(&name, &mut c)?;
         w.placed.push((pid, if tag == "a" { Side::A } else { Side::B }));
-        let p = netns_path(ns);
+        let p = ns.to_string();
         let r = wait_for(
             &format!("NetManager {tag} ready (eBPF {})", if ebpf { "on" } else { "off" }),
             Duration::from_secs(30),
@@ -1403,7 +1372,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
         }
         Ok(())
     };
-    let counters = |ns: &str| http(&netns_path(ns), "GET", &format!("http://127.0.0.1:{NM_API}/counters"), None, None);
+    let counters = |ns: &str| http(ns, "GET", &format!("http://127.0.0.1:{NM_API}/counters"), None, None);
 
     // the instances are deployed once, on the first datapath's NetManagers
     nm(w, "a", &na, !tun_on)?;
@@ -1412,7 +1381,7 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     let cli_pid = instance(w, "instance-cli-on-a")?;
     let deploy = |ns: &str, pid: u32, sid: &str, job: &str| -> anyhow::Result<String> {
         let v = http(
-            &netns_path(ns),
+            ns,
             "POST",
             &format!("http://127.0.0.1:{NM_API}/container/deploy"),
             None,
