@@ -16,8 +16,9 @@ use oak_proto::v1::{InstanceStatus, ServiceSpec};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::netmanager::{DeployRequest, NetManagerClient, UndeployRequest};
+use crate::netmanager::NetManagerClient;
 use containerd::Containerd;
+use oak_proto::netmanager_api::{DeployRequest, UndeployRequest};
 
 pub const LABEL_MANAGED: &str = "oakestra.io/managed";
 pub const LABEL_SERVICE_ID: &str = "oakestra.io/service-id";
@@ -376,10 +377,10 @@ impl Runtime {
             let ans = nm
                 .deploy(&DeployRequest {
                     pid,
-                    service_name: &spec.job_name,
-                    service_id: &spec.service_id,
+                    service_name: spec.job_name.clone(),
+                    service_id: spec.service_id.clone(),
                     instance_number: n,
-                    port_mappings: &spec.port,
+                    port_mappings: spec.port.clone(),
                 })
                 .await?;
             self.set_ns_address(&spec.service_id, n, &ans.ns_address, &ans.ns_address_v6);
@@ -601,8 +602,13 @@ impl Runtime {
             e.undeploying = true;
         }
         if let Some(nm) = &self.netmanager {
-            if let Err(e) =
-                nm.undeploy(&UndeployRequest { service_name: &job_name, service_id, instance_number: n }).await
+            if let Err(e) = nm
+                .undeploy(&UndeployRequest {
+                    service_name: job_name.clone(),
+                    service_id: service_id.into(),
+                    instance_number: n,
+                })
+                .await
             {
                 warn!(instance = %id, "{e:#}");
             }
