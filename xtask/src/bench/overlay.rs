@@ -4,8 +4,8 @@
 //! 1. plain veth between the two worker namespaces (the limit, the baseline): a veth pair of its own beside
 //!    the underlay, with nothing attached. It is measured beside every measurement of the others, in the
 //!    same round and layout (alternating 1 s iperf3 runs, the ping-pong interleaved in chunks), and each
-//!    ratio is the median over the rounds of the paired quotients: the machine's speed drifts over seconds
-//!    to minutes (plain veth went from 11 to 22 Gbit/s between runs seconds apart);
+//!    ratio is the median over the rounds of the paired quotients: a shared machine's speed drifts over
+//!    seconds to minutes, for every datapath at once;
 //! 2. routed, no overlay: an instance namespace behind a veth on each worker, the kernel forwarding between
 //!    them over the underlay (what any design with instances in namespaces behind veths and no eBPF pays,
 //!    without the cost of an overlay: the lower bound of the kernel's own path);
@@ -56,8 +56,8 @@ pub struct Args {
     /// Seconds per throughput measurement (with plain veth beside it: this many alternating 1 s runs each).
     #[arg(long, default_value_t = 5)]
     seconds: u32,
-    /// Rounds per datapath (each: 1-stream, 8-stream, ping-pong); the table shows each measure's median.
-    /// Single runs on a small shared machine vary by 10-30 %.
+    /// Rounds per datapath (each: 1-stream, 8-stream, ping-pong); the table shows each measure's median
+    /// (single runs on a small shared machine vary widely).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// Round trips per request-response latency measurement (one TCP connection).
@@ -76,8 +76,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = [Layout::Hosts, Layout::Shared])]
     layouts: Vec<Layout>,
     /// TCP congestion control of the iperf3 runs (`iperf3 -C`): cubic, the kernel's default, so the result
-    /// does not depend on the machine's sysctl (BBR paces by timer without the fq qdisc, which this kernel
-    /// lacks, and capped plain veth at ~11 Gbit/s in the hosts layout here).
+    /// does not depend on the machine's sysctl (BBR paces by timer, which without the fq qdisc caps a
+    /// veth far below its speed).
     #[arg(long, default_value = "cubic")]
     congestion: String,
     /// Extra argument for both NetManagers (repeatable), e.g. `--nm-arg=--no-tun-offload` to compare settings.
@@ -517,9 +517,8 @@ fn iperf_logged(
 
 /// Plain veth's throughput (from `base` to `base_to`) and a datapath's (from `own` to `to`): `secs` 1-second
 /// iperf3 runs each, alternating (plain, datapath, plain, ...), so both see the same seconds of this
-/// machine (its speed changes within seconds: single 5 s runs a few seconds apart went from 11 to 22
-/// Gbit/s). Each figure is the median of its runs (a slow second of the machine hits one side only), in
-/// Gbit/s.
+/// machine (its speed changes within seconds). Each figure is the median of its runs (a slow second of the
+/// machine hits one side only), in Gbit/s.
 #[allow(clippy::too_many_arguments)]
 fn iperf_pair(
     label: &str,
@@ -688,10 +687,10 @@ struct RrEnd<'a> {
 
 /// Plain veth's ping-pong (`base`) and a datapath's (`own`), `n` round trips of `size` bytes each, interleaved
 /// in ten chunks (plain, datapath, plain, ...), by one client thread on `client_cpus` and one server thread on
-/// `server_cpus` that serve both connections in turn. A round trip here is tens of µs, most of it waking a
-/// halted vCPU, and that cost drifts over seconds; and with every CPU allowed (shared layout) where the
-/// scheduler puts a server thread decides between ~15 and ~50 µs. Interleaved on the same two threads, both
-/// are measured under the same conditions. Returns ((p50, p99) of plain veth, (p50, p99) of the datapath) in
+/// `server_cpus` that serve both connections in turn. On a VM most of a round trip is waking a halted vCPU,
+/// and that cost drifts over seconds; and with every CPU allowed (shared layout) where the scheduler puts a
+/// server thread changes it several times over. Interleaved on the same two threads, both are measured
+/// under the same conditions. Returns ((p50, p99) of plain veth, (p50, p99) of the datapath) in
 /// µs; when one side cannot connect, the other is measured alone.
 fn rr_pair(
     base: RrEnd,
