@@ -1,6 +1,8 @@
 //! The two CPU layouts: which CPUs each worker gets, and binding processes and threads to them.
 
-use super::*;
+use std::fs;
+
+use super::Layout;
 
 /// Which worker a process belongs to (for the `hosts` layout's CPU split).
 #[derive(Clone, Copy, PartialEq, Eq)]

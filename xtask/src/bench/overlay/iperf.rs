@@ -1,6 +1,14 @@
 //! TCP throughput by iperf3: one run, and a datapath's runs alternated with plain veth's.
 
-use super::*;
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use super::measure::median;
+use super::world::{check_interrupted, Ns};
+use super::PLAIN;
 
 /// How iperf3 runs: for `secs` seconds, `streams` parallel streams, congestion control `cc`, the client on
 /// `cpus`.

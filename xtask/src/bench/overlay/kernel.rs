@@ -1,7 +1,14 @@
 //! The kernel's own datapaths measured beside the NetManager's: routed instances without an overlay, and
 //! kernel VXLAN. Each puts an instance namespace on both workers, is measured, and is taken away again.
 
-use super::*;
+use std::net::Ipv4Addr;
+
+use testbed::ip;
+
+use super::cpus::Placement;
+use super::measure::{measure, Plain, Row};
+use super::world::{Ns, World};
+use super::{Args, IP_A, IP_B, ROUTED, VXLAN};
 
 /// A datapath of the kernel's own.
 #[derive(Clone, Copy)]

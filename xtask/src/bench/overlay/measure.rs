@@ -1,7 +1,19 @@
 //! One datapath's rounds of measurements beside plain veth's, and the rows the report prints.
 
-use super::*;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
+use parking_lot::Mutex;
+
+use super::cpus::{allowed_cpus, placements, Placement, Side};
+use super::iperf::{iperf_logged, iperf_pair, Iperf};
+use super::rr::{can_connect, rr_client, rr_pair, rr_server, RrEnd};
+use super::world::{check_interrupted, wait_for, Ns, World};
+use super::{Args, Layout, PLAIN, RR_PORT};
+
+/// One datapath's figures in one CPU layout: a line of the report.
 #[derive(Clone, Debug)]
 pub(super) struct Row {
     pub(super) name: &'static str,

@@ -43,32 +43,25 @@ mod rr;
 mod world;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::RecvTimeoutError;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::bail;
 use clap::Args as ClapArgs;
 use parking_lot::Mutex;
-use serde_json::{json, Value};
-use testbed::{in_netns, ip, join, spawn_in_netns};
+use testbed::ip;
 
 use crate::util::{cargo, sh, step};
-
-use cpus::*;
-use iperf::*;
+use cpus::{allowed_cpus, placements, Side};
 use kernel::{measure_kernel, Kernel};
-use measure::*;
+use measure::{measure, with_plain, Plain};
 use netmanager::{counters, deploy, NetManagers, Service};
-use report::*;
-use rr::*;
-use world::*;
+use report::{hold, loadavg, report};
+use rr::{can_connect, rr_server};
+use world::{catch_signals, instance, wait_for, Ns, World};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {

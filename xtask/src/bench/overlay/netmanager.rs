@@ -2,7 +2,20 @@
 //! A's namespace, a service with a round-robin IP from the root's REST API, a NetManager on each worker,
 //! and the instances registered through the NetManagers' local API, as the NodeEngine does.
 
-use super::*;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+
+use crate::util::step;
+
+use super::cpus::Side;
+use super::world::{http, wait_for, World};
+use super::{Args, ADMIN_PW, IP_A, IP_B, NM_API};
 
 /// The application the overlays carry: a server and a client microservice, as (id, job name).
 pub(super) struct Service {

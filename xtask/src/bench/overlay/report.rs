@@ -1,6 +1,11 @@
 //! The tables, the spread of the rounds and the targets, printed at the end of a run.
 
-use super::*;
+use std::fs;
+use std::time::{Duration, Instant};
+
+use super::measure::Row;
+use super::world::check_interrupted;
+use super::{Args, Layout, EBPF, ROUTED, TUN, VXLAN};
 
 /// With --hold: waits for Ctrl-C, leaving everything up for inspection.
 pub(super) fn hold(a: &Args, what: &str) {

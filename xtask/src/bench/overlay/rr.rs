@@ -1,7 +1,20 @@
 //! TCP request-response latency: the ping-pong server and client, and a datapath's ping-pong interleaved
 //! with plain veth's on the same two threads.
 
-use super::*;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use parking_lot::Mutex;
+use testbed::{in_netns, join, spawn_in_netns};
+
+use super::cpus::pin_thread;
+use super::RR_PORT;
 
 /// The ping-pong server in `ns`: echoes fixed-size messages on every connection (one at a time, each served
 /// on the CPUs `cpus` holds when it is accepted) until `stop`; the thread ends (and its listener closes)

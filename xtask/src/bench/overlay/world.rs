@@ -1,7 +1,19 @@
 //! What a run creates and its cleanup guard, Ctrl-C handling, and the small helpers that act inside the
 //! namespaces (HTTP from inside one, polling, an instance process, running a command in one).
 
-use super::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use testbed::{in_netns, ip};
+
+use super::cpus::{cpu_mask, pin_process, Placement, Side};
+use super::Layout;
 
 /// Set by SIGINT/SIGTERM: the run stops at the next check and the guard cleans up (the children, in the
 /// same process group, get the Ctrl-C too).
