@@ -30,7 +30,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     crate::ebpf::build()?;
     step("building all binaries (the end-to-end tests start them as processes)");
     sh(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
-    if nix_is_root() {
+    if nix::unistd::geteuid().is_root() {
         // the NodeEngine's tests talk to a real containerd
         crate::up::ensure_containerd()?;
     } else {
@@ -48,11 +48,4 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         cmd.arg("--").args(&args.rest);
     }
     sh(&mut cmd)
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
 }
