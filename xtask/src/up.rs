@@ -1,5 +1,6 @@
 //! `cargo xtask up` / `down`: a 1-DOC cluster (root, cluster, NetManager, NodeEngine) on this machine.
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -75,18 +76,13 @@ fn spawn(name: &str, bin: &Path, args: &[String], envs: &[(&str, String)]) -> an
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    // Detach into its own session so the process outlives `cargo xtask up`.
-    unsafe_setsid(&mut cmd);
+    // a process group of its own: it outlives `cargo xtask up` and a Ctrl-C in its terminal
+    cmd.process_group(0);
     let child = cmd.spawn().with_context(|| format!("start {}", bin.display()))?;
     let pid = child.id() as i32;
     fs::write(pid_file(name), pid.to_string())?;
     eprintln!("    {name}: pid {pid}, log {}", log_path.display());
     Ok(pid)
-}
-
-fn unsafe_setsid(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    cmd.process_group(0);
 }
 
 fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
