@@ -5,22 +5,6 @@ use std::path::{Path, PathBuf};
 use oak_proto::v1::{Gpu, NodeResources};
 use sysinfo::{Disks, System};
 
-/// Go's name (GOARCH) for a Rust/uname architecture name.
-pub fn go_arch(arch: &str) -> String {
-    match arch {
-        "x86_64" | "amd64" => "amd64",
-        "aarch64" | "arm64" => "arm64",
-        "arm" | "armv7" | "armv7l" | "armv6l" | "armhf" => "arm",
-        "x86" | "i386" | "i686" => "386",
-        "riscv64" | "riscv64gc" => "riscv64",
-        "powerpc64le" | "ppc64le" => "ppc64le",
-        "s390x" => "s390x",
-        "loongarch64" => "loong64",
-        other => other,
-    }
-    .to_string()
-}
-
 /// First `qemu-system-<arch>` binary found in PATH for this machine's architecture.
 pub fn find_qemu() -> Option<PathBuf> {
     let name = match std::env::consts::ARCH {
@@ -94,7 +78,7 @@ impl MetricsCollector {
             memory_free_mb: self.sys.available_memory() / (1024 * 1024),
             disk_total_mb,
             disk_free_mb,
-            arch: go_arch(std::env::consts::ARCH),
+            arch: oak_proto::arch::this_machine(),
             gpus: if self.gpu_probe { nvidia_gpus() } else { Vec::new() },
             virtualization: self.virtualization(),
             location: self.location.clone(),
@@ -170,14 +154,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn arch_names_follow_go() {
-        assert_eq!(go_arch("x86_64"), "amd64");
-        assert_eq!(go_arch("aarch64"), "arm64");
-        assert_eq!(go_arch("arm"), "arm");
-        assert_eq!(go_arch("armv7l"), "arm");
-    }
-
-    #[test]
     fn metrics_sanity() {
         let mut m = MetricsCollector::new(Path::new("/tmp/does/not/exist/yet"), false, String::new());
         let r = m.collect();
@@ -187,7 +163,7 @@ mod tests {
         assert!(r.memory_free_mb <= r.memory_total_mb);
         assert!(r.disk_total_mb > 0, "disk of / must be found");
         assert!(r.disk_free_mb <= r.disk_total_mb);
-        assert_eq!(r.arch, go_arch(std::env::consts::ARCH));
+        assert_eq!(r.arch, oak_proto::arch::this_machine());
         assert_eq!(r.virtualization, vec!["container".to_string()]);
         if find_in_path("nvidia-smi").is_none() {
             assert!(r.gpus.is_empty());

@@ -63,7 +63,7 @@ pub fn build_busybox_image(dir: &Path, name: &str) -> Result<PathBuf> {
     let layer_digest = digest(&layer);
 
     let config = serde_json::to_vec(&json!({
-        "architecture": crate::metrics::go_arch(std::env::consts::ARCH),
+        "architecture": oak_proto::arch::this_machine(),
         "os": "linux",
         "config": {"Env": ["PATH=/bin", "IMAGE_VAR=from-image"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},

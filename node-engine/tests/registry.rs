@@ -67,7 +67,7 @@ fn build_registry(archive: &Path) -> Registry {
     let (blobs, desc) = read_layout(archive);
     let mdigest = desc["digest"].as_str().unwrap().to_string();
     let manifest = blobs[&mdigest].clone();
-    let arch = oak_node_engine::metrics::go_arch(std::env::consts::ARCH);
+    let arch = oak_proto::arch::this_machine();
     let foreign = if arch == "s390x" { "riscv64" } else { "s390x" };
     let other = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": MT_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(b"x"), "size": 1},

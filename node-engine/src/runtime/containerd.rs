@@ -277,7 +277,7 @@ impl Containerd {
     /// Imports an OCI layout / docker save tar into the content store and creates the image record.
     pub async fn import_archive(&self, path: &Path, lease: &str) -> anyhow::Result<String> {
         info!(archive = %path.display(), "importing image archive");
-        let arch = crate::metrics::go_arch(std::env::consts::ARCH);
+        let arch = oak_proto::arch::this_machine();
         let p = path.to_path_buf();
         let plan: ImportPlan = tokio::task::spawn_blocking(move || image::plan_import(&p, &arch))
             .await
@@ -304,7 +304,7 @@ impl Containerd {
     /// Pulls with the NodeEngine's OCI distribution client into the content store.
     async fn pull_native(&self, r: &registry::RegistryRef, lease: &str) -> anyhow::Result<()> {
         let name = r.name();
-        let arch = crate::metrics::go_arch(std::env::consts::ARCH);
+        let arch = oak_proto::arch::this_machine();
         let mut client = registry::RegistryClient::new(r)?;
         info!(image = %name, registry = %r.api_host(), plain_http = r.plain_http(), "pulling image from the registry");
         let m = client.resolve(&arch).await?;
@@ -344,11 +344,8 @@ impl Containerd {
     /// containerd has none.
     async fn pull_transfer(&self, reference: &str) -> anyhow::Result<bool> {
         info!(image = reference, "pulling image through containerd's Transfer service");
-        let platform = Platform {
-            os: "linux".into(),
-            architecture: crate::metrics::go_arch(std::env::consts::ARCH),
-            ..Default::default()
-        };
+        let platform =
+            Platform { os: "linux".into(), architecture: oak_proto::arch::this_machine(), ..Default::default() };
         let source = containerd_client::types::transfer::OciRegistry { reference: reference.into(), resolver: None };
         let dest = containerd_client::types::transfer::ImageStore {
             name: reference.into(),
@@ -383,7 +380,7 @@ impl Containerd {
 
     /// Resolves manifest + config and unpacks the layers into snapshots.
     async fn unpack(&self, name: &str, target: &Descriptor, lease: &str) -> anyhow::Result<ResolvedImage> {
-        let arch = crate::metrics::go_arch(std::env::consts::ARCH);
+        let arch = oak_proto::arch::this_machine();
         let mut desc = target.clone();
         if image::is_index(&desc.media_type) {
             let idx: Value =

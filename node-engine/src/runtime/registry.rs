@@ -13,11 +13,11 @@
 //!   to HTTP when HTTPS cannot be reached.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
+use parking_lot::RwLock;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::info;
@@ -29,7 +29,7 @@ static INSECURE: RwLock<Vec<String>> = RwLock::new(Vec::new());
 /// Registries (`host[:port]`) to reach over plain HTTP, in addition to `OAK_INSECURE_REGISTRIES`.
 pub fn set_insecure_registries(list: Vec<String>) {
     let list = list.into_iter().map(|s| s.trim().trim_end_matches('/').to_string()).filter(|s| !s.is_empty()).collect();
-    *INSECURE.write().unwrap_or_else(|e| e.into_inner()) = list;
+    *INSECURE.write() = list;
 }
 
 fn is_insecure(host: &str) -> bool {
@@ -37,10 +37,7 @@ fn is_insecure(host: &str) -> bool {
     let strip = |s: &str| {
         s.trim().trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/').to_string()
     };
-    env.split(',')
-        .map(strip)
-        .chain(INSECURE.read().unwrap_or_else(|e| e.into_inner()).iter().map(|s| strip(s)))
-        .any(|h| !h.is_empty() && h == host)
+    env.split(',').map(strip).chain(INSECURE.read().iter().map(|s| strip(s))).any(|h| !h.is_empty() && h == host)
 }
 
 /// The host part without port (`[::1]:5000` → `::1`).

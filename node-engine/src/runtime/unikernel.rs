@@ -50,6 +50,12 @@ pub async fn fetch_image(code: &str, dir: &Path) -> anyhow::Result<(PathBuf, Opt
     tokio::task::spawn_blocking(move || extract(&bytes, &dir)).await?
 }
 
+/// The kernel and (when the archive had one) the initramfs that [`fetch_image`] put in `dir`.
+pub fn image_files(dir: &Path) -> (PathBuf, Option<PathBuf>) {
+    let initrd = dir.join("initramfs.cpio");
+    (dir.join("kernel"), initrd.exists().then_some(initrd))
+}
+
 fn extract(bytes: &[u8], dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     let reader: Box<dyn Read> =
         if bytes.starts_with(&[0x1f, 0x8b]) { Box::new(flate2::read::GzDecoder::new(bytes)) } else { Box::new(bytes) };
@@ -132,7 +138,7 @@ pub fn kvm_failure(log: &Path, code: i32) -> Option<String> {
     if code == 0 {
         return None;
     }
-    let tail = super::tail_file(log, 2048);
+    let tail = super::logs::tail_file(log, 2048);
     let line = tail.lines().find(|l| l.to_lowercase().contains("kvm"))?.trim().to_string();
     KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
     Some(line)
@@ -164,7 +170,7 @@ pub async fn launch(
         // A KVM that cannot be used makes qemu exit at once: fall back to TCG.
         if kvm {
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(700), child.wait()).await {
-                let tail = super::tail_file(log, 2048);
+                let tail = super::logs::tail_file(log, 2048);
                 if tail.to_lowercase().contains("kvm") {
                     warn!(status = ?status, "qemu could not use KVM; using TCG emulation from now on");
                     KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);

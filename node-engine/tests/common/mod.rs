@@ -54,7 +54,7 @@ pub fn build_busybox_docker_archive(dir: &Path, repo_tag: &str) -> PathBuf {
     append_symlink(&mut layer, "bin/sh", "busybox").unwrap();
     let layer = layer.into_inner().unwrap();
     let config = serde_json::to_vec(&json!({
-        "architecture": oak_node_engine::metrics::go_arch(std::env::consts::ARCH),
+        "architecture": oak_proto::arch::this_machine(),
         "os": "linux",
         "config": {"Env": ["PATH=/bin", "FROM=docker"], "Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo default"]},
         "rootfs": {"type": "layers", "diff_ids": [digest(&layer)]},

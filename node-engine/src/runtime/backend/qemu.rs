@@ -1,0 +1,166 @@
+//! Unikernels as qemu processes (see [`crate::runtime::unikernel`] for the image and the
+//! command line). A record next to each VM lets a restarted NodeEngine find it; VMs are not wired
+//! by the NetManager (they have no network device).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use async_trait::async_trait;
+use oak_proto::v1::ServiceSpec;
+use oak_proto::{instance_key, InstanceState};
+use parking_lot::Mutex;
+use tracing::info;
+
+use super::{Adopted, Backend, Created, Exit, Resumed};
+use crate::runtime::logs::Logs;
+use crate::runtime::unikernel::{self, ExitRx, VmRecord};
+
+/// Runs `unikernel` instances (only when enabled with -u).
+pub struct QemuBackend {
+    enabled: bool,
+    data_dir: PathBuf,
+    logs: Logs,
+    stop_grace: Duration,
+    /// The exit of every VM this process started or re-adopted, by instance id.
+    exits: Mutex<HashMap<String, ExitRx>>,
+}
+
+impl QemuBackend {
+    pub fn new(enabled: bool, data_dir: PathBuf, logs: Logs, stop_grace: Duration) -> Self {
+        Self { enabled, data_dir, logs, stop_grace, exits: Mutex::default() }
+    }
+
+    fn remove_files(&self, id: &str) -> anyhow::Result<()> {
+        let dir = unikernel::vm_dir(&self.data_dir, id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for QemuBackend {
+    fn virtualization(&self) -> &'static str {
+        "unikernel"
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        (!self.enabled).then(|| "unikernel support not enabled (start with -u=true)".to_string())
+    }
+
+    async fn create(&self, spec: &ServiceSpec, _n: u32, id: &str) -> anyhow::Result<Created> {
+        crate::metrics::find_qemu()
+            .ok_or_else(|| anyhow!("no qemu-system-* binary for this architecture in PATH (install qemu-system)"))?;
+        let (kernel, _) = unikernel::fetch_image(&spec.code, &unikernel::vm_dir(&self.data_dir, id))
+            .await
+            .map_err(|e| anyhow!("unikernel image '{}' unavailable: {e:#}", spec.code))?;
+        Ok(Created { pid: None, detail: format!("kernel {}", kernel.display()) })
+    }
+
+    async fn start(&self, spec: &ServiceSpec, n: u32, id: &str) -> anyhow::Result<u32> {
+        let qemu = crate::metrics::find_qemu().context("qemu-system-* vanished from PATH")?;
+        let dir = unikernel::vm_dir(&self.data_dir, id);
+        let (kernel, initrd) = unikernel::image_files(&dir);
+        let log = self.logs.path(id);
+        let _ = std::fs::remove_file(&log);
+        let (pid, exit) = unikernel::launch(&qemu, spec, &kernel, initrd.as_deref(), &log).await?;
+        self.exits.lock().insert(id.to_string(), exit);
+        let rec = VmRecord {
+            id: id.to_string(),
+            service_id: spec.service_id.clone(),
+            instance_number: n,
+            job_name: spec.job_name.clone(),
+            one_shot: spec.one_shot,
+            memory_mb: spec.memory_mb,
+            pid,
+        };
+        std::fs::write(dir.join("instance.json"), serde_json::to_vec(&rec)?)?;
+        Ok(pid)
+    }
+
+    async fn wait(&self, id: &str) -> anyhow::Result<Exit> {
+        let exit = self.exits.lock().get(id).cloned();
+        let code = match exit {
+            Some(mut exit) => exit.wait_for(|c| c.is_some()).await.ok().and_then(|c| *c).unwrap_or(-1),
+            None => -1,
+        };
+        if code == -1 {
+            let detail = "VM exited (exit code unknown)".to_string();
+            return Ok(Exit::Ended { state: InstanceState::Dead, detail, exit_code: None });
+        }
+        if let Some(line) = unikernel::kvm_failure(&self.logs.path(id), code) {
+            let detail =
+                format!("qemu failed under KVM ({line}); KVM disabled for later VMs, a redeploy runs with TCG");
+            return Ok(Exit::Ended { state: InstanceState::Failed, detail, exit_code: Some(code) });
+        }
+        Ok(Exit::Code(code as u32))
+    }
+
+    async fn stop(&self, id: &str, pid: u32) -> anyhow::Result<()> {
+        let exit = self.exits.lock().remove(id);
+        // While the exit channel is empty the pid is still ours: our unreaped child, or (re-adopted)
+        // a process whose pidfd has not fired.
+        if let Some(mut exit) = exit.filter(|e| pid != 0 && e.borrow().is_none()) {
+            // SAFETY: plain kill(2) on the VM's pid (see above).
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            if tokio::time::timeout(self.stop_grace, exit.wait_for(|c| c.is_some())).await.is_err() {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|c| c.is_some())).await;
+            }
+        }
+        self.remove_files(id)
+    }
+
+    async fn delete(&self, id: &str) {
+        self.exits.lock().remove(id);
+        let _ = std::fs::remove_dir_all(unikernel::vm_dir(&self.data_dir, id));
+    }
+
+    fn oom_kills(&self, _id: &str) -> Option<u64> {
+        // A VM's memory limit is its own RAM size: the host does not OOM-kill it for using it.
+        Some(0)
+    }
+
+    async fn adopt(&self, known: &HashSet<String>) -> anyhow::Result<Vec<Adopted>> {
+        let Ok(dirs) = std::fs::read_dir(self.data_dir.join("unikernels")) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for d in dirs.flatten() {
+            let Ok(bytes) = std::fs::read(d.path().join("instance.json")) else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_slice::<VmRecord>(&bytes) else {
+                continue;
+            };
+            if known.contains(&instance_key(&rec.service_id, rec.instance_number)) {
+                continue;
+            }
+            let alive = unikernel::is_our_vm(rec.pid, &rec.id);
+            let state = match alive.then(|| unikernel::watch_foreign(rec.pid).ok()).flatten() {
+                Some(exit) => {
+                    info!(instance = %rec.id, pid = rec.pid, "re-adopted running unikernel VM");
+                    self.exits.lock().insert(rec.id.clone(), exit);
+                    Resumed::Running
+                }
+                None => Resumed::Dead("VM not running after NodeEngine restart".into()),
+            };
+            out.push(Adopted {
+                id: rec.id,
+                service_id: rec.service_id,
+                instance_number: rec.instance_number,
+                job_name: rec.job_name,
+                one_shot: rec.one_shot,
+                memory_mb: rec.memory_mb,
+                pid: rec.pid,
+                ns_address: String::new(),
+                state,
+            });
+        }
+        Ok(out)
+    }
+}
