@@ -715,19 +715,6 @@ impl Containerd {
             Err(e) => Err(e).with_context(|| format!("deleting image {name}")),
         }
     }
-
-    pub async fn delete_image(&self, name: &str) -> anyhow::Result<()> {
-        match self
-            .client
-            .images()
-            .delete(self.req(cs::DeleteImageRequest { name: name.into(), sync: false, target: None }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is(&e, Code::NotFound) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("deleting image {name}")),
-        }
-    }
 }
 
 /// RFC 3339 UTC timestamp `secs` seconds from now.

@@ -177,32 +177,24 @@ pub async fn assert_gone(rt: &Runtime, id: &str) {
     assert!(!c.snapshot_exists(id).await.unwrap(), "snapshot {id} left behind");
 }
 
-/// HTTP GET of 127.0.0.1:`port``path` from inside the network namespace of `pid` (a thread that
-/// setns()es into it; busybox wget segfaults on this host).
+/// HTTP GET of 127.0.0.1:`port``path` from inside the network namespace of `pid` (busybox wget
+/// segfaults on this host).
 pub async fn http_get_in_netns(pid: u32, port: u16, path: &str) -> Result<String, String> {
     let path = path.to_string();
-    tokio::task::spawn_blocking(move || {
-        std::thread::spawn(move || -> Result<String, String> {
-            use std::io::{Read, Write};
-            use std::os::fd::AsRawFd;
-            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
-            // SAFETY: a valid netns fd; only this short-lived thread changes namespace.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!("setns: {}", std::io::Error::last_os_error()));
-            }
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-            if !resp.starts_with("HTTP/1.") || !resp.contains(" 200 ") {
-                return Err(format!("bad answer: {resp}"));
-            }
-            Ok(resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-        })
-        .join()
-        .map_err(|_| "thread panicked".to_string())?
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    let ns = format!("/proc/{pid}/ns/net");
+    let get = move || -> Result<String, String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+        if !resp.starts_with("HTTP/1.") || !resp.contains(" 200 ") {
+            return Err(format!("bad answer: {resp}"));
+        }
+        Ok(resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    };
+    tokio::task::spawn_blocking(move || testbed::in_netns(&ns, get).map_err(|e| format!("{e:#}"))?)
+        .await
+        .map_err(|e| e.to_string())?
 }
