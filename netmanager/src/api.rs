@@ -10,12 +10,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use oak_proto::netmanager_api::{DeployAnswer, DeployRequest, ErrorAnswer, UndeployRequest};
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 
 use crate::control::Control;
-use crate::wiring::Wiring;
+use crate::wiring::{WireError, Wiring};
 
 /// What the API needs once the NetManager is up (set once after the lease and the bridge).
 pub struct Ready {
@@ -29,33 +29,47 @@ pub struct ApiState {
     /// Datapath counters of the userspace proxy (set when it runs).
     pub counters: std::sync::OnceLock<Arc<crate::proxy::counters::Counters>>,
     /// The eBPF fast path (set when it loaded).
-    pub fastpath: std::sync::OnceLock<Arc<std::sync::Mutex<crate::ebpf::FastPath>>>,
+    pub fastpath: std::sync::OnceLock<Arc<parking_lot::Mutex<crate::ebpf::FastPath>>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DeployRequest {
-    pub pid: u32,
-    pub service_name: String,
-    #[serde(default)]
-    pub service_id: String,
-    pub instance_number: u32,
-    #[serde(default)]
-    pub port_mappings: String,
+/// Why a request was refused; [`ApiError::status`] is the one place that maps a reason to an HTTP code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not the JSON the endpoint takes (`what`: deploy, undeploy).
+    #[error("bad {what} request: {why}")]
+    BadBody { what: &'static str, why: String },
+    #[error("NetManager not ready: no worker subnet leased yet")]
+    NotReady,
+    /// A well-formed request with a field that cannot be right.
+    #[error("{0}")]
+    Invalid(&'static str),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// Anything else that failed on this host.
+    #[error("{0:#}")]
+    Internal(anyhow::Error),
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct UndeployRequest {
-    #[serde(default)]
-    pub service_name: String,
-    #[serde(default)]
-    pub service_id: String,
-    pub instance_number: u32,
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadBody { .. } | ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Wire(WireError::PortMapping(_) | WireError::NoProcess { .. }) => StatusCode::BAD_REQUEST,
+            ApiError::Wire(WireError::Host(_)) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
 }
 
-fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(json!({"error": msg.into()}))).into_response()
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), Json(ErrorAnswer { error: self.to_string() })).into_response()
+    }
+}
+
+/// The request body, or why it is not one.
+fn body<T>(what: &'static str, body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(b)| b).map_err(|e| ApiError::BadBody { what, why: e.body_text() })
 }
 
 fn service_key(id: &str, name: &str) -> String {
@@ -89,7 +103,7 @@ async fn counters(State(st): State<Arc<ApiState>>) -> Json<Value> {
         }
         None => json!({"proxy": false}),
     };
-    v["ebpf"] = match st.fastpath.get().map(|fp| fp.lock().expect("fast path lock").counters()) {
+    v["ebpf"] = match st.fastpath.get().map(|fp| fp.lock().counters()) {
         Some(Ok(c)) => json!(c),
         Some(Err(e)) => json!({"error": format!("{e:#}")}),
         None => false.into(),
@@ -97,47 +111,34 @@ async fn counters(State(st): State<Arc<ApiState>>) -> Json<Value> {
     Json(v)
 }
 
-async fn deploy(State(st): State<Arc<ApiState>>, body: Result<Json<DeployRequest>, JsonRejection>) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad deploy request: {}", e.body_text())),
-    };
-    let Some(ready) = st.ready.get() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "NetManager not ready: no worker subnet leased yet");
-    };
+async fn deploy(
+    State(st): State<Arc<ApiState>>,
+    req: Result<Json<DeployRequest>, JsonRejection>,
+) -> Result<Json<DeployAnswer>, ApiError> {
+    let req = body("deploy", req)?;
+    let ready = st.ready.get().ok_or(ApiError::NotReady)?;
     if req.service_name.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "serviceName is empty");
+        return Err(ApiError::Invalid("serviceName is empty"));
     }
     if req.pid == 0 {
-        return error(StatusCode::BAD_REQUEST, "pid must be the pid of the instance's process");
+        return Err(ApiError::Invalid("pid must be the pid of the instance's process"));
     }
     let sid = service_key(&req.service_id, &req.service_name);
-    let ip = match ready.wiring.attach(req.pid, &sid, &req.service_name, req.instance_number, &req.port_mappings).await
-    {
-        Ok(ip) => ip,
-        Err(e) => {
-            let msg = format!("{e:#}");
-            let code = if msg.contains("port mapping") || msg.contains("does not exist") {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            tracing::warn!(error = %msg, pid = req.pid, "deploy failed");
-            return error(code, msg);
-        }
-    };
+    let ip = ready
+        .wiring
+        .attach(req.pid, &sid, &req.service_name, req.instance_number, &req.port_mappings)
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, pid = req.pid, "deploy failed"))?;
     if let Some(fp) = st.fastpath.get() {
         let veth = ready.wiring.attachments().await.into_iter().find(|a| a.ip == ip).map(|a| a.host_veth);
         if let Some(veth) = veth {
-            if let Err(e) =
-                fp.lock().expect("fast path lock").attach_instance(&veth, ip, crate::wiring::instance_mac(ip))
-            {
+            if let Err(e) = fp.lock().attach_instance(&veth, ip, crate::wiring::instance_mac(ip)) {
                 tracing::warn!(%veth, "instance stays on the kernel path: {e:#}");
             }
         }
     }
     register_with_retry(ready.control.clone(), sid, req.service_name, req.instance_number, ip);
-    Json(json!({"nsAddress": ip.to_string(), "nsAddressv6": ""})).into_response()
+    Ok(Json(DeployAnswer { ns_address: ip.to_string(), ns_address_v6: String::new() }))
 }
 
 /// Register the instance with the cluster; retry in the background while the cluster is unreachable.
@@ -156,37 +157,29 @@ fn register_with_retry(control: Control, sid: String, job: String, instance: u32
     });
 }
 
-async fn undeploy(State(st): State<Arc<ApiState>>, body: Result<Json<UndeployRequest>, JsonRejection>) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad undeploy request: {}", e.body_text())),
-    };
-    let Some(ready) = st.ready.get() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "NetManager not ready: no worker subnet leased yet");
-    };
+async fn undeploy(
+    State(st): State<Arc<ApiState>>,
+    req: Result<Json<UndeployRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req = body("undeploy", req)?;
+    let ready = st.ready.get().ok_or(ApiError::NotReady)?;
     if req.service_id.is_empty() && req.service_name.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "serviceId or serviceName is required");
+        return Err(ApiError::Invalid("serviceId or serviceName is required"));
     }
     let sid = service_key(&req.service_id, &req.service_name);
-    match ready.wiring.detach(&sid, req.instance_number).await {
-        Ok(att) => {
-            if let Some(att) = att {
-                if let Some(fp) = st.fastpath.get() {
-                    let _ = fp.lock().expect("fast path lock").detach_instance(&att.host_veth);
-                }
-                let control = ready.control.clone();
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        control.deregister_instance(&att.service_id, &att.job_name, att.instance_number).await
-                    {
-                        tracing::warn!(error = %format!("{e:#}"), "instance deregistration failed");
-                    }
-                });
-            }
-            Json(json!({})).into_response()
+    let att = ready.wiring.detach(&sid, req.instance_number).await.map_err(ApiError::Internal)?;
+    if let Some(att) = att {
+        if let Some(fp) = st.fastpath.get() {
+            let _ = fp.lock().detach_instance(&att.host_veth);
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        let control = ready.control.clone();
+        tokio::spawn(async move {
+            if let Err(e) = control.deregister_instance(&att.service_id, &att.job_name, att.instance_number).await {
+                tracing::warn!(error = %format!("{e:#}"), "instance deregistration failed");
+            }
+        });
     }
+    Ok(Json(json!({})))
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {

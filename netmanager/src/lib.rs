@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod ebpf;
 pub mod proxy;
+pub mod select;
 pub mod tables;
 pub mod wiring;
 
@@ -58,7 +59,7 @@ pub struct Running {
     /// The userspace proxy, when enabled.
     pub proxy: Option<proxy::Proxy>,
     /// The eBPF fast path, when it loaded.
-    pub fastpath: Option<Arc<std::sync::Mutex<ebpf::FastPath>>>,
+    pub fastpath: Option<Arc<parking_lot::Mutex<ebpf::FastPath>>>,
     api_task: tokio::task::JoinHandle<std::io::Result<()>>,
     sub_task: tokio::task::JoinHandle<()>,
 }
@@ -256,6 +257,8 @@ fn uplink_for(ip: std::net::Ipv4Addr) -> Result<String> {
 }
 
 /// Loads the fast path, fills its maps, adopts the instances already wired and follows table changes.
+// each argument is a separate fact of this NetManager's start, passed once from `start`
+#[allow(clippy::too_many_arguments)]
 async fn start_fastpath(
     o: &EbpfOptions,
     cfg: &NetConfig,
@@ -265,7 +268,7 @@ async fn start_fastpath(
     tables: &Tables,
     wiring: &Wiring,
     pin_dir: (PathBuf, PathBuf),
-) -> Result<Arc<std::sync::Mutex<ebpf::FastPath>>> {
+) -> Result<Arc<parking_lot::Mutex<ebpf::FastPath>>> {
     let object = o
         .object
         .clone()
@@ -306,13 +309,13 @@ async fn start_fastpath(
     }
     fp.sync(&tables.snapshot())?;
     fp.enable()?;
-    let fp = Arc::new(std::sync::Mutex::new(fp));
+    let fp = Arc::new(parking_lot::Mutex::new(fp));
     let (f2, t2) = (fp.clone(), tables.clone());
     let mut changed = tables.subscribe();
     tokio::spawn(async move {
         while changed.changed().await.is_ok() {
             let snap = t2.snapshot();
-            if let Err(e) = f2.lock().expect("fast path lock").sync(&snap) {
+            if let Err(e) = f2.lock().sync(&snap) {
                 tracing::warn!("updating the fast path's maps: {e:#}");
             }
         }

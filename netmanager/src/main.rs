@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
             offload: !cli.no_tun_offload,
             ..Default::default()
         }),
-        ebpf: (!cli.no_ebpf).then(|| oak_netmanager::EbpfOptions {
+        ebpf: (!cli.no_ebpf).then_some(oak_netmanager::EbpfOptions {
             object: cli.ebpf_object,
             uplink: cli.uplink,
             pin_root: Some(cli.bpf_pin_root),

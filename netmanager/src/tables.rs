@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
+use parking_lot::RwLock;
 use tokio::sync::watch;
 
 /// One running instance of a service, as the overlay sees it.
@@ -101,7 +102,7 @@ impl Tables {
 
     /// A consistent copy of the current tables.
     pub fn snapshot(&self) -> Snapshot {
-        self.inner.read().expect("tables lock").clone()
+        self.inner.read().clone()
     }
 
     /// Subscribe to changes (the value is the generation).
@@ -112,7 +113,7 @@ impl Tables {
     /// Apply a change and notify subscribers.
     pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
         let generation = {
-            let mut s = self.inner.write().expect("tables lock");
+            let mut s = self.inner.write();
             f(&mut s);
             s.generation += 1;
             s.generation

@@ -6,6 +6,8 @@
 //! traffic took the eBPF path. No userspace datapath runs in this test: if the programs did not do it,
 //! nothing would.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -17,23 +19,9 @@ use ipnet::Ipv4Net;
 use oak_netmanager::ebpf::{FastPath, FastPathConfig};
 use oak_netmanager::tables::{InstanceEndpoint, ServiceEntry, Snapshot};
 
+use common::sh;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("run");
-    assert!(out.status.success(), "{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).expect("netns");
-        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread in netns")
-}
 
 fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
     let out = Command::new("ip").args(["-n", ns, "-j", "link", "show", dev]).output().unwrap();
@@ -89,11 +77,8 @@ fn instance(t: &mut Topo, worker: &str, ns: &str, host_if: &str, ip: Ipv4Addr, s
 
 /// A TCP server in `ns` answering every connection with `name` (and what it received, for size checks).
 fn serve(ns: &str, name: &'static str) {
-    let path = format!("/run/netns/{ns}");
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).expect("netns");
-        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    testbed::spawn_in_netns(ns, move || {
         let l = TcpListener::bind("0.0.0.0:8080").expect("bind");
         tx.send(()).unwrap();
         for c in l.incoming() {
@@ -117,13 +102,14 @@ fn serve(ns: &str, name: &'static str) {
                 let _ = c.write_all(format!("{name} {n} {peer}").as_bytes());
             });
         }
-    });
+    })
+    .expect("the instance's namespace");
     rx.recv_timeout(Duration::from_secs(5)).expect("server up");
 }
 
 /// Connects from `ns` to `to`, sends `size` bytes, returns the answer.
 fn ask(ns: &str, to: SocketAddr, size: usize) -> String {
-    in_ns(ns, move || {
+    testbed::in_netns(ns, move || {
         let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect to the service IP");
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let body = vec![7u8; size];
@@ -134,6 +120,7 @@ fn ask(ns: &str, to: SocketAddr, size: usize) -> String {
         let local = c.local_addr().unwrap();
         format!("{s} | {local}")
     })
+    .expect("thread in netns")
 }
 
 #[test]
@@ -200,7 +187,7 @@ fn service_ip_across_two_workers_in_the_kernel() {
     let load = |ns: &str, subnet: Ipv4Net, public: &str, locals: Vec<(&'static str, Ipv4Addr, [u8; 6])>| {
         let (gw_mac, obj, snap, ns2) = (mac_of(ns, "oak0"), obj.clone(), snap(subnet), ns.to_string());
         let public: Ipv4Addr = public.parse().unwrap();
-        in_ns(&ns2, move || {
+        testbed::in_netns(&ns2, move || {
             let mut fp = FastPath::load(
                 &obj,
                 FastPathConfig {
@@ -222,6 +209,7 @@ fn service_ip_across_two_workers_in_the_kernel() {
             fp.enable().unwrap();
             fp
         })
+        .expect("thread in netns")
     };
     let fp1 = load(&w1, s1, "192.168.77.1", vec![("vc", c_ip, c_mac), ("vi1", i1_ip, i1_mac)]);
     let fp2 = load(&w2, s2, "192.168.77.2", vec![("vi2", i2_ip, i2_mac)]);

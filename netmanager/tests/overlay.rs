@@ -2,31 +2,16 @@
 //! loopback, a NetManager leasing its subnet, then a real process in a fresh netns wired through the
 //! local API and unwired again.
 
+mod common;
+
 use oak_orchestrators::{cluster, root};
 
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}{}{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{instance, is_root, unique};
 
 fn link_exists(name: &str) -> bool {
     std::path::Path::new(&format!("/sys/class/net/{name}")).exists()
@@ -136,14 +121,8 @@ async fn lease_wire_ping_undeploy() {
     assert_eq!(st["subnet"], subnet.to_string());
 
     // a real process in a fresh netns
-    let child = Proc(Command::new("unshare").args(["-n", "sleep", "60"]).stdin(Stdio::null()).spawn().unwrap());
+    let (child, _) = instance();
     let pid = child.0.id();
-    let own = std::fs::read_link("/proc/self/ns/net").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().as_ref() == Some(&own) {
-        assert!(Instant::now() < deadline, "unshare did not create a netns");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     // bad requests are rejected with a reason
     let r = http.post(format!("{base}/container/deploy")).json(&json!({"pid": pid})).send().await.unwrap();
@@ -232,13 +211,8 @@ async fn lease_wire_ping_undeploy() {
         let atts = again.attachments().await;
         assert_eq!(atts.len(), 1);
         assert_eq!(atts[0].ip, ns_ip);
-        let child2 = Proc(Command::new("unshare").args(["-n", "sleep", "60"]).stdin(Stdio::null()).spawn().unwrap());
+        let (child2, _) = instance();
         let pid2 = child2.0.id();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::read_link(format!("/proc/{pid2}/ns/net")).ok().as_ref() == Some(&own) {
-            assert!(Instant::now() < deadline, "unshare did not create a netns");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         let ip2 = again.attach(pid2, "svc2", "app.ns.other.ns", 0, "").await.unwrap();
         assert_ne!(ip2, ns_ip);
         assert!(again.detach("svc2", 0).await.unwrap().is_some());

@@ -63,6 +63,13 @@ pub struct FlowVal {
     pub _pad: [u8; 3],
 }
 
+impl FlowVal {
+    /// Direction `dir` (`CT_*`) of a flow, with its address.
+    pub const fn new(addr: u32, dir: u8) -> Self {
+        Self { addr, dir, _pad: [0; 3] }
+    }
+}
+
 /// LOCAL value, keyed by an instance's overlay IP: where to hand its packets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -108,55 +115,95 @@ pub struct Config {
     pub enabled: u32,
 }
 
-/// Counter slots (PerCpuArray<u64> COUNTERS).
-pub mod counter {
-    pub const NEW_FLOW: u32 = 0;
-    pub const FWD_NAT: u32 = 1;
-    pub const REV_NAT: u32 = 2;
-    pub const LOCAL_DELIVER: u32 = 3;
-    pub const ENCAP: u32 = 4;
-    pub const DECAP: u32 = 5;
-    pub const FAST_BYTES: u32 = 6;
-    pub const PASS_UNKNOWN_SERVICE: u32 = 7;
-    pub const PASS_TCP_MIDFLOW: u32 = 8;
+/// The names of the object's maps (the `#[map]` statics in `netmanager-ebpf`, checked there at compile
+/// time), which the loader looks up and pins under.
+pub mod map_name {
+    pub const SERVICES: &str = "SERVICES";
+    /// Round-robin position per service IP.
+    pub const RR: &str = "RR";
+    pub const CT: &str = "CT";
+    pub const LOCAL: &str = "LOCAL";
+    pub const ROUTES: &str = "ROUTES";
+    pub const CONFIG: &str = "CONFIG";
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Every map of the object (all pinned when the NetManager pins).
+    pub const ALL: [&str; 7] = [SERVICES, RR, CT, LOCAL, ROUTES, CONFIG, COUNTERS];
+
+    /// `a == b`, usable in constants (the kernel side asserts its statics' names with it).
+    pub const fn same(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $v:ident = $name:literal,)*) => {
+        /// The fast path's counters: slots of `PerCpuArray<u64> COUNTERS`, in declaration order, and the
+        /// names the NetManager API shows them under. Every early exit of a program counts under one of
+        /// them (or under none when the packet is simply not the fast path's business).
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[$doc])* $v,)*
+        }
+
+        impl Counter {
+            /// Every counter, in slot order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$v,)*];
+            /// Number of slots of COUNTERS.
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// Its slot in COUNTERS.
+            #[inline(always)]
+            pub const fn slot(self) -> u32 {
+                self as u32
+            }
+
+            /// Its name in the NetManager API.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$v => $name,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    NewFlow = "new_flow",
+    FwdNat = "fwd_nat",
+    RevNat = "rev_nat",
+    LocalDeliver = "local_deliver",
+    Encap = "encap",
+    Decap = "decap",
+    FastBytes = "fast_bytes",
+    PassUnknownService = "pass_unknown_service",
+    PassTcpMidflow = "pass_tcp_midflow",
     /// Not a valid tunnel data header: left to the tun path, which counts it by reason.
-    pub const PASS_BAD_TUNNEL: u32 = 9;
-    pub const DROP_NOT_FOR_NODE: u32 = 10;
-    pub const ERR_ADJUST_ROOM: u32 = 11;
-    pub const ERR_REDIRECT: u32 = 12;
-    pub const PASS_NO_BACKEND: u32 = 13;
-    pub const PASS_OTHER: u32 = 14;
+    PassBadTunnel = "pass_bad_tunnel",
+    DropNotForNode = "drop_not_for_node",
+    ErrAdjustRoom = "err_adjust_room",
+    ErrRedirect = "err_redirect",
+    PassNoBackend = "pass_no_backend",
+    PassOther = "pass_other",
     /// Tunnel data for a flow the fast path does not know (e.g. one the tun path translated): left to it.
-    pub const PASS_UNKNOWN_FLOW: u32 = 15;
+    PassUnknownFlow = "pass_unknown_flow",
     /// Encapsulated packets sent with the next hop from `bpf_fib_lookup` (MACs written, `bpf_redirect`).
-    pub const REDIRECT_FIB: u32 = 16;
+    RedirectFib = "redirect_fib",
     /// Encapsulated packets left to `bpf_redirect_neigh` (no resolved neighbour for the next hop yet).
-    pub const REDIRECT_NEIGH: u32 = 17;
+    RedirectNeigh = "redirect_neigh",
     /// Packets to a service left whole to the tun path (`KIND_TUN`).
-    pub const PASS_TUN_SERVICE: u32 = 18;
-    pub const COUNT: u32 = 19;
-    /// Names, in slot order (what the NetManager API shows).
-    pub const NAMES: [&str; COUNT as usize] = [
-        "new_flow",
-        "fwd_nat",
-        "rev_nat",
-        "local_deliver",
-        "encap",
-        "decap",
-        "fast_bytes",
-        "pass_unknown_service",
-        "pass_tcp_midflow",
-        "pass_bad_tunnel",
-        "drop_not_for_node",
-        "err_adjust_room",
-        "err_redirect",
-        "pass_no_backend",
-        "pass_other",
-        "pass_unknown_flow",
-        "redirect_fib",
-        "redirect_neigh",
-        "pass_tun_service",
-    ];
+    PassTunService = "pass_tun_service",
 }
 
 #[cfg(feature = "user")]

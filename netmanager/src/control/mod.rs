@@ -3,13 +3,14 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use ipnet::Ipv4Net;
 use oak_proto::net::v1 as pb;
+use parking_lot::Mutex;
 use pb::cluster_net_service_client::ClusterNetServiceClient;
 use tonic::transport::Channel;
 
@@ -119,7 +120,7 @@ impl Control {
     }
 
     pub fn subnet(&self) -> Option<Ipv4Net> {
-        *self.subnet.lock().expect("lock")
+        *self.subnet.lock()
     }
 
     /// Lease this worker's subnet. Fatal errors: timeout (names the URL and the config file), and a bad
@@ -159,7 +160,7 @@ impl Control {
         };
         let net = validate_subnet(&reply.subnet, &self.tables.snapshot())
             .map_err(|e| anyhow!("bad network received: {e}"))?;
-        *self.subnet.lock().expect("lock") = Some(net);
+        *self.subnet.lock() = Some(net);
         self.tables.set_local_subnet(net);
         tracing::info!(subnet = %net, cluster = %reply.cluster_id, "leased worker subnet");
         Ok(net)
@@ -204,7 +205,7 @@ impl Control {
                         // routes of workers that left while we were away are re-sent; start fresh
                         this.tables.update(|s| s.routes.clear());
                         connected.send_replace(true);
-                        let names: Vec<String> = this.interests.lock().expect("lock").iter().cloned().collect();
+                        let names: Vec<String> = this.interests.lock().iter().cloned().collect();
                         for n in names {
                             if let Err(e) = this.resolve_name(&n).await {
                                 tracing::warn!(job = %n, error = %format!("{e:#}"), "re-resolve after reconnect failed");
@@ -234,7 +235,7 @@ impl Control {
         let mut client = self.client.clone();
         let r = client.resolve(req).await.map_err(|e| anyhow!("resolve: {}", e.message()))?.into_inner();
         let Some(svc) = r.service else { return Ok(None) };
-        self.interests.lock().expect("lock").insert(svc.job_name.clone());
+        self.interests.lock().insert(svc.job_name.clone());
         apply_service(&self.tables, self.subnet(), &svc);
         Ok(self.tables.snapshot().services.get(&svc.service_id).cloned())
     }
@@ -305,7 +306,7 @@ impl Control {
 
     /// Job names this worker is interested in.
     pub fn interests(&self) -> HashSet<String> {
-        self.interests.lock().expect("lock").iter().cloned().collect()
+        self.interests.lock().iter().cloned().collect()
     }
 }
 

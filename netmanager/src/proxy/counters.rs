@@ -73,7 +73,7 @@ pub struct Counters {
     drops: Vec<AtomicU64>,
     events: Vec<AtomicU64>,
     /// Last measured RTT per worker tunnel endpoint (µs), published by the datapath every probe round.
-    rtt: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    rtt: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Default for Counters {
@@ -120,11 +120,11 @@ impl Counters {
     }
 
     pub fn set_rtt(&self, endpoint: String, us: u64) {
-        self.rtt.lock().unwrap_or_else(|e| e.into_inner()).insert(endpoint, us);
+        self.rtt.lock().insert(endpoint, us);
     }
 
     pub fn set_rtts(&self, rtts: impl IntoIterator<Item = (String, u64)>) {
-        *self.rtt.lock().unwrap_or_else(|e| e.into_inner()) = rtts.into_iter().collect();
+        *self.rtt.lock() = rtts.into_iter().collect();
     }
 
     /// `{"drops": {reason: n, ...}, "events": {event: n, ...}}`
@@ -133,7 +133,7 @@ impl Counters {
             Reason::ALL.iter().map(|r| (r.name().to_string(), self.dropped(*r).into())).collect();
         let events: Map<String, Value> =
             Event::ALL.iter().map(|e| (e.name().to_string(), self.count(*e).into())).collect();
-        let rtt = self.rtt.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let rtt = self.rtt.lock().clone();
         serde_json::json!({"drops": drops, "events": events, "dropped_total": self.total_dropped(), "rtt_us": rtt})
     }
 }

@@ -255,9 +255,9 @@ pub fn write_header(first: &[u8], run: &Run, out: &mut [u8]) -> usize {
 /// every `mss` bytes, checksum left to the kernel; a congestion-window-reduced mark (only ever on the
 /// first segment) needs the ECN variant.
 pub fn gso_header(first: &[u8], run: &Run) -> tun_rs::VirtioNetHdr {
-    let ecn = if first[IP_HDR + 13] & TCP_CWR != 0 { super::VIRTIO_NET_HDR_GSO_ECN } else { 0 };
+    let ecn = if first[IP_HDR + 13] & TCP_CWR != 0 { super::offload::VIRTIO_NET_HDR_GSO_ECN } else { 0 };
     tun_rs::VirtioNetHdr {
-        flags: super::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        flags: super::offload::VIRTIO_NET_HDR_F_NEEDS_CSUM,
         gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4 | ecn,
         hdr_len: run.hdr_len as u16,
         gso_size: run.mss as u16,
@@ -453,7 +453,7 @@ mod tests {
             let hl = 20 + usize::from(pkt[32] >> 4) * 4;
             let count = split_tcp(&pkt, hl, mss, &mut hdrs, &mut payloads).expect("split");
             let vh = tun_rs::VirtioNetHdr {
-                flags: super::super::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                flags: super::super::offload::VIRTIO_NET_HDR_F_NEEDS_CSUM,
                 gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
                 hdr_len: hl as u16,
                 gso_size: mss as u16,

@@ -25,6 +25,28 @@ pub fn enable_gro(fd: RawFd) -> bool {
     }
 }
 
+/// Sets the receive and send buffers of socket `fd` to `bytes`: `SO_*BUFFORCE` first (root may exceed the
+/// system's limit), the plain option when that is refused.
+pub fn socket_buffers(fd: RawFd, bytes: libc::c_int) {
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        let set = |opt| {
+            // SAFETY: fd is a live socket, the value is a c_int of the size passed
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    &bytes as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            let _ = set(plain);
+        }
+    }
+}
+
 fn sockaddr(to: SocketAddrV4) -> libc::sockaddr_in {
     // SAFETY: all-zero is a valid sockaddr_in
     let mut sa: libc::sockaddr_in = unsafe { zeroed() };

@@ -4,6 +4,7 @@
 //! egress leaving the overlay, DNAT for the SLA port mappings (iptables, idempotent, removed on undeploy),
 //! ip_forward on. Address allocations are persisted so a restart never hands out an address in use.
 
+mod inside;
 pub mod nat;
 
 use std::collections::BTreeMap;
@@ -15,10 +16,24 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
+use oak_proto::instance_key;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-pub use nat::PortMapping;
+pub use nat::{PortMapping, PortMappingError};
+
+/// Why an instance could not be wired: the request's fault (its port mappings, its process) or the
+/// host's.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error(transparent)]
+    PortMapping(#[from] PortMappingError),
+    #[error("process {pid} does not exist (no {ns_path})")]
+    NoProcess { pid: u32, ns_path: String },
+    /// Netlink, iptables or the state file refused.
+    #[error("{0:#}")]
+    Host(#[from] anyhow::Error),
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Attachment {
@@ -34,7 +49,7 @@ pub struct Attachment {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Persisted {
     subnet: Option<Ipv4Net>,
-    /// "service_id/instance_number" -> attachment
+    /// [`instance_key`] (`service_id/instance_number`) -> attachment
     attachments: BTreeMap<String, Attachment>,
     /// The GSO segment limit every wired instance's eth0 has (None: not known to be the same for all).
     #[serde(default)]
@@ -50,10 +65,6 @@ pub const INSTANCE_MTU: u32 = 1450;
 pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
     [0x02, 0x4f, o[0], o[1], o[2], o[3]]
-}
-
-pub fn key(service_id: &str, instance_number: u32) -> String {
-    format!("{service_id}/{instance_number}")
 }
 
 /// The worker's bridge and its instances.
@@ -208,7 +219,7 @@ impl Wiring {
         for att in self.attachments().await {
             let ns_path = format!("/proc/{}/ns/net", att.pid);
             let res = match std::fs::File::open(&ns_path) {
-                Ok(ns) => tokio::task::spawn_blocking(move || set_gso_inside(ns, att.ip, segs))
+                Ok(ns) => tokio::task::spawn_blocking(move || inside::set_gso_inside(ns, att.ip, segs))
                     .await
                     .map_err(|e| anyhow!("netns thread: {e}"))
                     .and_then(|r| r),
@@ -241,13 +252,13 @@ impl Wiring {
         job_name: &str,
         instance_number: u32,
         port_mappings: &str,
-    ) -> Result<Ipv4Addr> {
+    ) -> Result<Ipv4Addr, WireError> {
         let ports = nat::parse_port_mappings(port_mappings)?;
         let ns_path = format!("/proc/{pid}/ns/net");
         if !Path::new(&ns_path).exists() {
-            bail!("process {pid} does not exist (no {ns_path})");
+            return Err(WireError::NoProcess { pid, ns_path });
         }
-        let k = key(service_id, instance_number);
+        let k = instance_key(service_id, instance_number);
         let mut st = self.state.lock().await;
         // address: the instance's old one, or the lowest free host address after the gateway
         let ip = match st.attachments.get(&k) {
@@ -283,7 +294,7 @@ impl Wiring {
             let _ = self.teardown(&att).await;
             st.attachments.remove(&k);
             self.save(&st)?;
-            return Err(e);
+            return Err(e.into());
         }
         tracing::info!(pid, %ip, veth = %host_veth, job = job_name, instance = instance_number, "instance wired");
         Ok(ip)
@@ -318,7 +329,7 @@ impl Wiring {
             .with_context(|| format!("moving {peer_tmp} into the netns of pid {}", att.pid))?;
         let (ip, prefix, gw, peer_tmp) = (att.ip, self.subnet.prefix_len(), self.gateway, peer_tmp.to_string());
         let segs = self.gso_max_segs.load(std::sync::atomic::Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || configure_inside(ns, &peer_tmp, ip, prefix, gw, segs))
+        tokio::task::spawn_blocking(move || inside::configure_inside(ns, &peer_tmp, ip, prefix, gw, segs))
             .await
             .map_err(|e| anyhow!("netns configuration thread: {e}"))??;
         nat::add_port_mappings(&self.bridge, &att.service_id, att.instance_number, ip, &att.ports)?;
@@ -339,7 +350,7 @@ impl Wiring {
 
     /// Unwire an instance (idempotent): remove its veth and DNAT rules and free its address.
     pub async fn detach(&self, service_id: &str, instance_number: u32) -> Result<Option<Attachment>> {
-        let k = key(service_id, instance_number);
+        let k = instance_key(service_id, instance_number);
         let mut st = self.state.lock().await;
         let Some(att) = st.attachments.get(&k).cloned() else {
             nat::remove_port_mappings(&self.bridge, service_id, instance_number)?;
@@ -357,95 +368,11 @@ impl Wiring {
         for att in self.attachments().await {
             let _ = self.teardown(&att).await;
         }
-        nat::remove_bridge_rules(&self.bridge, self.subnet)?;
+        nat::remove_bridge_rules(&self.bridge)?;
         if let Some(i) = link_index(&self.handle, &self.bridge).await? {
             self.handle.clone().link().del(i).execute().await.with_context(|| format!("removing {}", self.bridge))?;
         }
         let _ = std::fs::remove_file(&self.file);
         Ok(())
     }
-}
-
-/// Runs `f` with a netlink handle on a throw-away thread that joins the network namespace `ns`.
-fn in_netns<F, Fut>(ns: std::fs::File, f: F) -> Result<()>
-where
-    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    std::thread::spawn(move || -> Result<()> {
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("entering the instance netns")?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(async move {
-            let (conn, h, _) = rtnetlink::new_connection().context("netlink socket inside the netns")?;
-            tokio::spawn(conn);
-            f(h).await
-        })
-    })
-    .join()
-    .map_err(|_| anyhow!("netns thread panicked"))?
-}
-
-/// Sets `gso_max_segs` of eth0 in the instance netns `ns`, if that eth0 is the instance's (its MAC is
-/// derived from `ip`): a pid recorded for an instance that is gone may name another process by now.
-fn set_gso_inside(ns: std::fs::File, ip: Ipv4Addr, segs: u32) -> Result<()> {
-    in_netns(ns, move |h| async move {
-        let link = link_by_name(&h, "eth0").await?.context("no eth0 in the instance netns")?;
-        let mac = link.attributes.iter().find_map(|a| match a {
-            netlink_packet_route::link::LinkAttribute::Address(m) => Some(m.clone()),
-            _ => None,
-        });
-        if mac.as_deref() != Some(&instance_mac(ip)[..]) {
-            bail!("eth0 there is not this instance's (MAC {mac:02x?})");
-        }
-        set_gso_max_segs(&h, link.header.index, segs).await.context("setting gso_max_segs on eth0")
-    })
-}
-
-/// Runs on a throw-away thread that joins the instance's netns: rename to eth0 (MTU, MAC), its GSO segment
-/// limit, address, up, lo up, default route via the gateway.
-fn configure_inside(
-    ns: std::fs::File,
-    peer_tmp: &str,
-    ip: Ipv4Addr,
-    prefix: u8,
-    gw: Ipv4Addr,
-    segs: u32,
-) -> Result<()> {
-    let peer_tmp = peer_tmp.to_string();
-    in_netns(ns, move |h| async move {
-        let idx = link_index(&h, &peer_tmp).await?.with_context(|| format!("{peer_tmp} not in the netns"))?;
-        if let Some(old) = link_index(&h, "eth0").await? {
-            if old != idx {
-                bail!("the instance netns already has an eth0");
-            }
-        }
-        h.link()
-            .set(idx)
-            .name("eth0".into())
-            .mtu(INSTANCE_MTU)
-            .address(instance_mac(ip).to_vec())
-            .execute()
-            .await
-            .context("renaming to eth0 (MTU, MAC)")?;
-        // a speed setting: an instance is wired without it if the kernel refuses it
-        if segs != GSO_MAX_SEGS_DEFAULT {
-            if let Err(e) = set_gso_max_segs(&h, idx, segs).await {
-                tracing::warn!(%ip, segs, "eth0's GSO segment limit not set (the tun path runs slower): {e}");
-            }
-        }
-        h.address().add(idx, ip.into(), prefix).execute().await.with_context(|| format!("adding {ip}/{prefix}"))?;
-        h.link().set(idx).up().execute().await.context("setting eth0 up")?;
-        if let Some(lo) = link_index(&h, "lo").await? {
-            h.link().set(lo).up().execute().await.context("setting lo up")?;
-        }
-        h.route()
-            .add()
-            .v4()
-            .gateway(gw)
-            .output_interface(idx)
-            .execute()
-            .await
-            .with_context(|| format!("adding default route via {gw}"))?;
-        Ok(())
-    })
 }

@@ -20,15 +20,26 @@ pub struct PortMapping {
     pub proto: String,
 }
 
-fn parse_port(s: &str, what: &str, entry: &str) -> Result<u16> {
+/// An entry of the SLA `port` field that is not `host:container[/tcp|udp]`.
+#[derive(Debug, thiserror::Error)]
+#[error("port mapping {entry:?}: {why}")]
+pub struct PortMappingError {
+    pub entry: String,
+    pub why: String,
+}
+
+fn parse_port(s: &str, what: &str, entry: &str) -> Result<u16, PortMappingError> {
     match s.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
-        _ => bail!("port mapping {entry:?}: {what} port {s:?} is not a port number 1..65535"),
+        _ => Err(PortMappingError {
+            entry: entry.into(),
+            why: format!("{what} port {s:?} is not a port number 1..65535"),
+        }),
     }
 }
 
 /// Parse the SLA `port` field: "host:container[/tcp|udp];..." (a bare "port" maps the same port).
-pub fn parse_port_mappings(text: &str) -> Result<Vec<PortMapping>> {
+pub fn parse_port_mappings(text: &str) -> Result<Vec<PortMapping>, PortMappingError> {
     let mut out = Vec::new();
     for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
         let (ports, proto) = match entry.split_once('/') {
@@ -36,7 +47,8 @@ pub fn parse_port_mappings(text: &str) -> Result<Vec<PortMapping>> {
             None => (entry, "tcp".to_string()),
         };
         if proto != "tcp" && proto != "udp" {
-            bail!("port mapping {entry:?}: protocol {proto:?} is not tcp or udp");
+            let why = format!("protocol {proto:?} is not tcp or udp");
+            return Err(PortMappingError { entry: entry.into(), why });
         }
         let (host, container) = match ports.split_once(':') {
             Some((h, c)) => (parse_port(h, "host", entry)?, parse_port(c, "container", entry)?),
@@ -103,7 +115,7 @@ fn bridge_comment(bridge: &str) -> String {
 }
 
 fn instance_comment(bridge: &str, service_id: &str, instance: u32) -> String {
-    format!("oak:{bridge}:{service_id}/{instance}")
+    format!("oak:{bridge}:{}", oak_proto::instance_key(service_id, instance))
 }
 
 pub fn ensure_bridge_rules(bridge: &str, subnet: Ipv4Net) -> Result<()> {
@@ -192,7 +204,8 @@ pub fn remove_all_rules(bridge: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn remove_bridge_rules(bridge: &str, _subnet: Ipv4Net) -> Result<()> {
+/// Removes the bridge's own rules (masquerade, forward accepts, tunnel untracking).
+pub fn remove_bridge_rules(bridge: &str) -> Result<()> {
     let c = bridge_comment(bridge);
     delete_commented("nat", "POSTROUTING", &c)?;
     delete_commented("filter", "FORWARD", &c)?;
@@ -215,51 +228,15 @@ pub fn add_port_mappings(
     for p in ports {
         let dport = p.host.to_string();
         let to = format!("{ip}:{}", p.container);
-        ensure(
-            "nat",
-            "PREROUTING",
-            false,
-            &[
-                "-p",
-                &p.proto,
-                "--dport",
-                &dport,
-                "-m",
-                "comment",
-                "--comment",
-                &c,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &to,
-            ],
-        )?;
-        ensure(
-            "nat",
-            "OUTPUT",
-            false,
-            &[
-                "-p",
-                &p.proto,
-                "!",
-                "-d",
-                "127.0.0.0/8",
-                "--dport",
-                &dport,
-                "-m",
-                "addrtype",
-                "--dst-type",
-                "LOCAL",
-                "-m",
-                "comment",
-                "--comment",
-                &c,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &to,
-            ],
-        )?;
+        // both chains: tagged with the instance, to the instance's port
+        let dnat = ["-m", "comment", "--comment", &c, "-j", "DNAT", "--to-destination", &to];
+        // from elsewhere
+        let from_outside = ["-p", &p.proto, "--dport", &dport];
+        ensure("nat", "PREROUTING", false, &[&from_outside[..], &dnat].concat())?;
+        // from this host to one of its own addresses except loopback
+        let from_here =
+            ["-p", &p.proto, "!", "-d", "127.0.0.0/8", "--dport", &dport, "-m", "addrtype", "--dst-type", "LOCAL"];
+        ensure("nat", "OUTPUT", false, &[&from_here[..], &dnat].concat())?;
     }
     Ok(())
 }

@@ -1,0 +1,88 @@
+//! The instance-selection rule both datapaths follow for a new flow to a service IP: the tun path's
+//! [`crate::proxy::engine::Engine`] applies it per flow, the eBPF fast path's map plan
+//! ([`crate::ebpf`]) precomputes it for the kernel (the backends in [`in_order`], the closest index).
+//!
+//! * Order: instances by instance number, then by overlay address.
+//! * Round-robin: the next position of a per-service counter in that order.
+//! * Closest: the lowest round-trip time to the instance's worker, an instance on this worker counting as
+//!   0 and an unmeasured one last. Ties go to an instance on this worker (no tunnel to cross), then to the
+//!   earlier one in the order.
+
+use crate::tables::{InstanceEndpoint, Snapshot};
+
+/// An unmeasured RTT: behind every measured one, and still summable without overflow.
+const UNMEASURED_US: u64 = u64::MAX / 2;
+
+/// The instances in balancing order.
+pub fn in_order(instances: &[InstanceEndpoint]) -> Vec<&InstanceEndpoint> {
+    let mut sorted: Vec<&InstanceEndpoint> = instances.iter().collect();
+    sorted.sort_by_key(|i| (i.instance_number, u32::from(i.ns_ip)));
+    sorted
+}
+
+/// Round-robin: the index in `len` ordered instances for counter position `pos` (None without instances).
+pub fn round_robin(len: usize, pos: u64) -> Option<usize> {
+    (len > 0).then(|| (pos % len as u64) as usize)
+}
+
+/// Closest: the index in `ordered` of the instance to pick, with `rtt_us` the measured RTT to an
+/// instance's worker (None: not measured). None without instances.
+pub fn closest(
+    snap: &Snapshot,
+    ordered: &[&InstanceEndpoint],
+    rtt_us: impl Fn(&InstanceEndpoint) -> Option<u64>,
+) -> Option<usize> {
+    ordered
+        .iter()
+        .enumerate()
+        .min_by_key(|(k, i)| {
+            let local = snap.is_local(i.ns_ip);
+            let rtt = if local { 0 } else { rtt_us(i).unwrap_or(UNMEASURED_US) };
+            (rtt, !local, *k)
+        })
+        .map(|(k, _)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(n: u32, ip: &str, rtt: Option<u64>) -> InstanceEndpoint {
+        InstanceEndpoint {
+            service_id: "s".into(),
+            job_name: "a.b.c.d".into(),
+            instance_number: n,
+            ns_ip: ip.parse().unwrap(),
+            worker: "192.0.2.2:50103".parse().unwrap(),
+            rtt_us: rtt,
+        }
+    }
+
+    #[test]
+    fn order_round_robin_and_closest_with_its_tie_breaks() {
+        let snap = Snapshot { local_subnet: Some("10.18.0.0/26".parse().unwrap()), ..Default::default() };
+        // out of order on purpose: instance number first, then address
+        let all = vec![
+            inst(2, "10.18.0.70", Some(500)),
+            inst(1, "10.18.0.66", Some(500)),
+            inst(1, "10.18.0.65", None),
+            inst(3, "10.18.0.71", Some(900)),
+        ];
+        let ordered = in_order(&all);
+        let ips: Vec<String> = ordered.iter().map(|i| i.ns_ip.to_string()).collect();
+        assert_eq!(ips, ["10.18.0.65", "10.18.0.66", "10.18.0.70", "10.18.0.71"]);
+        let rr: Vec<Option<usize>> = (0..5).map(|pos| round_robin(ordered.len(), pos)).collect();
+        assert_eq!(rr, [Some(0), Some(1), Some(2), Some(3), Some(0)]);
+        assert_eq!(round_robin(0, 7), None);
+        // equal RTTs: the earlier in the order; unmeasured loses
+        let rtt = |i: &InstanceEndpoint| i.rtt_us;
+        assert_eq!(closest(&snap, &ordered, rtt), Some(1));
+        // an instance on this worker is RTT 0 and wins a tie with a remote one measured at 0
+        let mut all = all;
+        all.push(inst(4, "10.18.0.9", None));
+        all[0].rtt_us = Some(0);
+        let ordered = in_order(&all);
+        assert_eq!(ordered[closest(&snap, &ordered, rtt).unwrap()].ns_ip.to_string(), "10.18.0.9");
+        assert_eq!(closest(&snap, &[], rtt), None);
+    }
+}
