@@ -13,6 +13,7 @@ use tonic::{Code, Request};
 use tracing::info;
 
 use super::image::{self, ImageSource, ImportPlan};
+use super::oci;
 use super::registry;
 use super::spec::ImageConfig;
 
@@ -383,39 +384,29 @@ impl Containerd {
         let arch = oak_proto::arch::this_machine();
         let mut desc = target.clone();
         if image::is_index(&desc.media_type) {
-            let idx: Value =
+            let idx: oci::Index =
                 serde_json::from_slice(&self.read_blob(&desc.digest).await?).context("image index is not JSON")?;
-            let ms = idx["manifests"].as_array().cloned().unwrap_or_default();
-            let m = ms
-                .iter()
-                .find(|d| d["platform"]["architecture"].as_str() == Some(arch.as_str()))
-                .or(ms.first())
-                .with_context(|| format!("image {name} has no manifest for linux/{arch}"))?;
+            let m = oci::select(&idx.manifests, &arch).with_context(|| format!("image {name}"))?;
+            let media_type = if m.media_type.is_empty() { image::MT_OCI_MANIFEST } else { &m.media_type };
             desc = Descriptor {
-                media_type: m["mediaType"].as_str().unwrap_or(image::MT_OCI_MANIFEST).into(),
-                digest: m["digest"].as_str().unwrap_or_default().into(),
-                size: m["size"].as_i64().unwrap_or(0),
+                media_type: media_type.into(),
+                digest: m.digest.clone(),
+                size: m.size,
                 annotations: HashMap::new(),
             };
         }
-        let manifest: Value =
+        let manifest: oci::Manifest =
             serde_json::from_slice(&self.read_blob(&desc.digest).await?).context("image manifest is not JSON")?;
-        let config_digest = manifest["config"]["digest"].as_str().context("manifest without config")?.to_string();
+        let config_digest = manifest.config.digest.clone();
         let config_bytes = self.read_blob(&config_digest).await?;
-        let config_doc: Value = serde_json::from_slice(&config_bytes).context("image config is not JSON")?;
-        if let Some(a) = config_doc["architecture"].as_str() {
-            if !a.is_empty() && a != arch {
-                bail!("image {name} is built for {a}, this worker is {arch}");
-            }
+        let config_doc: oci::Config = serde_json::from_slice(&config_bytes).context("image config is not JSON")?;
+        let a = &config_doc.architecture;
+        if !a.is_empty() && oak_proto::arch::normalize(a) != arch {
+            bail!("image {name} is built for {a}, this worker is {arch}");
         }
         let config = ImageConfig::from_image_json(&config_bytes)?;
-        let diff_ids: Vec<String> = config_doc["rootfs"]["diff_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|d| d.as_str().map(str::to_string))
-            .collect();
-        let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+        let diff_ids = config_doc.rootfs.diff_ids;
+        let layers = manifest.layers;
         if layers.len() != diff_ids.len() || layers.is_empty() {
             bail!("image {name}: {} layers but {} diff_ids in its config", layers.len(), diff_ids.len());
         }
@@ -446,10 +437,11 @@ impl Containerd {
                 .with_context(|| format!("preparing snapshot for layer {i}"))?
                 .into_inner()
                 .mounts;
+            let media_type = if layer.media_type.is_empty() { image::MT_OCI_LAYER } else { &layer.media_type };
             let ld = Descriptor {
-                media_type: layer["mediaType"].as_str().unwrap_or(image::MT_OCI_LAYER).into(),
-                digest: layer["digest"].as_str().unwrap_or_default().into(),
-                size: layer["size"].as_i64().unwrap_or(0),
+                media_type: media_type.into(),
+                digest: layer.digest.clone(),
+                size: layer.size,
                 annotations: HashMap::new(),
             };
             info!(image = name, layer = %ld.digest, "unpacking layer {}/{}", i + 1, layers.len());

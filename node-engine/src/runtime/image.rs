@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::oci;
+
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -171,30 +173,21 @@ fn blob_path(digest: &str) -> anyhow::Result<String> {
     Ok(format!("blobs/{alg}/{hex}"))
 }
 
-fn platform_matches(d: &Value, arch: &str) -> bool {
-    d.get("platform")
-        .map(|p| p["architecture"].as_str() == Some(arch) && p["os"].as_str().unwrap_or("linux") == "linux")
-        .unwrap_or(true)
-}
-
 fn plan_oci(path: &Path, files: &HashMap<String, Vec<u8>>, arch: &str) -> anyhow::Result<ImportPlan> {
-    let index: Value = serde_json::from_slice(&files["index.json"]).context("index.json is not JSON")?;
-    let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
-    let top = manifests
-        .iter()
-        .find(|d| platform_matches(d, arch))
-        .or(manifests.first())
-        .with_context(|| format!("{}: index.json lists no manifest", path.display()))?
-        .clone();
+    let index: oci::Index = serde_json::from_slice(&files["index.json"]).context("index.json is not JSON")?;
+    if index.manifests.is_empty() {
+        bail!("{}: index.json lists no manifest", path.display());
+    }
+    let top = oci::select(&index.manifests, arch).with_context(|| format!("{}", path.display()))?;
     let mut blobs = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    add_oci_tree(files, &top, &mut blobs, &mut seen)?;
-    let ann = &top["annotations"];
-    let name = ann["io.containerd.image.name"]
-        .as_str()
-        .map(str::to_string)
+    add_oci_tree(files, top, &mut blobs, &mut seen)?;
+    let ann = &top.annotations;
+    let name = ann
+        .get("io.containerd.image.name")
+        .cloned()
         .or_else(|| {
-            ann["org.opencontainers.image.ref.name"].as_str().map(|r| {
+            ann.get("org.opencontainers.image.ref.name").map(|r| {
                 if r.contains('/') || r.contains(':') {
                     normalize_reference(r).unwrap_or_else(|_| default_name(path, None))
                 } else {
@@ -203,57 +196,48 @@ fn plan_oci(path: &Path, files: &HashMap<String, Vec<u8>>, arch: &str) -> anyhow
             })
         })
         .unwrap_or_else(|| default_name(path, None));
+    let media_type = if top.media_type.is_empty() { MT_OCI_MANIFEST } else { &top.media_type };
     Ok(ImportPlan {
         name,
         blobs,
-        target_media_type: top["mediaType"].as_str().unwrap_or(MT_OCI_MANIFEST).to_string(),
-        target_digest: top["digest"].as_str().unwrap_or_default().to_string(),
-        target_size: top["size"].as_i64().unwrap_or(0),
+        target_media_type: media_type.to_string(),
+        target_digest: top.digest.clone(),
+        target_size: top.size,
     })
 }
 
 fn add_oci_tree(
     files: &HashMap<String, Vec<u8>>,
-    desc: &Value,
+    desc: &oci::Descriptor,
     out: &mut Vec<Blob>,
     seen: &mut std::collections::HashSet<String>,
 ) -> anyhow::Result<()> {
-    let digest = desc["digest"].as_str().context("descriptor without digest")?.to_string();
+    let digest = desc.digest.clone();
     if !seen.insert(digest.clone()) {
         return Ok(());
     }
-    let media_type = desc["mediaType"].as_str().unwrap_or_default().to_string();
+    let media_type = desc.media_type.clone();
     let data = files.get(&blob_path(&digest)?).with_context(|| format!("archive lacks blob {digest}"))?.clone();
     if sha256_digest(&data) != digest {
         bail!("blob {digest} in the archive does not match its digest");
     }
     let mut labels = HashMap::new();
-    if media_type == MT_OCI_MANIFEST || media_type == MT_DOCKER_MANIFEST || is_index(&media_type) {
-        let doc: Value = serde_json::from_slice(&data).with_context(|| format!("{digest} is not JSON"))?;
-        if is_index(&media_type) {
-            for (i, m) in doc["manifests"].as_array().into_iter().flatten().enumerate() {
-                // Only children present in the archive (single-platform archives list others too).
-                if let Some(d) = m["digest"].as_str() {
-                    if files.contains_key(&blob_path(d)?) {
-                        add_oci_tree(files, m, out, seen)?;
-                        labels.insert(format!("containerd.io/gc.ref.content.m.{i}"), d.to_string());
-                    }
-                }
+    if is_index(&media_type) {
+        let doc: oci::Index = serde_json::from_slice(&data).with_context(|| format!("{digest} is not JSON"))?;
+        for (i, m) in doc.manifests.iter().enumerate() {
+            // Only children present in the archive (single-platform archives list others too).
+            if files.contains_key(&blob_path(&m.digest)?) {
+                add_oci_tree(files, m, out, seen)?;
+                labels.insert(format!("containerd.io/gc.ref.content.m.{i}"), m.digest.clone());
             }
-        } else {
-            let config = &doc["config"];
-            add_oci_tree(files, config, out, seen)?;
-            labels.insert(
-                "containerd.io/gc.ref.content.config".into(),
-                config["digest"].as_str().unwrap_or_default().into(),
-            );
-            for (i, l) in doc["layers"].as_array().into_iter().flatten().enumerate() {
-                add_oci_tree(files, l, out, seen)?;
-                labels.insert(
-                    format!("containerd.io/gc.ref.content.l.{i}"),
-                    l["digest"].as_str().unwrap_or_default().into(),
-                );
-            }
+        }
+    } else if media_type == MT_OCI_MANIFEST || media_type == MT_DOCKER_MANIFEST {
+        let doc: oci::Manifest = serde_json::from_slice(&data).with_context(|| format!("{digest} is not JSON"))?;
+        add_oci_tree(files, &doc.config, out, seen)?;
+        labels.insert("containerd.io/gc.ref.content.config".into(), doc.config.digest.clone());
+        for (i, l) in doc.layers.iter().enumerate() {
+            add_oci_tree(files, l, out, seen)?;
+            labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
         }
     }
     out.push(Blob { digest, media_type, data, labels });

@@ -11,6 +11,7 @@ mod deploy;
 pub mod image;
 pub mod logs;
 mod monitor;
+pub mod oci;
 pub mod registry;
 pub mod spec;
 mod undeploy;

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::image::{self, Blob, ImportPlan, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST};
+use super::oci;
 
 static INSECURE: RwLock<Vec<String>> = RwLock::new(Vec::new());
 
@@ -376,26 +377,9 @@ impl RegistryClient {
         let (mut mt, mut data) = first;
         let mut digest = image::sha256_digest(&data);
         if mt == MT_OCI_INDEX || mt == MT_DOCKER_LIST {
-            let idx: Value = serde_json::from_slice(&data).context("image index is not JSON")?;
-            let ms = idx["manifests"].as_array().cloned().unwrap_or_default();
-            let matches = |d: &&Value| {
-                let p = &d["platform"];
-                p["os"].as_str().unwrap_or("linux") == "linux" && p["architecture"].as_str() == Some(arch)
-            };
-            let m = ms.iter().find(matches).with_context(|| {
-                let have: Vec<String> = ms
-                    .iter()
-                    .map(|d| {
-                        format!(
-                            "{}/{}",
-                            d["platform"]["os"].as_str().unwrap_or("?"),
-                            d["platform"]["architecture"].as_str().unwrap_or("?")
-                        )
-                    })
-                    .collect();
-                format!("no manifest for this platform linux/{arch} in the image index (it has: {})", have.join(", "))
-            })?;
-            let d = Desc::from_json(m, MT_OCI_MANIFEST)?;
+            let idx: oci::Index = serde_json::from_slice(&data).context("image index is not JSON")?;
+            let m = oci::select(&idx.manifests, arch)?;
+            let d = Desc { media_type: m.media_type.clone(), digest: m.digest.clone(), size: m.size };
             let (mt2, data2) = self.get_manifest(&d.digest).await?;
             mt = if d.media_type.is_empty() { mt2 } else { d.media_type.clone() };
             data = data2;
