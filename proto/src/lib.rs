@@ -8,12 +8,14 @@ pub mod netmanager_api;
 pub use instance::{instance_key, InstanceKey, InstanceState};
 
 /// Control plane: root <-> cluster <-> worker sessions.
+#[allow(clippy::large_enum_variant)] // generated: the session oneofs carry whole specs by value
 pub mod v1 {
     tonic::include_proto!("oak.v1");
 }
 
 /// Overlay address management: root service manager and cluster network service.
 pub mod net {
+    #[allow(clippy::large_enum_variant)] // generated
     pub mod v1 {
         tonic::include_proto!("oak.net.v1");
     }
