@@ -22,7 +22,7 @@ pub async fn run(cluster: Arc<Cluster>) {
             Err(e) => {
                 failures += 1;
                 // one clear line first, then quieter retries
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(
                         root = %cluster.cfg.root_url,
                         "cannot register with the root orchestrator: {e:#} (check --root-address/SYSTEM_MANAGER_URL and that the root's port 50052 is reachable); retrying"
