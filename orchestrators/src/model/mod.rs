@@ -9,7 +9,7 @@ use serde_json::Value;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::ToSchema;
 
-pub use parse::{parse_sla, validate, validate_service, SlaError, MAX_ARRAY, MAX_STRING};
+pub use parse::{is_name, parse_sla, validate, validate_service, SlaError, MAX_ARRAY, MAX_STRING, NAME_RULE};
 
 /// The SLA versions accepted.
 pub const SLA_VERSIONS: [&str; 1] = ["v2.0"];

@@ -12,7 +12,8 @@ pub const MAX_STRING: usize = 4096;
 /// Longest accepted list (applications, microservices, cmd, env, constraints, ...).
 pub const MAX_ARRAY: usize = 256;
 
-const NAME_RULE: &str = "must match ^[a-zA-Z0-9]{1,30}$";
+/// What [`is_name`] asks for, as error messages say it.
+pub const NAME_RULE: &str = "must match ^[a-zA-Z0-9]{1,30}$";
 
 /// A validation error: `field` is a JSON path like `applications[0].microservices[1].memory`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -26,7 +27,8 @@ fn err(field: impl Into<String>, problem: impl Into<String>) -> SlaError {
     SlaError { field: field.into(), problem: problem.into() }
 }
 
-fn is_name(s: &str) -> bool {
+/// An application or microservice name or namespace: 1 to 30 ASCII letters and digits.
+pub fn is_name(s: &str) -> bool {
     (1..=30).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 

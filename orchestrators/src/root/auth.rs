@@ -14,6 +14,11 @@ pub const ADMIN: &str = "Admin";
 pub const ACCESS_TTL_S: u64 = 3600;
 pub const REFRESH_TTL_S: u64 = 7 * 24 * 3600;
 
+/// Whether `user` may see what `owner` owns: their own things, and the admin everything.
+pub fn may_see(user: &str, owner: &str) -> bool {
+    user == ADMIN || user == owner
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct User {
     pub name: String,

@@ -8,12 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use oak_proto::instance_key;
 use oak_proto::net::v1 as pb;
+use parking_lot::Mutex;
 use pb::root_net_service_server::{RootNetService, RootNetServiceServer};
 use redb::{ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -135,6 +136,36 @@ impl JsonStore {
     }
 }
 
+/// Why service IPs could not be allocated. [`ServiceIpError::field`] names the SLA field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceIpError {
+    #[error("service_id is empty")]
+    NoServiceId,
+    #[error("addresses.{field} {ip} is outside the service address space {SERVICE_SPACE}")]
+    OutsideSpace { field: &'static str, ip: Ipv4Addr },
+    #[error("addresses.rr_ip and addresses.closest_ip must differ")]
+    Same,
+    #[error("addresses.{field} {ip} is already the address of service {job_name} ({service_id})")]
+    Taken { field: &'static str, ip: Ipv4Addr, job_name: String, service_id: String },
+    #[error("service address space {SERVICE_SPACE} exhausted")]
+    Exhausted,
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+impl ServiceIpError {
+    /// The `addresses` field the error is reported at (the round-robin address unless it is about the
+    /// closest one); `None` when it is not the SLA's fault.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::OutsideSpace { field, .. } | Self::Taken { field, .. } => Some(field),
+            Self::Same => Some("closest_ip"),
+            Self::Exhausted => Some("rr_ip"),
+            Self::NoServiceId | Self::Store(_) => None,
+        }
+    }
+}
+
 struct Inner {
     store: JsonStore,
     state: Mutex<RootState>,
@@ -166,9 +197,13 @@ impl RootNetSvc {
         Ok(Self { inner: Arc::new(Inner { store, state: Mutex::new(state), changes }) })
     }
 
-    /// Apply `f` to a copy of the state; persist; then publish. An error leaves stored state untouched.
     fn mutate<R>(&self, f: impl FnOnce(&mut RootState) -> Result<R>) -> Result<R> {
-        let mut guard = self.inner.state.lock().expect("netsvc lock");
+        self.try_mutate(f)
+    }
+
+    /// Apply `f` to a copy of the state; persist; then publish. An error leaves stored state untouched.
+    fn try_mutate<R, E: From<anyhow::Error>>(&self, f: impl FnOnce(&mut RootState) -> Result<R, E>) -> Result<R, E> {
+        let mut guard = self.inner.state.lock();
         let mut next = guard.clone();
         let r = f(&mut next)?;
         if next != *guard {
@@ -261,7 +296,7 @@ impl RootNetSvc {
 
     /// Every worker route of every cluster.
     pub fn routes(&self) -> Vec<pb::ClusterRoute> {
-        let s = self.inner.state.lock().expect("netsvc lock");
+        let s = self.inner.state.lock();
         s.routes
             .iter()
             .map(|(n, r)| pb::ClusterRoute {
@@ -277,7 +312,11 @@ impl RootNetSvc {
 
     /// Allocate the round-robin and closest service IPs of a service from 10.30.0.0/16. Idempotent: a
     /// service that already has addresses gets the same ones back. Never hands out an address in use.
-    pub fn allocate_service_ips(&self, service_id: &str, job_name: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    pub fn allocate_service_ips(
+        &self,
+        service_id: &str,
+        job_name: &str,
+    ) -> Result<(Ipv4Addr, Ipv4Addr), ServiceIpError> {
         self.allocate_service_ips_as(service_id, job_name, None, None)
     }
 
@@ -289,22 +328,22 @@ impl RootNetSvc {
         job_name: &str,
         want_rr: Option<Ipv4Addr>,
         want_closest: Option<Ipv4Addr>,
-    ) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    ) -> Result<(Ipv4Addr, Ipv4Addr), ServiceIpError> {
         if service_id.is_empty() {
-            bail!("service_id is empty");
+            return Err(ServiceIpError::NoServiceId);
         }
         let space: Ipv4Net = SERVICE_SPACE.parse().expect("space");
         for (field, ip) in [("rr_ip", want_rr), ("closest_ip", want_closest)] {
             if let Some(ip) = ip {
                 if !space.contains(&ip) || ip == space.network() || ip == space.broadcast() {
-                    bail!("addresses.{field} {ip} is outside the service address space {SERVICE_SPACE}");
+                    return Err(ServiceIpError::OutsideSpace { field, ip });
                 }
             }
         }
         if want_rr.is_some() && want_rr == want_closest {
-            bail!("addresses.rr_ip and addresses.closest_ip must differ");
+            return Err(ServiceIpError::Same);
         }
-        self.mutate(|s| {
+        self.try_mutate(|s| {
             for (field, ip) in [("rr_ip", want_rr), ("closest_ip", want_closest)] {
                 let Some(ip) = ip else { continue };
                 if let Some((other, r)) = s
@@ -312,7 +351,12 @@ impl RootNetSvc {
                     .iter()
                     .find(|(id, r)| id.as_str() != service_id && (r.rr_ip == Some(ip) || r.closest_ip == Some(ip)))
                 {
-                    bail!("addresses.{field} {ip} is already the address of service {} ({other})", r.job_name);
+                    return Err(ServiceIpError::Taken {
+                        field,
+                        ip,
+                        job_name: r.job_name.clone(),
+                        service_id: other.clone(),
+                    });
                 }
             }
             if let (Some(rr), Some(cl)) = (want_rr, want_closest) {
@@ -337,11 +381,11 @@ impl RootNetSvc {
             let mut free = space.hosts().skip(1).filter(|ip| !used.contains(ip));
             let rr = match want_rr {
                 Some(ip) => ip,
-                None => free.next().with_context(|| format!("service address space {SERVICE_SPACE} exhausted"))?,
+                None => free.next().ok_or(ServiceIpError::Exhausted)?,
             };
             let cl = match want_closest {
                 Some(ip) => ip,
-                None => free.next().with_context(|| format!("service address space {SERVICE_SPACE} exhausted"))?,
+                None => free.next().ok_or(ServiceIpError::Exhausted)?,
             };
             let rec = s.services.entry(service_id.to_string()).or_default();
             rec.job_name = job_name.to_string();
@@ -397,7 +441,7 @@ impl RootNetSvc {
 
     /// Resolve a service by job name or service IP to its addresses and instances across clusters.
     pub fn resolve(&self, job_name: &str, service_ip: &str) -> Option<pb::ServiceAddresses> {
-        let s = self.inner.state.lock().expect("netsvc lock");
+        let s = self.inner.state.lock();
         let ip: Option<Ipv4Addr> = service_ip.parse().ok();
         let (id, rec) = s.services.iter().find(|(_, r)| {
             (!job_name.is_empty() && r.job_name == job_name) || (ip.is_some() && (r.rr_ip == ip || r.closest_ip == ip))

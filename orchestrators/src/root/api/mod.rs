@@ -1,0 +1,337 @@
+//! REST API compatible with Oakestra's root API as `oak-cli` uses it. Handlers are thin: parse the
+//! request, call a use case on [`Root`], map the answer; errors become responses in [`error`].
+
+pub mod error;
+pub mod types;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::{request::Parts, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use oak_proto::InstanceState;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::applications::ApplicationUpdate;
+use super::auth::User;
+use super::error::RootError;
+use super::records::ApplicationRecord;
+use super::store::USERS;
+use super::Root;
+use crate::model::{self, Sla};
+pub use error::ApiError;
+use types::{ApplicationDoc, ClusterDoc, DeployAnswer, Health, Login, Message, ServiceDoc, Tokens};
+
+type ApiResult<T = Value> = Result<Json<T>, ApiError>;
+
+/// A request body, parsed by the handler (so a bad one is answered with the field at fault). Named
+/// apart from `Bytes` so utoipa does not document it as a raw byte body: each handler names its body.
+type Body = Bytes;
+
+/// The authenticated user (from `Authorization: Bearer <access token>`).
+pub struct AuthUser(pub String);
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let h = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).map(str::trim)
+}
+
+impl FromRequestParts<Arc<Root>> for AuthUser {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, root: &Arc<Root>) -> Result<Self, ApiError> {
+        let Some(t) = bearer(parts) else {
+            return Err(ApiError::Unauthorized("missing Authorization: Bearer <token> header".into()));
+        };
+        match root.auth.check(t, "access") {
+            Ok(c) => Ok(AuthUser(c.sub)),
+            Err(e) => Err(ApiError::Unauthorized(format!("invalid token: {e}"))),
+        }
+    }
+}
+
+pub fn router(root: Arc<Root>) -> Router {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/auth/login", post(login))
+        .route("/api/auth/refresh", post(refresh))
+        .route("/api/application", post(create_application))
+        .route("/api/application/", post(create_application))
+        .route("/api/applications", get(list_applications))
+        .route("/api/applications/", get(list_applications))
+        .route("/api/application/{id}", get(get_application).put(update_application).delete(delete_application))
+        .route("/api/services/{app_id}", get(list_services))
+        .route("/api/services/", get(list_all_services))
+        .route("/api/services", get(list_all_services))
+        .route("/api/service/{id}", get(get_service).delete(delete_service))
+        .route("/api/service/{id}/instance", post(deploy_instance))
+        .route("/api/service/{id}/instance/{n}", delete(undeploy_instance))
+        .route("/api/clusters/", get(clusters_all))
+        .route("/api/clusters", get(clusters_all))
+        .route("/api/clusters/active", get(clusters_active))
+        .route("/api/clusters/active/", get(clusters_active))
+        .route("/api/docs/openapi.json", get(openapi_json))
+        .route("/api/docs", get(docs_page))
+        .route("/api/docs/", get(docs_page))
+        .fallback(|| async { ApiError::NoSuchEndpoint })
+        .with_state(root)
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+    if body.len() > 1 << 20 {
+        return Err(ApiError::BadRequest("body too large (at most 1 MiB)".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))
+}
+
+/// The body as `T`; a type error names the field (`field: problem`).
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(parse_json(body)?).map_err(|e| {
+        let field = e.path().to_string();
+        RootError::InvalidField(model::SlaError { problem: e.into_inner().to_string(), field }).into()
+    })
+}
+
+fn json_list<T>(items: &[T], doc: impl Fn(&T) -> Value) -> Json<Value> {
+    Json(Value::Array(items.iter().map(doc).collect()))
+}
+
+fn app_json(a: &ApplicationRecord) -> Value {
+    serde_json::to_value(ApplicationDoc::from(a)).unwrap_or_default()
+}
+
+fn message(m: impl Into<String>) -> Json<Message> {
+    Json(Message::new(m))
+}
+
+#[utoipa::path(get, path = "/api/health", summary = "Readiness: 200 once the store is open and both listeners are bound",
+    responses((status = 200, description = "OK", body = Health), (status = 503, description = "starting", body = Message)))]
+async fn health(State(root): State<Arc<Root>>) -> Response {
+    if root.ready.load(Ordering::SeqCst) {
+        Json(Health { status: "ok".into() }).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "starting".into() })).into_response()
+    }
+}
+
+fn tokens(root: &Root, user: &str) -> ApiResult<Tokens> {
+    Ok(Json(Tokens {
+        message: "Logged in".into(),
+        token: root.auth.issue(user, "access")?,
+        refresh_token: root.auth.issue(user, "refresh")?,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/auth/login", summary = "Log in; returns an access and a refresh token (JWT HS256)",
+    request_body = Login,
+    responses((status = 200, description = "OK", body = Tokens), (status = 401, description = "bad credentials", body = Message),
+        (status = 400, description = "malformed body", body = Message)))]
+async fn login(State(root): State<Arc<Root>>, body: Body) -> ApiResult<Tokens> {
+    let Ok(Login { username, password }) = serde_json::from_value(parse_json(&body)?) else {
+        return Err(ApiError::BadRequest("username and password (strings) are required".into()));
+    };
+    let user: Option<User> = root.store.get(USERS, &username)?;
+    let ok = tokio::task::spawn_blocking(move || {
+        user.is_some_and(|u| super::auth::verify_password(&password, &u.password_hash))
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        tracing::info!(user = %username, "failed login");
+        return Err(ApiError::Unauthorized("invalid username or password".into()));
+    }
+    tokens(&root, &username)
+}
+
+#[utoipa::path(post, path = "/api/auth/refresh", summary = "New tokens from a refresh token (body field refresh_token or Bearer header)",
+    responses((status = 200, description = "OK", body = Tokens), (status = 401, description = "invalid refresh token", body = Message)))]
+async fn refresh(State(root): State<Arc<Root>>, headers: HeaderMap, body: Body) -> ApiResult<Tokens> {
+    let from_body =
+        serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from));
+    let from_header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(String::from);
+    let Some(t) = from_body.or(from_header) else {
+        return Err(ApiError::Unauthorized("refresh_token missing (body field or Bearer header)".into()));
+    };
+    match root.auth.check(&t, "refresh") {
+        Ok(c) => tokens(&root, &c.sub),
+        Err(e) => Err(ApiError::Unauthorized(format!("invalid refresh token: {e}"))),
+    }
+}
+
+#[utoipa::path(post, path = "/api/application", summary = "Create the applications of an SLA; answers the user's list of applications",
+    request_body = Sla, security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = Vec<ApplicationDoc>),
+        (status = 400, description = "malformed SLA; message names the field; nothing stored", body = Message),
+        (status = 401, description = "no valid token", body = Message),
+        (status = 409, description = "duplicate application name+namespace", body = Message)))]
+async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body: Body) -> ApiResult {
+    let sla = model::parse_sla(&parse_json(&body)?).map_err(RootError::InvalidSla)?;
+    let ids = root.create_applications(&sla, &user.0)?;
+    tracing::info!(?ids, user = %user.0, "applications created");
+    Ok(json_list(&root.applications_of(&user.0)?, app_json))
+}
+
+#[utoipa::path(get, path = "/api/applications", summary = "The user's applications (all for Admin)", security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = Vec<ApplicationDoc>), (status = 401, description = "no valid token", body = Message)))]
+async fn list_applications(State(root): State<Arc<Root>>, user: AuthUser) -> ApiResult {
+    Ok(json_list(&root.applications_of(&user.0)?, app_json))
+}
+
+#[utoipa::path(get, path = "/api/application/{id}", summary = "One application", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = ApplicationDoc), (status = 404, description = "unknown id", body = Message),
+        (status = 401, description = "no valid token", body = Message)))]
+async fn get_application(State(root): State<Arc<Root>>, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    Ok(Json(app_json(&root.application(&user.0, &id)?)))
+}
+
+#[utoipa::path(put, path = "/api/application/{id}", summary = "Update name, namespace or description", security(("bearer" = [])),
+    params(("id" = String, Path)), request_body = ApplicationDoc,
+    responses((status = 200, description = "OK", body = ApplicationDoc), (status = 400, description = "bad field", body = Message),
+        (status = 404, description = "unknown id", body = Message), (status = 409, description = "duplicate name+namespace", body = Message)))]
+async fn update_application(
+    State(root): State<Arc<Root>>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let change: ApplicationUpdate = parse_body(&body)?;
+    Ok(Json(app_json(&root.update_application(&user.0, &id, change)?)))
+}
+
+#[utoipa::path(delete, path = "/api/application/{id}", summary = "Delete an application, its services and their instances",
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = Message), (status = 404, description = "unknown id", body = Message)))]
+async fn delete_application(
+    State(root): State<Arc<Root>>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<Message> {
+    root.delete_application(&root.application(&user.0, &id)?)?;
+    Ok(message(format!("application {id} deleted")))
+}
+
+#[utoipa::path(get, path = "/api/services/{app_id}", summary = "Services of an application", security(("bearer" = [])),
+    params(("app_id" = String, Path)),
+    responses((status = 200, description = "OK", body = Vec<ServiceDoc>), (status = 404, description = "unknown id", body = Message)))]
+async fn list_services(State(root): State<Arc<Root>>, user: AuthUser, Path(app_id): Path<String>) -> ApiResult {
+    let app = root.application(&user.0, &app_id)?;
+    Ok(json_list(&root.services_of_application(&app)?, ServiceDoc::json))
+}
+
+async fn list_all_services(State(root): State<Arc<Root>>, user: AuthUser) -> ApiResult {
+    Ok(json_list(&root.services_of(&user.0)?, ServiceDoc::json))
+}
+
+#[utoipa::path(get, path = "/api/service/{id}", summary = "One service (job document with instance_list)", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = ServiceDoc), (status = 404, description = "unknown id", body = Message)))]
+async fn get_service(State(root): State<Arc<Root>>, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    Ok(Json(ServiceDoc::json(&root.service(&user.0, &id)?)))
+}
+
+#[utoipa::path(delete, path = "/api/service/{id}", summary = "Delete a service and undeploy all its instances", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = Message), (status = 404, description = "unknown id", body = Message)))]
+async fn delete_service(State(root): State<Arc<Root>>, user: AuthUser, Path(id): Path<String>) -> ApiResult<Message> {
+    root.delete_service(&root.service(&user.0, &id)?)?;
+    Ok(message(format!("service {id} deleted")))
+}
+
+#[utoipa::path(post, path = "/api/service/{id}/instance",
+    summary = "Deploy one more instance (no body). 200 also when it cannot be placed yet: status/status_detail say why, and it is retried",
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = DeployAnswer), (status = 404, description = "unknown id", body = Message)))]
+async fn deploy_instance(
+    State(root): State<Arc<Root>>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<DeployAnswer> {
+    root.service(&user.0, &id)?;
+    let inst = root.deploy_instance(&id)?.ok_or_else(|| RootError::ServiceNotFound(id.clone()))?;
+    // 200 even when unplaceable: the instance exists and is retried; oak-cli fails on any non-200.
+    let placed = inst.status == InstanceState::ClusterScheduled;
+    Ok(Json(DeployAnswer {
+        message: if placed {
+            "ok".to_string()
+        } else {
+            format!("instance {} not placed yet: {}", inst.instance_number, inst.status_detail)
+        },
+        instance_number: inst.instance_number,
+        status: inst.status,
+        status_detail: inst.status_detail,
+        cluster_id: inst.cluster_id,
+        cluster_name: inst.cluster_name,
+    }))
+}
+
+#[utoipa::path(delete, path = "/api/service/{id}/instance/{n}", summary = "Undeploy instance n", security(("bearer" = [])),
+    params(("id" = String, Path), ("n" = String, Path)),
+    responses((status = 200, description = "OK", body = Message), (status = 404, description = "unknown id or instance", body = Message),
+        (status = 400, description = "n is not a number", body = Message)))]
+async fn undeploy_instance(
+    State(root): State<Arc<Root>>,
+    user: AuthUser,
+    Path((id, n)): Path<(String, String)>,
+) -> ApiResult<Message> {
+    root.service(&user.0, &id)?;
+    let n: u32 =
+        n.parse().map_err(|_| ApiError::BadRequest(format!("instance number {n:?} is not a non-negative integer")))?;
+    if !root.undeploy_instance(&id, n)? {
+        return Err(RootError::NoSuchInstance(id, n).into());
+    }
+    Ok(message("ok"))
+}
+
+fn clusters(root: &Root, only_active: bool) -> ApiResult {
+    let docs = root.clusters(only_active)?.into_iter().map(|(c, active)| ClusterDoc::new(c, active));
+    Ok(Json(Value::Array(docs.map(|d| serde_json::to_value(d).unwrap_or_default()).collect())))
+}
+
+#[utoipa::path(get, path = "/api/clusters/", summary = "All registered clusters",
+    responses((status = 200, description = "OK", body = Vec<ClusterDoc>)))]
+async fn clusters_all(State(root): State<Arc<Root>>) -> ApiResult {
+    clusters(&root, false)
+}
+
+#[utoipa::path(get, path = "/api/clusters/active", summary = "Active clusters",
+    responses((status = 200, description = "OK", body = Vec<ClusterDoc>)))]
+async fn clusters_active(State(root): State<Arc<Root>>) -> ApiResult {
+    clusters(&root, true)
+}
+
+async fn openapi_json() -> Response {
+    Json(super::openapi::document()).into_response()
+}
+
+async fn docs_page() -> Html<String> {
+    Html(super::openapi::html(&super::openapi::document()))
+}
+
+/// The handlers' OpenAPI operations and the schemas they name (completed in [`super::openapi::document`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    health,
+    login,
+    refresh,
+    create_application,
+    list_applications,
+    get_application,
+    update_application,
+    delete_application,
+    list_services,
+    get_service,
+    delete_service,
+    deploy_instance,
+    undeploy_instance,
+    clusters_all,
+    clusters_active
+))]
+pub(super) struct Operations;

@@ -1,0 +1,37 @@
+//! What can go wrong in the root's use cases; the REST API maps each kind to a status code in one place
+//! (`api::error`).
+
+use crate::model::SlaError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    /// The SLA (or a value in it) is not acceptable; nothing was stored.
+    #[error("invalid SLA: {0}")]
+    InvalidSla(SlaError),
+    /// A field of an update is not acceptable.
+    #[error("{0}")]
+    InvalidField(SlaError),
+    #[error("application {name}.{namespace} already exists (applications[{index}])")]
+    DuplicateApplication { name: String, namespace: String, index: usize },
+    #[error("another application has this name+namespace")]
+    NameTaken,
+    #[error("application {0} not found")]
+    ApplicationNotFound(String),
+    #[error("service {0} not found")]
+    ServiceNotFound(String),
+    #[error("service {0} has no instance {1}")]
+    NoSuchInstance(String, u32),
+    /// The store or another part of the root failed.
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl RootError {
+    /// The request field at fault, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::InvalidSla(e) | Self::InvalidField(e) => Some(&e.field),
+            _ => None,
+        }
+    }
+}
