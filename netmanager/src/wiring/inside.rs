@@ -1,5 +1,5 @@
 //! What the wiring does inside an instance's network namespace, on a thread that joined it (through
-//! [`testbed`]) with a netlink connection of its own: eth0 configured at wiring time, its GSO segment
+//! [`netns::in_netns`]) with a netlink connection of its own: eth0 configured at wiring time, its GSO segment
 //! limit changed later.
 
 use std::fs::File;
@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
 
+use super::netns;
 use super::{instance_mac, link_by_name, link_index, set_gso_max_segs, GSO_MAX_SEGS_DEFAULT, INSTANCE_MTU};
 
 /// Runs `f` with a netlink handle on a throw-away thread that joins the network namespace `ns`.
@@ -18,7 +19,7 @@ where
 {
     // the namespace the caller holds open, by its descriptor: the pid's may name another process by now
     let path = format!("/proc/self/fd/{}", ns.as_raw_fd());
-    testbed::in_netns(&path, move || -> Result<()> {
+    netns::in_netns(&path, move || -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {
             let (conn, h, _) = rtnetlink::new_connection().context("netlink socket inside the netns")?;
