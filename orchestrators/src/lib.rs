@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod model;
 pub mod root;
+pub mod session;
 pub mod simworker;
 pub mod task;
 pub mod telemetry;

@@ -7,7 +7,7 @@
 //! to subscribed NetManagers over a server stream.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -488,17 +488,7 @@ impl ClusterNetService for ClusterNetSvc {
     }
 }
 
-/// Serve the cluster network service on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, root_netsvc_url: &str, data_dir: &Path, cluster_id: &str) -> Result<()> {
-    let svc = ClusterNetSvc::open(data_dir, root_netsvc_url, cluster_id)?;
-    serve_with(svc, addr).await
-}
-
-pub async fn serve_with(svc: ClusterNetSvc, addr: SocketAddr) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding netsvc {addr}"))?;
-    serve_listener(svc, listener).await
-}
-
+/// Serves on a bound listener until the process ends (tests bind port 0 first).
 pub async fn serve_listener(svc: ClusterNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "cluster network service listening");
     let _watch = svc.spawn_root_watch().map(crate::task::AbortOnDrop);

@@ -6,7 +6,7 @@
 //! write transaction, so a crash never leaves half an update).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -518,18 +518,6 @@ impl RootNetService for RootNetSvc {
         let service = self.resolve(&r.job_name, &r.service_ip);
         Ok(Response::new(pb::ResolveReply { found: service.is_some(), service }))
     }
-}
-
-/// Serve the root network service on `addr` with a store in `<data_dir>/net.redb` until the process ends.
-pub async fn serve(addr: SocketAddr, data_dir: &Path) -> Result<()> {
-    let svc = RootNetSvc::open(data_dir)?;
-    serve_with(svc, addr).await
-}
-
-/// Serve an already opened handle (share the same handle with the root API).
-pub async fn serve_with(svc: RootNetSvc, addr: SocketAddr) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding netsvc {addr}"))?;
-    serve_listener(svc, listener).await
 }
 
 /// Serve on a bound listener (tests bind port 0 first).
