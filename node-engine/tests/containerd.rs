@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use oak_node_engine::runtime::instance_id;
 
 fn memory_limit_bytes(cgroups_path: &str) -> Option<u64> {
@@ -51,15 +49,8 @@ async fn httpd_runs_answers_and_undeploys_cleanly() {
         std::fs::read_link("/proc/self/ns/net").unwrap()
     );
 
-    // httpd answers inside the instance's netns (poll: listening has no signal we can wait on).
-    let mut body = Err(String::new());
-    for _ in 0..50 {
-        body = common::http_get_in_netns(pid, 8080, "/index.html").await;
-        if body.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // httpd answers inside the instance's netns.
+    let body = common::wait_http_in_netns(pid, 8080, "/index.html").await;
     if body.is_err() {
         let logs = std::fs::read_to_string(rt.log_path(&id)).unwrap_or_default();
         let ip =

@@ -8,7 +8,6 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use oak_node_engine::runtime::instance_id;
 use serde_json::{json, Value};
@@ -238,14 +237,7 @@ async fn image_is_pulled_from_a_registry_with_token_auth_and_runs() {
     assert!(log.iter().skip(2).all(|l| l.ends_with("200")), "{log:?}");
 
     let pid = rt.pid_of("svc-pull", 0).expect("pid known");
-    let mut body = Err(String::new());
-    for _ in 0..50 {
-        body = common::http_get_in_netns(pid, 8080, "/index.html").await;
-        if body.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let body = common::wait_http_in_netns(pid, 8080, "/index.html").await;
     assert_eq!(body.expect("httpd answers"), "hello-oak");
 
     // A second deploy of the same reference uses the stored image: no new registry request.

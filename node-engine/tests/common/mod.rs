@@ -198,3 +198,17 @@ pub async fn http_get_in_netns(pid: u32, port: u16, path: &str) -> Result<String
         .await
         .map_err(|e| e.to_string())?
 }
+
+/// [`http_get_in_netns`] until it answers, for up to 5 s (poll: listening has no signal to wait on);
+/// the last error when it never does.
+pub async fn wait_http_in_netns(pid: u32, port: u16, path: &str) -> Result<String, String> {
+    let mut body = Err(String::new());
+    for _ in 0..50 {
+        body = http_get_in_netns(pid, port, path).await;
+        if body.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    body
+}
