@@ -17,17 +17,18 @@ impl Runtime {
         for backend in &self.backends {
             let known: HashSet<String> = self.instances.lock().keys().cloned().collect();
             for a in backend.adopt(&known).await? {
-                let (sid, n) = (a.service_id.clone(), a.instance_number);
+                let rec = a.record;
+                let (sid, n) = (rec.service_id.clone(), rec.instance_number);
                 {
                     let mut map = self.instances.lock();
                     let key = instance_key(&sid, n);
                     if map.contains_key(&key) {
                         continue;
                     }
-                    let mut inst = Instance::new(a.id.clone(), a.job_name, &sid, n, Some(backend.clone()));
-                    inst.one_shot = a.one_shot;
-                    inst.memory_mb = a.memory_mb;
-                    inst.pid = a.pid;
+                    let mut inst = Instance::new(rec.id.clone(), rec.job_name, &sid, n, Some(backend.clone()));
+                    inst.one_shot = rec.one_shot;
+                    inst.memory_mb = rec.memory_mb;
+                    inst.pid = rec.pid;
                     inst.status.ns_address = a.ns_address;
                     map.insert(key, inst);
                 }
@@ -35,9 +36,9 @@ impl Runtime {
                     Resumed::Running => {
                         let detail = "re-adopted after NodeEngine restart".to_string();
                         self.emit(&sid, n, InstanceState::Running, detail, None);
-                        self.spawn_monitor(backend.clone(), sid, n, a.id);
+                        self.spawn_monitor(backend.clone(), sid, n, rec.id);
                     }
-                    Resumed::Exited(code) => self.report_exit(backend.as_ref(), &sid, n, &a.id, code),
+                    Resumed::Exited(code) => self.report_exit(backend.as_ref(), &sid, n, &rec.id, code),
                     Resumed::Dead(detail) => self.emit(&sid, n, InstanceState::Dead, detail, None),
                 }
             }

@@ -9,24 +9,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use oak_proto::v1::ServiceSpec;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// How a VM ended: exit code (or 128+signal); None while running.
 pub type ExitRx = watch::Receiver<Option<i32>>;
-
-/// What is persisted next to a running VM, for re-adoption after a NodeEngine restart.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmRecord {
-    pub id: String,
-    pub service_id: String,
-    pub instance_number: u32,
-    pub job_name: String,
-    pub one_shot: bool,
-    pub memory_mb: u64,
-    pub pid: u32,
-}
 
 pub fn vm_dir(data_dir: &Path, id: &str) -> PathBuf {
     data_dir.join("unikernels").join(id)

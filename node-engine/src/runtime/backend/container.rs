@@ -13,7 +13,7 @@ use oak_proto::v1::ServiceSpec;
 use oak_proto::{instance_key, InstanceState};
 use tracing::{info, warn};
 
-use super::{Adopted, Backend, Created, Exit, Found, Resumed};
+use super::{Adopted, Backend, Created, Exit, Found, Record, Resumed};
 use crate::runtime::containerd::Containerd;
 use crate::runtime::logs::Logs;
 use crate::runtime::{cgroup, spec};
@@ -214,7 +214,7 @@ impl Backend for ContainerBackend {
                 Some(t) => Resumed::Dead(format!("found in task state {} after NodeEngine restart", t.status)),
                 None => Resumed::Dead("container found without a task after NodeEngine restart".into()),
             };
-            out.push(Adopted {
+            let record = Record {
                 id: c.id.clone(),
                 service_id,
                 instance_number: n,
@@ -222,6 +222,9 @@ impl Backend for ContainerBackend {
                 one_shot: label(&c, LABEL_ONE_SHOT) == Some("true"),
                 memory_mb: label(&c, LABEL_MEMORY_MB).and_then(|s| s.parse().ok()).unwrap_or(0),
                 pid: task.as_ref().map(|t| t.pid).unwrap_or(0),
+            };
+            out.push(Adopted {
+                record,
                 ns_address: label(&c, LABEL_NS_ADDRESS).unwrap_or_default().to_string(),
                 state,
             });

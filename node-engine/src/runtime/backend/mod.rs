@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use oak_proto::v1::ServiceSpec;
 use oak_proto::InstanceState;
+use serde::{Deserialize, Serialize};
 
 /// An instance created, not yet started.
 #[derive(Debug, Clone)]
@@ -49,9 +50,10 @@ pub enum Resumed {
     Dead(String),
 }
 
-/// An instance left by an earlier NodeEngine process.
-#[derive(Debug, Clone)]
-pub struct Adopted {
+/// What a backend keeps next to a running instance (container labels, a VM's `instance.json`)
+/// to re-adopt it after a NodeEngine restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
     pub id: String,
     pub service_id: String,
     pub instance_number: u32,
@@ -59,6 +61,12 @@ pub struct Adopted {
     pub one_shot: bool,
     pub memory_mb: u64,
     pub pid: u32,
+}
+
+/// An instance left by an earlier NodeEngine process.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    pub record: Record,
     pub ns_address: String,
     pub state: Resumed,
 }

@@ -13,9 +13,9 @@ use oak_proto::{instance_key, InstanceState};
 use parking_lot::Mutex;
 use tracing::info;
 
-use super::{Adopted, Backend, Created, Exit, Resumed};
+use super::{Adopted, Backend, Created, Exit, Record, Resumed};
 use crate::runtime::logs::Logs;
-use crate::runtime::unikernel::{self, ExitRx, VmRecord};
+use crate::runtime::unikernel::{self, ExitRx};
 
 /// Runs `unikernel` instances (only when enabled with -u).
 pub struct QemuBackend {
@@ -68,7 +68,7 @@ impl Backend for QemuBackend {
         let _ = std::fs::remove_file(&log);
         let (pid, exit) = unikernel::launch(&qemu, spec, &kernel, initrd.as_deref(), &log).await?;
         self.exits.lock().insert(id.to_string(), exit);
-        let rec = VmRecord {
+        let rec = Record {
             id: id.to_string(),
             service_id: spec.service_id.clone(),
             instance_number: n,
@@ -134,7 +134,7 @@ impl Backend for QemuBackend {
             let Ok(bytes) = std::fs::read(d.path().join("instance.json")) else {
                 continue;
             };
-            let Ok(rec) = serde_json::from_slice::<VmRecord>(&bytes) else {
+            let Ok(rec) = serde_json::from_slice::<Record>(&bytes) else {
                 continue;
             };
             if known.contains(&instance_key(&rec.service_id, rec.instance_number)) {
@@ -149,17 +149,7 @@ impl Backend for QemuBackend {
                 }
                 None => Resumed::Dead("VM not running after NodeEngine restart".into()),
             };
-            out.push(Adopted {
-                id: rec.id,
-                service_id: rec.service_id,
-                instance_number: rec.instance_number,
-                job_name: rec.job_name,
-                one_shot: rec.one_shot,
-                memory_mb: rec.memory_mb,
-                pid: rec.pid,
-                ns_address: String::new(),
-                state,
-            });
+            out.push(Adopted { record: rec, ns_address: String::new(), state });
         }
         Ok(out)
     }
