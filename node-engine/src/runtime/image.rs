@@ -1,4 +1,5 @@
-//! Image references and local image archives (OCI layout tar, `docker save` tar).
+//! Image references and local image archives (OCI layout tar, `docker save` tar); [`store`] gets an
+//! image into containerd (import, pull, unpack).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -9,6 +10,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::oci;
+
+mod store;
 
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
