@@ -8,7 +8,6 @@ mod api;
 mod bins;
 mod cmd;
 mod net;
-mod netns;
 mod proc;
 mod wait;
 
@@ -16,6 +15,6 @@ pub use api::Api;
 pub use bins::{bin, bin_dir, require_root};
 pub use cmd::{ip, run};
 pub use net::{Host, Net};
-pub use netns::{in_netns, join, netns_path, spawn_in_netns};
+pub use oak_netns::{in_netns, join, netns_path, spawn_in_netns};
 pub use proc::Proc;
 pub use wait::wait_for;

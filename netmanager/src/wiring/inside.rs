@@ -1,5 +1,5 @@
 //! What the wiring does inside an instance's network namespace, on a thread that joined it (through
-//! [`netns::in_netns`]) with a netlink connection of its own: eth0 configured at wiring time, its GSO segment
+//! [`oak_netns::in_netns`]) with a netlink connection of its own: eth0 configured at wiring time, its GSO segment
 //! limit changed later.
 
 use std::fs::File;
@@ -8,8 +8,8 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
 
-use super::netns;
 use super::{instance_mac, link_by_name, link_index, set_gso_max_segs, GSO_MAX_SEGS_DEFAULT, INSTANCE_MTU};
+use oak_netns as netns;
 
 /// Runs `f` with a netlink handle on a throw-away thread that joins the network namespace `ns`.
 fn in_netns<F, Fut>(ns: &File, f: F) -> Result<()>

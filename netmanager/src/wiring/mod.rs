@@ -6,7 +6,6 @@
 
 mod inside;
 pub mod nat;
-mod netns;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

@@ -1,4 +1,5 @@
-//! Work on a thread inside a network namespace. A namespace is named either by a path (`/proc/<pid>/ns/net`,
+//! Work on a thread inside a network namespace, for the NetManager daemon (the netlink calls its wiring
+//! makes inside an instance) and for the test harness `testbed`. A namespace is named either by a path (`/proc/<pid>/ns/net`,
 //! `/run/netns/x`) or by an `ip netns` name (`x`, meaning `/run/netns/x`). Work runs on a fresh thread that
 //! enters the namespace, so the sockets it opens live there and the caller's own thread never changes
 //! namespace.
@@ -68,5 +69,12 @@ mod tests {
             Ok(link) => assert_eq!(link, std::fs::read_link(&me).unwrap()),
             Err(e) => assert!(format!("{e:#}").contains(&me), "{e:#}"),
         }
+    }
+
+    #[test]
+    fn a_panic_is_an_error_naming_the_namespace() {
+        let me = format!("/proc/{}/ns/net", std::process::id());
+        let e = in_netns(&me, || panic!("boom")).unwrap_err();
+        assert!(format!("{e:#}").contains(&me), "{e:#}");
     }
 }
