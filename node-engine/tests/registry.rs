@@ -7,7 +7,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use oak_node_engine::runtime::instance_id;
 use serde_json::{json, Value};
@@ -203,7 +205,7 @@ async fn serve(reg: Arc<Registry>) -> u16 {
                     .collect();
                 let resp = handle(&reg, port, &target, &headers);
                 let status = String::from_utf8_lossy(&resp[9..12]).to_string();
-                reg.log.lock().unwrap().push(format!("{method} {target} -> {status}"));
+                reg.log.lock().push(format!("{method} {target} -> {status}"));
                 let _ = sock.write_all(&resp).await;
                 let _ = sock.shutdown().await;
             });
@@ -228,7 +230,7 @@ async fn image_is_pulled_from_a_registry_with_token_auth_and_runs() {
     common::wait_for(&mut rx, "svc-pull", &["RUNNING"], &mut seen).await;
     assert_eq!(seen, ["CREATING", "CREATED", "RUNNING"]);
 
-    let log = reg.log.lock().unwrap().clone();
+    let log = reg.log.lock().clone();
     eprintln!("registry requests:\n  {}", log.join("\n  "));
     assert!(log[0].starts_with("GET /v2/oak/busybox/manifests/1 -> 401"), "first request is challenged: {log:?}");
     assert!(log[1].starts_with("GET /token?") && log[1].ends_with("-> 200"), "{log:?}");
@@ -241,14 +243,14 @@ async fn image_is_pulled_from_a_registry_with_token_auth_and_runs() {
     assert_eq!(body.expect("httpd answers"), "hello-oak");
 
     // A second deploy of the same reference uses the stored image: no new registry request.
-    let before = reg.log.lock().unwrap().len();
+    let before = reg.log.lock().len();
     let mut again = env.spec("svc-pull2", &["/bin/sh", "-c", "echo again-$IMAGE_VAR"]);
     again.code = image.clone();
     again.one_shot = true;
     rt.deploy(again.clone(), 0);
     let done = common::wait_for(&mut rx, "svc-pull2", &["COMPLETED"], &mut Vec::new()).await;
     assert!(done.logs.contains("again-from-image"), "logs: {:?}", done.logs);
-    assert_eq!(reg.log.lock().unwrap().len(), before);
+    assert_eq!(reg.log.lock().len(), before);
 
     rt.undeploy("svc-pull", 0).await.expect("undeploy");
     common::wait_for(&mut rx, "svc-pull", &["UNDEPLOYED"], &mut seen).await;

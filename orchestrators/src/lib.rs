@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod model;
+mod persisted;
 pub mod root;
 pub mod session;
 pub mod simworker;

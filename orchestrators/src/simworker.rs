@@ -3,12 +3,13 @@
 //! Used by the control-plane tests and benchmark (`oak-sim-worker` binary), never by a real cluster.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use oak_proto::v1 as pb;
 use oak_proto::{instance_key, InstanceState};
+use parking_lot::Mutex;
 use pb::cluster_to_worker::Msg;
 use tokio::sync::mpsc;
 
@@ -74,7 +75,7 @@ impl SimWorker {
             pb::worker_registry_client::WorkerRegistryClient::new(ep.connect().await.context("connecting")?);
         let (tx, rx) = mpsc::unbounded_channel();
         let hello = {
-            let h = held.lock().expect("held");
+            let h = held.lock();
             pb::WorkerHello {
                 node_id: h.node_id.clone(),
                 node_name: self.name.clone(),
@@ -90,7 +91,7 @@ impl SimWorker {
         let first = inbound.message().await?.context("closed before welcome")?;
         let interval = match first.msg {
             Some(Msg::Welcome(w)) => {
-                held.lock().expect("held").node_id = w.node_id;
+                held.lock().node_id = w.node_id;
                 Duration::from_millis(u64::from(w.heartbeat_interval_ms).max(50))
             }
             Some(Msg::Rejected(r)) => bail!("rejected: {}", r.reason),
@@ -101,7 +102,7 @@ impl SimWorker {
             let mut tick = tokio::time::interval(interval);
             loop {
                 tick.tick().await;
-                let r = me.resources(&h2.lock().expect("held"));
+                let r = me.resources(&h2.lock());
                 if tx2.send(worker_msg(pb::worker_message::Msg::Metrics(r))).is_err() {
                     break;
                 }
@@ -123,16 +124,13 @@ impl SimWorker {
                         let spec = d.service.unwrap_or_default();
                         let k = instance_key(&spec.service_id, d.instance_number);
                         let st = status(&spec.service_id, d.instance_number, InstanceState::Creating, "simulated");
-                        held.lock()
-                            .expect("held")
-                            .instances
-                            .insert(k.clone(), (st.clone(), spec.vcpus, spec.memory_mb));
+                        held.lock().instances.insert(k.clone(), (st.clone(), spec.vcpus, spec.memory_mb));
                         let _ = tx.send(worker_msg(pb::worker_message::Msg::Instance(st)));
                         let (h, t, delay) = (held.clone(), tx.clone(), self.start_delay);
                         let running = status(&spec.service_id, d.instance_number, InstanceState::Running, "simulated");
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
-                            let mut g = h.lock().expect("held");
+                            let mut g = h.lock();
                             if let Some(e) = g.instances.get_mut(&k) {
                                 e.0 = running.clone();
                                 let _ = t.send(worker_msg(pb::worker_message::Msg::Instance(running)));
@@ -141,7 +139,7 @@ impl SimWorker {
                     }
                     Some(Msg::Undeploy(u)) => {
                         let k = instance_key(&u.service_id, u.instance_number);
-                        held.lock().expect("held").instances.remove(&k);
+                        held.lock().instances.remove(&k);
                         let st = status(&u.service_id, u.instance_number, InstanceState::Undeployed, "undeployed");
                         let _ = tx.send(worker_msg(pb::worker_message::Msg::Instance(st)));
                     }

@@ -16,12 +16,13 @@ pub mod workers;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use oak_proto::v1 as pb;
 use oak_proto::{instance_key, InstanceState};
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 
 use scheduler::WorkerView;
@@ -166,8 +167,8 @@ impl Cluster {
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("cluster state lock")
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Sends what a handler produced.
@@ -196,7 +197,7 @@ impl Cluster {
     }
 
     fn send_root(&self, m: pb::ClusterMessage) {
-        if let Some(tx) = self.root_tx.lock().expect("root tx").as_ref() {
+        if let Some(tx) = self.root_tx.lock().as_ref() {
             let _ = tx.send(m);
         }
         // not connected: the next ClusterHello carries every instance's state
@@ -721,7 +722,7 @@ impl Cluster {
     }
 
     fn set_root_tx(&self, tx: Option<mpsc::UnboundedSender<pb::ClusterMessage>>) {
-        *self.root_tx.lock().expect("root tx") = tx;
+        *self.root_tx.lock() = tx;
     }
 
     fn end_worker_sessions(&self) {

@@ -115,6 +115,19 @@ mod tests {
         assert!(d["paths"]["/api/service/{id}/instance"]["post"].is_object());
         assert!(d["paths"]["/api/application/{id}"]["delete"].is_object());
         assert!(d["components"]["schemas"]["Microservice"]["properties"]["virtualization"].is_object());
+        // the answers and the path parameter shared by the calls on one object
+        let get = &d["paths"]["/api/service/{id}"]["get"];
+        for code in ["200", "401", "404"] {
+            assert!(get["responses"][code].is_object(), "GET /api/service/{{id}} lacks {code}: {get}");
+        }
+        assert_eq!(get["parameters"][0]["name"], "id");
+        assert_eq!(get["parameters"][0]["in"], "path");
+        // the deploy answer is the message with the instance document flattened into it
+        let answer = d["components"]["schemas"]["DeployAnswer"].to_string();
+        for part in ["\"message\"", "#/components/schemas/Instance"] {
+            assert!(answer.contains(part), "DeployAnswer lacks {part}: {answer}");
+        }
+        assert!(d["components"]["schemas"]["Instance"]["properties"]["status_detail"].is_object());
         let h = super::html(&d);
         assert!(h.contains("POST /api/application"));
         assert!(h.contains("id=\"schema-Sla\""));

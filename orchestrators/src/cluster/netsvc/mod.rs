@@ -10,13 +10,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use oak_proto::instance_key;
 use oak_proto::net::v1 as pb;
+use parking_lot::Mutex;
 use pb::cluster_net_service_server::{ClusterNetService, ClusterNetServiceServer};
 use pb::root_net_service_client::RootNetServiceClient;
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,8 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::root::netsvc::{InstanceRec, JsonStore};
+use crate::persisted::Persisted;
+use crate::root::netsvc::InstanceRec;
 
 /// Prefix of a worker subnet.
 pub const WORKER_PREFIX: u8 = 26;
@@ -51,8 +53,7 @@ struct Subscriber {
 }
 
 struct Inner {
-    store: JsonStore,
-    state: Mutex<ClusterState>,
+    state: Persisted<ClusterState>,
     cluster_id: String,
     root: Option<RootNetServiceClient<Channel>>,
     subs: Mutex<HashMap<u64, Subscriber>>,
@@ -82,8 +83,7 @@ impl ClusterNetSvc {
     /// Open `<data_dir>/net.redb`; `root_netsvc_url` like "http://root:10099" (empty = no root, tests only:
     /// then no block can be leased).
     pub fn open(data_dir: &Path, root_netsvc_url: &str, cluster_id: &str) -> Result<Self> {
-        let store = JsonStore::open(&data_dir.join("net.redb"))?;
-        let state: ClusterState = store.load()?;
+        let state = Persisted::open(&data_dir.join("net.redb"))?;
         let root = if root_netsvc_url.is_empty() {
             None
         } else {
@@ -100,8 +100,7 @@ impl ClusterNetSvc {
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                store,
-                state: Mutex::new(state),
+                state,
                 cluster_id: cluster_id.to_string(),
                 root,
                 subs: Mutex::new(HashMap::new()),
@@ -113,18 +112,11 @@ impl ClusterNetSvc {
     }
 
     fn mutate<R>(&self, f: impl FnOnce(&mut ClusterState) -> Result<R>) -> Result<R> {
-        let mut guard = self.inner.state.lock().expect("netsvc lock");
-        let mut next = guard.clone();
-        let r = f(&mut next)?;
-        if next != *guard {
-            self.inner.store.save(&next)?;
-            *guard = next;
-        }
-        Ok(r)
+        self.inner.state.mutate(f)
     }
 
     fn broadcast(&self, u: pb::NetUpdate, service_id: Option<&str>) {
-        let mut subs = self.inner.subs.lock().expect("subs lock");
+        let mut subs = self.inner.subs.lock();
         subs.retain(|_, s| {
             if let Some(id) = service_id {
                 if !s.interests.contains_key(id) {
@@ -155,7 +147,7 @@ impl ClusterNetSvc {
         let _g = self.inner.lease_lock.lock().await;
         let lease = Lease { subnet: "0.0.0.0/26".parse()?, public_ip: public_ip.to_string(), tunnel_port };
         let existing = {
-            let s = self.inner.state.lock().expect("netsvc lock");
+            let s = self.inner.state.lock();
             s.leases.get(node).map(|l| l.subnet).or_else(|| Self::free_subnet(&s).map(|_| Ipv4Net::default()))
         };
         if existing.is_none() {
@@ -190,7 +182,7 @@ impl ClusterNetSvc {
             Ok((subnet, changed))
         })?;
         if changed {
-            let l = self.inner.state.lock().expect("lock").leases[node].clone();
+            let l = self.inner.state.lock().leases[node].clone();
             self.broadcast(update(pb::net_update::Update::RouteAdded(route_of(&l))), None);
             self.report_route(route_of(&l), false);
         }
@@ -236,7 +228,7 @@ impl ClusterNetSvc {
             .filter_map(|r| r.route)
             .map(|r| (r.subnet.clone(), r))
             .collect();
-        let old = std::mem::replace(&mut *self.inner.foreign.lock().expect("foreign"), new.clone());
+        let old = std::mem::replace(&mut *self.inner.foreign.lock(), new.clone());
         for (net, r) in &new {
             if old.get(net) != Some(r) {
                 self.broadcast(update(pb::net_update::Update::RouteAdded(r.clone())), None);
@@ -248,7 +240,7 @@ impl ClusterNetSvc {
     }
 
     fn foreign_route_changed(&self, route: pb::Route, removed: bool) {
-        let mut f = self.inner.foreign.lock().expect("foreign");
+        let mut f = self.inner.foreign.lock();
         if removed {
             if f.remove(&route.subnet).is_some() {
                 drop(f);
@@ -263,11 +255,11 @@ impl ClusterNetSvc {
 
     /// The subnet currently leased to `node`.
     pub fn subnet_of(&self, node: &str) -> Option<Ipv4Net> {
-        self.inner.state.lock().expect("lock").leases.get(node).map(|l| l.subnet)
+        self.inner.state.lock().leases.get(node).map(|l| l.subnet)
     }
 
     fn local_service(&self, job_name: &str, service_id: &str) -> Option<pb::ServiceAddresses> {
-        let s = self.inner.state.lock().expect("lock");
+        let s = self.inner.state.lock();
         let inst: Vec<_> = s
             .instances
             .values()
@@ -314,7 +306,7 @@ impl ClusterNetSvc {
     }
 
     async fn push_service(&self, service_id: &str, job_name: &str) {
-        let interested = self.inner.subs.lock().expect("subs").values().any(|s| s.interests.contains_key(service_id));
+        let interested = self.inner.subs.lock().values().any(|s| s.interests.contains_key(service_id));
         if !interested {
             return;
         }
@@ -373,8 +365,7 @@ impl ClusterNetSvc {
                         backoff = Duration::from_millis(200);
                         let mut stream = stream.into_inner();
                         // our routes to the root, the others' routes from it
-                        let own: Vec<pb::Route> =
-                            this.inner.state.lock().expect("lock").leases.values().map(route_of).collect();
+                        let own: Vec<pb::Route> = this.inner.state.lock().leases.values().map(route_of).collect();
                         for r in own {
                             this.report_route(r, false);
                         }
@@ -386,7 +377,7 @@ impl ClusterNetSvc {
                         }
                         // catch up on whatever changed while we were not watching
                         let interests: HashMap<String, String> =
-                            this.inner.subs.lock().expect("subs").values().flat_map(|s| s.interests.clone()).collect();
+                            this.inner.subs.lock().values().flat_map(|s| s.interests.clone()).collect();
                         for (id, job) in interests {
                             this.push_service(&id, &job).await;
                         }
@@ -453,7 +444,7 @@ impl ClusterNetService for ClusterNetSvc {
         let service =
             self.resolve(&r.job_name, &r.service_ip).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
         if let (Some(svc), false) = (&service, r.subscriber.is_empty()) {
-            for s in self.inner.subs.lock().expect("subs").values_mut() {
+            for s in self.inner.subs.lock().values_mut() {
                 if s.node == r.subscriber {
                     s.interests.insert(svc.service_id.clone(), svc.job_name.clone());
                 }
@@ -466,37 +457,33 @@ impl ClusterNetService for ClusterNetSvc {
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<UpdateStream>, Status> {
         let node = req.into_inner().node;
-        let initial =
-            self.inner.state.lock().expect("lock").leases.len() + self.inner.foreign.lock().expect("foreign").len();
+        let initial = self.inner.state.lock().leases.len() + self.inner.foreign.lock().len();
         let (tx, rx) = mpsc::channel(1024 + initial);
-        for l in self.inner.state.lock().expect("lock").leases.values() {
+        for l in self.inner.state.lock().leases.values() {
             let _ = tx.try_send(Ok(update(pb::net_update::Update::RouteAdded(route_of(l)))));
         }
-        for r in self.inner.foreign.lock().expect("foreign").values() {
+        for r in self.inner.foreign.lock().values() {
             let _ = tx.try_send(Ok(update(pb::net_update::Update::RouteAdded(r.clone()))));
         }
         let id = {
-            let mut n = self.inner.next_sub.lock().expect("lock");
+            let mut n = self.inner.next_sub.lock();
             *n += 1;
             *n
         };
         // a node re-subscribing replaces its old subscription
-        let mut subs = self.inner.subs.lock().expect("subs");
+        let mut subs = self.inner.subs.lock();
         subs.retain(|_, s| s.node != node);
         subs.insert(id, Subscriber { node, tx, interests: HashMap::new() });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 
-/// Serves on a bound listener until the process ends (tests bind port 0 first).
+/// Serves on a bound listener until the process ends (tests bind port 0 first), following the root's
+/// changes meanwhile.
 pub async fn serve_listener(svc: ClusterNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "cluster network service listening");
     let _watch = svc.spawn_root_watch().map(crate::task::AbortOnDrop);
-    tonic::transport::Server::builder()
-        .add_service(svc.grpc())
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-        .await?;
-    Ok(())
+    let router = tonic::transport::Server::builder().add_service(svc.grpc());
+    crate::task::serve_grpc("cluster network service", router, listener).await
 }
 
 #[cfg(test)]

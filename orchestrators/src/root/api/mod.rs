@@ -33,25 +33,47 @@ type ApiResult<T = Value> = Result<Json<T>, ApiError>;
 /// apart from `Bytes` so utoipa does not document it as a raw byte body: each handler names its body.
 type Body = Bytes;
 
-/// The authenticated user (from `Authorization: Bearer <access token>`).
-pub struct AuthUser(pub String);
+/// The caller of an authenticated endpoint: the root, and the user named by `Authorization: Bearer <access
+/// token>`.
+pub struct Caller {
+    root: Arc<Root>,
+    user: String,
+}
 
 fn bearer(parts: &Parts) -> Option<&str> {
     let h = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).map(str::trim)
 }
 
-impl FromRequestParts<Arc<Root>> for AuthUser {
+impl FromRequestParts<Arc<Root>> for Caller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, root: &Arc<Root>) -> Result<Self, ApiError> {
         let Some(t) = bearer(parts) else {
             return Err(ApiError::Unauthorized("missing Authorization: Bearer <token> header".into()));
         };
         match root.auth.check(t, "access") {
-            Ok(c) => Ok(AuthUser(c.sub)),
+            Ok(c) => Ok(Caller { root: root.clone(), user: c.sub }),
             Err(e) => Err(ApiError::Unauthorized(format!("invalid token: {e}"))),
         }
     }
+}
+
+/// The answers any call on one of the caller's objects may get besides its own (OpenAPI only).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum OwnObject {
+    #[response(status = 401, description = "no valid token")]
+    Unauthorized(Message),
+    #[response(status = 404, description = "unknown id")]
+    NotFound(Message),
+}
+
+/// The object id in the path (OpenAPI only).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct Id {
+    id: String,
 }
 
 pub fn router(root: Arc<Root>) -> Router {
@@ -172,116 +194,92 @@ async fn refresh(State(root): State<Arc<Root>>, headers: HeaderMap, body: Body) 
         (status = 400, description = "malformed SLA; message names the field; nothing stored", body = Message),
         (status = 401, description = "no valid token", body = Message),
         (status = 409, description = "duplicate application name+namespace", body = Message)))]
-async fn create_application(State(root): State<Arc<Root>>, user: AuthUser, body: Body) -> ApiResult {
+async fn create_application(Caller { root, user }: Caller, body: Body) -> ApiResult {
     let sla = model::parse_sla(&parse_json(&body)?).map_err(RootError::InvalidSla)?;
-    let ids = root.create_applications(&sla, &user.0)?;
-    tracing::info!(?ids, user = %user.0, "applications created");
-    Ok(json_list(&root.applications_of(&user.0)?, app_json))
+    let ids = root.create_applications(&sla, &user)?;
+    tracing::info!(?ids, user = %user, "applications created");
+    Ok(json_list(&root.applications_of(&user)?, app_json))
 }
 
 #[utoipa::path(get, path = "/api/applications", summary = "The user's applications (all for Admin)", security(("bearer" = [])),
     responses((status = 200, description = "OK", body = Vec<ApplicationDoc>), (status = 401, description = "no valid token", body = Message)))]
-async fn list_applications(State(root): State<Arc<Root>>, user: AuthUser) -> ApiResult {
-    Ok(json_list(&root.applications_of(&user.0)?, app_json))
+async fn list_applications(Caller { root, user }: Caller) -> ApiResult {
+    Ok(json_list(&root.applications_of(&user)?, app_json))
 }
 
-#[utoipa::path(get, path = "/api/application/{id}", summary = "One application", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, description = "OK", body = ApplicationDoc), (status = 404, description = "unknown id", body = Message),
-        (status = 401, description = "no valid token", body = Message)))]
-async fn get_application(State(root): State<Arc<Root>>, user: AuthUser, Path(id): Path<String>) -> ApiResult {
-    Ok(Json(app_json(&root.application(&user.0, &id)?)))
+#[utoipa::path(get, path = "/api/application/{id}", summary = "One application", security(("bearer" = [])), params(Id),
+    responses((status = 200, description = "OK", body = ApplicationDoc), OwnObject))]
+async fn get_application(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult {
+    Ok(Json(app_json(&root.application(&user, &id)?)))
 }
 
 #[utoipa::path(put, path = "/api/application/{id}", summary = "Update name, namespace or description", security(("bearer" = [])),
-    params(("id" = String, Path)), request_body = ApplicationDoc,
+    params(Id), request_body = ApplicationDoc,
     responses((status = 200, description = "OK", body = ApplicationDoc), (status = 400, description = "bad field", body = Message),
-        (status = 404, description = "unknown id", body = Message), (status = 409, description = "duplicate name+namespace", body = Message)))]
-async fn update_application(
-    State(root): State<Arc<Root>>,
-    user: AuthUser,
-    Path(id): Path<String>,
-    body: Body,
-) -> ApiResult {
+        OwnObject, (status = 409, description = "duplicate name+namespace", body = Message)))]
+async fn update_application(Caller { root, user }: Caller, Path(id): Path<String>, body: Body) -> ApiResult {
     let change: ApplicationUpdate = parse_body(&body)?;
-    Ok(Json(app_json(&root.update_application(&user.0, &id, change)?)))
+    Ok(Json(app_json(&root.update_application(&user, &id, change)?)))
 }
 
 #[utoipa::path(delete, path = "/api/application/{id}", summary = "Delete an application, its services and their instances",
-    security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, description = "OK", body = Message), (status = 404, description = "unknown id", body = Message)))]
-async fn delete_application(
-    State(root): State<Arc<Root>>,
-    user: AuthUser,
-    Path(id): Path<String>,
-) -> ApiResult<Message> {
-    root.delete_application(&root.application(&user.0, &id)?)?;
+    security(("bearer" = [])), params(Id),
+    responses((status = 200, description = "OK", body = Message), OwnObject))]
+async fn delete_application(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult<Message> {
+    root.delete_application(&root.application(&user, &id)?)?;
     Ok(message(format!("application {id} deleted")))
 }
 
 #[utoipa::path(get, path = "/api/services/{app_id}", summary = "Services of an application", security(("bearer" = [])),
     params(("app_id" = String, Path)),
-    responses((status = 200, description = "OK", body = Vec<ServiceDoc>), (status = 404, description = "unknown id", body = Message)))]
-async fn list_services(State(root): State<Arc<Root>>, user: AuthUser, Path(app_id): Path<String>) -> ApiResult {
-    let app = root.application(&user.0, &app_id)?;
+    responses((status = 200, description = "OK", body = Vec<ServiceDoc>), OwnObject))]
+async fn list_services(Caller { root, user }: Caller, Path(app_id): Path<String>) -> ApiResult {
+    let app = root.application(&user, &app_id)?;
     Ok(json_list(&root.services_of_application(&app)?, ServiceDoc::json))
 }
 
-async fn list_all_services(State(root): State<Arc<Root>>, user: AuthUser) -> ApiResult {
-    Ok(json_list(&root.services_of(&user.0)?, ServiceDoc::json))
+async fn list_all_services(Caller { root, user }: Caller) -> ApiResult {
+    Ok(json_list(&root.services_of(&user)?, ServiceDoc::json))
 }
 
 #[utoipa::path(get, path = "/api/service/{id}", summary = "One service (job document with instance_list)", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "OK", body = ServiceDoc), (status = 404, description = "unknown id", body = Message)))]
-async fn get_service(State(root): State<Arc<Root>>, user: AuthUser, Path(id): Path<String>) -> ApiResult {
-    Ok(Json(ServiceDoc::json(&root.service(&user.0, &id)?)))
+    params(Id),
+    responses((status = 200, description = "OK", body = ServiceDoc), OwnObject))]
+async fn get_service(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult {
+    Ok(Json(ServiceDoc::json(&root.service(&user, &id)?)))
 }
 
 #[utoipa::path(delete, path = "/api/service/{id}", summary = "Delete a service and undeploy all its instances", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "OK", body = Message), (status = 404, description = "unknown id", body = Message)))]
-async fn delete_service(State(root): State<Arc<Root>>, user: AuthUser, Path(id): Path<String>) -> ApiResult<Message> {
-    root.delete_service(&root.service(&user.0, &id)?)?;
+    params(Id),
+    responses((status = 200, description = "OK", body = Message), OwnObject))]
+async fn delete_service(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult<Message> {
+    root.delete_service(&root.service(&user, &id)?)?;
     Ok(message(format!("service {id} deleted")))
 }
 
 #[utoipa::path(post, path = "/api/service/{id}/instance",
     summary = "Deploy one more instance (no body). 200 also when it cannot be placed yet: status/status_detail say why, and it is retried",
-    security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, description = "OK", body = DeployAnswer), (status = 404, description = "unknown id", body = Message)))]
-async fn deploy_instance(
-    State(root): State<Arc<Root>>,
-    user: AuthUser,
-    Path(id): Path<String>,
-) -> ApiResult<DeployAnswer> {
-    root.service(&user.0, &id)?;
+    security(("bearer" = [])), params(Id),
+    responses((status = 200, description = "OK", body = DeployAnswer), OwnObject))]
+async fn deploy_instance(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult<DeployAnswer> {
+    root.service(&user, &id)?;
     let inst = root.deploy_instance(&id)?.ok_or_else(|| RootError::ServiceNotFound(id.clone()))?;
     // 200 even when unplaceable: the instance exists and is retried; oak-cli fails on any non-200.
     let placed = inst.status == InstanceState::ClusterScheduled;
-    Ok(Json(DeployAnswer {
-        message: if placed {
-            "ok".to_string()
-        } else {
-            format!("instance {} not placed yet: {}", inst.instance_number, inst.status_detail)
-        },
-        instance_number: inst.instance_number,
-        status: inst.status,
-        status_detail: inst.status_detail,
-        cluster_id: inst.cluster_id,
-        cluster_name: inst.cluster_name,
-    }))
+    let message = if placed {
+        "ok".to_string()
+    } else {
+        format!("instance {} not placed yet: {}", inst.instance_number, inst.status_detail)
+    };
+    Ok(Json(DeployAnswer { message, instance: inst }))
 }
 
 #[utoipa::path(delete, path = "/api/service/{id}/instance/{n}", summary = "Undeploy instance n", security(("bearer" = [])),
     params(("id" = String, Path), ("n" = String, Path)),
     responses((status = 200, description = "OK", body = Message), (status = 404, description = "unknown id or instance", body = Message),
         (status = 400, description = "n is not a number", body = Message)))]
-async fn undeploy_instance(
-    State(root): State<Arc<Root>>,
-    user: AuthUser,
-    Path((id, n)): Path<(String, String)>,
-) -> ApiResult<Message> {
-    root.service(&user.0, &id)?;
+async fn undeploy_instance(Caller { root, user }: Caller, Path((id, n)): Path<(String, String)>) -> ApiResult<Message> {
+    root.service(&user, &id)?;
     let n: u32 =
         n.parse().map_err(|_| ApiError::BadRequest(format!("instance number {n:?} is not a non-negative integer")))?;
     if !root.undeploy_instance(&id, n)? {

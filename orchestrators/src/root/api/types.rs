@@ -55,16 +55,13 @@ pub struct Health {
     pub status: String,
 }
 
-/// The answer to a deploy: the new instance's number and where it stands.
+/// The answer to a deploy: a message and the new instance as it stands (the same document as in the
+/// service's `instance_list`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeployAnswer {
     pub message: String,
-    pub instance_number: u32,
-    #[schema(value_type = String)]
-    pub status: InstanceState,
-    pub status_detail: String,
-    pub cluster_id: String,
-    pub cluster_name: String,
+    #[serde(flatten)]
+    pub instance: InstanceRecord,
 }
 
 /// An application as the API shows it.

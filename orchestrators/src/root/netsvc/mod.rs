@@ -14,13 +14,11 @@ use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use oak_proto::instance_key;
 use oak_proto::net::v1 as pb;
-use parking_lot::Mutex;
 use pb::root_net_service_server::{RootNetService, RootNetServiceServer};
-use redb::{ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-const STATE: TableDefinition<&str, &str> = TableDefinition::new("netsvc_state");
+use crate::persisted::Persisted;
 
 /// First worker subnet address.
 pub const WORKER_SPACE: &str = "10.18.0.0/16";
@@ -99,43 +97,6 @@ struct RouteRec {
     worker_port: u32,
 }
 
-/// A redb file holding one JSON document (shared by root and cluster network services).
-pub(crate) struct JsonStore {
-    db: redb::Database,
-}
-
-impl JsonStore {
-    pub(crate) fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let db = redb::Database::create(path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { db })
-    }
-    pub(crate) fn load<T: for<'de> Deserialize<'de> + Default>(&self) -> Result<T> {
-        let tx = self.db.begin_read()?;
-        let table = match tx.open_table(STATE) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(T::default()),
-            Err(e) => return Err(e.into()),
-        };
-        match table.get("state")? {
-            Some(v) => serde_json::from_str(v.value()).context("decoding stored network state"),
-            None => Ok(T::default()),
-        }
-    }
-    pub(crate) fn save<T: Serialize>(&self, state: &T) -> Result<()> {
-        let json = serde_json::to_string(state)?;
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(STATE)?;
-            t.insert("state", json.as_str())?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-}
-
 /// Why service IPs could not be allocated. [`ServiceIpError::field`] names the SLA field at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceIpError {
@@ -167,8 +128,7 @@ impl ServiceIpError {
 }
 
 struct Inner {
-    store: JsonStore,
-    state: Mutex<RootState>,
+    state: Persisted<RootState>,
     changes: tokio::sync::broadcast::Sender<pb::ServiceChanged>,
 }
 
@@ -191,26 +151,18 @@ fn blocks_in_space() -> u32 {
 impl RootNetSvc {
     /// Open (or create) `<data_dir>/net.redb`.
     pub fn open(data_dir: &Path) -> Result<Self> {
-        let store = JsonStore::open(&data_dir.join("net.redb"))?;
-        let state: RootState = store.load()?;
+        let state = Persisted::open(&data_dir.join("net.redb"))?;
         let (changes, _) = tokio::sync::broadcast::channel(1024);
-        Ok(Self { inner: Arc::new(Inner { store, state: Mutex::new(state), changes }) })
+        Ok(Self { inner: Arc::new(Inner { state, changes }) })
     }
 
     fn mutate<R>(&self, f: impl FnOnce(&mut RootState) -> Result<R>) -> Result<R> {
         self.try_mutate(f)
     }
 
-    /// Apply `f` to a copy of the state; persist; then publish. An error leaves stored state untouched.
+    /// Applies `f` to a copy of the state and stores it; an error leaves the state untouched.
     fn try_mutate<R, E: From<anyhow::Error>>(&self, f: impl FnOnce(&mut RootState) -> Result<R, E>) -> Result<R, E> {
-        let mut guard = self.inner.state.lock();
-        let mut next = guard.clone();
-        let r = f(&mut next)?;
-        if next != *guard {
-            self.inner.store.save(&next)?;
-            *guard = next;
-        }
-        Ok(r)
+        self.inner.state.mutate(f)
     }
 
     fn notify(&self, service_id: &str, job_name: &str, origin: &str) {
@@ -520,14 +472,10 @@ impl RootNetService for RootNetSvc {
     }
 }
 
-/// Serve on a bound listener (tests bind port 0 first).
+/// Serves on a bound listener until the process ends (tests bind port 0 first).
 pub async fn serve_listener(svc: RootNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "root network service listening");
-    tonic::transport::Server::builder()
-        .add_service(svc.grpc())
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-        .await?;
-    Ok(())
+    let router = tonic::transport::Server::builder().add_service(svc.grpc());
+    crate::task::serve_grpc("root network service", router, listener).await
 }
 
 #[cfg(test)]
