@@ -143,7 +143,7 @@ pub async fn serve(
             }
         }
     });
-    let app = api::router(root.clone());
+    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(api::service(root.clone()));
     let api = axum::serve(api_l, app).with_graceful_shutdown(wait(stop_rx.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
     let grpc = tonic::transport::Server::builder()

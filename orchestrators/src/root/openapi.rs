@@ -3,12 +3,11 @@
 
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi;
 use utoipa::openapi::{ComponentsBuilder, InfoBuilder};
-use utoipa::OpenApi;
 
-/// The OpenAPI document as JSON.
-pub fn document() -> Value {
-    let mut doc = super::api::Operations::openapi();
+/// The API's OpenAPI document (its operations as the router collected them) completed and as JSON.
+pub fn document(mut doc: OpenApi) -> Value {
     doc.info = InfoBuilder::new().title("oakestra-rs root orchestrator").version(env!("CARGO_PKG_VERSION")).build();
     let bearer = SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build());
     match doc.components.as_mut() {
@@ -111,7 +110,7 @@ pub fn html(doc: &Value) -> String {
 mod tests {
     #[test]
     fn document_lists_endpoints_and_page_renders_them() {
-        let d = super::document();
+        let d = super::document(super::super::api::routes().1);
         assert!(d["paths"]["/api/service/{id}/instance"]["post"].is_object());
         assert!(d["paths"]["/api/application/{id}"]["delete"].is_object());
         assert!(d["components"]["schemas"]["Microservice"]["properties"]["virtualization"].is_object());

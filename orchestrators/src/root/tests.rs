@@ -145,6 +145,14 @@ async fn api_login_crud_errors_and_unplaceable_deploy() {
     assert!(v["message"].as_str().unwrap().contains("applications[0].microservices[0].memory"), "{v}");
     let (_, v) = h.req(reqwest::Method::GET, "/api/applications", None).await;
     assert_eq!(v.as_array().unwrap().len(), 1, "malformed SLA must store nothing: {v}");
+    // Oakestra's clients spell some paths with a trailing slash: both reach the same handler
+    let (c, v) = h.req(reqwest::Method::POST, "/api/application/", Some(sla("demo", json!(100)))).await;
+    assert_eq!(c, 409, "{v}");
+    let (c, v) = h.req(reqwest::Method::GET, "/api/applications/", None).await;
+    assert_eq!((c, v.as_array().map(Vec::len)), (200, Some(1)), "{v}");
+    let (c, v) = h.req(reqwest::Method::GET, "/api/no/such/endpoint", None).await;
+    assert_eq!(c, 404, "{v}");
+    assert!(v["message"].is_string(), "{v}");
 
     // reads, 404s
     let (c, v) = h.req(reqwest::Method::GET, &format!("/api/services/{app_id}"), None).await;
@@ -159,6 +167,8 @@ async fn api_login_crud_errors_and_unplaceable_deploy() {
     // deploy with no cluster: 200 with the reason; instance shows it; service status stays in vocabulary
     let (c, v) = h.req(reqwest::Method::POST, &format!("/api/service/{sid}/instance"), None).await;
     assert_eq!(c, 200, "{v}");
+    assert_eq!(v["instance_number"], 0, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("not placed yet"), "{v}");
     assert_eq!(v["status"], "NoActiveClusterWithCapacity");
     assert!(v["status_detail"].as_str().unwrap().starts_with("NoTargetCluster: "), "{v}");
     let (_, s) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}"), None).await;

@@ -11,11 +11,15 @@ use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::{request::Parts, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use oak_proto::InstanceState;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tower::Layer;
+use tower_http::normalize_path::{NormalizePath, NormalizePathLayer};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::applications::ApplicationUpdate;
 use super::auth::User;
@@ -76,31 +80,38 @@ struct Id {
     id: String,
 }
 
-pub fn router(root: Arc<Root>) -> Router {
-    Router::new()
-        .route("/api/health", get(health))
-        .route("/api/auth/login", post(login))
-        .route("/api/auth/refresh", post(refresh))
-        .route("/api/application", post(create_application))
-        .route("/api/application/", post(create_application))
-        .route("/api/applications", get(list_applications))
-        .route("/api/applications/", get(list_applications))
-        .route("/api/application/{id}", get(get_application).put(update_application).delete(delete_application))
-        .route("/api/services/{app_id}", get(list_services))
-        .route("/api/services/", get(list_all_services))
-        .route("/api/services", get(list_all_services))
-        .route("/api/service/{id}", get(get_service).delete(delete_service))
-        .route("/api/service/{id}/instance", post(deploy_instance))
-        .route("/api/service/{id}/instance/{n}", delete(undeploy_instance))
-        .route("/api/clusters/", get(clusters_all))
-        .route("/api/clusters", get(clusters_all))
-        .route("/api/clusters/active", get(clusters_active))
-        .route("/api/clusters/active/", get(clusters_active))
-        .route("/api/docs/openapi.json", get(openapi_json))
-        .route("/api/docs", get(docs_page))
-        .route("/api/docs/", get(docs_page))
+/// The API as a service: the routes and their OpenAPI document come from the handlers' `#[utoipa::path]`
+/// annotations (one source, so they cannot drift); a trailing slash is trimmed before routing, since
+/// Oakestra's clients call both spellings.
+pub fn service(root: Arc<Root>) -> NormalizePath<Router> {
+    let (api, doc) = routes();
+    let doc = Arc::new(super::openapi::document(doc));
+    let page = Html(super::openapi::html(&doc));
+    let router = api
+        .route("/api/docs/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
+        .route("/api/docs", get(move || async move { page }))
         .fallback(|| async { ApiError::NoSuchEndpoint })
-        .with_state(root)
+        .with_state(root);
+    NormalizePathLayer::trim_trailing_slash().layer(router)
+}
+
+/// The handlers, routed by their annotations, and the OpenAPI operations those describe.
+pub(super) fn routes() -> (Router<Arc<Root>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(create_application))
+        .routes(routes!(list_applications))
+        .routes(routes!(get_application, update_application, delete_application))
+        .routes(routes!(list_services))
+        .routes(routes!(list_all_services))
+        .routes(routes!(get_service, delete_service))
+        .routes(routes!(deploy_instance))
+        .routes(routes!(undeploy_instance))
+        .routes(routes!(clusters_all))
+        .routes(routes!(clusters_active))
+        .split_for_parts()
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
@@ -238,6 +249,8 @@ async fn list_services(Caller { root, user }: Caller, Path(app_id): Path<String>
     Ok(json_list(&root.services_of_application(&app)?, ServiceDoc::json))
 }
 
+#[utoipa::path(get, path = "/api/services", summary = "All the user's services", security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = Vec<ServiceDoc>), OwnObject))]
 async fn list_all_services(Caller { root, user }: Caller) -> ApiResult {
     Ok(json_list(&root.services_of(&user)?, ServiceDoc::json))
 }
@@ -293,7 +306,7 @@ fn clusters(root: &Root, only_active: bool) -> ApiResult {
     Ok(Json(Value::Array(docs.map(|d| serde_json::to_value(d).unwrap_or_default()).collect())))
 }
 
-#[utoipa::path(get, path = "/api/clusters/", summary = "All registered clusters",
+#[utoipa::path(get, path = "/api/clusters", summary = "All registered clusters",
     responses((status = 200, description = "OK", body = Vec<ClusterDoc>)))]
 async fn clusters_all(State(root): State<Arc<Root>>) -> ApiResult {
     clusters(&root, false)
@@ -304,32 +317,3 @@ async fn clusters_all(State(root): State<Arc<Root>>) -> ApiResult {
 async fn clusters_active(State(root): State<Arc<Root>>) -> ApiResult {
     clusters(&root, true)
 }
-
-async fn openapi_json() -> Response {
-    Json(super::openapi::document()).into_response()
-}
-
-async fn docs_page() -> Html<String> {
-    Html(super::openapi::html(&super::openapi::document()))
-}
-
-/// The handlers' OpenAPI operations and the schemas they name (completed in [`super::openapi::document`]).
-#[derive(utoipa::OpenApi)]
-#[openapi(paths(
-    health,
-    login,
-    refresh,
-    create_application,
-    list_applications,
-    get_application,
-    update_application,
-    delete_application,
-    list_services,
-    get_service,
-    delete_service,
-    deploy_instance,
-    undeploy_instance,
-    clusters_all,
-    clusters_active
-))]
-pub(super) struct Operations;
