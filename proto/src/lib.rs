@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod instance;
 pub mod netmanager_api;
+pub mod ports;
 
 pub use instance::{instance_key, InstanceKey, InstanceState};
 

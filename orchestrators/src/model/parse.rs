@@ -178,18 +178,8 @@ pub fn validate_service(s: &Microservice, path: &str) -> Result<(), SlaError> {
             return Err(err(format!("{path}.environment[{i}]"), "expected \"KEY=VALUE\""));
         }
     }
-    if !s.port.is_empty() {
-        for (i, p) in s.port.split(';').filter(|p| !p.is_empty()).enumerate() {
-            let body = p.split('/').next().unwrap_or("");
-            let proto_ok = p.split('/').nth(1).is_none_or(|pr| pr == "tcp" || pr == "udp");
-            let nums_ok = body.split(':').all(|n| n.parse::<u16>().is_ok()) && body.split(':').count() <= 2;
-            if !proto_ok || !nums_ok {
-                return Err(err(
-                    format!("{path}.port"),
-                    format!("entry {i} ({p:?}) is not \"host:container[/tcp|udp]\""),
-                ));
-            }
-        }
+    if let Err(e) = oak_proto::ports::parse_port_mappings(&s.port) {
+        return Err(err(format!("{path}.port"), format!("{e}: expected \"host:container[/tcp|udp];...\"")));
     }
     for (i, c) in s.constraints.iter().enumerate() {
         if !CONSTRAINT_TYPES.contains(&c.kind.as_str()) {
