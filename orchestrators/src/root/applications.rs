@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use serde::Deserialize;
 
-use super::auth::may_see;
+use super::auth::Identity;
 use super::error::RootError;
 use super::records::{ApplicationRecord, ServiceRecord};
 use super::store::{new_id, APPLICATIONS, SERVICES};
@@ -53,11 +53,37 @@ fn wanted_ip(value: &str, path: &str, field: &str) -> Result<Option<Ipv4Addr>, R
     })
 }
 
+/// What only the Admin role may ask for: privileged containers and host ports below 1024. The first such
+/// request is refused, naming its field.
+fn needs_no_admin(sla: &Sla) -> Result<(), RootError> {
+    for (ai, a) in sla.applications.iter().enumerate() {
+        for (mi, ms) in a.microservices.iter().enumerate() {
+            let path = format!("applications[{ai}].microservices[{mi}]");
+            if ms.privileged {
+                return Err(RootError::Forbidden {
+                    field: format!("{path}.privileged"),
+                    what: "a privileged instance".into(),
+                });
+            }
+            let ports = oak_proto::ports::parse_port_mappings(&ms.port).unwrap_or_default();
+            if let Some(p) = ports.iter().find(|p| p.is_privileged()) {
+                let what = format!("host port {} (below 1024)", p.host);
+                return Err(RootError::Forbidden { field: format!("{path}.port"), what });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Root {
     /// Creates the applications of an SLA for `user` and returns their ids. Every service gets its service
     /// IPs first (the SLA may ask for ones that are taken), then everything is stored in one transaction;
     /// on any error nothing is stored and the IPs are given back.
-    pub fn create_applications(&self, sla: &Sla, user: &str) -> Result<Vec<String>, RootError> {
+    pub fn create_applications(&self, sla: &Sla, who: &Identity) -> Result<Vec<String>, RootError> {
+        if !who.admin {
+            needs_no_admin(sla)?;
+        }
+        let user = who.name.as_str();
         let mut allocated = Vec::new();
         let r = self
             .allocate_services(sla, &mut allocated)
@@ -154,24 +180,24 @@ impl Root {
         })?
     }
 
-    /// The applications `user` may see (all of them for the admin).
-    pub fn applications_of(&self, user: &str) -> Result<Vec<ApplicationRecord>, RootError> {
+    /// The applications `who` may see (all of them for the admin).
+    pub fn applications_of(&self, who: &Identity) -> Result<Vec<ApplicationRecord>, RootError> {
         let apps: Vec<ApplicationRecord> = self.store.list(APPLICATIONS)?;
-        Ok(apps.into_iter().filter(|a| may_see(user, &a.user_id)).collect())
+        Ok(apps.into_iter().filter(|a| who.may_see(&a.user_id)).collect())
     }
 
-    /// Application `id`, if `user` may see it.
-    pub fn application(&self, user: &str, id: &str) -> Result<ApplicationRecord, RootError> {
+    /// Application `id`, if `who` may see it.
+    pub fn application(&self, who: &Identity, id: &str) -> Result<ApplicationRecord, RootError> {
         match self.store.get::<ApplicationRecord>(APPLICATIONS, id)? {
-            Some(a) if may_see(user, &a.user_id) => Ok(a),
+            Some(a) if who.may_see(&a.user_id) => Ok(a),
             _ => Err(RootError::ApplicationNotFound(id.to_string())),
         }
     }
 
-    /// Service `id`, if `user` may see it.
-    pub fn service(&self, user: &str, id: &str) -> Result<ServiceRecord, RootError> {
+    /// Service `id`, if `who` may see it.
+    pub fn service(&self, who: &Identity, id: &str) -> Result<ServiceRecord, RootError> {
         match self.store.get::<ServiceRecord>(SERVICES, id)? {
-            Some(s) if may_see(user, &s.user_id) => Ok(s),
+            Some(s) if who.may_see(&s.user_id) => Ok(s),
             _ => Err(RootError::ServiceNotFound(id.to_string())),
         }
     }
@@ -185,20 +211,20 @@ impl Root {
         Ok(out)
     }
 
-    /// The services `user` may see.
-    pub fn services_of(&self, user: &str) -> Result<Vec<ServiceRecord>, RootError> {
+    /// The services `who` may see.
+    pub fn services_of(&self, who: &Identity) -> Result<Vec<ServiceRecord>, RootError> {
         let all: Vec<ServiceRecord> = self.store.list(SERVICES)?;
-        Ok(all.into_iter().filter(|s| may_see(user, &s.user_id)).collect())
+        Ok(all.into_iter().filter(|s| who.may_see(&s.user_id)).collect())
     }
 
     /// Changes application `id`'s names or description; the name+namespace must stay unique.
     pub fn update_application(
         &self,
-        user: &str,
+        who: &Identity,
         id: &str,
         change: ApplicationUpdate,
     ) -> Result<ApplicationRecord, RootError> {
-        let mut app = self.application(user, id)?;
+        let mut app = self.application(who, id)?;
         change.check()?;
         if let Some(v) = change.application_name {
             app.application_name = v;

@@ -1,22 +1,46 @@
-//! Users, argon2 password hashes and HS256 JWTs.
+//! Users and their roles, HS256 JWTs with ids (so a logout revokes them), and the limit on login attempts
+//! per source. Password hashes are checked on the bounded pool in [`super::passwords`].
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::store::{Store, META, USERS};
+use super::passwords::{hash_password, Passwords};
+use super::store::{Store, META, REVOKED, USERS};
 
 pub const ADMIN: &str = "Admin";
+/// The role that may do everything, and see and change every user's applications.
+pub const ADMIN_ROLE: &str = "Admin";
+/// The role a registered user gets when none is named: their own applications only.
+pub const PROVIDER_ROLE: &str = "Application_Provider";
 pub const ACCESS_TTL_S: u64 = 3600;
 pub const REFRESH_TTL_S: u64 = 7 * 24 * 3600;
+/// Login attempts a source may make at once before it is slowed down...
+pub const LOGIN_BURST: u32 = 20;
+/// ...and how many per minute after that.
+pub const LOGIN_PER_MINUTE: u32 = 30;
 
-/// Whether `user` may see what `owner` owns: their own things, and the admin everything.
-pub fn may_see(user: &str, owner: &str) -> bool {
-    user == ADMIN || user == owner
+/// Who calls: a user's name and whether it holds the Admin role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub admin: bool,
+}
+
+impl Identity {
+    /// Whether this caller may see and change what `owner` owns: its own things, and the admin everything.
+    pub fn may_see(&self, owner: &str) -> bool {
+        self.admin || self.name == owner
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,6 +50,12 @@ pub struct User {
     pub roles: Vec<String>,
 }
 
+impl User {
+    pub fn identity(&self) -> Identity {
+        Identity { name: self.name.clone(), admin: self.roles.iter().any(|r| r == ADMIN_ROLE) }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
@@ -33,16 +63,9 @@ pub struct Claims {
     pub iat: u64,
     /// "access" or "refresh"
     pub kind: String,
-}
-
-pub fn hash_password(pw: &str) -> Result<String> {
-    let salt_bytes: [u8; 16] = rand::random();
-    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| anyhow!("salt: {e}"))?;
-    Ok(Argon2::default().hash_password(pw.as_bytes(), &salt).map_err(|e| anyhow!("hash: {e}"))?.to_string())
-}
-
-pub fn verify_password(pw: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
+    /// The token's id, for revocation.
+    #[serde(default)]
+    pub jti: String,
 }
 
 fn random_string(n: usize) -> String {
@@ -50,14 +73,27 @@ fn random_string(n: usize) -> String {
     (0..n).map(|_| CH[rand::random_range(0..CH.len())] as char).collect()
 }
 
-#[derive(Clone)]
+/// A login source that has used up its attempts.
+#[derive(Debug, thiserror::Error)]
+#[error("too many login attempts from {source_ip}; retry in {retry_after_s} s")]
+pub struct Throttled {
+    pub source_ip: IpAddr,
+    pub retry_after_s: u64,
+}
+
 pub struct Auth {
     secret: Vec<u8>,
+    /// The one pool that checks and makes password hashes.
+    pub passwords: Passwords,
+    logins: DefaultKeyedRateLimiter<IpAddr>,
+    /// Revoked token ids and when they expire (then they are forgotten: the token is dead anyway).
+    revoked: Mutex<HashMap<String, u64>>,
 }
 
 impl Auth {
-    /// Loads (or creates) the JWT secret and the admin user. The admin password is taken from
-    /// `admin_password` only when no admin exists yet; otherwise one is generated into `<dir>/admin-password`.
+    /// Loads (or creates) the JWT secret, the revoked token ids and the admin user. The admin password
+    /// is taken from `admin_password` only when no admin exists yet; otherwise one is generated into
+    /// `<dir>/admin-password` (0600).
     pub fn init(store: &Store, data_dir: &Path, admin_password: Option<&str>) -> Result<Self> {
         let secret = store.update(|tx| {
             if let Some(s) = tx.get::<String>(META, "jwt_secret")? {
@@ -77,21 +113,44 @@ impl Auth {
                 write_secret_file(&path, &pw)?;
                 tracing::warn!(path = %path.display(), "no --admin-password/OAK_ADMIN_PASSWORD given; generated the Admin password and wrote it to {}", path.display());
             }
-            let user = User { name: ADMIN.into(), password_hash: hash_password(&pw)?, roles: vec!["Admin".into()] };
+            let user = User {
+                name: ADMIN.into(),
+                password_hash: hash_password(&pw).map_err(|e| anyhow!("hashing the Admin password: {e}"))?,
+                roles: vec![ADMIN_ROLE.into()],
+            };
             store.update(|tx| tx.put(USERS, ADMIN, &user))?;
             tracing::info!("created user Admin");
         }
-        Ok(Self { secret: secret.into_bytes() })
+        let now = oak_proto::now_ms() / 1000;
+        let revoked: HashMap<String, u64> =
+            store.list::<(String, u64)>(REVOKED)?.into_iter().filter(|(_, exp)| *exp > now).collect();
+        let quota = Quota::per_minute(NonZeroU32::new(LOGIN_PER_MINUTE).expect("non-zero"))
+            .allow_burst(NonZeroU32::new(LOGIN_BURST).expect("non-zero"));
+        Ok(Self {
+            secret: secret.into_bytes(),
+            passwords: Passwords::start()?,
+            logins: RateLimiter::keyed(quota),
+            revoked: Mutex::new(revoked),
+        })
+    }
+
+    /// Counts one login attempt from `source`; refused once the source has used up its attempts.
+    pub fn admit_login(&self, source: IpAddr) -> Result<(), Throttled> {
+        self.logins.retain_recent();
+        self.logins.check_key(&source).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Throttled { source_ip: source, retry_after_s: wait.max(Duration::from_secs(1)).as_secs() }
+        })
     }
 
     pub fn issue(&self, user: &str, kind: &str) -> Result<String> {
         let now = oak_proto::now_ms() / 1000;
         let ttl = if kind == "refresh" { REFRESH_TTL_S } else { ACCESS_TTL_S };
-        let c = Claims { sub: user.into(), exp: now + ttl, iat: now, kind: kind.into() };
+        let c = Claims { sub: user.into(), exp: now + ttl, iat: now, kind: kind.into(), jti: random_string(22) };
         Ok(encode(&Header::new(Algorithm::HS256), &c, &EncodingKey::from_secret(&self.secret))?)
     }
 
-    /// Returns the claims of a valid, unexpired token of the given kind.
+    /// Returns the claims of a valid, unexpired, unrevoked token of the given kind.
     pub fn check(&self, token: &str, kind: &str) -> Result<Claims> {
         let mut v = Validation::new(Algorithm::HS256);
         v.required_spec_claims = ["exp".to_string(), "sub".to_string()].into();
@@ -99,7 +158,30 @@ impl Auth {
         if c.kind != kind {
             return Err(anyhow!("token is a {} token, expected {kind}", c.kind));
         }
+        if c.jti.is_empty() || self.revoked.lock().contains_key(&c.jti) {
+            return Err(anyhow!("token has been revoked (logged out or refreshed)"));
+        }
         Ok(c)
+    }
+
+    /// Revokes a token for the rest of its life (stored, so a restart keeps it revoked); ids of tokens that
+    /// have expired meanwhile are forgotten.
+    pub fn revoke(&self, store: &Store, c: &Claims) -> Result<()> {
+        let now = oak_proto::now_ms() / 1000;
+        let expired: Vec<String> =
+            self.revoked.lock().iter().filter(|(_, exp)| **exp <= now).map(|(jti, _)| jti.clone()).collect();
+        store.update(|tx| {
+            for jti in &expired {
+                tx.delete(REVOKED, jti)?;
+            }
+            tx.put(REVOKED, &c.jti, &(c.jti.clone(), c.exp))
+        })?;
+        let mut r = self.revoked.lock();
+        for jti in &expired {
+            r.remove(jti);
+        }
+        r.insert(c.jti.clone(), c.exp);
+        Ok(())
     }
 }
 
@@ -116,17 +198,22 @@ fn write_secret_file(path: &Path, content: &str) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn admin_password_and_tokens() {
+    #[tokio::test]
+    async fn admin_password_tokens_and_revocation() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let auth = Auth::init(&store, dir.path(), None).unwrap();
-        let pw = std::fs::read_to_string(dir.path().join("admin-password")).unwrap();
+        let pw_file = dir.path().join("admin-password");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777, 0o600);
+        let pw = std::fs::read_to_string(&pw_file).unwrap();
         let u: User = store.get(USERS, ADMIN).unwrap().unwrap();
-        assert!(verify_password(pw.trim(), &u.password_hash));
-        assert!(!verify_password("Admin", &u.password_hash));
+        assert!(u.identity().admin);
+        assert!(auth.passwords.verify(pw.trim().into(), Some(u.password_hash.clone())).await.unwrap());
+        assert!(!auth.passwords.verify("Admin".into(), Some(u.password_hash.clone())).await.unwrap());
         let t = auth.issue(ADMIN, "access").unwrap();
-        assert_eq!(auth.check(&t, "access").unwrap().sub, ADMIN);
+        let c = auth.check(&t, "access").unwrap();
+        assert_eq!(c.sub, ADMIN);
         assert!(auth.check(&t, "refresh").is_err());
         assert!(auth.check(&format!("{t}x"), "access").is_err());
         // re-init keeps the secret: old tokens stay valid; a given password does not replace the admin
@@ -134,5 +221,30 @@ mod tests {
         assert!(auth2.check(&t, "access").is_ok());
         let u2: User = store.get(USERS, ADMIN).unwrap().unwrap();
         assert_eq!(u.password_hash, u2.password_hash);
+        // a revoked token stays revoked, also after a restart; others are untouched
+        let other = auth.issue(ADMIN, "access").unwrap();
+        auth.revoke(&store, &c).unwrap();
+        let e = auth.check(&t, "access").unwrap_err();
+        assert!(e.to_string().contains("revoked"), "{e}");
+        assert!(auth.check(&other, "access").is_ok());
+        let auth3 = Auth::init(&store, dir.path(), None).unwrap();
+        assert!(auth3.check(&t, "access").is_err());
+        assert!(auth3.check(&other, "access").is_ok());
+    }
+
+    #[test]
+    fn logins_are_limited_per_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let auth = Auth::init(&store, dir.path(), Some("pw")).unwrap();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..LOGIN_BURST {
+            auth.admit_login(a).unwrap();
+        }
+        let e = auth.admit_login(a).unwrap_err();
+        assert_eq!(e.source_ip, a);
+        assert!(e.retry_after_s >= 1, "{e}");
+        assert!(auth.admit_login(b).is_ok(), "another source keeps its own attempts");
     }
 }

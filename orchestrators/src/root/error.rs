@@ -21,6 +21,19 @@ pub enum RootError {
     ServiceNotFound(String),
     #[error("service {0} has no instance {1}")]
     NoSuchInstance(String, u32),
+    /// The caller's role does not allow this; `field` names the request field that asked for it.
+    #[error("{what} needs the Admin role ({field})")]
+    Forbidden { field: String, what: String },
+    /// An action on users that only the Admin role (or the user itself) may take.
+    #[error("{0} needs the Admin role")]
+    AdminOnly(String),
+    #[error("user {0} not found")]
+    UserNotFound(String),
+    #[error("user {0} already exists")]
+    UserExists(String),
+    /// The password checks' queue is full.
+    #[error(transparent)]
+    Busy(#[from] super::passwords::Busy),
     /// The store or another part of the root failed.
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
@@ -31,6 +44,7 @@ impl RootError {
     pub fn field(&self) -> Option<&str> {
         match self {
             Self::InvalidSla(e) | Self::InvalidField(e) => Some(&e.field),
+            Self::Forbidden { field, .. } => Some(field),
             _ => None,
         }
     }

@@ -8,10 +8,12 @@ pub mod grpc;
 mod instances;
 pub mod netsvc;
 pub mod openapi;
+pub mod passwords;
 pub mod records;
 pub mod scheduler;
 mod sessions;
 pub mod store;
+pub mod users;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -143,7 +145,9 @@ pub async fn serve(
             }
         }
     });
-    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(api::service(root.clone()));
+    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<std::net::SocketAddr>(
+        api::service(root.clone()),
+    );
     let api = axum::serve(api_l, app).with_graceful_shutdown(wait(stop_rx.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
     let grpc = tonic::transport::Server::builder()

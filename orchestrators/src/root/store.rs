@@ -12,6 +12,8 @@ pub const APPLICATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("app
 pub const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 pub const CLUSTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("clusters");
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Revoked token ids (logged out, or refresh tokens used once) with their expiry.
+pub const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_tokens");
 
 pub type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
@@ -58,13 +60,19 @@ impl Tx {
 }
 
 impl Store {
-    /// Opens (or creates) `<dir>/root.redb`.
+    /// Opens (or creates) `<dir>/root.redb`. The store holds the JWT secret and the password hashes, so
+    /// the directory is made 0700 and the file 0600.
     pub fn open(dir: &Path) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making data dir {} private (0700)", dir.display()))?;
         let path = dir.join("root.redb");
         let db = Database::create(&path).with_context(|| format!("opening {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private (0600)", path.display()))?;
         let tx = db.begin_write()?;
-        for t in [USERS, APPLICATIONS, SERVICES, CLUSTERS, META] {
+        for t in [USERS, APPLICATIONS, SERVICES, CLUSTERS, META, REVOKED] {
             tx.open_table(t)?;
         }
         tx.commit()?;

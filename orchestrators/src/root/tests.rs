@@ -341,3 +341,174 @@ fn service_status_uses_oakestra_vocabulary() {
     assert!(d.contains("NoTargetCluster: "), "{d}");
     assert_eq!(service_status(&[i(0, NodeScheduled, ""), i(1, ClusterScheduled, "")]).0, "NODE_SCHEDULED");
 }
+
+impl Harness {
+    /// A request with another user's token (`None`: no token at all).
+    async fn req_as(&self, token: Option<&str>, m: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self.http.request(m, format!("{}{path}", self.api));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn login_as(&self, user: &str, password: &str) -> (u16, Value) {
+        let body = json!({"username": user, "password": password});
+        self.req_as(None, reqwest::Method::POST, "/api/auth/login", Some(body)).await
+    }
+}
+
+fn with_service(mut sla: Value, field: &str, value: Value) -> Value {
+    sla["applications"][0]["microservices"][0][field] = value;
+    sla
+}
+
+#[tokio::test]
+async fn users_see_only_their_own_and_need_admin_for_privileges() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    // the cluster lists are not public
+    let (c, v) = h.req_as(None, Method::GET, "/api/clusters", None).await;
+    assert_eq!(c, 401, "{v}");
+
+    // Admin registers bob; bob may not register anyone, nor list users
+    let reg = json!({"name": "bob", "password": "bobs-pw"});
+    let (c, v) = h.req(Method::POST, "/api/auth/register", Some(reg.clone())).await;
+    assert_eq!((c, &v["roles"]), (200, &json!(["Application_Provider"])), "{v}");
+    let (c, _) = h.req(Method::POST, "/api/auth/register", Some(reg)).await;
+    assert_eq!(c, 409);
+    let (c, v) = h
+        .req(Method::POST, "/api/auth/register", Some(json!({"name": "eve", "password": "x", "roles": ["root"]})))
+        .await;
+    assert_eq!((c, v["field"].as_str()), (400, Some("roles")), "{v}");
+    let (c, v) = h.login_as("bob", "bobs-pw").await;
+    assert_eq!(c, 200, "{v}");
+    let bob = v["token"].as_str().unwrap().to_string();
+    let bob_refresh = v["refresh_token"].as_str().unwrap().to_string();
+    let (c, v) =
+        h.req_as(Some(&bob), Method::POST, "/api/auth/register", Some(json!({"name": "eve", "password": "pw"}))).await;
+    assert_eq!(c, 403, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("Admin role"), "{v}");
+    let (c, _) = h.req_as(Some(&bob), Method::GET, "/api/users", None).await;
+    assert_eq!(c, 403);
+    let (c, v) = h.req_as(Some(&bob), Method::GET, "/api/user/bob", None).await;
+    assert_eq!((c, v["name"].as_str()), (200, Some("bob")), "{v}");
+    assert!(v.get("password_hash").is_none(), "a user document never shows the hash: {v}");
+    let (c, _) = h.req_as(Some(&bob), Method::GET, "/api/user/Admin", None).await;
+    assert_eq!(c, 403);
+
+    // Admin's application is invisible to bob
+    let (c, v) = h.req(Method::POST, "/api/application", Some(sla("adminapp", json!(100)))).await;
+    assert_eq!(c, 200, "{v}");
+    let admin_app = v[0]["applicationID"].as_str().unwrap().to_string();
+    let (c, v) = h.req_as(Some(&bob), Method::GET, "/api/applications", None).await;
+    assert_eq!((c, v), (200, json!([])));
+    let (c, _) = h.req_as(Some(&bob), Method::GET, &format!("/api/application/{admin_app}"), None).await;
+    assert_eq!(c, 404);
+    let (c, _) = h.req_as(Some(&bob), Method::DELETE, &format!("/api/application/{admin_app}"), None).await;
+    assert_eq!(c, 404);
+
+    // privileged and host ports below 1024 need the Admin role; nothing is stored when refused
+    let privileged = with_service(sla("bobapp", json!(100)), "privileged", json!(true));
+    let (c, v) = h.req_as(Some(&bob), Method::POST, "/api/application", Some(privileged.clone())).await;
+    assert_eq!(c, 403, "{v}");
+    assert_eq!(v["field"], "applications[0].microservices[0].privileged", "{v}");
+    let low_port = with_service(sla("bobapp", json!(100)), "port", json!("8080:80;443:443"));
+    let (c, v) = h.req_as(Some(&bob), Method::POST, "/api/application", Some(low_port)).await;
+    assert_eq!((c, v["field"].as_str()), (403, Some("applications[0].microservices[0].port")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("host port 443"), "{v}");
+    let (_, v) = h.req_as(Some(&bob), Method::GET, "/api/applications", None).await;
+    assert_eq!(v, json!([]), "a refused SLA stores nothing");
+    let high_port = with_service(sla("bobapp", json!(100)), "port", json!("8080:80"));
+    let (c, v) = h.req_as(Some(&bob), Method::POST, "/api/application", Some(high_port)).await;
+    assert_eq!(c, 200, "{v}");
+    let (c, _) = h
+        .req(
+            Method::POST,
+            "/api/application",
+            Some(with_service(sla("adminpriv", json!(100)), "privileged", json!(true))),
+        )
+        .await;
+    assert_eq!(c, 200, "the Admin may ask for a privileged instance");
+    let v = h.get("/api/applications").await;
+    assert_eq!(v.as_array().unwrap().len(), 3, "the Admin sees everyone's applications: {v}");
+
+    // refresh rotates: a refresh token works once; logout revokes the access token
+    let body = json!({"refresh_token": bob_refresh});
+    let (c, v) = h.req_as(None, Method::POST, "/api/auth/refresh", Some(body.clone())).await;
+    assert_eq!(c, 200, "{v}");
+    let bob2 = v["token"].as_str().unwrap().to_string();
+    let (c, v) = h.req_as(None, Method::POST, "/api/auth/refresh", Some(body)).await;
+    assert_eq!(c, 401, "a used refresh token is revoked: {v}");
+    let (c, _) = h.req_as(Some(&bob), Method::POST, "/api/auth/logout", None).await;
+    assert_eq!(c, 200);
+    let (c, v) = h.req_as(Some(&bob), Method::GET, "/api/applications", None).await;
+    assert_eq!(c, 401, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("revoked"), "{v}");
+    let (c, _) = h.req_as(Some(&bob2), Method::GET, "/api/applications", None).await;
+    assert_eq!(c, 200, "other tokens stay valid");
+
+    // bob changes his password (the old one must be right)
+    let change = |old: &str| json!({"oldPassword": old, "newPassword": "bobs-new-pw"});
+    let (c, v) = h.req_as(Some(&bob2), Method::POST, "/api/user/bob", Some(change("wrong"))).await;
+    assert_eq!((c, v["field"].as_str()), (400, Some("oldPassword")), "{v}");
+    let (c, _) = h.req_as(Some(&bob2), Method::POST, "/api/user/bob", Some(change("bobs-pw"))).await;
+    assert_eq!(c, 200);
+    assert_eq!(h.login_as("bob", "bobs-pw").await.0, 401);
+    assert_eq!(h.login_as("bob", "bobs-new-pw").await.0, 200);
+
+    // removing bob removes his applications and ends his tokens
+    let (c, _) = h.req_as(Some(&bob2), Method::DELETE, "/api/user/bob", None).await;
+    assert_eq!(c, 403);
+    let (c, _) = h.req(Method::DELETE, "/api/user/Admin", None).await;
+    assert_eq!(c, 400);
+    let (c, _) = h.req(Method::DELETE, "/api/user/bob", None).await;
+    assert_eq!(c, 200);
+    let (c, v) = h.req_as(Some(&bob2), Method::GET, "/api/applications", None).await;
+    assert_eq!(c, 401, "{v}");
+    let v = h.get("/api/applications").await;
+    assert_eq!(v.as_array().unwrap().len(), 2, "bob's application went with him: {v}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn login_attempts_are_limited_per_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    // the harness logged in once already; keep guessing until the source is throttled. What may be
+    // answered: the burst, plus what the rate refills while the (slow, Argon2) guesses run.
+    use super::auth::{LOGIN_BURST, LOGIN_PER_MINUTE};
+    let t0 = Instant::now();
+    let allowed = |t0: Instant| LOGIN_BURST as f64 + t0.elapsed().as_secs_f64() * LOGIN_PER_MINUTE as f64 / 60.0 + 1.0;
+    let mut answered = 1;
+    let throttled = loop {
+        let r = h
+            .http
+            .post(format!("{}/api/auth/login", h.api))
+            .json(&json!({"username": "Admin", "password": "guess"}))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            401 => answered += 1,
+            429 => break r,
+            other => panic!("unexpected answer {other}"),
+        }
+        assert!(answered as f64 <= allowed(t0), "{answered} wrong passwords answered in {:?}", t0.elapsed());
+    };
+    assert!(answered >= LOGIN_BURST, "the whole burst is answered before throttling ({answered})");
+    let retry: u64 = throttled.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    let v: Value = throttled.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains("too many login attempts from 127.0.0.1"), "{v}");
+    // the right password is throttled too: the limit is on attempts, not on failures
+    let (c, _) = h.login_as("Admin", "s3cret").await;
+    assert_eq!(c, 429);
+    h.stop().await;
+}

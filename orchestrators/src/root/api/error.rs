@@ -20,6 +20,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("no such endpoint")]
     NoSuchEndpoint,
+    /// A login source used up its attempts.
+    #[error(transparent)]
+    Throttled(#[from] crate::root::auth::Throttled),
 }
 
 impl From<anyhow::Error> for ApiError {
@@ -34,12 +37,17 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
+            Self::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Root(e) => match e {
                 RootError::InvalidSla(_) | RootError::InvalidField(_) => StatusCode::BAD_REQUEST,
                 RootError::DuplicateApplication { .. } | RootError::NameTaken => StatusCode::CONFLICT,
                 RootError::ApplicationNotFound(_) | RootError::ServiceNotFound(_) | RootError::NoSuchInstance(..) => {
                     StatusCode::NOT_FOUND
                 }
+                RootError::Forbidden { .. } | RootError::AdminOnly(_) => StatusCode::FORBIDDEN,
+                RootError::UserNotFound(_) => StatusCode::NOT_FOUND,
+                RootError::UserExists(_) => StatusCode::CONFLICT,
+                RootError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
                 RootError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -56,6 +64,15 @@ impl IntoResponse for ApiError {
             Self::Root(e) => e.field().map(String::from),
             _ => None,
         };
-        (status, Json(Message { message: self.to_string(), field })).into_response()
+        let retry_after = match &self {
+            Self::Throttled(t) => Some(t.retry_after_s),
+            Self::Root(RootError::Busy(_)) => Some(1),
+            _ => None,
+        };
+        let mut r = (status, Json(Message { message: self.to_string(), field })).into_response();
+        if let Some(s) = retry_after {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }

@@ -4,11 +4,12 @@
 pub mod error;
 pub mod types;
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::{request::Parts, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -22,10 +23,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::applications::ApplicationUpdate;
-use super::auth::User;
+use super::auth::Identity;
 use super::error::RootError;
 use super::records::ApplicationRecord;
-use super::store::USERS;
+use super::users::{Registration, UserDoc, MAX_PASSWORD};
 use super::Root;
 use crate::model::{self, Sla};
 pub use error::ApiError;
@@ -41,23 +42,24 @@ type Body = Bytes;
 /// token>`.
 pub struct Caller {
     root: Arc<Root>,
-    user: String,
+    who: Identity,
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
-    let h = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+fn bearer_header(headers: &HeaderMap) -> Option<&str> {
+    let h = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).map(str::trim)
 }
 
 impl FromRequestParts<Arc<Root>> for Caller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, root: &Arc<Root>) -> Result<Self, ApiError> {
-        let Some(t) = bearer(parts) else {
+        let Some(t) = bearer_header(&parts.headers) else {
             return Err(ApiError::Unauthorized("missing Authorization: Bearer <token> header".into()));
         };
-        match root.auth.check(t, "access") {
-            Ok(c) => Ok(Caller { root: root.clone(), user: c.sub }),
-            Err(e) => Err(ApiError::Unauthorized(format!("invalid token: {e}"))),
+        let claims = root.auth.check(t, "access").map_err(|e| ApiError::Unauthorized(format!("invalid token: {e}")))?;
+        match root.identity(&claims.sub)? {
+            Some(who) => Ok(Caller { root: root.clone(), who }),
+            None => Err(ApiError::Unauthorized(format!("user {} no longer exists", claims.sub))),
         }
     }
 }
@@ -101,6 +103,10 @@ pub(super) fn routes() -> (Router<Arc<Root>>, utoipa::openapi::OpenApi) {
         .routes(routes!(health))
         .routes(routes!(login))
         .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(register))
+        .routes(routes!(list_users))
+        .routes(routes!(get_user, delete_user, change_password))
         .routes(routes!(create_application))
         .routes(routes!(list_applications))
         .routes(routes!(get_application, update_application, delete_application))
@@ -162,41 +168,124 @@ fn tokens(root: &Root, user: &str) -> ApiResult<Tokens> {
 #[utoipa::path(post, path = "/api/auth/login", summary = "Log in; returns an access and a refresh token (JWT HS256)",
     request_body = Login,
     responses((status = 200, description = "OK", body = Tokens), (status = 401, description = "bad credentials", body = Message),
-        (status = 400, description = "malformed body", body = Message)))]
-async fn login(State(root): State<Arc<Root>>, body: Body) -> ApiResult<Tokens> {
+        (status = 400, description = "malformed body", body = Message),
+        (status = 429, description = "too many attempts from this source, or too many password checks at once", body = Message)))]
+async fn login(
+    State(root): State<Arc<Root>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Body,
+) -> ApiResult<Tokens> {
+    root.auth.admit_login(peer.ip()).inspect_err(|e| tracing::warn!("{e}"))?;
     let Ok(Login { username, password }) = serde_json::from_value(parse_json(&body)?) else {
         return Err(ApiError::BadRequest("username and password (strings) are required".into()));
     };
-    let user: Option<User> = root.store.get(USERS, &username)?;
-    let ok = tokio::task::spawn_blocking(move || {
-        user.is_some_and(|u| super::auth::verify_password(&password, &u.password_hash))
-    })
-    .await
-    .unwrap_or(false);
-    if !ok {
-        tracing::info!(user = %username, "failed login");
+    if password.len() > MAX_PASSWORD {
+        return Err(ApiError::Unauthorized("invalid username or password".into()));
+    }
+    let hash = root.password_hash(&username)?;
+    if !root.auth.passwords.verify(password, hash).await.map_err(RootError::from)? {
+        tracing::info!(user = %username, source = %peer.ip(), "failed login");
         return Err(ApiError::Unauthorized("invalid username or password".into()));
     }
     tokens(&root, &username)
 }
 
-#[utoipa::path(post, path = "/api/auth/refresh", summary = "New tokens from a refresh token (body field refresh_token or Bearer header)",
-    responses((status = 200, description = "OK", body = Tokens), (status = 401, description = "invalid refresh token", body = Message)))]
-async fn refresh(State(root): State<Arc<Root>>, headers: HeaderMap, body: Body) -> ApiResult<Tokens> {
+/// The refresh token of a request: the body's `refresh_token`, else the Bearer header.
+fn refresh_token(headers: &HeaderMap, body: &Bytes) -> Option<String> {
     let from_body =
-        serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from));
+        serde_json::from_slice::<Value>(body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from));
     let from_header = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(String::from);
-    let Some(t) = from_body.or(from_header) else {
+    from_body.or(from_header)
+}
+
+#[utoipa::path(post, path = "/api/auth/refresh",
+    summary = "New tokens from a refresh token (body field refresh_token or Bearer header); the refresh token used is revoked",
+    responses((status = 200, description = "OK", body = Tokens), (status = 401, description = "invalid refresh token", body = Message)))]
+async fn refresh(State(root): State<Arc<Root>>, headers: HeaderMap, body: Body) -> ApiResult<Tokens> {
+    let Some(t) = refresh_token(&headers, &body) else {
         return Err(ApiError::Unauthorized("refresh_token missing (body field or Bearer header)".into()));
     };
-    match root.auth.check(&t, "refresh") {
-        Ok(c) => tokens(&root, &c.sub),
-        Err(e) => Err(ApiError::Unauthorized(format!("invalid refresh token: {e}"))),
+    let c =
+        root.auth.check(&t, "refresh").map_err(|e| ApiError::Unauthorized(format!("invalid refresh token: {e}")))?;
+    if root.identity(&c.sub)?.is_none() {
+        return Err(ApiError::Unauthorized(format!("user {} no longer exists", c.sub)));
     }
+    root.auth.revoke(&root.store, &c)?;
+    tokens(&root, &c.sub)
+}
+
+#[utoipa::path(post, path = "/api/auth/logout",
+    summary = "Revoke the access token of the request, and the refresh token in the body's refresh_token if given",
+    security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = Message), (status = 401, description = "no valid token", body = Message)))]
+async fn logout(State(root): State<Arc<Root>>, headers: HeaderMap, body: Body) -> ApiResult<Message> {
+    let Some(access) = bearer_header(&headers) else {
+        return Err(ApiError::Unauthorized("missing Authorization: Bearer <token> header".into()));
+    };
+    let c = root.auth.check(access, "access").map_err(|e| ApiError::Unauthorized(format!("invalid token: {e}")))?;
+    root.auth.revoke(&root.store, &c)?;
+    let refresh =
+        serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from));
+    if let Some(r) = refresh {
+        match root.auth.check(&r, "refresh") {
+            Ok(rc) if rc.sub == c.sub => root.auth.revoke(&root.store, &rc)?,
+            _ => return Err(ApiError::BadRequest("refresh_token is not a valid refresh token of this user".into())),
+        }
+    }
+    Ok(message(format!("{} logged out", c.sub)))
+}
+
+#[utoipa::path(post, path = "/api/auth/register", summary = "Register a user (Admin only)", request_body = Registration,
+    security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = UserDoc), (status = 400, description = "bad field", body = Message),
+        (status = 401, description = "no valid token", body = Message), (status = 403, description = "not Admin", body = Message),
+        (status = 409, description = "the user exists", body = Message)))]
+async fn register(Caller { root, who }: Caller, body: Body) -> ApiResult<UserDoc> {
+    let r: Registration = parse_body(&body)?;
+    Ok(Json(root.register_user(&who, r).await?))
+}
+
+#[utoipa::path(get, path = "/api/users", summary = "Every user (Admin only)", security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = Vec<UserDoc>), (status = 403, description = "not Admin", body = Message)))]
+async fn list_users(Caller { root, who }: Caller) -> ApiResult<Vec<UserDoc>> {
+    Ok(Json(root.users(&who)?))
+}
+
+#[utoipa::path(get, path = "/api/user/{name}", summary = "One user: yourself, or anyone for Admin", security(("bearer" = [])),
+    params(("name" = String, Path)),
+    responses((status = 200, description = "OK", body = UserDoc), (status = 403, description = "another user", body = Message), OwnObject))]
+async fn get_user(Caller { root, who }: Caller, Path(name): Path<String>) -> ApiResult<UserDoc> {
+    Ok(Json(root.user(&who, &name)?))
+}
+
+#[utoipa::path(delete, path = "/api/user/{name}", summary = "Remove a user and its applications (Admin only)",
+    security(("bearer" = [])), params(("name" = String, Path)),
+    responses((status = 200, description = "OK", body = Message), (status = 403, description = "not Admin", body = Message), OwnObject))]
+async fn delete_user(Caller { root, who }: Caller, Path(name): Path<String>) -> ApiResult<Message> {
+    root.delete_user(&who, &name)?;
+    Ok(message(format!("user {name} removed")))
+}
+
+/// A password change.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct PasswordChange {
+    old_password: String,
+    new_password: String,
+}
+
+#[utoipa::path(post, path = "/api/user/{name}", summary = "Change your own password", request_body = PasswordChange,
+    security(("bearer" = [])), params(("name" = String, Path)),
+    responses((status = 200, description = "OK", body = Message), (status = 400, description = "old password wrong", body = Message),
+        (status = 403, description = "another user", body = Message), OwnObject))]
+async fn change_password(Caller { root, who }: Caller, Path(name): Path<String>, body: Body) -> ApiResult<Message> {
+    let c: PasswordChange = parse_body(&body)?;
+    root.change_password(&who, &name, c.old_password, c.new_password).await?;
+    Ok(message(format!("password of {name} changed")))
 }
 
 #[utoipa::path(post, path = "/api/application", summary = "Create the applications of an SLA; answers the user's list of applications",
@@ -205,68 +294,68 @@ async fn refresh(State(root): State<Arc<Root>>, headers: HeaderMap, body: Body) 
         (status = 400, description = "malformed SLA; message names the field; nothing stored", body = Message),
         (status = 401, description = "no valid token", body = Message),
         (status = 409, description = "duplicate application name+namespace", body = Message)))]
-async fn create_application(Caller { root, user }: Caller, body: Body) -> ApiResult {
+async fn create_application(Caller { root, who }: Caller, body: Body) -> ApiResult {
     let sla = model::parse_sla(&parse_json(&body)?).map_err(RootError::InvalidSla)?;
-    let ids = root.create_applications(&sla, &user)?;
-    tracing::info!(?ids, user = %user, "applications created");
-    Ok(json_list(&root.applications_of(&user)?, app_json))
+    let ids = root.create_applications(&sla, &who)?;
+    tracing::info!(?ids, user = %who.name, "applications created");
+    Ok(json_list(&root.applications_of(&who)?, app_json))
 }
 
 #[utoipa::path(get, path = "/api/applications", summary = "The user's applications (all for Admin)", security(("bearer" = [])),
     responses((status = 200, description = "OK", body = Vec<ApplicationDoc>), (status = 401, description = "no valid token", body = Message)))]
-async fn list_applications(Caller { root, user }: Caller) -> ApiResult {
-    Ok(json_list(&root.applications_of(&user)?, app_json))
+async fn list_applications(Caller { root, who }: Caller) -> ApiResult {
+    Ok(json_list(&root.applications_of(&who)?, app_json))
 }
 
 #[utoipa::path(get, path = "/api/application/{id}", summary = "One application", security(("bearer" = [])), params(Id),
     responses((status = 200, description = "OK", body = ApplicationDoc), OwnObject))]
-async fn get_application(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult {
-    Ok(Json(app_json(&root.application(&user, &id)?)))
+async fn get_application(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult {
+    Ok(Json(app_json(&root.application(&who, &id)?)))
 }
 
 #[utoipa::path(put, path = "/api/application/{id}", summary = "Update name, namespace or description", security(("bearer" = [])),
     params(Id), request_body = ApplicationDoc,
     responses((status = 200, description = "OK", body = ApplicationDoc), (status = 400, description = "bad field", body = Message),
         OwnObject, (status = 409, description = "duplicate name+namespace", body = Message)))]
-async fn update_application(Caller { root, user }: Caller, Path(id): Path<String>, body: Body) -> ApiResult {
+async fn update_application(Caller { root, who }: Caller, Path(id): Path<String>, body: Body) -> ApiResult {
     let change: ApplicationUpdate = parse_body(&body)?;
-    Ok(Json(app_json(&root.update_application(&user, &id, change)?)))
+    Ok(Json(app_json(&root.update_application(&who, &id, change)?)))
 }
 
 #[utoipa::path(delete, path = "/api/application/{id}", summary = "Delete an application, its services and their instances",
     security(("bearer" = [])), params(Id),
     responses((status = 200, description = "OK", body = Message), OwnObject))]
-async fn delete_application(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult<Message> {
-    root.delete_application(&root.application(&user, &id)?)?;
+async fn delete_application(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult<Message> {
+    root.delete_application(&root.application(&who, &id)?)?;
     Ok(message(format!("application {id} deleted")))
 }
 
 #[utoipa::path(get, path = "/api/services/{app_id}", summary = "Services of an application", security(("bearer" = [])),
     params(("app_id" = String, Path)),
     responses((status = 200, description = "OK", body = Vec<ServiceDoc>), OwnObject))]
-async fn list_services(Caller { root, user }: Caller, Path(app_id): Path<String>) -> ApiResult {
-    let app = root.application(&user, &app_id)?;
+async fn list_services(Caller { root, who }: Caller, Path(app_id): Path<String>) -> ApiResult {
+    let app = root.application(&who, &app_id)?;
     Ok(json_list(&root.services_of_application(&app)?, ServiceDoc::json))
 }
 
 #[utoipa::path(get, path = "/api/services", summary = "All the user's services", security(("bearer" = [])),
     responses((status = 200, description = "OK", body = Vec<ServiceDoc>), OwnObject))]
-async fn list_all_services(Caller { root, user }: Caller) -> ApiResult {
-    Ok(json_list(&root.services_of(&user)?, ServiceDoc::json))
+async fn list_all_services(Caller { root, who }: Caller) -> ApiResult {
+    Ok(json_list(&root.services_of(&who)?, ServiceDoc::json))
 }
 
 #[utoipa::path(get, path = "/api/service/{id}", summary = "One service (job document with instance_list)", security(("bearer" = [])),
     params(Id),
     responses((status = 200, description = "OK", body = ServiceDoc), OwnObject))]
-async fn get_service(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult {
-    Ok(Json(ServiceDoc::json(&root.service(&user, &id)?)))
+async fn get_service(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult {
+    Ok(Json(ServiceDoc::json(&root.service(&who, &id)?)))
 }
 
 #[utoipa::path(delete, path = "/api/service/{id}", summary = "Delete a service and undeploy all its instances", security(("bearer" = [])),
     params(Id),
     responses((status = 200, description = "OK", body = Message), OwnObject))]
-async fn delete_service(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult<Message> {
-    root.delete_service(&root.service(&user, &id)?)?;
+async fn delete_service(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult<Message> {
+    root.delete_service(&root.service(&who, &id)?)?;
     Ok(message(format!("service {id} deleted")))
 }
 
@@ -274,8 +363,8 @@ async fn delete_service(Caller { root, user }: Caller, Path(id): Path<String>) -
     summary = "Deploy one more instance (no body). 200 also when it cannot be placed yet: status/status_detail say why, and it is retried",
     security(("bearer" = [])), params(Id),
     responses((status = 200, description = "OK", body = DeployAnswer), OwnObject))]
-async fn deploy_instance(Caller { root, user }: Caller, Path(id): Path<String>) -> ApiResult<DeployAnswer> {
-    root.service(&user, &id)?;
+async fn deploy_instance(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult<DeployAnswer> {
+    root.service(&who, &id)?;
     let inst = root.deploy_instance(&id)?.ok_or_else(|| RootError::ServiceNotFound(id.clone()))?;
     // 200 even when unplaceable: the instance exists and is retried; oak-cli fails on any non-200.
     let placed = inst.status == InstanceState::ClusterScheduled;
@@ -291,8 +380,8 @@ async fn deploy_instance(Caller { root, user }: Caller, Path(id): Path<String>) 
     params(("id" = String, Path), ("n" = String, Path)),
     responses((status = 200, description = "OK", body = Message), (status = 404, description = "unknown id or instance", body = Message),
         (status = 400, description = "n is not a number", body = Message)))]
-async fn undeploy_instance(Caller { root, user }: Caller, Path((id, n)): Path<(String, String)>) -> ApiResult<Message> {
-    root.service(&user, &id)?;
+async fn undeploy_instance(Caller { root, who }: Caller, Path((id, n)): Path<(String, String)>) -> ApiResult<Message> {
+    root.service(&who, &id)?;
     let n: u32 =
         n.parse().map_err(|_| ApiError::BadRequest(format!("instance number {n:?} is not a non-negative integer")))?;
     if !root.undeploy_instance(&id, n)? {
@@ -306,14 +395,14 @@ fn clusters(root: &Root, only_active: bool) -> ApiResult {
     Ok(Json(Value::Array(docs.map(|d| serde_json::to_value(d).unwrap_or_default()).collect())))
 }
 
-#[utoipa::path(get, path = "/api/clusters", summary = "All registered clusters",
-    responses((status = 200, description = "OK", body = Vec<ClusterDoc>)))]
-async fn clusters_all(State(root): State<Arc<Root>>) -> ApiResult {
+#[utoipa::path(get, path = "/api/clusters", summary = "All registered clusters", security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = Vec<ClusterDoc>), (status = 401, description = "no valid token", body = Message)))]
+async fn clusters_all(Caller { root, .. }: Caller) -> ApiResult {
     clusters(&root, false)
 }
 
-#[utoipa::path(get, path = "/api/clusters/active", summary = "Active clusters",
-    responses((status = 200, description = "OK", body = Vec<ClusterDoc>)))]
-async fn clusters_active(State(root): State<Arc<Root>>) -> ApiResult {
+#[utoipa::path(get, path = "/api/clusters/active", summary = "Active clusters", security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = Vec<ClusterDoc>), (status = 401, description = "no valid token", body = Message)))]
+async fn clusters_active(Caller { root, .. }: Caller) -> ApiResult {
     clusters(&root, true)
 }
