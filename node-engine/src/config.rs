@@ -56,6 +56,16 @@ pub struct Config {
     #[arg(long = "insecure-registries", env = "OAK_INSECURE_REGISTRIES", value_delimiter = ',', default_value = "")]
     pub insecure_registries: Vec<String>,
 
+    /// Directories (comma-separated) that local image archives (`oci-archive:`, `docker-archive:`, paths)
+    /// and unikernel images given as paths must lie in; anything else fails naming this rule.
+    #[arg(
+        long = "image-dir",
+        env = "OAK_IMAGE_DIRS",
+        value_delimiter = ',',
+        default_value = "/var/lib/oakestra-rs/images"
+    )]
+    pub image_dirs: Vec<PathBuf>,
+
     /// Optional "lat,lon" location of this worker, reported with its resources.
     #[arg(long = "location", default_value = "")]
     pub location: String,

@@ -28,6 +28,12 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
 
+    for d in &cfg.image_dirs {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            warn!("image directory {}: {e}: archives there cannot be deployed", d.display());
+        }
+    }
+    info!(dirs = ?cfg.image_dirs, "local image archives are deployed only from these directories (--image-dir)");
     oak_node_engine::runtime::registry::set_insecure_registries(cfg.insecure_registries.clone());
     let rcfg = RuntimeConfig {
         containerd_socket: cfg.containerd_socket.clone(),
@@ -36,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         netmanager_port: cfg.netmanager_port,
         unikernel: cfg.unikernel,
         stop_grace: Duration::from_secs(10),
+        image_dirs: cfg.image_dirs.clone(),
     };
     let mut backoff = Duration::from_secs(1);
     let (runtime, events) = loop {

@@ -246,3 +246,41 @@ async fn undeploy_right_after_deploy_leaves_nothing() {
     }
     env.cleanup(&rt).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_outside_the_image_directories_are_refused() {
+    require_containerd!();
+    let env = common::Env::new("imgdir");
+    let (rt, mut rx) = env.runtime().await;
+    // an archive that exists, but in another directory, reached through a link inside the image directory
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = common::build_busybox_image(elsewhere.path(), "import.local/oak-ne-test/outside:latest");
+    let link = env.dir.path().join("link.tar");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let inside = env.dir.path().display().to_string();
+    let real_outside = std::fs::canonicalize(&outside).unwrap().display().to_string();
+    let cases = [
+        ("svc-shadow", "oci-archive:/etc/shadow".to_string(), "/etc/shadow".to_string()),
+        ("svc-dotdot", format!("oci-archive:{inside}/../../../etc/passwd"), "/etc/passwd".to_string()),
+        ("svc-link", format!("docker-archive:{}", link.display()), real_outside.clone()),
+        ("svc-bare", outside.display().to_string(), real_outside),
+    ];
+    for (svc, code, real) in &cases {
+        let mut spec = env.spec(svc, &[]);
+        spec.code = code.clone();
+        rt.deploy(spec, 0);
+        let mut seen = Vec::new();
+        let f = common::wait_for(&mut rx, svc, &["FAILED"], &mut seen).await;
+        assert_eq!(seen, ["CREATING", "FAILED"], "{svc}");
+        assert!(f.detail.contains("outside the image directories"), "{svc}: {}", f.detail);
+        assert!(f.detail.contains(real), "{svc}: the detail names the real path {real}: {}", f.detail);
+    }
+    // the image directory's own archives still deploy, and nothing was imported from outside it
+    rt.deploy(env.spec("svc-inside", &["/bin/sh", "-c", "echo inside"]), 0);
+    common::wait_for(&mut rx, "svc-inside", &["RUNNING", "COMPLETED"], &mut Vec::new()).await;
+    assert!(rt.containerd().get_image("import.local/oak-ne-test/outside:latest").await.unwrap().is_none());
+    for s in ["svc-shadow", "svc-dotdot", "svc-link", "svc-bare", "svc-inside"] {
+        rt.undeploy(s, 0).await.expect("undeploy");
+    }
+    env.cleanup(&rt).await;
+}

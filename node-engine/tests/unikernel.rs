@@ -72,6 +72,19 @@ async fn unikernel_runs_completes_and_is_readopted() {
     cfg.unikernel = true;
     let (rt, mut rx) = Runtime::connect(cfg.clone()).await.unwrap();
 
+    // An image path outside the image directories is refused before qemu sees it.
+    let spec = ServiceSpec {
+        service_id: "svc-uk-outside".into(),
+        job_name: "t.uk.outside.x".into(),
+        virtualization: "unikernel".into(),
+        code: "file:///etc/passwd".into(),
+        ..Default::default()
+    };
+    rt.deploy(spec, 0);
+    let f = common::wait_for(&mut rx, "svc-uk-outside", &["FAILED"], &mut Vec::new()).await;
+    assert!(f.detail.contains("outside the image directories"), "{}", f.detail);
+    rt.undeploy("svc-uk-outside", 0).await.unwrap();
+
     // One-shot VM: prints, then "powers off" → COMPLETED, serial output in the logs.
     let spec = ServiceSpec {
         service_id: "svc-uk-once".into(),

@@ -55,8 +55,21 @@ fn one_doc_deploy_reach_restart_undeploy() {
     let nm =
         h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
     nm.wait_log("NetManager ready", Duration::from_secs(30)).unwrap();
-    let ne_args =
-        ["-a", "127.0.0.1", "-n", "6000", "--data-dir", &p("ne"), "--namespace", &ctr_ns, "--node-name", "doc-worker"];
+    let images = d.display().to_string();
+    let ne_args = [
+        "-a",
+        "127.0.0.1",
+        "-n",
+        "6000",
+        "--data-dir",
+        &p("ne"),
+        "--namespace",
+        &ctr_ns,
+        "--node-name",
+        "doc-worker",
+        "--image-dir",
+        &images,
+    ];
     let mut ne = h.spawn("nodeengine", &bin("NodeEngine"), &ne_args, &[]).unwrap();
 
     let mut api = Api::new(h.ip);

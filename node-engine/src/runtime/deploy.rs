@@ -11,6 +11,7 @@ use oak_proto::{instance_key, InstanceState};
 use tracing::info;
 
 use super::backend::Backend;
+use super::image;
 use super::{instance_id, Instance, Runtime};
 
 /// Why an instance's virtualization cannot run here.
@@ -98,6 +99,15 @@ impl Runtime {
             Ok(b) => b,
             Err(e) => return self.emit(&spec.service_id, n, InstanceState::Failed, e.to_string(), None),
         };
+        let mut spec = spec;
+        if let Some(path) = image::local_image_path(&spec.virtualization, &spec.code) {
+            match image::check_image_path(&path, &self.cfg.image_dirs) {
+                // read from where the check looked, not through a link that could change meanwhile
+                Ok(real) if spec.virtualization == "unikernel" => spec.code = real.display().to_string(),
+                Ok(real) => spec.code = format!("archive:{}", real.display()),
+                Err(e) => return self.emit(&spec.service_id, n, InstanceState::Failed, e.to_string(), None),
+            }
+        }
         // Leftovers of an earlier instance with the same id (crash, failed instance redeployed).
         backend.delete(&id).await;
         match self.create_and_start(backend.as_ref(), &spec, n, &id).await {

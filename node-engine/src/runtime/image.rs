@@ -66,6 +66,46 @@ pub fn parse_source(code: &str) -> anyhow::Result<ImageSource> {
     Ok(ImageSource::Reference(normalize_reference(code)?))
 }
 
+/// The local file an instance's `code` names, if it names one: a container's image archive, or a
+/// unikernel's `.tar.gz` given as a path (not as a URL).
+pub fn local_image_path(virtualization: &str, code: &str) -> Option<PathBuf> {
+    if virtualization == "unikernel" {
+        let code = code.trim();
+        if code.starts_with("http://") || code.starts_with("https://") {
+            return None;
+        }
+        return Some(PathBuf::from(code.strip_prefix("file://").unwrap_or(code)));
+    }
+    match parse_source(code) {
+        Ok(ImageSource::Archive(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// A local image path the NodeEngine will not read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImagePathError {
+    #[error("image path {path}: {why}")]
+    Unreadable { path: String, why: String },
+    #[error(
+        "image path {path} (really {real}) is outside the image directories ({dirs}): only archives under \
+         --image-dir are deployed"
+    )]
+    Outside { path: String, real: String, dirs: String },
+}
+
+/// `path` with every link and `..` resolved, if that lies under one of `dirs` (themselves resolved).
+pub fn check_image_path(path: &Path, dirs: &[PathBuf]) -> Result<PathBuf, ImagePathError> {
+    let shown = path.display().to_string();
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| ImagePathError::Unreadable { path: shown.clone(), why: e.to_string() })?;
+    if dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| real.starts_with(d)) {
+        return Ok(real);
+    }
+    let dirs = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+    Err(ImagePathError::Outside { path: shown, real: real.display().to_string(), dirs })
+}
+
 /// Docker-style normalization: `busybox` → `docker.io/library/busybox:latest`.
 pub fn normalize_reference(r: &str) -> anyhow::Result<String> {
     let valid = !r.is_empty()

@@ -47,6 +47,8 @@ pub struct RuntimeConfig {
     pub unikernel: bool,
     /// Time between SIGTERM and SIGKILL on undeploy.
     pub stop_grace: Duration,
+    /// The only directories local image archives (and unikernel images given as paths) are read from.
+    pub image_dirs: Vec<PathBuf>,
 }
 
 /// Task / container / VM id of an instance.

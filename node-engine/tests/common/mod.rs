@@ -109,6 +109,7 @@ impl Env {
             netmanager_port: 0,
             unikernel: false,
             stop_grace: Duration::from_secs(3),
+            image_dirs: vec![self.dir.path().to_path_buf()],
         }
     }
 
