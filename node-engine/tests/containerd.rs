@@ -284,3 +284,56 @@ async fn archives_outside_the_image_directories_are_refused() {
     }
     env.cleanup(&rt).await;
 }
+
+/// The cgroup file `name` of an instance (v2, else v1's `controller` hierarchy).
+fn cgroup_file(cgroups_path: &str, controller: &str, name: &str) -> Option<String> {
+    let rel = cgroups_path.trim_start_matches('/');
+    [format!("/sys/fs/cgroup/{rel}/{name}"), format!("/sys/fs/cgroup/{controller}/{rel}/{name}")]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(f).ok())
+        .map(|s| s.trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_run_confined_unless_privileged() {
+    require_containerd!();
+    let env = common::Env::new("confined");
+    let (rt, mut rx) = env.runtime().await;
+    // what the instance sees of itself, then whether it may make a new namespace; stays up to be inspected
+    let probe = "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; unshare -n true && echo unshare-ok || \
+                 echo unshare-refused; sleep 600";
+    let mut confined = env.spec("svc-confined", &["/bin/sh", "-c", probe]);
+    confined.memory_mb = 32;
+    let mut privileged = env.spec("svc-privileged", &["/bin/sh", "-c", probe]);
+    privileged.privileged = true;
+    for s in [&confined, &privileged] {
+        rt.deploy(s.clone(), 0);
+        common::wait_for(&mut rx, &s.service_id, &["RUNNING"], &mut Vec::new()).await;
+    }
+    let logs = |s: &oak_proto::v1::ServiceSpec| {
+        let path = rt.log_path(&instance_id(&s.job_name, 0));
+        async move {
+            for _ in 0..100 {
+                let l = std::fs::read_to_string(&path).unwrap_or_default();
+                if l.contains("unshare-") {
+                    return l;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("{} printed nothing", path.display());
+        }
+    };
+    let c = logs(&confined).await;
+    assert!(c.contains("Seccomp:\t2"), "a seccomp filter: {c}");
+    assert!(c.contains("NoNewPrivs:\t1"), "{c}");
+    assert!(c.contains("unshare-refused"), "{c}");
+    let p = logs(&privileged).await;
+    assert!(p.contains("Seccomp:\t0") && p.contains("NoNewPrivs:\t0"), "{p}");
+    assert!(p.contains("unshare-ok"), "{p}");
+    for s in [&confined, &privileged] {
+        let pids = cgroup_file(&rt.cgroups_path(&instance_id(&s.job_name, 0)), "pids", "pids.max");
+        assert_eq!(pids.as_deref(), Some("1024"), "{}: pids limit", s.service_id);
+        rt.undeploy(&s.service_id, 0).await.expect("undeploy");
+    }
+    env.cleanup(&rt).await;
+}

@@ -103,46 +103,108 @@ const DEFAULT_CAPS: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
+/// The capabilities this process may hand on (its bounding set): a runtime refuses to start a
+/// container with one outside it, and hosts differ (a VM or sandbox may lack CAP_SYS_RESOURCE, say).
+fn bounding_caps() -> &'static std::collections::HashSet<String> {
+    static CAPS: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    CAPS.get_or_init(|| match caps::read(None, caps::CapSet::Bounding) {
+        Ok(set) => set.iter().map(|c| c.to_string()).collect(),
+        Err(e) => {
+            tracing::warn!("reading this process's capability bounding set: {e}; assuming the default set only");
+            DEFAULT_CAPS.iter().map(|c| c.to_string()).collect()
+        }
+    })
+}
+
+/// An instance's capabilities: the default set, or (privileged, Admin only) all this process has; either
+/// way only those this process may hand on.
+fn instance_caps(privileged: bool) -> Vec<String> {
+    let bounding = bounding_caps();
+    if privileged {
+        let mut all: Vec<String> = bounding.iter().cloned().collect();
+        all.sort();
+        all
+    } else {
+        DEFAULT_CAPS.iter().filter(|c| bounding.contains(**c)).map(|c| c.to_string()).collect()
+    }
+}
+
+/// Processes (and threads) one instance may have: a fork bomb stays inside its instance.
+pub const PIDS_LIMIT: i64 = 1024;
+
+/// System calls an unprivileged instance gets EPERM for: kernel modules and keyrings, mounts and new
+/// namespaces, tracing and other processes' memory, clocks, reboot and swap, eBPF and perf, NUMA
+/// placement, raw I/O ports, and the obsolete ones. Everything else is allowed (the runtime's own
+/// capability set already bounds what the allowed calls can do). Names the kernel does not have on this
+/// architecture are skipped by the runtime.
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "personality",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "_sysctl",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
 ];
+
+/// The seccomp filter of an unprivileged instance: [`DENIED_SYSCALLS`] fail with EPERM; calls of
+/// another architecture (32-bit calls on a 64-bit host) are refused by the runtime's default.
+fn seccomp_profile() -> Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
+    })
+}
 
 /// RLIMIT_NOFILE for instances: this process's hard limit (raising above it may be refused), max 1M.
 fn nofile_limit() -> u64 {
@@ -171,10 +233,11 @@ pub fn build_spec(id: &str, image: &ImageConfig, spec: &ServiceSpec, cgroups_pat
     let (uid, gid) = parse_user(image.user.as_deref());
     let cwd = image.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
     let nofile = nofile_limit();
-    let caps: &[&str] = if spec.privileged { ALL_CAPS } else { DEFAULT_CAPS };
+    let caps = instance_caps(spec.privileged);
 
     let mut resources = json!({
         "devices": [{"allow": spec.privileged, "access": "rwm"}],
+        "pids": {"limit": PIDS_LIMIT},
     });
     if spec.memory_mb > 0 {
         resources["memory"] = json!({"limit": spec.memory_mb.saturating_mul(1024 * 1024)});
@@ -219,6 +282,7 @@ pub fn build_spec(id: &str, image: &ImageConfig, spec: &ServiceSpec, cgroups_pat
             "/proc/scsi"
         ]);
         linux["readonlyPaths"] = json!(["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]);
+        linux["seccomp"] = seccomp_profile();
     }
 
     json!({
@@ -289,6 +353,25 @@ mod tests {
         let ns = v["linux"]["namespaces"].as_array().unwrap();
         let net = ns.iter().find(|n| n["type"] == "network").expect("network namespace");
         assert!(net.get("path").is_none(), "new netns, not a path");
+
+        assert_eq!(v["linux"]["resources"]["pids"]["limit"], PIDS_LIMIT);
+        assert_eq!(v["process"]["noNewPrivileges"], true);
+        let denied = v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
+        assert!(denied.iter().any(|n| n == "unshare") && denied.iter().any(|n| n == "bpf"));
+        let privileged = build_spec("x", &image(), &ServiceSpec { privileged: true, ..Default::default() }, "/o/x");
+        assert!(privileged["linux"].get("seccomp").is_none(), "a privileged instance (Admin only) has no filter");
+        assert_eq!(privileged["process"]["noNewPrivileges"], false);
+        assert_eq!(privileged["linux"]["resources"]["pids"]["limit"], PIDS_LIMIT, "but still a pids limit");
+        // capabilities: named as the runtime expects, and never more than this process holds
+        let bounding = bounding_caps();
+        assert!(bounding.iter().all(|c| c.starts_with("CAP_")), "{bounding:?}");
+        assert!(instance_caps(true).iter().all(|c| bounding.contains(c)));
+        let default = instance_caps(false);
+        assert!(default.len() <= DEFAULT_CAPS.len() && default.iter().all(|c| bounding.contains(c)));
+        if bounding.contains("CAP_SYS_ADMIN") {
+            assert!(instance_caps(true).contains(&"CAP_SYS_ADMIN".to_string()));
+            assert!(!default.contains(&"CAP_SYS_ADMIN".to_string()));
+        }
 
         let unlimited = build_spec("x", &image(), &ServiceSpec::default(), "/o/x");
         assert!(unlimited["linux"]["resources"].get("memory").is_none());
