@@ -133,6 +133,10 @@ pub async fn start(opts: Options) -> Result<Running> {
             return Err(e);
         }
     };
+    wiring.reserve_ports(&[
+        (cfg.node_public_port, "this worker's overlay tunnel"),
+        (api_addr.port(), "this NetManager's local API"),
+    ]);
     let (tx, connected) = tokio::sync::watch::channel(false);
     let sub_task = control.spawn_subscription(tx);
     let proxy = match &opts.proxy {

@@ -203,6 +203,29 @@ async fn lease_wire_ping_undeploy() {
     )
     .to_string();
     assert!(nat.contains(&format!("{ns_ip}:80")) && nat.contains("18080"), "DNAT rule: {nat}");
+    let rule = nat.lines().find(|l| l.contains("18080") && l.contains("DNAT")).unwrap();
+    assert!(rule.contains("--dst-type LOCAL"), "only traffic to this host's own addresses is mapped: {rule}");
+    // host ports that are the system's, this worker's, or another instance's are refused, naming why; the
+    // refused instance is not wired
+    let (other, _) = instance();
+    for (ports, why) in [
+        ("18080:80/tcp", "already mapped to instance svc1/0"),
+        ("22:22", "reserved for ssh"),
+        ("10000:80", "root's REST API"),
+        ("19090:80;19090:81", "mapped twice"),
+    ] {
+        let r = http
+            .post(format!("{base}/container/deploy"))
+            .json(&json!({"pid": other.0.id(), "serviceName": "app.ns.other.ns", "serviceId": "svc2",
+                          "instanceNumber": 0, "portMappings": ports}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{ports}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(why), "{ports}: {body}");
+    }
+    assert_eq!(running.wiring.attachments().await.len(), 1, "nothing of the refused instance was wired");
 
     // a restart (a fresh Wiring over the same bridge and data dir) keeps the allocation: the address in use
     // is not handed out again

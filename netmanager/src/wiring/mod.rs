@@ -77,6 +77,8 @@ pub struct Wiring {
     state: Mutex<Persisted>,
     /// GSO segment limit set on every instance's eth0 (see [`Wiring::set_instance_gso_max_segs`]).
     gso_max_segs: std::sync::atomic::AtomicU32,
+    /// Host ports this worker's own services use (its tunnel and API), besides [`nat::SYSTEM_PORTS`].
+    reserved_ports: parking_lot::Mutex<Vec<(u16, String)>>,
 }
 
 /// The kernel's default (and largest) per-device GSO segment limit.
@@ -182,6 +184,7 @@ impl Wiring {
             file,
             state: Mutex::new(state),
             gso_max_segs: GSO_MAX_SEGS_DEFAULT.into(),
+            reserved_ports: parking_lot::Mutex::new(Vec::new()),
         };
         w.save(&*w.state.lock().await)?;
         tracing::info!(bridge, %subnet, %gateway, "worker bridge ready");
@@ -240,6 +243,11 @@ impl Wiring {
         }
     }
 
+    /// Host ports this worker's own services use (they are refused to instances, as the system's are).
+    pub fn reserve_ports(&self, ports: &[(u16, &str)]) {
+        *self.reserved_ports.lock() = ports.iter().map(|(p, w)| (*p, w.to_string())).collect();
+    }
+
     pub async fn attachments(&self) -> Vec<Attachment> {
         self.state.lock().await.attachments.values().cloned().collect()
     }
@@ -260,6 +268,13 @@ impl Wiring {
         }
         let k = instance_key(service_id, instance_number);
         let mut st = self.state.lock().await;
+        // host ports: not the system's, not this worker's own, not another instance's (re-wiring the same
+        // instance keeps its own)
+        let others = st.attachments.iter().filter(|(key, _)| **key != k);
+        let taken = others.flat_map(|(key, a)| a.ports.iter().map(move |p| (p, key.as_str())));
+        let reserved = self.reserved_ports.lock().clone();
+        let reserved: Vec<(u16, &str)> = reserved.iter().map(|(p, w)| (*p, w.as_str())).collect();
+        nat::check_port_mappings(&ports, &reserved, taken)?;
         // address: the instance's old one, or the lowest free host address after the gateway
         let ip = match st.attachments.get(&k) {
             Some(a) => a.ip,

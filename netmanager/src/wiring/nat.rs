@@ -168,6 +168,46 @@ pub fn remove_bridge_rules(bridge: &str) -> Result<()> {
     Ok(())
 }
 
+/// Host ports the platform listens on (and ssh): never mapped to an instance, on any worker.
+pub const SYSTEM_PORTS: &[(u16, &str)] = &[
+    (22, "ssh"),
+    (6000, "the NetManager's local API"),
+    (10000, "the root's REST API"),
+    (10099, "the root's service manager"),
+    (10100, "the cluster's worker registration"),
+    (10110, "the cluster network service"),
+    (50052, "the root's cluster registration"),
+    (50103, "the overlay tunnel"),
+];
+
+fn entry(p: &PortMapping) -> String {
+    format!("{}:{}/{}", p.host, p.container, p.proto)
+}
+
+/// Checks an instance's host ports before any rule is written: none of the system's ports (nor `reserved`,
+/// the ports this worker itself uses), none twice in the request, none that another instance already maps
+/// (`taken`: its mappings and whose they are).
+pub fn check_port_mappings<'a>(
+    ports: &[PortMapping],
+    reserved: &[(u16, &str)],
+    taken: impl IntoIterator<Item = (&'a PortMapping, &'a str)>,
+) -> Result<(), PortMappingError> {
+    let taken: Vec<(&PortMapping, &str)> = taken.into_iter().collect();
+    for (i, p) in ports.iter().enumerate() {
+        let refuse = |why: String| Err(PortMappingError { entry: entry(p), why });
+        if let Some((_, what)) = SYSTEM_PORTS.iter().chain(reserved).find(|(port, _)| *port == p.host) {
+            return refuse(format!("host port {} is reserved for {what}", p.host));
+        }
+        if ports[..i].iter().any(|o| o.host == p.host && o.proto == p.proto) {
+            return refuse(format!("host port {}/{} is mapped twice in this request", p.host, p.proto));
+        }
+        if let Some((_, owner)) = taken.iter().find(|(o, _)| o.host == p.host && o.proto == p.proto) {
+            return refuse(format!("host port {}/{} is already mapped to instance {owner}", p.host, p.proto));
+        }
+    }
+    Ok(())
+}
+
 pub fn add_port_mappings(
     bridge: &str,
     service_id: &str,
@@ -181,8 +221,8 @@ pub fn add_port_mappings(
         let to = format!("{ip}:{}", p.container);
         // both chains: tagged with the instance, to the instance's port
         let dnat = ["-m", "comment", "--comment", &c, "-j", "DNAT", "--to-destination", &to];
-        // from elsewhere
-        let from_outside = ["-p", &p.proto, "--dport", &dport];
+        // from elsewhere, to one of this host's addresses (never traffic passing through to another host)
+        let from_outside = ["-p", &p.proto, "--dport", &dport, "-m", "addrtype", "--dst-type", "LOCAL"];
         ensure("nat", "PREROUTING", false, &[&from_outside[..], &dnat].concat())?;
         // from this host to one of its own addresses except loopback
         let from_here =
@@ -197,4 +237,33 @@ pub fn remove_port_mappings(bridge: &str, service_id: &str, instance: u32) -> Re
     delete_commented("nat", "PREROUTING", &c)?;
     delete_commented("nat", "OUTPUT", &c)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pm(host: u16, container: u16, proto: &str) -> PortMapping {
+        PortMapping { host, container, proto: proto.into() }
+    }
+
+    #[test]
+    fn system_reserved_repeated_and_taken_host_ports_are_refused() {
+        let none = std::iter::empty();
+        assert!(check_port_mappings(&[pm(8080, 80, "tcp"), pm(8080, 53, "udp")], &[], none).is_ok());
+        let e = check_port_mappings(&[pm(22, 22, "tcp")], &[], std::iter::empty()).unwrap_err();
+        assert_eq!(e.entry, "22:22/tcp");
+        assert!(e.why.contains("reserved for ssh"), "{e}");
+        let e = check_port_mappings(&[pm(10000, 80, "tcp")], &[], std::iter::empty()).unwrap_err();
+        assert!(e.why.contains("root's REST API"), "{e}");
+        let e = check_port_mappings(&[pm(7000, 80, "udp")], &[(7000, "this worker's tunnel")], std::iter::empty())
+            .unwrap_err();
+        assert!(e.why.contains("this worker's tunnel"), "{e}");
+        let e = check_port_mappings(&[pm(8080, 80, "tcp"), pm(8080, 81, "tcp")], &[], std::iter::empty()).unwrap_err();
+        assert!(e.why.contains("twice"), "{e}");
+        let held = pm(8080, 80, "tcp");
+        let e = check_port_mappings(&[pm(8080, 8080, "tcp")], &[], [(&held, "web/0")]).unwrap_err();
+        assert!(e.why.contains("already mapped to instance web/0"), "{e}");
+        assert!(check_port_mappings(&[pm(8080, 80, "udp")], &[], [(&held, "web/0")]).is_ok(), "another protocol");
+    }
 }
