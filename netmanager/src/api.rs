@@ -30,6 +30,68 @@ pub struct ApiState {
     pub counters: std::sync::OnceLock<Arc<crate::proxy::counters::Counters>>,
     /// The eBPF fast path (set when it loaded).
     pub fastpath: std::sync::OnceLock<Arc<parking_lot::Mutex<crate::ebpf::FastPath>>>,
+    /// The credential the instance endpoints take (`Authorization: Bearer`), and the file it is in.
+    pub credential: Credential,
+}
+
+/// The local API's credential: a random secret in a file only root reads (0600), so another local user
+/// cannot wire a process of its choice; the NodeEngine reads the file.
+#[derive(Clone)]
+pub struct Credential {
+    pub secret: String,
+    pub file: std::path::PathBuf,
+}
+
+impl Credential {
+    /// Reads `file`, or creates it with a new secret.
+    pub fn load_or_create(file: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(s) = std::fs::read_to_string(file) {
+            let secret = s.trim().to_string();
+            if secret.len() >= 32 {
+                return Ok(Self { secret, file: file.to_path_buf() });
+            }
+        }
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let secret: String =
+            (0..43).map(|_| char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[rand::random_range(0..36)])).collect();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(file)
+            .with_context(|| format!("writing the API credential {}", file.display()))?;
+        f.write_all(secret.as_bytes())?;
+        Ok(Self { secret, file: file.to_path_buf() })
+    }
+
+    /// Whether the request's `Authorization: Bearer` header carries the secret (compared in constant time).
+    fn admits(&self, headers: &axum::http::HeaderMap) -> bool {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        given.len() == self.secret.len()
+            && given.bytes().zip(self.secret.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+/// Lets a request to an instance endpoint through only with the credential.
+async fn authorized(
+    State(st): State<Arc<ApiState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if st.credential.admits(req.headers()) {
+        return next.run(req).await;
+    }
+    ApiError::Unauthorized(st.credential.file.display().to_string()).into_response()
 }
 
 /// Why a request was refused; [`ApiError::status`] is the one place that maps a reason to an HTTP code.
@@ -48,6 +110,9 @@ pub enum ApiError {
     /// Anything else that failed on this host.
     #[error("{0:#}")]
     Internal(anyhow::Error),
+    /// No or a wrong credential (the file holding the right one).
+    #[error("missing or wrong credential: send Authorization: Bearer <the contents of {0}>")]
+    Unauthorized(String),
 }
 
 impl ApiError {
@@ -55,6 +120,7 @@ impl ApiError {
         match self {
             ApiError::BadBody { .. } | ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Wire(WireError::PortMapping(_) | WireError::NoProcess { .. }) => StatusCode::BAD_REQUEST,
             ApiError::Wire(WireError::Host(_)) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -182,11 +248,11 @@ async fn undeploy(
     Ok(Json(json!({})))
 }
 
+/// `/status` and `/counters` answer anyone on the API's address; the instance endpoints need the credential.
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/status", get(status))
-        .route("/counters", get(counters))
+    let instances = Router::new()
         .route("/container/deploy", post(deploy))
         .route("/container/undeploy", post(undeploy))
-        .with_state(state)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorized));
+    Router::new().route("/status", get(status)).route("/counters", get(counters)).merge(instances).with_state(state)
 }

@@ -27,7 +27,7 @@ pub struct Options {
     pub config_path: PathBuf,
     /// Local API address (127.0.0.1:6000 by default).
     pub listen: SocketAddr,
-    /// Where instance address allocations are persisted.
+    /// Where instance address allocations are persisted, and the local API's credential (`api-token`).
     pub data_dir: PathBuf,
     /// Worker bridge name (default `oak0`; tests use unique names).
     pub bridge: String,
@@ -60,6 +60,8 @@ pub struct Running {
     pub proxy: Option<proxy::Proxy>,
     /// The eBPF fast path, when it loaded.
     pub fastpath: Option<Arc<parking_lot::Mutex<ebpf::FastPath>>>,
+    /// The local API's credential (the NodeEngine reads it from its file).
+    pub credential: api::Credential,
     api_task: tokio::task::JoinHandle<std::io::Result<()>>,
     sub_task: tokio::task::JoinHandle<()>,
 }
@@ -104,11 +106,13 @@ pub async fn start(opts: Options) -> Result<Running> {
     let node = node_name(&cfg);
     tracing::info!(%url, %node, %public, "starting NetManager");
 
+    let credential = api::Credential::load_or_create(&opts.data_dir.join("api-token"))?;
     let state = Arc::new(ApiState {
         ready: tokio::sync::OnceCell::new(),
         public,
         counters: std::sync::OnceLock::new(),
         fastpath: std::sync::OnceLock::new(),
+        credential: credential.clone(),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -194,7 +198,19 @@ pub async fn start(opts: Options) -> Result<Running> {
     wiring.set_instance_gso_max_segs(segs).await;
     let _ = state.ready.set(Ready { control: control.clone(), wiring: wiring.clone() });
     tracing::info!(%subnet, bridge = %opts.bridge, fast_path = fastpath.is_some(), "NetManager ready");
-    Ok(Running { api_addr, tables, control, wiring, config: cfg, connected, proxy, fastpath, api_task, sub_task })
+    Ok(Running {
+        api_addr,
+        tables,
+        control,
+        wiring,
+        config: cfg,
+        connected,
+        proxy,
+        fastpath,
+        credential,
+        api_task,
+        sub_task,
+    })
 }
 
 /// Undoes what a NetManager with these options set up on this host: the fast path's pins (its programs

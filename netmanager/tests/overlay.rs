@@ -125,6 +125,31 @@ async fn lease_wire_ping_undeploy() {
     let pid = child.0.id();
 
     // bad requests are rejected with a reason
+    // the instance endpoints need the credential the NetManager wrote into its data dir (0600)
+    let cred_file = dir.path().join("nm").join("api-token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&cred_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(running.credential.secret, std::fs::read_to_string(&cred_file).unwrap().trim());
+    let body = json!({"pid": pid, "serviceName": "app.ns.web.ns", "serviceId": "svc1", "instanceNumber": 0});
+    for wrong in [None, Some("not-the-credential")] {
+        let mut rq = http.post(format!("{base}/container/deploy")).json(&body);
+        if let Some(w) = wrong {
+            rq = rq.bearer_auth(w);
+        }
+        let r = rq.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{wrong:?}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"].as_str().unwrap().contains("api-token"), "names the credential file: {e}");
+    }
+    assert!(running.wiring.attachments().await.is_empty(), "nothing wired without the credential");
+    let http = reqwest::Client::builder()
+        .default_headers(
+            [(reqwest::header::AUTHORIZATION, format!("Bearer {}", running.credential.secret).parse().unwrap())]
+                .into_iter()
+                .collect(),
+        )
+        .build()
+        .unwrap();
     let r = http.post(format!("{base}/container/deploy")).json(&json!({"pid": pid})).send().await.unwrap();
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();

@@ -287,9 +287,10 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
         eprintln!("round robin again {:?} after A's restart", t2.elapsed());
 
         // undeploy inst1 on B: traffic moves to inst0 within seconds
-        let (code, body) = http(
+        let (code, body) = http_as(
             &wb.ns.path(),
             API,
+            Some(&wb.credential()),
             "POST",
             "/container/undeploy",
             Some(json!({"serviceName": "app.ns.echo.ns", "serviceId": "svcE", "instanceNumber": 1})),

@@ -22,6 +22,10 @@ pub struct Config {
     #[arg(short = 'n', long = "netmanager-port", default_value_t = 6000)]
     pub netmanager_port: u16,
 
+    /// The NetManager's API credential: the `api-token` file it writes into its --data-dir (0600, root).
+    #[arg(long = "netmanager-credential", default_value = crate::netmanager::DEFAULT_CREDENTIAL)]
+    pub netmanager_credential: PathBuf,
+
     /// Enable unikernel support (qemu). Accepts `-u`, `-u=true`, `-u=false`.
     #[arg(short = 'u', long = "unikernel", action = ArgAction::Set, num_args = 0..=1,
           default_value_t = false, default_missing_value = "true")]

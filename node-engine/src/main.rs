@@ -40,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
         namespace: cfg.namespace.clone(),
         data_dir: cfg.data_dir.clone(),
         netmanager_port: cfg.netmanager_port,
+        netmanager_credential: cfg.netmanager_credential.clone(),
         unikernel: cfg.unikernel,
         stop_grace: Duration::from_secs(10),
         image_dirs: cfg.image_dirs.clone(),

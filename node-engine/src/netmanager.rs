@@ -1,6 +1,7 @@
 //! Client of the local NetManager API (http://127.0.0.1:<port>). The JSON bodies are the shared
 //! contract in [`oak_proto::netmanager_api`].
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use oak_proto::netmanager_api::{DeployAnswer, DeployRequest, UndeployRequest};
@@ -9,17 +10,23 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone)]
 pub struct NetManagerClient {
     port: u16,
+    /// The file holding the NetManager's API credential (read at each call: the NetManager may start, or
+    /// make its credential, after the NodeEngine).
+    credential: PathBuf,
     http: reqwest::Client,
 }
 
+/// The NetManager's credential file with its default data directory.
+pub const DEFAULT_CREDENTIAL: &str = "/var/lib/oakestra-rs/netmanager/api-token";
+
 impl NetManagerClient {
-    pub fn new(port: u16) -> Self {
+    pub fn new(port: u16, credential: &Path) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(20))
             .build()
             .expect("http client");
-        Self { port, http }
+        Self { port, credential: credential.to_path_buf(), http }
     }
 
     pub fn base(&self) -> String {
@@ -33,7 +40,15 @@ impl NetManagerClient {
         body: &T,
     ) -> anyhow::Result<R> {
         let url = format!("{}{}", self.base(), path);
-        let resp = self.http.post(&url).json(body).send().await.map_err(|e| {
+        let secret = std::fs::read_to_string(&self.credential).map_err(|e| {
+            anyhow::anyhow!(
+                "NetManager credential {}: {e}; it is written by the NetManager into its --data-dir \
+                 (--netmanager-credential names the file)",
+                self.credential.display()
+            )
+        })?;
+        let req = self.http.post(&url).bearer_auth(secret.trim()).json(body);
+        let resp = req.send().await.map_err(|e| {
             anyhow::anyhow!(
                 "NetManager timeout: no answer to {path} from the NetManager at 127.0.0.1:{} ({e}); \
                  check that the NetManager runs and that -n/--netmanager-port is right",
@@ -72,7 +87,10 @@ mod tests {
     async fn unreachable_is_a_clear_timeout() {
         // Bind then drop to get a port nobody listens on.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let c = NetManagerClient::new(port);
+        let dir = tempfile::tempdir().unwrap();
+        let cred = dir.path().join("api-token");
+        std::fs::write(&cred, "secret").unwrap();
+        let c = NetManagerClient::new(port, &cred);
         let r = DeployRequest { pid: 1, service_name: "x".into(), service_id: "y".into(), ..Default::default() };
         let e = c.deploy(&r).await.unwrap_err().to_string();
         assert!(e.starts_with("NetManager timeout"), "{e}");

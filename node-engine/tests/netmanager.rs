@@ -6,8 +6,11 @@ use oak_node_engine::runtime::{instance_id, Runtime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// A one-purpose HTTP/1.1 server: records (path, JSON body), answers `answer` to /container/deploy.
-async fn fake_netmanager(answer: &'static str) -> (u16, mpsc::UnboundedReceiver<(String, serde_json::Value)>) {
+/// What the fake NetManager was sent: path, JSON body, Authorization header.
+type Call = (String, serde_json::Value, String);
+
+/// A one-purpose HTTP/1.1 server: records each call, answers `answer` to /container/deploy.
+async fn fake_netmanager(answer: &'static str) -> (u16, mpsc::UnboundedReceiver<Call>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -46,8 +49,14 @@ async fn fake_netmanager(answer: &'static str) -> (u16, mpsc::UnboundedReceiver<
                 let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
                 let body: serde_json::Value =
                     serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+                let auth = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().starts_with("authorization:").then(|| l[14..].trim().to_string())
+                    })
+                    .unwrap_or_default();
                 let reply = if path == "/container/deploy" { answer } else { "{}" };
-                let _ = tx.send((path, body));
+                let _ = tx.send((path, body, auth));
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
                     reply.len()
@@ -75,8 +84,9 @@ async fn netmanager_wires_instances_and_is_told_of_undeploy() {
     assert_eq!(running.ns_address, "10.18.0.7");
     assert_eq!(running.ns_address_v6, "fc00::7");
 
-    let (path, body) = calls.recv().await.unwrap();
+    let (path, body, auth) = calls.recv().await.unwrap();
     assert_eq!(path, "/container/deploy");
+    assert_eq!(auth, format!("Bearer {}", common::NM_CREDENTIAL), "the NetManager's credential is sent");
     assert_eq!(body["pid"], rt.pid_of("svc-nm", 0).unwrap());
     assert_eq!(body["serviceName"], spec.job_name.as_str());
     assert_eq!(body["serviceId"], "svc-nm");
@@ -89,8 +99,9 @@ async fn netmanager_wires_instances_and_is_told_of_undeploy() {
     assert_eq!(adopted[0].ns_address, "10.18.0.7");
 
     rt.undeploy("svc-nm", 0).await.unwrap();
-    let (path, body) = calls.recv().await.unwrap();
+    let (path, body, auth) = calls.recv().await.unwrap();
     assert_eq!(path, "/container/undeploy");
+    assert_eq!(auth, format!("Bearer {}", common::NM_CREDENTIAL));
     assert_eq!(body, serde_json::json!({"serviceName": spec.job_name, "serviceId": "svc-nm", "instanceNumber": 0}));
     common::wait_for(&mut rx, "svc-nm", &["UNDEPLOYED"], &mut Vec::new()).await;
     common::assert_gone(&rt, &id).await;

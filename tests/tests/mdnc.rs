@@ -111,11 +111,15 @@ fn until<T>(what: &str, timeout: Duration, diag: &dyn Fn() -> String, mut f: imp
 struct Worker<'a> {
     host: &'a Host,
     nm: Proc,
+    /// The NetManager's API credential file (in its data dir).
+    credential: std::path::PathBuf,
 }
 
 impl Worker<'_> {
     fn api(&self, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let (api, path) = (Api::at("http://127.0.0.1:6000"), path.to_string());
+        let mut api = Api::at("http://127.0.0.1:6000");
+        api.token = Some(std::fs::read_to_string(&self.credential).unwrap().trim().to_string());
+        let path = path.to_string();
         self.host.run(move || api.call(method, &path, body.as_ref()))
     }
     fn deploy(&self, inst: &Instance, job: &str, sid: &str, n: u32) -> Ipv4Addr {
@@ -178,7 +182,7 @@ fn mdnc(nm_flags: &[&str]) {
             vec!["-c", cfg.as_str(), "--data-dir", data.as_str(), "--log-level", "oak_netmanager=debug,info"];
         args.extend(nm_flags);
         let nm = h.spawn(&format!("netmanager-{w}"), &bin("NetManager"), &args, &[]).unwrap();
-        Worker { host: h, nm }
+        Worker { host: h, nm, credential: std::path::Path::new(&data).join("api-token") }
     };
     let wa = start_nm("wa", "ca");
     let wb = start_nm("wb", "cb");

@@ -56,6 +56,7 @@ fn one_doc_deploy_reach_restart_undeploy() {
         h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
     nm.wait_log("NetManager ready", Duration::from_secs(30)).unwrap();
     let images = d.display().to_string();
+    let nm_credential = d.join("nm").join("api-token").display().to_string();
     let ne_args = [
         "-a",
         "127.0.0.1",
@@ -69,6 +70,8 @@ fn one_doc_deploy_reach_restart_undeploy() {
         "doc-worker",
         "--image-dir",
         &images,
+        "--netmanager-credential",
+        &nm_credential,
     ];
     let mut ne = h.spawn("nodeengine", &bin("NodeEngine"), &ne_args, &[]).unwrap();
 

@@ -240,6 +240,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                         n.into(),
                         "--data-dir".into(),
                         data,
+                        "--netmanager-credential".into(),
+                        format!("{DATA_DIR}/netmanager/api-token"),
                     ],
                     &[],
                 )?;

@@ -73,7 +73,20 @@ pub fn instance() -> (Proc, String) {
 
 /// Minimal HTTP/1.1 client run inside `ns` (the NetManager's API listens on its namespace's loopback).
 pub fn http(ns: &str, port: u16, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
+    http_as(ns, port, None, method, path, body)
+}
+
+/// [`http`] with the NetManager's API credential (`Authorization: Bearer`).
+pub fn http_as(
+    ns: &str,
+    port: u16,
+    credential: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
     let (method, path) = (method.to_string(), path.to_string());
+    let auth = credential.map(|c| format!("Authorization: Bearer {c}\r\n")).unwrap_or_default();
     testbed::in_netns(ns, move || -> Result<(u16, Value), String> {
         let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2))
             .map_err(|e| e.to_string())?;
@@ -81,7 +94,7 @@ pub fn http(ns: &str, port: u16, method: &str, path: &str, body: Option<Value>) 
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
         .map_err(|e| e.to_string())?;
@@ -250,9 +263,10 @@ impl Worker {
 
     pub fn deploy(&self, ns_of_pid: &str, service_id: &str, job: &str, n: u32) -> Ipv4Addr {
         let pid: u32 = ns_of_pid.split('/').nth(2).unwrap().parse().unwrap();
-        let (code, body) = http(
+        let (code, body) = http_as(
             &self.ns.path(),
             API,
+            Some(&self.credential()),
             "POST",
             "/container/deploy",
             Some(json!({"pid": pid, "serviceName": job, "serviceId": service_id, "instanceNumber": n})),
@@ -264,6 +278,11 @@ impl Worker {
 
     pub fn counters(&self) -> Value {
         http(&self.ns.path(), API, "GET", "/counters", None).unwrap().1
+    }
+
+    /// The NetManager's local API credential (written into its data dir).
+    pub fn credential(&self) -> String {
+        std::fs::read_to_string(self.data.join("api-token")).unwrap().trim().to_string()
     }
 }
 

@@ -44,6 +44,8 @@ pub struct RuntimeConfig {
     pub data_dir: PathBuf,
     /// 0 = no NetManager.
     pub netmanager_port: u16,
+    /// The file holding the NetManager's API credential.
+    pub netmanager_credential: PathBuf,
     pub unikernel: bool,
     /// Time between SIGTERM and SIGKILL on undeploy.
     pub stop_grace: Duration,
@@ -113,7 +115,8 @@ impl Runtime {
             Arc::new(ContainerBackend::new(ctr.clone(), logs.clone(), cfg.stop_grace)),
             Arc::new(QemuBackend::new(cfg.unikernel, cfg.data_dir.clone(), logs.clone(), cfg.stop_grace)),
         ];
-        let netmanager = (cfg.netmanager_port != 0).then(|| NetManagerClient::new(cfg.netmanager_port));
+        let netmanager =
+            (cfg.netmanager_port != 0).then(|| NetManagerClient::new(cfg.netmanager_port, &cfg.netmanager_credential));
         let (tx, rx) = mpsc::unbounded_channel();
         let rt = Self {
             cfg,

@@ -80,6 +80,9 @@ pub fn unique(tag: &str) -> String {
     format!("{tag}{}x{}", std::process::id(), t % 1_000_000_007)
 }
 
+/// The NetManager credential written into every test environment.
+pub const NM_CREDENTIAL: &str = "test-netmanager-credential";
+
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub namespace: String,
@@ -94,6 +97,8 @@ impl Env {
         let namespace = format!("oak-ne-test-{u}");
         let image_name = format!("import.local/oak-ne-test/{u}:latest");
         let archive = build_busybox_image(dir.path(), &image_name);
+        // the NetManager credential the runtime sends (tests with a NetManager check it arrives)
+        std::fs::write(dir.path().join("nm-api-token"), NM_CREDENTIAL).unwrap();
         Env { dir, namespace, image_name, archive }
     }
 
@@ -107,6 +112,7 @@ impl Env {
             namespace: self.namespace.clone(),
             data_dir: self.data_dir(),
             netmanager_port: 0,
+            netmanager_credential: self.dir.path().join("nm-api-token"),
             unikernel: false,
             stop_grace: Duration::from_secs(3),
             image_dirs: vec![self.dir.path().to_path_buf()],

@@ -177,6 +177,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "bench-worker",
             "--image-dir",
             &w("img"),
+            "--netmanager-credential",
+            &w("nm/api-token"),
         ],
         &[],
         &work,

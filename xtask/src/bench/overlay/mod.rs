@@ -292,8 +292,8 @@ fn bench(w: &mut World, a: &Args, id: u32, bins: &Path, object: &Path, t0: Insta
     nms.start(w, "b", &nb, !tun_on)?;
     let srv_pid = instance(w, "instance-srv-on-b")?;
     let cli_pid = instance(w, "instance-cli-on-a")?;
-    let srv_ip = deploy(&nb, srv_pid, &srv_id, &srv_job)?;
-    let cli_ip = deploy(&na, cli_pid, &cli_id, &cli_job)?;
+    let srv_ip = deploy(w, "b", &nb, srv_pid, &srv_id, &srv_job)?;
+    let cli_ip = deploy(w, "a", &na, cli_pid, &cli_id, &cli_job)?;
     eprintln!("    instances: server {srv_ip} on B, client {cli_ip} on A; traffic to {rr}");
     let (ci, si) = (Ns::Pid(cli_pid), Ns::Pid(srv_pid));
     if tun_on {

@@ -187,14 +187,16 @@ pub(super) fn counters(ns: &str) -> anyhow::Result<Value> {
     http(ns, "GET", &format!("http://127.0.0.1:{NM_API}/counters"), None, None)
 }
 
-/// Registers instance 0 of `sid` (job `job`), the process `pid`, with the NetManager in namespace `ns`;
+/// Registers instance 0 of `sid` (job `job`), the process `pid`, with NetManager `tag` in namespace `ns`;
 /// its overlay address.
-pub(super) fn deploy(ns: &str, pid: u32, sid: &str, job: &str) -> anyhow::Result<String> {
+pub(super) fn deploy(w: &World, tag: &str, ns: &str, pid: u32, sid: &str, job: &str) -> anyhow::Result<String> {
+    let cred_file = w.work.join(format!("nm-{tag}")).join("api-token");
+    let cred = std::fs::read_to_string(&cred_file).with_context(|| format!("reading {}", cred_file.display()))?;
     let v = http(
         ns,
         "POST",
         &format!("http://127.0.0.1:{NM_API}/container/deploy"),
-        None,
+        Some(cred.trim()),
         Some(json!({"pid": pid, "serviceName": job, "serviceId": sid, "instanceNumber": 0})),
     )?;
     Ok(v["nsAddress"].as_str().unwrap_or("?").to_string())
