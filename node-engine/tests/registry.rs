@@ -108,7 +108,19 @@ fn build_registry(archive: &Path) -> Registry {
     let mut foreign_repo = good.clone();
     foreign_repo.manifests.insert("1".into(), (MT_INDEX.into(), foreign_index));
 
+    // hostile: a manifest of 5 MiB, and a manifest whose layer claims 1 TiB
+    let mut huge = good.clone();
+    let mut big = mdoc.clone();
+    big["annotations"] = json!({"padding": "x".repeat(5 << 20)});
+    huge.manifests.insert("1".into(), (MT_MANIFEST.into(), serde_json::to_vec(&big).unwrap()));
+    let mut liar = good.clone();
+    let mut lying = mdoc.clone();
+    lying["layers"][0]["size"] = json!(1u64 << 40);
+    liar.manifests.insert("1".into(), (MT_MANIFEST.into(), serde_json::to_vec(&lying).unwrap()));
+
     let mut repos = HashMap::new();
+    repos.insert("oak/huge".to_string(), huge);
+    repos.insert("oak/liar".to_string(), liar);
     repos.insert("oak/busybox".to_string(), good);
     repos.insert("oak/corrupt".to_string(), corrupt);
     repos.insert("oak/foreign".to_string(), foreign_repo);
@@ -273,6 +285,12 @@ async fn registry_failures_fail_the_instance_clearly() {
         ("svc-corrupt", format!("127.0.0.1:{port}/oak/corrupt:1"), "digest mismatch for layer 1/1"),
         ("svc-404", format!("127.0.0.1:{port}/oak/busybox:nope"), "404"),
         ("svc-foreign", format!("127.0.0.1:{port}/oak/foreign:1"), "no manifest for this platform"),
+        ("svc-huge", format!("127.0.0.1:{port}/oak/huge:1"), "more than the 4194304-byte limit"),
+        (
+            "svc-liar",
+            format!("127.0.0.1:{port}/oak/liar:1"),
+            "is 1099511627776 bytes, more than the 2147483648-byte limit",
+        ),
         // Explicit http:// on a port nobody listens on: the URL tried is named.
         (
             "svc-down",
@@ -295,5 +313,9 @@ async fn registry_failures_fail_the_instance_clearly() {
         rt.undeploy(svc, 0).await.expect("undeploy");
         assert!(rt.containerd().ensure_image(code).await.is_err(), "no image record was created for {code}");
     }
+    // the worker kept serving through all of it
+    rt.deploy(env.spec("svc-after", &["/bin/sh", "-c", "echo after"]), 0);
+    common::wait_for(&mut rx, "svc-after", &["RUNNING", "COMPLETED"], &mut Vec::new()).await;
+    rt.undeploy("svc-after", 0).await.expect("undeploy");
     env.cleanup(&rt).await;
 }

@@ -23,6 +23,24 @@ pub const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+js
 pub const MT_DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
 pub const MT_DOCKER_LAYER_GZ: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
+/// Largest manifest, index or image config read (the OCI distribution spec's limit for manifests): a
+/// registry or archive cannot make the NodeEngine hold more for a document.
+pub const MAX_DOCUMENT: u64 = 4 << 20;
+/// Largest blob (a layer) or archive entry held for import, whatever a manifest or tar header claims.
+pub const MAX_BLOB: u64 = 2 << 30;
+/// Largest whole image archive imported.
+pub const MAX_ARCHIVE: u64 = 4 << 30;
+/// Buffers grow as data arrives: a size a stranger wrote reserves at most this much up front.
+pub const PREALLOCATE: u64 = 16 << 20;
+
+/// Refuses a size over `limit` for `what`, before anything is read or reserved.
+pub fn check_size(what: &str, size: u64, limit: u64) -> anyhow::Result<()> {
+    if size > limit {
+        bail!("{what} is {size} bytes, more than the {limit}-byte limit");
+    }
+    Ok(())
+}
+
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(data))
 }
@@ -167,14 +185,19 @@ fn read_tar(path: &Path) -> anyhow::Result<HashMap<String, Vec<u8>>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open image archive {}", path.display()))?;
     let mut ar = tar::Archive::new(std::io::BufReader::new(f));
     let mut files = HashMap::new();
+    let mut total = 0u64;
     for entry in ar.entries().with_context(|| format!("{} is not a tar archive", path.display()))? {
         let mut entry = entry.with_context(|| format!("corrupt tar archive {}", path.display()))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
         let name = entry.path()?.to_string_lossy().trim_start_matches("./").to_string();
-        let mut data = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut data)?;
+        let size = entry.size();
+        check_size(&format!("entry {name} of {}", path.display()), size, MAX_BLOB)?;
+        total += size;
+        check_size(&format!("image archive {}", path.display()), total, MAX_ARCHIVE)?;
+        let mut data = Vec::with_capacity(size.min(PREALLOCATE) as usize);
+        (&mut entry).take(size).read_to_end(&mut data)?;
         files.insert(name, data);
     }
     Ok(files)
@@ -356,6 +379,21 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_archive_entry_claiming_a_huge_size_is_refused_before_any_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("liar.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("blobs/sha256/aa").unwrap();
+        h.set_size(1 << 40);
+        h.set_cksum();
+        b.append(&h, std::io::empty()).unwrap();
+        drop(b);
+        let e = read_tar(&path).unwrap_err().to_string();
+        assert!(e.contains("blobs/sha256/aa") && e.contains("more than the 2147483648-byte limit"), "{e}");
+    }
 
     #[test]
     fn references() {

@@ -338,7 +338,7 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
             .unwrap_or_default();
-        let data = resp.bytes().await.with_context(|| format!("reading GET {url}"))?.to_vec();
+        let data = read_limited(resp, &format!("manifest {reference} (GET {url})"), image::MAX_DOCUMENT).await?;
         if reference.starts_with("sha256:") {
             verify(&format!("manifest {reference}"), reference, &data)?;
         }
@@ -400,7 +400,8 @@ impl RegistryClient {
         Ok(Manifest { desc: Desc { media_type: mt, digest, size: data.len() as i64 }, data, config, layers })
     }
 
-    /// Downloads a blob, verifying size and digest; `what` names it in logs and errors.
+    /// Downloads a blob, verifying size and digest; `what` names it in logs and errors ("config" is held to
+    /// the document limit, anything else to the blob limit).
     pub async fn fetch_blob(&mut self, d: &Desc, what: &str) -> anyhow::Result<Vec<u8>> {
         let url = format!("{}/v2/{}/blobs/{}", self.base, self.r.repository, d.digest);
         let resp = self.get(&url, None).await?;
@@ -411,7 +412,9 @@ impl RegistryClient {
         if !status.is_success() {
             bail!("GET {url} answered {status}");
         }
-        let mut data = Vec::with_capacity(d.size.max(0) as usize);
+        let limit = if what == "config" { image::MAX_DOCUMENT } else { image::MAX_BLOB };
+        image::check_size(&format!("{what} {}", d.digest), d.size.max(0) as u64, limit)?;
+        let mut data = Vec::with_capacity((d.size.max(0) as u64).min(image::PREALLOCATE) as usize);
         let mut hasher = Sha256::new();
         let mut stream = resp.bytes_stream();
         let mut last_log = std::time::Instant::now();
@@ -422,6 +425,7 @@ impl RegistryClient {
             if d.size >= 0 && data.len() as i64 > d.size {
                 bail!("{what} {}: registry sent more than the {} bytes of the manifest", d.digest, d.size);
             }
+            image::check_size(&format!("{what} {}", d.digest), data.len() as u64, limit)?;
             if last_log.elapsed() > Duration::from_secs(2) {
                 last_log = std::time::Instant::now();
                 info!(image = %self.r.name(), blob = %d.digest, bytes = data.len(), total = d.size, "downloading {what}");
@@ -556,4 +560,19 @@ mod tests {
         let e = verify("layer", &d, b"abd").unwrap_err().to_string();
         assert!(e.contains("digest mismatch for layer"), "{e}");
     }
+}
+
+/// The body of `resp`, refused as soon as it passes `limit` bytes (whatever Content-Length said).
+pub async fn read_limited(resp: reqwest::Response, what: &str, limit: u64) -> anyhow::Result<Vec<u8>> {
+    if let Some(len) = resp.content_length() {
+        image::check_size(what, len, limit)?;
+    }
+    let mut data = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| anyhow!("reading {what}: {}", chain(&e)))?;
+        data.extend_from_slice(&chunk);
+        image::check_size(what, data.len() as u64, limit)?;
+    }
+    Ok(data)
 }

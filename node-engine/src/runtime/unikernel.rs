@@ -28,9 +28,12 @@ pub async fn fetch_image(code: &str, dir: &Path) -> anyhow::Result<(PathBuf, Opt
         if !resp.status().is_success() {
             bail!("cannot download unikernel image {code}: HTTP {}", resp.status());
         }
-        resp.bytes().await?.to_vec()
+        let what = format!("unikernel image {code}");
+        super::registry::read_limited(resp, &what, super::image::MAX_BLOB).await?
     } else {
         let p = code.strip_prefix("file://").unwrap_or(code);
+        let len = std::fs::metadata(p).with_context(|| format!("cannot read unikernel image {p}"))?.len();
+        super::image::check_size(&format!("unikernel image {p}"), len, super::image::MAX_BLOB)?;
         std::fs::read(p).with_context(|| format!("cannot read unikernel image {p}"))?
     };
     let dir = dir.to_path_buf();
