@@ -337,3 +337,33 @@ async fn containers_run_confined_unless_privileged() {
     }
     env.cleanup(&rt).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_interrupted_twice_is_not_tried_again() {
+    require_containerd!();
+    let env = common::Env::new("journal");
+    let (rt, mut rx) = env.runtime().await;
+    let spec = env.spec("svc-journal", &["/bin/sh", "-c", "echo up; sleep 600"]);
+    let id = instance_id(&spec.job_name, 0);
+    // as a NodeEngine that died twice during this deploy leaves it
+    let journal = env.data_dir().join("deploying").join(&id);
+    std::fs::write(&journal, "2").unwrap();
+    rt.deploy(spec.clone(), 0);
+    let mut seen = Vec::new();
+    let f = common::wait_for(&mut rx, "svc-journal", &["FAILED"], &mut seen).await;
+    assert_eq!(seen, ["CREATING", "FAILED"]);
+    assert!(
+        f.detail.contains("not deployed again") && f.detail.contains("stopped during the last 2 deploys"),
+        "{}",
+        f.detail
+    );
+    common::assert_gone(&rt, &id).await;
+    assert!(!journal.exists(), "refusing it is the end of that deploy");
+    // asked again (a new deploy from the user), it is tried: once interrupted is still tried too
+    std::fs::write(&journal, "1").unwrap();
+    rt.deploy(spec.clone(), 0);
+    common::wait_for(&mut rx, "svc-journal", &["RUNNING"], &mut Vec::new()).await;
+    assert!(!journal.exists(), "a finished deploy leaves nothing in the journal");
+    rt.undeploy("svc-journal", 0).await.expect("undeploy");
+    env.cleanup(&rt).await;
+}

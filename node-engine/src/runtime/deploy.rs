@@ -12,7 +12,7 @@ use tracing::info;
 
 use super::backend::Backend;
 use super::image;
-use super::{instance_id, Instance, Runtime};
+use super::{instance_id, journal, Instance, Runtime};
 
 /// Why an instance's virtualization cannot run here.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -99,28 +99,52 @@ impl Runtime {
             Ok(b) => b,
             Err(e) => return self.emit(&spec.service_id, n, InstanceState::Failed, e.to_string(), None),
         };
+        let interrupted = match self.journal.begin(&id) {
+            Ok(k) => k,
+            Err(e) => return self.emit(&spec.service_id, n, InstanceState::Failed, format!("{e:#}"), None),
+        };
+        if interrupted >= journal::MAX_INTERRUPTED {
+            self.journal.end(&id);
+            let why = format!(
+                "not deployed again: the NodeEngine stopped during the last {interrupted} deploys of {id} (see its \
+                 log for what it was doing); deploy it anew to try once more"
+            );
+            tracing::error!(instance = %id, "{why}");
+            return self.emit(&spec.service_id, n, InstanceState::Failed, why, None);
+        }
+        let sid = spec.service_id.clone();
+        let r = self.deploy_backend(backend.as_ref(), spec, n, &id).await;
+        // the deploy is over before anyone hears of it
+        self.journal.end(&id);
+        match r {
+            Ok(()) => {
+                self.emit(&sid, n, InstanceState::Running, String::new(), None);
+                self.spawn_monitor(backend, sid, n, id);
+            }
+            Err(detail) => self.emit(&sid, n, InstanceState::Failed, detail, None),
+        }
+    }
+
+    /// Checks the image path, then creates and starts the instance on `backend`; the reason it failed
+    /// otherwise (nothing of it is left then).
+    async fn deploy_backend(&self, backend: &dyn Backend, spec: ServiceSpec, n: u32, id: &str) -> Result<(), String> {
         let mut spec = spec;
         if let Some(path) = image::local_image_path(&spec.virtualization, &spec.code) {
             match image::check_image_path(&path, &self.cfg.image_dirs) {
                 // read from where the check looked, not through a link that could change meanwhile
                 Ok(real) if spec.virtualization == "unikernel" => spec.code = real.display().to_string(),
                 Ok(real) => spec.code = format!("archive:{}", real.display()),
-                Err(e) => return self.emit(&spec.service_id, n, InstanceState::Failed, e.to_string(), None),
+                Err(e) => return Err(e.to_string()),
             }
         }
         // Leftovers of an earlier instance with the same id (crash, failed instance redeployed).
-        backend.delete(&id).await;
-        match self.create_and_start(backend.as_ref(), &spec, n, &id).await {
-            Ok(()) => {
-                self.emit(&spec.service_id, n, InstanceState::Running, String::new(), None);
-                self.spawn_monitor(backend, spec.service_id.clone(), n, id);
-            }
-            Err(e) => {
-                let detail = format!("{e:#}");
-                backend.delete(&id).await;
-                self.emit(&spec.service_id, n, InstanceState::Failed, detail, None);
-            }
+        backend.delete(id).await;
+        if let Err(e) = self.create_and_start(backend, &spec, n, id).await {
+            let detail = format!("{e:#}");
+            backend.delete(id).await;
+            return Err(detail);
         }
+        Ok(())
     }
 
     async fn create_and_start(

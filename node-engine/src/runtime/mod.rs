@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod containerd;
 mod deploy;
 pub mod image;
+pub mod journal;
 pub mod logs;
 mod monitor;
 pub mod oci;
@@ -103,6 +104,8 @@ pub struct Runtime {
     pending: Mutex<HashMap<String, u64>>,
     next_gen: AtomicU64,
     events: mpsc::UnboundedSender<InstanceStatus>,
+    /// Deploys in progress, on disk (see [`journal`]).
+    journal: journal::Journal,
 }
 
 impl Runtime {
@@ -118,6 +121,7 @@ impl Runtime {
         let netmanager =
             (cfg.netmanager_port != 0).then(|| NetManagerClient::new(cfg.netmanager_port, &cfg.netmanager_credential));
         let (tx, rx) = mpsc::unbounded_channel();
+        let journal = journal::Journal::open(&cfg.data_dir)?;
         let rt = Self {
             cfg,
             ctr,
@@ -129,6 +133,7 @@ impl Runtime {
             pending: Mutex::default(),
             next_gen: AtomicU64::new(1),
             events: tx,
+            journal,
         };
         Ok((Arc::new(rt), rx))
     }
