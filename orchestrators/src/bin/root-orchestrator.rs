@@ -38,6 +38,10 @@ struct Args {
     /// Aggregate report interval told to clusters in ClusterWelcome (milliseconds).
     #[arg(long, default_value_t = 15_000)]
     report_interval_ms: u32,
+    /// Worker subnet blocks (/22, 16 workers each) one cluster may lease from the service manager
+    /// (the space holds 64).
+    #[arg(long, default_value_t = 8)]
+    max_blocks_per_cluster: u32,
     /// Default log level when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -56,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         cluster_stale: Duration::from_millis(a.cluster_stale_ms),
         retry_interval: Duration::from_millis(a.retry_interval_ms.max(100)),
         report_interval_ms: a.report_interval_ms,
+        max_blocks_per_cluster: a.max_blocks_per_cluster,
     };
     oak_orchestrators::root::run(cfg, shutdown_signal()).await
 }

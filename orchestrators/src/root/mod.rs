@@ -45,6 +45,8 @@ pub struct Config {
     pub retry_interval: Duration,
     /// Aggregate report interval told to clusters in ClusterWelcome.
     pub report_interval_ms: u32,
+    /// Worker subnet blocks (16 subnets each) one cluster may hold.
+    pub max_blocks_per_cluster: u32,
 }
 
 /// Shared state of a running root orchestrator.
@@ -75,7 +77,7 @@ impl Root {
         let store = Store::open(&cfg.data_dir)?;
         let auth = Auth::init(&store, &cfg.data_dir, cfg.admin_password.as_deref())?;
         let net = netsvc::RootNetSvc::open(&cfg.data_dir)?;
-        Ok(Arc::new(Self {
+        let root = Arc::new(Self {
             store,
             net,
             auth,
@@ -86,7 +88,20 @@ impl Root {
             grown: Mutex::new(HashSet::new()),
             ready: false.into(),
             stopping: tokio::sync::watch::channel(false).0,
-        }))
+        });
+        {
+            // only clusters this root registered lease worker subnets, each up to its quota
+            let weak = Arc::downgrade(&root);
+            root.net.set_policy(netsvc::LeasePolicy {
+                max_blocks_per_cluster: root.cfg.max_blocks_per_cluster,
+                is_registered: Box::new(move |cid| {
+                    weak.upgrade().is_some_and(|r| {
+                        matches!(r.store.get::<records::ClusterRecord>(store::CLUSTERS, cid), Ok(Some(_)))
+                    })
+                }),
+            });
+        }
+        Ok(root)
     }
 }
 

@@ -35,6 +35,7 @@ pub(crate) async fn start(dir: &std::path::Path) -> Harness {
         cluster_stale: Duration::from_secs(30),
         retry_interval: Duration::from_secs(3600),
         report_interval_ms: 1000,
+        max_blocks_per_cluster: 2,
     };
     let root: Arc<Root> = Root::open(cfg.clone()).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -510,5 +511,42 @@ async fn login_attempts_are_limited_per_source() {
     // the right password is throttled too: the limit is on attempts, not on failures
     let (c, _) = h.login_as("Admin", "s3cret").await;
     assert_eq!(c, 429);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn only_registered_clusters_lease_worker_blocks_up_to_their_quota() {
+    use oak_proto::net::v1 as net;
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut sm = net::root_net_service_client::RootNetServiceClient::connect(h.net.clone()).await.unwrap();
+    let lease = |cid: String| net::LeaseBlockRequest { cluster_id: cid };
+    let e = sm.lease_block(lease("000000000000000000000000".into())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("not registered"), "{}", e.message());
+
+    // a registered cluster leases up to its quota (2 in this harness), then is told why not
+    let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
+    let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
+    ctx.send(pb::ClusterMessage {
+        msg: Some(pb::cluster_message::Msg::Hello(pb::ClusterHello {
+            cluster_name: "q1".into(),
+            cluster_location: "48.1,11.5,1000".into(),
+            ..Default::default()
+        })),
+    })
+    .unwrap();
+    let mut inbound =
+        client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx)).await.unwrap().into_inner();
+    let Some(pb::root_message::Msg::Welcome(w)) = inbound.message().await.unwrap().unwrap().msg else {
+        panic!("no welcome")
+    };
+    let a = sm.lease_block(lease(w.cluster_id.clone())).await.unwrap().into_inner();
+    let b = sm.lease_block(lease(w.cluster_id.clone())).await.unwrap().into_inner();
+    assert_ne!(a.block, b.block);
+    assert_eq!(b.all_blocks.len(), 2);
+    let e = sm.lease_block(lease(w.cluster_id.clone())).await.unwrap_err();
+    assert!(e.message().contains("quota") && e.message().contains("--max-blocks-per-cluster 2"), "{}", e.message());
+    drop(ctx);
     h.stop().await;
 }

@@ -130,6 +130,16 @@ impl ServiceIpError {
 struct Inner {
     state: Persisted<RootState>,
     changes: tokio::sync::broadcast::Sender<pb::ServiceChanged>,
+    /// Who may lease worker blocks, and how many (unset: anyone, any number; unit tests).
+    policy: std::sync::OnceLock<LeasePolicy>,
+}
+
+/// Which clusters may lease worker blocks and how many each may hold.
+pub struct LeasePolicy {
+    /// Blocks (of 16 worker subnets each) one cluster may hold.
+    pub max_blocks_per_cluster: u32,
+    /// Whether a cluster id is one the root registered.
+    pub is_registered: Box<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
 /// Handle to the root network service; cheap to clone. The root API calls
@@ -153,7 +163,7 @@ impl RootNetSvc {
     pub fn open(data_dir: &Path) -> Result<Self> {
         let state = Persisted::open(&data_dir.join("net.redb"))?;
         let (changes, _) = tokio::sync::broadcast::channel(1024);
-        Ok(Self { inner: Arc::new(Inner { state, changes }) })
+        Ok(Self { inner: Arc::new(Inner { state, changes, policy: std::sync::OnceLock::new() }) })
     }
 
     fn mutate<R>(&self, f: impl FnOnce(&mut RootState) -> Result<R>) -> Result<R> {
@@ -174,12 +184,31 @@ impl RootNetSvc {
         });
     }
 
+    /// Sets who may lease blocks and how many (once; the root does it at start).
+    pub fn set_policy(&self, p: LeasePolicy) {
+        let _ = self.inner.policy.set(p);
+    }
+
     /// Lease a new /22 block of worker subnets to `cluster_id`. Returns (new block, all blocks of the cluster).
     pub fn lease_block(&self, cluster_id: &str) -> Result<(Ipv4Net, Vec<Ipv4Net>)> {
         if cluster_id.is_empty() {
             bail!("cluster_id is empty");
         }
+        let policy = self.inner.policy.get();
+        if let Some(p) = policy {
+            if !(p.is_registered)(cluster_id) {
+                bail!("cluster {cluster_id} is not registered with this root: only registered clusters lease worker subnets");
+            }
+        }
         self.mutate(|s| {
+            let held = s.blocks.values().filter(|c| *c == cluster_id).count() as u32;
+            if let Some(p) = policy.filter(|p| held >= p.max_blocks_per_cluster) {
+                bail!(
+                    "cluster {cluster_id} holds {held} worker subnet blocks, its quota (--max-blocks-per-cluster {}): \
+                     no more worker subnets for it",
+                    p.max_blocks_per_cluster
+                );
+            }
             let idx = (0..blocks_in_space()).find(|i| !s.blocks.contains_key(i)).with_context(|| {
                 format!("worker address space {WORKER_SPACE} exhausted: all {} blocks leased", blocks_in_space())
             })?;
@@ -421,7 +450,7 @@ fn internal(e: anyhow::Error) -> Status {
 impl RootNetService for RootNetSvc {
     async fn lease_block(&self, req: Request<pb::LeaseBlockRequest>) -> Result<Response<pb::LeaseBlockReply>, Status> {
         let cid = req.into_inner().cluster_id;
-        let (block, all) = self.lease_block(&cid).map_err(internal)?;
+        let (block, all) = self.lease_block(&cid).map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
         tracing::info!(cluster = %cid, %block, "leased worker subnet block");
         Ok(Response::new(pb::LeaseBlockReply {
             block: block.to_string(),
