@@ -466,6 +466,21 @@ pub fn plan_from_manifest(name: &str, m: &Manifest, fetched: Vec<Blob>) -> Impor
     }
 }
 
+/// The body of `resp`, refused as soon as it passes `limit` bytes (whatever Content-Length said).
+pub async fn read_limited(resp: reqwest::Response, what: &str, limit: u64) -> anyhow::Result<Vec<u8>> {
+    if let Some(len) = resp.content_length() {
+        image::check_size(what, len, limit)?;
+    }
+    let mut data = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| anyhow!("reading {what}: {}", chain(&e)))?;
+        data.extend_from_slice(&chunk);
+        image::check_size(what, data.len() as u64, limit)?;
+    }
+    Ok(data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,19 +575,4 @@ mod tests {
         let e = verify("layer", &d, b"abd").unwrap_err().to_string();
         assert!(e.contains("digest mismatch for layer"), "{e}");
     }
-}
-
-/// The body of `resp`, refused as soon as it passes `limit` bytes (whatever Content-Length said).
-pub async fn read_limited(resp: reqwest::Response, what: &str, limit: u64) -> anyhow::Result<Vec<u8>> {
-    if let Some(len) = resp.content_length() {
-        image::check_size(what, len, limit)?;
-    }
-    let mut data = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| anyhow!("reading {what}: {}", chain(&e)))?;
-        data.extend_from_slice(&chunk);
-        image::check_size(what, data.len() as u64, limit)?;
-    }
-    Ok(data)
 }
