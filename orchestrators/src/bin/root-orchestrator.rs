@@ -42,6 +42,13 @@ struct Args {
     /// (the space holds 64).
     #[arg(long, default_value_t = 8)]
     max_blocks_per_cluster: u32,
+    /// Serve the REST API (--api-addr) over HTTPS with this PEM certificate chain (with --tls-key); plain
+    /// HTTP otherwise, which Oakestra's CLI expects on loopback.
+    #[arg(long, env = "OAK_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "OAK_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Default log level when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -61,6 +68,11 @@ async fn main() -> anyhow::Result<()> {
         retry_interval: Duration::from_millis(a.retry_interval_ms.max(100)),
         report_interval_ms: a.report_interval_ms,
         max_blocks_per_cluster: a.max_blocks_per_cluster,
+        tls: match (a.tls_cert, a.tls_key) {
+            (Some(cert), Some(key)) => Some(oak_orchestrators::root::TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        },
     };
     oak_orchestrators::root::run(cfg, shutdown_signal()).await
 }

@@ -47,6 +47,15 @@ pub struct Config {
     pub report_interval_ms: u32,
     /// Worker subnet blocks (16 subnets each) one cluster may hold.
     pub max_blocks_per_cluster: u32,
+    /// Serve the REST API over HTTPS with this certificate chain and key (PEM files); plain HTTP when unset.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Shared state of a running root orchestrator.
@@ -163,7 +172,25 @@ pub async fn serve(
     let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<std::net::SocketAddr>(
         api::service(root.clone()),
     );
-    let api = axum::serve(api_l, app).with_graceful_shutdown(wait(stop_rx.clone()));
+    let api: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match &root.cfg.tls {
+        None => Box::pin(std::future::IntoFuture::into_future(
+            axum::serve(api_l, app).with_graceful_shutdown(wait(stop_rx.clone())),
+        )),
+        Some(tls) => {
+            let config =
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key).await.map_err(|e| {
+                    anyhow!("loading the API's certificate {} and key {}: {e}", tls.cert.display(), tls.key.display())
+                })?;
+            let handle = axum_server::Handle::new();
+            let (h2, stopped) = (handle.clone(), wait(stop_rx.clone()));
+            tokio::spawn(async move {
+                stopped.await;
+                h2.graceful_shutdown(Some(Duration::from_secs(5)));
+            });
+            tracing::info!(cert = %tls.cert.display(), "REST API over HTTPS");
+            Box::pin(axum_server::from_tcp_rustls(api_l.into_std()?, config)?.handle(handle).serve(app))
+        }
+    };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
     let grpc = tonic::transport::Server::builder()
         .add_service(pb::cluster_registry_server::ClusterRegistryServer::new(grpc::Registry { root: root.clone() }))

@@ -36,6 +36,7 @@ pub(crate) async fn start(dir: &std::path::Path) -> Harness {
         retry_interval: Duration::from_secs(3600),
         report_interval_ms: 1000,
         max_blocks_per_cluster: 2,
+        tls: None,
     };
     let root: Arc<Root> = Root::open(cfg.clone()).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -549,4 +550,58 @@ async fn only_registered_clusters_lease_worker_blocks_up_to_their_quota() {
     assert!(e.message().contains("quota") && e.message().contains("--max-blocks-per-cluster 2"), "{}", e.message());
     drop(ctx);
     h.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_serves_https_with_a_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let tls = super::TlsFiles { cert: dir.path().join("api.pem"), key: dir.path().join("api.key") };
+    std::fs::write(&tls.cert, ck.cert.pem()).unwrap();
+    std::fs::write(&tls.key, ck.key_pair.serialize_pem()).unwrap();
+    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = api_l.local_addr().unwrap().port();
+    let cfg = Config {
+        netsvc_addr: net_l.local_addr().unwrap(),
+        api_addr: api_l.local_addr().unwrap(),
+        grpc_addr: grpc_l.local_addr().unwrap(),
+        data_dir: dir.path().join("root"),
+        admin_password: Some("s3cret".into()),
+        cluster_stale: Duration::from_secs(30),
+        retry_interval: Duration::from_secs(3600),
+        report_interval_ms: 1000,
+        max_blocks_per_cluster: 2,
+        tls: Some(tls),
+    };
+    let root = Root::open(cfg).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(super::serve(root, api_l, grpc_l, net_l, async move {
+        let _ = rx.await;
+    }));
+    let trusted = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let https = format!("https://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !trusted.get(format!("{https}/api/health")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(Instant::now() < deadline, "the root never answered over HTTPS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = trusted
+        .post(format!("{https}/api/auth/login"))
+        .json(&json!({"username": "Admin", "password": "s3cret"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.json::<Value>().await.unwrap()["token"].is_string());
+    // plain HTTP gets no HTTP answer, and a client that does not trust the certificate refuses it
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/api/health")).await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200), "plain HTTP must not be served");
+    assert!(reqwest::get(format!("{https}/api/health")).await.is_err(), "an untrusted certificate is refused");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("graceful stop").unwrap().unwrap();
 }
