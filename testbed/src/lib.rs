@@ -18,3 +18,6 @@ pub use net::{Host, Net};
 pub use oak_netns::{in_netns, join, netns_path, spawn_in_netns};
 pub use proc::Proc;
 pub use wait::wait_for;
+
+/// The join token every root and cluster orchestrator started by the harness has (`OAK_CLUSTER_TOKEN`).
+pub const JOIN_TOKEN: &str = "oakj.testbed.testbed-join-secret-0123456789abcdef";

@@ -147,6 +147,17 @@ fn admin_password() -> anyhow::Result<String> {
         .with_context(|| format!("no OAK_ADMIN_PASSWORD and no {}", file.display()))
 }
 
+/// The join token the root wrote at its first start (the cluster registers with it once).
+fn join_token() -> anyhow::Result<String> {
+    let file = Path::new(DATA_DIR).join("root/join-token");
+    fs::read_to_string(&file).map(|s| s.trim().to_string()).with_context(|| {
+        format!(
+            "{} is missing: the root writes it at first start (or give the cluster a token it made)",
+            file.display()
+        )
+    })
+}
+
 fn api_token(password: &str) -> anyhow::Result<String> {
     let resp: serde_json::Value = ureq::post("http://127.0.0.1:10000/api/auth/login")
         .send_json(serde_json::json!({"username": "Admin", "password": password}))?
@@ -217,6 +228,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                         ("CLUSTER_NAME", args.cluster_name.clone()),
                         ("CLUSTER_LOCATION", args.cluster_location.clone()),
                         ("SYSTEM_MANAGER_URL", "127.0.0.1".into()),
+                        ("OAK_CLUSTER_TOKEN", join_token()?),
                     ],
                 )?;
             }

@@ -50,7 +50,9 @@ struct Args {
     /// one when it comes back).
     #[arg(long, default_value_t = 86_400)]
     worker_remove_after_secs: u64,
-    /// Optional registration secret sent to the root.
+    /// The root's join token (its <data-dir>/join-token, or one the Admin made with POST /api/join-tokens):
+    /// needed the first time this cluster registers; later it proves its id with the credential the root
+    /// gave it.
     #[arg(long, env = "OAK_CLUSTER_TOKEN", default_value = "", hide_env_values = true)]
     token: String,
     /// Default log level when RUST_LOG is unset.

@@ -46,6 +46,10 @@ struct Args {
     /// HTTP otherwise, which Oakestra's CLI expects on loopback.
     #[arg(long, env = "OAK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
+    /// A join token clusters may register with (oakj.<id>.<secret>; added at start). Without it, the root
+    /// makes one at first start and writes it to <data-dir>/join-token (0600).
+    #[arg(long, env = "OAK_CLUSTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "OAK_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
@@ -68,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         retry_interval: Duration::from_millis(a.retry_interval_ms.max(100)),
         report_interval_ms: a.report_interval_ms,
         max_blocks_per_cluster: a.max_blocks_per_cluster,
+        join_token: a.token,
         tls: match (a.tls_cert, a.tls_key) {
             (Some(cert), Some(key)) => Some(oak_orchestrators::root::TlsFiles { cert, key }),
             (None, None) => None,

@@ -704,11 +704,15 @@ impl Cluster {
             token: self.cfg.token.clone(),
             instances,
             aggregate: Some(aggregate),
+            credential: self.store.root_credential().unwrap_or_default(),
         }
     }
 
-    /// The root's welcome: remember the id it gave us.
+    /// The root's welcome: remember the id it gave us, and the credential that proves it.
     pub fn on_welcome(&self, w: &pb::ClusterWelcome) -> Result<()> {
+        if !w.credential.is_empty() {
+            self.store.set_root_credential(&w.credential)?;
+        }
         let mut s = self.lock();
         if s.cluster_id != w.cluster_id {
             if !s.cluster_id.is_empty() {

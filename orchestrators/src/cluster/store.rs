@@ -30,17 +30,34 @@ impl ClusterStore {
         Ok(Self { db })
     }
 
-    pub fn cluster_id(&self) -> Result<String> {
+    fn meta(&self, key: &str) -> Result<String> {
         let rt = self.db.begin_read()?;
         let t = rt.open_table(META)?;
-        Ok(t.get("cluster_id")?.map(|v| v.value().to_string()).unwrap_or_default())
+        Ok(t.get(key)?.map(|v| v.value().to_string()).unwrap_or_default())
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?.insert(key, value)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn cluster_id(&self) -> Result<String> {
+        self.meta("cluster_id")
     }
 
     pub fn set_cluster_id(&self, id: &str) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(META)?.insert("cluster_id", id)?;
-        tx.commit()?;
-        Ok(())
+        self.set_meta("cluster_id", id)
+    }
+
+    /// The secret the root gave this cluster's id (sent in every hello; empty before the first welcome).
+    pub fn root_credential(&self) -> Result<String> {
+        self.meta("root_credential")
+    }
+
+    pub fn set_root_credential(&self, secret: &str) -> Result<()> {
+        self.set_meta("root_credential", secret)
     }
 
     pub fn nodes(&self) -> Result<BTreeMap<String, String>> {

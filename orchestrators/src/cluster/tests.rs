@@ -52,7 +52,7 @@ async fn start_cluster_with(
         heartbeat_interval: Duration::from_millis(100),
         worker_stale: stale,
         worker_remove_after: remove_after,
-        token: String::new(),
+        token: crate::root::tests::JOIN_TOKEN.into(),
     };
     // a stopped cluster's tasks may still hold its store for a moment
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -27,6 +27,8 @@ pub enum RootError {
     /// An action on users that only the Admin role (or the user itself) may take.
     #[error("{0} needs the Admin role")]
     AdminOnly(String),
+    #[error("{0} not found")]
+    NotFound(String),
     #[error("user {0} not found")]
     UserNotFound(String),
     #[error("user {0} already exists")]

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 pub mod grpc;
 mod instances;
+pub mod join;
 pub mod netsvc;
 pub mod openapi;
 pub mod passwords;
@@ -49,6 +50,8 @@ pub struct Config {
     pub max_blocks_per_cluster: u32,
     /// Serve the REST API over HTTPS with this certificate chain and key (PEM files); plain HTTP when unset.
     pub tls: Option<TlsFiles>,
+    /// A join token clusters may register with (added at start); None: one is made at first start.
+    pub join_token: Option<String>,
 }
 
 /// A PEM certificate chain and its private key.
@@ -110,6 +113,7 @@ impl Root {
                 }),
             });
         }
+        root.init_join_tokens(root.cfg.join_token.clone().as_deref())?;
         Ok(root)
     }
 }

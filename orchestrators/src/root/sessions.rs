@@ -52,17 +52,43 @@ impl Root {
         }
         let conn = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut out = Outgoing::new();
-        let cid = self.store.update(|tx| {
+        let (cid, credential) = self.store.update(|tx| {
             let known: Vec<ClusterRecord> = tx.list(CLUSTERS)?;
             let valid_id = hello.cluster_id.len() == 24 && hello.cluster_id.bytes().all(|b| b.is_ascii_hexdigit());
             let existing = known.iter().find(|c| c.cluster_id == hello.cluster_id && !hello.cluster_id.is_empty());
+            // Who may use which id: a cluster id that has a credential only with that credential (a join
+            // token does not let anyone take over a registered cluster); a new id (or one registered before
+            // credentials existed) only with a valid join token, and then it gets a credential.
+            let proven = existing.is_some_and(|c| {
+                !c.credential_hash.is_empty() && super::join::hash(&hello.credential) == c.credential_hash
+            });
+            if !proven {
+                if let Some(c) = existing.filter(|c| !c.credential_hash.is_empty()) {
+                    return Ok(Err(anyhow!(
+                        "cluster {} ({}) is registered with a credential this hello does not carry: only that \
+                         cluster may use its id",
+                        c.cluster_id,
+                        c.cluster_name
+                    )));
+                }
+                if let Err(e) = self.check_join_token(&hello.token) {
+                    return Ok(Err(anyhow!("registration refused: {e}")));
+                }
+            }
             let cid = match existing {
-                Some(c) if c.cluster_name == hello.cluster_name => c.cluster_id.clone(),
+                Some(c) if proven || c.cluster_name == hello.cluster_name => c.cluster_id.clone(),
                 None if valid_id => hello.cluster_id.clone(),
                 _ => store::new_id(),
             };
             let now = oak_proto::now_ms();
             let prev = known.iter().find(|c| c.cluster_id == cid);
+            let (credential, credential_hash) = if proven {
+                (String::new(), prev.map(|p| p.credential_hash.clone()).unwrap_or_default())
+            } else {
+                let secret = super::join::secret(40);
+                let h = super::join::hash(&secret);
+                (secret, h)
+            };
             let rec = ClusterRecord {
                 cluster_id: cid.clone(),
                 cluster_name: hello.cluster_name.clone(),
@@ -71,15 +97,17 @@ impl Root {
                 aggregate: hello.aggregate.as_ref().map(AggregateRecord::from).unwrap_or_default(),
                 registered_ms: prev.map(|p| p.registered_ms).unwrap_or(now),
                 last_seen_ms: now,
+                credential_hash,
             };
             tx.put(CLUSTERS, &cid, &rec)?;
-            Ok(cid)
-        })?;
+            Ok(Ok((cid, credential)))
+        })??;
         // Welcome goes first on the new session.
         let _ = tx_out.send(Ok(pb::RootMessage {
             msg: Some(pb::root_message::Msg::Welcome(pb::ClusterWelcome {
                 cluster_id: cid.clone(),
                 report_interval_ms: self.cfg.report_interval_ms,
+                credential,
             })),
         }));
         self.sessions.lock().insert(cid.clone(), Session { conn, tx: tx_out, last_seen: Instant::now() });

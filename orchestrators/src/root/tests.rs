@@ -9,6 +9,9 @@ use serde_json::{json, Value};
 
 use super::{Config, Root};
 
+/// The join token of the test roots (clusters of the tests register with it).
+pub(crate) const JOIN_TOKEN: &str = "oakj.testjoin.test-join-secret-0123456789abcdef";
+
 /// A real root on port-0 listeners (also used by the cluster orchestrator's tests).
 pub(crate) struct Harness {
     pub(crate) api: String,
@@ -37,6 +40,7 @@ pub(crate) async fn start(dir: &std::path::Path) -> Harness {
         report_interval_ms: 1000,
         max_blocks_per_cluster: 2,
         tls: None,
+        join_token: Some(JOIN_TOKEN.into()),
     };
     let root: Arc<Root> = Root::open(cfg.clone()).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -220,18 +224,20 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
         arch: vec!["amd64".into()],
         ..Default::default()
     };
-    let hello = |id: &str| pb::ClusterMessage {
+    let hello = |id: &str, credential: &str| pb::ClusterMessage {
         msg: Some(pb::cluster_message::Msg::Hello(pb::ClusterHello {
             cluster_name: "c1".into(),
             cluster_location: "48.1,11.5,1000".into(),
             cluster_id: id.into(),
             aggregate: Some(agg.clone()),
+            token: JOIN_TOKEN.into(),
+            credential: credential.into(),
             ..Default::default()
         })),
     };
     let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
-    ctx.send(hello("")).unwrap();
+    ctx.send(hello("", "")).unwrap();
     let mut inbound =
         client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx)).await.unwrap().into_inner();
     let Some(pb::root_message::Msg::Welcome(w)) = inbound.message().await.unwrap().unwrap().msg else {
@@ -310,14 +316,27 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     assert_eq!(cl[0]["cluster_id"], cid.as_str());
     assert_eq!(cl[0]["active"], false);
     let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
+    // an impostor naming the cluster's id, with the join token but not the cluster's credential, is refused
+    for credential in ["", "guessed"] {
+        let (itx, irx) = tokio::sync::mpsc::unbounded_channel();
+        itx.send(hello(&cid, credential)).unwrap();
+        let mut answer =
+            client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(irx)).await.unwrap().into_inner();
+        let Some(pb::root_message::Msg::Rejected(r)) = answer.message().await.unwrap().unwrap().msg else {
+            panic!("an impostor was welcomed")
+        };
+        assert!(r.reason.contains("credential"), "{}", r.reason);
+    }
+    assert!(!w.credential.is_empty(), "the first welcome carries the cluster's credential");
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
-    ctx.send(hello(&cid)).unwrap();
+    ctx.send(hello(&cid, &w.credential)).unwrap();
     let mut inbound =
         client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx)).await.unwrap().into_inner();
     let Some(pb::root_message::Msg::Welcome(w2)) = inbound.message().await.unwrap().unwrap().msg else {
         panic!("no welcome")
     };
     assert_eq!(w2.cluster_id, cid);
+    assert!(w2.credential.is_empty(), "a proven cluster keeps its credential");
     // registration triggers a retry of the unplaced instance -> Deploy again
     let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else {
         panic!("no redeploy")
@@ -533,6 +552,7 @@ async fn only_registered_clusters_lease_worker_blocks_up_to_their_quota() {
         msg: Some(pb::cluster_message::Msg::Hello(pb::ClusterHello {
             cluster_name: "q1".into(),
             cluster_location: "48.1,11.5,1000".into(),
+            token: JOIN_TOKEN.into(),
             ..Default::default()
         })),
     })
@@ -574,6 +594,7 @@ async fn the_api_serves_https_with_a_given_certificate() {
         report_interval_ms: 1000,
         max_blocks_per_cluster: 2,
         tls: Some(tls),
+        join_token: None,
     };
     let root = Root::open(cfg).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -604,4 +625,52 @@ async fn the_api_serves_https_with_a_given_certificate() {
     assert!(reqwest::get(format!("{https}/api/health")).await.is_err(), "an untrusted certificate is refused");
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("graceful stop").unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn new_clusters_need_a_valid_join_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
+    let register = |token: String| {
+        let mut client = client.clone();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tx.send(pb::ClusterMessage {
+                msg: Some(pb::cluster_message::Msg::Hello(pb::ClusterHello {
+                    cluster_name: "j1".into(),
+                    token,
+                    ..Default::default()
+                })),
+            })
+            .unwrap();
+            let mut answer =
+                client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+            let m = answer.message().await.unwrap().unwrap().msg;
+            drop(tx);
+            match m {
+                Some(pb::root_message::Msg::Welcome(w)) => Ok(w.cluster_id),
+                Some(pb::root_message::Msg::Rejected(r)) => Err(r.reason),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    assert!(register(String::new()).await.unwrap_err().contains("no join token given"));
+    assert!(register("oakj.nosuchid.secret".into()).await.unwrap_err().contains("not one of this root's"));
+    let forged = JOIN_TOKEN.replace("secret", "sekret");
+    assert!(register(forged).await.unwrap_err().contains("not one of this root's"));
+    assert_eq!(register(JOIN_TOKEN.into()).await.unwrap().len(), 24);
+
+    // the Admin makes and revokes tokens; the secret is shown once, never listed
+    let (c, t) = h.req(reqwest::Method::POST, "/api/join-tokens", Some(json!({"ttl_s": 3600}))).await;
+    assert_eq!(c, 200, "{t}");
+    let token = t["token"].as_str().unwrap().to_string();
+    assert!(register(token.clone()).await.is_ok());
+    let (_, list) = h.req(reqwest::Method::GET, "/api/join-tokens", None).await;
+    assert!(!list.to_string().contains(&token) && !list.to_string().contains("hash"), "{list}");
+    let id = t["id"].as_str().unwrap();
+    let (c, _) = h.req(reqwest::Method::DELETE, &format!("/api/join-tokens/{id}"), None).await;
+    assert_eq!(c, 200);
+    assert!(register(token).await.unwrap_err().contains("revoked"));
+    h.stop().await;
 }

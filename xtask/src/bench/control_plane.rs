@@ -54,6 +54,8 @@ fn spawn(
     let log = fs::File::create(logs.join(format!("{name}.log")))?;
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).env("RUST_LOG", "warn");
+    // the bench's roots and clusters share one join token
+    cmd.env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN);
     for (k, v) in env {
         cmd.env(k, v);
     }

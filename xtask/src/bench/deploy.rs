@@ -73,6 +73,8 @@ fn spawn(
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &stack.ns]).arg(bin).args(args);
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).env("RUST_LOG", "warn");
+    // the bench's roots and clusters share one join token
+    cmd.env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN);
     for (k, v) in env {
         cmd.env(k, v);
     }

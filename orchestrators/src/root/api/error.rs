@@ -45,7 +45,7 @@ impl ApiError {
                     StatusCode::NOT_FOUND
                 }
                 RootError::Forbidden { .. } | RootError::AdminOnly(_) => StatusCode::FORBIDDEN,
-                RootError::UserNotFound(_) => StatusCode::NOT_FOUND,
+                RootError::UserNotFound(_) | RootError::NotFound(_) => StatusCode::NOT_FOUND,
                 RootError::UserExists(_) => StatusCode::CONFLICT,
                 RootError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
                 RootError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -25,6 +25,7 @@ use utoipa_axum::routes;
 use super::applications::ApplicationUpdate;
 use super::auth::Identity;
 use super::error::RootError;
+use super::join::JoinToken;
 use super::records::ApplicationRecord;
 use super::users::{Registration, UserDoc, MAX_PASSWORD};
 use super::Root;
@@ -107,6 +108,8 @@ pub(super) fn routes() -> (Router<Arc<Root>>, utoipa::openapi::OpenApi) {
         .routes(routes!(register))
         .routes(routes!(list_users))
         .routes(routes!(get_user, delete_user, change_password))
+        .routes(routes!(create_join_token, list_join_tokens))
+        .routes(routes!(revoke_join_token))
         .routes(routes!(create_application))
         .routes(routes!(list_applications))
         .routes(routes!(get_application, update_application, delete_application))
@@ -268,6 +271,55 @@ async fn get_user(Caller { root, who }: Caller, Path(name): Path<String>) -> Api
 async fn delete_user(Caller { root, who }: Caller, Path(name): Path<String>) -> ApiResult<Message> {
     root.delete_user(&who, &name)?;
     Ok(message(format!("user {name} removed")))
+}
+
+/// A new join token's lifetime.
+#[derive(serde::Deserialize, utoipa::ToSchema, Default)]
+struct JoinTokenRequest {
+    /// Seconds it is valid; 0 or absent: until revoked.
+    #[serde(default)]
+    ttl_s: u64,
+}
+
+/// A new join token: its secret is shown this once.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct NewJoinToken {
+    token: String,
+    #[serde(flatten)]
+    info: JoinToken,
+}
+
+fn admin(who: &Identity, what: &str) -> Result<(), ApiError> {
+    if who.admin {
+        Ok(())
+    } else {
+        Err(RootError::AdminOnly(what.into()).into())
+    }
+}
+
+#[utoipa::path(post, path = "/api/join-tokens", summary = "A join token for clusters (Admin only; the secret is shown once)",
+    request_body = JoinTokenRequest, security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = NewJoinToken), (status = 403, description = "not Admin", body = Message)))]
+async fn create_join_token(Caller { root, who }: Caller, body: Body) -> ApiResult<NewJoinToken> {
+    admin(&who, "making join tokens")?;
+    let r: JoinTokenRequest = if body.is_empty() { JoinTokenRequest::default() } else { parse_body(&body)? };
+    let (token, info) = root.create_join_token(r.ttl_s.saturating_mul(1000))?;
+    Ok(Json(NewJoinToken { token, info }))
+}
+
+#[utoipa::path(get, path = "/api/join-tokens", summary = "The join tokens (Admin only; no secrets)", security(("bearer" = [])),
+    responses((status = 200, description = "OK", body = Vec<JoinToken>), (status = 403, description = "not Admin", body = Message)))]
+async fn list_join_tokens(Caller { root, who }: Caller) -> ApiResult<Vec<JoinToken>> {
+    admin(&who, "listing join tokens")?;
+    Ok(Json(root.join_tokens()?))
+}
+
+#[utoipa::path(delete, path = "/api/join-tokens/{id}", summary = "Revoke a join token (Admin only)", security(("bearer" = [])),
+    params(Id), responses((status = 200, description = "OK", body = Message), (status = 403, description = "not Admin", body = Message), OwnObject))]
+async fn revoke_join_token(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult<Message> {
+    admin(&who, "revoking join tokens")?;
+    root.revoke_join_token(&id)?;
+    Ok(message(format!("join token {id} revoked")))
 }
 
 /// A password change.

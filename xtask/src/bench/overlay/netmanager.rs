@@ -47,7 +47,8 @@ pub(super) fn orchestrators(w: &mut World, bins: &Path, na: &str) -> anyhow::Res
             .arg("--data-dir")
             .arg(&root_dir)
             .args(["--report-interval-ms", "1000"])
-            .env("OAK_ADMIN_PASSWORD", ADMIN_PW),
+            .env("OAK_ADMIN_PASSWORD", ADMIN_PW)
+            .env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN),
     )?;
     let api = "http://127.0.0.1:10000";
     wait_for("root API", Duration::from_secs(30), || {
@@ -70,7 +71,8 @@ pub(super) fn orchestrators(w: &mut World, bins: &Path, na: &str) -> anyhow::Res
             .arg("--data-dir")
             .arg(&cluster_dir)
             .env("CLUSTER_NAME", "bench")
-            .env("CLUSTER_LOCATION", "bench"),
+            .env("CLUSTER_LOCATION", "bench")
+            .env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN),
     )?;
     w.placed.extend([(root_pid, Side::A), (cluster_pid, Side::A)]);
     let token = http(
