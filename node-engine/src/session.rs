@@ -26,6 +26,23 @@ pub fn load_node_id(data_dir: &Path) -> String {
     std::fs::read_to_string(node_id_path(data_dir)).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
+/// The credential the cluster gave this node id (`<data-dir>/cluster-credential`, 0600).
+pub fn load_credential(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("cluster-credential")).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+pub fn store_credential(data_dir: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(data_dir)?;
+    let p = data_dir.join("cluster-credential");
+    let tmp = p.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(())
+}
+
 pub fn store_node_id(data_dir: &Path, id: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)?;
     let p = node_id_path(data_dir);
@@ -146,6 +163,7 @@ async fn session_once(
         netmanager_port: cfg.netmanager_port as u32,
         token: cfg.token.clone(),
         version: crate::VERSION.to_string(),
+        credential: load_credential(&cfg.data_dir),
     };
     tx.send(WorkerMessage { msg: Some(worker_message::Msg::Hello(hello)) }).await.ok();
     let mut inbound = client
@@ -166,6 +184,10 @@ async fn session_once(
         Some(other) => bail!("the cluster orchestrator at {} sent {other:?} before Welcome", cfg.cluster_url),
         None => bail!("the cluster orchestrator at {} closed the session before Welcome", cfg.cluster_url),
     };
+    if !welcome.credential.is_empty() {
+        store_credential(&cfg.data_dir, &welcome.credential)
+            .map_err(|e| anyhow!("cannot keep the cluster's credential in {}: {e}", cfg.data_dir.display()))?;
+    }
     if !welcome.node_id.is_empty() && welcome.node_id != ident.node_id {
         ident.node_id = welcome.node_id.clone();
         if let Err(e) = store_node_id(&cfg.data_dir, &ident.node_id) {

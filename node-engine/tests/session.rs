@@ -119,6 +119,7 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     // Hello first.
     let (down_tx, mut up, hello) = next_session(&mut sess_rx).await;
     assert_eq!(hello.node_id, "");
+    assert_eq!(hello.credential, "", "no credential before the first welcome");
     assert_eq!(hello.node_name, "test-worker");
     assert_eq!(hello.netmanager_port, 0);
     assert!(hello.instances.is_empty());
@@ -134,6 +135,7 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
             cluster_name: "test-cluster".into(),
             heartbeat_interval_ms: 100,
             observed_address: "127.0.0.1".into(),
+            credential: "node-42-secret".into(),
         })))
         .await
         .unwrap();
@@ -168,6 +170,7 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     drop(up);
     let (down_tx, mut up, hello) = next_session(&mut sess_rx).await;
     assert_eq!(hello.node_id, "node-42");
+    assert_eq!(hello.credential, "node-42-secret", "the credential of the welcome proves the id from then on");
     assert_eq!(hello.instances.len(), 1, "{:?}", hello.instances);
     assert_eq!(hello.instances[0].service_id, "svc-sess");
     assert_eq!(hello.instances[0].status, "RUNNING");

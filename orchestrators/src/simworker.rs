@@ -25,11 +25,15 @@ pub struct SimWorker {
     pub virtualization: Vec<String>,
     /// Time from CREATING to RUNNING.
     pub start_delay: Duration,
+    /// The cluster's worker join token.
+    pub token: String,
 }
 
 #[derive(Default)]
 struct Held {
     node_id: String,
+    /// The credential the cluster gave `node_id` (kept in memory: a restarted simulator is a new worker).
+    credential: String,
     instances: BTreeMap<String, (pb::InstanceStatus, f64, u64)>,
 }
 
@@ -82,8 +86,9 @@ impl SimWorker {
                 resources: Some(self.resources(&h)),
                 instances: h.instances.values().map(|(s, _, _)| s.clone()).collect(),
                 netmanager_port: 0,
-                token: String::new(),
+                token: self.token.clone(),
                 version: format!("sim-{}", env!("CARGO_PKG_VERSION")),
+                credential: h.credential.clone(),
             }
         };
         tx.send(worker_msg(pb::worker_message::Msg::Hello(hello))).expect("open");
@@ -91,7 +96,12 @@ impl SimWorker {
         let first = inbound.message().await?.context("closed before welcome")?;
         let interval = match first.msg {
             Some(Msg::Welcome(w)) => {
-                held.lock().node_id = w.node_id;
+                let mut h = held.lock();
+                h.node_id = w.node_id;
+                if !w.credential.is_empty() {
+                    h.credential = w.credential;
+                }
+                drop(h);
                 Duration::from_millis(u64::from(w.heartbeat_interval_ms).max(50))
             }
             Some(Msg::Rejected(r)) => bail!("rejected: {}", r.reason),

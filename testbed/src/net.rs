@@ -33,7 +33,7 @@ impl Host {
         cmd.args(["netns", "exec", &self.ns]).arg(program).args(args);
         cmd.env("RUST_LOG", "info").env_remove("RUST_LOG_STYLE").env("NO_COLOR", "1");
         // one join token for the test's roots and clusters (a test can name another in `env`)
-        cmd.env("OAK_CLUSTER_TOKEN", crate::JOIN_TOKEN);
+        cmd.env("OAK_CLUSTER_TOKEN", crate::JOIN_TOKEN).env("OAK_WORKER_TOKEN", crate::WORKER_TOKEN);
         for (k, v) in env {
             cmd.env(k, v);
         }

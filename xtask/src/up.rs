@@ -158,6 +158,14 @@ fn join_token() -> anyhow::Result<String> {
     })
 }
 
+/// The worker join token the cluster wrote at its first start.
+fn worker_token() -> anyhow::Result<String> {
+    let file = Path::new(DATA_DIR).join("cluster/worker-join-token");
+    // the cluster writes it as it starts; it was started just before
+    wait_until("the cluster's worker join token", Duration::from_secs(30), || Ok(file.exists()))?;
+    fs::read_to_string(&file).map(|s| s.trim().to_string()).with_context(|| format!("reading {}", file.display()))
+}
+
 fn api_token(password: &str) -> anyhow::Result<String> {
     let resp: serde_json::Value = ureq::post("http://127.0.0.1:10000/api/auth/login")
         .send_json(serde_json::json!({"username": "Admin", "password": password}))?
@@ -255,7 +263,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                         "--netmanager-credential".into(),
                         format!("{DATA_DIR}/netmanager/api-token"),
                     ],
-                    &[],
+                    &[("OAK_WORKER_TOKEN", worker_token()?)],
                 )?;
             }
         }

@@ -55,6 +55,10 @@ struct Args {
     /// gave it.
     #[arg(long, env = "OAK_CLUSTER_TOKEN", default_value = "", hide_env_values = true)]
     token: String,
+    /// The join token NodeEngines register with (their --token). Without it, the stored one; at first start
+    /// one is made and written to <data-dir>/worker-join-token (0600).
+    #[arg(long, env = "OAK_WORKER_TOKEN", default_value = "", hide_env_values = true)]
+    worker_token: String,
     /// Default log level when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -118,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         worker_stale: Duration::from_millis(a.worker_stale_ms.max(200)),
         worker_remove_after: Duration::from_secs(a.worker_remove_after_secs),
         token: a.token,
+        worker_token: a.worker_token,
     };
     oak_orchestrators::cluster::run(cfg, shutdown_signal()).await
 }

@@ -35,6 +35,9 @@ struct Args {
     /// Milliseconds from CREATING to RUNNING.
     #[arg(long, default_value_t = 50)]
     start_delay_ms: u64,
+    /// The cluster's worker join token (its <data-dir>/worker-join-token).
+    #[arg(long, env = "OAK_WORKER_TOKEN", default_value = "", hide_env_values = true)]
+    token: String,
     /// Default log level when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -56,6 +59,7 @@ async fn main() {
             arch: a.arch.clone(),
             virtualization: a.virtualization.clone(),
             start_delay: Duration::from_millis(a.start_delay_ms),
+            token: a.token.clone(),
         };
         set.spawn(w.run());
     }

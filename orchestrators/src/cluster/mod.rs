@@ -50,6 +50,9 @@ pub struct Config {
     pub worker_remove_after: Duration,
     /// Optional registration secret sent to the root.
     pub token: String,
+    /// The join token workers register with (empty: the stored one, or a new one written to
+    /// `<data-dir>/worker-join-token`).
+    pub worker_token: String,
 }
 
 type WorkerOutbox = mpsc::UnboundedSender<Result<pb::ClusterToWorker, tonic::Status>>;
@@ -154,7 +157,7 @@ impl Cluster {
                 "restored placements; waiting for their workers to reconnect"
             );
         }
-        Ok(Arc::new(Self {
+        let cluster = Arc::new(Self {
             cfg,
             store,
             state: Mutex::new(state),
@@ -164,7 +167,9 @@ impl Cluster {
             cluster_id: tokio::sync::watch::channel(cluster_id).0,
             stopping: tokio::sync::watch::channel(false).0,
             netsvc: std::sync::OnceLock::new(),
-        }))
+        });
+        cluster.init_worker_token()?;
+        Ok(cluster)
     }
 
     fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
@@ -388,6 +393,37 @@ impl Cluster {
 
     // ------------------------------------------------------------------ from workers
 
+    /// Checks the worker join token a new worker presented.
+    fn check_worker_token(&self, token: &str) -> Result<()> {
+        if token.is_empty() {
+            anyhow::bail!(
+                "registration refused: no worker join token given (start the NodeEngine with --token, from the \
+                 cluster's <data-dir>/worker-join-token)"
+            );
+        }
+        if crate::root::join::hash(token) != self.store.worker_join_hash()? {
+            anyhow::bail!("registration refused: the worker join token is not this cluster's");
+        }
+        Ok(())
+    }
+
+    /// At start: the worker join token given (`--worker-token`) replaces the stored one; with none and none
+    /// stored, one is made and written to `<data-dir>/worker-join-token` (0600).
+    fn init_worker_token(&self) -> Result<()> {
+        if !self.cfg.worker_token.is_empty() {
+            return self.store.set_worker_join_hash(&crate::root::join::hash(&self.cfg.worker_token));
+        }
+        if !self.store.worker_join_hash()?.is_empty() {
+            return Ok(());
+        }
+        let token = format!("oakw.{}", crate::root::join::secret(40));
+        let path = self.cfg.data_dir.join("worker-join-token");
+        crate::root::auth::write_secret_file(&path, &token)?;
+        self.store.set_worker_join_hash(&crate::root::join::hash(&token))?;
+        tracing::warn!(path = %path.display(), "created a worker join token (no --worker-token given): start NodeEngines with --token from {}", path.display());
+        Ok(())
+    }
+
     /// A worker opened a session. Returns (node id, connection number).
     pub fn on_worker_hello(
         &self,
@@ -400,18 +436,32 @@ impl Cluster {
         }
         let conn = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let known = self.store.nodes()?;
-        let node_id = if !hello.node_id.is_empty()
+        let named_id = !hello.node_id.is_empty()
             && hello.node_id.len() <= 64
-            && hello.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            hello.node_id.clone()
+            && hello.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        // A node id that has a credential is used only with it; anything else (a new worker, an id from
+        // before credentials) needs the worker join token, and then gets a new id and credential: a
+        // stranger who knows a worker's name or id cannot take over its session or its instances.
+        let held_hash = if named_id { self.store.node_credential_hash(&hello.node_id)? } else { String::new() };
+        let proven = !held_hash.is_empty() && crate::root::join::hash(&hello.credential) == held_hash;
+        if !held_hash.is_empty() && !proven {
+            anyhow::bail!(
+                "node {} is registered with a credential this hello does not carry: only that worker may use its id",
+                hello.node_id
+            );
+        }
+        let (node_id, credential) = if proven {
+            (hello.node_id.clone(), String::new())
         } else {
-            // a worker without an id gets the one its name had before, or a new one
-            known
-                .iter()
-                .find(|(_, n)| **n == hello.node_name)
-                .map(|(id, _)| id.clone())
-                .unwrap_or_else(crate::root::store::new_id)
+            self.check_worker_token(&hello.token)?;
+            let id = if named_id && known.contains_key(&hello.node_id) {
+                hello.node_id.clone()
+            } else {
+                crate::root::store::new_id()
+            };
+            let secret = crate::root::join::secret(40);
+            self.store.set_node_credential_hash(&id, &crate::root::join::hash(&secret))?;
+            (id, secret)
         };
         if known.get(&node_id) != Some(&hello.node_name) {
             self.store.put_node(&node_id, &hello.node_name)?;
@@ -481,6 +531,7 @@ impl Cluster {
             cluster_name: self.cfg.cluster_name.clone(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
             observed_address: address,
+            credential,
         }))));
         self.flush(out);
         Ok((node_id, conn))

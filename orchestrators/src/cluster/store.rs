@@ -12,6 +12,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+/// node id -> SHA-256 (hex) of the credential the cluster gave it.
+const NODE_CREDENTIALS: TableDefinition<&str, &str> = TableDefinition::new("node_credentials");
 
 pub struct ClusterStore {
     db: Database,
@@ -25,6 +27,7 @@ impl ClusterStore {
         let tx = db.begin_write()?;
         tx.open_table(META)?;
         tx.open_table(NODES)?;
+        tx.open_table(NODE_CREDENTIALS)?;
         tx.open_table(INSTANCES)?;
         tx.commit()?;
         Ok(Self { db })
@@ -78,8 +81,32 @@ impl ClusterStore {
         Ok(())
     }
 
+    /// The hash of node `id`'s credential (empty: none issued yet).
+    pub fn node_credential_hash(&self, id: &str) -> Result<String> {
+        let rt = self.db.begin_read()?;
+        let t = rt.open_table(NODE_CREDENTIALS)?;
+        Ok(t.get(id)?.map(|v| v.value().to_string()).unwrap_or_default())
+    }
+
+    pub fn set_node_credential_hash(&self, id: &str, hash: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(NODE_CREDENTIALS)?.insert(id, hash)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The hash of the worker join token (empty: none yet).
+    pub fn worker_join_hash(&self) -> Result<String> {
+        self.meta("worker_join_hash")
+    }
+
+    pub fn set_worker_join_hash(&self, hash: &str) -> Result<()> {
+        self.set_meta("worker_join_hash", hash)
+    }
+
     pub fn remove_node(&self, id: &str) -> Result<()> {
         let tx = self.db.begin_write()?;
+        tx.open_table(NODE_CREDENTIALS)?.remove(id)?;
         tx.open_table(NODES)?.remove(id)?;
         tx.commit()?;
         Ok(())

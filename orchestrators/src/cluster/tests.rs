@@ -14,6 +14,9 @@ use crate::simworker::SimWorker;
 
 use crate::root::tests::{start as start_root, Harness as RootH};
 
+/// The worker join token of the test clusters.
+pub(crate) const WORKER_TOKEN: &str = "oakw.test-worker-join-secret";
+
 struct ClusterH {
     cluster: Arc<Cluster>,
     workers_url: String,
@@ -53,6 +56,7 @@ async fn start_cluster_with(
         worker_stale: stale,
         worker_remove_after: remove_after,
         token: crate::root::tests::JOIN_TOKEN.into(),
+        worker_token: WORKER_TOKEN.into(),
     };
     // a stopped cluster's tasks may still hold its store for a moment
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -83,6 +87,7 @@ fn sim(url: &str, name: &str, cores: u32, mem: u64) -> tokio::task::JoinHandle<(
             arch: "amd64".into(),
             virtualization: vec!["container".into()],
             start_delay: Duration::from_millis(20),
+            token: WORKER_TOKEN.into(),
         }
         .run(),
     )
@@ -192,6 +197,7 @@ async fn silent_worker(
         msg: Some(pb::worker_message::Msg::Hello(pb::WorkerHello {
             node_name: name.into(),
             resources: Some(res),
+            token: WORKER_TOKEN.into(),
             ..Default::default()
         })),
     })
@@ -305,6 +311,55 @@ async fn a_worker_gone_for_long_is_removed_and_its_subnet_released() {
     // the same subnet is free again for a new worker
     assert_eq!(net.lease_subnet("newcomer", "192.0.2.8", 50103).await.unwrap(), subnet);
     drop(tx);
+    cl.stop().await;
+    root.stop().await;
+}
+
+/// One hello to the cluster's worker registry: the welcome, or the reason it was refused.
+async fn hello_as(url: &str, hello: pb::WorkerHello) -> Result<pb::WorkerWelcome, String> {
+    let mut client = pb::worker_registry_client::WorkerRegistryClient::connect(url.to_string()).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Hello(hello)) }).unwrap();
+    let mut inbound =
+        client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+    let m = inbound.message().await.unwrap().unwrap().msg;
+    drop(tx);
+    match m {
+        Some(pb::cluster_to_worker::Msg::Welcome(w)) => Ok(w),
+        Some(pb::cluster_to_worker::Msg::Rejected(r)) => Err(r.reason),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_worker_proves_its_id_and_strangers_cannot_take_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = start_root(&dir.path().join("root")).await;
+    let cl = start_cluster(&dir.path().join("cluster"), &root, "edge-t", Duration::from_secs(30)).await;
+    let hello = |id: &str, token: &str, credential: &str| pb::WorkerHello {
+        node_id: id.into(),
+        node_name: "victim".into(),
+        token: token.into(),
+        credential: credential.into(),
+        ..Default::default()
+    };
+    // no token, a wrong token: refused
+    assert!(hello_as(&cl.workers_url, hello("", "", "")).await.unwrap_err().contains("no worker join token"));
+    assert!(hello_as(&cl.workers_url, hello("", "oakw.guess", "")).await.unwrap_err().contains("not this cluster's"));
+    // the real worker joins and gets its id and credential
+    let w = hello_as(&cl.workers_url, hello("", WORKER_TOKEN, "")).await.unwrap();
+    assert!(!w.node_id.is_empty() && !w.credential.is_empty());
+    // its id without its credential is refused, even with the join token; its name alone gets a new id
+    for cred in ["", "guessed"] {
+        let e = hello_as(&cl.workers_url, hello(&w.node_id, WORKER_TOKEN, cred)).await.unwrap_err();
+        assert!(e.contains("credential"), "{e}");
+    }
+    let other = hello_as(&cl.workers_url, hello("", WORKER_TOKEN, "")).await.unwrap();
+    assert_ne!(other.node_id, w.node_id, "a worker of the same name is another worker");
+    // with its credential it is welcomed back under its id
+    let back = hello_as(&cl.workers_url, hello(&w.node_id, "", &w.credential)).await.unwrap();
+    assert_eq!(back.node_id, w.node_id);
+    assert!(back.credential.is_empty(), "a proven worker keeps its credential");
     cl.stop().await;
     root.stop().await;
 }

@@ -185,7 +185,7 @@ impl Auth {
     }
 }
 
-pub(super) fn write_secret_file(path: &Path, content: &str) -> Result<()> {
+pub(crate) fn write_secret_file(path: &Path, content: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;

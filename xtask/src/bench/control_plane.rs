@@ -55,7 +55,7 @@ fn spawn(
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).env("RUST_LOG", "warn");
     // the bench's roots and clusters share one join token
-    cmd.env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN);
+    cmd.env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN).env("OAK_WORKER_TOKEN", testbed::WORKER_TOKEN);
     for (k, v) in env {
         cmd.env(k, v);
     }

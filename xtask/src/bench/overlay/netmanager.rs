@@ -72,7 +72,8 @@ pub(super) fn orchestrators(w: &mut World, bins: &Path, na: &str) -> anyhow::Res
             .arg(&cluster_dir)
             .env("CLUSTER_NAME", "bench")
             .env("CLUSTER_LOCATION", "bench")
-            .env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN),
+            .env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN)
+            .env("OAK_WORKER_TOKEN", testbed::WORKER_TOKEN),
     )?;
     w.placed.extend([(root_pid, Side::A), (cluster_pid, Side::A)]);
     let token = http(
