@@ -416,7 +416,7 @@ impl Cluster {
         if !self.store.worker_join_hash()?.is_empty() {
             return Ok(());
         }
-        let token = format!("oakw.{}", crate::root::join::secret(40));
+        let token = format!("oakw.{}", crate::root::auth::random_string(40));
         let path = self.cfg.data_dir.join("worker-join-token");
         crate::root::auth::write_secret_file(&path, &token)?;
         self.store.set_worker_join_hash(&crate::root::join::hash(&token))?;
@@ -459,7 +459,7 @@ impl Cluster {
             } else {
                 crate::root::store::new_id()
             };
-            let secret = crate::root::join::secret(40);
+            let secret = crate::root::auth::random_string(40);
             self.store.set_node_credential_hash(&id, &crate::root::join::hash(&secret))?;
             (id, secret)
         };

@@ -41,6 +41,15 @@ impl Identity {
     pub fn may_see(&self, owner: &str) -> bool {
         self.admin || self.name == owner
     }
+
+    /// Ok for the Admin role; `what` names the action refused otherwise.
+    pub fn require_admin(&self, what: &str) -> Result<(), super::error::RootError> {
+        if self.admin {
+            Ok(())
+        } else {
+            Err(super::error::RootError::AdminOnly(what.into()))
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,7 +77,8 @@ pub struct Claims {
     pub jti: String,
 }
 
-fn random_string(n: usize) -> String {
+/// A random string of `n` letters and digits (secrets, token ids).
+pub(crate) fn random_string(n: usize) -> String {
     const CH: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
     (0..n).map(|_| CH[rand::random_range(0..CH.len())] as char).collect()
 }

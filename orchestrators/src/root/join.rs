@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::auth::random_string;
 use super::error::RootError;
 use super::store::JOIN_TOKENS;
 
@@ -27,12 +28,6 @@ pub struct JoinToken {
 /// SHA-256 of a secret, hex.
 pub fn hash(secret: &str) -> String {
     format!("{:x}", Sha256::digest(secret.as_bytes()))
-}
-
-/// A random secret of `n` characters.
-pub fn secret(n: usize) -> String {
-    const CH: &[u8] = b"abcdefghijkmnopqrstuvwxyz23456789";
-    (0..n).map(|_| CH[rand::random_range(0..CH.len())] as char).collect()
 }
 
 fn id_of(token: &str) -> Option<&str> {
@@ -88,7 +83,7 @@ impl super::Root {
 
     /// A new join token valid for `ttl_ms` (0: until revoked); the secret is only in the answer.
     pub fn create_join_token(&self, ttl_ms: u64) -> Result<(String, JoinToken), RootError> {
-        let token = format!("{PREFIX}.{}.{}", secret(8), secret(32));
+        let token = format!("{PREFIX}.{}.{}", random_string(8), random_string(32));
         let t = self.add_join_token(&token, ttl_ms)?;
         tracing::info!(id = %t.id, expires_ms = t.expires_ms, "join token created");
         Ok((token, t))

@@ -85,7 +85,7 @@ impl Root {
             let (credential, credential_hash) = if proven {
                 (String::new(), prev.map(|p| p.credential_hash.clone()).unwrap_or_default())
             } else {
-                let secret = super::join::secret(40);
+                let secret = super::auth::random_string(40);
                 let h = super::join::hash(&secret);
                 (secret, h)
             };

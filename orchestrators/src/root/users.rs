@@ -47,14 +47,6 @@ fn check_password(field: &str, pw: &str) -> Result<(), RootError> {
     Ok(())
 }
 
-fn admin_only(who: &Identity, what: &str) -> Result<(), RootError> {
-    if who.admin {
-        Ok(())
-    } else {
-        Err(RootError::AdminOnly(what.into()))
-    }
-}
-
 impl Root {
     /// The user named by a token, if it still exists (a removed user's tokens stop working).
     pub fn identity(&self, name: &str) -> Result<Option<Identity>, RootError> {
@@ -68,7 +60,7 @@ impl Root {
 
     /// Registers a user (Admin only).
     pub async fn register_user(&self, who: &Identity, r: Registration) -> Result<UserDoc, RootError> {
-        admin_only(who, "registering users")?;
+        who.require_admin("registering users")?;
         if !model::is_name(&r.name) {
             return Err(invalid("name", model::NAME_RULE));
         }
@@ -92,7 +84,7 @@ impl Root {
 
     /// Every user (Admin only).
     pub fn users(&self, who: &Identity) -> Result<Vec<UserDoc>, RootError> {
-        admin_only(who, "listing users")?;
+        who.require_admin("listing users")?;
         Ok(self.store.list::<User>(USERS)?.iter().map(UserDoc::from).collect())
     }
 
@@ -107,7 +99,7 @@ impl Root {
 
     /// Removes user `name` and its applications (Admin only; the Admin user itself stays).
     pub fn delete_user(&self, who: &Identity, name: &str) -> Result<(), RootError> {
-        admin_only(who, "removing users")?;
+        who.require_admin("removing users")?;
         if name == ADMIN {
             return Err(invalid("name", "the Admin user cannot be removed"));
         }

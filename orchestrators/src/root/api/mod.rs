@@ -289,19 +289,11 @@ struct NewJoinToken {
     info: JoinToken,
 }
 
-fn admin(who: &Identity, what: &str) -> Result<(), ApiError> {
-    if who.admin {
-        Ok(())
-    } else {
-        Err(RootError::AdminOnly(what.into()).into())
-    }
-}
-
 #[utoipa::path(post, path = "/api/join-tokens", summary = "A join token for clusters (Admin only; the secret is shown once)",
     request_body = JoinTokenRequest, security(("bearer" = [])),
     responses((status = 200, description = "OK", body = NewJoinToken), (status = 403, description = "not Admin", body = Message)))]
 async fn create_join_token(Caller { root, who }: Caller, body: Body) -> ApiResult<NewJoinToken> {
-    admin(&who, "making join tokens")?;
+    who.require_admin("making join tokens")?;
     let r: JoinTokenRequest = if body.is_empty() { JoinTokenRequest::default() } else { parse_body(&body)? };
     let (token, info) = root.create_join_token(r.ttl_s.saturating_mul(1000))?;
     Ok(Json(NewJoinToken { token, info }))
@@ -310,14 +302,14 @@ async fn create_join_token(Caller { root, who }: Caller, body: Body) -> ApiResul
 #[utoipa::path(get, path = "/api/join-tokens", summary = "The join tokens (Admin only; no secrets)", security(("bearer" = [])),
     responses((status = 200, description = "OK", body = Vec<JoinToken>), (status = 403, description = "not Admin", body = Message)))]
 async fn list_join_tokens(Caller { root, who }: Caller) -> ApiResult<Vec<JoinToken>> {
-    admin(&who, "listing join tokens")?;
+    who.require_admin("listing join tokens")?;
     Ok(Json(root.join_tokens()?))
 }
 
 #[utoipa::path(delete, path = "/api/join-tokens/{id}", summary = "Revoke a join token (Admin only)", security(("bearer" = [])),
     params(Id), responses((status = 200, description = "OK", body = Message), (status = 403, description = "not Admin", body = Message), OwnObject))]
 async fn revoke_join_token(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult<Message> {
-    admin(&who, "revoking join tokens")?;
+    who.require_admin("revoking join tokens")?;
     root.revoke_join_token(&id)?;
     Ok(message(format!("join token {id} revoked")))
 }
