@@ -48,7 +48,7 @@ pub struct Config {
     pub worker_stale: Duration,
     /// A worker down for this long is removed: forgotten, and its overlay subnet released.
     pub worker_remove_after: Duration,
-    /// Optional registration secret sent to the root.
+    /// The root's join token, sent in every hello (needed to register a new cluster id).
     pub token: String,
     /// The join token workers register with (empty: the stored one, or a new one written to
     /// `<data-dir>/worker-join-token`).
@@ -443,7 +443,7 @@ impl Cluster {
         // before credentials) needs the worker join token, and then gets a new id and credential: a
         // stranger who knows a worker's name or id cannot take over its session or its instances.
         let held_hash = if named_id { self.store.node_credential_hash(&hello.node_id)? } else { String::new() };
-        let proven = !held_hash.is_empty() && crate::root::join::hash(&hello.credential) == held_hash;
+        let proven = crate::root::join::proves(&hello.credential, &held_hash);
         if !held_hash.is_empty() && !proven {
             anyhow::bail!(
                 "node {} is registered with a credential this hello does not carry: only that worker may use its id",
@@ -459,8 +459,8 @@ impl Cluster {
             } else {
                 crate::root::store::new_id()
             };
-            let secret = crate::root::auth::random_string(40);
-            self.store.set_node_credential_hash(&id, &crate::root::join::hash(&secret))?;
+            let (secret, hash) = crate::root::join::new_credential();
+            self.store.set_node_credential_hash(&id, &hash)?;
             (id, secret)
         };
         if known.get(&node_id) != Some(&hello.node_name) {

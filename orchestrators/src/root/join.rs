@@ -30,6 +30,18 @@ pub fn hash(secret: &str) -> String {
     format!("{:x}", Sha256::digest(secret.as_bytes()))
 }
 
+/// A new credential for a registered id: the secret (told once, in the welcome) and its hash (stored).
+pub fn new_credential() -> (String, String) {
+    let secret = random_string(40);
+    let h = hash(&secret);
+    (secret, h)
+}
+
+/// Whether `presented` is the secret of a stored credential hash (never when none is stored).
+pub fn proves(presented: &str, held_hash: &str) -> bool {
+    !held_hash.is_empty() && hash(presented) == held_hash
+}
+
 fn id_of(token: &str) -> Option<&str> {
     let mut it = token.splitn(3, '.');
     (it.next()? == PREFIX).then_some(())?;

@@ -59,9 +59,7 @@ impl Root {
             // Who may use which id: a cluster id that has a credential only with that credential (a join
             // token does not let anyone take over a registered cluster); a new id (or one registered before
             // credentials existed) only with a valid join token, and then it gets a credential.
-            let proven = existing.is_some_and(|c| {
-                !c.credential_hash.is_empty() && super::join::hash(&hello.credential) == c.credential_hash
-            });
+            let proven = existing.is_some_and(|c| super::join::proves(&hello.credential, &c.credential_hash));
             if !proven {
                 if let Some(c) = existing.filter(|c| !c.credential_hash.is_empty()) {
                     return Ok(Err(anyhow!(
@@ -85,9 +83,7 @@ impl Root {
             let (credential, credential_hash) = if proven {
                 (String::new(), prev.map(|p| p.credential_hash.clone()).unwrap_or_default())
             } else {
-                let secret = super::auth::random_string(40);
-                let h = super::join::hash(&secret);
-                (secret, h)
+                super::join::new_credential()
             };
             let rec = ClusterRecord {
                 cluster_id: cid.clone(),

@@ -193,16 +193,14 @@ async fn login(
     tokens(&root, &username)
 }
 
+/// The body's `refresh_token` field, if it has one.
+fn body_refresh_token(body: &Bytes) -> Option<String> {
+    serde_json::from_slice::<Value>(body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from))
+}
+
 /// The refresh token of a request: the body's `refresh_token`, else the Bearer header.
 fn refresh_token(headers: &HeaderMap, body: &Bytes) -> Option<String> {
-    let from_body =
-        serde_json::from_slice::<Value>(body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from));
-    let from_header = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(String::from);
-    from_body.or(from_header)
+    body_refresh_token(body).or_else(|| bearer_header(headers).map(String::from))
 }
 
 #[utoipa::path(post, path = "/api/auth/refresh",
@@ -231,9 +229,7 @@ async fn logout(State(root): State<Arc<Root>>, headers: HeaderMap, body: Body) -
     };
     let c = root.auth.check(access, "access").map_err(|e| ApiError::Unauthorized(format!("invalid token: {e}")))?;
     root.auth.revoke(&root.store, &c)?;
-    let refresh =
-        serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["refresh_token"].as_str().map(String::from));
-    if let Some(r) = refresh {
+    if let Some(r) = body_refresh_token(&body) {
         match root.auth.check(&r, "refresh") {
             Ok(rc) if rc.sub == c.sub => root.auth.revoke(&root.store, &rc)?,
             _ => return Err(ApiError::BadRequest("refresh_token is not a valid refresh token of this user".into())),
