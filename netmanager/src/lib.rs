@@ -130,17 +130,15 @@ pub async fn start(opts: Options) -> Result<Running> {
             return Err(e);
         }
     };
-    let wiring = match Wiring::setup(&opts.bridge, subnet, &opts.data_dir).await {
+    let reserved =
+        [(cfg.node_public_port, "this worker's overlay tunnel"), (api_addr.port(), "this NetManager's local API")];
+    let wiring = match Wiring::setup(&opts.bridge, subnet, &opts.data_dir, &reserved).await {
         Ok(w) => Arc::new(w),
         Err(e) => {
             api_task.abort();
             return Err(e);
         }
     };
-    wiring.reserve_ports(&[
-        (cfg.node_public_port, "this worker's overlay tunnel"),
-        (api_addr.port(), "this NetManager's local API"),
-    ]);
     let (tx, connected) = tokio::sync::watch::channel(false);
     let sub_task = control.spawn_subscription(tx);
     let proxy = match &opts.proxy {

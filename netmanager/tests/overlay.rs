@@ -255,7 +255,7 @@ async fn lease_wire_ping_undeploy() {
     // a restart (a fresh Wiring over the same bridge and data dir) keeps the allocation: the address in use
     // is not handed out again
     {
-        let again = oak_netmanager::wiring::Wiring::setup(&bridge, subnet, &dir.path().join("nm")).await.unwrap();
+        let again = oak_netmanager::wiring::Wiring::setup(&bridge, subnet, &dir.path().join("nm"), &[]).await.unwrap();
         let atts = again.attachments().await;
         assert_eq!(atts.len(), 1);
         assert_eq!(atts[0].ip, ns_ip);

@@ -78,7 +78,7 @@ pub struct Wiring {
     /// GSO segment limit set on every instance's eth0 (see [`Wiring::set_instance_gso_max_segs`]).
     gso_max_segs: std::sync::atomic::AtomicU32,
     /// Host ports this worker's own services use (its tunnel and API), besides [`nat::SYSTEM_PORTS`].
-    reserved_ports: parking_lot::Mutex<Vec<(u16, String)>>,
+    reserved_ports: Vec<(u16, String)>,
 }
 
 /// The kernel's default (and largest) per-device GSO segment limit.
@@ -131,7 +131,8 @@ pub fn enable_ip_forward() -> Result<()> {
 
 impl Wiring {
     /// Create (or adopt) the bridge with the gateway address, enable forwarding and masquerading.
-    pub async fn setup(bridge: &str, subnet: Ipv4Net, data_dir: &Path) -> Result<Self> {
+    /// `reserved`: host ports this worker's own services use (refused to instances, as the system's are).
+    pub async fn setup(bridge: &str, subnet: Ipv4Net, data_dir: &Path, reserved: &[(u16, &str)]) -> Result<Self> {
         if bridge.is_empty() || bridge.len() > 12 {
             bail!("bridge name {bridge:?} must be 1..12 characters (veth names are derived from it)");
         }
@@ -184,7 +185,7 @@ impl Wiring {
             file,
             state: Mutex::new(state),
             gso_max_segs: GSO_MAX_SEGS_DEFAULT.into(),
-            reserved_ports: parking_lot::Mutex::new(Vec::new()),
+            reserved_ports: reserved.iter().map(|(p, what)| (*p, what.to_string())).collect(),
         };
         w.save(&*w.state.lock().await)?;
         tracing::info!(bridge, %subnet, %gateway, "worker bridge ready");
@@ -243,11 +244,6 @@ impl Wiring {
         }
     }
 
-    /// Host ports this worker's own services use (they are refused to instances, as the system's are).
-    pub fn reserve_ports(&self, ports: &[(u16, &str)]) {
-        *self.reserved_ports.lock() = ports.iter().map(|(p, w)| (*p, w.to_string())).collect();
-    }
-
     pub async fn attachments(&self) -> Vec<Attachment> {
         self.state.lock().await.attachments.values().cloned().collect()
     }
@@ -272,8 +268,7 @@ impl Wiring {
         // instance keeps its own)
         let others = st.attachments.iter().filter(|(key, _)| **key != k);
         let taken = others.flat_map(|(key, a)| a.ports.iter().map(move |p| (p, key.as_str())));
-        let reserved = self.reserved_ports.lock().clone();
-        let reserved: Vec<(u16, &str)> = reserved.iter().map(|(p, w)| (*p, w.as_str())).collect();
+        let reserved: Vec<(u16, &str)> = self.reserved_ports.iter().map(|(p, w)| (*p, w.as_str())).collect();
         nat::check_port_mappings(&ports, &reserved, taken)?;
         // address: the instance's old one, or the lowest free host address after the gateway
         let ip = match st.attachments.get(&k) {
