@@ -36,6 +36,9 @@ pub struct Options {
     pub proxy: Option<proxy::ProxyOptions>,
     /// The eBPF fast path (None: tun path only).
     pub ebpf: Option<EbpfOptions>,
+    /// The cluster's worker join token: used once, to join the cluster (the certificate it gives is kept
+    /// in `<data-dir>/identity`).
+    pub token: String,
 }
 
 /// Where the fast path's object is and which interface is the uplink (detected when not given).
@@ -122,7 +125,15 @@ pub async fn start(opts: Options) -> Result<Running> {
     let api_task = tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(%api_addr, "local API listening");
 
-    let control = Control::new(&url, &node, public, tables.clone())?;
+    let member = oak_trust::Member::new(
+        &url,
+        oak_trust::CLUSTER_SERVER,
+        "netmanager",
+        &node,
+        &opts.token,
+        opts.data_dir.join("identity"),
+    );
+    let control = Control::new(&url, member, &node, public, tables.clone())?;
     let subnet = match control.lease(&opts.config_path.display().to_string()).await {
         Ok(s) => s,
         Err(e) => {

@@ -25,6 +25,10 @@ struct Cli {
     /// Directory for persisted state (instance address allocations).
     #[arg(long, default_value = "/var/lib/oakestra-rs/netmanager")]
     data_dir: PathBuf,
+    /// The cluster's worker join token (its <data-dir>/worker-join-token, or `cluster-orchestrator token
+    /// create`): used once, to join the cluster; the certificate it gives is kept in <data-dir>/identity.
+    #[arg(long, env = "OAK_WORKER_TOKEN", default_value = "", hide_env_values = true)]
+    token: String,
     /// Name of the worker bridge (at most 12 characters).
     #[arg(long, default_value = "oak0")]
     bridge: String,
@@ -97,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
             uplink: cli.uplink,
             pin_root: Some(cli.bpf_pin_root),
         }),
+        token: cli.token,
     };
     if cli.teardown {
         return oak_netmanager::teardown(&opts);

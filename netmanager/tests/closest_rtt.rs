@@ -89,7 +89,7 @@ async fn closest_by_rtt(name: &str, ebpf: bool, relay_on_a: bool) {
     let ipa = Ipv4Addr::new(192, 168, 77, 1);
     let relay = if relay_on_a { ipa } else { Ipv4Addr::new(192, 168, 77, 4) };
 
-    let (_rootsvc, _cluster, rr, closest) = services(dir, &ha).await;
+    let (_rootsvc, _cluster, rr, closest, token) = services(dir, &ha).await;
 
     // worker C advertises the relay (port 50200) as its tunnel endpoint
     let relay_host = if relay_on_a { ha.path() } else { hr.path() };
@@ -116,7 +116,7 @@ async fn closest_by_rtt(name: &str, ebpf: bool, relay_on_a: bool) {
             data: dir.join(format!("nm-{tag}")),
             log: dir.join(format!("nm-{tag}.log")),
             nm: None,
-            extra: if fast { pin_flags() } else { vec!["--no-ebpf".into()] },
+            extra: [if fast { pin_flags() } else { vec!["--no-ebpf".into()] }, token.to_vec()].concat(),
             pins: fast.then(|| pin_dir(&node)),
         }
     };

@@ -17,19 +17,14 @@ fn link_exists(name: &str) -> bool {
     std::path::Path::new(&format!("/sys/class/net/{name}")).exists()
 }
 
+/// The services (over their TLS); the cluster's port and a worker join token.
 async fn start_services(
     dir: &std::path::Path,
-    cluster_id: &str,
-) -> (String, cluster::netsvc::ClusterNetSvc, root::netsvc::RootNetSvc, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let root_url = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(root::netsvc::serve_listener(rootsvc.clone(), l));
-    let c = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, cluster_id).unwrap();
+) -> (String, cluster::netsvc::ClusterNetSvc, root::netsvc::RootNetSvc, String) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
-    let task = tokio::spawn(cluster::netsvc::serve_listener(c.clone(), l));
-    (port.to_string(), c, rootsvc, task)
+    let n = oak_orchestrators::testing::net_services(dir, l).await;
+    (port.to_string(), n.cluster, n.root, n.worker_token)
 }
 
 /// TCP proxy; dropping it closes the listener and every proxied connection.
@@ -77,7 +72,7 @@ async fn lease_wire_ping_undeploy() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (cluster_port, cluster, rootsvc, _cluster_task) = start_services(dir.path(), "c1").await;
+    let (cluster_port, cluster, rootsvc, token) = start_services(dir.path()).await;
     // the service gets its IPs at the root when it is created
     let (rr, _closest) = rootsvc.allocate_service_ips("svc1", "app.ns.web.ns").unwrap();
 
@@ -93,6 +88,7 @@ async fn lease_wire_ping_undeploy() {
         bridge: bridge.clone(),
         proxy: None,
         ebpf: None,
+        token,
     })
     .await
     .expect("NetManager starts");
@@ -281,7 +277,7 @@ async fn lease_wire_ping_undeploy() {
     assert!(running.tables.snapshot().service_by_ip(rr).is_some());
 
     // a second worker joins: its route is pushed to us over the subscription
-    let other = cluster.lease_subnet("other-node", "192.0.2.50", 50103).await.unwrap();
+    let other = cluster.lease_subnet("nm-other", "other-node", "192.0.2.50", 50103).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !running.tables.snapshot().routes.contains_key(&other) {
         assert!(Instant::now() < deadline, "route for {other} never pushed");
@@ -346,7 +342,7 @@ async fn lease_wire_ping_undeploy() {
     tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| !*c)).await.expect("drop noticed").unwrap();
     let _proxy = Proxy::start(proxy_port, cluster_port.parse().unwrap()).await;
     tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c)).await.expect("re-subscribed").unwrap();
-    let third = cluster.lease_subnet("third-node", "192.0.2.51", 50103).await.unwrap();
+    let third = cluster.lease_subnet("nm-third", "third-node", "192.0.2.51", 50103).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !running.tables.snapshot().routes.contains_key(&third) {
         assert!(Instant::now() < deadline, "route for {third} never pushed after reconnect");
@@ -382,6 +378,8 @@ async fn unreachable_cluster_is_a_fatal_timeout() {
         bridge: unique("ou"),
         proxy: None,
         ebpf: None,
+        // any well-formed token: the cluster never answers
+        token: "abc.def".into(),
     })
     .await
     {
@@ -447,12 +445,19 @@ async fn bad_network_received_is_fatal() {
     {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        // the fake speaks the real TLS and joining, so the NetManager gets as far as the lease
+        let a = std::sync::Arc::new(
+            oak_trust::Authority::open(&dir.path().join("ca"), "test CA", oak_trust::CLUSTER_SERVER).unwrap(),
+        );
+        let (token, _) = a.tokens.create(&a.pin(), 0, "test").unwrap();
+        let admit = std::sync::Arc::new(oak_orchestrators::testing::Admit(&["netmanager"]));
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
+            oak_orchestrators::task::trusted(&a, admit)
+                .unwrap()
                 .add_service(pb::cluster_net_service_server::ClusterNetServiceServer::new(BadCluster(answer)))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
         );
-        let dir = tempfile::tempdir().unwrap();
         let cfg = write_config(dir.path(), &port.to_string(), "n");
         let err = match oak_netmanager::start(oak_netmanager::Options {
             config_path: cfg,
@@ -461,6 +466,7 @@ async fn bad_network_received_is_fatal() {
             bridge: unique("ob"),
             proxy: None,
             ebpf: None,
+            token,
         })
         .await
         {

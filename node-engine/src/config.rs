@@ -51,7 +51,8 @@ pub struct Config {
     #[arg(long = "namespace", default_value = "oakestra")]
     pub namespace: String,
 
-    /// Optional registration token presented to the cluster.
+    /// The cluster's worker join token (its <data-dir>/worker-join-token, or `cluster-orchestrator token
+    /// create`): used once, to join the cluster; the certificate it gives is kept in <data-dir>/identity.
     #[arg(long = "token", env = "OAK_WORKER_TOKEN", default_value = "")]
     pub token: String,
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use oak_proto::v1::{
     cluster_to_worker, worker_message, worker_registry_client::WorkerRegistryClient, InstanceStatus, WorkerHello,
     WorkerMessage,
@@ -24,23 +24,6 @@ pub fn node_id_path(data_dir: &Path) -> PathBuf {
 
 pub fn load_node_id(data_dir: &Path) -> String {
     std::fs::read_to_string(node_id_path(data_dir)).map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
-/// The credential the cluster gave this node id (`<data-dir>/cluster-credential`, 0600).
-pub fn load_credential(data_dir: &Path) -> String {
-    std::fs::read_to_string(data_dir.join("cluster-credential")).map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
-pub fn store_credential(data_dir: &Path, secret: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(data_dir)?;
-    let p = data_dir.join("cluster-credential");
-    let tmp = p.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(secret.as_bytes())?;
-    std::fs::rename(&tmp, &p)?;
-    Ok(())
 }
 
 pub fn store_node_id(data_dir: &Path, id: &str) -> anyhow::Result<()> {
@@ -90,10 +73,20 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut metrics = MetricsCollector::new(&cfg.data_dir, cfg.unikernel, cfg.location.clone());
     let mut ident = Identity { node_id: load_node_id(&cfg.data_dir), public_ip: String::new() };
+    // joins the cluster once with the worker join token; its certificate (`<data-dir>/identity`) names
+    // this worker from then on
+    let member = oak_trust::Member::new(
+        &cfg.cluster_url,
+        oak_trust::CLUSTER_SERVER,
+        "node",
+        &cfg.node_name,
+        &cfg.token,
+        cfg.data_dir.join("identity"),
+    );
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let result = session_once(&cfg, &runtime, &mut events, &mut metrics, &mut ident).await;
+        let result = session_once(&cfg, &member, &runtime, &mut events, &mut metrics, &mut ident).await;
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_secs(1);
         }
@@ -120,6 +113,7 @@ fn stamp(st: &mut InstanceStatus, ident: &Identity, node_name: &str) {
 /// One session; returns why it ended (Ok) or an error (cannot connect, rejected, …).
 async fn session_once(
     cfg: &SessionConfig,
+    member: &oak_trust::Member,
     runtime: &Arc<Runtime>,
     events: &mut mpsc::UnboundedReceiver<InstanceStatus>,
     metrics: &mut MetricsCollector,
@@ -132,13 +126,15 @@ async fn session_once(
             cfg.cluster_url
         )
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(cfg.cluster_url.clone())
-        .with_context(|| format!("bad cluster address {}", cfg.cluster_url))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_keepalive(Some(Duration::from_secs(20)))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| unreachable(&error_chain(&e)))?;
+    let (channel, _) = member
+        .channel(&cfg.cluster_url, |ep| {
+            ep.connect_timeout(Duration::from_secs(5))
+                .tcp_keepalive(Some(Duration::from_secs(20)))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| unreachable(&format!("{e:#}")))?;
     let mut client = WorkerRegistryClient::new(channel);
 
     let (tx, rx) = mpsc::channel::<WorkerMessage>(256);
@@ -156,14 +152,11 @@ async fn session_once(
     }
     let n_instances = instances.len();
     let hello = WorkerHello {
-        node_id: ident.node_id.clone(),
         node_name: cfg.node_name.clone(),
         resources: Some(metrics.collect()),
         instances,
         netmanager_port: cfg.netmanager_port as u32,
-        token: cfg.token.clone(),
         version: crate::VERSION.to_string(),
-        credential: load_credential(&cfg.data_dir),
     };
     tx.send(WorkerMessage { msg: Some(worker_message::Msg::Hello(hello)) }).await.ok();
     let mut inbound = client
@@ -184,10 +177,6 @@ async fn session_once(
         Some(other) => bail!("the cluster orchestrator at {} sent {other:?} before Welcome", cfg.cluster_url),
         None => bail!("the cluster orchestrator at {} closed the session before Welcome", cfg.cluster_url),
     };
-    if !welcome.credential.is_empty() {
-        store_credential(&cfg.data_dir, &welcome.credential)
-            .map_err(|e| anyhow!("cannot keep the cluster's credential in {}: {e}", cfg.data_dir.display()))?;
-    }
     if !welcome.node_id.is_empty() && welcome.node_id != ident.node_id {
         ident.node_id = welcome.node_id.clone();
         if let Err(e) = store_node_id(&cfg.data_dir, &ident.node_id) {
@@ -264,21 +253,6 @@ async fn session_once(
             }
         }
     }
-}
-
-/// `e` with its sources, on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let cs = c.to_string();
-        if !s.contains(&cs) {
-            s.push_str(": ");
-            s.push_str(&cs);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -16,10 +16,24 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 type Down = mpsc::Sender<Result<ClusterToWorker, Status>>;
+type Session = (Down, mpsc::UnboundedReceiver<WorkerMessage>, Option<oak_trust::PeerId>);
 
-/// Each session: the sender for messages down to the worker, and the worker's messages.
+/// Each session: the sender for messages down to the worker, the worker's messages, and who its
+/// certificate names.
 struct FakeCluster {
-    sessions: mpsc::UnboundedSender<(Down, mpsc::UnboundedReceiver<WorkerMessage>)>,
+    sessions: mpsc::UnboundedSender<Session>,
+}
+
+/// The test cluster's authority admits any NodeEngine under a fixed id.
+struct Admit;
+
+impl oak_trust::Registrar for Admit {
+    fn kinds(&self) -> &'static [&'static str] {
+        &["node"]
+    }
+    fn admit(&self, _kind: &str, _name: &str, _token: &str) -> Result<String, Status> {
+        Ok("node-42".into())
+    }
 }
 
 #[tonic::async_trait]
@@ -29,6 +43,7 @@ impl WorkerRegistry for FakeCluster {
     async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let (down_tx, down_rx) = mpsc::channel(16);
         let (up_tx, up_rx) = mpsc::unbounded_channel();
+        let who = oak_trust::peer_id(&req);
         let mut inbound = req.into_inner();
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
@@ -37,7 +52,7 @@ impl WorkerRegistry for FakeCluster {
                 }
             }
         });
-        self.sessions.send((down_tx, up_rx)).map_err(|_| Status::unavailable("test over"))?;
+        self.sessions.send((down_tx, up_rx, who)).map_err(|_| Status::unavailable("test over"))?;
         Ok(Response::new(ReceiverStream::new(down_rx)))
     }
 }
@@ -53,9 +68,10 @@ async fn next_msg(rx: &mut mpsc::UnboundedReceiver<WorkerMessage>) -> worker_mes
 
 /// The worker's next session (within 30 s) and its first message, which must be a Hello.
 async fn next_session(
-    sessions: &mut mpsc::UnboundedReceiver<(Down, mpsc::UnboundedReceiver<WorkerMessage>)>,
+    sessions: &mut mpsc::UnboundedReceiver<Session>,
 ) -> (Down, mpsc::UnboundedReceiver<WorkerMessage>, oak_proto::v1::WorkerHello) {
-    let (down_tx, mut up) = tokio::time::timeout(Duration::from_secs(30), sessions.recv()).await.unwrap().unwrap();
+    let (down_tx, mut up, who) = tokio::time::timeout(Duration::from_secs(30), sessions.recv()).await.unwrap().unwrap();
+    assert_eq!(who, Some(oak_trust::PeerId::new("node", "node-42")), "the session is the joined worker's");
     let worker_message::Msg::Hello(hello) = next_msg(&mut up).await else { panic!("first message is not Hello") };
     (down_tx, up, hello)
 }
@@ -85,14 +101,35 @@ async fn wait_instance(
     }
 }
 
+/// A cluster's certificate authority in `dir`.
+fn authority(dir: &std::path::Path) -> std::sync::Arc<oak_trust::Authority> {
+    std::sync::Arc::new(oak_trust::Authority::open(dir, "test CA", oak_trust::CLUSTER_SERVER).unwrap())
+}
+
+/// Serves the fake cluster with the real TLS and joining of a cluster.
+fn serve(
+    a: std::sync::Arc<oak_trust::Authority>,
+    l: tokio::net::TcpListener,
+    sessions: mpsc::UnboundedSender<Session>,
+) {
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(a.server_tls())
+            .unwrap()
+            .add_service(oak_trust::Enrollment::server(a.clone(), std::sync::Arc::new(Admit)))
+            .add_service(WorkerRegistryServer::new(FakeCluster { sessions }))
+            .serve_with_incoming(TcpListenerStream::new(l)),
+    );
+}
+
 /// A worker session with no NetManager, dialling the test's cluster on `port`.
-fn session_config(env: &common::Env, port: u16, node_name: &str) -> SessionConfig {
+fn session_config(env: &common::Env, port: u16, node_name: &str, token: &str) -> SessionConfig {
     SessionConfig {
         cluster_url: format!("http://127.0.0.1:{port}"),
         node_name: node_name.into(),
         data_dir: env.data_dir(),
         netmanager_port: 0,
-        token: String::new(),
+        token: token.into(),
         unikernel: false,
         location: String::new(),
     }
@@ -106,20 +143,19 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (sess_tx, mut sess_rx) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(WorkerRegistryServer::new(FakeCluster { sessions: sess_tx }))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let ca_dir = tempfile::tempdir().unwrap();
+    let a = authority(ca_dir.path());
+    let (token, _) = a.tokens.create(&a.pin(), 0, "test").unwrap();
+    serve(a, listener, sess_tx);
 
     let (rt, events) = env.runtime().await;
-    let scfg = session_config(&env, port, "test-worker");
+    let scfg = session_config(&env, port, "test-worker", &token);
     let worker = tokio::spawn(session::run(scfg, rt.clone(), events));
 
     // Hello first.
     let (down_tx, mut up, hello) = next_session(&mut sess_rx).await;
-    assert_eq!(hello.node_id, "");
-    assert_eq!(hello.credential, "", "no credential before the first welcome");
+    let kept = std::fs::read_to_string(env.data_dir().join("identity/identity")).unwrap();
+    assert_eq!(kept, "node/node-42", "the certificate is kept in <data-dir>/identity");
     assert_eq!(hello.node_name, "test-worker");
     assert_eq!(hello.netmanager_port, 0);
     assert!(hello.instances.is_empty());
@@ -135,7 +171,6 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
             cluster_name: "test-cluster".into(),
             heartbeat_interval_ms: 100,
             observed_address: "127.0.0.1".into(),
-            credential: "node-42-secret".into(),
         })))
         .await
         .unwrap();
@@ -169,8 +204,6 @@ async fn hello_welcome_metrics_deploy_undeploy_and_reconnect() {
     drop(down_tx);
     drop(up);
     let (down_tx, mut up, hello) = next_session(&mut sess_rx).await;
-    assert_eq!(hello.node_id, "node-42");
-    assert_eq!(hello.credential, "node-42-secret", "the credential of the welcome proves the id from then on");
     assert_eq!(hello.instances.len(), 1, "{:?}", hello.instances);
     assert_eq!(hello.instances[0].service_id, "svc-sess");
     assert_eq!(hello.instances[0].status, "RUNNING");
@@ -206,19 +239,18 @@ async fn failed_connection_is_retried() {
     let (rt, events) = env.runtime().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let scfg = session_config(&env, port, "w");
+    let ca_dir = tempfile::tempdir().unwrap();
+    let a = authority(ca_dir.path());
+    let (token, _) = a.tokens.create(&a.pin(), 0, "test").unwrap();
+    let scfg = session_config(&env, port, "w", &token);
     let worker = tokio::spawn(session::run(scfg, rt.clone(), events));
     // The first attempt meets a peer that hangs up without speaking HTTP/2 …
     let (first, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.unwrap().unwrap();
     drop(first);
     // … then a real cluster appears on the same port: the worker must retry and say Hello.
     let (sess_tx, mut sess_rx) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(WorkerRegistryServer::new(FakeCluster { sessions: sess_tx }))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let (_down, mut up) =
+    serve(a, listener, sess_tx);
+    let (_down, mut up, _) =
         tokio::time::timeout(Duration::from_secs(30), sess_rx.recv()).await.expect("worker retried").unwrap();
     assert!(matches!(next_msg(&mut up).await, worker_message::Msg::Hello(_)));
     worker.abort();

@@ -8,3 +8,5 @@ pub mod session;
 pub mod simworker;
 pub mod task;
 pub mod telemetry;
+pub mod testing;
+pub mod tokens_cli;

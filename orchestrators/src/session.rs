@@ -32,9 +32,11 @@ pub trait Tier: Send + Sync + 'static {
     /// The message that tells a peer its registration was refused.
     fn rejected(reason: String) -> Self::Out;
     /// Registers the peer: its id and this connection's number, or why it is refused.
+    /// `identity` is what the peer's client certificate names (None without one).
     fn accept(
         &self,
         hello: Self::Hello,
+        identity: Option<oak_trust::PeerId>,
         peer: Option<SocketAddr>,
         tx: Outbox<Self::Out>,
     ) -> anyhow::Result<(String, u64)>;
@@ -49,6 +51,7 @@ pub trait Tier: Send + Sync + 'static {
 /// Serves one registration stream for `tier`.
 pub async fn serve<T: Tier>(tier: Arc<T>, req: Request<Streaming<T::In>>) -> Result<Response<Answer<T::Out>>, Status> {
     let peer = req.remote_addr();
+    let identity = oak_trust::peer_id(&req);
     let mut inbound = req.into_inner();
     let first = inbound
         .message()
@@ -58,7 +61,7 @@ pub async fn serve<T: Tier>(tier: Arc<T>, req: Request<Streaming<T::In>>) -> Res
         return Err(Status::invalid_argument(format!("the first message must be a {}", T::HELLO)));
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let (id, conn) = match tier.accept(hello, peer, tx.clone()) {
+    let (id, conn) = match tier.accept(hello, identity, peer, tx.clone()) {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(?peer, "rejecting {} registration: {e:#}", T::PEER);

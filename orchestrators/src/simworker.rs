@@ -31,9 +31,6 @@ pub struct SimWorker {
 
 #[derive(Default)]
 struct Held {
-    node_id: String,
-    /// The credential the cluster gave `node_id` (kept in memory: a restarted simulator is a new worker).
-    credential: String,
     instances: BTreeMap<String, (pb::InstanceStatus, f64, u64)>,
 }
 
@@ -61,9 +58,12 @@ impl SimWorker {
     /// Runs forever, reconnecting with backoff when the session drops.
     pub async fn run(self) {
         let held = Arc::new(Mutex::new(Held::default()));
+        // its certificate is kept in memory: a restarted simulator is a new worker
+        let member =
+            oak_trust::Member::in_memory(&self.cluster_url, oak_trust::CLUSTER_SERVER, "node", &self.name, &self.token);
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.session(&held).await {
+            match self.session(&member, &held).await {
                 Ok(()) => tracing::info!(worker = %self.name, "session ended; reconnecting"),
                 Err(e) => tracing::debug!(worker = %self.name, "session failed: {e:#}"),
             }
@@ -72,23 +72,18 @@ impl SimWorker {
         }
     }
 
-    async fn session(&self, held: &Arc<Mutex<Held>>) -> Result<()> {
-        let ep =
-            tonic::transport::Endpoint::from_shared(self.cluster_url.clone())?.connect_timeout(Duration::from_secs(5));
-        let mut client =
-            pb::worker_registry_client::WorkerRegistryClient::new(ep.connect().await.context("connecting")?);
+    async fn session(&self, member: &oak_trust::Member, held: &Arc<Mutex<Held>>) -> Result<()> {
+        let (ch, _) = member.channel(&self.cluster_url, |ep| ep.connect_timeout(Duration::from_secs(5))).await?;
+        let mut client = pb::worker_registry_client::WorkerRegistryClient::new(ch);
         let (tx, rx) = mpsc::unbounded_channel();
         let hello = {
             let h = held.lock();
             pb::WorkerHello {
-                node_id: h.node_id.clone(),
                 node_name: self.name.clone(),
                 resources: Some(self.resources(&h)),
                 instances: h.instances.values().map(|(s, _, _)| s.clone()).collect(),
                 netmanager_port: 0,
-                token: self.token.clone(),
                 version: format!("sim-{}", env!("CARGO_PKG_VERSION")),
-                credential: h.credential.clone(),
             }
         };
         tx.send(worker_msg(pb::worker_message::Msg::Hello(hello))).expect("open");
@@ -96,12 +91,7 @@ impl SimWorker {
         let first = inbound.message().await?.context("closed before welcome")?;
         let interval = match first.msg {
             Some(Msg::Welcome(w)) => {
-                let mut h = held.lock();
-                h.node_id = w.node_id;
-                if !w.credential.is_empty() {
-                    h.credential = w.credential;
-                }
-                drop(h);
+                tracing::debug!(worker = %self.name, node_id = %w.node_id, "registered");
                 Duration::from_millis(u64::from(w.heartbeat_interval_ms).max(50))
             }
             Some(Msg::Rejected(r)) => bail!("rejected: {}", r.reason),

@@ -20,3 +20,14 @@ pub async fn serve_grpc(
     router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)).await?;
     Ok(())
 }
+
+/// A gRPC server of an authority: TLS with its certificate (callers present theirs) and its Enrollment
+/// service, where newcomers join with a join token; the port's own services are added to it.
+pub fn trusted<R: oak_trust::Registrar>(
+    authority: &std::sync::Arc<oak_trust::Authority>,
+    registrar: std::sync::Arc<R>,
+) -> anyhow::Result<tonic::transport::server::Router> {
+    Ok(tonic::transport::Server::builder()
+        .tls_config(authority.server_tls())?
+        .add_service(oak_trust::Enrollment::server(authority.clone(), registrar)))
+}

@@ -22,6 +22,13 @@ pub mod net {
     }
 }
 
+/// Joining the control plane: join tokens for client certificates.
+pub mod trust {
+    pub mod v1 {
+        tonic::include_proto!("oak.trust.v1");
+    }
+}
+
 /// Milliseconds since the Unix epoch, the timestamp unit used on the wire.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

@@ -20,6 +20,6 @@ pub use proc::Proc;
 pub use wait::wait_for;
 
 /// The join token every root and cluster orchestrator started by the harness has (`OAK_CLUSTER_TOKEN`).
-pub const JOIN_TOKEN: &str = "oakj.testbed.testbed-join-secret-0123456789abcdef";
+pub const JOIN_TOKEN: &str = "testbed.testbedjoinsecret0123456789abcdef";
 /// The worker join token of the harness's cluster orchestrators and workers (`OAK_WORKER_TOKEN`).
-pub const WORKER_TOKEN: &str = "oakw.testbed-worker-join-secret";
+pub const WORKER_TOKEN: &str = "testbedw.testbedworkerjoinsecret0123456789";

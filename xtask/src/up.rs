@@ -241,7 +241,12 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 )?;
             }
             "netmanager" => {
-                spawn(c.name, &bin, &["-p".into(), "6000".into(), "--data-dir".into(), data], &[])?;
+                spawn(
+                    c.name,
+                    &bin,
+                    &["-p".into(), "6000".into(), "--data-dir".into(), data],
+                    &[("OAK_WORKER_TOKEN", worker_token()?)],
+                )?;
                 wait_until("NetManager on :6000", Duration::from_secs(30), || {
                     Ok(ureq::get("http://127.0.0.1:6000/status").call().is_ok())
                 })?;

@@ -50,7 +50,10 @@ pub fn validate_subnet(text: &str, tables: &Snapshot) -> Result<Ipv4Net, String>
 /// Control client handle (cheap to clone).
 #[derive(Clone)]
 pub struct Control {
-    client: ClusterNetServiceClient<Channel>,
+    /// This NetManager as a member of its cluster (joins once with the worker join token).
+    member: oak_trust::Member,
+    /// Made once the member has joined.
+    client: Arc<tokio::sync::OnceCell<ClusterNetServiceClient<Channel>>>,
     url: String,
     node: String,
     tables: Tables,
@@ -100,16 +103,13 @@ fn apply_service(tables: &Tables, local: Option<Ipv4Net>, svc: &pb::ServiceAddre
 }
 
 impl Control {
-    /// Create the client (no connection yet). `config_path` is only used in error messages.
-    pub fn new(url: &str, node: &str, public: SocketAddr, tables: Tables) -> Result<Self> {
-        let ep = tonic::transport::Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("bad cluster network service url {url:?}"))?
-            .connect_timeout(LEASE_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
+    /// Create the client (no connection yet): it joins the cluster as `member` at the first lease.
+    pub fn new(url: &str, member: oak_trust::Member, node: &str, public: SocketAddr, tables: Tables) -> Result<Self> {
+        tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("bad cluster network service url {url:?}"))?;
         Ok(Self {
-            client: ClusterNetServiceClient::new(ep.connect_lazy()),
+            member,
+            client: Default::default(),
             url: url.to_string(),
             node: node.to_string(),
             tables,
@@ -117,6 +117,24 @@ impl Control {
             subnet: Arc::new(Mutex::new(None)),
             interests: Arc::new(Mutex::new(BTreeSet::new())),
         })
+    }
+
+    /// The client of the cluster network service, joining the cluster first if this NetManager has not.
+    async fn client(&self) -> Result<ClusterNetServiceClient<Channel>> {
+        let c = self
+            .client
+            .get_or_try_init(|| async {
+                self.member.ensure_joined().await?;
+                let ch = self.member.lazy_channel(&self.url, |ep| {
+                    ep.connect_timeout(LEASE_TIMEOUT)
+                        .http2_keep_alive_interval(Duration::from_secs(10))
+                        .keep_alive_timeout(Duration::from_secs(10))
+                        .keep_alive_while_idle(true)
+                })?;
+                anyhow::Ok(ClusterNetServiceClient::new(ch))
+            })
+            .await?;
+        Ok(c.clone())
     }
 
     pub fn subnet(&self) -> Option<Ipv4Net> {
@@ -136,9 +154,18 @@ impl Control {
         let deadline = tokio::time::Instant::now() + LEASE_TIMEOUT;
         let mut backoff = Duration::from_millis(100);
         let reply = loop {
-            let mut client = self.client.clone();
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let last = match tokio::time::timeout(left, client.lease_subnet(req.clone())).await {
+            let attempt = async {
+                let mut client = match self.client().await {
+                    Ok(c) => c,
+                    Err(e) if e.downcast_ref::<oak_trust::Unreachable>().is_some() => {
+                        return Err(tonic::Status::unavailable(format!("{e:#}")))
+                    }
+                    Err(e) => return Err(tonic::Status::permission_denied(format!("{e:#}"))),
+                };
+                client.lease_subnet(req.clone()).await
+            };
+            let last = match tokio::time::timeout(left, attempt).await {
                 Err(_) => "no answer".to_string(),
                 Ok(Err(status)) if status.code() == tonic::Code::Unavailable => status.message().to_string(),
                 Ok(Err(status)) => {
@@ -197,8 +224,12 @@ impl Control {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
-                let mut client = this.client.clone();
-                match client.subscribe(pb::SubscribeRequest { node: this.node.clone() }).await {
+                let client = this.client().await;
+                let r = match client {
+                    Ok(mut c) => c.subscribe(pb::SubscribeRequest { node: this.node.clone() }).await,
+                    Err(e) => Err(tonic::Status::unavailable(format!("{e:#}"))),
+                };
+                match r {
                     Ok(stream) => {
                         backoff = Duration::from_millis(200);
                         let mut stream = stream.into_inner();
@@ -232,7 +263,7 @@ impl Control {
     }
 
     async fn resolve(&self, req: pb::ResolveRequest) -> Result<Option<ServiceEntry>> {
-        let mut client = self.client.clone();
+        let mut client = self.client().await?;
         let r = client.resolve(req).await.map_err(|e| anyhow!("resolve: {}", e.message()))?.into_inner();
         let Some(svc) = r.service else { return Ok(None) };
         self.interests.lock().insert(svc.job_name.clone());
@@ -269,7 +300,7 @@ impl Control {
         ns_ip: Ipv4Addr,
     ) -> Result<()> {
         let subnet = self.subnet().map(|n| n.to_string()).unwrap_or_default();
-        let mut client = self.client.clone();
+        let mut client = self.client().await?;
         client
             .register_instance(pb::InstanceAddress {
                 service_id: service_id.into(),
@@ -287,7 +318,7 @@ impl Control {
     }
 
     pub async fn deregister_instance(&self, service_id: &str, job_name: &str, instance_number: u32) -> Result<()> {
-        let mut client = self.client.clone();
+        let mut client = self.client().await?;
         client
             .deregister_instance(pb::InstanceKey {
                 service_id: service_id.into(),

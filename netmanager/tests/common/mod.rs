@@ -309,21 +309,17 @@ pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> Result<(), Strin
 }
 
 /// The root and cluster network services in-process (the cluster's listener on 0.0.0.0:10110 in host
-/// `ha`'s namespace) and `svcE`/`app.ns.echo.ns` allocated at the root: the services, its rr and closest IPs.
+/// `ha`'s namespace) and `svcE`/`app.ns.echo.ns` allocated at the root: the services, its rr and closest IPs,
+/// and the NetManagers' flag with the cluster's worker join token.
 pub async fn services(
     dir: &Path,
     ha: &Netns,
-) -> (root::netsvc::RootNetSvc, cluster::netsvc::ClusterNetSvc, Ipv4Addr, Ipv4Addr) {
-    let rootsvc = root::netsvc::RootNetSvc::open(&dir.join("root")).unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let root_url = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(root::netsvc::serve_listener(rootsvc.clone(), l));
-    let cluster = cluster::netsvc::ClusterNetSvc::open(&dir.join("cluster"), &root_url, "c1").unwrap();
+) -> (root::netsvc::RootNetSvc, cluster::netsvc::ClusterNetSvc, Ipv4Addr, Ipv4Addr, [String; 2]) {
     let std_l = testbed::in_netns(&ha.path(), || std::net::TcpListener::bind("0.0.0.0:10110").unwrap()).unwrap();
     std_l.set_nonblocking(true).unwrap();
-    tokio::spawn(cluster::netsvc::serve_listener(cluster.clone(), tokio::net::TcpListener::from_std(std_l).unwrap()));
-    let (rr, closest) = rootsvc.allocate_service_ips("svcE", "app.ns.echo.ns").unwrap();
-    (rootsvc, cluster, rr, closest)
+    let n = oak_orchestrators::testing::net_services(dir, tokio::net::TcpListener::from_std(std_l).unwrap()).await;
+    let (rr, closest) = n.root.allocate_service_ips("svcE", "app.ns.echo.ns").unwrap();
+    (n.root, n.cluster, rr, closest, ["--token".into(), n.worker_token])
 }
 
 /// Two worker hosts joined by a veth pair, the root + cluster network services (the cluster's listener in
@@ -342,7 +338,7 @@ pub async fn world(
     sh(&["ip", "-n", &ha.0, "link", "set", "up0", "up"]);
     sh(&["ip", "-n", &hb.0, "link", "set", "up1", "up"]);
 
-    let (rootsvc, cluster, rr, closest) = services(dir, &ha).await;
+    let (rootsvc, cluster, rr, closest, token) = services(dir, &ha).await;
 
     let mk = |ns: Netns, ip: Ipv4Addr, tag: &str, extra: &[&str]| {
         let cfg = dir.join(format!("netcfg-{tag}.json"));
@@ -361,6 +357,7 @@ pub async fn world(
                 if ebpf {
                     v.extend(pin_flags());
                 }
+                v.extend(token.clone());
                 v
             },
             pins: ebpf.then(|| pin_dir(&node)),

@@ -16,6 +16,8 @@ off workers that miss heartbeats, reports aggregated resources up. Serves the cl
 workers' NetManagers."
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<oak_orchestrators::tokens_cli::Command>,
     /// Name of this cluster as the root and oak-cli show it.
     #[arg(long, env = "CLUSTER_NAME")]
     cluster_name: Option<String>,
@@ -38,7 +40,7 @@ struct Args {
     #[arg(long, env = "OAK_NETSVC_ADDR", default_value = "0.0.0.0:10110")]
     netsvc_addr: SocketAddr,
     /// Directory for the store (cluster.redb, net.redb).
-    #[arg(long, env = "OAK_CLUSTER_DATA_DIR", default_value = "/var/lib/oakestra-rs/cluster")]
+    #[arg(long, global = true, env = "OAK_CLUSTER_DATA_DIR", default_value = "/var/lib/oakestra-rs/cluster")]
     data_dir: PathBuf,
     /// Heartbeat interval told to workers (milliseconds).
     #[arg(long, default_value_t = 2_000)]
@@ -50,13 +52,14 @@ struct Args {
     /// one when it comes back).
     #[arg(long, default_value_t = 86_400)]
     worker_remove_after_secs: u64,
-    /// The root's join token (its <data-dir>/join-token, or one the Admin made with POST /api/join-tokens):
-    /// needed the first time this cluster registers; later it proves its id with the credential the root
-    /// gave it.
+    /// The root's join token (its <data-dir>/join-token, `root-orchestrator token create`, or POST
+    /// /api/join-tokens): used once, to join the root; the certificate the root gives is kept in
+    /// <data-dir>/identity and names the cluster from then on.
     #[arg(long, env = "OAK_CLUSTER_TOKEN", default_value = "", hide_env_values = true)]
     token: String,
-    /// The join token NodeEngines register with (their --token). Without it, the stored one; at first start
-    /// one is made and written to <data-dir>/worker-join-token (0600).
+    /// A join token NodeEngines and NetManagers may join with (added at start). Without one, a token is
+    /// made at first start; the first is written to <data-dir>/worker-join-token (0600). Make more with
+    /// `cluster-orchestrator token create`.
     #[arg(long, env = "OAK_WORKER_TOKEN", default_value = "", hide_env_values = true)]
     worker_token: String,
     /// Default log level when RUST_LOG is unset.
@@ -90,6 +93,14 @@ fn hostname() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(oak_orchestrators::tokens_cli::Command::Token { op }) = a.command {
+        return oak_orchestrators::tokens_cli::run(
+            op,
+            &a.data_dir,
+            oak_orchestrators::cluster::CA_NAME,
+            oak_trust::CLUSTER_SERVER,
+        );
+    }
     oak_orchestrators::telemetry::init(&a.log_level);
     let cluster_name = match a.cluster_name.filter(|n| !n.trim().is_empty()) {
         Some(n) => n,

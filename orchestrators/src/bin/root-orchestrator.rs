@@ -13,6 +13,8 @@ use clap::Parser;
     about = "Oakestra-compatible root orchestrator: REST API for users (oak-cli works against it), gRPC registry for clusters, redb store"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<oak_orchestrators::tokens_cli::Command>,
     /// REST API listen address (Oakestra's root API; OpenAPI at /api/docs).
     #[arg(long, env = "OAK_API_ADDR", default_value = "0.0.0.0:10000")]
     api_addr: SocketAddr,
@@ -23,7 +25,7 @@ struct Args {
     #[arg(long, env = "OAK_NETSVC_ADDR", default_value = "0.0.0.0:10099")]
     netsvc_addr: SocketAddr,
     /// Directory holding the store (root.redb) and, if generated, the admin-password file.
-    #[arg(long, env = "OAK_ROOT_DATA_DIR", default_value = "/var/lib/oakestra-rs/root")]
+    #[arg(long, global = true, env = "OAK_ROOT_DATA_DIR", default_value = "/var/lib/oakestra-rs/root")]
     data_dir: PathBuf,
     /// Password of the "Admin" user, used only at first start (when the store has no admin yet).
     /// If unset then, a random one is generated and written to <data-dir>/admin-password (0600).
@@ -46,8 +48,9 @@ struct Args {
     /// HTTP otherwise, which Oakestra's CLI expects on loopback.
     #[arg(long, env = "OAK_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// A join token clusters may register with (oakj.<id>.<secret>; added at start). Without it, the root
-    /// makes one at first start and writes it to <data-dir>/join-token (0600).
+    /// A join token clusters may join with (<id>.<secret>, or the whole oak10… form; added at start).
+    /// Without one, a token is made at first start; the first is written whole to <data-dir>/join-token
+    /// (0600). Make more with `root-orchestrator token create`.
     #[arg(long, env = "OAK_CLUSTER_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// The PEM private key of --tls-cert.
@@ -61,6 +64,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(oak_orchestrators::tokens_cli::Command::Token { op }) = a.command {
+        return oak_orchestrators::tokens_cli::run(
+            op,
+            &a.data_dir,
+            oak_orchestrators::root::CA_NAME,
+            oak_trust::ROOT_SERVER,
+        );
+    }
     oak_orchestrators::telemetry::init(&a.log_level);
     let cfg = oak_orchestrators::root::Config {
         api_addr: a.api_addr,

@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, Notify};
 use scheduler::WorkerView;
 use store::ClusterStore;
 
+/// The name of a cluster's certificate authority (of its workers).
+pub const CA_NAME: &str = "oakestra-rs cluster CA";
+
 /// Cluster orchestrator settings (see the binary's `--help`).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -48,10 +51,11 @@ pub struct Config {
     pub worker_stale: Duration,
     /// A worker down for this long is removed: forgotten, and its overlay subnet released.
     pub worker_remove_after: Duration,
-    /// The root's join token, sent in every hello (needed to register a new cluster id).
+    /// The root's join token: used once, to join the root (the certificate it gives is kept in
+    /// `<data-dir>/identity`).
     pub token: String,
-    /// The join token workers register with (empty: the stored one, or a new one written to
-    /// `<data-dir>/worker-join-token`).
+    /// A join token workers may join with (added at start; empty: one is made at first start). The first
+    /// token is written whole to `<data-dir>/worker-join-token`.
     pub worker_token: String,
 }
 
@@ -113,6 +117,10 @@ struct Out {
 pub struct Cluster {
     pub cfg: Config,
     store: ClusterStore,
+    /// The workers' certificate authority and join tokens (`<data-dir>/ca`).
+    pub authority: Arc<oak_trust::Authority>,
+    /// This cluster as a member of the root (its certificate in `<data-dir>/identity`).
+    pub root_member: oak_trust::Member,
     state: Mutex<State>,
     next_conn: std::sync::atomic::AtomicU64,
     /// The live root session's outbox, when connected.
@@ -157,9 +165,25 @@ impl Cluster {
                 "restored placements; waiting for their workers to reconnect"
             );
         }
+        let authority =
+            Arc::new(oak_trust::Authority::open(&cfg.data_dir.join("ca"), CA_NAME, oak_trust::CLUSTER_SERVER)?);
+        let wt = (!cfg.worker_token.is_empty()).then_some(cfg.worker_token.as_str());
+        authority
+            .init_tokens(wt, &cfg.data_dir.join("worker-join-token"), "workers")
+            .map_err(|e| anyhow::anyhow!("--worker-token: {e:#}"))?;
+        let root_member = oak_trust::Member::new(
+            &cfg.root_url,
+            oak_trust::ROOT_SERVER,
+            "cluster",
+            &cfg.cluster_name,
+            &cfg.token,
+            cfg.data_dir.join("identity"),
+        );
         let cluster = Arc::new(Self {
             cfg,
             store,
+            authority,
+            root_member,
             state: Mutex::new(state),
             next_conn: 1.into(),
             root_tx: Mutex::new(None),
@@ -168,7 +192,6 @@ impl Cluster {
             stopping: tokio::sync::watch::channel(false).0,
             netsvc: std::sync::OnceLock::new(),
         });
-        cluster.init_worker_token()?;
         Ok(cluster)
     }
 
@@ -393,41 +416,12 @@ impl Cluster {
 
     // ------------------------------------------------------------------ from workers
 
-    /// Checks the worker join token a new worker presented.
-    fn check_worker_token(&self, token: &str) -> Result<()> {
-        if token.is_empty() {
-            anyhow::bail!(
-                "registration refused: no worker join token given (start the NodeEngine with --token, from the \
-                 cluster's <data-dir>/worker-join-token)"
-            );
-        }
-        if crate::root::join::hash(token) != self.store.worker_join_hash()? {
-            anyhow::bail!("registration refused: the worker join token is not this cluster's");
-        }
-        Ok(())
-    }
-
-    /// At start: the worker join token given (`--worker-token`) replaces the stored one; with none and none
-    /// stored, one is made and written to `<data-dir>/worker-join-token` (0600).
-    fn init_worker_token(&self) -> Result<()> {
-        if !self.cfg.worker_token.is_empty() {
-            return self.store.set_worker_join_hash(&crate::root::join::hash(&self.cfg.worker_token));
-        }
-        if !self.store.worker_join_hash()?.is_empty() {
-            return Ok(());
-        }
-        let token = format!("oakw.{}", crate::root::auth::random_string(40));
-        let path = self.cfg.data_dir.join("worker-join-token");
-        crate::root::auth::write_secret_file(&path, &token)?;
-        self.store.set_worker_join_hash(&crate::root::join::hash(&token))?;
-        tracing::warn!(path = %path.display(), "created a worker join token (no --worker-token given): start NodeEngines with --token from {}", path.display());
-        Ok(())
-    }
-
     /// A worker opened a session. Returns (node id, connection number).
+    /// `identity` is what the worker's certificate names: its node id.
     pub fn on_worker_hello(
         &self,
         hello: &pb::WorkerHello,
+        identity: Option<oak_trust::PeerId>,
         peer: Option<SocketAddr>,
         tx: WorkerOutbox,
     ) -> Result<(String, u64)> {
@@ -435,34 +429,21 @@ impl Cluster {
             anyhow::bail!("node_name must be 1..128 characters, got {} characters", hello.node_name.len());
         }
         let conn = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let known = self.store.nodes()?;
-        let named_id = !hello.node_id.is_empty()
-            && hello.node_id.len() <= 64
-            && hello.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        // A node id that has a credential is used only with it; anything else (a new worker, an id from
-        // before credentials) needs the worker join token, and then gets a new id and credential: a
-        // stranger who knows a worker's name or id cannot take over its session or its instances.
-        let held_hash = if named_id { self.store.node_credential_hash(&hello.node_id)? } else { String::new() };
-        let proven = crate::root::join::proves(&hello.credential, &held_hash);
-        if !held_hash.is_empty() && !proven {
+        let node_id = match identity {
+            Some(p) if p.kind == "node" => p.id,
+            Some(p) => anyhow::bail!("registration refused: {p} is not a worker's NodeEngine"),
+            None => anyhow::bail!(
+                "registration refused: no worker certificate (a NodeEngine joins with the cluster's worker join token \
+                 first)"
+            ),
+        };
+        if !self.store.is_member(&format!("node/{node_id}"))? {
             anyhow::bail!(
-                "node {} is registered with a credential this hello does not carry: only that worker may use its id",
-                hello.node_id
+                "node {node_id} did not join this cluster (or was forgotten): remove the NodeEngine's \
+                 <data-dir>/identity and join again with a worker join token"
             );
         }
-        let (node_id, credential) = if proven {
-            (hello.node_id.clone(), String::new())
-        } else {
-            self.check_worker_token(&hello.token)?;
-            let id = if named_id && known.contains_key(&hello.node_id) {
-                hello.node_id.clone()
-            } else {
-                crate::root::store::new_id()
-            };
-            let (secret, hash) = crate::root::join::new_credential();
-            self.store.set_node_credential_hash(&id, &hash)?;
-            (id, secret)
-        };
+        let known = self.store.nodes()?;
         if known.get(&node_id) != Some(&hello.node_name) {
             self.store.put_node(&node_id, &hello.node_name)?;
         }
@@ -531,7 +512,6 @@ impl Cluster {
             cluster_name: self.cfg.cluster_name.clone(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
             observed_address: address,
-            credential,
         }))));
         self.flush(out);
         Ok((node_id, conn))
@@ -750,20 +730,14 @@ impl Cluster {
         pb::ClusterHello {
             cluster_name: self.cfg.cluster_name.clone(),
             cluster_location: self.cfg.cluster_location.clone(),
-            cluster_id: s.cluster_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
-            token: self.cfg.token.clone(),
             instances,
             aggregate: Some(aggregate),
-            credential: self.store.root_credential().unwrap_or_default(),
         }
     }
 
-    /// The root's welcome: remember the id it gave us, and the credential that proves it.
+    /// The root's welcome: remember the id it gave us.
     pub fn on_welcome(&self, w: &pb::ClusterWelcome) -> Result<()> {
-        if !w.credential.is_empty() {
-            self.store.set_root_credential(&w.credential)?;
-        }
         let mut s = self.lock();
         if s.cluster_id != w.cluster_id {
             if !s.cluster_id.is_empty() {
@@ -849,7 +823,7 @@ pub async fn serve(
             Ok(id) => id.clone(),
             Err(_) => return,
         };
-        let svc = match netsvc::ClusterNetSvc::open(&c.cfg.data_dir, &c.cfg.root_netsvc_url, &id) {
+        let svc = match netsvc::ClusterNetSvc::open(&c.cfg.data_dir, &c.root_member, &c.cfg.root_netsvc_url, &id) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("cannot open the cluster network service: {e:#}");
@@ -857,7 +831,11 @@ pub async fn serve(
             }
         };
         let _ = c.netsvc.set(svc.clone());
-        if let Err(e) = netsvc::serve_listener(svc, netsvc_l).await {
+        let router = match crate::task::trusted(&c.authority, c.clone()) {
+            Ok(r) => r,
+            Err(e) => return tracing::error!("cluster network service TLS: {e:#}"),
+        };
+        if let Err(e) = netsvc::serve_listener(svc, netsvc_l, router).await {
             tracing::error!("cluster network service stopped: {e:#}");
         }
     });
@@ -871,9 +849,7 @@ pub async fn serve(
         c.end_worker_sessions();
     });
     let mut stop_wait = stop_rx.clone();
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    let grpc = crate::task::trusted(&cluster.authority, cluster.clone())?
         .add_service(pb::worker_registry_server::WorkerRegistryServer::new(workers::Registry {
             cluster: cluster.clone(),
         }))

@@ -42,13 +42,15 @@ pub async fn run(cluster: Arc<Cluster>) {
 }
 
 async fn session(cluster: &Arc<Cluster>) -> Result<()> {
-    let ep = tonic::transport::Endpoint::from_shared(cluster.cfg.root_url.clone())
-        .with_context(|| format!("bad root url {:?}", cluster.cfg.root_url))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    let channel = ep.connect().await.context("connecting")?;
+    let (channel, _) = cluster
+        .root_member
+        .channel(&cluster.cfg.root_url, |ep| {
+            ep.connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+        })
+        .await?;
     let mut client = pb::cluster_registry_client::ClusterRegistryClient::new(channel);
     let (tx, rx) = mpsc::unbounded_channel::<pb::ClusterMessage>();
     tx.send(pb::ClusterMessage { msg: Some(pb::cluster_message::Msg::Hello(cluster.hello())) })

@@ -12,8 +12,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
-/// node id -> SHA-256 (hex) of the credential the cluster gave it.
-const NODE_CREDENTIALS: TableDefinition<&str, &str> = TableDefinition::new("node_credentials");
+/// identity (`node/<id>`, `netmanager/<id>`) -> name: who joined this cluster.
+const MEMBERS: TableDefinition<&str, &str> = TableDefinition::new("members");
 
 pub struct ClusterStore {
     db: Database,
@@ -27,7 +27,7 @@ impl ClusterStore {
         let tx = db.begin_write()?;
         tx.open_table(META)?;
         tx.open_table(NODES)?;
-        tx.open_table(NODE_CREDENTIALS)?;
+        tx.open_table(MEMBERS)?;
         tx.open_table(INSTANCES)?;
         tx.commit()?;
         Ok(Self { db })
@@ -54,15 +54,6 @@ impl ClusterStore {
         self.set_meta("cluster_id", id)
     }
 
-    /// The secret the root gave this cluster's id (sent in every hello; empty before the first welcome).
-    pub fn root_credential(&self) -> Result<String> {
-        self.meta("root_credential")
-    }
-
-    pub fn set_root_credential(&self, secret: &str) -> Result<()> {
-        self.set_meta("root_credential", secret)
-    }
-
     pub fn nodes(&self) -> Result<BTreeMap<String, String>> {
         let rt = self.db.begin_read()?;
         let t = rt.open_table(NODES)?;
@@ -81,32 +72,21 @@ impl ClusterStore {
         Ok(())
     }
 
-    /// The hash of node `id`'s credential (empty: none issued yet).
-    pub fn node_credential_hash(&self, id: &str) -> Result<String> {
-        let rt = self.db.begin_read()?;
-        let t = rt.open_table(NODE_CREDENTIALS)?;
-        Ok(t.get(id)?.map(|v| v.value().to_string()).unwrap_or_default())
-    }
-
-    pub fn set_node_credential_hash(&self, id: &str, hash: &str) -> Result<()> {
+    /// Records a member that joined (`node/<id>` or `netmanager/<id>`).
+    pub fn add_member(&self, identity: &str, name: &str) -> Result<()> {
         let tx = self.db.begin_write()?;
-        tx.open_table(NODE_CREDENTIALS)?.insert(id, hash)?;
+        tx.open_table(MEMBERS)?.insert(identity, name)?;
         tx.commit()?;
         Ok(())
     }
 
-    /// The hash of the worker join token (empty: none yet).
-    pub fn worker_join_hash(&self) -> Result<String> {
-        self.meta("worker_join_hash")
-    }
-
-    pub fn set_worker_join_hash(&self, hash: &str) -> Result<()> {
-        self.set_meta("worker_join_hash", hash)
+    pub fn is_member(&self, identity: &str) -> Result<bool> {
+        let rt = self.db.begin_read()?;
+        Ok(rt.open_table(MEMBERS)?.get(identity)?.is_some())
     }
 
     pub fn remove_node(&self, id: &str) -> Result<()> {
         let tx = self.db.begin_write()?;
-        tx.open_table(NODE_CREDENTIALS)?.remove(id)?;
         tx.open_table(NODES)?.remove(id)?;
         tx.commit()?;
         Ok(())

@@ -15,7 +15,12 @@ use crate::simworker::SimWorker;
 use crate::root::tests::{start as start_root, Harness as RootH};
 
 /// The worker join token of the test clusters.
-pub(crate) const WORKER_TOKEN: &str = "oakw.test-worker-join-secret";
+pub(crate) const WORKER_TOKEN: &str = "testwork.testworkerjoinsecret0123456789";
+
+/// A NodeEngine (or `kind`) of the cluster at `url`, joined with `token` (its certificate in memory).
+fn worker_member(url: &str, kind: &'static str, name: &str, token: &str) -> oak_trust::Member {
+    oak_trust::Member::in_memory(url, oak_trust::CLUSTER_SERVER, kind, name, token)
+}
 
 struct ClusterH {
     cluster: Arc<Cluster>,
@@ -183,7 +188,8 @@ async fn silent_worker(
     url: &str,
     name: &str,
 ) -> (mpsc::UnboundedSender<pb::WorkerMessage>, tonic::Streaming<pb::ClusterToWorker>) {
-    let mut client = pb::worker_registry_client::WorkerRegistryClient::connect(url.to_string()).await.unwrap();
+    let (ch, _) = worker_member(url, "node", name, WORKER_TOKEN).channel(url, |e| e).await.unwrap();
+    let mut client = pb::worker_registry_client::WorkerRegistryClient::new(ch);
     let (tx, rx) = mpsc::unbounded_channel();
     let res = pb::NodeResources {
         cpu_cores: 8,
@@ -197,7 +203,6 @@ async fn silent_worker(
         msg: Some(pb::worker_message::Msg::Hello(pb::WorkerHello {
             node_name: name.into(),
             resources: Some(res),
-            token: WORKER_TOKEN.into(),
             ..Default::default()
         })),
     })
@@ -303,22 +308,24 @@ async fn a_worker_gone_for_long_is_removed_and_its_subnet_released() {
     // the network service runs once the cluster has its id
     poll("cluster network service up", || async { cl.cluster.netsvc.get().is_some() }).await;
     let net = cl.cluster.netsvc.get().unwrap().clone();
-    let subnet = net.lease_subnet("gone", "192.0.2.7", 50103).await.unwrap();
+    let subnet = net.lease_subnet("nm-gone", "gone", "192.0.2.7", 50103).await.unwrap();
     let (tx, _inbound) = silent_worker(&cl.workers_url, "gone").await;
     poll("registered", || async { cl.cluster.live_workers().len() == 1 }).await;
     // silent: down after 0.5 s, removed 0.5 s later, lease released
     poll("worker removed", || async { cl.cluster.live_workers().is_empty() && net.subnet_of("gone").is_none() }).await;
     // the same subnet is free again for a new worker
-    assert_eq!(net.lease_subnet("newcomer", "192.0.2.8", 50103).await.unwrap(), subnet);
+    assert_eq!(net.lease_subnet("nm-new", "newcomer", "192.0.2.8", 50103).await.unwrap(), subnet);
     drop(tx);
     cl.stop().await;
     root.stop().await;
 }
 
-/// One hello to the cluster's worker registry: the welcome, or the reason it was refused.
-async fn hello_as(url: &str, hello: pb::WorkerHello) -> Result<pb::WorkerWelcome, String> {
-    let mut client = pb::worker_registry_client::WorkerRegistryClient::connect(url.to_string()).await.unwrap();
+/// One hello to the cluster's worker registry as `m`: the welcome, or the reason it was refused.
+async fn hello_as(m: &oak_trust::Member, name: &str) -> Result<pb::WorkerWelcome, String> {
+    let (ch, _) = m.channel(&m.url, |e| e).await.map_err(|e| format!("{e:#}"))?;
+    let mut client = pb::worker_registry_client::WorkerRegistryClient::new(ch);
     let (tx, rx) = mpsc::unbounded_channel();
+    let hello = pb::WorkerHello { node_name: name.into(), ..Default::default() };
     tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Hello(hello)) }).unwrap();
     let mut inbound =
         client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
@@ -332,34 +339,39 @@ async fn hello_as(url: &str, hello: pb::WorkerHello) -> Result<pb::WorkerWelcome
 }
 
 #[tokio::test]
-async fn a_worker_proves_its_id_and_strangers_cannot_take_it() {
+async fn a_worker_is_who_its_certificate_names() {
     let dir = tempfile::tempdir().unwrap();
     let root = start_root(&dir.path().join("root")).await;
     let cl = start_cluster(&dir.path().join("cluster"), &root, "edge-t", Duration::from_secs(30)).await;
-    let hello = |id: &str, token: &str, credential: &str| pb::WorkerHello {
-        node_id: id.into(),
-        node_name: "victim".into(),
-        token: token.into(),
-        credential: credential.into(),
-        ..Default::default()
-    };
-    // no token, a wrong token: refused
-    assert!(hello_as(&cl.workers_url, hello("", "", "")).await.unwrap_err().contains("no worker join token"));
-    assert!(hello_as(&cl.workers_url, hello("", "oakw.guess", "")).await.unwrap_err().contains("not this cluster's"));
-    // the real worker joins and gets its id and credential
-    let w = hello_as(&cl.workers_url, hello("", WORKER_TOKEN, "")).await.unwrap();
-    assert!(!w.node_id.is_empty() && !w.credential.is_empty());
-    // its id without its credential is refused, even with the join token; its name alone gets a new id
-    for cred in ["", "guessed"] {
-        let e = hello_as(&cl.workers_url, hello(&w.node_id, WORKER_TOKEN, cred)).await.unwrap_err();
-        assert!(e.contains("credential"), "{e}");
+    let url = cl.workers_url.as_str();
+    // no TLS: no session
+    if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await {
+        let (tx, rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
+        let r = pb::worker_registry_client::WorkerRegistryClient::new(ch)
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await;
+        assert!(r.is_err(), "a plaintext session was answered");
+        drop(tx);
     }
-    let other = hello_as(&cl.workers_url, hello("", WORKER_TOKEN, "")).await.unwrap();
+    // no token, a wrong token: no certificate, nothing registered
+    let e = hello_as(&worker_member(url, "node", "victim", ""), "victim").await.unwrap_err();
+    assert!(e.contains("no join token given"), "{e}");
+    let e = hello_as(&worker_member(url, "node", "victim", "guess.guess"), "victim").await.unwrap_err();
+    assert!(e.contains("not one of this authority's"), "{e}");
+    assert!(cl.cluster.live_workers().is_empty());
+    // the real worker joins: its node id is the one its certificate names
+    let real = worker_member(url, "node", "victim", WORKER_TOKEN);
+    let w = hello_as(&real, "victim").await.unwrap();
+    assert_eq!(w.node_id, real.credentials().unwrap().unwrap().identity.id);
+    // a stranger with the join token and the same name is another worker, never the victim
+    let other = hello_as(&worker_member(url, "node", "victim", WORKER_TOKEN), "victim").await.unwrap();
     assert_ne!(other.node_id, w.node_id, "a worker of the same name is another worker");
-    // with its credential it is welcomed back under its id
-    let back = hello_as(&cl.workers_url, hello(&w.node_id, "", &w.credential)).await.unwrap();
+    // a NetManager's certificate does not open a worker session
+    let e = hello_as(&worker_member(url, "netmanager", "victim", WORKER_TOKEN), "victim").await.unwrap_err();
+    assert!(e.contains("is not a worker's NodeEngine"), "{e}");
+    // the real worker comes back under its id
+    let back = hello_as(&real, "victim").await.unwrap();
     assert_eq!(back.node_id, w.node_id);
-    assert!(back.credential.is_empty(), "a proven worker keeps its credential");
     cl.stop().await;
     root.stop().await;
 }

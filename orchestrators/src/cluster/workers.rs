@@ -36,10 +36,11 @@ impl Tier for Cluster {
     fn accept(
         &self,
         hello: pb::WorkerHello,
+        identity: Option<oak_trust::PeerId>,
         peer: Option<SocketAddr>,
         tx: Outbox<pb::ClusterToWorker>,
     ) -> anyhow::Result<(String, u64)> {
-        self.on_worker_hello(&hello, peer, tx)
+        self.on_worker_hello(&hello, identity, peer, tx)
     }
 
     fn on_message(&self, node: &str, m: pb::WorkerMessage) -> bool {
@@ -74,5 +75,20 @@ impl pb::worker_registry_server::WorkerRegistry for Registry {
         req: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         session::serve(self.cluster.clone(), req).await
+    }
+}
+
+impl oak_trust::Registrar for Cluster {
+    fn kinds(&self) -> &'static [&'static str] {
+        &["node", "netmanager"]
+    }
+
+    /// A new NodeEngine or NetManager: a new id, recorded as a member.
+    fn admit(&self, kind: &str, name: &str, _token_id: &str) -> Result<String, Status> {
+        let id = crate::root::store::new_id();
+        self.store
+            .add_member(&format!("{kind}/{id}"), name)
+            .map_err(|e| Status::internal(format!("recording the member: {e:#}")))?;
+        Ok(id)
     }
 }

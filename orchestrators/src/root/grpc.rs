@@ -36,10 +36,18 @@ impl Tier for Root {
     fn accept(
         &self,
         hello: pb::ClusterHello,
+        identity: Option<oak_trust::PeerId>,
         _peer: Option<SocketAddr>,
         tx: Outbox<pb::RootMessage>,
     ) -> anyhow::Result<(String, u64)> {
-        self.on_hello(&hello, tx)
+        let cid = match identity {
+            Some(p) if p.kind == "cluster" => p.id,
+            Some(p) => anyhow::bail!("registration refused: {p} is not a cluster"),
+            None => anyhow::bail!(
+                "registration refused: no cluster certificate (a cluster joins with the root's join token first)"
+            ),
+        };
+        self.on_hello(&cid, &hello, tx)
     }
 
     fn on_message(&self, cid: &str, m: pb::ClusterMessage) -> bool {

@@ -33,6 +33,9 @@ pub use records::{service_status, AggregateRecord, ApplicationRecord, ClusterRec
 use sessions::Session;
 use store::Store;
 
+/// The name of the root's certificate authority.
+pub const CA_NAME: &str = "oakestra-rs root CA";
+
 /// Root orchestrator settings (see the binary's `--help`).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -50,7 +53,8 @@ pub struct Config {
     pub max_blocks_per_cluster: u32,
     /// Serve the REST API over HTTPS with this certificate chain and key (PEM files); plain HTTP when unset.
     pub tls: Option<TlsFiles>,
-    /// A join token clusters may register with (added at start); None: one is made at first start.
+    /// A join token clusters may join with (added at start); None: one is made at first start. Either
+    /// way the first token is written whole to `<data-dir>/join-token`.
     pub join_token: Option<String>,
 }
 
@@ -64,6 +68,8 @@ pub struct TlsFiles {
 /// Shared state of a running root orchestrator.
 pub struct Root {
     pub store: Store,
+    /// The clusters' certificate authority and join tokens (`<data-dir>/ca`).
+    pub authority: Arc<oak_trust::Authority>,
     /// Overlay address management: worker blocks for clusters, service IPs, cross-cluster resolution.
     pub net: netsvc::RootNetSvc,
     pub auth: Auth,
@@ -89,8 +95,14 @@ impl Root {
         let store = Store::open(&cfg.data_dir)?;
         let auth = Auth::init(&store, &cfg.data_dir, cfg.admin_password.as_deref())?;
         let net = netsvc::RootNetSvc::open(&cfg.data_dir)?;
+        let authority =
+            Arc::new(oak_trust::Authority::open(&cfg.data_dir.join("ca"), CA_NAME, oak_trust::ROOT_SERVER)?);
+        authority
+            .init_tokens(cfg.join_token.as_deref(), &cfg.data_dir.join("join-token"), "clusters")
+            .map_err(|e| anyhow!("--token: {e:#}"))?;
         let root = Arc::new(Self {
             store,
+            authority,
             net,
             auth,
             cfg,
@@ -113,7 +125,6 @@ impl Root {
                 }),
             });
         }
-        root.init_join_tokens(root.cfg.join_token.clone().as_deref())?;
         Ok(root)
     }
 }
@@ -141,7 +152,11 @@ pub async fn serve(
     net_l: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let net_task = tokio::spawn(netsvc::serve_listener(root.net.clone(), net_l));
+    let net_task = tokio::spawn(netsvc::serve_listener(
+        root.net.clone(),
+        net_l,
+        crate::task::trusted(&root.authority, root.clone())?,
+    ));
     tracing::info!(api = %api_l.local_addr()?, grpc = %grpc_l.local_addr()?, data_dir = %root.cfg.data_dir.display(), "root orchestrator listening");
     let stop_rx = root.stopping.subscribe();
     let r1 = root.clone();
@@ -196,7 +211,7 @@ pub async fn serve(
         }
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
-    let grpc = tonic::transport::Server::builder()
+    let grpc = crate::task::trusted(&root.authority, root.clone())?
         .add_service(pb::cluster_registry_server::ClusterRegistryServer::new(grpc::Registry { root: root.clone() }))
         .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
     root.ready.store(true, std::sync::atomic::Ordering::SeqCst);

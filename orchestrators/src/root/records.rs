@@ -203,7 +203,7 @@ pub struct ClusterRecord {
     pub aggregate: AggregateRecord,
     pub registered_ms: u64,
     pub last_seen_ms: u64,
-    /// SHA-256 (hex) of the secret this cluster id was given; its hellos must carry the secret.
+    /// The join token it joined with (its id).
     #[serde(default)]
-    pub credential_hash: String,
+    pub joined_with: String,
 }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::instances::deploy_msg;
 use super::records::{AggregateRecord, ClusterRecord, ServiceRecord};
-use super::store::{self, CLUSTERS, SERVICES};
+use super::store::{CLUSTERS, SERVICES};
 use super::{Outgoing, Root};
 
 pub(super) type Outbox = mpsc::UnboundedSender<Result<pb::RootMessage, tonic::Status>>;
@@ -45,45 +45,22 @@ impl Root {
         }
     }
 
-    /// Registers a cluster session; returns (cluster id, connection number, receiver of root messages).
-    pub fn on_hello(&self, hello: &pb::ClusterHello, tx_out: Outbox) -> Result<(String, u64)> {
+    /// Registers the session of cluster `cid` (the identity its certificate names); returns (cluster id,
+    /// connection number). A second session of a live cluster replaces the first: only the holder of the
+    /// cluster's certificate can open one.
+    pub fn on_hello(&self, cid: &str, hello: &pb::ClusterHello, tx_out: Outbox) -> Result<(String, u64)> {
         if hello.cluster_name.is_empty() || hello.cluster_name.len() > 128 {
             return Err(anyhow!("cluster_name must be 1..128 characters"));
         }
         let conn = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut out = Outgoing::new();
-        let (cid, credential) = self.store.update(|tx| {
-            let known: Vec<ClusterRecord> = tx.list(CLUSTERS)?;
-            let valid_id = hello.cluster_id.len() == 24 && hello.cluster_id.bytes().all(|b| b.is_ascii_hexdigit());
-            let existing = known.iter().find(|c| c.cluster_id == hello.cluster_id && !hello.cluster_id.is_empty());
-            // Who may use which id: a cluster id that has a credential only with that credential (a join
-            // token does not let anyone take over a registered cluster); a new id (or one registered before
-            // credentials existed) only with a valid join token, and then it gets a credential.
-            let proven = existing.is_some_and(|c| super::join::proves(&hello.credential, &c.credential_hash));
-            if !proven {
-                if let Some(c) = existing.filter(|c| !c.credential_hash.is_empty()) {
-                    return Ok(Err(anyhow!(
-                        "cluster {} ({}) is registered with a credential this hello does not carry: only that \
-                         cluster may use its id",
-                        c.cluster_id,
-                        c.cluster_name
-                    )));
-                }
-                if let Err(e) = self.check_join_token(&hello.token) {
-                    return Ok(Err(anyhow!("registration refused: {e}")));
-                }
-            }
-            let cid = match existing {
-                Some(c) if proven || c.cluster_name == hello.cluster_name => c.cluster_id.clone(),
-                None if valid_id => hello.cluster_id.clone(),
-                _ => store::new_id(),
-            };
-            let now = oak_proto::now_ms();
-            let prev = known.iter().find(|c| c.cluster_id == cid);
-            let (credential, credential_hash) = if proven {
-                (String::new(), prev.map(|p| p.credential_hash.clone()).unwrap_or_default())
-            } else {
-                super::join::new_credential()
+        let cid = cid.to_string();
+        self.store.update(|tx| {
+            let Some(prev) = tx.get::<ClusterRecord>(CLUSTERS, &cid)? else {
+                return Ok(Err(anyhow!(
+                    "cluster {cid} is not registered at this root (its record was removed): remove the cluster's \
+                     <data-dir>/identity and join again with a join token"
+                )));
             };
             let rec = ClusterRecord {
                 cluster_id: cid.clone(),
@@ -91,19 +68,17 @@ impl Root {
                 cluster_location: hello.cluster_location.clone(),
                 version: hello.version.clone(),
                 aggregate: hello.aggregate.as_ref().map(AggregateRecord::from).unwrap_or_default(),
-                registered_ms: prev.map(|p| p.registered_ms).unwrap_or(now),
-                last_seen_ms: now,
-                credential_hash,
+                last_seen_ms: oak_proto::now_ms(),
+                ..prev
             };
             tx.put(CLUSTERS, &cid, &rec)?;
-            Ok(Ok((cid, credential)))
+            Ok(Ok(()))
         })??;
         // Welcome goes first on the new session.
         let _ = tx_out.send(Ok(pb::RootMessage {
             msg: Some(pb::root_message::Msg::Welcome(pb::ClusterWelcome {
                 cluster_id: cid.clone(),
                 report_interval_ms: self.cfg.report_interval_ms,
-                credential,
             })),
         }));
         self.sessions.lock().insert(cid.clone(), Session { conn, tx: tx_out, last_seen: Instant::now() });

@@ -13,7 +13,6 @@ pub const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("service
 pub const CLUSTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("clusters");
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Join tokens clusters register with (hashed).
-pub const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
 /// Revoked token ids (logged out, or refresh tokens used once) with their expiry.
 pub const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked_tokens");
 
@@ -74,7 +73,7 @@ impl Store {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("making {} private (0600)", path.display()))?;
         let tx = db.begin_write()?;
-        for t in [USERS, APPLICATIONS, SERVICES, CLUSTERS, META, REVOKED, JOIN_TOKENS] {
+        for t in [USERS, APPLICATIONS, SERVICES, CLUSTERS, META, REVOKED] {
             tx.open_table(t)?;
         }
         tx.commit()?;

@@ -10,7 +10,21 @@ use serde_json::{json, Value};
 use super::{Config, Root};
 
 /// The join token of the test roots (clusters of the tests register with it).
-pub(crate) const JOIN_TOKEN: &str = "oakj.testjoin.test-join-secret-0123456789abcdef";
+pub(crate) const JOIN_TOKEN: &str = "testjoin.testjoinsecret0123456789abcdef";
+
+/// A cluster that joins the root at `url` with `token` (its certificate kept in memory).
+pub(crate) fn member(url: &str, token: &str) -> oak_trust::Member {
+    oak_trust::Member::in_memory(url, oak_trust::ROOT_SERVER, "cluster", "test", token)
+}
+
+/// The ClusterRegistry client of `m` at `url` (joining first if it has not).
+pub(crate) async fn registry(
+    m: &oak_trust::Member,
+    url: &str,
+) -> Result<pb::cluster_registry_client::ClusterRegistryClient<tonic::transport::Channel>, String> {
+    let (ch, _) = m.channel(url, |e| e).await.map_err(|e| format!("{e:#}"))?;
+    Ok(pb::cluster_registry_client::ClusterRegistryClient::new(ch))
+}
 
 /// A real root on port-0 listeners (also used by the cluster orchestrator's tests).
 pub(crate) struct Harness {
@@ -224,20 +238,18 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
         arch: vec!["amd64".into()],
         ..Default::default()
     };
-    let hello = |id: &str, credential: &str| pb::ClusterMessage {
+    let hello = || pb::ClusterMessage {
         msg: Some(pb::cluster_message::Msg::Hello(pb::ClusterHello {
             cluster_name: "c1".into(),
             cluster_location: "48.1,11.5,1000".into(),
-            cluster_id: id.into(),
             aggregate: Some(agg.clone()),
-            token: JOIN_TOKEN.into(),
-            credential: credential.into(),
             ..Default::default()
         })),
     };
-    let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
+    let c1 = member(&h.grpc, JOIN_TOKEN);
+    let mut client = registry(&c1, &h.grpc).await.unwrap();
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
-    ctx.send(hello("", "")).unwrap();
+    ctx.send(hello()).unwrap();
     let mut inbound =
         client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx)).await.unwrap().into_inner();
     let Some(pb::root_message::Msg::Welcome(w)) = inbound.message().await.unwrap().unwrap().msg else {
@@ -315,28 +327,43 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     let (_, cl) = h.req(reqwest::Method::GET, "/api/clusters/", None).await;
     assert_eq!(cl[0]["cluster_id"], cid.as_str());
     assert_eq!(cl[0]["active"], false);
-    let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
-    // an impostor naming the cluster's id, with the join token but not the cluster's credential, is refused
-    for credential in ["", "guessed"] {
+    // an impostor without TLS gets no session; one with the join token becomes another cluster, never c1
+    let plain = tonic::transport::Endpoint::from_shared(h.grpc.clone()).unwrap().connect().await;
+    if let Ok(ch) = plain {
         let (itx, irx) = tokio::sync::mpsc::unbounded_channel();
-        itx.send(hello(&cid, credential)).unwrap();
-        let mut answer =
-            client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(irx)).await.unwrap().into_inner();
-        let Some(pb::root_message::Msg::Rejected(r)) = answer.message().await.unwrap().unwrap().msg else {
-            panic!("an impostor was welcomed")
-        };
-        assert!(r.reason.contains("credential"), "{}", r.reason);
+        itx.send(hello()).unwrap();
+        let r = pb::cluster_registry_client::ClusterRegistryClient::new(ch)
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(irx))
+            .await;
+        assert!(r.is_err(), "a plaintext session was answered");
     }
-    assert!(!w.credential.is_empty(), "the first welcome carries the cluster's credential");
+    let impostor = member(&h.grpc, JOIN_TOKEN);
+    let (itx, irx) = tokio::sync::mpsc::unbounded_channel();
+    // (with no capacity, so the unplaced instance still waits for c1)
+    let bare = pb::ClusterHello { cluster_name: "c1".into(), ..Default::default() };
+    itx.send(pb::ClusterMessage { msg: Some(pb::cluster_message::Msg::Hello(bare)) }).unwrap();
+    let mut answer = registry(&impostor, &h.grpc)
+        .await
+        .unwrap()
+        .session(tokio_stream::wrappers::UnboundedReceiverStream::new(irx))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::root_message::Msg::Welcome(wi)) = answer.message().await.unwrap().unwrap().msg else {
+        panic!("no welcome")
+    };
+    assert_ne!(wi.cluster_id, cid, "a join token makes a new cluster, never an existing one");
+    drop((itx, answer));
+    // the real cluster comes back with its certificate
+    let mut client = registry(&c1, &h.grpc).await.unwrap();
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
-    ctx.send(hello(&cid, &w.credential)).unwrap();
+    ctx.send(hello()).unwrap();
     let mut inbound =
         client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(crx)).await.unwrap().into_inner();
     let Some(pb::root_message::Msg::Welcome(w2)) = inbound.message().await.unwrap().unwrap().msg else {
         panic!("no welcome")
     };
     assert_eq!(w2.cluster_id, cid);
-    assert!(w2.credential.is_empty(), "a proven cluster keeps its credential");
     // registration triggers a retry of the unplaced instance -> Deploy again
     let Some(pb::root_message::Msg::Deploy(d)) = inbound.message().await.unwrap().unwrap().msg else {
         panic!("no redeploy")
@@ -539,20 +566,22 @@ async fn only_registered_clusters_lease_worker_blocks_up_to_their_quota() {
     use oak_proto::net::v1 as net;
     let dir = tempfile::tempdir().unwrap();
     let h = start(dir.path()).await;
-    let mut sm = net::root_net_service_client::RootNetServiceClient::connect(h.net.clone()).await.unwrap();
     let lease = |cid: String| net::LeaseBlockRequest { cluster_id: cid };
-    let e = sm.lease_block(lease("000000000000000000000000".into())).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    assert!(e.message().contains("not registered"), "{}", e.message());
-
-    // a registered cluster leases up to its quota (2 in this harness), then is told why not
-    let mut client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
+    // without TLS: no answer
+    if let Ok(ch) = tonic::transport::Endpoint::from_shared(h.net.clone()).unwrap().connect().await {
+        let r = net::root_net_service_client::RootNetServiceClient::new(ch).lease_block(lease(String::new())).await;
+        assert!(r.is_err(), "a plaintext lease was answered");
+    }
+    // a joined cluster leases up to its quota (2 in this harness), then is told why not
+    let q1 = member(&h.grpc, JOIN_TOKEN);
+    let mut client = registry(&q1, &h.grpc).await.unwrap();
+    let (ch, creds) = q1.channel(&h.net, |e| e).await.unwrap();
+    let mut sm = net::root_net_service_client::RootNetServiceClient::new(ch);
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
     ctx.send(pb::ClusterMessage {
         msg: Some(pb::cluster_message::Msg::Hello(pb::ClusterHello {
             cluster_name: "q1".into(),
             cluster_location: "48.1,11.5,1000".into(),
-            token: JOIN_TOKEN.into(),
             ..Default::default()
         })),
     })
@@ -562,6 +591,10 @@ async fn only_registered_clusters_lease_worker_blocks_up_to_their_quota() {
     let Some(pb::root_message::Msg::Welcome(w)) = inbound.message().await.unwrap().unwrap().msg else {
         panic!("no welcome")
     };
+    assert_eq!(w.cluster_id, creds.identity.id);
+    // it cannot lease for another cluster
+    let e = sm.lease_block(lease("000000000000000000000000".into())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     let a = sm.lease_block(lease(w.cluster_id.clone())).await.unwrap().into_inner();
     let b = sm.lease_block(lease(w.cluster_id.clone())).await.unwrap().into_inner();
     assert_ne!(a.block, b.block);
@@ -631,15 +664,15 @@ async fn the_api_serves_https_with_a_given_certificate() {
 async fn new_clusters_need_a_valid_join_token() {
     let dir = tempfile::tempdir().unwrap();
     let h = start(dir.path()).await;
-    let client = pb::cluster_registry_client::ClusterRegistryClient::connect(h.grpc.clone()).await.unwrap();
+    let grpc = h.grpc.clone();
     let register = |token: String| {
-        let mut client = client.clone();
+        let (m, url) = (member(&grpc, &token), grpc.clone());
         async move {
+            let mut client = registry(&m, &url).await?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             tx.send(pb::ClusterMessage {
                 msg: Some(pb::cluster_message::Msg::Hello(pb::ClusterHello {
                     cluster_name: "j1".into(),
-                    token,
                     ..Default::default()
                 })),
             })
@@ -656,9 +689,9 @@ async fn new_clusters_need_a_valid_join_token() {
         }
     };
     assert!(register(String::new()).await.unwrap_err().contains("no join token given"));
-    assert!(register("oakj.nosuchid.secret".into()).await.unwrap_err().contains("not one of this root's"));
+    assert!(register("nosuchid.secret".into()).await.unwrap_err().contains("not one of this authority's"));
     let forged = JOIN_TOKEN.replace("secret", "sekret");
-    assert!(register(forged).await.unwrap_err().contains("not one of this root's"));
+    assert!(register(forged).await.unwrap_err().contains("not one of this authority's"));
     assert_eq!(register(JOIN_TOKEN.into()).await.unwrap().len(), 24);
 
     // the Admin makes and revokes tokens; the secret is shown once, never listed

@@ -36,6 +36,9 @@ struct Lease {
     subnet: Ipv4Net,
     public_ip: String,
     tunnel_port: u32,
+    /// The NetManager that leased it (its id, from its certificate): only it may use or release it.
+    #[serde(default)]
+    owner: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -80,9 +83,9 @@ fn update(u: pb::net_update::Update) -> pb::NetUpdate {
 }
 
 impl ClusterNetSvc {
-    /// Open `<data_dir>/net.redb`; `root_netsvc_url` like "http://root:10099" (empty = no root, tests only:
-    /// then no block can be leased).
-    pub fn open(data_dir: &Path, root_netsvc_url: &str, cluster_id: &str) -> Result<Self> {
+    /// Open `<data_dir>/net.redb`; `root_netsvc_url` like "http://root:10099", called as `member` (the
+    /// cluster, joined); empty: no root (tests only: then no block can be leased).
+    pub fn open(data_dir: &Path, member: &oak_trust::Member, root_netsvc_url: &str, cluster_id: &str) -> Result<Self> {
         let state = Persisted::open(&data_dir.join("net.redb"))?;
         let root = if root_netsvc_url.is_empty() {
             None
@@ -92,11 +95,10 @@ impl ClusterNetSvc {
             } else {
                 format!("http://{root_netsvc_url}")
             };
-            let ep = tonic::transport::Endpoint::from_shared(url.clone())
-                .with_context(|| format!("bad root network service url {url:?}"))?
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(10));
-            Some(RootNetServiceClient::new(ep.connect_lazy()))
+            let ch = member
+                .lazy_channel(&url, |ep| ep.connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(10)))
+                .with_context(|| format!("the root network service {url}"))?;
+            Some(RootNetServiceClient::new(ch))
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -139,13 +141,45 @@ impl ClusterNetSvc {
         s.blocks.iter().flat_map(|b| b.subnets(WORKER_PREFIX).expect("prefix")).find(|n| !used.contains(n))
     }
 
-    /// Lease (or return the existing) /26 of `node`.
-    pub async fn lease_subnet(&self, node: &str, public_ip: &str, tunnel_port: u32) -> Result<Ipv4Net> {
-        if node.is_empty() {
-            bail!("node is empty");
+    /// Lease (or return the existing) /26 of `node` to NetManager `owner`: a node's subnet stays with the
+    /// NetManager that leased it first, and a NetManager holds one subnet (one worker).
+    pub async fn lease_subnet(
+        &self,
+        owner: &str,
+        node: &str,
+        public_ip: &str,
+        tunnel_port: u32,
+    ) -> Result<Ipv4Net, Status> {
+        if node.is_empty() || node.len() > 128 {
+            return Err(Status::invalid_argument("node must be 1..128 characters"));
         }
+        {
+            let s = self.inner.state.lock();
+            if let Some(l) = s.leases.get(node).filter(|l| !l.owner.is_empty() && l.owner != owner) {
+                return Err(Status::permission_denied(format!(
+                    "the subnet of node {node} is held by netmanager/{}, not netmanager/{owner}",
+                    l.owner
+                )));
+            }
+            if let Some((other, _)) = s.leases.iter().find(|(n, l)| l.owner == owner && n.as_str() != node) {
+                return Err(Status::resource_exhausted(format!(
+                    "netmanager/{owner} already holds the subnet of node {other}: one worker subnet per NetManager"
+                )));
+            }
+        }
+        self.lease_for(owner, node, public_ip, tunnel_port)
+            .await
+            .map_err(|e| Status::resource_exhausted(format!("{e:#}")))
+    }
+
+    async fn lease_for(&self, owner: &str, node: &str, public_ip: &str, tunnel_port: u32) -> Result<Ipv4Net> {
         let _g = self.inner.lease_lock.lock().await;
-        let lease = Lease { subnet: "0.0.0.0/26".parse()?, public_ip: public_ip.to_string(), tunnel_port };
+        let lease = Lease {
+            subnet: "0.0.0.0/26".parse()?,
+            public_ip: public_ip.to_string(),
+            tunnel_port,
+            owner: owner.to_string(),
+        };
         let existing = {
             let s = self.inner.state.lock();
             s.leases.get(node).map(|l| l.subnet).or_else(|| Self::free_subnet(&s).map(|_| Ipv4Net::default()))
@@ -174,7 +208,9 @@ impl ClusterNetSvc {
         let (subnet, changed) = self.mutate(|s| {
             let subnet = match s.leases.get(node) {
                 Some(l) => l.subnet,
-                None => Self::free_subnet(s).context("no free worker subnet")?,
+                None => Self::free_subnet(s).with_context(|| {
+                    format!("worker subnet pool of this cluster exhausted ({} blocks)", s.blocks.len())
+                })?,
             };
             let new = Lease { subnet, ..lease };
             let changed = s.leases.get(node) != Some(&new);
@@ -319,11 +355,29 @@ impl ClusterNetSvc {
         }
     }
 
-    pub async fn register_instance(&self, mut inst: pb::InstanceAddress) -> Result<()> {
+    /// The subnet NetManager `owner` holds.
+    fn subnet_owned_by(&self, owner: &str) -> Option<Ipv4Net> {
+        self.inner.state.lock().leases.values().find(|l| l.owner == owner).map(|l| l.subnet)
+    }
+
+    /// Records an instance of NetManager `owner`'s worker: its address must be in that worker's subnet.
+    pub async fn register_instance(&self, owner: &str, mut inst: pb::InstanceAddress) -> Result<()> {
         if inst.service_id.is_empty() || inst.job_name.is_empty() {
             bail!("service_id and job_name are required");
         }
-        inst.ns_ip.parse::<Ipv4Addr>().with_context(|| format!("ns_ip {:?} is not an IPv4 address", inst.ns_ip))?;
+        let ip: Ipv4Addr =
+            inst.ns_ip.parse().with_context(|| format!("ns_ip {:?} is not an IPv4 address", inst.ns_ip))?;
+        let subnet =
+            self.subnet_owned_by(owner).with_context(|| format!("netmanager/{owner} holds no worker subnet"))?;
+        if !subnet.contains(&ip) {
+            bail!("ns_ip {ip} is not in {subnet}, the subnet of netmanager/{owner}");
+        }
+        let k = instance_key(&inst.service_id, inst.instance_number);
+        if let Some(other) = self.inner.state.lock().instances.get(&k).filter(|o| o.worker_subnet != subnet.to_string())
+        {
+            bail!("instance {k} is registered in {}, another worker's subnet", other.worker_subnet);
+        }
+        inst.worker_subnet = subnet.to_string();
         inst.cluster_id = self.inner.cluster_id.clone();
         let rec = InstanceRec::from_pb(&inst);
         self.mutate(|s| {
@@ -339,8 +393,16 @@ impl ClusterNetSvc {
         Ok(())
     }
 
-    pub async fn deregister_instance(&self, key: pb::InstanceKey) -> Result<()> {
-        let removed = self.mutate(|s| Ok(s.instances.remove(&instance_key(&key.service_id, key.instance_number))))?;
+    /// Forgets an instance of NetManager `owner`'s worker (another worker's stays).
+    pub async fn deregister_instance(&self, owner: &str, key: pb::InstanceKey) -> Result<()> {
+        let subnet = self.subnet_owned_by(owner).map(|s| s.to_string()).unwrap_or_default();
+        let k = instance_key(&key.service_id, key.instance_number);
+        let removed = self.mutate(|s| {
+            if let Some(other) = s.instances.get(&k).filter(|o| o.worker_subnet != subnet) {
+                bail!("instance {k} is registered in {}, not in the subnet of netmanager/{owner}", other.worker_subnet);
+            }
+            Ok(s.instances.remove(&k))
+        })?;
         if let Some(root) = self.inner.root.clone() {
             if let Err(e) = root.clone().deregister_instance(key.clone()).await {
                 tracing::warn!(error = %e.message(), "could not forward instance removal to root");
@@ -414,29 +476,42 @@ impl ClusterNetService for ClusterNetSvc {
         &self,
         req: Request<pb::LeaseSubnetRequest>,
     ) -> Result<Response<pb::LeaseSubnetReply>, Status> {
+        let owner = oak_trust::require(&req, "netmanager")?;
         let r = req.into_inner();
-        let subnet = self
-            .lease_subnet(&r.node, &r.public_ip, r.tunnel_port)
-            .await
-            .map_err(|e| Status::resource_exhausted(format!("{e:#}")))?;
+        let subnet = self.lease_subnet(&owner, &r.node, &r.public_ip, r.tunnel_port).await?;
         Ok(Response::new(pb::LeaseSubnetReply {
             subnet: subnet.to_string(),
             cluster_id: self.inner.cluster_id.clone(),
         }))
     }
     async fn release_subnet(&self, req: Request<pb::ReleaseSubnetRequest>) -> Result<Response<pb::Ack>, Status> {
-        self.release_worker(&req.into_inner().node).map_err(|e| Status::internal(format!("{e:#}")))?;
+        let owner = oak_trust::require(&req, "netmanager")?;
+        let node = req.into_inner().node;
+        if let Some(l) = self.inner.state.lock().leases.get(&node).filter(|l| l.owner != owner) {
+            return Err(Status::permission_denied(format!(
+                "the subnet of node {node} is held by netmanager/{}, not netmanager/{owner}",
+                l.owner
+            )));
+        }
+        self.release_worker(&node).map_err(|e| Status::internal(format!("{e:#}")))?;
         Ok(Response::new(pb::Ack {}))
     }
     async fn register_instance(&self, req: Request<pb::InstanceAddress>) -> Result<Response<pb::Ack>, Status> {
-        self.register_instance(req.into_inner()).await.map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let owner = oak_trust::require(&req, "netmanager")?;
+        self.register_instance(&owner, req.into_inner())
+            .await
+            .map_err(|e| Status::permission_denied(format!("{e:#}")))?;
         Ok(Response::new(pb::Ack {}))
     }
     async fn deregister_instance(&self, req: Request<pb::InstanceKey>) -> Result<Response<pb::Ack>, Status> {
-        self.deregister_instance(req.into_inner()).await.map_err(|e| Status::internal(format!("{e:#}")))?;
+        let owner = oak_trust::require(&req, "netmanager")?;
+        self.deregister_instance(&owner, req.into_inner())
+            .await
+            .map_err(|e| Status::permission_denied(format!("{e:#}")))?;
         Ok(Response::new(pb::Ack {}))
     }
     async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveReply>, Status> {
+        let caller = oak_trust::require(&req, "netmanager")?;
         let r = req.into_inner();
         if r.job_name.is_empty() && r.service_ip.is_empty() {
             return Err(Status::invalid_argument("resolve needs job_name or service_ip"));
@@ -444,8 +519,9 @@ impl ClusterNetService for ClusterNetSvc {
         let service =
             self.resolve(&r.job_name, &r.service_ip).await.map_err(|e| Status::unavailable(format!("{e:#}")))?;
         if let (Some(svc), false) = (&service, r.subscriber.is_empty()) {
+            // the caller's own subscription (the subscriber field only says it wants pushes)
             for s in self.inner.subs.lock().values_mut() {
-                if s.node == r.subscriber {
+                if s.node == caller {
                     s.interests.insert(svc.service_id.clone(), svc.job_name.clone());
                 }
             }
@@ -456,7 +532,8 @@ impl ClusterNetService for ClusterNetSvc {
     type SubscribeStream = UpdateStream;
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<UpdateStream>, Status> {
-        let node = req.into_inner().node;
+        // subscriptions are keyed by the caller's identity, not by a name it sends
+        let node = oak_trust::require(&req, "netmanager")?;
         let initial = self.inner.state.lock().leases.len() + self.inner.foreign.lock().len();
         let (tx, rx) = mpsc::channel(1024 + initial);
         for l in self.inner.state.lock().leases.values() {
@@ -480,9 +557,13 @@ impl ClusterNetService for ClusterNetSvc {
 
 /// Serves on a bound listener until the process ends (tests bind port 0 first), following the root's
 /// changes meanwhile.
-pub async fn serve_listener(svc: ClusterNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
+pub async fn serve_listener(
+    svc: ClusterNetSvc,
+    listener: tokio::net::TcpListener,
+    trust: tonic::transport::server::Router,
+) -> Result<()> {
     let _watch = svc.spawn_root_watch().map(crate::task::AbortOnDrop);
-    let router = tonic::transport::Server::builder().add_service(svc.grpc());
+    let router = trust.add_service(svc.grpc());
     crate::task::serve_grpc("cluster network service", router, listener).await
 }
 
@@ -490,24 +571,68 @@ pub async fn serve_listener(svc: ClusterNetSvc, listener: tokio::net::TcpListene
 mod tests {
     use super::*;
     use crate::root::netsvc::RootNetSvc;
+    use crate::testing::Admit;
+    use oak_trust::{Authority, Member};
 
-    async fn setup() -> (tempfile::TempDir, RootNetSvc, String) {
+    struct Root {
+        url: String,
+        authority: Arc<Authority>,
+    }
+
+    async fn setup() -> (tempfile::TempDir, RootNetSvc, Root) {
         let dir = tempfile::tempdir().unwrap();
-        let root = RootNetSvc::open(&dir.path().join("root")).unwrap();
+        let authority =
+            Arc::new(Authority::open(&dir.path().join("root/ca"), "root CA", oak_trust::ROOT_SERVER).unwrap());
+        let svc = RootNetSvc::open(&dir.path().join("root")).unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
-        tokio::spawn(crate::root::netsvc::serve_listener(root.clone(), l));
-        (dir, root, url)
+        let trust = crate::task::trusted(&authority, Arc::new(Admit(&["cluster"]))).unwrap();
+        tokio::spawn(crate::root::netsvc::serve_listener(svc.clone(), l, trust));
+        (dir, svc, Root { url, authority })
+    }
+
+    /// A cluster that joined `root` (its certificate in `<dir>/identity`): its member and id.
+    async fn join(dir: &Path, root: &Root) -> (Member, String) {
+        let (token, _) = root.authority.tokens.create(&root.authority.pin(), 0, "").unwrap();
+        let m = Member::new(&root.url, oak_trust::ROOT_SERVER, "cluster", "c", &token, dir.join("identity"));
+        let id = m.ensure_joined().await.unwrap().identity.id;
+        (m, id)
+    }
+
+    async fn open_cluster(dir: &Path, root: &Root) -> (ClusterNetSvc, String) {
+        let (m, id) = join(dir, root).await;
+        (ClusterNetSvc::open(dir, &m, &root.url, &id).unwrap(), id)
+    }
+
+    /// Serves `c` with its own CA; a NetManager of it (joined) as a gRPC client, and its id.
+    async fn serve_cluster(dir: &Path, c: &ClusterNetSvc) -> (Arc<Authority>, String) {
+        let a = Arc::new(Authority::open(&dir.join("ca"), "cluster CA", oak_trust::CLUSTER_SERVER).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let trust = crate::task::trusted(&a, Arc::new(Admit(&["node", "netmanager"]))).unwrap();
+        tokio::spawn(serve_listener(c.clone(), l, trust));
+        (a, url)
+    }
+
+    async fn netmanager(
+        a: &Authority,
+        url: &str,
+        kind: &'static str,
+    ) -> (pb::cluster_net_service_client::ClusterNetServiceClient<Channel>, String) {
+        let (token, _) = a.tokens.create(&a.pin(), 0, "").unwrap();
+        let m = Member::in_memory(url, oak_trust::CLUSTER_SERVER, kind, "w", &token);
+        let (ch, c) = m.channel(url, |e| e).await.unwrap();
+        (pb::cluster_net_service_client::ClusterNetServiceClient::new(ch), c.identity.id)
     }
 
     #[tokio::test]
     async fn worker_leases_no_overlap_persist_and_release() {
-        let (dir, _root, url) = setup().await;
+        let (dir, _root, root) = setup().await;
         let cdir = dir.path().join("cluster");
-        let c = ClusterNetSvc::open(&cdir, &url, "c1").unwrap();
+        let (c, id) = open_cluster(&cdir, &root).await;
         let mut seen = HashSet::new();
         for i in 0..20 {
-            let n = c.lease_subnet(&format!("w{i}"), "192.0.2.1", 50103).await.unwrap();
+            let n = c.lease_subnet(&format!("o{i}"), &format!("w{i}"), "192.0.2.1", 50103).await.unwrap();
             assert_eq!(n.prefix_len(), 26);
             assert!(seen.insert(n), "subnet {n} handed out twice");
         }
@@ -515,35 +640,53 @@ mod tests {
         assert!(seen.contains(&"10.18.4.0/26".parse().unwrap()));
         let w3 = c.subnet_of("w3").unwrap();
         drop(c);
-        let c = ClusterNetSvc::open(&cdir, &url, "c1").unwrap();
-        assert_eq!(c.lease_subnet("w3", "192.0.2.1", 50103).await.unwrap(), w3);
+        let m = Member::new(&root.url, oak_trust::ROOT_SERVER, "cluster", "c", "", cdir.join("identity"));
+        let c = ClusterNetSvc::open(&cdir, &m, &root.url, &id).unwrap();
+        assert_eq!(c.lease_subnet("o3", "w3", "192.0.2.1", 50103).await.unwrap(), w3);
+        // another NetManager cannot take w3's subnet, nor hold a second one
+        let e = c.lease_subnet("o4", "w3", "192.0.2.1", 50103).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("held by netmanager/o3"), "{}", e.message());
+        let e = c.lease_subnet("o3", "w99", "192.0.2.1", 50103).await.unwrap_err();
+        assert!(e.message().contains("one worker subnet per NetManager"), "{}", e.message());
         c.release_worker("w3").unwrap();
         assert!(c.subnet_of("w3").is_none());
-        let again = c.lease_subnet("new", "192.0.2.9", 50103).await.unwrap();
+        let again = c.lease_subnet("onew", "new", "192.0.2.9", 50103).await.unwrap();
         assert_eq!(again, w3, "released subnet is reused");
     }
 
-    /// A root and two clusters under it; cluster 1 served (its URL returned, its root watch running).
-    async fn two_clusters() -> (tempfile::TempDir, RootNetSvc, ClusterNetSvc, ClusterNetSvc, String) {
-        let (dir, root, url) = setup().await;
-        let c1 = ClusterNetSvc::open(&dir.path().join("c1"), &url, "c1").unwrap();
-        let c2 = ClusterNetSvc::open(&dir.path().join("c2"), &url, "c2").unwrap();
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c1_url = format!("http://{}", l.local_addr().unwrap());
-        tokio::spawn(serve_listener(c1.clone(), l));
-        (dir, root, c1, c2, c1_url)
+    /// A root and two clusters under it; cluster 1 served (its root watch running) and one of its
+    /// NetManagers joined (a client, and its id); the clusters' ids.
+    struct TwoClusters {
+        _dir: tempfile::TempDir,
+        root: RootNetSvc,
+        c1: ClusterNetSvc,
+        c2: ClusterNetSvc,
+        ids: (String, String),
+        client: pb::cluster_net_service_client::ClusterNetServiceClient<Channel>,
+        nm: String,
+        c1_authority: Arc<Authority>,
+        c1_url: String,
+    }
+
+    async fn two_clusters() -> TwoClusters {
+        let (dir, svc, root) = setup().await;
+        let (c1, id1) = open_cluster(&dir.path().join("c1"), &root).await;
+        let (c2, id2) = open_cluster(&dir.path().join("c2"), &root).await;
+        let (c1_authority, c1_url) = serve_cluster(&dir.path().join("c1"), &c1).await;
+        let (client, nm) = netmanager(&c1_authority, &c1_url, "netmanager").await;
+        TwoClusters { _dir: dir, root: svc, c1, c2, ids: (id1, id2), client, nm, c1_authority, c1_url }
     }
 
     #[tokio::test]
     async fn changes_in_another_cluster_are_pushed_to_interested_subscribers() {
         use futures::StreamExt;
-        let (_dir, root, c1, c2, c1_url) = two_clusters().await;
+        let TwoClusters { _dir, root, c1, c2, ids, mut client, nm, .. } = two_clusters().await;
         let (rr, _) = root.allocate_service_ips("s1", "app.ns.web.ns").unwrap();
-        let n1 = c1.lease_subnet("n1", "192.0.2.1", 50103).await.unwrap();
-        let n2 = c2.lease_subnet("n2", "192.0.2.2", 50103).await.unwrap();
+        let n1 = c1.lease_subnet(&nm, "n1", "192.0.2.1", 50103).await.unwrap();
+        let n2 = c2.lease_subnet("o2", "n2", "192.0.2.2", 50103).await.unwrap();
         assert_ne!(n1, n2, "clusters get disjoint blocks");
 
-        let mut client = pb::cluster_net_service_client::ClusterNetServiceClient::connect(c1_url).await.unwrap();
         let mut updates = client.subscribe(pb::SubscribeRequest { node: "n1".into() }).await.unwrap().into_inner();
         let first = updates.next().await.unwrap().unwrap();
         assert!(matches!(first.update, Some(pb::net_update::Update::RouteAdded(ref r)) if r.subnet == n1.to_string()));
@@ -559,16 +702,19 @@ mod tests {
         assert!(r.found);
         assert!(r.service.unwrap().instances.is_empty());
 
-        c2.register_instance(pb::InstanceAddress {
-            service_id: "s1".into(),
-            job_name: "app.ns.web.ns".into(),
-            instance_number: 3,
-            ns_ip: n2.hosts().nth(1).unwrap().to_string(),
-            worker_ip: "192.0.2.2".into(),
-            worker_port: 50103,
-            cluster_id: String::new(),
-            worker_subnet: n2.to_string(),
-        })
+        c2.register_instance(
+            "o2",
+            pb::InstanceAddress {
+                service_id: "s1".into(),
+                job_name: "app.ns.web.ns".into(),
+                instance_number: 3,
+                ns_ip: n2.hosts().nth(1).unwrap().to_string(),
+                worker_ip: "192.0.2.2".into(),
+                worker_port: 50103,
+                cluster_id: String::new(),
+                worker_subnet: n2.to_string(),
+            },
+        )
         .await
         .unwrap();
         let pushed = tokio::time::timeout(Duration::from_secs(10), async {
@@ -583,19 +729,18 @@ mod tests {
         .expect("change in cluster c2 pushed to the subscriber of c1");
         assert_eq!(pushed.rr_ip, rr.to_string());
         assert_eq!(pushed.instances.len(), 1);
-        assert_eq!(pushed.instances[0].cluster_id, "c2");
+        assert_eq!(pushed.instances[0].cluster_id, ids.1);
         assert_eq!(pushed.instances[0].worker_subnet, n2.to_string());
     }
 
     #[tokio::test]
     async fn worker_routes_cross_clusters_through_the_root() {
         use futures::StreamExt;
-        let (_dir, root, c1, c2, c1_url) = two_clusters().await;
-        let n1 = c1.lease_subnet("n1", "192.0.2.1", 50103).await.unwrap();
-        let mut client = pb::cluster_net_service_client::ClusterNetServiceClient::connect(c1_url).await.unwrap();
+        let TwoClusters { _dir, root, c1, c2, ids, mut client, nm, c1_authority, c1_url, .. } = two_clusters().await;
+        let n1 = c1.lease_subnet(&nm, "n1", "192.0.2.1", 50103).await.unwrap();
         let mut updates = client.subscribe(pb::SubscribeRequest { node: "n1".into() }).await.unwrap().into_inner();
         // a worker of cluster 2 appears: cluster 1's subscriber learns its route (for replies)
-        let n2 = c2.lease_subnet("n2", "192.0.2.2", 50104).await.unwrap();
+        let n2 = c2.lease_subnet("o2", "n2", "192.0.2.2", 50104).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 if let Some(pb::net_update::Update::RouteAdded(r)) = updates.next().await.unwrap().unwrap().update {
@@ -611,16 +756,14 @@ mod tests {
         assert!(root
             .routes()
             .iter()
-            .any(|r| r.cluster_id == "c1" && r.route.as_ref().unwrap().subnet == n1.to_string()));
+            .any(|r| r.cluster_id == ids.0 && r.route.as_ref().unwrap().subnet == n1.to_string()));
         // a cluster cannot claim a subnet outside its blocks
         let bad = pb::Route { subnet: n2.to_string(), worker_ip: "192.0.2.9".into(), worker_port: 1 };
-        assert!(root
-            .report_route("c1", &bad, false)
-            .unwrap_err()
-            .to_string()
-            .contains("not in a block leased to cluster c1"));
+        let e = root.report_route(&ids.0, &bad, false).unwrap_err().to_string();
+        assert!(e.contains(&format!("not in a block leased to cluster {}", ids.0)), "{e}");
         // a new subscriber gets it in its initial dump; released, it is withdrawn
-        let mut fresh = client.subscribe(pb::SubscribeRequest { node: "n1b".into() }).await.unwrap().into_inner();
+        let (mut other, _) = netmanager(&c1_authority, &c1_url, "netmanager").await;
+        let mut fresh = other.subscribe(pb::SubscribeRequest { node: "n1b".into() }).await.unwrap().into_inner();
         let mut initial = Vec::new();
         for _ in 0..2 {
             if let Some(pb::net_update::Update::RouteAdded(r)) = fresh.next().await.unwrap().unwrap().update {
@@ -645,8 +788,77 @@ mod tests {
     #[tokio::test]
     async fn exhaustion_without_root_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let c = ClusterNetSvc::open(dir.path(), "", "c1").unwrap();
-        let err = c.lease_subnet("w", "192.0.2.1", 50103).await.unwrap_err().to_string();
-        assert!(err.contains("no free worker subnet"), "{err}");
+        let m = Member::in_memory("", oak_trust::CLUSTER_SERVER, "cluster", "c", "");
+        let c = ClusterNetSvc::open(dir.path(), &m, "", "c1").unwrap();
+        let err = c.lease_subnet("o", "w", "192.0.2.1", 50103).await.unwrap_err();
+        assert!(err.message().contains("no free worker subnet"), "{err:?}");
+    }
+
+    /// Over the real port: a caller without a certificate, or with a NodeEngine's, is refused; a NetManager
+    /// cannot lease, release or register in another worker's subnet; nothing of the victim's is lost.
+    #[tokio::test]
+    async fn netmanagers_act_only_as_themselves() {
+        let TwoClusters { _dir, c1, mut client, nm, c1_authority, c1_url, .. } = two_clusters().await;
+        let mine = c1.lease_subnet(&nm, "victim", "192.0.2.1", 50103).await.unwrap();
+        c1.register_instance(
+            &nm,
+            pb::InstanceAddress {
+                service_id: "s".into(),
+                job_name: "a.b.c.d".into(),
+                instance_number: 0,
+                ns_ip: mine.hosts().nth(2).unwrap().to_string(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // no certificate: TLS without one (the member has not joined, so use a bare TLS-less channel)
+        let plain = tonic::transport::Endpoint::from_shared(c1_url.clone()).unwrap().connect().await;
+        if let Ok(ch) = plain {
+            let r = pb::cluster_net_service_client::ClusterNetServiceClient::new(ch)
+                .lease_subnet(pb::LeaseSubnetRequest { node: "victim".into(), ..Default::default() })
+                .await;
+            assert!(r.is_err(), "plaintext lease answered");
+        }
+        // a NodeEngine's certificate is not a NetManager's
+        let (mut node, _) = netmanager(&c1_authority, &c1_url, "node").await;
+        let e = node.lease_subnet(pb::LeaseSubnetRequest { node: "x".into(), ..Default::default() }).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // another NetManager: not the victim's subnet, not its release, not instances in it
+        let (mut thief, thief_id) = netmanager(&c1_authority, &c1_url, "netmanager").await;
+        let lease =
+            |node: &str| pb::LeaseSubnetRequest { node: node.into(), public_ip: "192.0.2.66".into(), tunnel_port: 1 };
+        let e = thief.lease_subnet(lease("victim")).await.unwrap_err();
+        assert!(e.message().contains(&format!("held by netmanager/{nm}")), "{}", e.message());
+        let e = thief.release_subnet(pb::ReleaseSubnetRequest { node: "victim".into() }).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let own = thief.lease_subnet(lease("thief")).await.unwrap().into_inner().subnet;
+        assert_ne!(own, mine.to_string());
+        let inst = pb::InstanceAddress {
+            service_id: "s".into(),
+            job_name: "a.b.c.d".into(),
+            instance_number: 1,
+            ns_ip: mine.hosts().nth(3).unwrap().to_string(),
+            ..Default::default()
+        };
+        let e = thief.register_instance(inst).await.unwrap_err();
+        assert!(e.message().contains(&format!("not in {own}, the subnet of netmanager/{thief_id}")), "{}", e.message());
+        let e = thief
+            .deregister_instance(pb::InstanceKey {
+                service_id: "s".into(),
+                instance_number: 0,
+                job_name: "a.b.c.d".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // the victim keeps its subnet, its route and its instance
+        assert_eq!(c1.subnet_of("victim"), Some(mine));
+        let r = client
+            .resolve(pb::ResolveRequest { job_name: "a.b.c.d".into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.service.unwrap().instances.len(), 1);
     }
 }

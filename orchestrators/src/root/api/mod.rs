@@ -25,12 +25,12 @@ use utoipa_axum::routes;
 use super::applications::ApplicationUpdate;
 use super::auth::Identity;
 use super::error::RootError;
-use super::join::JoinToken;
 use super::records::ApplicationRecord;
 use super::users::{Registration, UserDoc, MAX_PASSWORD};
 use super::Root;
 use crate::model::{self, Sla};
 pub use error::ApiError;
+use oak_trust::JoinToken;
 use types::{ApplicationDoc, ClusterDoc, DeployAnswer, Health, Login, Message, ServiceDoc, Tokens};
 
 type ApiResult<T = Value> = Result<Json<T>, ApiError>;
@@ -275,6 +275,9 @@ struct JoinTokenRequest {
     /// Seconds it is valid; 0 or absent: until revoked.
     #[serde(default)]
     ttl_s: u64,
+    /// What it is for (kept with it, shown in the list).
+    #[serde(default)]
+    description: String,
 }
 
 /// A new join token: its secret is shown this once.
@@ -291,7 +294,7 @@ struct NewJoinToken {
 async fn create_join_token(Caller { root, who }: Caller, body: Body) -> ApiResult<NewJoinToken> {
     who.require_admin("making join tokens")?;
     let r: JoinTokenRequest = if body.is_empty() { JoinTokenRequest::default() } else { parse_body(&body)? };
-    let (token, info) = root.create_join_token(r.ttl_s.saturating_mul(1000))?;
+    let (token, info) = root.create_join_token(r.ttl_s.saturating_mul(1000), &r.description)?;
     Ok(Json(NewJoinToken { token, info }))
 }
 

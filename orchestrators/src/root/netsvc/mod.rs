@@ -389,13 +389,23 @@ impl RootNetSvc {
         Ok(())
     }
 
-    pub fn register_instance(&self, inst: &pb::InstanceAddress) -> Result<()> {
+    /// Records an instance of cluster `cluster_id`: its address must lie in a block leased to it, and an
+    /// instance another cluster registered stays that cluster's.
+    pub fn register_instance(&self, cluster_id: &str, inst: &pb::InstanceAddress) -> Result<()> {
         if inst.service_id.is_empty() {
             bail!("service_id is empty");
         }
-        inst.ns_ip.parse::<Ipv4Addr>().with_context(|| format!("ns_ip {:?} is not an IPv4 address", inst.ns_ip))?;
+        let ip: Ipv4Addr =
+            inst.ns_ip.parse().with_context(|| format!("ns_ip {:?} is not an IPv4 address", inst.ns_ip))?;
+        let inst = &pb::InstanceAddress { cluster_id: cluster_id.to_string(), ..inst.clone() };
         let rec = InstanceRec::from_pb(inst);
         self.mutate(|s| {
+            if !s.blocks.iter().any(|(i, c)| c == cluster_id && block_net(*i).contains(&ip)) {
+                bail!("ns_ip {ip} is not in a worker subnet block leased to cluster {cluster_id}");
+            }
+            if let Some(other) = s.instances.get(&rec.key()).filter(|o| o.cluster_id != cluster_id) {
+                bail!("instance {} is registered by cluster {}, not {cluster_id}", rec.key(), other.cluster_id);
+            }
             let svc = s.services.entry(rec.service_id.clone()).or_default();
             if svc.job_name.is_empty() {
                 svc.job_name = rec.job_name.clone();
@@ -407,8 +417,15 @@ impl RootNetSvc {
         Ok(())
     }
 
-    pub fn deregister_instance(&self, key: &pb::InstanceKey) -> Result<()> {
-        let removed = self.mutate(|s| Ok(s.instances.remove(&instance_key(&key.service_id, key.instance_number))))?;
+    /// Forgets an instance cluster `cluster_id` registered (another cluster's stays).
+    pub fn deregister_instance(&self, cluster_id: &str, key: &pb::InstanceKey) -> Result<()> {
+        let k = instance_key(&key.service_id, key.instance_number);
+        let removed = self.mutate(|s| {
+            if let Some(other) = s.instances.get(&k).filter(|o| o.cluster_id != cluster_id) {
+                bail!("instance {k} is registered by cluster {}, not {cluster_id}", other.cluster_id);
+            }
+            Ok(s.instances.remove(&k))
+        })?;
         if let Some(r) = removed {
             self.notify(&r.service_id, &r.job_name, &r.cluster_id);
         }
@@ -442,14 +459,19 @@ impl RootNetSvc {
     }
 }
 
-fn internal(e: anyhow::Error) -> Status {
-    Status::failed_precondition(format!("{e:#}"))
+/// The calling cluster (from its certificate); a request naming another cluster is refused.
+fn caller<T>(req: &Request<T>, named: &str) -> Result<String, Status> {
+    let cid = oak_trust::require(req, "cluster")?;
+    if !named.is_empty() && named != cid {
+        return Err(Status::permission_denied(format!("cluster {cid} asked on behalf of cluster {named}")));
+    }
+    Ok(cid)
 }
 
 #[tonic::async_trait]
 impl RootNetService for RootNetSvc {
     async fn lease_block(&self, req: Request<pb::LeaseBlockRequest>) -> Result<Response<pb::LeaseBlockReply>, Status> {
-        let cid = req.into_inner().cluster_id;
+        let cid = caller(&req, &req.get_ref().cluster_id)?;
         let (block, all) = self.lease_block(&cid).map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
         tracing::info!(cluster = %cid, %block, "leased worker subnet block");
         Ok(Response::new(pb::LeaseBlockReply {
@@ -458,17 +480,20 @@ impl RootNetService for RootNetSvc {
         }))
     }
     async fn report_route(&self, req: Request<pb::RouteReport>) -> Result<Response<pb::Ack>, Status> {
+        let cid = caller(&req, &req.get_ref().cluster_id)?;
         let r = req.into_inner();
         let route = r.route.ok_or_else(|| Status::invalid_argument("route missing"))?;
-        self.report_route(&r.cluster_id, &route, r.removed).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        self.report_route(&cid, &route, r.removed).map_err(|e| Status::permission_denied(format!("{e:#}")))?;
         Ok(Response::new(pb::Ack {}))
     }
-    async fn routes(&self, _req: Request<pb::RoutesRequest>) -> Result<Response<pb::RoutesReply>, Status> {
+    async fn routes(&self, req: Request<pb::RoutesRequest>) -> Result<Response<pb::RoutesReply>, Status> {
+        oak_trust::require(&req, "cluster")?;
         Ok(Response::new(pb::RoutesReply { routes: self.routes() }))
     }
     type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ServiceChanged, Status>> + Send>>;
 
-    async fn watch(&self, _req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        caller(&req, &req.get_ref().cluster_id)?;
         use futures::StreamExt;
         let rx = self.watch();
         let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|r| async move {
@@ -484,14 +509,17 @@ impl RootNetService for RootNetSvc {
     }
 
     async fn register_instance(&self, req: Request<pb::InstanceAddress>) -> Result<Response<pb::Ack>, Status> {
-        self.register_instance(&req.into_inner()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let cid = oak_trust::require(&req, "cluster")?;
+        self.register_instance(&cid, &req.into_inner()).map_err(|e| Status::permission_denied(format!("{e:#}")))?;
         Ok(Response::new(pb::Ack {}))
     }
     async fn deregister_instance(&self, req: Request<pb::InstanceKey>) -> Result<Response<pb::Ack>, Status> {
-        self.deregister_instance(&req.into_inner()).map_err(internal)?;
+        let cid = oak_trust::require(&req, "cluster")?;
+        self.deregister_instance(&cid, &req.into_inner()).map_err(|e| Status::permission_denied(format!("{e:#}")))?;
         Ok(Response::new(pb::Ack {}))
     }
     async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveReply>, Status> {
+        oak_trust::require(&req, "cluster")?;
         let r = req.into_inner();
         if r.job_name.is_empty() && r.service_ip.is_empty() {
             return Err(Status::invalid_argument("resolve needs job_name or service_ip"));
@@ -501,9 +529,14 @@ impl RootNetService for RootNetSvc {
     }
 }
 
-/// Serves on a bound listener until the process ends (tests bind port 0 first).
-pub async fn serve_listener(svc: RootNetSvc, listener: tokio::net::TcpListener) -> Result<()> {
-    let router = tonic::transport::Server::builder().add_service(svc.grpc());
+/// Serves on a bound listener until the process ends (tests bind port 0 first): TLS with the root's
+/// certificate; clusters call with theirs, and may join here too.
+pub async fn serve_listener(
+    svc: RootNetSvc,
+    listener: tokio::net::TcpListener,
+    trust: tonic::transport::server::Router,
+) -> Result<()> {
+    let router = trust.add_service(svc.grpc());
     crate::task::serve_grpc("root network service", router, listener).await
 }
 
@@ -560,16 +593,20 @@ mod tests {
         let (rr3, cl3) = svc.allocate_service_ips("s3", "x.y.z.w").unwrap();
         assert!(![rr3, cl3].contains(&rr2) && ![rr3, cl3].contains(&cl2));
         // resolve by name and by ip
-        svc.register_instance(&pb::InstanceAddress {
-            service_id: "s2".into(),
-            job_name: "a.b.e.f".into(),
-            instance_number: 0,
-            ns_ip: "10.18.0.2".into(),
-            worker_ip: "192.0.2.1".into(),
-            worker_port: 50103,
-            cluster_id: "c".into(),
-            worker_subnet: "10.18.0.0/26".into(),
-        })
+        svc.lease_block("c").unwrap();
+        svc.register_instance(
+            "c",
+            &pb::InstanceAddress {
+                service_id: "s2".into(),
+                job_name: "a.b.e.f".into(),
+                instance_number: 0,
+                ns_ip: "10.18.0.2".into(),
+                worker_ip: "192.0.2.1".into(),
+                worker_port: 50103,
+                cluster_id: "c".into(),
+                worker_subnet: "10.18.0.0/26".into(),
+            },
+        )
         .unwrap();
         let r = svc.resolve("", &cl2.to_string()).unwrap();
         assert_eq!(r.job_name, "a.b.e.f");

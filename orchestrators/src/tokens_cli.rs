@@ -1,0 +1,78 @@
+//! The `token` subcommand both orchestrators have: join tokens are made, listed and revoked in the
+//! authority's directory (`<data-dir>/ca/join-tokens`), whether or not the daemon runs (it reads them at
+//! each join).
+
+use std::path::Path;
+
+use anyhow::Result;
+
+/// `<binary> token …`
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Join tokens: what a newcomer presents once to get its certificate.
+    Token {
+        #[command(subcommand)]
+        op: TokenOp,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenOp {
+    /// Make a join token and print it (the secret is shown this once).
+    Create {
+        /// How long it is valid: 30m, 24h, 7d, ... or 0 for until revoked.
+        #[arg(long, default_value = "24h", value_parser = oak_trust::parse_ttl)]
+        ttl: u64,
+        /// What it is for (kept with it, shown by `token list`).
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List the join tokens (ids, expiry, revocation; never secrets).
+    List,
+    /// Revoke a join token by id (members that joined with it keep their certificates).
+    Revoke { id: String },
+}
+
+/// Runs `op` on the authority in `<data_dir>/ca`.
+pub fn run(op: TokenOp, data_dir: &Path, ca_name: &str, server_name: &str) -> Result<()> {
+    let a = oak_trust::Authority::open(&data_dir.join("ca"), ca_name, server_name)?;
+    match op {
+        TokenOp::Create { ttl, description } => {
+            let (token, t) = a.tokens.create(&a.pin(), ttl, &description)?;
+            let until = if t.expires_ms == 0 { "until revoked".to_string() } else { format!("for {}", show_ttl(ttl)) };
+            eprintln!("join token {} (valid {until}):", t.id);
+            println!("{token}");
+        }
+        TokenOp::List => {
+            let now = oak_proto::now_ms();
+            println!("{:<10} {:<24} DESCRIPTION", "ID", "STATE");
+            for t in a.tokens.list()? {
+                let state = if t.revoked {
+                    "revoked".to_string()
+                } else if t.expires_ms == 0 {
+                    "valid".to_string()
+                } else if t.expires_ms < now {
+                    "expired".to_string()
+                } else {
+                    format!("valid for {}", show_ttl(t.expires_ms - now))
+                };
+                println!("{:<10} {:<24} {}", t.id, state, t.description);
+            }
+        }
+        TokenOp::Revoke { id } => {
+            anyhow::ensure!(a.tokens.revoke(&id)?, "no join token {id}");
+            eprintln!("join token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+fn show_ttl(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
