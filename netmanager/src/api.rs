@@ -46,8 +46,6 @@ impl Credential {
     /// Reads `file`, or creates it with a new secret.
     pub fn load_or_create(file: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if let Ok(s) = std::fs::read_to_string(file) {
             let secret = s.trim().to_string();
             if secret.len() >= 32 {
@@ -57,16 +55,9 @@ impl Credential {
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let secret: String =
-            (0..43).map(|_| char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[rand::random_range(0..36)])).collect();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(file)
+        let secret = oak_trust::random_string(43);
+        oak_trust::write_private(file, secret.as_bytes())
             .with_context(|| format!("writing the API credential {}", file.display()))?;
-        f.write_all(secret.as_bytes())?;
         Ok(Self { secret, file: file.to_path_buf() })
     }
 

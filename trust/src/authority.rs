@@ -98,6 +98,21 @@ impl Authority {
         })
     }
 
+    /// Issues a server certificate for `names` (DNS names or IP addresses) and writes its chain (with
+    /// the CA) and key (0600) to `cert` and `key`: HTTPS for a port outside the gRPC links, trusted by
+    /// whoever trusts `ca.pem`.
+    pub fn issue_server(&self, names: &[String], cert: &Path, key: &Path) -> Result<()> {
+        anyhow::ensure!(!names.is_empty(), "a server certificate needs at least one name");
+        let kp = KeyPair::generate()?;
+        let mut p = CertificateParams::new(names.to_vec()).context("the certificate's names")?;
+        p.distinguished_name.push(DnType::CommonName, names[0].as_str());
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let c = p.signed_by(&kp, &self.issuer, &self.ca_key)?;
+        write_private(key, kp.serialize_pem().as_bytes())?;
+        write_private(cert, format!("{}{}", c.pem(), self.ca_pem).as_bytes())
+    }
+
     /// SHA-256 (hex) of the CA certificate: the pin every join token of this authority carries.
     pub fn pin(&self) -> String {
         sha256_hex(&self.ca_der)

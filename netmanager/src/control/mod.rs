@@ -26,6 +26,43 @@ pub const LEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Check a subnet received from the cluster: a /26 on its own boundary inside the worker space, not
 /// overlapping the service space nor any other worker's subnet we route to.
 pub fn validate_subnet(text: &str, tables: &Snapshot) -> Result<Ipv4Net, String> {
+    let net = worker_net(text)?;
+    if let Some((other, ep)) =
+        tables.routes.iter().find(|(r, _)| r.contains(&net.network()) || net.contains(&r.network()))
+    {
+        return Err(format!("{net} overlaps {other}, the subnet of worker {ep}"));
+    }
+    Ok(net)
+}
+
+/// A route the cluster sent (another worker's subnet and tunnel endpoint), checked before it reaches the
+/// tables and so the kernel: a /26 of the worker space that is not this worker's, and a unicast endpoint
+/// outside the overlay.
+pub fn validate_route(
+    subnet: &str,
+    ip: &str,
+    port: u32,
+    local: Option<Ipv4Net>,
+) -> Result<(Ipv4Net, SocketAddr), String> {
+    let net = worker_net(subnet)?;
+    if Some(net) == local {
+        return Err(format!("{net} is this worker's own subnet"));
+    }
+    let ip: Ipv4Addr = ip.parse().map_err(|_| format!("endpoint {ip:?} is not an IPv4 address"))?;
+    if ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || WORKER_SPACE.contains(&ip)
+        || SERVICE_SPACE.contains(&ip)
+    {
+        return Err(format!("endpoint {ip} of {net} is not a worker's address"));
+    }
+    let port = u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| format!("endpoint port {port} of {net}"))?;
+    Ok((net, SocketAddr::new(ip.into(), port)))
+}
+
+/// A /26 of the worker space, on its boundary.
+fn worker_net(text: &str) -> Result<Ipv4Net, String> {
     let net: Ipv4Net = text.trim().parse().map_err(|_| format!("{text:?} is not an IPv4 subnet"))?;
     if net.prefix_len() != 26 {
         return Err(format!("{net} is a /{}, expected a /26", net.prefix_len()));
@@ -38,11 +75,6 @@ pub fn validate_subnet(text: &str, tables: &Snapshot) -> Result<Ipv4Net, String>
     }
     if SERVICE_SPACE.contains(&net.network()) || net.contains(&SERVICE_SPACE.network()) {
         return Err(format!("{net} overlaps the service space {SERVICE_SPACE}"));
-    }
-    if let Some((other, ep)) =
-        tables.routes.iter().find(|(r, _)| r.contains(&net.network()) || net.contains(&r.network()))
-    {
-        return Err(format!("{net} overlaps {other}, the subnet of worker {ep}"));
     }
     Ok(net)
 }
@@ -73,9 +105,11 @@ fn apply_service(tables: &Tables, local: Option<Ipv4Net>, svc: &pb::ServiceAddre
             continue;
         };
         let worker = SocketAddr::new(wip.into(), i.worker_port as u16);
-        if let Ok(net) = i.worker_subnet.parse::<Ipv4Net>() {
-            if Some(net) != local && WORKER_SPACE.contains(&net) {
-                routes.push((net, worker));
+        let own = i.worker_subnet.parse::<Ipv4Net>().ok() == local && local.is_some();
+        if !own && !i.worker_subnet.is_empty() {
+            match validate_route(&i.worker_subnet, &i.worker_ip, i.worker_port, local) {
+                Ok(r) => routes.push(r),
+                Err(e) => tracing::warn!(instance = ?i, "ignoring the route of an instance: {e}"),
             }
         }
         instances.push(InstanceEndpoint {
@@ -197,14 +231,13 @@ impl Control {
         let local = self.subnet();
         match u.update {
             Some(pb::net_update::Update::RouteAdded(r)) => {
-                let (Ok(net), Ok(ip)) = (r.subnet.parse::<Ipv4Net>(), r.worker_ip.parse::<Ipv4Addr>()) else {
-                    tracing::warn!(route = ?r, "ignoring malformed route");
-                    return;
-                };
-                if Some(net) == local {
-                    return;
+                if r.subnet.parse::<Ipv4Net>().ok() == local && local.is_some() {
+                    return; // our own route, as every subscriber gets it
                 }
-                self.tables.set_route(net, SocketAddr::new(ip.into(), r.worker_port as u16));
+                match validate_route(&r.subnet, &r.worker_ip, r.worker_port, local) {
+                    Ok((net, ep)) => self.tables.set_route(net, ep),
+                    Err(e) => tracing::warn!(route = ?r, "ignoring a route from the cluster: {e}"),
+                }
             }
             Some(pb::net_update::Update::RouteRemoved(net)) => {
                 if let Ok(net) = net.parse() {
@@ -356,5 +389,26 @@ mod tests {
         assert!(validate_subnet("10.30.0.0/26", &s).unwrap_err().contains("outside"));
         s.routes.insert("10.18.0.64/26".parse().unwrap(), "192.0.2.1:50103".parse().unwrap());
         assert!(validate_subnet("10.18.0.64/26", &s).unwrap_err().contains("overlaps"));
+    }
+
+    #[test]
+    fn routes_are_checked_before_the_tables() {
+        let local = Some("10.18.0.0/26".parse().unwrap());
+        let ok = validate_route("10.18.0.64/26", "192.0.2.1", 50103, local).unwrap();
+        assert_eq!(ok, ("10.18.0.64/26".parse().unwrap(), "192.0.2.1:50103".parse().unwrap()));
+        for (net, ip, port, why) in [
+            ("0.0.0.0/0", "192.0.2.1", 50103, "expected a /26"),
+            ("192.168.1.0/26", "192.0.2.1", 50103, "outside"),
+            ("10.18.0.0/26", "192.0.2.1", 50103, "own subnet"),
+            ("10.18.0.64/26", "10.18.0.2", 50103, "not a worker's address"),
+            ("10.18.0.64/26", "10.30.0.1", 50103, "not a worker's address"),
+            ("10.18.0.64/26", "224.0.0.1", 50103, "not a worker's address"),
+            ("10.18.0.64/26", "nonsense", 50103, "not an IPv4 address"),
+            ("10.18.0.64/26", "192.0.2.1", 0, "port 0"),
+            ("10.18.0.64/26", "192.0.2.1", 70000, "port 70000"),
+        ] {
+            let e = validate_route(net, ip, port, local).unwrap_err();
+            assert!(e.contains(why), "{net} {ip}:{port}: {e}");
+        }
     }
 }

@@ -53,6 +53,11 @@ struct Args {
     /// (0600). Make more with `root-orchestrator token create`.
     #[arg(long, env = "OAK_CLUSTER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Serve the REST API over HTTPS with a certificate the root's own CA issues for these names
+    /// (comma-separated DNS names or addresses, e.g. root.example.org,10.0.0.1); clients trust
+    /// <data-dir>/ca/ca.pem. Ignored when --tls-cert is given.
+    #[arg(long, env = "OAK_API_TLS_NAMES", value_delimiter = ',')]
+    api_tls_names: Vec<String>,
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "OAK_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
@@ -84,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         report_interval_ms: a.report_interval_ms,
         max_blocks_per_cluster: a.max_blocks_per_cluster,
         join_token: a.token,
+        api_tls_names: a.api_tls_names,
         tls: match (a.tls_cert, a.tls_key) {
             (Some(cert), Some(key)) => Some(oak_orchestrators::root::TlsFiles { cert, key }),
             (None, None) => None,

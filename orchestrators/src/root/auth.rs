@@ -77,12 +77,6 @@ pub struct Claims {
     pub jti: String,
 }
 
-/// A random string of `n` letters and digits (secrets, token ids).
-pub(crate) fn random_string(n: usize) -> String {
-    const CH: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
-    (0..n).map(|_| CH[rand::random_range(0..CH.len())] as char).collect()
-}
-
 /// A login source that has used up its attempts.
 #[derive(Debug, thiserror::Error)]
 #[error("too many login attempts from {source_ip}; retry in {retry_after_s} s")]
@@ -109,18 +103,18 @@ impl Auth {
             if let Some(s) = tx.get::<String>(META, "jwt_secret")? {
                 return Ok(s);
             }
-            let s = random_string(48);
+            let s = oak_trust::random_string(48);
             tx.put(META, "jwt_secret", &s)?;
             Ok(s)
         })?;
         if store.get::<User>(USERS, ADMIN)?.is_none() {
             let (pw, generated) = match admin_password.filter(|p| !p.is_empty()) {
                 Some(p) => (p.to_string(), false),
-                None => (random_string(20), true),
+                None => (oak_trust::random_string(20), true),
             };
             if generated {
                 let path = data_dir.join("admin-password");
-                write_secret_file(&path, &pw)?;
+                oak_trust::write_private(&path, format!("{pw}\n").as_bytes())?;
                 tracing::warn!(path = %path.display(), "no --admin-password/OAK_ADMIN_PASSWORD given; generated the Admin password and wrote it to {}", path.display());
             }
             let user = User {
@@ -156,7 +150,8 @@ impl Auth {
     pub fn issue(&self, user: &str, kind: &str) -> Result<String> {
         let now = oak_proto::now_ms() / 1000;
         let ttl = if kind == "refresh" { REFRESH_TTL_S } else { ACCESS_TTL_S };
-        let c = Claims { sub: user.into(), exp: now + ttl, iat: now, kind: kind.into(), jti: random_string(22) };
+        let c =
+            Claims { sub: user.into(), exp: now + ttl, iat: now, kind: kind.into(), jti: oak_trust::random_string(22) };
         Ok(encode(&Header::new(Algorithm::HS256), &c, &EncodingKey::from_secret(&self.secret))?)
     }
 
@@ -193,15 +188,6 @@ impl Auth {
         r.insert(c.jti.clone(), c.exp);
         Ok(())
     }
-}
-
-pub(crate) fn write_secret_file(path: &Path, content: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(content.as_bytes())?;
-    f.write_all(b"\n")?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -53,6 +53,9 @@ pub struct Config {
     pub max_blocks_per_cluster: u32,
     /// Serve the REST API over HTTPS with this certificate chain and key (PEM files); plain HTTP when unset.
     pub tls: Option<TlsFiles>,
+    /// Serve the REST API over HTTPS with a certificate the root's CA issues for these names (when `tls`
+    /// is unset; written to `<data-dir>/ca/api.pem`).
+    pub api_tls_names: Vec<String>,
     /// A join token clusters may join with (added at start); None: one is made at first start. Either
     /// way the first token is written whole to `<data-dir>/join-token`.
     pub join_token: Option<String>,
@@ -91,7 +94,7 @@ pub struct Root {
 pub type Outgoing = Vec<(String, pb::RootMessage)>;
 
 impl Root {
-    pub fn open(cfg: Config) -> Result<Arc<Self>> {
+    pub fn open(mut cfg: Config) -> Result<Arc<Self>> {
         let store = Store::open(&cfg.data_dir)?;
         let auth = Auth::init(&store, &cfg.data_dir, cfg.admin_password.as_deref())?;
         let net = netsvc::RootNetSvc::open(&cfg.data_dir)?;
@@ -100,6 +103,14 @@ impl Root {
         authority
             .init_tokens(cfg.join_token.as_deref(), &cfg.data_dir.join("join-token"), "clusters")
             .map_err(|e| anyhow!("--token: {e:#}"))?;
+        if cfg.tls.is_none() && !cfg.api_tls_names.is_empty() {
+            let files = TlsFiles { cert: cfg.data_dir.join("ca/api.pem"), key: cfg.data_dir.join("ca/api.key") };
+            authority
+                .issue_server(&cfg.api_tls_names, &files.cert, &files.key)
+                .map_err(|e| anyhow!("--api-tls-names: {e:#}"))?;
+            tracing::info!(names = ?cfg.api_tls_names, ca = %cfg.data_dir.join("ca/ca.pem").display(), "the API's certificate comes from the root's CA: clients trust that CA");
+            cfg.tls = Some(files);
+        }
         let root = Arc::new(Self {
             store,
             authority,

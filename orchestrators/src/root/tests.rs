@@ -55,6 +55,7 @@ pub(crate) async fn start(dir: &std::path::Path) -> Harness {
         max_blocks_per_cluster: 2,
         tls: None,
         join_token: Some(JOIN_TOKEN.into()),
+        api_tls_names: vec![],
     };
     let root: Arc<Root> = Root::open(cfg.clone()).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -628,6 +629,7 @@ async fn the_api_serves_https_with_a_given_certificate() {
         max_blocks_per_cluster: 2,
         tls: Some(tls),
         join_token: None,
+        api_tls_names: vec![],
     };
     let root = Root::open(cfg).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -656,6 +658,51 @@ async fn the_api_serves_https_with_a_given_certificate() {
     let plain = reqwest::get(format!("http://127.0.0.1:{port}/api/health")).await;
     assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200), "plain HTTP must not be served");
     assert!(reqwest::get(format!("{https}/api/health")).await.is_err(), "an untrusted certificate is refused");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("graceful stop").unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_api_serves_https_with_a_certificate_of_the_roots_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = api_l.local_addr().unwrap().port();
+    let cfg = Config {
+        netsvc_addr: net_l.local_addr().unwrap(),
+        api_addr: api_l.local_addr().unwrap(),
+        grpc_addr: grpc_l.local_addr().unwrap(),
+        data_dir: dir.path().join("root"),
+        admin_password: Some("s3cret".into()),
+        cluster_stale: Duration::from_secs(30),
+        retry_interval: Duration::from_secs(3600),
+        report_interval_ms: 1000,
+        max_blocks_per_cluster: 2,
+        tls: None,
+        join_token: None,
+        api_tls_names: vec!["127.0.0.1".into(), "root.example.org".into()],
+    };
+    let root = Root::open(cfg).unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(super::serve(root, api_l, grpc_l, net_l, async move {
+        let _ = rx.await;
+    }));
+    // a client that trusts the root's CA (the same CA the join tokens pin) talks HTTPS to it
+    let ca = std::fs::read(dir.path().join("root/ca/ca.pem")).unwrap();
+    let trusted =
+        reqwest::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap()).build().unwrap();
+    let https = format!("https://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !trusted.get(format!("{https}/api/health")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(Instant::now() < deadline, "the root never answered over HTTPS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reqwest::get(format!("{https}/api/health")).await.is_err(), "a client without the CA refuses it");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("root/ca/api.key")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("graceful stop").unwrap().unwrap();
 }
