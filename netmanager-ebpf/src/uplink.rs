@@ -13,14 +13,21 @@ use netmanager_ebpf_common::{
 
 use crate::deliver::deliver;
 use crate::packet::{ipv4_frame, ne16, parse, rewrite_addr, Addr, Pkt, ETH_LEN, PROTO_UDP};
-use crate::{config, count, Exit, Verdict, CT};
+use crate::{config, count, Exit, Verdict, CT, ROUTES};
 
 pub fn try_uplink_ingress(ctx: &mut TcContext) -> Verdict {
     let cfg = config()?;
     ipv4_frame(ctx)?;
-    tunnel_data(ctx, cfg)?;
+    let from = tunnel_data(ctx, cfg)?;
     // ICMP, fragments, malformed: the tun path handles (and counts) those
     let p = parse(ctx, ETH_LEN + ENCAP_LEN).ok_or(Exit::Pass(Counter::PassOther))?;
+    // only the worker whose subnet holds the inner source sends its packets; anything this cannot verify
+    // goes on to the tun path, which drops and counts it by reason (or knows the sender: a route this
+    // map leaves out)
+    match unsafe { ROUTES.get(&(p.src & cfg.route_mask)) } {
+        Some(r) if r.worker_ip == from || r.src_ip == from => {}
+        _ => return Err(Exit::Pass(Counter::PassUnverifiedPeer)),
+    }
     if p.dst & cfg.subnet_mask != cfg.subnet {
         return Err(Exit::Drop(Counter::DropNotForNode));
     }
@@ -40,9 +47,9 @@ pub fn try_uplink_ingress(ctx: &mut TcContext) -> Verdict {
 }
 
 /// Continues only for a tunnel data datagram to this worker's tunnel port that the fast path may take
-/// whole (its inner packet follows at `ETH_LEN + ENCAP_LEN`).
+/// whole (its inner packet follows at `ETH_LEN + ENCAP_LEN`); gives its outer source address.
 #[inline(always)]
-fn tunnel_data(ctx: &TcContext, cfg: &Config) -> Result<(), Exit> {
+fn tunnel_data(ctx: &TcContext, cfg: &Config) -> Result<u32, Exit> {
     // outer: plain 20-byte IPv4 header + UDP to our tunnel port (one load for both)
     let outer = ctx.load::<[u8; 24]>(ETH_LEN).map_err(|_| Exit::Ignore)?;
     if outer[0] != 0x45 || outer[9] != PROTO_UDP || ne16(&outer, 22) != cfg.tunnel_port {
@@ -64,7 +71,7 @@ fn tunnel_data(ctx: &TcContext, cfg: &Config) -> Result<(), Exit> {
     if ty != TUNNEL_TYPE_DATA {
         return Err(Exit::Ignore); // probes: the NetManager answers them
     }
-    Ok(())
+    Ok(u32::from_ne_bytes([outer[12], outer[13], outer[14], outer[15]]))
 }
 
 /// Only flows the fast path knows are taken here: replies to flows it translated (they get their service

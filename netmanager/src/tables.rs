@@ -45,6 +45,9 @@ pub struct Snapshot {
     pub services: HashMap<String, ServiceEntry>,
     /// Remote worker subnets -> that worker's tunnel endpoint.
     pub routes: HashMap<Ipv4Net, SocketAddr>,
+    /// Remote worker subnets -> the address that worker's connection to its cluster came from, when it
+    /// is not the endpoint's (a worker behind a relay or a port forward sends from there).
+    pub sources: HashMap<Ipv4Net, Ipv4Addr>,
     /// Bumped on every change.
     pub generation: u64,
 }
@@ -69,10 +72,47 @@ impl Snapshot {
         self.local_subnet.is_some_and(|n| n.contains(&ip))
     }
 
+    /// Whether a tunnel datagram from `from` may carry a packet from `inner_src`: only the worker whose
+    /// subnet holds `inner_src` sends those, from its endpoint's address or the one its cluster saw. A
+    /// worker whose own advertised endpoint is a relay in front of it (`front`, an address not of this
+    /// host) also takes what that relay hands on for any known worker.
+    pub fn check_peer(
+        &self,
+        from: std::net::IpAddr,
+        inner_src: Ipv4Addr,
+        front: Option<Ipv4Addr>,
+    ) -> Result<(), PeerRefused> {
+        let from = match from {
+            std::net::IpAddr::V4(a) => a,
+            std::net::IpAddr::V6(a) => a.to_ipv4_mapped().ok_or(PeerRefused::UnknownPeer)?,
+        };
+        let net = Ipv4Net::new(inner_src, WORKER_PREFIX).map(|n| n.trunc()).map_err(|_| PeerRefused::UnknownPeer)?;
+        if let Some(ep) = self.routes.get(&net) {
+            if ep.ip() == std::net::IpAddr::V4(from) || self.sources.get(&net) == Some(&from) || front == Some(from) {
+                return Ok(());
+            }
+        }
+        let known = self.routes.values().any(|ep| ep.ip() == std::net::IpAddr::V4(from))
+            || self.sources.values().any(|s| *s == from);
+        Err(if known { PeerRefused::SpoofedInner } else { PeerRefused::UnknownPeer })
+    }
+
     /// The tunnel endpoint of the worker whose subnet holds `ip`.
     pub fn route_for(&self, ip: Ipv4Addr) -> Option<SocketAddr> {
         self.routes.iter().find(|(net, _)| net.contains(&ip)).map(|(_, ep)| *ep)
     }
+}
+
+/// The prefix of a worker subnet.
+pub const WORKER_PREFIX: u8 = 26;
+
+/// Why a tunnel datagram was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRefused {
+    /// Its outer source is no known worker's.
+    UnknownPeer,
+    /// Its outer source is a known worker, but its inner source is not in that worker's subnet.
+    SpoofedInner,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -137,15 +177,22 @@ impl Tables {
         });
     }
 
-    pub fn set_route(&self, subnet: Ipv4Net, worker: SocketAddr) {
+    /// A remote worker's subnet, its tunnel endpoint and, when it is another address, the one its
+    /// datagrams may also come from.
+    pub fn set_route(&self, subnet: Ipv4Net, worker: SocketAddr, source: Option<Ipv4Addr>) {
         self.update(|s| {
             s.routes.insert(subnet, worker);
+            match source.filter(|a| std::net::IpAddr::V4(*a) != worker.ip()) {
+                Some(a) => s.sources.insert(subnet, a),
+                None => s.sources.remove(&subnet),
+            };
         });
     }
 
     pub fn remove_route(&self, subnet: Ipv4Net) {
         self.update(|s| {
             s.routes.remove(&subnet);
+            s.sources.remove(&subnet);
         });
     }
 }
@@ -159,7 +206,7 @@ mod tests {
         let t = Tables::new();
         let mut rx = t.subscribe();
         let ep: SocketAddr = "192.0.2.7:50103".parse().unwrap();
-        t.set_route("10.18.0.64/26".parse().unwrap(), ep);
+        t.set_route("10.18.0.64/26".parse().unwrap(), ep, None);
         t.upsert_service(ServiceEntry {
             service_id: "a".into(),
             job_name: "app.ns.svc.ns".into(),
@@ -175,5 +222,33 @@ mod tests {
         let (svc, kind) = s.service_by_ip("10.30.0.3".parse().unwrap()).unwrap();
         assert_eq!((svc.service_id.as_str(), kind), ("a", AddressKind::Closest));
         assert!(s.service_by_ip("10.30.0.9".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn tunnel_peers_are_the_workers_of_their_inner_sources() {
+        let t = Tables::new();
+        let b: Ipv4Net = "10.18.0.64/26".parse().unwrap();
+        let c: Ipv4Net = "10.18.0.128/26".parse().unwrap();
+        t.set_route(b, "192.0.2.2:50103".parse().unwrap(), None);
+        // C advertises a relay (.4) and sends from its own address (.3), as its cluster saw
+        t.set_route(c, "192.0.2.4:50200".parse().unwrap(), Some("192.0.2.3".parse().unwrap()));
+        let s = t.snapshot();
+        let ip = |a: &str| -> std::net::IpAddr { a.parse().unwrap() };
+        let inner = |a: &str| -> Ipv4Addr { a.parse().unwrap() };
+        assert_eq!(s.check_peer(ip("192.0.2.2"), inner("10.18.0.70"), None), Ok(()));
+        assert_eq!(s.check_peer(ip("192.0.2.3"), inner("10.18.0.130"), None), Ok(()));
+        assert_eq!(s.check_peer(ip("192.0.2.4"), inner("10.18.0.130"), None), Ok(()));
+        assert_eq!(s.check_peer(ip("::ffff:192.0.2.2"), inner("10.18.0.70"), None), Ok(()));
+        // a stranger; a known worker with another's (or no one's) inner source
+        assert_eq!(s.check_peer(ip("192.0.2.66"), inner("10.18.0.70"), None), Err(PeerRefused::UnknownPeer));
+        assert_eq!(s.check_peer(ip("192.0.2.2"), inner("10.18.0.130"), None), Err(PeerRefused::SpoofedInner));
+        assert_eq!(s.check_peer(ip("192.0.2.3"), inner("10.18.1.5"), None), Err(PeerRefused::SpoofedInner));
+        // behind a relay (.9 in front of this worker): what it hands on is taken for known workers only
+        let front = Some("192.0.2.9".parse().unwrap());
+        assert_eq!(s.check_peer(ip("192.0.2.9"), inner("10.18.0.70"), front), Ok(()));
+        assert_eq!(s.check_peer(ip("192.0.2.9"), inner("10.18.1.5"), front), Err(PeerRefused::UnknownPeer));
+        // a route removed takes its second address with it
+        t.remove_route(c);
+        assert_eq!(t.snapshot().check_peer(ip("192.0.2.3"), inner("10.18.0.130"), None), Err(PeerRefused::UnknownPeer));
     }
 }

@@ -277,7 +277,7 @@ async fn lease_wire_ping_undeploy() {
     assert!(running.tables.snapshot().service_by_ip(rr).is_some());
 
     // a second worker joins: its route is pushed to us over the subscription
-    let other = cluster.lease_subnet("nm-other", "other-node", "192.0.2.50", 50103).await.unwrap();
+    let other = cluster.lease_subnet("nm-other", "other-node", "192.0.2.50", 50103, None).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !running.tables.snapshot().routes.contains_key(&other) {
         assert!(Instant::now() < deadline, "route for {other} never pushed");
@@ -342,7 +342,7 @@ async fn lease_wire_ping_undeploy() {
     tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| !*c)).await.expect("drop noticed").unwrap();
     let _proxy = Proxy::start(proxy_port, cluster_port.parse().unwrap()).await;
     tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c)).await.expect("re-subscribed").unwrap();
-    let third = cluster.lease_subnet("nm-third", "third-node", "192.0.2.51", 50103).await.unwrap();
+    let third = cluster.lease_subnet("nm-third", "third-node", "192.0.2.51", 50103, None).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !running.tables.snapshot().routes.contains_key(&third) {
         assert!(Instant::now() < deadline, "route for {third} never pushed after reconnect");

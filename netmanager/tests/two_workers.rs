@@ -230,6 +230,8 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
             }
         });
 
+        spoofed_tunnel_data(&wa, &wb, &ns_i0, ip0, ip1, ebpf_a);
+
         // a burst queues datagrams on B's tunnel socket faster than B answers them: every one the kernel
         // delivered is handled (a batch of reads must not read one datagram more than it handles)
         const BURST: u64 = 3000;
@@ -373,4 +375,86 @@ fn bulk(ns: &str, ip: Ipv4Addr, len: usize) -> Result<(), String> {
         }
     })
     .unwrap()
+}
+
+/// A tunnel data datagram carrying a UDP packet `src` -> `dst`:`dport`.
+fn tunnel_udp(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    use oak_netmanager::proxy::packet as p;
+    let len = 20 + 8 + payload.len();
+    let mut d = vec![0u8; p::HDR_LEN + len];
+    p::write_header_flags(&mut d, p::TYPE_DATA, p::FLAG_CSUM_COMPLETE, 0);
+    let ip = &mut d[p::HDR_LEN..];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = p::PROTO_UDP;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    ip[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    ip[22..24].copy_from_slice(&dport.to_be_bytes());
+    ip[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes()); // UDP checksum 0: none
+    ip[28..].copy_from_slice(payload);
+    p::fix_ip_checksum(ip, 20);
+    d
+}
+
+/// Tunnel data to instance `ip0` on A is taken only from the worker whose subnet holds its inner source,
+/// by that worker's address: from B with an inner source of B's subnet (`ip1`'s) it arrives; from an
+/// address no worker has (right port, wrong peer) or from B with an inner source outside B's subnet
+/// (right peer, forged inner source) it reaches no instance, and A's counters say why, on either datapath.
+fn spoofed_tunnel_data(wa: &Worker, wb: &Worker, ns_i0: &str, ip0: Ipv4Addr, ip1: Ipv4Addr, ebpf_a: bool) {
+    let (got_tx, got) = std::sync::mpsc::channel::<String>();
+    testbed::spawn_in_netns(ns_i0, move || {
+        let u = UdpSocket::bind("0.0.0.0:9999").unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((n, _)) = u.recv_from(&mut buf) {
+            let _ = got_tx.send(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    })
+    .unwrap();
+    let stranger = Ipv4Addr::new(192, 168, 77, 66);
+    sh(&["ip", "-n", &wb.ns.0, "addr", "add", &format!("{stranger}/24"), "dev", "up1"]);
+    let to_a = SocketAddr::from((wa.ip, 50103));
+    let send = |from: Ipv4Addr, dgram: Vec<u8>| {
+        testbed::in_netns(&wb.ns.path(), move || {
+            let u = UdpSocket::bind(SocketAddr::from((from, 0))).unwrap();
+            u.send_to(&dgram, to_a).unwrap();
+        })
+        .unwrap()
+    };
+    let drops = |c: &Value, k: &str| c["drops"][k].as_u64().unwrap_or(0);
+    // the genuine one arrives (the listener is up once it does: the datagram is re-sent until then)
+    eventually(10, "tunnel data from B with B's inner source delivered", || {
+        send(wb.ip, tunnel_udp(ip1, ip0, 9999, b"genuine"));
+        match got.recv_timeout(Duration::from_millis(300)) {
+            Ok(m) if m == "genuine" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    while got.try_recv().is_ok() {}
+    let forged_src = Ipv4Addr::from(u32::from(ip0) + 20); // in A's own subnet, not B's
+    for (what, from, inner_src, reason) in [
+        ("wrong peer", stranger, ip1, "tunnel_unknown_peer"),
+        ("forged inner source", wb.ip, forged_src, "tunnel_spoofed_inner"),
+    ] {
+        let before = wa.counters();
+        send(from, tunnel_udp(inner_src, ip0, 9999, what.as_bytes()));
+        // counted means handled: after that, nothing may have reached the instance
+        eventually(5, &format!("{what} counted as {reason}"), || {
+            let c = wa.counters();
+            let d = drops(&c, reason) - drops(&before, reason);
+            if d == 1 {
+                Ok(())
+            } else {
+                Err(format!("{reason} +{d}: {c}"))
+            }
+        });
+        if ebpf_a {
+            let c = wa.counters();
+            let passed = |c: &Value| c["ebpf"]["pass_unverified_peer"].as_u64().unwrap_or(0);
+            assert!(passed(&c) > passed(&before), "the fast path left the {what} to the tun path: {c}");
+        }
+        assert!(got.try_recv().is_err(), "the {what} datagram reached the instance");
+    }
+    sh(&["ip", "-n", &wb.ns.0, "addr", "del", &format!("{stranger}/24"), "dev", "up1"]);
 }

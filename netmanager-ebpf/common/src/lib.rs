@@ -81,11 +81,14 @@ pub struct LocalEndpoint {
     pub _pad: [u8; 2],
 }
 
-/// ROUTES value, keyed by a remote worker subnet's network address (/26): its tunnel endpoint.
+/// ROUTES value, keyed by a remote worker subnet's network address (/26): its tunnel endpoint, and the
+/// addresses its datagrams may come from (the endpoint's, or the one its cluster saw).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Route {
     pub worker_ip: u32,
+    /// The worker's second address (its `worker_ip` when it has none).
+    pub src_ip: u32,
     /// Tunnel UDP port, network byte order.
     pub port: u16,
     pub _pad: u16,
@@ -204,6 +207,10 @@ counters! {
     RedirectNeigh = "redirect_neigh",
     /// Packets to a service left whole to the tun path (`KIND_TUN`).
     PassTunService = "pass_tun_service",
+    /// Tunnel data whose outer source is not the worker of its inner source (as far as ROUTES knows): left
+    /// to the tun path, which drops it as `tunnel_unknown_peer` or `tunnel_spoofed_inner` unless its
+    /// fuller tables know the sender.
+    PassUnverifiedPeer = "pass_unverified_peer",
 }
 
 #[cfg(feature = "user")]

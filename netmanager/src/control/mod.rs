@@ -235,7 +235,7 @@ impl Control {
                     return; // our own route, as every subscriber gets it
                 }
                 match validate_route(&r.subnet, &r.worker_ip, r.worker_port, local) {
-                    Ok((net, ep)) => self.tables.set_route(net, ep),
+                    Ok((net, ep)) => self.tables.set_route(net, ep, r.source_ip.parse().ok()),
                     Err(e) => tracing::warn!(route = ?r, "ignoring a route from the cluster: {e}"),
                 }
             }
@@ -267,7 +267,10 @@ impl Control {
                         backoff = Duration::from_millis(200);
                         let mut stream = stream.into_inner();
                         // routes of workers that left while we were away are re-sent; start fresh
-                        this.tables.update(|s| s.routes.clear());
+                        this.tables.update(|s| {
+                            s.routes.clear();
+                            s.sources.clear();
+                        });
                         connected.send_replace(true);
                         let names: Vec<String> = this.interests.lock().iter().cloned().collect();
                         for n in names {

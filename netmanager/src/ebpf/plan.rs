@@ -43,8 +43,9 @@ pub fn plan_maps(snap: &Snapshot, worker_prefix: u8, own: &HashSet<Ipv4Addr>) ->
         }
         if let SocketAddr::V4(v4) = ep {
             if !own.contains(v4.ip()) {
-                plan.routes
-                    .insert(raw(net.network()), Route { worker_ip: raw(*v4.ip()), port: raw_port(v4.port()), _pad: 0 });
+                let src_ip = raw(snap.sources.get(net).copied().unwrap_or(*v4.ip()));
+                let r = Route { worker_ip: raw(*v4.ip()), src_ip, port: raw_port(v4.port()), _pad: 0 };
+                plan.routes.insert(raw(net.network()), r);
             }
         }
     }
@@ -136,6 +137,12 @@ mod tests {
         assert_eq!(keys, HashSet::from([raw("10.18.0.64".parse().unwrap())]));
         let r = p.routes[&raw("10.18.0.64".parse().unwrap())];
         assert_eq!((r.worker_ip, r.port), (raw("192.168.77.2".parse().unwrap()), raw_port(50103)));
+        assert_eq!(r.src_ip, r.worker_ip, "without a second address the endpoint's is the only one");
+        // a worker behind a relay: its datagrams may come from the address its cluster saw
+        let mut s = snap(vec![]);
+        s.sources.insert("10.18.0.64/26".parse().unwrap(), "192.168.77.9".parse().unwrap());
+        let r = plan_maps(&s, 26, &own()).routes[&raw("10.18.0.64".parse().unwrap())];
+        assert_eq!(r.src_ip, raw("192.168.77.9".parse().unwrap()));
     }
 
     #[test]

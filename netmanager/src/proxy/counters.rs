@@ -35,6 +35,8 @@ names! {
         TunnelBadType = "tunnel_bad_type",
         TunnelBadProbe = "tunnel_bad_probe",
         TunnelMalformedInner = "tunnel_malformed_inner",
+        TunnelUnknownPeer = "tunnel_unknown_peer",
+        TunnelSpoofedInner = "tunnel_spoofed_inner",
         NotForThisNode = "not_for_this_node",
         SendError = "send_error",
         TunWriteError = "tun_write_error",

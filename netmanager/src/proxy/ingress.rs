@@ -34,6 +34,9 @@ pub struct Ingress {
     pub(super) mtu: usize,
     /// Segment buffers for cutting super-packets when the tun takes no virtio headers (made on first use).
     pub(super) split: Vec<Vec<u8>>,
+    /// This worker's advertised endpoint address when it is not one of this host's (a relay or port
+    /// forward in front of it): datagrams it hands on are taken for any known worker.
+    pub(super) front: Option<std::net::Ipv4Addr>,
 }
 
 impl Ingress {
@@ -62,7 +65,9 @@ impl Ingress {
                         let now = Instant::now();
                         if self.vnet && n > seg {
                             if let Some(run) = reassemble::check_run(&ubuf, n, seg) {
-                                self.write_run(&mut ubuf, run, now).await;
+                                if self.peer_ok(&ubuf[..seg], from, run.count as u64) {
+                                    self.write_run(&mut ubuf, run, now).await;
+                                }
                                 continue;
                             }
                         }
@@ -72,7 +77,9 @@ impl Ingress {
                             self.counters.event(Event::TunnelRx);
                             if end - off > HDR_LEN + self.mtu {
                                 if let Some(run) = reassemble::super_packet(&ubuf[off..end], mss_hint, self.mtu) {
-                                    self.write_super(&mut ubuf[off..end], run, now).await;
+                                    if self.peer_ok(&ubuf[off..end], from, 1) {
+                                        self.write_super(&mut ubuf[off..end], run, now).await;
+                                    }
                                     off = end;
                                     continue;
                                 }
@@ -168,6 +175,30 @@ impl Ingress {
         }
     }
 
+    /// A data datagram (`n` of them, one flow, coalesced) is taken only from the worker whose subnet holds
+    /// its inner source, by that worker's endpoint address or the address its cluster saw; anything else
+    /// is dropped and counted (`tunnel_unknown_peer`, `tunnel_spoofed_inner`). Refreshes the view.
+    fn peer_ok(&mut self, dgram: &[u8], from: SocketAddr, n: u64) -> bool {
+        let Some(src) = dgram.get(HDR_LEN + 12..HDR_LEN + 16) else {
+            self.counters.drop_packets(Reason::TunnelMalformedInner, n);
+            return false;
+        };
+        let src = std::net::Ipv4Addr::new(src[0], src[1], src[2], src[3]);
+        self.view.refresh();
+        match self.view.snap.check_peer(from.ip(), src, self.front) {
+            Ok(()) => true,
+            Err(why) => {
+                let reason = match why {
+                    crate::tables::PeerRefused::UnknownPeer => Reason::TunnelUnknownPeer,
+                    crate::tables::PeerRefused::SpoofedInner => Reason::TunnelSpoofedInner,
+                };
+                tracing::debug!(%from, %src, reason = reason.name(), "tunnel datagram refused");
+                self.counters.drop_packets(reason, n);
+                false
+            }
+        }
+    }
+
     async fn on_udp(&mut self, dgram: &mut [u8], from: SocketAddr, now: Instant) {
         match packet::decode_tunnel(dgram) {
             Err(r) => self.counters.drop_packet(r),
@@ -183,7 +214,9 @@ impl Ingress {
                 }
             }
             Ok(packet::Tunnel::Data(_)) => {
-                self.view.refresh();
+                if !self.peer_ok(dgram, from, 1) {
+                    return;
+                }
                 let complete = dgram[3] & packet::FLAG_CSUM_COMPLETE != 0;
                 let v = self.engine.lock().inbound(&mut dgram[HDR_LEN..], &self.view.snap, now, complete);
                 // inbound verdicts are ToTun or a (counted) drop

@@ -154,6 +154,13 @@ pub async fn start(opts: &ProxyOptions, tables: Tables, control: Option<Control>
         vnet: offload,
         mtu: opts.mtu as usize,
         split: Vec::new(),
+        front: match public.ip() {
+            std::net::IpAddr::V4(a) if !crate::ebpf::host_addresses().iter().any(|(_, h)| *h == a) => {
+                tracing::info!(endpoint = %public, "the advertised tunnel endpoint is not an address of this host (a relay or port forward): tunnel datagrams from it are taken for every known worker");
+                Some(a)
+            }
+            _ => None,
+        },
     };
     let dp = Egress {
         tun,

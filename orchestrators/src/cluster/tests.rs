@@ -308,13 +308,13 @@ async fn a_worker_gone_for_long_is_removed_and_its_subnet_released() {
     // the network service runs once the cluster has its id
     poll("cluster network service up", || async { cl.cluster.netsvc.get().is_some() }).await;
     let net = cl.cluster.netsvc.get().unwrap().clone();
-    let subnet = net.lease_subnet("nm-gone", "gone", "192.0.2.7", 50103).await.unwrap();
+    let subnet = net.lease_subnet("nm-gone", "gone", "192.0.2.7", 50103, None).await.unwrap();
     let (tx, _inbound) = silent_worker(&cl.workers_url, "gone").await;
     poll("registered", || async { cl.cluster.live_workers().len() == 1 }).await;
     // silent: down after 0.5 s, removed 0.5 s later, lease released
     poll("worker removed", || async { cl.cluster.live_workers().is_empty() && net.subnet_of("gone").is_none() }).await;
     // the same subnet is free again for a new worker
-    assert_eq!(net.lease_subnet("nm-new", "newcomer", "192.0.2.8", 50103).await.unwrap(), subnet);
+    assert_eq!(net.lease_subnet("nm-new", "newcomer", "192.0.2.8", 50103, None).await.unwrap(), subnet);
     drop(tx);
     cl.stop().await;
     root.stop().await;

@@ -39,6 +39,9 @@ struct Lease {
     /// The NetManager that leased it (its id, from its certificate): only it may use or release it.
     #[serde(default)]
     owner: String,
+    /// The address its lease came from (see `Route.source_ip`).
+    #[serde(default)]
+    source_ip: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -75,7 +78,12 @@ pub struct ClusterNetSvc {
 }
 
 fn route_of(lease: &Lease) -> pb::Route {
-    pb::Route { subnet: lease.subnet.to_string(), worker_ip: lease.public_ip.clone(), worker_port: lease.tunnel_port }
+    pb::Route {
+        subnet: lease.subnet.to_string(),
+        worker_ip: lease.public_ip.clone(),
+        worker_port: lease.tunnel_port,
+        source_ip: lease.source_ip.clone(),
+    }
 }
 
 fn update(u: pb::net_update::Update) -> pb::NetUpdate {
@@ -149,6 +157,7 @@ impl ClusterNetSvc {
         node: &str,
         public_ip: &str,
         tunnel_port: u32,
+        source: Option<std::net::IpAddr>,
     ) -> Result<Ipv4Net, Status> {
         if node.is_empty() || node.len() > 128 {
             return Err(Status::invalid_argument("node must be 1..128 characters"));
@@ -167,18 +176,32 @@ impl ClusterNetSvc {
                 )));
             }
         }
-        self.lease_for(owner, node, public_ip, tunnel_port)
+        // an IPv4 source (IPv4-mapped on a dual-stack listener) is the worker's second address
+        let source = match source {
+            Some(std::net::IpAddr::V4(a)) => a.to_string(),
+            Some(std::net::IpAddr::V6(a)) => a.to_ipv4_mapped().map(|a| a.to_string()).unwrap_or_default(),
+            None => String::new(),
+        };
+        self.lease_for(owner, node, public_ip, tunnel_port, source)
             .await
             .map_err(|e| Status::resource_exhausted(format!("{e:#}")))
     }
 
-    async fn lease_for(&self, owner: &str, node: &str, public_ip: &str, tunnel_port: u32) -> Result<Ipv4Net> {
+    async fn lease_for(
+        &self,
+        owner: &str,
+        node: &str,
+        public_ip: &str,
+        tunnel_port: u32,
+        source_ip: String,
+    ) -> Result<Ipv4Net> {
         let _g = self.inner.lease_lock.lock().await;
         let lease = Lease {
             subnet: "0.0.0.0/26".parse()?,
             public_ip: public_ip.to_string(),
             tunnel_port,
             owner: owner.to_string(),
+            source_ip,
         };
         let existing = {
             let s = self.inner.state.lock();
@@ -477,8 +500,9 @@ impl ClusterNetService for ClusterNetSvc {
         req: Request<pb::LeaseSubnetRequest>,
     ) -> Result<Response<pb::LeaseSubnetReply>, Status> {
         let owner = oak_trust::require(&req, "netmanager")?;
+        let source = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
-        let subnet = self.lease_subnet(&owner, &r.node, &r.public_ip, r.tunnel_port).await?;
+        let subnet = self.lease_subnet(&owner, &r.node, &r.public_ip, r.tunnel_port, source).await?;
         Ok(Response::new(pb::LeaseSubnetReply {
             subnet: subnet.to_string(),
             cluster_id: self.inner.cluster_id.clone(),
@@ -632,7 +656,7 @@ mod tests {
         let (c, id) = open_cluster(&cdir, &root).await;
         let mut seen = HashSet::new();
         for i in 0..20 {
-            let n = c.lease_subnet(&format!("o{i}"), &format!("w{i}"), "192.0.2.1", 50103).await.unwrap();
+            let n = c.lease_subnet(&format!("o{i}"), &format!("w{i}"), "192.0.2.1", 50103, None).await.unwrap();
             assert_eq!(n.prefix_len(), 26);
             assert!(seen.insert(n), "subnet {n} handed out twice");
         }
@@ -642,16 +666,16 @@ mod tests {
         drop(c);
         let m = Member::new(&root.url, oak_trust::ROOT_SERVER, "cluster", "c", "", cdir.join("identity"));
         let c = ClusterNetSvc::open(&cdir, &m, &root.url, &id).unwrap();
-        assert_eq!(c.lease_subnet("o3", "w3", "192.0.2.1", 50103).await.unwrap(), w3);
+        assert_eq!(c.lease_subnet("o3", "w3", "192.0.2.1", 50103, None).await.unwrap(), w3);
         // another NetManager cannot take w3's subnet, nor hold a second one
-        let e = c.lease_subnet("o4", "w3", "192.0.2.1", 50103).await.unwrap_err();
+        let e = c.lease_subnet("o4", "w3", "192.0.2.1", 50103, None).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("held by netmanager/o3"), "{}", e.message());
-        let e = c.lease_subnet("o3", "w99", "192.0.2.1", 50103).await.unwrap_err();
+        let e = c.lease_subnet("o3", "w99", "192.0.2.1", 50103, None).await.unwrap_err();
         assert!(e.message().contains("one worker subnet per NetManager"), "{}", e.message());
         c.release_worker("w3").unwrap();
         assert!(c.subnet_of("w3").is_none());
-        let again = c.lease_subnet("onew", "new", "192.0.2.9", 50103).await.unwrap();
+        let again = c.lease_subnet("onew", "new", "192.0.2.9", 50103, None).await.unwrap();
         assert_eq!(again, w3, "released subnet is reused");
     }
 
@@ -683,8 +707,8 @@ mod tests {
         use futures::StreamExt;
         let TwoClusters { _dir, root, c1, c2, ids, mut client, nm, .. } = two_clusters().await;
         let (rr, _) = root.allocate_service_ips("s1", "app.ns.web.ns").unwrap();
-        let n1 = c1.lease_subnet(&nm, "n1", "192.0.2.1", 50103).await.unwrap();
-        let n2 = c2.lease_subnet("o2", "n2", "192.0.2.2", 50103).await.unwrap();
+        let n1 = c1.lease_subnet(&nm, "n1", "192.0.2.1", 50103, None).await.unwrap();
+        let n2 = c2.lease_subnet("o2", "n2", "192.0.2.2", 50103, None).await.unwrap();
         assert_ne!(n1, n2, "clusters get disjoint blocks");
 
         let mut updates = client.subscribe(pb::SubscribeRequest { node: "n1".into() }).await.unwrap().into_inner();
@@ -737,10 +761,10 @@ mod tests {
     async fn worker_routes_cross_clusters_through_the_root() {
         use futures::StreamExt;
         let TwoClusters { _dir, root, c1, c2, ids, mut client, nm, c1_authority, c1_url, .. } = two_clusters().await;
-        let n1 = c1.lease_subnet(&nm, "n1", "192.0.2.1", 50103).await.unwrap();
+        let n1 = c1.lease_subnet(&nm, "n1", "192.0.2.1", 50103, None).await.unwrap();
         let mut updates = client.subscribe(pb::SubscribeRequest { node: "n1".into() }).await.unwrap().into_inner();
         // a worker of cluster 2 appears: cluster 1's subscriber learns its route (for replies)
-        let n2 = c2.lease_subnet("o2", "n2", "192.0.2.2", 50104).await.unwrap();
+        let n2 = c2.lease_subnet("o2", "n2", "192.0.2.2", 50104, None).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 if let Some(pb::net_update::Update::RouteAdded(r)) = updates.next().await.unwrap().unwrap().update {
@@ -758,7 +782,8 @@ mod tests {
             .iter()
             .any(|r| r.cluster_id == ids.0 && r.route.as_ref().unwrap().subnet == n1.to_string()));
         // a cluster cannot claim a subnet outside its blocks
-        let bad = pb::Route { subnet: n2.to_string(), worker_ip: "192.0.2.9".into(), worker_port: 1 };
+        let bad =
+            pb::Route { subnet: n2.to_string(), worker_ip: "192.0.2.9".into(), worker_port: 1, ..Default::default() };
         let e = root.report_route(&ids.0, &bad, false).unwrap_err().to_string();
         assert!(e.contains(&format!("not in a block leased to cluster {}", ids.0)), "{e}");
         // a new subscriber gets it in its initial dump; released, it is withdrawn
@@ -790,7 +815,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Member::in_memory("", oak_trust::CLUSTER_SERVER, "cluster", "c", "");
         let c = ClusterNetSvc::open(dir.path(), &m, "", "c1").unwrap();
-        let err = c.lease_subnet("o", "w", "192.0.2.1", 50103).await.unwrap_err();
+        let err = c.lease_subnet("o", "w", "192.0.2.1", 50103, None).await.unwrap_err();
         assert!(err.message().contains("no free worker subnet"), "{err:?}");
     }
 
@@ -799,7 +824,7 @@ mod tests {
     #[tokio::test]
     async fn netmanagers_act_only_as_themselves() {
         let TwoClusters { _dir, c1, mut client, nm, c1_authority, c1_url, .. } = two_clusters().await;
-        let mine = c1.lease_subnet(&nm, "victim", "192.0.2.1", 50103).await.unwrap();
+        let mine = c1.lease_subnet(&nm, "victim", "192.0.2.1", 50103, None).await.unwrap();
         c1.register_instance(
             &nm,
             pb::InstanceAddress {

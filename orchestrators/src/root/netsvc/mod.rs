@@ -95,6 +95,8 @@ struct RouteRec {
     cluster_id: String,
     worker_ip: String,
     worker_port: u32,
+    #[serde(default)]
+    source_ip: String,
 }
 
 /// Why service IPs could not be allocated. [`ServiceIpError::field`] names the SLA field at fault.
@@ -266,6 +268,7 @@ impl RootNetSvc {
                 cluster_id: cluster_id.into(),
                 worker_ip: route.worker_ip.clone(),
                 worker_port: route.worker_port,
+                source_ip: route.source_ip.clone(),
             };
             Ok(s.routes.insert(key, rec.clone()) != Some(rec))
         })?;
@@ -286,6 +289,7 @@ impl RootNetSvc {
                     subnet: n.clone(),
                     worker_ip: r.worker_ip.clone(),
                     worker_port: r.worker_port,
+                    source_ip: r.source_ip.clone(),
                 }),
             })
             .collect()
