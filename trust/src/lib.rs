@@ -14,6 +14,27 @@ pub use client::{Credentials, Member, Unreachable};
 pub use files::{private_dir, write_private};
 pub use token::{parse_ttl, sha256_hex, BadToken, JoinRefused, JoinSecret, JoinToken, Tokens};
 
+/// Set to `1` on every process of a control plane only to measure what TLS costs
+/// (`cargo xtask bench control-plane` does): the gRPC links then run without TLS and a caller's identity
+/// is what it claims (its user agent). Joining still needs a join token. Never on a network you do not
+/// trust: anyone can act as anyone.
+pub const PLAINTEXT_ENV: &str = "OAK_INSECURE_PLAINTEXT_GRPC";
+
+/// Whether [`PLAINTEXT_ENV`] is set (read once).
+pub fn plaintext() -> bool {
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *P.get_or_init(|| {
+        let on = std::env::var(PLAINTEXT_ENV).is_ok_and(|v| v == "1");
+        if on {
+            tracing::warn!("{PLAINTEXT_ENV}=1: the gRPC links run WITHOUT TLS and callers are who they claim to be (for measurements only)");
+        }
+        on
+    })
+}
+
+/// The user-agent prefix a caller names itself with when [`plaintext`] is on.
+const CLAIM: &str = "oak-identity/";
+
 /// The name in the root's server certificate.
 pub const ROOT_SERVER: &str = "oak-root";
 /// The name in a cluster's server certificate.

@@ -32,11 +32,15 @@ pub struct Args {
     base_port: u16,
 }
 
-struct Procs(Vec<(String, Child)>);
+struct Procs {
+    list: Vec<(String, Child)>,
+    /// Started without TLS on their gRPC links.
+    plaintext: bool,
+}
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
+        for (_, c) in &mut self.list {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -56,12 +60,15 @@ fn spawn(
     cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).env("RUST_LOG", "warn");
     // the bench's roots and clusters share one join token
     cmd.env("OAK_CLUSTER_TOKEN", testbed::JOIN_TOKEN).env("OAK_WORKER_TOKEN", testbed::WORKER_TOKEN);
+    if procs.plaintext {
+        cmd.env(oak_trust::PLAINTEXT_ENV, "1");
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
     let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
     let pid = child.id();
-    procs.0.push((name.to_string(), child));
+    procs.list.push((name.to_string(), child));
     Ok(pid)
 }
 
@@ -82,15 +89,60 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::R
     Ok(())
 }
 
+/// What one run of the scenario measured.
+struct Figures {
+    services: usize,
+    /// no-op API round trip p50 (ms)
+    base: f64,
+    placed: (f64, f64),
+    running: (f64, f64),
+    root_rss_kb: u64,
+    cluster_rss_kb: Vec<u64>,
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     step("building release binaries (orchestrators, simulated workers)");
     sh(cargo().args(["build", "--release", "-p", "oak-orchestrators", "--bins"]))?;
     let bins: PathBuf = crate::util::target_dir().join("release");
-    let work = std::env::temp_dir().join(format!("oak-bench-cp-{}", std::process::id()));
+    step("with TLS on every gRPC link (the default)");
+    let on = scenario(&a, &bins, a.base_port, true)?;
+    step(&format!("without TLS ({}=1), for comparison", oak_trust::PLAINTEXT_ENV));
+    let off = scenario(&a, &bins, a.base_port + 1000, false)?;
+    let mib = |kb: u64| kb as f64 / 1024.0;
+    let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64 / 1024.0;
+    let max = |v: &[u64]| mib(v.iter().copied().max().unwrap_or(0));
+    println!();
+    println!(
+        "control plane: {} clusters x {} workers, {} services; TLS on every gRPC link vs off, in this run",
+        a.clusters, a.workers_per_cluster, on.services
+    );
+    println!("  {:<40} {:>19} {:>19} {:>8}", "", "TLS on", "TLS off", "on/off");
+    let row = |what: &str, x: f64, y: f64, unit: &str| {
+        println!("  {what:<40} {:>15.2} {unit:<3} {:>15.2} {unit:<3} {:>7.2}x", x, y, x / y);
+    };
+    row("no-op API round trip p50", on.base, off.base, "ms");
+    row("API call -> placed on a worker p50", on.placed.0, off.placed.0, "ms");
+    row("API call -> placed on a worker p99", on.placed.1, off.placed.1, "ms");
+    row("API call -> RUNNING (sim, 10 ms) p50", on.running.0, off.running.0, "ms");
+    row("API call -> RUNNING (sim, 10 ms) p99", on.running.1, off.running.1, "ms");
+    row("RSS root", mib(on.root_rss_kb), mib(off.root_rss_kb), "MiB");
+    row("RSS clusters, mean", mean(&on.cluster_rss_kb), mean(&off.cluster_rss_kb), "MiB");
+    row("RSS clusters, max", max(&on.cluster_rss_kb), max(&off.cluster_rss_kb), "MiB");
+    println!(
+        "  placed p50 / no-op API p50: {:.1}x with TLS, {:.1}x without",
+        on.placed.0 / on.base,
+        off.placed.0 / off.base
+    );
+    Ok(())
+}
+
+/// One run: a root, the clusters and their simulated workers (with TLS, or without), the deploys.
+fn scenario(a: &Args, bins: &Path, p: u16, tls: bool) -> anyhow::Result<Figures> {
+    let work =
+        std::env::temp_dir().join(format!("oak-bench-cp-{}-{}", std::process::id(), if tls { "tls" } else { "plain" }));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
-    let mut procs = Procs(Vec::new());
-    let p = a.base_port;
+    let mut procs = Procs { list: Vec::new(), plaintext: !tls };
     let (api_port, grpc_port, net_port) = (p, p + 1, p + 2);
     let pw = "bench-pw";
     step(&format!(
@@ -247,27 +299,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             eprintln!("    {} / {} deployed", k + 1, sids.len());
         }
     }
-    let root_rss = rss_kb(root_pid);
-    let cl_rss: Vec<u64> = cluster_pids.iter().map(|p| rss_kb(*p)).collect();
-    let b50 = pct(&mut base, 0.5);
-    let (p50, p99) = (pct(&mut placed, 0.5), pct(&mut placed, 0.99));
-    let (r50, r99) = (pct(&mut running, 0.5), pct(&mut running, 0.99));
-    println!();
-    println!("control plane: {} clusters x {} workers, {} services", a.clusters, a.workers_per_cluster, sids.len());
-    println!("  baseline: no-op API round trip        p50 {b50:8.2} ms");
-    println!(
-        "  API call -> placed on a worker        p50 {p50:8.2} ms  p99 {p99:8.2} ms   ({:.1}x / {:.1}x baseline p50)",
-        p50 / b50,
-        p99 / b50
-    );
-    println!("  API call -> RUNNING (sim, 10 ms start) p50 {r50:8.2} ms  p99 {r99:8.2} ms");
-    println!(
-        "  RSS root {:.1} MiB; clusters mean {:.1} MiB, max {:.1} MiB",
-        root_rss as f64 / 1024.0,
-        cl_rss.iter().sum::<u64>() as f64 / cl_rss.len().max(1) as f64 / 1024.0,
-        cl_rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0
-    );
+    let root_rss_kb = rss_kb(root_pid);
+    let cluster_rss_kb: Vec<u64> = cluster_pids.iter().map(|p| rss_kb(*p)).collect();
+    let f = Figures {
+        services: sids.len(),
+        base: pct(&mut base, 0.5),
+        placed: (pct(&mut placed, 0.5), pct(&mut placed, 0.99)),
+        running: (pct(&mut running, 0.5), pct(&mut running, 0.99)),
+        root_rss_kb,
+        cluster_rss_kb,
+    };
     drop(procs);
     let _ = fs::remove_dir_all(&work);
-    Ok(())
+    Ok(f)
 }

@@ -144,7 +144,9 @@ impl NetManagers<'_> {
             w.pins.push(pin);
         }
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns])
+        // the NetManager joins the cluster with its worker join token
+        c.env("OAK_WORKER_TOKEN", testbed::WORKER_TOKEN)
+            .args(["netns", "exec", ns])
             .arg(self.bins.join("NetManager"))
             .arg("-c")
             .arg(&cfg)
