@@ -1,4 +1,5 @@
-//! Attacks on the control plane's trust, from a host of their own: the real root-orchestrator,
+//! Attacks on the control plane's trust (at the root's cluster port and the cluster's worker port), from a
+//! host of their own: the real root-orchestrator,
 //! cluster-orchestrator and simulated workers as processes in network namespaces joined by veth, the
 //! `token` commands run as the operator would. Each attack must fail with a clear reason while the live
 //! cluster keeps its session and its instance.
@@ -48,6 +49,43 @@ fn join_as_cluster(url: &str, token: &str) -> Result<String, String> {
             other => Err(format!("{other:?}")),
         }
     })
+}
+
+/// A worker (NodeEngine) joining the cluster at `url` with `token`, from the current network namespace:
+/// its node id (after a welcome), or the reason it got none.
+fn join_as_worker(url: &str, token: &str) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let m = oak_trust::Member::in_memory(url, oak_trust::CLUSTER_SERVER, "node", "w1", token);
+        let (ch, _) =
+            m.channel(url, |e| e.connect_timeout(Duration::from_secs(5))).await.map_err(|e| format!("{e:#}"))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let hello = pb::WorkerHello { node_name: "w1".into(), ..Default::default() };
+        tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Hello(hello)) }).unwrap();
+        let mut inbound = pb::worker_registry_client::WorkerRegistryClient::new(ch)
+            .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        let r = match inbound.message().await.map_err(|s| s.message().to_string())?.and_then(|m| m.msg) {
+            Some(pb::cluster_to_worker::Msg::Welcome(w)) => Ok(w.node_id),
+            Some(pb::cluster_to_worker::Msg::Rejected(r)) => Err(r.reason),
+            other => Err(format!("{other:?}")),
+        };
+        drop(tx);
+        r
+    })
+}
+
+/// `cluster-orchestrator token …` on the cluster's data directory: its standard output.
+fn cluster_token_cmd(dir: &str, args: &[&str]) -> String {
+    let out = Command::new(bin("cluster-orchestrator"))
+        .args(["--data-dir", dir, "token"])
+        .args(args)
+        .output()
+        .expect("cluster-orchestrator token runs");
+    assert!(out.status.success(), "token {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A ClusterHello without TLS: whatever answer there is (there must be none).
@@ -167,10 +205,43 @@ fn impostor_clusters_are_refused_and_the_live_cluster_keeps_its_session() {
     let other = attack(pinned.clone()).unwrap();
     assert_ne!(other, live, "a join token took over the live cluster");
 
+    // the same against the cluster's worker port, with the cluster's own tokens
+    let wurl = format!("http://{cl_addr}");
+    let wattack = |token: String| {
+        let u = wurl.clone();
+        net.host("intruder").run(move || join_as_worker(&u, &token))
+    };
+    let first = std::fs::read_to_string(d.join("cluster/worker-join-token")).unwrap().trim().to_string();
+    let wpin = first.trim_start_matches("oak10").split("::").next().unwrap().to_string();
+    let wid = first.split("::").nth(1).unwrap().split('.').next().unwrap().to_string();
+    let e = wattack(format!("oak10{wpin}::{wid}.{}", "X".repeat(32))).unwrap_err();
+    assert!(e.contains("not one of this authority's"), "{e}");
+    let e = wattack(format!("oak10{pin}::{wid}.{}", "X".repeat(32))).unwrap_err();
+    assert!(e.contains("not the one the join token pins"), "a root token pins the root's CA, not the cluster's: {e}");
+    let expiring = cluster_token_cmd(&cluster_dir, &["create", "--ttl", "1s"]);
+    let exp_id = expiring.split("::").nth(1).unwrap().split('.').next().unwrap().to_string();
+    wait_for("the worker token listed as expired", Duration::from_secs(10), || {
+        cluster_token_cmd(&cluster_dir, &["list"])
+            .lines()
+            .any(|l| l.starts_with(&exp_id) && l.contains("expired"))
+            .then_some(())
+    });
+    let e = wattack(expiring).unwrap_err();
+    assert!(e.contains("has expired"), "{e}");
+    let revoked = cluster_token_cmd(&cluster_dir, &["create"]);
+    let rev_id = revoked.split("::").nth(1).unwrap().split('.').next().unwrap().to_string();
+    cluster_token_cmd(&cluster_dir, &["revoke", &rev_id]);
+    let e = wattack(revoked).unwrap_err();
+    assert!(e.contains("was revoked"), "{e}");
+    let w1_id = running()["worker_id"].as_str().unwrap_or_default().to_string();
+    let stranger = wattack(first).unwrap();
+    assert!(!w1_id.is_empty() && stranger != w1_id, "a join token took over worker w1 ({w1_id})");
+
     // the live cluster kept its session and its instance
     let (_, v) = call("GET", "/api/clusters/active", None);
     let me = v.as_array().unwrap().iter().find(|c| c["cluster_id"] == live.as_str()).cloned();
     assert!(me.is_some_and(|c| c["active_nodes"] == 1), "the live cluster is still active: {v}");
     let i = running();
     assert_eq!((i["status"].as_str(), i["cluster_id"].as_str()), (Some("RUNNING"), Some(live.as_str())), "{i}");
+    assert_eq!(i["worker_id"].as_str(), Some(w1_id.as_str()), "the instance stayed on w1: {i}");
 }
