@@ -32,3 +32,13 @@ pub fn trusted<R: oak_trust::Registrar>(
     let mut server = if oak_trust::plaintext() { server } else { server.tls_config(authority.server_tls())? };
     Ok(server.add_service(oak_trust::Enrollment::server(authority.clone(), registrar)))
 }
+
+/// Resolves at SIGINT or SIGTERM (logged), for a daemon's graceful stop.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

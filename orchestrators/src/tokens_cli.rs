@@ -33,8 +33,19 @@ pub enum TokenOp {
     Revoke { id: String },
 }
 
-/// Runs `op` on the authority in `<data_dir>/ca`.
-pub fn run(op: TokenOp, data_dir: &Path, ca_name: &str, server_name: &str) -> Result<()> {
+/// Whose tokens: the root's (for clusters) or a cluster's (for its workers).
+#[derive(Clone, Copy, Debug)]
+pub enum Tier {
+    Root,
+    Cluster,
+}
+
+/// Runs `op` on the authority of `tier` in `<data_dir>/ca`.
+pub fn run(op: TokenOp, data_dir: &Path, tier: Tier) -> Result<()> {
+    let (ca_name, server_name) = match tier {
+        Tier::Root => (crate::root::CA_NAME, oak_trust::ROOT_SERVER),
+        Tier::Cluster => (crate::cluster::CA_NAME, oak_trust::CLUSTER_SERVER),
+    };
     let a = oak_trust::Authority::open(&data_dir.join("ca"), ca_name, server_name)?;
     match op {
         TokenOp::Create { ttl, description } => {

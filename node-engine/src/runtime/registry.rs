@@ -212,21 +212,6 @@ pub fn parse_bearer_challenge(h: &str) -> Option<HashMap<String, String>> {
     out.contains_key("realm").then_some(out)
 }
 
-/// An error with its sources (`error sending request: connection refused`).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 fn verify(what: &str, expected: &str, data: &[u8]) -> anyhow::Result<()> {
     let Some(hex) = expected.strip_prefix("sha256:") else {
         bail!("{what}: unsupported digest algorithm in {expected} (only sha256)");
@@ -277,8 +262,10 @@ impl RegistryClient {
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
             }
-            let resp =
-                req.send().await.map_err(|e| anyhow!("registry unreachable: GET {url} failed: {}", chain(&e)))?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| anyhow!("registry unreachable: GET {url} failed: {}", oak_trust::error_chain(&e)))?;
             if resp.status() == reqwest::StatusCode::UNAUTHORIZED && !authed {
                 authed = true;
                 let challenge = resp
@@ -303,13 +290,10 @@ impl RegistryClient {
         if let Some(s) = c.get("service") {
             query.push(("service", s.as_str()));
         }
-        let resp = self
-            .http
-            .get(realm)
-            .query(&query)
-            .send()
-            .await
-            .map_err(|e| anyhow!("token service unreachable: GET {realm} failed: {}", chain(&e)))?;
+        let resp =
+            self.http.get(realm).query(&query).send().await.map_err(|e| {
+                anyhow!("token service unreachable: GET {realm} failed: {}", oak_trust::error_chain(&e))
+            })?;
         let status = resp.status();
         if !status.is_success() {
             bail!("token service {realm} answered {status} (only anonymous pulls are supported)");
@@ -419,7 +403,8 @@ impl RegistryClient {
         let mut stream = resp.bytes_stream();
         let mut last_log = std::time::Instant::now();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| anyhow!("downloading {what} {} from {url}: {}", d.digest, chain(&e)))?;
+            let chunk = chunk
+                .map_err(|e| anyhow!("downloading {what} {} from {url}: {}", d.digest, oak_trust::error_chain(&e)))?;
             hasher.update(&chunk);
             data.extend_from_slice(&chunk);
             if d.size >= 0 && data.len() as i64 > d.size {
@@ -474,7 +459,7 @@ pub async fn read_limited(resp: reqwest::Response, what: &str, limit: u64) -> an
     let mut data = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| anyhow!("reading {what}: {}", chain(&e)))?;
+        let chunk = chunk.map_err(|e| anyhow!("reading {what}: {}", oak_trust::error_chain(&e)))?;
         data.extend_from_slice(&chunk);
         image::check_size(what, data.len() as u64, limit)?;
     }

@@ -93,13 +93,9 @@ fn hostname() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    if let Some(oak_orchestrators::tokens_cli::Command::Token { op }) = a.command {
-        return oak_orchestrators::tokens_cli::run(
-            op,
-            &a.data_dir,
-            oak_orchestrators::cluster::CA_NAME,
-            oak_trust::CLUSTER_SERVER,
-        );
+    use oak_orchestrators::tokens_cli::{self, Command};
+    if let Some(Command::Token { op }) = a.command {
+        return tokens_cli::run(op, &a.data_dir, tokens_cli::Tier::Cluster);
     }
     oak_orchestrators::telemetry::init(&a.log_level);
     let cluster_name = match a.cluster_name.filter(|n| !n.trim().is_empty()) {
@@ -135,16 +131,7 @@ async fn main() -> anyhow::Result<()> {
         token: a.token,
         worker_token: a.worker_token,
     };
-    oak_orchestrators::cluster::run(cfg, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-    }
+    oak_orchestrators::cluster::run(cfg, oak_orchestrators::task::shutdown_signal()).await
 }
 
 #[cfg(test)]

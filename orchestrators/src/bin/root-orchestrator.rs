@@ -69,13 +69,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    if let Some(oak_orchestrators::tokens_cli::Command::Token { op }) = a.command {
-        return oak_orchestrators::tokens_cli::run(
-            op,
-            &a.data_dir,
-            oak_orchestrators::root::CA_NAME,
-            oak_trust::ROOT_SERVER,
-        );
+    use oak_orchestrators::tokens_cli::{self, Command};
+    if let Some(Command::Token { op }) = a.command {
+        return tokens_cli::run(op, &a.data_dir, tokens_cli::Tier::Root);
     }
     oak_orchestrators::telemetry::init(&a.log_level);
     let cfg = oak_orchestrators::root::Config {
@@ -96,14 +92,5 @@ async fn main() -> anyhow::Result<()> {
             _ => anyhow::bail!("--tls-cert and --tls-key go together"),
         },
     };
-    oak_orchestrators::root::run(cfg, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-    }
+    oak_orchestrators::root::run(cfg, oak_orchestrators::task::shutdown_signal()).await
 }

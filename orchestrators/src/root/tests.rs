@@ -606,13 +606,13 @@ async fn only_registered_clusters_lease_worker_blocks_up_to_their_quota() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn the_api_serves_https_with_a_given_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    let tls = super::TlsFiles { cert: dir.path().join("api.pem"), key: dir.path().join("api.key") };
-    std::fs::write(&tls.cert, ck.cert.pem()).unwrap();
-    std::fs::write(&tls.key, ck.key_pair.serialize_pem()).unwrap();
+/// A root serving its API over HTTPS (`tls` files, or a certificate of its CA for `names`): its API port,
+/// the stop signal and the serving task.
+async fn https_root(
+    data_dir: std::path::PathBuf,
+    tls: Option<super::TlsFiles>,
+    names: Vec<String>,
+) -> (u16, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -621,21 +621,32 @@ async fn the_api_serves_https_with_a_given_certificate() {
         netsvc_addr: net_l.local_addr().unwrap(),
         api_addr: api_l.local_addr().unwrap(),
         grpc_addr: grpc_l.local_addr().unwrap(),
-        data_dir: dir.path().join("root"),
+        data_dir,
         admin_password: Some("s3cret".into()),
         cluster_stale: Duration::from_secs(30),
         retry_interval: Duration::from_secs(3600),
         report_interval_ms: 1000,
         max_blocks_per_cluster: 2,
-        tls: Some(tls),
+        tls,
         join_token: None,
-        api_tls_names: vec![],
+        api_tls_names: names,
     };
     let root = Root::open(cfg).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(super::serve(root, api_l, grpc_l, net_l, async move {
         let _ = rx.await;
     }));
+    (port, stop, task)
+}
+
+#[tokio::test]
+async fn the_api_serves_https_with_a_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let tls = super::TlsFiles { cert: dir.path().join("api.pem"), key: dir.path().join("api.key") };
+    std::fs::write(&tls.cert, ck.cert.pem()).unwrap();
+    std::fs::write(&tls.key, ck.key_pair.serialize_pem()).unwrap();
+    let (port, stop, task) = https_root(dir.path().join("root"), Some(tls), vec![]).await;
     let trusted = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
         .build()
@@ -665,29 +676,8 @@ async fn the_api_serves_https_with_a_given_certificate() {
 #[tokio::test]
 async fn the_api_serves_https_with_a_certificate_of_the_roots_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = api_l.local_addr().unwrap().port();
-    let cfg = Config {
-        netsvc_addr: net_l.local_addr().unwrap(),
-        api_addr: api_l.local_addr().unwrap(),
-        grpc_addr: grpc_l.local_addr().unwrap(),
-        data_dir: dir.path().join("root"),
-        admin_password: Some("s3cret".into()),
-        cluster_stale: Duration::from_secs(30),
-        retry_interval: Duration::from_secs(3600),
-        report_interval_ms: 1000,
-        max_blocks_per_cluster: 2,
-        tls: None,
-        join_token: None,
-        api_tls_names: vec!["127.0.0.1".into(), "root.example.org".into()],
-    };
-    let root = Root::open(cfg).unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(super::serve(root, api_l, grpc_l, net_l, async move {
-        let _ = rx.await;
-    }));
+    let names = vec!["127.0.0.1".into(), "root.example.org".into()];
+    let (port, stop, task) = https_root(dir.path().join("root"), None, names).await;
     // a client that trusts the root's CA (the same CA the join tokens pin) talks HTTPS to it
     let ca = std::fs::read(dir.path().join("root/ca/ca.pem")).unwrap();
     let trusted =
