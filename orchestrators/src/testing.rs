@@ -41,6 +41,9 @@ pub async fn net_services(dir: &Path, cluster_l: tokio::net::TcpListener) -> Net
         Arc::new(Authority::open(&dir.join("root/ca"), crate::root::CA_NAME, oak_trust::ROOT_SERVER).unwrap());
     let (cluster_token, _) = root_authority.tokens.create(&root_authority.pin(), 0, "test").unwrap();
     let root = RootNetSvc::open(&dir.join("root")).unwrap();
+    // the first block (10.18.0.0/22) goes to no one, so the cluster's subnets never collide with a 1-DOC
+    // cluster running on the same host (its first worker has 10.18.0.0/26)
+    root.lease_block("placeholder").unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let root_url = format!("http://{}", l.local_addr().unwrap());
     let trust = crate::task::trusted(&root_authority, Arc::new(Admit(&["cluster"]))).unwrap();
