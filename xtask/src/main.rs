@@ -1,6 +1,7 @@
 //! Project tasks. `cargo xtask --help` lists them.
 
 mod bench;
+mod dist;
 mod ebpf;
 mod lint;
 mod setup;
@@ -32,6 +33,9 @@ enum Cmd {
     Lint,
     /// Set up the machine, lint, build everything and run the whole test suite.
     Test(test::TestArgs),
+    /// Release bundles per role (root, cluster, worker): binaries, systemd units, sample configuration,
+    /// install.sh and SHA256SUMS in a .tar.gz each.
+    Dist(dist::Args),
     /// Benchmarks: print results and ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -46,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Down(a) => up::down(a),
         Cmd::Lint => lint::run(),
         Cmd::Test(a) => test::run(a),
+        Cmd::Dist(a) => dist::run(a),
         Cmd::Bench(b) => bench::run(b),
     }
 }

@@ -30,6 +30,8 @@ pub fn default_object() -> Option<PathBuf> {
     let mut candidates = Vec::new();
     for dir in exe.ancestors().skip(1).take(4) {
         candidates.push(dir.join("bpf/netmanager-ebpf.o"));
+        // installed from a bundle: <prefix>/bin/NetManager, <prefix>/lib/oakestra-rs/netmanager-ebpf.o
+        candidates.push(dir.join("lib/oakestra-rs/netmanager-ebpf.o"));
     }
     candidates.push(PathBuf::from("/usr/lib/oakestra-rs/netmanager-ebpf.o"));
     candidates.into_iter().find(|p| p.exists())

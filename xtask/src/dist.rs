@@ -1,0 +1,283 @@
+//! `cargo xtask dist`: release bundles, one per role (root, cluster, worker), each a `.tar.gz` holding the
+//! role's binaries (and, for workers, the eBPF object), systemd units, sample configuration, an
+//! `install.sh` that installs them idempotently, and `SHA256SUMS`. A worker bundle needs no Rust, LLVM or
+//! compiler on the device: its binaries (stripped) link only the C library (glibc 2.36 or newer, as built
+//! on Debian 12), and the NodeEngine needs containerd and runc there. This builds for the host's target
+//! (x86_64); aarch64 is not bundled yet.
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::Args as ClapArgs;
+
+use crate::util::{cargo, sh, step};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Roles to bundle (root, cluster, worker); all three by default.
+    #[arg(long, value_delimiter = ',', default_values_t = ["root".to_string(), "cluster".to_string(), "worker".to_string()])]
+    pub role: Vec<String>,
+    /// Where the bundles go (default: <target-dir>/dist).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Do not build (use the binaries and the eBPF object already in the target directory).
+    #[arg(long)]
+    pub skip_build: bool,
+    /// Which build to bundle: release (for devices), or debug (the tests check the bundling with it).
+    #[arg(long, default_value = "release", value_parser = ["release", "debug"])]
+    pub profile: String,
+}
+
+/// The target the bundles are built for (the host's).
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+struct Role {
+    name: &'static str,
+    bins: &'static [&'static str],
+    units: &'static [(&'static str, &'static str)],
+    configs: &'static [(&'static str, &'static str)],
+}
+
+const ROLES: &[Role] = &[
+    Role {
+        name: "root",
+        bins: &["root-orchestrator"],
+        units: &[("oak-root.service", ROOT_UNIT)],
+        configs: &[("oakestra-rs/root.env", ROOT_ENV)],
+    },
+    Role {
+        name: "cluster",
+        bins: &["cluster-orchestrator"],
+        units: &[("oak-cluster.service", CLUSTER_UNIT)],
+        configs: &[("oakestra-rs/cluster.env", CLUSTER_ENV)],
+    },
+    Role {
+        name: "worker",
+        bins: &["NodeEngine", "NetManager", "oak-image"],
+        units: &[("oak-netmanager.service", NETMANAGER_UNIT), ("oak-nodeengine.service", NODEENGINE_UNIT)],
+        configs: &[("netmanager/netcfg.json", NETCFG), ("oakestra-rs/worker.env", WORKER_ENV)],
+    },
+];
+
+const ROOT_UNIT: &str = "[Unit]
+Description=oakestra-rs root orchestrator (API :10000, clusters :50052, service manager :10099)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+EnvironmentFile=-/etc/oakestra-rs/root.env
+ExecStart=/usr/local/bin/root-orchestrator
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+";
+
+const ROOT_ENV: &str = "# root-orchestrator settings (see `root-orchestrator --help`)
+# The Admin password at first start (otherwise one is made: /var/lib/oakestra-rs/root/admin-password)
+#OAK_ADMIN_PASSWORD=
+# HTTPS for the API with a certificate of the root's own CA for these names
+#OAK_API_TLS_NAMES=root.example.org
+";
+
+const CLUSTER_UNIT: &str = "[Unit]
+Description=oakestra-rs cluster orchestrator (workers :10100, network service :10110)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+EnvironmentFile=/etc/oakestra-rs/cluster.env
+ExecStart=/usr/local/bin/cluster-orchestrator
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+";
+
+const CLUSTER_ENV: &str = "# cluster-orchestrator settings (see `cluster-orchestrator --help`)
+# The root orchestrator's address
+SYSTEM_MANAGER_URL=
+CLUSTER_NAME=
+# free text, or lat,lon,radius_m
+CLUSTER_LOCATION=
+# a join token of the root: its /var/lib/oakestra-rs/root/join-token, or `root-orchestrator token create`
+OAK_CLUSTER_TOKEN=
+";
+
+const NETMANAGER_UNIT: &str = "[Unit]
+Description=oakestra-rs NetManager (worker overlay, local API :6000, tunnel :50103/udp)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+EnvironmentFile=/etc/oakestra-rs/worker.env
+ExecStart=/usr/local/bin/NetManager -p 6000 -c /etc/netmanager/netcfg.json
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+";
+
+const NODEENGINE_UNIT: &str = "[Unit]
+Description=oakestra-rs NodeEngine (runs the instances; needs containerd)
+After=network-online.target containerd.service oak-netmanager.service
+Wants=network-online.target oak-netmanager.service
+
+[Service]
+EnvironmentFile=/etc/oakestra-rs/worker.env
+ExecStart=/bin/sh -c 'exec /usr/local/bin/NodeEngine -a \"$CLUSTER_ADDRESS\" -n 6000'
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+";
+
+const WORKER_ENV: &str = "# NodeEngine and NetManager settings (see `NodeEngine --help`, `NetManager --help`)
+# The cluster orchestrator's address
+CLUSTER_ADDRESS=
+# a worker join token of the cluster: its /var/lib/oakestra-rs/cluster/worker-join-token, or
+# `cluster-orchestrator token create`
+OAK_WORKER_TOKEN=
+";
+
+const NETCFG: &str = r#"{
+  "NodePublicAddress": "0.0.0.0",
+  "NodePublicPort": "50103",
+  "ClusterUrl": "cluster.example.org",
+  "ClusterMqttPort": "10003",
+  "ClusterNetPort": "10110"
+}
+"#;
+
+const INSTALL: &str = r#"#!/bin/sh
+# Installs this bundle idempotently: binaries into $PREFIX/bin (default /usr/local), the eBPF object into
+# $PREFIX/lib/oakestra-rs, systemd units into /etc/systemd/system, sample configuration into /etc only
+# where none exists. DESTDIR installs into a staging root. Checks SHA256SUMS first.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+PREFIX=${PREFIX:-/usr/local}
+DESTDIR=${DESTDIR:-}
+cd "$here"
+sha256sum -c --quiet SHA256SUMS
+for f in bin/*; do
+    install -D -m 0755 "$f" "$DESTDIR$PREFIX/$f"
+done
+if [ -d lib ]; then
+    for f in lib/oakestra-rs/*; do
+        install -D -m 0644 "$f" "$DESTDIR$PREFIX/$f"
+    done
+fi
+for f in systemd/*; do
+    install -D -m 0644 "$f" "$DESTDIR/etc/systemd/system/$(basename "$f")"
+done
+for f in $(cd etc && find . -type f); do
+    dest="$DESTDIR/etc/$f"
+    if [ -e "$dest" ]; then
+        echo "kept $dest (exists)"
+    else
+        install -D -m 0600 "etc/$f" "$dest"
+        echo "installed $dest: edit it before starting"
+    fi
+done
+if [ -z "$DESTDIR" ] && command -v systemctl >/dev/null 2>&1; then
+    systemctl daemon-reload || true
+fi
+echo "installed the ROLE bundle into ${DESTDIR:-/}"
+"#;
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let roles: Vec<&Role> = a
+        .role
+        .iter()
+        .map(|r| {
+            ROLES.iter().find(|x| x.name == r).with_context(|| format!("--role {r}: one of root, cluster, worker"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let target = crate::util::target_dir();
+    let release = target.join(&a.profile);
+    let object = target.join("bpf/netmanager-ebpf.o");
+    if !a.skip_build {
+        step(&format!("building {} binaries", a.profile));
+        let mut c = cargo();
+        c.arg("build");
+        if a.profile == "release" {
+            c.arg("--release");
+        }
+        c.args(["-p", "oak-orchestrators", "-p", "oak-node-engine", "-p", "oak-netmanager"]);
+        c.args(["--bin", "root-orchestrator", "--bin", "cluster-orchestrator", "--bin", "NodeEngine"]);
+        c.args(["--bin", "NetManager", "--bin", "oak-image"]);
+        sh(&mut c)?;
+        step("building the eBPF object");
+        crate::ebpf::build()?;
+    }
+    let out = a.out_dir.unwrap_or_else(|| target.join("dist"));
+    fs::create_dir_all(&out)?;
+    let version = env!("CARGO_PKG_VERSION");
+    for r in roles {
+        let name = format!("oakestra-rs-{}-{version}-{TARGET}", r.name);
+        let stage = out.join(&name);
+        let _ = fs::remove_dir_all(&stage);
+        for b in r.bins {
+            let to = stage.join("bin").join(b);
+            copy(&release.join(b), &to)?;
+            // the build keeps line tables for profiles; a device needs none (94 MB -> 12 MB for NetManager)
+            if crate::util::have("strip") {
+                sh(Command::new("strip").arg(&to))?;
+            }
+        }
+        if r.name == "worker" {
+            copy(&object, &stage.join("lib/oakestra-rs/netmanager-ebpf.o"))?;
+        }
+        for (file, text) in r.units {
+            write(&stage.join("systemd").join(file), text)?;
+        }
+        for (file, text) in r.configs {
+            write(&stage.join("etc").join(file), text)?;
+        }
+        write(&stage.join("install.sh"), &INSTALL.replace("ROLE", r.name))?;
+        sh(Command::new("chmod").args(["0755"]).arg(stage.join("install.sh")))?;
+        // checksums of every file but the list itself
+        let mut files = Vec::new();
+        list(&stage, &stage, &mut files)?;
+        files.sort();
+        let out_sum = Command::new("sha256sum").args(&files).current_dir(&stage).output()?;
+        if !out_sum.status.success() {
+            bail!("sha256sum: {}", String::from_utf8_lossy(&out_sum.stderr));
+        }
+        fs::write(stage.join("SHA256SUMS"), &out_sum.stdout)?;
+        let tarball = out.join(format!("{name}.tar.gz"));
+        sh(Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(&out).arg(&name))?;
+        let size = fs::metadata(&tarball)?.len();
+        fs::remove_dir_all(&stage)?;
+        step(&format!("{} ({:.1} MiB)", tarball.display(), size as f64 / (1 << 20) as f64));
+    }
+    Ok(())
+}
+
+fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if !from.exists() {
+        bail!("{} is missing (run without --skip-build)", from.display());
+    }
+    fs::create_dir_all(to.parent().expect("a parent"))?;
+    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn write(to: &Path, text: &str) -> anyhow::Result<()> {
+    fs::create_dir_all(to.parent().expect("a parent"))?;
+    fs::write(to, text).with_context(|| format!("writing {}", to.display()))
+}
+
+/// Every file below `dir`, relative to `root`.
+fn list(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            list(root, &p, out)?;
+        } else {
+            out.push(p.strip_prefix(root)?.display().to_string());
+        }
+    }
+    Ok(())
+}
