@@ -27,7 +27,8 @@ fn a_worker_bundle_installs_idempotently_and_refuses_altered_files() {
     let out = d.path().join("dist");
     let (ok, text) = run(Command::new(bin("xtask"))
         .env("CARGO_TARGET_DIR", &target)
-        .args(["dist", "--profile", "debug", "--skip-build", "--role", "worker,root", "--out-dir"])
+        .args(["dist", "--profile", "debug", "--skip-build", "--role", "worker,root"])
+        .args(["--target", "x86_64-unknown-linux-gnu", "--out-dir"])
         .arg(&out));
     assert!(ok, "xtask dist: {text}");
     let version = env!("CARGO_PKG_VERSION");
@@ -74,4 +75,45 @@ fn a_worker_bundle_installs_idempotently_and_refuses_altered_files() {
     let (ok, text) = install(&b);
     assert!(!ok && text.contains("FAILED"), "an altered bundle must be refused: {text}");
     assert_eq!(std::fs::metadata(stage.join("usr/local/bin/NetManager")).unwrap().len(), before);
+}
+
+/// The aarch64 worker bundle (cross-built) holds ARM binaries, which run (`--help`) under qemu-user.
+#[test]
+fn the_aarch64_worker_bundle_holds_arm_binaries_that_run() {
+    let target = bin_dir().parent().unwrap().to_path_buf();
+    let arm = "aarch64-unknown-linux-gnu";
+    if !target.join(arm).join("debug/NetManager").exists() || !target.join("bpf/netmanager-ebpf.o").exists() {
+        assert!(std::env::var_os("CI").is_none(), "the aarch64 worker binaries are built by `cargo xtask test`");
+        eprintln!("SKIPPED: no aarch64 build (cargo xtask test cross-builds it)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("dist");
+    let (ok, text) = run(Command::new(bin("xtask"))
+        .env("CARGO_TARGET_DIR", &target)
+        .args(["dist", "--profile", "debug", "--skip-build", "--role", "worker", "--target", arm, "--out-dir"])
+        .arg(&out));
+    assert!(ok, "xtask dist: {text}");
+    let name = format!("oakestra-rs-worker-{}-{arm}", env!("CARGO_PKG_VERSION"));
+    assert!(run(Command::new("tar").arg("-xzf").arg(out.join(format!("{name}.tar.gz"))).arg("-C").arg(d.path())).0);
+    let b = d.path().join(&name);
+    for exe in ["NodeEngine", "NetManager", "oak-image"] {
+        let bytes = std::fs::read(b.join("bin").join(exe)).unwrap();
+        // ELF, 64-bit, e_machine 183 (EM_AARCH64)
+        assert_eq!(&bytes[..5], b"\x7fELF\x02", "{exe} is a 64-bit ELF");
+        assert_eq!(u16::from_le_bytes([bytes[18], bytes[19]]), 183, "{exe} is built for aarch64");
+    }
+    let qemu = ["qemu-aarch64-static", "qemu-aarch64"]
+        .into_iter()
+        .find(|q| run(Command::new("sh").args(["-c", &format!("command -v {q}")])).0);
+    let Some(qemu) = qemu else {
+        assert!(std::env::var_os("CI").is_none(), "qemu-user-static is installed by `cargo xtask setup`");
+        eprintln!("SKIPPED the run under qemu-user: not installed");
+        return;
+    };
+    for (exe, word) in [("NodeEngine", "cluster"), ("NetManager", "netcfg.json")] {
+        let (ok, text) =
+            run(Command::new(qemu).args(["-L", "/usr/aarch64-linux-gnu"]).arg(b.join("bin").join(exe)).arg("--help"));
+        assert!(ok && text.contains(word), "{exe} --help under {qemu}: {text}");
+    }
 }

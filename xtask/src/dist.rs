@@ -2,8 +2,8 @@
 //! role's binaries (and, for workers, the eBPF object), systemd units, sample configuration, an
 //! `install.sh` that installs them idempotently, and `SHA256SUMS`. A worker bundle needs no Rust, LLVM or
 //! compiler on the device: its binaries (stripped) link only the C library (glibc 2.36 or newer, as built
-//! on Debian 12), and the NodeEngine needs containerd and runc there. This builds for the host's target
-//! (x86_64); aarch64 is not bundled yet.
+//! on Debian 12), and the NodeEngine needs containerd and runc there. Bundles are built for x86_64 and,
+//! cross-compiled, for aarch64 (the eBPF object is the same for both).
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,10 +27,49 @@ pub struct Args {
     /// Which build to bundle: release (for devices), or debug (the tests check the bundling with it).
     #[arg(long, default_value = "release", value_parser = ["release", "debug"])]
     pub profile: String,
+    /// Targets to bundle for: x86_64 (this machine's) and aarch64 (Raspberry Pi and other ARM boards,
+    /// cross-built with Debian's gcc-aarch64-linux-gnu, which `cargo xtask setup` installs).
+    #[arg(long, value_delimiter = ',', default_values_t = [HOST.to_string(), ARM.to_string()])]
+    pub target: Vec<String>,
 }
 
-/// The target the bundles are built for (the host's).
-const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// This machine's target.
+pub const HOST: &str = "x86_64-unknown-linux-gnu";
+/// The ARM boards' target.
+pub const ARM: &str = "aarch64-unknown-linux-gnu";
+
+/// The binaries of every role.
+pub const BINS: [&str; 5] = ["root-orchestrator", "cluster-orchestrator", "NodeEngine", "NetManager", "oak-image"];
+
+/// `cargo build` of `bins` for `target` (cross-compiling with Debian's aarch64 toolchain for ARM).
+pub fn build_for(target: &str, release: bool, bins: &[&str]) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.arg("build");
+    if release {
+        c.arg("--release");
+    }
+    c.args(["-p", "oak-orchestrators", "-p", "oak-node-engine", "-p", "oak-netmanager"]);
+    for b in bins {
+        c.args(["--bin", b]);
+    }
+    if target != HOST {
+        c.args(["--target", target])
+            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc")
+            .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
+            .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar");
+    }
+    sh(&mut c)
+}
+
+/// Where the binaries of `target` and `profile` are.
+pub fn bin_dir(target: &str, profile: &str) -> PathBuf {
+    let t = crate::util::target_dir();
+    if target == HOST {
+        t.join(profile)
+    } else {
+        t.join(target).join(profile)
+    }
+}
 
 struct Role {
     name: &'static str,
@@ -194,40 +233,45 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ROLES.iter().find(|x| x.name == r).with_context(|| format!("--role {r}: one of root, cluster, worker"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let target = crate::util::target_dir();
-    let release = target.join(&a.profile);
-    let object = target.join("bpf/netmanager-ebpf.o");
-    if !a.skip_build {
-        step(&format!("building {} binaries", a.profile));
-        let mut c = cargo();
-        c.arg("build");
-        if a.profile == "release" {
-            c.arg("--release");
+    for t in &a.target {
+        if t != HOST && t != ARM {
+            bail!("--target {t}: one of {HOST}, {ARM}");
         }
-        c.args(["-p", "oak-orchestrators", "-p", "oak-node-engine", "-p", "oak-netmanager"]);
-        c.args(["--bin", "root-orchestrator", "--bin", "cluster-orchestrator", "--bin", "NodeEngine"]);
-        c.args(["--bin", "NetManager", "--bin", "oak-image"]);
-        sh(&mut c)?;
-        step("building the eBPF object");
+    }
+    let object = crate::util::target_dir().join("bpf/netmanager-ebpf.o");
+    if !a.skip_build {
+        for t in &a.target {
+            step(&format!("building the {} binaries for {t}", a.profile));
+            build_for(t, a.profile == "release", &BINS)?;
+        }
+        step("building the eBPF object (the same for every target)");
         crate::ebpf::build()?;
     }
-    let out = a.out_dir.unwrap_or_else(|| target.join("dist"));
+    let out = a.out_dir.clone().unwrap_or_else(|| crate::util::target_dir().join("dist"));
     fs::create_dir_all(&out)?;
+    for t in &a.target {
+        bundle(&roles, t, &bin_dir(t, &a.profile), &object, &out)?;
+    }
+    Ok(())
+}
+
+fn bundle(roles: &[&Role], target: &str, release: &Path, object: &Path, out: &Path) -> anyhow::Result<()> {
     let version = env!("CARGO_PKG_VERSION");
+    let strip = if target == HOST { "strip" } else { "aarch64-linux-gnu-strip" };
     for r in roles {
-        let name = format!("oakestra-rs-{}-{version}-{TARGET}", r.name);
+        let name = format!("oakestra-rs-{}-{version}-{target}", r.name);
         let stage = out.join(&name);
         let _ = fs::remove_dir_all(&stage);
         for b in r.bins {
             let to = stage.join("bin").join(b);
             copy(&release.join(b), &to)?;
             // the build keeps line tables for profiles; a device needs none (94 MB -> 12 MB for NetManager)
-            if crate::util::have("strip") {
-                sh(Command::new("strip").arg(&to))?;
+            if crate::util::have(strip) {
+                sh(Command::new(strip).arg(&to))?;
             }
         }
         if r.name == "worker" {
-            copy(&object, &stage.join("lib/oakestra-rs/netmanager-ebpf.o"))?;
+            copy(object, &stage.join("lib/oakestra-rs/netmanager-ebpf.o"))?;
         }
         for (file, text) in r.units {
             write(&stage.join("systemd").join(file), text)?;
@@ -247,7 +291,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         fs::write(stage.join("SHA256SUMS"), &out_sum.stdout)?;
         let tarball = out.join(format!("{name}.tar.gz"));
-        sh(Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(&out).arg(&name))?;
+        sh(Command::new("tar").arg("-czf").arg(&tarball).arg("-C").arg(out).arg(&name))?;
         let size = fs::metadata(&tarball)?.len();
         fs::remove_dir_all(&stage)?;
         step(&format!("{} ({:.1} MiB)", tarball.display(), size as f64 / (1 << 20) as f64));

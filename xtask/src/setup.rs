@@ -19,6 +19,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libzstd-dev", "LLVM for bpf-linker"),
     ("zlib1g-dev", "LLVM for bpf-linker"),
     ("python3-venv", "a venv for Oakestra's own CLI (oak-cli) in compatibility tests"),
+    ("gcc-aarch64-linux-gnu", "cross linker and C compiler for the aarch64 bundles (cargo xtask dist)"),
+    ("libc6-dev-arm64-cross", "aarch64 C library to link the aarch64 bundles against"),
+    ("qemu-user-static", "runs the aarch64 binaries in the bundle test"),
 ];
 
 fn installed(pkg: &str) -> bool {
@@ -77,6 +80,7 @@ pub fn run() -> anyhow::Result<()> {
             .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    setup_arm_target()?;
     setup_oak_cli()?;
     step("setup complete");
     Ok(())
@@ -106,6 +110,24 @@ fn setup_lint_components() -> anyhow::Result<()> {
         sh(Command::new("rustup").args(["component", "add", "--toolchain", toolchain]).args(&missing))?;
     }
     Ok(())
+}
+
+/// The Rust standard library for aarch64 on the toolchain that builds the workspace (the bundles for ARM
+/// boards are cross-built).
+fn setup_arm_target() -> anyhow::Result<()> {
+    let active = std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".into());
+    let arm = crate::dist::ARM;
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed", "--toolchain", &active])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == arm))
+        .unwrap_or(false);
+    if installed {
+        step(&format!("{active}: {arm} present"));
+        return Ok(());
+    }
+    step(&format!("{active}: adding {arm} (the ARM bundles of `cargo xtask dist`)"));
+    sh(Command::new("rustup").args(["target", "add", "--toolchain", &active, arm]))
 }
 
 /// Where Oakestra's own CLI is installed (a venv), so compatibility tests drive the real client.

@@ -30,6 +30,8 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     crate::ebpf::build()?;
     step("building all binaries (the end-to-end tests start them as processes)");
     sh(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
+    step("cross-building the worker binaries for aarch64 (the bundle test checks them under qemu-user)");
+    crate::dist::build_for(crate::dist::ARM, false, &["NodeEngine", "NetManager", "oak-image"])?;
     if nix::unistd::geteuid().is_root() {
         // the NodeEngine's tests talk to a real containerd
         crate::up::ensure_containerd()?;
