@@ -15,22 +15,30 @@ fn run(c: &mut Command) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// The target directory of this build (where `cargo xtask test` put the binaries and the eBPF object).
+fn target_dir() -> std::path::PathBuf {
+    bin_dir().parent().unwrap().to_path_buf()
+}
+
+/// `cargo xtask dist` of the debug build, for `roles` and `target`, into `out`.
+fn dist(roles: &str, target: &str, out: &Path) {
+    let (ok, text) = run(Command::new(bin("xtask"))
+        .env("CARGO_TARGET_DIR", target_dir())
+        .args(["dist", "--profile", "debug", "--skip-build", "--role", roles, "--target", target, "--out-dir"])
+        .arg(out));
+    assert!(ok, "xtask dist: {text}");
+}
+
 #[test]
 fn a_worker_bundle_installs_idempotently_and_refuses_altered_files() {
-    let target = bin_dir().parent().unwrap().to_path_buf();
-    if !target.join("bpf/netmanager-ebpf.o").exists() {
+    if !target_dir().join("bpf/netmanager-ebpf.o").exists() {
         assert!(std::env::var_os("CI").is_none(), "eBPF object missing: `cargo xtask build-ebpf` builds it");
         eprintln!("SKIPPED: no eBPF object (cargo xtask build-ebpf)");
         return;
     }
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("dist");
-    let (ok, text) = run(Command::new(bin("xtask"))
-        .env("CARGO_TARGET_DIR", &target)
-        .args(["dist", "--profile", "debug", "--skip-build", "--role", "worker,root"])
-        .args(["--target", "x86_64-unknown-linux-gnu", "--out-dir"])
-        .arg(&out));
-    assert!(ok, "xtask dist: {text}");
+    dist("worker,root", "x86_64-unknown-linux-gnu", &out);
     let version = env!("CARGO_PKG_VERSION");
     let name = format!("oakestra-rs-worker-{version}-x86_64-unknown-linux-gnu");
     let tarball = out.join(format!("{name}.tar.gz"));
@@ -80,8 +88,8 @@ fn a_worker_bundle_installs_idempotently_and_refuses_altered_files() {
 /// The aarch64 worker bundle (cross-built) holds ARM binaries, which run (`--help`) under qemu-user.
 #[test]
 fn the_aarch64_worker_bundle_holds_arm_binaries_that_run() {
-    let target = bin_dir().parent().unwrap().to_path_buf();
     let arm = "aarch64-unknown-linux-gnu";
+    let target = target_dir();
     if !target.join(arm).join("debug/NetManager").exists() || !target.join("bpf/netmanager-ebpf.o").exists() {
         assert!(std::env::var_os("CI").is_none(), "the aarch64 worker binaries are built by `cargo xtask test`");
         eprintln!("SKIPPED: no aarch64 build (cargo xtask test cross-builds it)");
@@ -89,11 +97,7 @@ fn the_aarch64_worker_bundle_holds_arm_binaries_that_run() {
     }
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("dist");
-    let (ok, text) = run(Command::new(bin("xtask"))
-        .env("CARGO_TARGET_DIR", &target)
-        .args(["dist", "--profile", "debug", "--skip-build", "--role", "worker", "--target", arm, "--out-dir"])
-        .arg(&out));
-    assert!(ok, "xtask dist: {text}");
+    dist("worker", arm, &out);
     let name = format!("oakestra-rs-worker-{}-{arm}", env!("CARGO_PKG_VERSION"));
     assert!(run(Command::new("tar").arg("-xzf").arg(out.join(format!("{name}.tar.gz"))).arg("-C").arg(d.path())).0);
     let b = d.path().join(&name);
