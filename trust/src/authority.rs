@@ -136,11 +136,15 @@ impl Authority {
             .client_auth_optional(true)
     }
 
-    /// Signs a client certificate for `identity` over the public key of `csr_pem` (nothing else of the
-    /// request is taken).
-    pub fn issue(&self, csr_pem: &str, identity: &str) -> Result<String> {
+    /// A newcomer's signing request, checked (size, signature) before anything is recorded for it.
+    pub fn signing_request(csr_pem: &str) -> Result<CertificateSigningRequestParams> {
         anyhow::ensure!(csr_pem.len() <= MAX_CSR, "the signing request is larger than {MAX_CSR} bytes");
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).context("csr_pem is not a signing request")?;
+        CertificateSigningRequestParams::from_pem(csr_pem).context("csr_pem is not a valid signing request")
+    }
+
+    /// Signs a client certificate for `identity` over the public key of `csr` (nothing else of the
+    /// request is taken).
+    pub fn issue(&self, csr: &CertificateSigningRequestParams, identity: &str) -> Result<String> {
         let mut p = CertificateParams::new(Vec::<String>::new())?;
         p.distinguished_name.push(DnType::CommonName, identity);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -273,14 +277,11 @@ impl<R: Registrar> pb::enrollment_server::Enrollment for Enrollment<R> {
             })
         })?;
         // the request's key must be usable before anything is recorded
-        CertificateSigningRequestParams::from_pem(&r.csr_pem)
-            .map_err(|_| refuse(Status::invalid_argument("csr_pem is not a valid signing request")))?;
+        let csr =
+            Authority::signing_request(&r.csr_pem).map_err(|e| refuse(Status::invalid_argument(format!("{e:#}"))))?;
         let id = self.registrar.admit(&r.kind, &r.name, &token_id).map_err(refuse)?;
         let identity = PeerId::new(&r.kind, &id).to_string();
-        let cert_pem = self
-            .authority
-            .issue(&r.csr_pem, &identity)
-            .map_err(|e| refuse(Status::invalid_argument(format!("{e:#}"))))?;
+        let cert_pem = self.authority.issue(&csr, &identity).map_err(|e| refuse(Status::internal(format!("{e:#}"))))?;
         tracing::info!(?peer, %identity, name = %r.name, token = %token_id, "joined");
         Ok(Response::new(pb::JoinReply { identity, cert_pem, ca_pem: self.authority.ca_pem.clone() }))
     }

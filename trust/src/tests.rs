@@ -122,3 +122,17 @@ async fn refusals_name_the_problem() {
         assert!(r.is_err(), "plaintext was answered");
     }
 }
+
+#[test]
+fn signing_requests_are_checked_before_anything_is_recorded() {
+    let big = "A".repeat(64 * 1024);
+    let err = |pem: &str| Authority::signing_request(pem).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = err(&big);
+    assert!(e.contains("larger than"), "{e}");
+    let e = err("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n");
+    assert!(e.contains("not a valid signing request"), "{e}");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr =
+        rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    assert!(Authority::signing_request(&csr).is_ok());
+}

@@ -162,6 +162,8 @@ impl ClusterNetSvc {
         if node.is_empty() || node.len() > 128 {
             return Err(Status::invalid_argument("node must be 1..128 characters"));
         }
+        // checked and leased under one lock: two leases of one NetManager cannot both pass the checks
+        let _g = self.inner.lease_lock.lock().await;
         {
             let s = self.inner.state.lock();
             if let Some(l) = s.leases.get(node).filter(|l| !l.owner.is_empty() && l.owner != owner) {
@@ -187,6 +189,7 @@ impl ClusterNetSvc {
             .map_err(|e| Status::resource_exhausted(format!("{e:#}")))
     }
 
+    /// (The caller holds `lease_lock`.)
     async fn lease_for(
         &self,
         owner: &str,
@@ -195,7 +198,6 @@ impl ClusterNetSvc {
         tunnel_port: u32,
         source_ip: String,
     ) -> Result<Ipv4Net> {
-        let _g = self.inner.lease_lock.lock().await;
         let lease = Lease {
             subnet: "0.0.0.0/26".parse()?,
             public_ip: public_ip.to_string(),
