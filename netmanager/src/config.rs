@@ -18,7 +18,8 @@ pub struct NetConfig {
     pub node_public_address: Ipv4Addr,
     /// Tunnel UDP port.
     pub node_public_port: u16,
-    /// Cluster orchestrator host.
+    /// Cluster orchestrator host, as written (a host name, IPv4 or IPv6 address, optionally with a port and
+    /// http://, which are ignored: the network service is at `cluster_net_port`).
     pub cluster_url: String,
     /// Accepted for compatibility with Oakestra's file, unused.
     pub cluster_mqtt_port: Option<u16>,
@@ -103,6 +104,7 @@ impl NetConfig {
         if cluster_url.is_empty() {
             bail!("field ClusterUrl is empty (the cluster orchestrator's host)");
         }
+        oak_proto::endpoint::Endpoint::parse(&cluster_url).map_err(|e| anyhow::anyhow!("field ClusterUrl: {e}"))?;
         let cluster_mqtt_port = map.get("ClusterMqttPort").map(|v| port("ClusterMqttPort", v)).transpose()?;
         let cluster_net_port = map
             .get("ClusterNetPort")
@@ -131,15 +133,14 @@ impl NetConfig {
         Self::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 
-    /// gRPC URL of the cluster network service.
+    /// gRPC URL of the cluster network service: ClusterUrl's host (an IPv6 one in brackets) at
+    /// ClusterNetPort (a port in ClusterUrl is the orchestrator's, not the network service's).
     pub fn cluster_net_url(&self) -> String {
-        let host = self.cluster_url.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/');
-        // "host:port" in ClusterUrl: keep the host only
-        let host = match host.rsplit_once(':') {
-            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.contains(':') => h,
-            _ => host,
-        };
-        format!("http://{host}:{}", self.cluster_net_port)
+        match oak_proto::endpoint::Endpoint::parse(&self.cluster_url) {
+            Ok(e) => format!("http://{}:{}", e.url_host(), self.cluster_net_port),
+            // (checked when the file was read)
+            Err(_) => format!("http://{}:{}", self.cluster_url, self.cluster_net_port),
+        }
     }
 
     /// The public address, detecting it from the default route when configured as 0.0.0.0.
@@ -179,6 +180,21 @@ mod tests {
         assert_eq!(c.cluster_net_url(), "http://10.0.0.5:10110");
         let c = NetConfig::parse(r#"{"ClusterUrl":"http://c:1234","ClusterNetPort":9000,"NodePublicPort":6}"#).unwrap();
         assert_eq!((c.node_public_port, c.cluster_net_url().as_str()), (6, "http://c:9000"));
+    }
+
+    #[test]
+    fn cluster_url_takes_ipv6() {
+        for url in ["fd00::1", "[fd00::1]", "[fd00::1]:10100", "http://[fd00::1]:10100/"] {
+            let c = NetConfig::parse(&format!(r#"{{"ClusterUrl":"{url}"}}"#)).unwrap();
+            assert_eq!(c.cluster_net_url(), "http://[fd00::1]:10110", "{url}");
+        }
+        let c = NetConfig::parse(r#"{"ClusterUrl":"10.0.0.5:10100","ClusterNetPort":"9000"}"#).unwrap();
+        assert_eq!(c.cluster_net_url(), "http://10.0.0.5:9000");
+        let e = format!("{:#}", NetConfig::parse(r#"{"ClusterUrl":"fd00::1::2:10110"}"#).unwrap_err());
+        assert!(e.contains("field ClusterUrl") && e.contains("[addr]:port"), "{e}");
+        // the tunnel endpoint stays IPv4
+        let e = format!("{:#}", NetConfig::parse(r#"{"ClusterUrl":"x","NodePublicAddress":"fd00::3"}"#).unwrap_err());
+        assert!(e.contains("NodePublicAddress") && e.contains("not an IPv4 address"), "{e}");
     }
 
     #[test]

@@ -16,10 +16,14 @@ struct Cli {
     /// Port of the local API (HTTP/JSON for the NodeEngine).
     #[arg(short = 'p', long, default_value_t = 6000)]
     port: u16,
-    /// Address the local API binds to.
+    /// Address the local API binds to (an IPv4 or IPv6 address: 127.0.0.1, ::1; :: for every IPv6 and,
+    /// with Linux's default net.ipv6.bindv6only=0, IPv4 address). Keep it on loopback unless another
+    /// host's NodeEngine must reach it.
     #[arg(long, default_value = "127.0.0.1")]
     listen: IpAddr,
     /// netcfg.json (NodePublicAddress, NodePublicPort, ClusterUrl, ClusterMqttPort, ClusterNetPort, NodeName).
+    /// ClusterUrl may be a host name, an IPv4 or an IPv6 address (fd00::1 or [fd00::1]); NodePublicAddress,
+    /// the tunnel endpoint other workers send to, is IPv4.
     #[arg(short = 'c', long, default_value = "/etc/netmanager/netcfg.json")]
     config: PathBuf,
     /// Directory for persisted state (instance address allocations).
@@ -122,7 +126,16 @@ async fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use super::{log_filter, Cli};
+    use clap::Parser;
+
+    #[test]
+    fn listen_takes_ipv6() {
+        let c = Cli::try_parse_from(["NetManager", "--listen", "::"]).unwrap();
+        assert_eq!(std::net::SocketAddr::new(c.listen, c.port).to_string(), "[::]:6000");
+        assert_eq!(Cli::try_parse_from(["NetManager", "--listen", "::1"]).unwrap().listen.to_string(), "::1");
+        assert_eq!(Cli::try_parse_from(["NetManager"]).unwrap().listen.to_string(), "127.0.0.1");
+    }
 
     #[test]
     fn netlink_warnings_off_unless_asked_for() {

@@ -9,8 +9,11 @@ use clap::{ArgAction, Parser};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "NodeEngine", version, about, long_about = None)]
 pub struct Config {
-    /// Address (IP or host name) of the cluster orchestrator to register with.
-    #[arg(short = 'a', long = "cluster-address", default_value = "127.0.0.1", env = "CLUSTER_ADDRESS")]
+    /// Address of the cluster orchestrator to register with: a host name, an IPv4 address or an IPv6
+    /// address (10.0.0.5, fd00::1, [fd00::1]); a port written here ([fd00::1]:10100, 10.0.0.5:10100)
+    /// replaces --cluster-port.
+    #[arg(short = 'a', long = "cluster-address", default_value = "127.0.0.1", env = "CLUSTER_ADDRESS",
+          value_parser = cluster_address)]
     pub cluster_address: String,
 
     /// gRPC worker-registration port of the cluster orchestrator.
@@ -79,12 +82,11 @@ pub struct Config {
 impl Config {
     /// gRPC endpoint of the cluster orchestrator.
     pub fn cluster_url(&self) -> String {
-        let host = if self.cluster_address.contains(':') && !self.cluster_address.starts_with('[') {
-            format!("[{}]", self.cluster_address)
-        } else {
-            self.cluster_address.clone()
-        };
-        format!("http://{}:{}", host, self.cluster_port)
+        match oak_proto::endpoint::Endpoint::parse(&self.cluster_address) {
+            Ok(e) => e.url(self.cluster_port),
+            // (checked when the flags were parsed)
+            Err(_) => format!("http://{}:{}", self.cluster_address, self.cluster_port),
+        }
     }
 
     /// The node name: the flag, else the host name.
@@ -96,6 +98,11 @@ impl Config {
         }
         hostname()
     }
+}
+
+/// `-a`: any form [`oak_proto::endpoint::Endpoint`] takes.
+fn cluster_address(s: &str) -> Result<String, String> {
+    oak_proto::endpoint::Endpoint::parse(s).map(|_| s.trim().to_string()).map_err(|e| e.to_string())
 }
 
 /// Host name of this machine.
@@ -149,6 +156,13 @@ mod tests {
         assert_eq!(c.cluster_url(), "http://10.0.0.5:10200");
         assert_eq!(parse(&["-n", "0"]).netmanager_port, 0);
         assert_eq!(parse(&["-a", "::1"]).cluster_url(), "http://[::1]:10100");
+        for v6 in ["fd00::1", "[fd00::1]", "http://[fd00::1]"] {
+            assert_eq!(parse(&["-a", v6, "-p", "10200"]).cluster_url(), "http://[fd00::1]:10200", "{v6}");
+        }
+        assert_eq!(parse(&["-a", "[fd00::1]:10300"]).cluster_url(), "http://[fd00::1]:10300");
+        assert_eq!(parse(&["-a", "10.0.0.5:10300"]).cluster_url(), "http://10.0.0.5:10300");
+        let e = Config::try_parse_from(["NodeEngine", "-a", "fd00::1::2:10100"]).unwrap_err().to_string();
+        assert!(e.contains("--cluster-address") && e.contains("[addr]:port"), "{e}");
         assert!(Config::try_parse_from(["NodeEngine", "-p", "notaport"]).is_err());
     }
 

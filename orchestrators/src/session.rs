@@ -64,7 +64,8 @@ pub async fn serve<T: Tier>(tier: Arc<T>, req: Request<Streaming<T::In>>) -> Res
     let (id, conn) = match tier.accept(hello, identity, peer, tx.clone()) {
         Ok(v) => v,
         Err(e) => {
-            tracing::warn!(?peer, "rejecting {} registration: {e:#}", T::PEER);
+            let peer = peer.map(|p| oak_proto::endpoint::observed(p.ip()).to_string()).unwrap_or_default();
+            tracing::warn!(%peer, "rejecting {} registration: {e:#}", T::PEER);
             let _ = tx.send(Ok(T::rejected(format!("{e:#}"))));
             return Ok(Response::new(UnboundedReceiverStream::new(rx)));
         }

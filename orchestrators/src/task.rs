@@ -21,6 +21,32 @@ pub async fn serve_grpc(
     Ok(())
 }
 
+/// Binds a server's listener; `what` names the flag (`--grpc-addr`) so a failure says which one to fix.
+/// `[::]:port` takes IPv6 clients and, where `net.ipv6.bindv6only` is 0 (Linux's default), IPv4 clients
+/// too; where it is 1 the listener is IPv6-only, which is said once here.
+pub async fn listen(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if addr.is_ipv6() && !std::path::Path::new("/proc/net/if_inet6").exists() {
+            " (IPv6 is disabled on this host: listen on an IPv4 address such as 0.0.0.0)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("binding {what} {addr}: {e}{hint}")
+    })?;
+    if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && v6_only() {
+        tracing::warn!(
+            "{what} {addr} takes IPv6 clients only: net.ipv6.bindv6only is 1 on this host, so IPv4 clients \
+             cannot connect; set it to 0 (sysctl -w net.ipv6.bindv6only=0) for both, or listen on 0.0.0.0 for IPv4"
+        );
+    }
+    Ok(l)
+}
+
+/// Whether a socket bound to `[::]` is IPv6-only on this host.
+fn v6_only() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1")
+}
+
 /// A gRPC server of an authority: TLS with its certificate (callers present theirs) and its Enrollment
 /// service, where newcomers join with a join token; the port's own services are added to it.
 pub fn trusted<R: oak_trust::Registrar>(

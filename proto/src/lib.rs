@@ -1,7 +1,8 @@
 //! Wire contracts and the vocabulary every tier shares: generated gRPC types (one module per protobuf
-//! package), the NodeEngine ↔ NetManager JSON contract, instance keys and states, architecture names.
+//! package), the NodeEngine ↔ NetManager JSON contract, instance keys and states, architecture names, control-plane addresses.
 
 pub mod arch;
+pub mod endpoint;
 pub mod instance;
 pub mod netmanager_api;
 pub mod ports;

@@ -24,19 +24,25 @@ struct Args {
     /// Location of this cluster: free text, or "lat,lon,radius_m".
     #[arg(long, env = "CLUSTER_LOCATION")]
     cluster_location: Option<String>,
-    /// Root orchestrator address: host, host:port, or URL (Oakestra's SYSTEM_MANAGER_URL).
-    #[arg(long, env = "SYSTEM_MANAGER_URL", default_value = "127.0.0.1")]
-    root_address: String,
+    /// Root orchestrator address (Oakestra's SYSTEM_MANAGER_URL): a host name, an IPv4 or IPv6 address,
+    /// with or without a port or http:// in front: root.example, 10.0.0.1, 10.0.0.1:50052, fd00::1,
+    /// [fd00::1], [fd00::1]:50052, http://[fd00::1]:50052. A port given here replaces --root-grpc-port;
+    /// the service manager is reached on the same host at --root-netsvc-port.
+    #[arg(long, env = "SYSTEM_MANAGER_URL", default_value = "127.0.0.1", value_parser = root_address)]
+    root_address: oak_proto::endpoint::Endpoint,
     /// Root cluster-registration port (gRPC).
     #[arg(long, default_value_t = 50052)]
     root_grpc_port: u16,
     /// Root service-manager port (overlay address management).
     #[arg(long, default_value_t = 10099)]
     root_netsvc_port: u16,
-    /// Where workers register (gRPC).
+    /// Where workers register (gRPC): ip:port. 0.0.0.0:10100 is every IPv4 address; [::]:10100 is every
+    /// IPv6 address and, with Linux's default net.ipv6.bindv6only=0, every IPv4 address too (IPv4
+    /// workers are then recorded by their IPv4 address).
     #[arg(long, env = "OAK_WORKER_ADDR", default_value = "0.0.0.0:10100")]
     worker_addr: SocketAddr,
-    /// Cluster network service (NetManagers lease their subnets here).
+    /// Cluster network service, where NetManagers lease their subnets: ip:port, 0.0.0.0:10110 for IPv4,
+    /// [::]:10110 for IPv6 and IPv4.
     #[arg(long, env = "OAK_NETSVC_ADDR", default_value = "0.0.0.0:10110")]
     netsvc_addr: SocketAddr,
     /// Directory for the store (cluster.redb, net.redb).
@@ -67,25 +73,6 @@ struct Args {
     log_level: String,
 }
 
-/// `host`, `host:port` or `scheme://host[:port]` -> `http://host:port`.
-fn url(addr: &str, default_port: u16) -> String {
-    let a = addr.trim().trim_end_matches('/');
-    let (scheme, rest) = match a.split_once("://") {
-        Some((s, r)) => (s, r),
-        None => ("http", a),
-    };
-    let has_port = if rest.starts_with('[') {
-        rest.contains("]:")
-    } else {
-        rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-    };
-    if has_port {
-        format!("{scheme}://{rest}")
-    } else {
-        format!("{scheme}://{rest}:{default_port}")
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
@@ -113,15 +100,12 @@ async fn main() -> anyhow::Result<()> {
             String::new()
         }
     };
-    let root_url = url(&a.root_address, a.root_grpc_port);
-    // the service manager lives on the root's host at its own port
-    let host =
-        root_url.split("://").nth(1).and_then(|r| r.rsplit_once(':')).map(|(h, _)| h.to_string()).unwrap_or_default();
     let cfg = oak_orchestrators::cluster::Config {
         cluster_name,
         cluster_location,
-        root_netsvc_url: format!("http://{host}:{}", a.root_netsvc_port),
-        root_url,
+        // the service manager lives on the root's host at its own port
+        root_netsvc_url: a.root_address.url_with_port(a.root_netsvc_port),
+        root_url: a.root_address.url(a.root_grpc_port),
         worker_addr: a.worker_addr,
         netsvc_addr: a.netsvc_addr,
         data_dir: a.data_dir,
@@ -134,17 +118,44 @@ async fn main() -> anyhow::Result<()> {
     oak_orchestrators::cluster::run(cfg, oak_orchestrators::task::shutdown_signal()).await
 }
 
+fn root_address(s: &str) -> Result<oak_proto::endpoint::Endpoint, String> {
+    oak_proto::endpoint::Endpoint::parse(s).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::url;
+    use super::Args;
+    use clap::Parser;
+
+    fn urls(args: &[&str]) -> (String, String) {
+        let a = Args::try_parse_from([&["cluster-orchestrator"], args].concat()).unwrap();
+        (a.root_address.url(a.root_grpc_port), a.root_address.url_with_port(a.root_netsvc_port))
+    }
 
     #[test]
     fn root_address_forms() {
-        assert_eq!(url("10.0.0.1", 50052), "http://10.0.0.1:50052");
-        assert_eq!(url("10.0.0.1:6000", 50052), "http://10.0.0.1:6000");
-        assert_eq!(url("http://root.example/", 50052), "http://root.example:50052");
-        assert_eq!(url("https://root.example:443", 50052), "https://root.example:443");
-        assert_eq!(url("[fd00::1]", 50052), "http://[fd00::1]:50052");
-        assert_eq!(url("[fd00::1]:7", 50052), "http://[fd00::1]:7");
+        let both = |g: &str, n: &str| (g.to_string(), n.to_string());
+        assert_eq!(urls(&["--root-address", "10.0.0.1"]), both("http://10.0.0.1:50052", "http://10.0.0.1:10099"));
+        assert_eq!(urls(&["--root-address", "10.0.0.1:6000"]), both("http://10.0.0.1:6000", "http://10.0.0.1:10099"));
+        assert_eq!(urls(&["--root-address", "http://root.example/"]).0, "http://root.example:50052");
+        for v6 in ["fd00::1", "[fd00::1]", "[fd00::1]:50052", "http://[fd00::1]:50052"] {
+            let u = urls(&["--root-address", v6]);
+            assert_eq!(u, both("http://[fd00::1]:50052", "http://[fd00::1]:10099"), "{v6}");
+        }
+        assert_eq!(urls(&["--root-address", "[fd00::1]:7", "--root-netsvc-port", "8"]).1, "http://[fd00::1]:8");
+        let e = Args::try_parse_from(["c", "--root-address", "fd00::1::5:50052"]).unwrap_err().to_string();
+        assert!(e.contains("--root-address") && e.contains("[addr]:port"), "{e}");
+    }
+
+    #[test]
+    fn listen_addresses_take_ipv6() {
+        let a = Args::try_parse_from(["c", "--worker-addr", "[::]:10100", "--netsvc-addr", "[::]:10110"]).unwrap();
+        assert_eq!(a.worker_addr.to_string(), "[::]:10100");
+        assert_eq!(a.netsvc_addr.to_string(), "[::]:10110");
+        let a = Args::try_parse_from(["c"]).unwrap();
+        assert_eq!(
+            (a.worker_addr.to_string(), a.netsvc_addr.to_string()),
+            ("0.0.0.0:10100".into(), "0.0.0.0:10110".into())
+        );
     }
 }

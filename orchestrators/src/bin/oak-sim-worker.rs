@@ -11,9 +11,10 @@ use clap::Parser;
 report resources, accept deploys (CREATING then RUNNING) and undeploys. Runs no workload; for tests and benchmarks."
 )]
 struct Args {
-    /// Cluster orchestrator worker registry, host:port.
-    #[arg(long, default_value = "127.0.0.1:10100")]
-    cluster: String,
+    /// Cluster orchestrator worker registry: host[:port] (port 10100 when left out), an IPv6 address
+    /// bare or in brackets (fd00::1, [fd00::1]:10100), or a URL.
+    #[arg(long, default_value = "127.0.0.1:10100", value_parser = cluster_address)]
+    cluster: oak_proto::endpoint::Endpoint,
     /// How many workers to simulate in this process.
     #[arg(long, default_value_t = 1)]
     count: u32,
@@ -47,7 +48,7 @@ struct Args {
 async fn main() {
     let a = Args::parse();
     oak_orchestrators::telemetry::init(&a.log_level);
-    let url = if a.cluster.contains("://") { a.cluster.clone() } else { format!("http://{}", a.cluster) };
+    let url = a.cluster.url(10100);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..a.count {
         let name = if a.count == 1 { a.name.clone() } else { format!("{}-{i}", a.name) };
@@ -68,4 +69,8 @@ async fn main() {
         _ = set.join_next() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+fn cluster_address(s: &str) -> Result<oak_proto::endpoint::Endpoint, String> {
+    oak_proto::endpoint::Endpoint::parse(s).map_err(|e| e.to_string())
 }

@@ -15,13 +15,18 @@ use clap::Parser;
 struct Args {
     #[command(subcommand)]
     command: Option<oak_orchestrators::tokens_cli::Command>,
-    /// REST API listen address (Oakestra's root API; OpenAPI at /api/docs).
+    /// REST API listen address (Oakestra's root API; OpenAPI at /api/docs): ip:port. 0.0.0.0:10000 is
+    /// every IPv4 address; [::]:10000 is every IPv6 address and, with Linux's default
+    /// net.ipv6.bindv6only=0, every IPv4 address too (IPv4 clients are then seen, and login-limited, by
+    /// their IPv4 address).
     #[arg(long, env = "OAK_API_ADDR", default_value = "0.0.0.0:10000")]
     api_addr: SocketAddr,
-    /// ClusterRegistry gRPC listen address (clusters dial in here).
+    /// ClusterRegistry gRPC listen address (clusters dial in here): ip:port, 0.0.0.0:50052 for IPv4,
+    /// [::]:50052 for IPv6 and IPv4.
     #[arg(long, env = "OAK_GRPC_ADDR", default_value = "0.0.0.0:50052")]
     grpc_addr: SocketAddr,
-    /// Service manager listen address (clusters lease overlay subnets and resolve service IPs here).
+    /// Service manager listen address (clusters lease overlay subnets and resolve service IPs here):
+    /// ip:port, 0.0.0.0:10099 for IPv4, [::]:10099 for IPv6 and IPv4.
     #[arg(long, env = "OAK_NETSVC_ADDR", default_value = "0.0.0.0:10099")]
     netsvc_addr: SocketAddr,
     /// Directory holding the store (root.redb) and, if generated, the admin-password file.
@@ -93,4 +98,31 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     oak_orchestrators::root::run(cfg, oak_orchestrators::task::shutdown_signal()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn listen_addresses_take_ipv6() {
+        let a = Args::try_parse_from([
+            "root-orchestrator",
+            "--api-addr",
+            "[::]:10000",
+            "--grpc-addr",
+            "[::]:50052",
+            "--netsvc-addr",
+            "[::1]:10099",
+        ])
+        .unwrap();
+        assert_eq!(a.api_addr.to_string(), "[::]:10000");
+        assert_eq!(a.grpc_addr.to_string(), "[::]:50052");
+        assert_eq!(a.netsvc_addr.to_string(), "[::1]:10099");
+        let a = Args::try_parse_from(["root-orchestrator"]).unwrap();
+        assert_eq!(a.api_addr.to_string(), "0.0.0.0:10000", "the default stays IPv4");
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("[::]:10000") && help.contains("[::]:50052") && help.contains("[::]:10099"), "{help}");
+    }
 }

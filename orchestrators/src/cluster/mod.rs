@@ -447,7 +447,8 @@ impl Cluster {
         if known.get(&node_id) != Some(&hello.node_name) {
             self.store.put_node(&node_id, &hello.node_name)?;
         }
-        let address = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+        // the address the worker's session comes from (an IPv4 worker of a `[::]` listener as IPv4)
+        let address = peer.map(|p| oak_proto::endpoint::observed(p.ip()).to_string()).unwrap_or_default();
         let mut out = Out { capacity_changed: true, ..Default::default() };
         let cluster_id;
         {
@@ -778,12 +779,8 @@ impl Cluster {
 /// Runs the cluster orchestrator until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let cluster = Cluster::open(cfg.clone())?;
-    let workers_l = tokio::net::TcpListener::bind(cfg.worker_addr)
-        .await
-        .with_context(|| format!("binding the worker registry on {}", cfg.worker_addr))?;
-    let netsvc_l = tokio::net::TcpListener::bind(cfg.netsvc_addr)
-        .await
-        .with_context(|| format!("binding the cluster network service on {}", cfg.netsvc_addr))?;
+    let workers_l = crate::task::listen(cfg.worker_addr, "the worker registry (--worker-addr)").await?;
+    let netsvc_l = crate::task::listen(cfg.netsvc_addr, "the cluster network service (--netsvc-addr)").await?;
     serve(cluster, workers_l, netsvc_l, shutdown).await
 }
 

@@ -138,8 +138,10 @@ impl Auth {
         })
     }
 
-    /// Counts one login attempt from `source`; refused once the source has used up its attempts.
+    /// Counts one login attempt from `source`; refused once the source has used up its attempts. An
+    /// IPv4-mapped source (an IPv4 client of a `[::]` listener) shares its IPv4 address's budget.
     pub fn admit_login(&self, source: IpAddr) -> Result<(), Throttled> {
+        let source = oak_proto::endpoint::observed(source);
         self.logins.retain_recent();
         self.logins.check_key(&source).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -242,5 +244,12 @@ mod tests {
         assert_eq!(e.source_ip, a);
         assert!(e.retry_after_s >= 1, "{e}");
         assert!(auth.admit_login(b).is_ok(), "another source keeps its own attempts");
+        // on a `[::]` listener the same IPv4 client arrives IPv4-mapped: the same budget, named as IPv4
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let e = auth.admit_login(mapped).unwrap_err();
+        assert_eq!(e.source_ip, a, "{e}");
+        assert!(e.to_string().contains("from 192.0.2.1;"), "{e}");
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(auth.admit_login(v6).is_ok(), "an IPv6 source has its own attempts");
     }
 }

@@ -37,7 +37,7 @@ impl Tier for Root {
         &self,
         hello: pb::ClusterHello,
         identity: Option<oak_trust::PeerId>,
-        _peer: Option<SocketAddr>,
+        peer: Option<SocketAddr>,
         tx: Outbox<pb::RootMessage>,
     ) -> anyhow::Result<(String, u64)> {
         let cid = match identity {
@@ -47,7 +47,9 @@ impl Tier for Root {
                 "registration refused: no cluster certificate (a cluster joins with the root's join token first)"
             ),
         };
-        self.on_hello(&cid, &hello, tx)
+        // an IPv4 cluster of a `[::]` listener is recorded by its IPv4 address
+        let address = peer.map(|p| oak_proto::endpoint::observed(p.ip()).to_string()).unwrap_or_default();
+        self.on_hello(&cid, &hello, &address, tx)
     }
 
     fn on_message(&self, cid: &str, m: pb::ClusterMessage) -> bool {

@@ -143,15 +143,9 @@ impl Root {
 /// Runs the root orchestrator until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let root = Root::open(cfg.clone())?;
-    let api_l = tokio::net::TcpListener::bind(cfg.api_addr)
-        .await
-        .map_err(|e| anyhow!("binding --api-addr {}: {e}", cfg.api_addr))?;
-    let grpc_l = tokio::net::TcpListener::bind(cfg.grpc_addr)
-        .await
-        .map_err(|e| anyhow!("binding --grpc-addr {}: {e}", cfg.grpc_addr))?;
-    let net_l = tokio::net::TcpListener::bind(cfg.netsvc_addr)
-        .await
-        .map_err(|e| anyhow!("binding --netsvc-addr {}: {e}", cfg.netsvc_addr))?;
+    let api_l = crate::task::listen(cfg.api_addr, "--api-addr").await?;
+    let grpc_l = crate::task::listen(cfg.grpc_addr, "--grpc-addr").await?;
+    let net_l = crate::task::listen(cfg.netsvc_addr, "--netsvc-addr").await?;
     serve(root, api_l, grpc_l, net_l, shutdown).await
 }
 

@@ -206,4 +206,7 @@ pub struct ClusterRecord {
     /// The join token it joined with (its id).
     #[serde(default)]
     pub joined_with: String,
+    /// The address its last session came from, as the root sees it (IPv4 or IPv6).
+    #[serde(default)]
+    pub ip: String,
 }

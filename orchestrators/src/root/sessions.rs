@@ -48,7 +48,14 @@ impl Root {
     /// Registers the session of cluster `cid` (the identity its certificate names); returns (cluster id,
     /// connection number). A second session of a live cluster replaces the first: only the holder of the
     /// cluster's certificate can open one.
-    pub fn on_hello(&self, cid: &str, hello: &pb::ClusterHello, tx_out: Outbox) -> Result<(String, u64)> {
+    /// `address`: where the cluster's session comes from, as the root sees it (empty when unknown).
+    pub fn on_hello(
+        &self,
+        cid: &str,
+        hello: &pb::ClusterHello,
+        address: &str,
+        tx_out: Outbox,
+    ) -> Result<(String, u64)> {
         if hello.cluster_name.is_empty() || hello.cluster_name.len() > 128 {
             return Err(anyhow!("cluster_name must be 1..128 characters"));
         }
@@ -69,6 +76,7 @@ impl Root {
                 version: hello.version.clone(),
                 aggregate: hello.aggregate.as_ref().map(AggregateRecord::from).unwrap_or_default(),
                 last_seen_ms: oak_proto::now_ms(),
+                ip: address.to_string(),
                 ..prev
             };
             tx.put(CLUSTERS, &cid, &rec)?;
@@ -114,7 +122,7 @@ impl Root {
             Ok(())
         })?;
         self.send(out);
-        tracing::info!(cluster_id = %cid, cluster_name = %hello.cluster_name, location = %hello.cluster_location, instances = hello.instances.len(), "cluster registered");
+        tracing::info!(cluster_id = %cid, cluster_name = %hello.cluster_name, %address, location = %hello.cluster_location, instances = hello.instances.len(), "cluster registered");
         self.grown.lock().insert(cid.clone());
         self.capacity_changed.notify_one();
         Ok((cid, conn))

@@ -178,7 +178,9 @@ async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Body,
 ) -> ApiResult<Tokens> {
-    root.auth.admit_login(peer.ip()).inspect_err(|e| tracing::warn!("{e}"))?;
+    // one budget per source: an IPv4 client of a `[::]` listener counts as its IPv4 address
+    let source = oak_proto::endpoint::observed(peer.ip());
+    root.auth.admit_login(source).inspect_err(|e| tracing::warn!("{e}"))?;
     let Ok(Login { username, password }) = serde_json::from_value(parse_json(&body)?) else {
         return Err(ApiError::BadRequest("username and password (strings) are required".into()));
     };
@@ -187,7 +189,7 @@ async fn login(
     }
     let hash = root.password_hash(&username)?;
     if !root.auth.passwords.verify(password, hash).await.map_err(RootError::from)? {
-        tracing::info!(user = %username, source = %peer.ip(), "failed login");
+        tracing::info!(user = %username, %source, "failed login");
         return Err(ApiError::Unauthorized("invalid username or password".into()));
     }
     tokens(&root, &username)

@@ -149,6 +149,9 @@ pub struct ClusterDoc {
     pub cluster_name: String,
     pub cluster_location: String,
     pub version: String,
+    /// The address the cluster's session comes from, as the root sees it (IPv4 or IPv6; an IPv4 cluster
+    /// reaching a `[::]` listener is shown as IPv4).
+    pub ip: String,
     pub active: bool,
     pub registered_ms: u64,
     /// Seconds since the Unix epoch.
@@ -164,6 +167,7 @@ impl ClusterDoc {
             cluster_name: c.cluster_name,
             cluster_location: c.cluster_location,
             version: c.version,
+            ip: c.ip,
             active,
             registered_ms: c.registered_ms,
             last_modified_timestamp: c.last_seen_ms as f64 / 1000.0,
