@@ -403,7 +403,11 @@ impl pb::cluster_net_service_server::ClusterNetService for BadCluster {
         &self,
         _: tonic::Request<pb::LeaseSubnetRequest>,
     ) -> Result<tonic::Response<pb::LeaseSubnetReply>, tonic::Status> {
-        Ok(tonic::Response::new(pb::LeaseSubnetReply { subnet: self.0.into(), cluster_id: "bad".into() }))
+        Ok(tonic::Response::new(pb::LeaseSubnetReply {
+            subnet: self.0.into(),
+            cluster_id: "bad".into(),
+            ..Default::default()
+        }))
     }
     async fn release_subnet(
         &self,

@@ -189,9 +189,13 @@ async fn session_once(
     } else {
         welcome.heartbeat_interval_ms as u64
     });
+    // the address the cluster sees this worker at: the first thing to check when it shows the worker with
+    // the wrong IP (a NAT, another interface, IPv6 where IPv4 was expected)
+    let observed = if welcome.observed_address.is_empty() { "unknown" } else { welcome.observed_address.as_str() };
     info!(
         node_id = %ident.node_id, cluster = %welcome.cluster_name, cluster_id = %welcome.cluster_id,
-        heartbeat = ?hb, instances = n_instances, "registered with the cluster orchestrator at {}", cfg.cluster_url
+        heartbeat = ?hb, instances = n_instances,
+        "registered with the cluster orchestrator at {}; it sees this worker at {observed}", cfg.cluster_url
     );
 
     for mut st in queued {

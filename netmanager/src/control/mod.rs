@@ -61,6 +61,48 @@ pub fn validate_route(
     Ok((net, SocketAddr::new(ip.into(), port)))
 }
 
+/// What the NetManager says after its lease about its advertised tunnel endpoint `public` and the address
+/// the cluster saw the lease come from (`observed`, empty from older clusters): a warning when they are
+/// two different IPv4 addresses, Oakestra's "Wrong Node IP" case (other workers send tunnel traffic to
+/// the advertised one, which may not be this worker's).
+pub fn endpoint_report(public: SocketAddr, observed: &str, config_path: &str) -> (tracing::Level, String) {
+    let advertised = public.ip();
+    let Ok(seen) = observed.trim().parse::<std::net::IpAddr>().map(oak_proto::endpoint::observed) else {
+        return (
+            tracing::Level::INFO,
+            format!(
+                "tunnel endpoint {public} advertised (NodePublicAddress in {config_path}); the cluster does not \
+                 report the address it sees this worker at"
+            ),
+        );
+    };
+    match seen {
+        _ if seen == advertised => (
+            tracing::Level::INFO,
+            format!("tunnel endpoint {public} advertised; the cluster sees this worker at {seen}, the same address"),
+        ),
+        std::net::IpAddr::V6(_) => (
+            tracing::Level::INFO,
+            format!(
+                "tunnel endpoint {public} advertised; the cluster sees this worker at {seen} (the control plane runs \
+                 over IPv6, the tunnel over IPv4): other workers send tunnel traffic to {public}; if {advertised} is \
+                 not this worker's IPv4 address, set NodePublicAddress in {config_path}"
+            ),
+        ),
+        std::net::IpAddr::V4(_) => (
+            tracing::Level::WARN,
+            format!(
+                "Wrong Node IP? this worker advertises tunnel endpoint {advertised} (port {port}) but the cluster \
+                 sees it at {seen}: other workers will send tunnel traffic to {advertised}. If {advertised} is wrong, \
+                 set NodePublicAddress in {config_path} to the address the other workers reach this worker at (e.g. \
+                 {seen}) and restart the NetManager; if {advertised} is right (a NAT or port forward in front of this \
+                 worker), nothing needs to change",
+                port = public.port()
+            ),
+        ),
+    }
+}
+
 /// A /26 of the worker space, on its boundary.
 fn worker_net(text: &str) -> Result<Ipv4Net, String> {
     let net: Ipv4Net = text.trim().parse().map_err(|_| format!("{text:?} is not an IPv4 subnet"))?;
@@ -224,6 +266,12 @@ impl Control {
         *self.subnet.lock() = Some(net);
         self.tables.set_local_subnet(net);
         tracing::info!(subnet = %net, cluster = %reply.cluster_id, "leased worker subnet");
+        let (level, msg) = endpoint_report(self.public, &reply.observed_ip, config_path);
+        if level == tracing::Level::WARN {
+            tracing::warn!(advertised = %self.public, observed = %reply.observed_ip, "{msg}");
+        } else {
+            tracing::info!(advertised = %self.public, observed = %reply.observed_ip, "{msg}");
+        }
         Ok(net)
     }
 
@@ -413,5 +461,59 @@ mod tests {
             let e = validate_route(net, ip, port, local).unwrap_err();
             assert!(e.contains(why), "{net} {ip}:{port}: {e}");
         }
+    }
+
+    /// A worker that leased over IPv6 has an IPv6 `source_ip` (from a cluster that records one): its
+    /// route is taken by its advertised IPv4 endpoint, and the IPv6 source is no tunnel source.
+    #[test]
+    fn an_ipv6_lease_source_keeps_the_advertised_endpoint() {
+        let tables = Tables::new();
+        let member = oak_trust::Member::in_memory("http://[fd00::2]:10110", "oak-cluster", "netmanager", "w", "");
+        let c = Control::new("http://[fd00::2]:10110", member, "w", "192.0.2.1:50103".parse().unwrap(), tables.clone())
+            .unwrap();
+        let route = |source: &str| pb::Route {
+            subnet: "10.18.0.64/26".into(),
+            worker_ip: "192.0.2.2".into(),
+            worker_port: 50103,
+            source_ip: source.into(),
+        };
+        c.apply(pb::NetUpdate { update: Some(pb::net_update::Update::RouteAdded(route("fd00:99::3"))) });
+        let s = tables.snapshot();
+        assert_eq!(s.routes.get(&"10.18.0.64/26".parse().unwrap()), Some(&"192.0.2.2:50103".parse().unwrap()));
+        let inner: Ipv4Addr = "10.18.0.70".parse().unwrap();
+        assert_eq!(s.check_peer("192.0.2.2".parse().unwrap(), inner, None), Ok(()));
+        assert!(s.check_peer("fd00:99::3".parse().unwrap(), inner, None).is_err());
+    }
+
+    #[test]
+    fn wrong_node_ip_is_named() {
+        let public: SocketAddr = "10.99.0.200:50103".parse().unwrap();
+        let cfg = "/etc/netmanager/netcfg.json";
+        // two IPv4 addresses: the warning names both, the consequence and the config file
+        let (level, msg) = endpoint_report(public, "10.99.0.3", cfg);
+        assert_eq!(level, tracing::Level::WARN);
+        for part in [
+            "Wrong Node IP",
+            "advertises tunnel endpoint 10.99.0.200",
+            "sees it at 10.99.0.3",
+            "other workers will send tunnel traffic to 10.99.0.200",
+            "set NodePublicAddress in /etc/netmanager/netcfg.json",
+        ] {
+            assert!(msg.contains(part), "{part:?} not in: {msg}");
+        }
+        // an IPv4-mapped observation is the same IPv4 address
+        assert_eq!(endpoint_report(public, "::ffff:10.99.0.3", cfg).1, msg);
+        let (level, msg) = endpoint_report(public, "::ffff:10.99.0.200", cfg);
+        assert_eq!(level, tracing::Level::INFO, "{msg}");
+        assert!(msg.contains("the same address"), "{msg}");
+        // over IPv6 the two cannot be compared: told, not warned
+        let (level, msg) = endpoint_report(public, "fd00:99::3", cfg);
+        assert_eq!(level, tracing::Level::INFO, "{msg}");
+        assert!(msg.contains("sees this worker at fd00:99::3") && msg.contains("over IPv6"), "{msg}");
+        assert!(!msg.contains("Wrong Node IP"), "{msg}");
+        // an older cluster says nothing
+        let (level, msg) = endpoint_report(public, "", cfg);
+        assert_eq!(level, tracing::Level::INFO);
+        assert!(msg.contains("does not report"), "{msg}");
     }
 }

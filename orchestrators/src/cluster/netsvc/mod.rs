@@ -86,6 +86,17 @@ fn route_of(lease: &Lease) -> pb::Route {
     }
 }
 
+/// The `source_ip` a lease records from the address its request came from: an IPv4 source (also one
+/// IPv4-mapped by a `[::]` listener) is a second address the worker's tunnel datagrams may come from; an
+/// IPv6 source is not (the tunnel is IPv4: a worker that reached its cluster over IPv6 is known by its
+/// advertised endpoint only), so it is left out.
+fn tunnel_source(source: Option<std::net::IpAddr>) -> String {
+    match source.map(oak_proto::endpoint::observed) {
+        Some(std::net::IpAddr::V4(a)) => a.to_string(),
+        Some(std::net::IpAddr::V6(_)) | None => String::new(),
+    }
+}
+
 fn update(u: pb::net_update::Update) -> pb::NetUpdate {
     pb::NetUpdate { update: Some(u) }
 }
@@ -178,12 +189,7 @@ impl ClusterNetSvc {
                 )));
             }
         }
-        // an IPv4 source (IPv4-mapped on a dual-stack listener) is the worker's second address
-        let source = match source {
-            Some(std::net::IpAddr::V4(a)) => a.to_string(),
-            Some(std::net::IpAddr::V6(a)) => a.to_ipv4_mapped().map(|a| a.to_string()).unwrap_or_default(),
-            None => String::new(),
-        };
+        let source = tunnel_source(source);
         self.lease_for(owner, node, public_ip, tunnel_port, source)
             .await
             .map_err(|e| Status::resource_exhausted(format!("{e:#}")))
@@ -502,12 +508,19 @@ impl ClusterNetService for ClusterNetSvc {
         req: Request<pb::LeaseSubnetRequest>,
     ) -> Result<Response<pb::LeaseSubnetReply>, Status> {
         let owner = oak_trust::require(&req, "netmanager")?;
-        let source = req.remote_addr().map(|a| a.ip());
+        // where the request came from, as this cluster sees it: told back, so a NetManager can see when it
+        // advertises another address ("Wrong Node IP")
+        let source = req.remote_addr().map(|a| oak_proto::endpoint::observed(a.ip()));
         let r = req.into_inner();
         let subnet = self.lease_subnet(&owner, &r.node, &r.public_ip, r.tunnel_port, source).await?;
+        let observed_ip = source.map(|a| a.to_string()).unwrap_or_default();
+        if !observed_ip.is_empty() && observed_ip != r.public_ip {
+            tracing::info!(node = %r.node, advertised = %r.public_ip, observed = %observed_ip, "a NetManager advertises another tunnel endpoint than the address its lease came from");
+        }
         Ok(Response::new(pb::LeaseSubnetReply {
             subnet: subnet.to_string(),
             cluster_id: self.inner.cluster_id.clone(),
+            observed_ip,
         }))
     }
     async fn release_subnet(&self, req: Request<pb::ReleaseSubnetRequest>) -> Result<Response<pb::Ack>, Status> {
@@ -819,6 +832,39 @@ mod tests {
         let c = ClusterNetSvc::open(dir.path(), &m, "", "c1").unwrap();
         let err = c.lease_subnet("o", "w", "192.0.2.1", 50103, None).await.unwrap_err();
         assert!(err.message().contains("no free worker subnet"), "{err:?}");
+    }
+
+    /// On a dual-stack `[::]` port: the lease reply tells each NetManager the address it came from, an IPv4
+    /// one as IPv4 (not `::ffff:…`); only an IPv4 source is recorded as the route's second tunnel source.
+    #[tokio::test]
+    async fn lease_reply_tells_the_observed_address() {
+        assert_eq!(tunnel_source(Some("::ffff:192.0.2.7".parse().unwrap())), "192.0.2.7");
+        assert_eq!(tunnel_source(Some("192.0.2.7".parse().unwrap())), "192.0.2.7");
+        assert_eq!(tunnel_source(Some("fd00::7".parse().unwrap())), "");
+        assert_eq!(tunnel_source(None), "");
+        let (dir, _root, root) = setup().await;
+        let cdir = dir.path().join("cluster");
+        let (c, _) = open_cluster(&cdir, &root).await;
+        let a = Arc::new(Authority::open(&cdir.join("ca"), "cluster CA", oak_trust::CLUSTER_SERVER).unwrap());
+        let l = tokio::net::TcpListener::bind("[::]:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let trust = crate::task::trusted(&a, Arc::new(Admit(&["node", "netmanager"]))).unwrap();
+        tokio::spawn(serve_listener(c.clone(), l, trust));
+        let lease = |node: &str| pb::LeaseSubnetRequest {
+            node: node.into(),
+            public_ip: "192.0.2.66".into(),
+            tunnel_port: 50103,
+        };
+        let (mut v4, _) = netmanager(&a, &format!("http://127.0.0.1:{port}"), "netmanager").await;
+        let r = v4.lease_subnet(lease("w4")).await.unwrap().into_inner();
+        assert_eq!(r.observed_ip, "127.0.0.1", "an IPv4 client of a [::] listener is seen as IPv4");
+        let (mut v6, _) = netmanager(&a, &format!("http://[::1]:{port}"), "netmanager").await;
+        let r = v6.lease_subnet(lease("w6")).await.unwrap().into_inner();
+        assert_eq!(r.observed_ip, "::1");
+        let s = c.inner.state.lock();
+        assert_eq!(s.leases["w4"].source_ip, "127.0.0.1");
+        assert_eq!(s.leases["w6"].source_ip, "", "an IPv6 source is no tunnel source");
+        assert_eq!(s.leases["w6"].public_ip, "192.0.2.66", "the advertised endpoint stays the tunnel's");
     }
 
     /// Over the real port: a caller without a certificate, or with a NodeEngine's, is refused; a NetManager
