@@ -254,10 +254,11 @@ impl<R: Registrar> Enrollment<R> {
 #[tonic::async_trait]
 impl<R: Registrar> pb::enrollment_server::Enrollment for Enrollment<R> {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
-        let peer = req.remote_addr();
+        // where the newcomer calls from (an IPv4 client of a `[::]` listener as its IPv4 address)
+        let peer = req.remote_addr().map(|a| oak_proto::endpoint::observed(a.ip()).to_string()).unwrap_or_default();
         let r = req.into_inner();
         let refuse = |s: Status| {
-            tracing::warn!(?peer, kind = %r.kind, name = %r.name, "join refused: {}", s.message());
+            tracing::warn!(%peer, kind = %r.kind, name = %r.name, "join refused: {}", s.message());
             s
         };
         if !self.registrar.kinds().contains(&r.kind.as_str()) {
@@ -282,7 +283,7 @@ impl<R: Registrar> pb::enrollment_server::Enrollment for Enrollment<R> {
         let id = self.registrar.admit(&r.kind, &r.name, &token_id).map_err(refuse)?;
         let identity = PeerId::new(&r.kind, &id).to_string();
         let cert_pem = self.authority.issue(&csr, &identity).map_err(|e| refuse(Status::internal(format!("{e:#}"))))?;
-        tracing::info!(?peer, %identity, name = %r.name, token = %token_id, "joined");
+        tracing::info!(%peer, %identity, name = %r.name, token = %token_id, "joined");
         Ok(Response::new(pb::JoinReply { identity, cert_pem, ca_pem: self.authority.ca_pem.clone() }))
     }
 }
