@@ -12,6 +12,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "port exposure and egress NAT for instances"),
     ("nftables", "port exposure and egress NAT for instances"),
     ("iperf3", "throughput benchmarks"),
+    ("curl", "HTTP client the field tests run inside instances' network namespaces"),
     ("busybox-static", "a static userland to build OCI test images offline"),
     ("qemu-system-x86", "unikernel runtime (KVM or TCG)"),
     ("llvm-22-dev", "LLVM for bpf-linker"),

@@ -32,6 +32,14 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     sh(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
     step("cross-building the worker binaries for aarch64 (the bundle test checks them under qemu-user)");
     crate::dist::build_for(crate::dist::ARM, false, &["NodeEngine", "NetManager", "oak-image"])?;
+    step("bundling the debug build (the field tests install these bundles on simulated devices)");
+    crate::dist::run(crate::dist::Args {
+        role: vec!["root".into(), "cluster".into(), "worker".into()],
+        out_dir: Some(crate::util::target_dir().join("dist-test")),
+        skip_build: true,
+        profile: "debug".into(),
+        target: vec![crate::dist::HOST.into()],
+    })?;
     if nix::unistd::geteuid().is_root() {
         // the NodeEngine's tests talk to a real containerd
         crate::up::ensure_containerd()?;
