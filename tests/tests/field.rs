@@ -14,7 +14,8 @@
 //! - Hybrid: the root alone; a device that is both the cluster and one of its workers, and a second worker.
 //! - Troubleshoot (the guide's cases): a cluster without name and location warns naming the variables; a
 //!   worker whose cluster is unreachable stops with "NetManager timeout" naming the address it tried and its
-//!   netcfg.json.
+//!   netcfg.json; a worker whose cluster has no subnet for it stops with "bad network received" and the
+//!   cluster's reason.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -337,6 +338,8 @@ fn troubleshoot_cases_from_bundles() {
     let [ctl, w1] = ["ctl", "w1"].map(|n| Device::new(net.host(n), &d).unwrap());
     install(&ctl, &bundles, "root");
     install(&ctl, &bundles, "cluster");
+    // a root that leases no worker subnets to clusters: their workers get none
+    set_env(&ctl, "/etc/oakestra-rs/root.env", &[("OAK_MAX_BLOCKS_PER_CLUSTER", "0")]);
     let (_root, join) = start_root(&ctl);
     // CLUSTER_NAME and CLUSTER_LOCATION left empty in cluster.env: the cluster registers and says what is missing
     let (cluster, wtoken) = start_cluster(&ctl, Ipv4Addr::LOCALHOST, "", "", &join);
@@ -358,4 +361,14 @@ fn troubleshoot_cases_from_bundles() {
     let log = nm.output();
     assert!(st.is_some_and(|s| !s.success()), "the NetManager stops with an error: {log}");
     assert!(log.contains("10.99.0.250") && log.contains("/etc/netmanager/netcfg.json"), "{log}");
+
+    // the right cluster, which has no subnet to give: bad network received, with the cluster's reason
+    cfg["ClusterUrl"] = json!(ctl.ip.to_string());
+    w1.write("/etc/netmanager/netcfg.json", &cfg.to_string()).unwrap();
+    let mut nm = w1.start_unit("oak-netmanager.service").unwrap();
+    nm.wait_log("bad network received", Duration::from_secs(30)).unwrap();
+    let st = nm.terminate(Duration::from_secs(10));
+    let log = nm.output();
+    assert!(st.is_some_and(|s| !s.success()), "the NetManager stops with an error: {log}");
+    assert!(log.contains("gave this worker no subnet") && log.contains("block"), "the cluster's reason: {log}");
 }

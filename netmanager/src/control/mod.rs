@@ -244,9 +244,15 @@ impl Control {
             let last = match tokio::time::timeout(left, attempt).await {
                 Err(_) => "no answer".to_string(),
                 Ok(Err(status)) if status.code() == tonic::Code::Unavailable => status.message().to_string(),
-                Ok(Err(status)) => {
-                    bail!("the cluster network service at {} refused the lease: {}", self.url, status.message())
+                Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
+                    bail!("the cluster network service at {} refused this NetManager: {}", self.url, status.message())
                 }
+                // the cluster answered without a subnet for us (its pool, its root's quota, no root)
+                Ok(Err(status)) => bail!(
+                    "bad network received: the cluster network service at {} gave this worker no subnet: {}",
+                    self.url,
+                    status.message()
+                ),
                 Ok(Ok(r)) => break r.into_inner(),
             };
             if tokio::time::Instant::now() + backoff >= deadline {

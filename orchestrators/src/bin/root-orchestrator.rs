@@ -47,7 +47,7 @@ struct Args {
     report_interval_ms: u32,
     /// Worker subnet blocks (/22, 16 workers each) one cluster may lease from the service manager
     /// (the space holds 64).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "OAK_MAX_BLOCKS_PER_CLUSTER", default_value_t = 8)]
     max_blocks_per_cluster: u32,
     /// Serve the REST API (--api-addr) over HTTPS with this PEM certificate chain (with --tls-key); plain
     /// HTTP otherwise, which Oakestra's CLI expects on loopback.
