@@ -18,19 +18,39 @@ const CONTAINERD_SOCK: &str = "/run/containerd/containerd.sock";
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
+    /// What runs on this machine: root, cluster, worker, or several (comma-separated). All three (the
+    /// default) is a 1-DOC cluster; `root,cluster` is the control machine of an M-DOC cluster; `cluster`
+    /// alone is a cluster of an MDNC setup; `worker` a worker device; `cluster,worker` a hybrid.
+    #[arg(long, value_delimiter = ',', default_values_t = ["root".to_string(), "cluster".to_string(), "worker".to_string()])]
+    pub role: Vec<String>,
     /// Cluster name given to the cluster orchestrator (CLUSTER_NAME).
     #[arg(long, env = "CLUSTER_NAME", default_value = "cluster1")]
     pub cluster_name: String,
     /// Cluster location (CLUSTER_LOCATION): free text or "lat,lon,radius_m".
     #[arg(long, env = "CLUSTER_LOCATION", default_value = "48.1351,11.5820,1000")]
     pub cluster_location: String,
+    /// The root orchestrator's address, for a cluster (SYSTEM_MANAGER_URL; IPv4 or IPv6).
+    #[arg(long, env = "SYSTEM_MANAGER_URL", default_value = "127.0.0.1")]
+    pub root_address: String,
+    /// The cluster orchestrator's address, for a worker (CLUSTER_ADDRESS; IPv4 or IPv6). Written as
+    /// ClusterUrl into /etc/netmanager/netcfg.json when that file does not exist yet.
+    #[arg(long, env = "CLUSTER_ADDRESS", default_value = "127.0.0.1")]
+    pub cluster_address: String,
+    /// The root's join token, for a cluster (OAK_CLUSTER_TOKEN); by default the one the root on this
+    /// machine wrote.
+    #[arg(long, env = "OAK_CLUSTER_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// The cluster's worker join token, for a worker (OAK_WORKER_TOKEN); by default the one the cluster on
+    /// this machine wrote.
+    #[arg(long, env = "OAK_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
     /// Use debug binaries instead of release ones.
     #[arg(long)]
     pub debug: bool,
-    /// Start without the NetManager (instances get no overlay address).
+    /// Start the worker without the NetManager (instances get no overlay address).
     #[arg(long)]
     pub no_netmanager: bool,
-    /// Seconds to wait for the worker to register.
+    /// Seconds to wait for each component to come up (the worker to register).
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
 }
@@ -42,17 +62,8 @@ pub struct DownArgs {
     pub purge: bool,
 }
 
-struct Component {
-    name: &'static str,
-    bin: &'static str,
-}
-
-const ORDER: &[Component] = &[
-    Component { name: "root", bin: "root-orchestrator" },
-    Component { name: "cluster", bin: "cluster-orchestrator" },
-    Component { name: "netmanager", bin: "NetManager" },
-    Component { name: "nodeengine", bin: "NodeEngine" },
-];
+/// What `up` may start, in start order (`down` stops in reverse).
+const ORDER: &[&str] = &["root", "cluster", "netmanager", "nodeengine"];
 
 fn pid_file(name: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{name}.pid"))
@@ -120,17 +131,27 @@ pub fn ensure_containerd() -> anyhow::Result<()> {
     })
 }
 
-fn ensure_netcfg() -> anyhow::Result<()> {
-    if Path::new(NETCFG).exists() {
+/// Writes /etc/netmanager/netcfg.json for a worker of the cluster at `cluster` unless one exists; an
+/// existing one is kept (the user's), with a warning when it names another cluster.
+fn ensure_netcfg(cluster: &str) -> anyhow::Result<()> {
+    if let Ok(text) = fs::read_to_string(NETCFG) {
         step(&format!("NetManager config: using existing {NETCFG}"));
+        let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{NETCFG} is not JSON"))?;
+        if cfg["ClusterUrl"].as_str().is_some_and(|u| u != cluster) {
+            eprintln!(
+                "    WARNING: {NETCFG} names ClusterUrl {} but the cluster address is {cluster}: the NetManager \
+                 follows {NETCFG}; edit it (or delete it to have it written again)",
+                cfg["ClusterUrl"]
+            );
+        }
         return Ok(());
     }
-    step(&format!("NetManager config: writing {NETCFG} for a 1-DOC cluster"));
+    step(&format!("NetManager config: writing {NETCFG} (cluster {cluster})"));
     fs::create_dir_all("/etc/netmanager")?;
     let cfg = serde_json::json!({
         "NodePublicAddress": "0.0.0.0",
         "NodePublicPort": "50103",
-        "ClusterUrl": "127.0.0.1",
+        "ClusterUrl": cluster,
         "ClusterMqttPort": "10003",
     });
     fs::write(NETCFG, serde_json::to_string_pretty(&cfg)? + "\n")?;
@@ -147,23 +168,42 @@ fn admin_password() -> anyhow::Result<String> {
         .with_context(|| format!("no OAK_ADMIN_PASSWORD and no {}", file.display()))
 }
 
-/// The join token the root wrote at its first start (the cluster registers with it once).
-fn join_token() -> anyhow::Result<String> {
-    let file = Path::new(DATA_DIR).join("root/join-token");
-    fs::read_to_string(&file).map(|s| s.trim().to_string()).with_context(|| {
-        format!(
-            "{} is missing: the root writes it at first start (or give the cluster a token it made)",
-            file.display()
-        )
-    })
+/// A token from the flag/variable, else from the file a local daemon wrote at its first start.
+fn token(given: &Option<String>, file: &str, variable: &str, how: &str) -> anyhow::Result<String> {
+    if let Some(t) = given.as_ref().filter(|t| !t.trim().is_empty()) {
+        return Ok(t.trim().to_string());
+    }
+    let file = Path::new(DATA_DIR).join(file);
+    // a daemon started just before writes it as it starts
+    if file.parent().is_some_and(Path::exists) {
+        wait_until(&format!("{}", file.display()), Duration::from_secs(30), || Ok(file.exists()))?;
+    }
+    fs::read_to_string(&file)
+        .map(|s| s.trim().to_string())
+        .with_context(|| format!("no {variable} given and no {} on this machine: {how}", file.display()))
 }
 
-/// The worker join token the cluster wrote at its first start.
-fn worker_token() -> anyhow::Result<String> {
-    let file = Path::new(DATA_DIR).join("cluster/worker-join-token");
-    // the cluster writes it as it starts; it was started just before
-    wait_until("the cluster's worker join token", Duration::from_secs(30), || Ok(file.exists()))?;
-    fs::read_to_string(&file).map(|s| s.trim().to_string()).with_context(|| format!("reading {}", file.display()))
+/// Length of a log file now: what is written after it is this start's.
+fn log_len(name: &str) -> u64 {
+    fs::metadata(Path::new(LOG_DIR).join(format!("{name}.log"))).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Waits until `needle` appears in the part of `name`'s log after `from`, failing early if it exits.
+fn wait_log(name: &str, from: u64, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    let path = Path::new(LOG_DIR).join(format!("{name}.log"));
+    wait_until(&format!("{name}: {needle:?}"), timeout, || {
+        let text = fs::read(&path).unwrap_or_default();
+        let new = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+        if new.contains(needle) {
+            return Ok(true);
+        }
+        if running_pid(name).is_none() {
+            let tail: Vec<&str> = new.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{name} exited; the end of {}:\n{}", path.display(), tail.join("\n"));
+        }
+        Ok(false)
+    })
 }
 
 fn api_token(password: &str) -> anyhow::Result<String> {
@@ -189,6 +229,13 @@ fn active_nodes(token: &str, cluster: &str) -> anyhow::Result<u64> {
 }
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    for r in &args.role {
+        if !["root", "cluster", "worker"].contains(&r.as_str()) {
+            bail!("--role {r}: one of root, cluster, worker (or several, comma-separated)");
+        }
+    }
+    let has = |r: &str| args.role.iter().any(|x| x == r);
+    let one_doc = has("root") && has("cluster") && has("worker");
     crate::setup::run()?;
     let profile = if args.debug { "debug" } else { "release" };
     step(&format!("building binaries ({profile})"));
@@ -198,99 +245,136 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         build.arg("--release");
     }
     sh(&mut build)?;
-    crate::ebpf::build()?;
+    if has("worker") {
+        crate::ebpf::build()?;
+    }
     let bin_dir = crate::util::target_dir().join(profile);
-
     for d in [RUN_DIR, LOG_DIR, DATA_DIR] {
         fs::create_dir_all(d)?;
     }
-    ensure_containerd()?;
-    if !args.no_netmanager {
-        ensure_netcfg()?;
+    let timeout = Duration::from_secs(args.timeout);
+    let started = |name: &str| -> Option<i32> {
+        let pid = running_pid(name);
+        if let Some(pid) = pid {
+            step(&format!("{name}: already running (pid {pid})"));
+        }
+        pid
+    };
+
+    if has("root") && started("root").is_none() {
+        step("starting the root orchestrator");
+        spawn("root", &bin_dir.join("root-orchestrator"), &["--data-dir".into(), format!("{DATA_DIR}/root")], &[])?;
+        wait_until("root API on :10000", Duration::from_secs(30), || {
+            Ok(ureq::get("http://127.0.0.1:10000/api/health").call().is_ok())
+        })?;
+    }
+    if has("cluster") && started("cluster").is_none() {
+        step(&format!("starting the cluster orchestrator '{}' (root at {})", args.cluster_name, args.root_address));
+        let token = token(
+            &args.join_token,
+            "root/join-token",
+            "OAK_CLUSTER_TOKEN",
+            "give the cluster a join token of the root (its /var/lib/oakestra-rs/root/join-token, or \
+             `root-orchestrator token create` on the root)",
+        )?;
+        let from = log_len("cluster");
+        spawn(
+            "cluster",
+            &bin_dir.join("cluster-orchestrator"),
+            &["--data-dir".into(), format!("{DATA_DIR}/cluster")],
+            &[
+                ("CLUSTER_NAME", args.cluster_name.clone()),
+                ("CLUSTER_LOCATION", args.cluster_location.clone()),
+                ("SYSTEM_MANAGER_URL", args.root_address.clone()),
+                ("OAK_CLUSTER_TOKEN", token),
+            ],
+        )?;
+        wait_log("cluster", from, "registered with the root", timeout)?;
+    }
+    if has("worker") {
+        ensure_containerd()?;
+        let worker_token = || {
+            token(
+                &args.worker_token,
+                "cluster/worker-join-token",
+                "OAK_WORKER_TOKEN",
+                "give the worker a join token of its cluster (the cluster's \
+                 /var/lib/oakestra-rs/cluster/worker-join-token, or `cluster-orchestrator token create` there)",
+            )
+        };
+        if !args.no_netmanager && started("netmanager").is_none() {
+            ensure_netcfg(&args.cluster_address)?;
+            step("starting the NetManager");
+            let from = log_len("netmanager");
+            spawn(
+                "netmanager",
+                &bin_dir.join("NetManager"),
+                &["-p".into(), "6000".into(), "--data-dir".into(), format!("{DATA_DIR}/netmanager")],
+                &[("OAK_WORKER_TOKEN", worker_token()?)],
+            )?;
+            wait_log("netmanager", from, "NetManager ready", timeout)?;
+        }
+        if started("nodeengine").is_none() {
+            step(&format!("starting the NodeEngine (cluster at {})", args.cluster_address));
+            let n = if args.no_netmanager { "0" } else { "6000" };
+            let from = log_len("nodeengine");
+            spawn(
+                "nodeengine",
+                &bin_dir.join("NodeEngine"),
+                &[
+                    "-a".into(),
+                    args.cluster_address.clone(),
+                    "-n".into(),
+                    n.into(),
+                    "--data-dir".into(),
+                    format!("{DATA_DIR}/nodeengine"),
+                    "--netmanager-credential".into(),
+                    format!("{DATA_DIR}/netmanager/api-token"),
+                ],
+                &[("OAK_WORKER_TOKEN", worker_token()?)],
+            )?;
+            wait_log("nodeengine", from, "registered with the cluster orchestrator", timeout)?;
+        }
     }
 
-    for c in ORDER {
-        if args.no_netmanager && c.name == "netmanager" {
-            continue;
-        }
-        if let Some(pid) = running_pid(c.name) {
-            step(&format!("{}: already running (pid {pid})", c.name));
-            continue;
-        }
-        step(&format!("starting {}", c.name));
-        let bin = bin_dir.join(c.bin);
-        let data = format!("{DATA_DIR}/{}", c.name);
-        match c.name {
-            "root" => {
-                spawn(c.name, &bin, &["--data-dir".into(), data], &[])?;
-                wait_until("root API on :10000", Duration::from_secs(30), || {
-                    Ok(ureq::get("http://127.0.0.1:10000/api/health").call().is_ok())
-                })?;
-            }
-            "cluster" => {
-                spawn(
-                    c.name,
-                    &bin,
-                    &["--data-dir".into(), data],
-                    &[
-                        ("CLUSTER_NAME", args.cluster_name.clone()),
-                        ("CLUSTER_LOCATION", args.cluster_location.clone()),
-                        ("SYSTEM_MANAGER_URL", "127.0.0.1".into()),
-                        ("OAK_CLUSTER_TOKEN", join_token()?),
-                    ],
-                )?;
-            }
-            "netmanager" => {
-                spawn(
-                    c.name,
-                    &bin,
-                    &["-p".into(), "6000".into(), "--data-dir".into(), data],
-                    &[("OAK_WORKER_TOKEN", worker_token()?)],
-                )?;
-                wait_until("NetManager on :6000", Duration::from_secs(30), || {
-                    Ok(ureq::get("http://127.0.0.1:6000/status").call().is_ok())
-                })?;
-            }
-            _ => {
-                let n = if args.no_netmanager { "0" } else { "6000" };
-                spawn(
-                    c.name,
-                    &bin,
-                    &[
-                        "-a".into(),
-                        "127.0.0.1".into(),
-                        "-p".into(),
-                        "10100".into(),
-                        "-n".into(),
-                        n.into(),
-                        "--data-dir".into(),
-                        data,
-                        "--netmanager-credential".into(),
-                        format!("{DATA_DIR}/netmanager/api-token"),
-                    ],
-                    &[("OAK_WORKER_TOKEN", worker_token()?)],
-                )?;
-            }
+    if has("root") {
+        let password = admin_password()?;
+        let token = api_token(&password)?;
+        if one_doc {
+            wait_until(&format!("worker registered in cluster '{}'", args.cluster_name), timeout, || {
+                Ok(active_nodes(&token, &args.cluster_name).unwrap_or(0) >= 1)
+            })?;
         }
     }
-
-    let password = admin_password()?;
-    let token = api_token(&password)?;
-    wait_until(
-        &format!("worker registered in cluster '{}'", args.cluster_name),
-        Duration::from_secs(args.timeout),
-        || Ok(active_nodes(&token, &args.cluster_name).unwrap_or(0) >= 1),
-    )?;
     println!();
-    println!("1-DOC cluster '{}' is up.", args.cluster_name);
-    println!("  Root API:   http://127.0.0.1:10000/api  (docs: http://127.0.0.1:10000/api/docs)");
-    println!(
-        "  Login:      user 'Admin', password {}",
-        match std::env::var("OAK_ADMIN_PASSWORD") {
-            Ok(_) => "from OAK_ADMIN_PASSWORD".to_string(),
-            Err(_) => format!("in {DATA_DIR}/root/admin-password"),
+    if one_doc {
+        println!("1-DOC cluster '{}' is up.", args.cluster_name);
+    } else {
+        println!("Up on this machine: {}.", args.role.join(", "));
+    }
+    if has("root") {
+        println!("  Root API:   http://<this machine>:10000/api  (docs: /api/docs)");
+        println!(
+            "  Login:      user 'Admin', password {}",
+            match std::env::var("OAK_ADMIN_PASSWORD") {
+                Ok(_) => "from OAK_ADMIN_PASSWORD".to_string(),
+                Err(_) => format!("in {DATA_DIR}/root/admin-password"),
+            }
+        );
+        if !has("cluster") || !one_doc {
+            println!("  Clusters join with the token in {DATA_DIR}/root/join-token (OAK_CLUSTER_TOKEN)");
         }
-    );
+    }
+    if has("cluster") && !one_doc {
+        println!(
+            "  Cluster '{}': workers join at <this machine>:10100 with the token in \
+             {DATA_DIR}/cluster/worker-join-token (OAK_WORKER_TOKEN)",
+            args.cluster_name
+        );
+    }
+    if has("worker") && !one_doc {
+        println!("  Worker: registered with the cluster at {}", args.cluster_address);
+    }
     println!("  Logs:       {LOG_DIR}/*.log");
     println!("  Stop with:  cargo xtask down");
     Ok(())
@@ -298,8 +382,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
 
 pub fn down(args: DownArgs) -> anyhow::Result<()> {
     // Reverse order: workers first, so they can detach instances cleanly.
-    for c in ORDER.iter().rev() {
-        stop(c.name)?;
+    for name in ORDER.iter().rev() {
+        stop(name)?;
     }
     // the NodeEngine leaves its containers running across its own restarts; down removes them (the next
     // `up` deploys them again: the cluster remembers its placements)
@@ -331,7 +415,7 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
         step(&format!("deleting state in {DATA_DIR}"));
         let _ = fs::remove_dir_all(DATA_DIR);
     }
-    step("1-DOC cluster stopped");
+    step("stopped");
     Ok(())
 }
 
