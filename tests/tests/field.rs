@@ -9,9 +9,10 @@
 //!   worker is reached by its round-robin IP (both instances answer) and its closest IP from a client
 //!   instance on the other worker. Prints the time from the unpacked worker bundle to "worker registered"
 //!   and the worker's resident memory at idle.
-//! - MDNC: the root alone, two clusters on two devices, one worker each; the service in cluster B is
-//!   reached from a client in cluster A.
-//! - Hybrid: the root alone; a device that is both the cluster and one of its workers, and a second worker.
+//! - MDNC: the root alone, two clusters on two devices, one worker each (A's on the eBPF fast path, B's on
+//!   the tun path only); the service in cluster B is reached from a client in cluster A.
+//! - Hybrid: the root alone; a device that is both the cluster and one of its workers (with unikernels
+//!   enabled through its worker.env), and a second worker.
 //! - Troubleshoot (the guide's cases): a cluster without name and location warns naming the variables; a
 //!   worker whose cluster is unreachable stops with "NetManager timeout" naming the address it tried and its
 //!   netcfg.json; a worker whose cluster has no subnet for it stops with "bad network received" and the
@@ -119,14 +120,20 @@ struct Worker {
 /// netcfg.json edited (this device's address, the cluster's), the NodeEngine with `-n 6000`. Returns the
 /// worker and the time from the bundle on the device (unpack, install.sh, configuration, containerd, both
 /// daemons) to "registered with the cluster orchestrator".
-fn start_worker(dev: &Device, bundles: &Path, image: &Path, cluster: Ipv4Addr, token: &str) -> (Worker, Duration) {
+fn start_worker(
+    dev: &Device,
+    bundles: &Path,
+    image: &Path,
+    cluster: Ipv4Addr,
+    token: &str,
+    more: &[(&str, &str)],
+) -> (Worker, Duration) {
     let t0 = Instant::now();
     install(dev, bundles, "worker");
-    set_env(
-        dev,
-        "/etc/oakestra-rs/worker.env",
-        &[("CLUSTER_ADDRESS", &cluster.to_string()), ("OAK_WORKER_TOKEN", token)],
-    );
+    let cluster = cluster.to_string();
+    let mut vars = vec![("CLUSTER_ADDRESS", cluster.as_str()), ("OAK_WORKER_TOKEN", token)];
+    vars.extend_from_slice(more);
+    set_env(dev, "/etc/oakestra-rs/worker.env", &vars);
     let mut cfg: Value = serde_json::from_str(&dev.read("/etc/netmanager/netcfg.json").unwrap()).unwrap();
     cfg["NodePublicAddress"] = json!(dev.ip.to_string());
     cfg["ClusterUrl"] = json!(cluster.to_string());
@@ -274,8 +281,8 @@ fn m_doc_from_bundles() {
     install(&ctl, &bundles, "cluster");
     let (_root, join) = start_root(&ctl);
     let (_cluster, wtoken) = start_cluster(&ctl, Ipv4Addr::LOCALHOST, "field-mdoc", "48.26,11.67,1000", &join);
-    let (worker1, took) = start_worker(&w1, &bundles, &image, ctl.ip, &wtoken);
-    let (_worker2, _) = start_worker(&w2, &bundles, &image, ctl.ip, &wtoken);
+    let (worker1, took) = start_worker(&w1, &bundles, &image, ctl.ip, &wtoken, &[]);
+    let (_worker2, _) = start_worker(&w2, &bundles, &image, ctl.ip, &wtoken, &[]);
     let (nm, ne) = (rss_mib(worker1.netmanager.pid()), rss_mib(worker1.nodeengine.pid()));
     eprintln!(
         "FIGURES worker bundle -> registered: {:.1} s; idle RSS: NetManager {nm:.1} MiB, NodeEngine {ne:.1} MiB",
@@ -302,8 +309,11 @@ fn mdnc_from_bundles() {
     install(&cb, &bundles, "cluster");
     let (_ca, ta) = start_cluster(&ca, root.ip, "cluster-a", "48.26,11.67,1000", &join);
     let (_cb, tb) = start_cluster(&cb, root.ip, "cluster-b", "52.52,13.40,1000", &join);
-    let (_wa, _) = start_worker(&wa, &bundles, &image, ca.ip, &ta);
-    let (_wb, _) = start_worker(&wb, &bundles, &image, cb.ip, &tb);
+    let (_wa, _) = start_worker(&wa, &bundles, &image, ca.ip, &ta, &[]);
+    // cluster B's worker on the tun path alone (NETMANAGER_OPTS in worker.env), A's with the eBPF fast path
+    let (worker_b, _) = start_worker(&wb, &bundles, &image, cb.ip, &tb, &[("NETMANAGER_OPTS", "--no-ebpf")]);
+    let log = worker_b.netmanager.output();
+    assert!(log.contains("fast_path=false"), "the tun path only: {log}");
     let api = Client::login(&net, "root", root.ip);
     wait_for("two clusters with a worker each", Duration::from_secs(30), || {
         let c = api.call("GET", "/api/clusters/active", None).1;
@@ -325,8 +335,11 @@ fn hybrid_from_bundles() {
     // the cluster host is also a worker of its cluster
     install(&edge, &bundles, "cluster");
     let (_cluster, wtoken) = start_cluster(&edge, root.ip, "edge", "48.26,11.67,1000", &join);
-    let (_edge_worker, _) = start_worker(&edge, &bundles, &image, edge.ip, &wtoken);
-    let (_w2, _) = start_worker(&w2, &bundles, &image, edge.ip, &wtoken);
+    // with unikernels too (NODEENGINE_OPTS in worker.env reaches the NodeEngine through its unit)
+    let (edge_worker, _) = start_worker(&edge, &bundles, &image, edge.ip, &wtoken, &[("NODEENGINE_OPTS", "-u=true")]);
+    let log = edge_worker.nodeengine.output();
+    assert!(log.contains("unikernel support enabled") || log.contains("-u/--unikernel given"), "{log}");
+    let (_w2, _) = start_worker(&w2, &bundles, &image, edge.ip, &wtoken, &[]);
     let api = Client::login(&net, "root", root.ip);
     wait_for("two workers in the hybrid cluster", Duration::from_secs(30), || {
         let c = api.call("GET", "/api/clusters/active", None).1;

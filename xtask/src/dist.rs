@@ -151,7 +151,7 @@ Wants=network-online.target
 
 [Service]
 EnvironmentFile=/etc/oakestra-rs/worker.env
-ExecStart=/usr/local/bin/NetManager -p 6000 -c /etc/netmanager/netcfg.json
+ExecStart=/bin/sh -c 'exec /usr/local/bin/NetManager -p 6000 -c /etc/netmanager/netcfg.json $NETMANAGER_OPTS'
 Restart=on-failure
 
 [Install]
@@ -165,7 +165,7 @@ Wants=network-online.target oak-netmanager.service
 
 [Service]
 EnvironmentFile=/etc/oakestra-rs/worker.env
-ExecStart=/bin/sh -c 'exec /usr/local/bin/NodeEngine -a \"$CLUSTER_ADDRESS\" -n 6000'
+ExecStart=/bin/sh -c 'exec /usr/local/bin/NodeEngine -a \"$CLUSTER_ADDRESS\" -n 6000 $NODEENGINE_OPTS'
 Restart=on-failure
 
 [Install]
@@ -178,6 +178,10 @@ CLUSTER_ADDRESS=
 # a worker join token of the cluster: its /var/lib/oakestra-rs/cluster/worker-join-token, or
 # `cluster-orchestrator token create`
 OAK_WORKER_TOKEN=
+# more NodeEngine flags, e.g. -u=true to run unikernels (qemu: KVM, else TCG)
+NODEENGINE_OPTS=
+# more NetManager flags, e.g. --no-ebpf for the tun path only
+NETMANAGER_OPTS=
 ";
 
 const NETCFG: &str = r#"{

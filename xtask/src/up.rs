@@ -47,6 +47,9 @@ pub struct UpArgs {
     /// Use debug binaries instead of release ones.
     #[arg(long)]
     pub debug: bool,
+    /// The worker also runs unikernels (the NodeEngine's `-u=true`: qemu with KVM, else TCG).
+    #[arg(long)]
+    pub unikernel: bool,
     /// Start the worker without the NetManager (instances get no overlay address).
     #[arg(long)]
     pub no_netmanager: bool,
@@ -322,6 +325,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 "nodeengine",
                 &bin_dir.join("NodeEngine"),
                 &[
+                    format!("-u={}", args.unikernel),
                     "-a".into(),
                     args.cluster_address.clone(),
                     "-n".into(),
