@@ -35,6 +35,8 @@ pub struct MetricsCollector {
     unikernel: bool,
     location: String,
     gpu_probe: bool,
+    /// The latest overlay summary of the local NetManager (see [`crate::netmanager::watch_network`]).
+    network: Option<tokio::sync::watch::Receiver<Option<oak_proto::v1::WorkerNetwork>>>,
 }
 
 impl MetricsCollector {
@@ -49,6 +51,7 @@ impl MetricsCollector {
             unikernel,
             location,
             gpu_probe: find_in_path("nvidia-smi").is_some(),
+            network: None,
         }
     }
 
@@ -82,7 +85,14 @@ impl MetricsCollector {
             gpus: if self.gpu_probe { nvidia_gpus() } else { Vec::new() },
             virtualization: self.virtualization(),
             location: self.location.clone(),
+            network: self.network.as_ref().and_then(|rx| rx.borrow().clone()),
         }
+    }
+
+    /// Reports the overlay summaries `rx` yields with every sample.
+    pub fn with_network(mut self, rx: tokio::sync::watch::Receiver<Option<oak_proto::v1::WorkerNetwork>>) -> Self {
+        self.network = Some(rx);
+        self
     }
 
     fn disk(&self) -> (u64, u64) {

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use oak_proto::netmanager_api::{DeployAnswer, DeployRequest, UndeployRequest};
+use oak_proto::v1::WorkerNetwork;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 pub struct NetManagerClient {
@@ -77,11 +80,93 @@ impl NetManagerClient {
         let _: serde_json::Value = self.post("/container/undeploy", req).await?;
         Ok(())
     }
+
+    /// The overlay summary for the cluster (datapath, subnet, non-zero counters); None while the NetManager
+    /// does not answer within a second.
+    pub async fn network(&self) -> Option<WorkerNetwork> {
+        let get = |path: &str| {
+            let url = format!("{}{path}", self.base());
+            async move {
+                let r = self.http.get(url).timeout(Duration::from_secs(1)).send().await.ok()?;
+                r.error_for_status().ok()?.json::<Value>().await.ok()
+            }
+        };
+        let status = get("/status").await?;
+        let counters = get("/counters").await?;
+        Some(summarize(&status, &counters))
+    }
+}
+
+/// Polls the NetManager's overlay summary every `every` into a watch channel the metrics read (so a slow
+/// NetManager never delays a heartbeat).
+pub fn watch_network(client: NetManagerClient, every: Duration) -> watch::Receiver<Option<WorkerNetwork>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if tx.send(client.network().await).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The NetManager's `/status` and `/counters` answers as the summary a worker reports: the datapath
+/// (`ebpf` when the fast path is loaded, `tun` with the proxy alone), and its non-zero counters as
+/// `tun.<event>`, `tun.drop.<reason>` and `ebpf.<counter>`.
+pub fn summarize(status: &Value, counters: &Value) -> WorkerNetwork {
+    let datapath = if status["ebpf"] == true {
+        "ebpf"
+    } else if status["proxy"] == true {
+        "tun"
+    } else {
+        "none"
+    };
+    let mut out = std::collections::HashMap::new();
+    for (section, prefix) in [("events", "tun."), ("drops", "tun.drop."), ("ebpf", "ebpf.")] {
+        for (k, v) in counters[section].as_object().into_iter().flatten() {
+            if let Some(n) = v.as_u64().filter(|n| *n > 0) {
+                out.insert(format!("{prefix}{k}"), n);
+            }
+        }
+    }
+    let endpoint = match (status["publicAddress"].as_str(), status["tunnelPort"].as_u64()) {
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        _ => String::new(),
+    };
+    WorkerNetwork {
+        datapath: datapath.to_string(),
+        subnet: status["subnet"].as_str().unwrap_or_default().to_string(),
+        tunnel_endpoint: endpoint,
+        counters: out,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_names_the_datapath_and_keeps_nonzero_counters() {
+        let status = serde_json::json!({"ready": true, "subnet": "10.18.0.64/26", "publicAddress": "192.0.2.7",
+            "tunnelPort": 50103, "proxy": true, "ebpf": true});
+        let counters = serde_json::json!({"proxy": true, "events": {"tunnel_tx": 5, "tun_rx": 0},
+            "drops": {"no_route": 2, "fragment": 0}, "dropped_total": 2, "ebpf": {"pass_unverified_peer": 3, "redirect": 0}});
+        let n = summarize(&status, &counters);
+        assert_eq!(n.datapath, "ebpf");
+        assert_eq!(n.subnet, "10.18.0.64/26");
+        assert_eq!(n.tunnel_endpoint, "192.0.2.7:50103");
+        let mut keys: Vec<_> = n.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        keys.sort();
+        assert_eq!(keys, ["ebpf.pass_unverified_peer=3", "tun.drop.no_route=2", "tun.tunnel_tx=5"]);
+        // the proxy alone: tun; nothing: none
+        let tun = summarize(&serde_json::json!({"proxy": true, "ebpf": false}), &serde_json::json!({"ebpf": false}));
+        assert_eq!((tun.datapath.as_str(), tun.counters.len()), ("tun", 0));
+        assert_eq!(summarize(&serde_json::json!({}), &serde_json::json!({})).datapath, "none");
+    }
 
     #[tokio::test]
     async fn unreachable_is_a_clear_timeout() {

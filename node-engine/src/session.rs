@@ -72,6 +72,11 @@ pub async fn run(
     mut events: mpsc::UnboundedReceiver<InstanceStatus>,
 ) -> anyhow::Result<()> {
     let mut metrics = MetricsCollector::new(&cfg.data_dir, cfg.unikernel, cfg.location.clone());
+    if cfg.netmanager_port != 0 {
+        // the overlay summary (GETs need no credential) goes up with every heartbeat
+        let client = crate::netmanager::NetManagerClient::new(cfg.netmanager_port, std::path::Path::new(""));
+        metrics = metrics.with_network(crate::netmanager::watch_network(client, Duration::from_secs(2)));
+    }
     let mut ident = Identity { node_id: load_node_id(&cfg.data_dir), public_ip: String::new() };
     // joins the cluster once with the worker join token; its certificate (`<data-dir>/identity`) names
     // this worker from then on

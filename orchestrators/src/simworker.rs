@@ -52,6 +52,8 @@ impl SimWorker {
             gpus: vec![],
             virtualization: self.virtualization.clone(),
             location: String::new(),
+            // a simulated worker has no NetManager
+            network: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! 1-DOC end to end: root, cluster, NetManager and NodeEngine on one host (a network namespace), real
 //! containerd. Through the REST API: submit an SLA whose image is a local OCI archive (no registry here),
-//! deploy, see it RUNNING with an overlay address, fetch a page from it over the overlay, restart the
+//! deploy, see it RUNNING with an overlay address, fetch a page from it over the overlay, see the worker with
+//! its datapath and counters in `/api/cluster/{id}/workers`, restart the
 //! NodeEngine (the container keeps running and is re-adopted), undeploy (task and container gone).
 
 use std::process::Command;
@@ -42,7 +43,12 @@ fn one_doc_deploy_reach_restart_undeploy() {
     .unwrap();
     let p = |s: &str| d.join(s).display().to_string();
     let _root = h
-        .spawn("root", &bin("root-orchestrator"), &["--data-dir", &p("root")], &[("OAK_ADMIN_PASSWORD", "pw")])
+        .spawn(
+            "root",
+            &bin("root-orchestrator"),
+            &["--data-dir", &p("root"), "--report-interval-ms", "1000"],
+            &[("OAK_ADMIN_PASSWORD", "pw")],
+        )
         .unwrap();
     let _cluster = h
         .spawn(
@@ -120,6 +126,18 @@ fn one_doc_deploy_reach_restart_undeploy() {
         move || wait_for("the page over the overlay", Duration::from_secs(20), f)
     });
     assert_eq!(page, "hello-oak");
+    // the root shows the worker as its cluster reports it, with its overlay: datapath, subnet, counters
+    let worker = wait_for("the worker's overlay in /api/cluster/doc/workers", Duration::from_secs(20), || {
+        let (c, ws) = call("GET", "/api/cluster/doc/workers", None);
+        assert_eq!(c, 200, "{ws}");
+        let w = ws[0].clone();
+        w["network"]["counters"].as_object().is_some_and(|c| !c.is_empty()).then_some(w)
+    });
+    assert_eq!(worker["node_name"], "doc-worker", "{worker}");
+    assert!(matches!(worker["network"]["datapath"].as_str(), Some("ebpf" | "tun")), "{worker}");
+    let subnet = worker["network"]["subnet"].as_str().unwrap_or_default();
+    assert!(subnet.starts_with("10.18.") && subnet.ends_with("/26"), "{worker}");
+    assert_eq!(worker["network"]["tunnel_endpoint"], format!("{}:50103", h.ip), "{worker}");
     let task = containers(&ctr_ns);
     assert!(task.contains(".instance.0"), "the container is in containerd: {task}");
 

@@ -708,7 +708,16 @@ impl Cluster {
             if !arch.is_empty() && !a.arch.contains(&arch) {
                 a.arch.push(arch);
             }
+            a.workers.push(pb::WorkerSummary {
+                node_id: v.id.clone(),
+                node_name: v.name.clone(),
+                resources: Some(r.clone()),
+                address: s.workers.get(&v.id).map(|w| w.address.clone()).unwrap_or_default(),
+                reserved_cpu: v.reserved_cpu,
+                reserved_memory_mb: v.reserved_memory_mb,
+            });
         }
+        a.workers.sort_by(|x, y| x.node_name.cmp(&y.node_name));
         if a.total_cpu_cores > 0 {
             a.aggregated_cpu_percent = busy / f64::from(a.total_cpu_cores);
         }

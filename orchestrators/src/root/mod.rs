@@ -78,6 +78,9 @@ pub struct Root {
     pub auth: Auth,
     pub cfg: Config,
     sessions: Mutex<HashMap<String, Session>>,
+    /// The live workers each cluster last reported (inspection only, not stored: a cluster reports them
+    /// again with its next aggregate).
+    workers: Mutex<HashMap<String, Vec<pb::WorkerSummary>>>,
     next_conn: std::sync::atomic::AtomicU64,
     /// Woken when a cluster registers or reports more capacity: retries unplaced instances.
     pub capacity_changed: Notify,
@@ -118,6 +121,7 @@ impl Root {
             auth,
             cfg,
             sessions: Mutex::new(HashMap::new()),
+            workers: Mutex::new(HashMap::new()),
             next_conn: 1.into(),
             capacity_changed: Notify::new(),
             grown: Mutex::new(HashSet::new()),

@@ -190,6 +190,7 @@ impl AggregateRecord {
             virtualization: self.virtualization.clone(),
             arch: self.arch.clone(),
             disk_free_mb: self.disk_free_mb,
+            workers: Vec::new(),
         }
     }
 }

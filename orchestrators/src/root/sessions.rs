@@ -82,6 +82,8 @@ impl Root {
             tx.put(CLUSTERS, &cid, &rec)?;
             Ok(Ok(()))
         })??;
+        let workers = hello.aggregate.as_ref().map(|a| a.workers.clone()).unwrap_or_default();
+        self.workers.lock().insert(cid.clone(), workers);
         // Welcome goes first on the new session.
         let _ = tx_out.send(Ok(pb::RootMessage {
             msg: Some(pb::root_message::Msg::Welcome(pb::ClusterWelcome {
@@ -134,7 +136,32 @@ impl Root {
         }
     }
 
+    /// The live workers cluster `cluster_id` (its id or its name) reported last; none while the cluster is
+    /// inactive. Admin only: they show node addresses.
+    pub fn cluster_workers(
+        &self,
+        who: &super::auth::Identity,
+        cluster: &str,
+    ) -> Result<Vec<pb::WorkerSummary>, super::error::RootError> {
+        who.require_admin("listing a cluster's workers")?;
+        let id = match self.store.get::<ClusterRecord>(CLUSTERS, cluster)? {
+            Some(c) => c.cluster_id,
+            None => self
+                .store
+                .list::<ClusterRecord>(CLUSTERS)?
+                .into_iter()
+                .find(|c| c.cluster_name == cluster)
+                .map(|c| c.cluster_id)
+                .ok_or_else(|| super::error::RootError::NotFound(format!("cluster {cluster}")))?,
+        };
+        if !self.is_active(&id) {
+            return Ok(Vec::new());
+        }
+        Ok(self.workers.lock().get(&id).cloned().unwrap_or_default())
+    }
+
     pub fn on_aggregate(&self, cluster_id: &str, agg: &pb::ClusterAggregate) -> Result<()> {
+        self.workers.lock().insert(cluster_id.to_string(), agg.workers.clone());
         let grew = self.store.update(|tx| {
             let Some(mut c) = tx.get::<ClusterRecord>(CLUSTERS, cluster_id)? else { return Ok(false) };
             let old = &c.aggregate;

@@ -237,6 +237,23 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
         free_memory_in_mb: 4096,
         virtualization: vec!["container".into()],
         arch: vec!["amd64".into()],
+        workers: vec![pb::WorkerSummary {
+            node_id: "n1".into(),
+            node_name: "w1".into(),
+            address: "10.0.0.5".into(),
+            resources: Some(pb::NodeResources {
+                cpu_cores: 4,
+                arch: "x86_64".into(),
+                network: Some(pb::WorkerNetwork {
+                    datapath: "ebpf".into(),
+                    subnet: "10.18.0.0/26".into(),
+                    tunnel_endpoint: "10.0.0.5:50103".into(),
+                    counters: [("tun.tunnel_tx".to_string(), 7)].into_iter().collect(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let hello = || pb::ClusterMessage {
@@ -261,6 +278,26 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     assert_eq!(cl[0]["cluster_name"], "c1");
     assert_eq!(cl[0]["cluster_location"], "48.1,11.5,1000");
     assert_eq!(cl[0]["active"], true);
+    // its workers as it reported them, by name or id; an unknown cluster is 404
+    for key in ["c1", w.cluster_id.as_str()] {
+        let (c, ws) = h.req(reqwest::Method::GET, &format!("/api/cluster/{key}/workers"), None).await;
+        assert_eq!(c, 200, "{ws}");
+        assert_eq!((ws[0]["node_name"].as_str(), ws[0]["arch"].as_str()), (Some("w1"), Some("amd64")), "{ws}");
+        assert_eq!(ws[0]["network"]["datapath"], "ebpf", "{ws}");
+        assert_eq!(ws[0]["network"]["counters"]["tun.tunnel_tx"], 7, "{ws}");
+    }
+    let (c, v) = h.req(reqwest::Method::GET, "/api/cluster/nosuch/workers", None).await;
+    assert_eq!(c, 404, "{v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains("cluster nosuch"), "{v}");
+    // a later report replaces the list
+    ctx.send(pb::ClusterMessage {
+        msg: Some(pb::cluster_message::Msg::Aggregate(pb::ClusterAggregate { workers: vec![], ..agg.clone() })),
+    })
+    .unwrap();
+    poll("no workers reported", || async {
+        h.req(reqwest::Method::GET, "/api/cluster/c1/workers", None).await.1 == json!([])
+    })
+    .await;
 
     // deploy -> Deploy on the session
     let (_, v) = h.req(reqwest::Method::POST, &format!("/api/service/{sid}/instance"), None).await;
@@ -446,6 +483,8 @@ async fn users_see_only_their_own_and_need_admin_for_privileges() {
     assert!(v["message"].as_str().unwrap().contains("Admin role"), "{v}");
     let (c, _) = h.req_as(Some(&bob), Method::GET, "/api/users", None).await;
     assert_eq!(c, 403);
+    let (c, v) = h.req_as(Some(&bob), Method::GET, "/api/cluster/any/workers", None).await;
+    assert_eq!(c, 403, "worker details (node addresses) are for the Admin: {v}");
     let (c, v) = h.req_as(Some(&bob), Method::GET, "/api/user/bob", None).await;
     assert_eq!((c, v["name"].as_str()), (200, Some("bob")), "{v}");
     assert!(v.get("password_hash").is_none(), "a user document never shows the hash: {v}");

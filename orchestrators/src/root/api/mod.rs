@@ -31,7 +31,7 @@ use super::Root;
 use crate::model::{self, Sla};
 pub use error::ApiError;
 use oak_trust::JoinToken;
-use types::{ApplicationDoc, ClusterDoc, DeployAnswer, Health, Login, Message, ServiceDoc, Tokens};
+use types::{ApplicationDoc, ClusterDoc, DeployAnswer, Health, Login, Message, ServiceDoc, Tokens, WorkerDoc};
 
 type ApiResult<T = Value> = Result<Json<T>, ApiError>;
 
@@ -120,6 +120,7 @@ pub(super) fn routes() -> (Router<Arc<Root>>, utoipa::openapi::OpenApi) {
         .routes(routes!(undeploy_instance))
         .routes(routes!(clusters_all))
         .routes(routes!(clusters_active))
+        .routes(routes!(cluster_workers))
         .split_for_parts()
 }
 
@@ -450,4 +451,13 @@ async fn clusters_all(Caller { root, .. }: Caller) -> ApiResult {
     responses((status = 200, description = "OK", body = Vec<ClusterDoc>), (status = 401, description = "no valid token", body = Message)))]
 async fn clusters_active(Caller { root, .. }: Caller) -> ApiResult {
     clusters(&root, true)
+}
+
+#[utoipa::path(get, path = "/api/cluster/{id}/workers",
+    summary = "The live workers of a cluster (by id or name), as it last reported them (Admin only)",
+    security(("bearer" = [])), params(Id),
+    responses((status = 200, description = "OK (empty while the cluster is inactive)", body = Vec<WorkerDoc>),
+        (status = 403, description = "not Admin", body = Message), (status = 404, description = "no such cluster", body = Message)))]
+async fn cluster_workers(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult<Vec<WorkerDoc>> {
+    Ok(Json(root.cluster_workers(&who, &id)?.into_iter().map(WorkerDoc::from).collect()))
 }
