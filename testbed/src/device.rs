@@ -11,7 +11,7 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -150,23 +150,13 @@ impl Device {
     /// Starts `program` inside the device (its output in `<device>-<name>.log`).
     pub fn spawn(&self, name: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
         let log = self.logs.join(format!("{}-{name}.log", self.name));
-        let f = File::create(&log)?;
         let mut cmd = self.nsenter();
-        cmd.arg(program)
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        cmd.env("NO_COLOR", "1");
+        cmd.arg(program).args(args).env_clear();
+        cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").env("NO_COLOR", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("starting {program} on device {}", self.name))?;
-        Ok(Proc::new(format!("{name}@{}", self.name), child, log))
+        Proc::start(format!("{name}@{}", self.name), cmd, log, &format!("{program} on device {}", self.name))
     }
 
     /// Starts an installed systemd unit the way systemd would: its `EnvironmentFile` (a leading `-` makes it

@@ -2,10 +2,9 @@
 //! namespace of its own, so a topology touches nothing in the machine's own namespace and parallel tests
 //! cannot collide.
 
-use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context, Result};
@@ -28,7 +27,6 @@ impl Host {
     /// Starts `program` inside this host. Its stdout and stderr go to `<name>.log`.
     pub fn spawn(&self, name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
         let log = self.logs.join(format!("{name}.log"));
-        let f = File::create(&log)?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns]).arg(program).args(args);
         cmd.env("RUST_LOG", "info").env_remove("RUST_LOG_STYLE").env("NO_COLOR", "1");
@@ -37,13 +35,7 @@ impl Host {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("starting {} in {}", program.display(), self.ns))?;
-        Ok(Proc::new(format!("{name}@{}", self.name), child, log))
+        Proc::start(format!("{name}@{}", self.name), cmd, log, &format!("{} in {}", program.display(), self.ns))
     }
 
     /// Runs `f` on a thread inside this host's network namespace (sockets it opens live there); panics

@@ -1,10 +1,11 @@
 //! A real binary running inside a host: its log, its signals, its end.
 
+use std::fs::File;
 use std::path::PathBuf;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -18,6 +19,19 @@ pub struct Proc {
 impl Proc {
     pub(crate) fn new(name: String, child: Child, log: PathBuf) -> Self {
         Self { name, child: Some(child), log }
+    }
+
+    /// Starts `cmd` with no stdin and its stdout and stderr into a new file `log`; `what` names it in an
+    /// error.
+    pub(crate) fn start(name: String, mut cmd: Command, log: PathBuf, what: &str) -> Result<Self> {
+        let f = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        Ok(Self::new(name, child, log))
     }
 
     pub fn pid(&self) -> i32 {

@@ -76,6 +76,27 @@ fn start_netmanager(net: &Net, h: &Host, netcfg: Value) -> (Proc, String) {
     (nm, cfg)
 }
 
+/// A root on `h` with every listener on `[::]` (plus `more` flags).
+fn start_root(net: &Net, h: &Host, more: &[&str]) -> Proc {
+    let dir = net.dir.path().join("root").display().to_string();
+    let mut args = vec!["--data-dir", &dir, "--api-addr", "[::]:10000", "--grpc-addr", "[::]:50052"];
+    args.extend(["--netsvc-addr", "[::]:10099"]);
+    args.extend_from_slice(more);
+    let root = h.spawn("root", &bin("root-orchestrator"), &args, &[("OAK_ADMIN_PASSWORD", PW)]).unwrap();
+    root.wait_log("root orchestrator listening", WAIT).unwrap();
+    root
+}
+
+/// A cluster on `h` with both listeners on `[::]`, pointed at `root` (plus `more` flags).
+fn start_cluster(net: &Net, h: &Host, root: &str, name: &str, more: &[&str]) -> Proc {
+    let dir = net.dir.path().join("cluster").display().to_string();
+    let mut args = vec!["--root-address", root, "--data-dir", &dir, "--worker-addr", "[::]:10100"];
+    args.extend(["--netsvc-addr", "[::]:10110"]);
+    args.extend_from_slice(more);
+    let env = [("CLUSTER_NAME", name), ("CLUSTER_LOCATION", "48.26,11.67,1000")];
+    h.spawn("cluster", &bin("cluster-orchestrator"), &args, &env).unwrap()
+}
+
 #[test]
 fn control_plane_over_ipv6_only() {
     if !require_root("control_plane_over_ipv6_only") {
@@ -91,45 +112,9 @@ fn control_plane_over_ipv6_only() {
     remove_ipv4(cluster_h);
     let p = |s: &str| net.dir.path().join(s).display().to_string();
 
-    let root = root_h
-        .spawn(
-            "root",
-            &bin("root-orchestrator"),
-            &[
-                "--data-dir",
-                &p("root"),
-                "--api-addr",
-                "[::]:10000",
-                "--grpc-addr",
-                "[::]:50052",
-                "--netsvc-addr",
-                "[::]:10099",
-                "--report-interval-ms",
-                "300",
-            ],
-            &[("OAK_ADMIN_PASSWORD", PW)],
-        )
-        .unwrap();
-    root.wait_log("root orchestrator listening", WAIT).unwrap();
-    let cluster = cluster_h
-        .spawn(
-            "cluster",
-            &bin("cluster-orchestrator"),
-            &[
-                "--root-address",
-                &root6, // bare: fd00:99::1
-                "--data-dir",
-                &p("cluster"),
-                "--worker-addr",
-                "[::]:10100",
-                "--netsvc-addr",
-                "[::]:10110",
-                "--heartbeat-interval-ms",
-                "500",
-            ],
-            &[("CLUSTER_NAME", "v6"), ("CLUSTER_LOCATION", "48.26,11.67,1000")],
-        )
-        .unwrap();
+    let root = start_root(&net, root_h, &["--report-interval-ms", "300"]);
+    // the root given bare: fd00:99::1
+    let cluster = start_cluster(&net, cluster_h, &root6, "v6", &["--heartbeat-interval-ms", "500"]);
     cluster.wait_log("registered with the root", WAIT).unwrap();
     cluster.wait_log("cluster network service listening", WAIT).unwrap();
     // the root saw the cluster at its IPv6 address
@@ -201,43 +186,9 @@ fn wrong_node_ip_is_explained() {
     // IPv4 hosts, servers on [::]: every client is an IPv4-mapped peer there
     let net = Net::new(&["root", "cluster", "w1"]).unwrap();
     let (root_h, cluster_h, w1) = (net.host("root"), net.host("cluster"), net.host("w1"));
-    let p = |s: &str| net.dir.path().join(s).display().to_string();
-    let root = root_h
-        .spawn(
-            "root",
-            &bin("root-orchestrator"),
-            &[
-                "--data-dir",
-                &p("root"),
-                "--api-addr",
-                "[::]:10000",
-                "--grpc-addr",
-                "[::]:50052",
-                "--netsvc-addr",
-                "[::]:10099",
-            ],
-            &[("OAK_ADMIN_PASSWORD", PW)],
-        )
-        .unwrap();
-    root.wait_log("root orchestrator listening", WAIT).unwrap();
+    let root = start_root(&net, root_h, &[]);
     let root_url = format!("http://{}:50052", root_h.ip);
-    let cluster = cluster_h
-        .spawn(
-            "cluster",
-            &bin("cluster-orchestrator"),
-            &[
-                "--root-address",
-                &root_url,
-                "--data-dir",
-                &p("cluster"),
-                "--worker-addr",
-                "[::]:10100",
-                "--netsvc-addr",
-                "[::]:10110",
-            ],
-            &[("CLUSTER_NAME", "v4-on-v6"), ("CLUSTER_LOCATION", "48.26,11.67,1000")],
-        )
-        .unwrap();
+    let cluster = start_cluster(&net, cluster_h, &root_url, "v4-on-v6", &[]);
     cluster.wait_log("cluster network service listening", WAIT).unwrap();
     log_line(&root, &["cluster registered", &format!("address={} ", cluster_h.ip)]);
     log_line(&root, &["joined", "identity=cluster/", &format!("peer={} ", cluster_h.ip)]);
