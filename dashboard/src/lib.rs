@@ -20,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Form, Router};
-use maud::Markup;
+use maud::{html, Markup};
 use serde::Deserialize;
 
 use model::{parse, Application, Cluster, Service};
@@ -278,7 +278,10 @@ async fn application_page(Extension(s): S, Path(app): Path<String>) -> Response 
 /// The live part of an application's page, with `note` (an action's outcome) above it.
 async fn services_fragment(s: &Session, app: &str, note: Option<Flash>) -> Response {
     match services_of(s, app).await {
-        Ok(services) => views::services_live(app, &services, &note).into_response(),
+        Ok(services) => match note {
+            Some(n) => html! { (views::services_live(app, &services)) (views::note(Some(&n), true)) }.into_response(),
+            None => views::services_live(app, &services).into_response(),
+        },
         // the application is gone (deleted elsewhere): back to the list
         Err(e) if e.status() == Some(404) => go(true, "/applications"),
         Err(e) => views::failure(&e).into_response(),
@@ -338,7 +341,7 @@ async fn delete_application(Extension(s): S, headers: HeaderMap, Path(app): Path
     match s.call(reqwest::Method::DELETE, &format!("/api/application/{app}"), None).await {
         Ok(_) => go(is_htmx(&headers), "/applications"),
         Err(e) if is_htmx(&headers) => {
-            views::services_live(&app, &[], &Some(Flash { ok: false, text: e.to_string() })).into_response()
+            views::note(Some(&Flash { ok: false, text: e.to_string() }), true).into_response()
         }
         Err(e) => failure_page("Application", &s, &e),
     }

@@ -71,11 +71,15 @@ pub fn failure(e: &ApiFailure) -> Markup {
     }
 }
 
-fn flash(f: &Option<Flash>) -> Markup {
+/// The outcome of the last action, outside the live region (so the next poll does not wipe it); an
+/// action's answer replaces it out of band.
+pub fn note(f: Option<&Flash>, oob: bool) -> Markup {
     html! {
-        @if let Some(f) = f {
-            @if f.ok { div.flash #flash role="status" { (f.text) } }
-            @else { div.error #flash role="alert" { mark { (f.text) } } }
+        div #note hx-swap-oob=[oob.then_some("true")] {
+            @if let Some(f) = f {
+                @if f.ok { div.flash role="status" { (f.text) } }
+                @else { div.error role="alert" { mark { (f.text) } } }
+            }
         }
     }
 }
@@ -210,19 +214,19 @@ pub fn application(app: &Application, services: &[Service]) -> Markup {
             @if !app.application_desc.is_empty() { " · " (app.application_desc) }
         }
         div.actions {
-            button.danger #delete-application hx-post={ "/applications/" (app.id) "/delete" }
+            button.danger #delete-application hx-post={ "/applications/" (app.id) "/delete" } hx-swap="none"
                 hx-confirm={ "Delete application " (app.application_name) ", its services and all their instances?" } {
                 "Delete application"
             }
         }
-        (live(&format!("/applications/{}/live", app.id), services_live(&app.id, services, &None)))
+        (note(None, false))
+        (live(&format!("/applications/{}/live", app.id), services_live(&app.id, services)))
     }
 }
 
 /// The services of an application with their instances' live states.
-pub fn services_live(app_id: &str, services: &[Service], note: &Option<Flash>) -> Markup {
+pub fn services_live(app_id: &str, services: &[Service]) -> Markup {
     html! {
-        (flash(note))
         @if services.is_empty() { p #no-services { "This application has no services." } }
         @for s in services {
             @let base = format!("/applications/{app_id}/services/{}", s.id);

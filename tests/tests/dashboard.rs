@@ -1,0 +1,504 @@
+//! The dashboard in a real browser: Debian's chromium, headless, driven through chromedriver (WebDriver),
+//! against the 1-DOC stack of `one_doc.rs` (root, cluster, NetManager, NodeEngine on real containerd) and
+//! `oak-dashboard` on port 80, all inside one host (a network namespace). Through the pages only: a wrong
+//! password shows the root's error; the cluster appears with its worker and on the map; the session cookies
+//! are out of script's reach; malformed SLAs show the root's field message beside the editor; an SLA pasted
+//! into the editor creates the application; deploy, watch the instance reach RUNNING, undeploy and delete
+//! it, each behind its confirmation; log out. Every page is saved as a PNG under
+//! `<target-dir>/dashboard-screenshots/`.
+//!
+//! WebDriver client: fantoccini. It is maintained, async on tokio like the rest of the tests, and builds
+//! without a TLS stack of its own (chromedriver is plain HTTP on loopback); thirtyfour would add a larger
+//! dependency tree for features (element queries, component macros) this one test does not need.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use testbed::{bin, bin_dir, require_root, wait_for, Api, Net};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// How long the browser waits for a page to show something.
+const UI_WAIT: Duration = Duration::from_secs(30);
+
+fn containerd_ready() -> bool {
+    Command::new("ctr").arg("version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Where the screenshots go: `<target-dir>/dashboard-screenshots` (the target directory holds `debug/`).
+fn screenshot_dir() -> PathBuf {
+    let d = bin_dir().parent().map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir).join("dashboard-screenshots");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The test's httpd microservice, with `change`'s fields replaced (a null removes the field).
+fn microservice(name: &str, code: &str, change: Value) -> Value {
+    let mut ms = json!({"microserviceID": "", "microservice_name": name, "microservice_namespace": "doc",
+        "virtualization": "container", "code": code,
+        "cmd": ["httpd", "-f", "-p", "8080", "-h", "/www"], "memory": 64, "vcpus": 0.5});
+    for (k, v) in change.as_object().unwrap() {
+        if v.is_null() {
+            ms.as_object_mut().unwrap().remove(k);
+        } else {
+            ms[k] = v.clone();
+        }
+    }
+    ms
+}
+
+fn sla(microservices: Vec<Value>) -> String {
+    json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{"applicationID": "",
+        "application_name": "web", "application_namespace": "doc", "application_desc": "dashboard test",
+        "microservices": microservices}]})
+    .to_string()
+}
+
+#[test]
+fn dashboard_in_a_browser() {
+    if !require_root("dashboard_in_a_browser") {
+        return;
+    }
+    if !containerd_ready() {
+        assert!(std::env::var_os("CI").is_none(), "containerd is not running (cargo xtask test starts it)");
+        eprintln!("SKIPPED dashboard_in_a_browser: containerd is not running");
+        return;
+    }
+    let missing: Vec<&str> = [CHROMIUM, CHROMEDRIVER].into_iter().filter(|p| !Path::new(p).exists()).collect();
+    if !missing.is_empty() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} missing: install the Debian packages chromium and chromium-driver (cargo xtask setup does)",
+            missing.join(" and ")
+        );
+        eprintln!(
+            "SKIPPED dashboard_in_a_browser: {} missing (apt install chromium chromium-driver)",
+            missing.join(", ")
+        );
+        return;
+    }
+
+    // the 1-DOC stack, as one_doc.rs starts it
+    let net = Net::new(&["doc"]).unwrap();
+    let h = net.host("doc");
+    let d = net.dir.path().to_path_buf();
+    let ctr_ns = format!("oak-dash-{}", std::process::id());
+    let image = oak_node_engine::testimage::build_busybox_image(&d, "localhost/oak/busybox:dash").unwrap();
+    std::fs::write(
+        d.join("netcfg.json"),
+        json!({"NodePublicAddress": h.ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": "127.0.0.1", "NodeName": "doc-worker"}).to_string(),
+    )
+    .unwrap();
+    let p = |s: &str| d.join(s).display().to_string();
+    let _root = h
+        .spawn(
+            "root",
+            &bin("root-orchestrator"),
+            &["--data-dir", &p("root"), "--report-interval-ms", "1000"],
+            &[("OAK_ADMIN_PASSWORD", "pw")],
+        )
+        .unwrap();
+    let _cluster = h
+        .spawn(
+            "cluster",
+            &bin("cluster-orchestrator"),
+            &["--data-dir", &p("cluster"), "--heartbeat-interval-ms", "500"],
+            &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
+        )
+        .unwrap();
+    let nm =
+        h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
+    nm.wait_log("NetManager ready", Duration::from_secs(30)).unwrap();
+    let (images, nm_credential) = (d.display().to_string(), p("nm/api-token"));
+    let _ne = h
+        .spawn(
+            "nodeengine",
+            &bin("NodeEngine"),
+            &[
+                "-a",
+                "127.0.0.1",
+                "-n",
+                "6000",
+                "--data-dir",
+                &p("ne"),
+                "--namespace",
+                &ctr_ns,
+                "--node-name",
+                "doc-worker",
+                "--image-dir",
+                &images,
+                "--netmanager-credential",
+                &nm_credential,
+            ],
+            &[],
+        )
+        .unwrap();
+
+    // the dashboard, on port 80 as `cargo xtask up` runs it
+    let dash = h
+        .spawn(
+            "dashboard",
+            &bin("oak-dashboard"),
+            &["--listen", "0.0.0.0:80", "--root-url", "http://127.0.0.1:10000"],
+            &[],
+        )
+        .unwrap();
+    dash.wait_log("dashboard listening on", Duration::from_secs(20)).unwrap();
+
+    // chromedriver on a free port of the host, ready when its /status says so
+    let port = h.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let _driver = h.spawn("chromedriver", Path::new(CHROMEDRIVER), &[&format!("--port={port}")], &[]).unwrap();
+    let driver_url = format!("http://127.0.0.1:{port}");
+    h.run({
+        let url = format!("{driver_url}/status");
+        move || {
+            wait_for("chromedriver ready (GET /status)", Duration::from_secs(30), || {
+                let v: Value = ureq::get(&url).call().ok()?.into_json().ok()?;
+                (v["value"]["ready"] == true).then_some(())
+            })
+        }
+    });
+
+    let shots = screenshot_dir();
+    let profile = d.join("chromium-profile");
+    let mut api = Api::new(h.ip);
+    api = h.run(move || {
+        wait_for("root API", Duration::from_secs(20), || api.login("Admin", "pw").ok());
+        api
+    });
+    // the same archive outside the NodeEngine's image directory: deploying it fails, with the reason
+    let outside = tempfile::tempdir().unwrap();
+    let stray = outside.path().join("busybox-oci.tar");
+    std::fs::copy(&image, &stray).unwrap();
+    let flow = Flow { base: format!("http://{}", h.ip), shots: shots.clone(), image, stray, seen: Vec::new() };
+    let seen = h.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let c = browser(&driver_url, &profile).await;
+            // the browser is closed whatever happens (a panic would leave chromium running)
+            // as a task of its own, so a panic in it comes back as an error and the browser still closes
+            let r = tokio::spawn(flow.run(c.clone())).await;
+            let _ = c.close().await;
+            match r {
+                Ok(seen) => seen,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        })
+    });
+    eprintln!("instance states seen in the page: {seen:?}");
+    eprintln!("screenshots: {}", shots.display());
+
+    // the page told the truth: the root has no application left
+    let apps = h.run(move || api.call("GET", "/api/applications", None));
+    assert_eq!(apps, (200, json!([])), "the application deleted in the page is gone at the root");
+
+    // nothing left in containerd: the containers went with the undeploy and the deletes; the imported
+    // image goes with its namespace
+    let containers = || {
+        let out = Command::new("ctr").args(["-n", &ctr_ns, "containers", "ls", "-q"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_for("the instances' containers removed", Duration::from_secs(30), || containers().is_empty().then_some(()));
+    let images = Command::new("ctr").args(["-n", &ctr_ns, "images", "ls", "-q"]).output().unwrap();
+    for img in String::from_utf8_lossy(&images.stdout).lines() {
+        let _ = Command::new("ctr").args(["-n", &ctr_ns, "images", "rm", "--sync", img]).output();
+    }
+    let rm = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output().unwrap();
+    assert!(rm.status.success(), "containerd namespace {ctr_ns} left empty: {}", String::from_utf8_lossy(&rm.stderr));
+}
+
+async fn browser(driver_url: &str, profile: &Path) -> Client {
+    let caps = json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1000", format!("--user-data-dir={}", profile.display())],
+        },
+    });
+    let caps = caps.as_object().unwrap().clone();
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect(driver_url)
+        .await
+        .unwrap_or_else(|e| panic!("chromedriver at {driver_url} did not start chromium: {e}"))
+}
+
+struct Flow {
+    base: String,
+    shots: PathBuf,
+    image: PathBuf,
+    stray: PathBuf,
+    /// The instance states the page showed, in order.
+    seen: Vec<String>,
+}
+
+impl Flow {
+    async fn run(mut self, c: Client) -> Vec<String> {
+        self.login(&c).await;
+        self.clusters(&c).await;
+        self.malformed_slas(&c).await;
+        self.create_deploy_undeploy_delete(&c).await;
+        self.logout(&c).await;
+        self.seen
+    }
+
+    async fn login(&self, c: &Client) {
+        c.goto(&format!("{}/", self.base)).await.unwrap();
+        wait_path(c, "/login").await;
+        type_into(c, "#username", "Admin").await;
+        type_into(c, "#password", "not-the-password").await;
+        click(c, "#login").await;
+        let e = wait_text(c, "#login-error", |t| !t.is_empty()).await;
+        assert_eq!(e, "invalid username or password", "the root's own words for a wrong password");
+        self.shot(c, "01-login-wrong-password").await;
+
+        type_into(c, "#password", "pw").await;
+        click(c, "#login").await;
+        wait_path(c, "/clusters").await;
+        assert_eq!(text(c, "#user").await.as_deref(), Some("Admin"), "the page names who is logged in");
+        // the tokens are in cookies script cannot read, sent to this site only
+        let cookies = c.get_all_cookies().await.unwrap();
+        for name in ["oak_access", "oak_refresh"] {
+            let k =
+                cookies.iter().find(|k| k.name() == name).unwrap_or_else(|| panic!("no {name} cookie: {cookies:?}"));
+            assert_eq!(k.http_only(), Some(true), "{name} is HttpOnly");
+            assert_eq!(format!("{:?}", k.same_site()), "Some(Strict)", "{name} is SameSite=Strict");
+        }
+        let visible = c.execute("return document.cookie", vec![]).await.unwrap();
+        assert_eq!(visible, json!(""), "no cookie is readable by script");
+    }
+
+    async fn clusters(&self, c: &Client) {
+        // the aggregate arrives with the cluster's reports; the page polls until it shows it
+        let row = r#"tr.cluster[data-cluster="doc"]"#;
+        wait_text(c, &format!("{row} td.workers"), |t| t == "1").await;
+        let state = text(c, &format!("{row} .state")).await.unwrap_or_default();
+        assert_eq!(state, "active");
+        let cpu = text(c, &format!("{row} td.cpu")).await.unwrap_or_default();
+        assert!(cpu.contains("cores") && !cpu.starts_with("0 cores"), "CPU of the real worker: {cpu:?}");
+        let memory = text(c, &format!("{row} td.memory")).await.unwrap_or_default();
+        assert!(memory.ends_with("MiB used") && !memory.ends_with(" 0 MiB used"), "memory of the worker: {memory:?}");
+        // on the map, where 48.26 N 11.67 E projects (x = lon + 180, y = 90 - lat)
+        let circle =
+            c.find(Locator::Css(r#"g.marker.active[data-cluster="doc"] circle"#)).await.expect("doc on the map");
+        assert_eq!(circle.attr("cx").await.unwrap().as_deref(), Some("191.67"));
+        assert_eq!(circle.attr("cy").await.unwrap().as_deref(), Some("41.74"));
+        self.shot(c, "02-clusters").await;
+    }
+
+    async fn malformed_slas(&self, c: &Client) {
+        let cases = [
+            (json!({"memory": "lots"}), "applications[0].microservices[0].memory", "lots", "03-sla-memory-lots"),
+            (
+                json!({"microservice_name": null}),
+                "applications[0].microservices[0]",
+                "microservice_name",
+                "04-sla-no-name",
+            ),
+        ];
+        for (change, field, words, shot) in cases {
+            c.goto(&format!("{}/applications/new", self.base)).await.unwrap();
+            let bad = sla(vec![microservice("httpd", &self.code(), change)]);
+            type_into(c, "#sla", &bad).await;
+            click(c, "#create").await;
+            let shown = wait_text(c, "#sla-error code.field", |t| !t.is_empty()).await;
+            assert!(shown.starts_with(field), "the field the root names ({shown:?}) is {field}");
+            let message = text(c, "#sla-error mark.message").await.unwrap_or_default();
+            assert!(
+                message.contains(field) && message.contains(words),
+                "the root's message as it wrote it: {message:?}"
+            );
+            let kept = c.find(Locator::Css("#sla")).await.unwrap().prop("value").await.unwrap();
+            assert_eq!(kept.as_deref(), Some(bad.as_str()), "the editor keeps the text to fix");
+            self.shot(c, shot).await;
+        }
+    }
+
+    async fn create_deploy_undeploy_delete(&mut self, c: &Client) {
+        c.goto(&format!("{}/applications/new", self.base)).await.unwrap();
+        // httpd runs; stray's archive is outside the NodeEngine's image directories, so it fails with a reason
+        let stray = microservice("stray", &format!("oci-archive:{}", self.stray.display()), json!({}));
+        type_into(c, "#sla", &sla(vec![microservice("httpd", &self.code(), json!({})), stray])).await;
+        click(c, "#create").await;
+        wait_text(c, "h1", |t| t == "Application web").await;
+        let service = r#"div.service[data-service="httpd"]"#;
+        wait_text(c, &format!("{service} p.no-instances"), |t| t == "No instances.").await;
+        self.shot(c, "05-application").await;
+
+        click_confirm(c, &format!("{service} button.deploy"), "Deploy one more instance of httpd?").await;
+        let note = wait_text(c, "#note", |t| !t.is_empty()).await;
+        assert_eq!(note, "instance 0 deployed", "the deploy was placed");
+        self.seen = wait_state(c, "httpd", "RUNNING").await;
+        let worker = text(c, &format!(r#"{service} tr.instance[data-instance="0"] td:nth-child(4)"#)).await;
+        assert_eq!(worker.as_deref(), Some("doc-worker"));
+        self.shot(c, "06-running").await;
+
+        // the instance's own page
+        click(c, &format!(r#"{service} tr.instance[data-instance="0"] a"#)).await;
+        wait_text(c, "h1", |t| t == "httpd instance 0").await;
+        let table = text(c, "#instance").await.unwrap_or_default();
+        assert!(table.contains("RUNNING") && table.contains("doc-worker"), "{table}");
+        self.shot(c, "07-instance").await;
+        c.back().await.unwrap();
+
+        // a failure, with the reason in words, then the service deleted
+        let stray = r#"div.service[data-service="stray"]"#;
+        click_confirm(c, &format!("{stray} button.deploy"), "Deploy one more instance of stray?").await;
+        let states = wait_state(c, "stray", "FAILED").await;
+        eprintln!("stray's states seen in the page: {states:?}");
+        let reason = text(c, &format!(r#"{stray} tr.instance[data-instance="0"] td.reason"#)).await.unwrap_or_default();
+        assert!(
+            reason.contains("is outside the image directories"),
+            "the NodeEngine's reason, as the API gives it: {reason:?}"
+        );
+        self.shot(c, "08-failed-with-reason").await;
+        click_confirm(
+            c,
+            &format!("{stray} button.delete-service"),
+            "Delete service stray and undeploy all its instances?",
+        )
+        .await;
+        let note = wait_text(c, "#note", |t| t.contains("deleted")).await;
+        assert!(note.starts_with("service "), "the root's answer: {note:?}");
+        wait_gone(c, stray).await;
+
+        click_confirm(
+            c,
+            &format!(r#"{service} tr.instance[data-instance="0"] button.undeploy"#),
+            "Undeploy instance 0 of httpd?",
+        )
+        .await;
+        wait_text(c, &format!("{service} p.no-instances"), |t| t == "No instances.").await;
+        self.shot(c, "09-undeployed").await;
+
+        click_confirm(c, "#delete-application", "Delete application web, its services and all their instances?").await;
+        wait_path(c, "/applications").await;
+        wait_text(c, "#no-applications", |t| t.starts_with("No applications yet.")).await;
+        self.shot(c, "10-deleted").await;
+    }
+
+    async fn logout(&self, c: &Client) {
+        click(c, "#logout").await;
+        wait_path(c, "/login").await;
+        assert!(c.get_all_cookies().await.unwrap().iter().all(|k| !k.name().starts_with("oak_")), "cookies deleted");
+        c.goto(&format!("{}/clusters", self.base)).await.unwrap();
+        wait_path(c, "/login").await;
+        self.shot(c, "11-logged-out").await;
+    }
+
+    fn code(&self) -> String {
+        format!("oci-archive:{}", self.image.display())
+    }
+
+    async fn shot(&self, c: &Client, name: &str) {
+        let png = c.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+/// Waits until instance 0 of `service` shows `target` in the page; another end state fails the test with
+/// the reason the page shows. Answers the states seen, in order.
+async fn wait_state(c: &Client, service: &str, target: &str) -> Vec<String> {
+    let row = format!(r#"div.service[data-service="{service}"] tr.instance[data-instance="0"]"#);
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = text(c, &format!("{row} .state")).await.unwrap_or_default();
+        if !s.is_empty() && seen.last() != Some(&s) {
+            seen.push(s.clone());
+        }
+        if s == target {
+            return seen;
+        }
+        if ["RUNNING", "FAILED", "DEAD", "COMPLETED"].contains(&s.as_str()) {
+            let reason = text(c, &format!("{row} td.reason")).await;
+            panic!("{service} instance 0 ended {s}, not {target}: {reason:?}");
+        }
+        assert!(Instant::now() < deadline, "no {target} for {service} in the page within 90 s; states seen {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_gone(c: &Client, css: &str) {
+    let deadline = Instant::now() + UI_WAIT;
+    while c.find(Locator::Css(css)).await.is_ok() {
+        assert!(Instant::now() < deadline, "{css} still in the page after {UI_WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The text of the first element matching `css`; None while there is none (or it was just swapped out).
+async fn text(c: &Client, css: &str) -> Option<String> {
+    c.find(Locator::Css(css)).await.ok()?.text().await.ok()
+}
+
+/// Polls until the element's text satisfies `ok` (htmx swaps the live parts every 2 s).
+async fn wait_text(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        let t = text(c, css).await;
+        if let Some(t) = t.as_deref().filter(|t| ok(t)) {
+            return t.to_string();
+        }
+        if Instant::now() > deadline {
+            let body = text(c, "main").await.unwrap_or_default();
+            panic!("{css}: text {t:?} not as expected within {UI_WAIT:?}; the page shows:\n{body}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_path(c: &Client, path: &str) {
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        let url = c.current_url().await.unwrap();
+        if url.path() == path {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not on {path} within {UI_WAIT:?}: at {url}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn type_into(c: &Client, css: &str, s: &str) {
+    let e = c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("no {css}: {e}"));
+    e.clear().await.unwrap();
+    e.send_keys(s).await.unwrap();
+}
+
+/// Clicks the element, retrying while a poll swaps it out between finding and clicking.
+async fn click(c: &Client, css: &str) {
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        let r = match c.find(Locator::Css(css)).await {
+            Ok(e) => e.click().await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("cannot click {css}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Clicks an action and accepts the confirmation it asks, which must say `question`.
+async fn click_confirm(c: &Client, css: &str, question: &str) {
+    click(c, css).await;
+    let deadline = Instant::now() + UI_WAIT;
+    let asked = loop {
+        match c.get_alert_text().await {
+            Ok(t) => break t,
+            Err(e) => assert!(Instant::now() < deadline, "{css} asked no confirmation: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(asked, question);
+    c.accept_alert().await.unwrap();
+}
