@@ -23,6 +23,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("gcc-aarch64-linux-gnu", "cross linker and C compiler for the aarch64 bundles (cargo xtask dist)"),
     ("libc6-dev-arm64-cross", "aarch64 C library to link the aarch64 bundles against"),
     ("qemu-user-static", "runs the aarch64 binaries in the bundle test"),
+    ("chromium", "the browser the dashboard test drives, headless"),
+    ("chromium-driver", "chromedriver: the WebDriver server the dashboard test talks to"),
 ];
 
 fn installed(pkg: &str) -> bool {

@@ -53,6 +53,9 @@ pub struct UpArgs {
     /// Start the worker without the NetManager (instances get no overlay address).
     #[arg(long)]
     pub no_netmanager: bool,
+    /// With the root, do not start the dashboard (oak-dashboard on port 80).
+    #[arg(long)]
+    pub no_dashboard: bool,
     /// Seconds to wait for each component to come up (the worker to register).
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -65,8 +68,8 @@ pub struct DownArgs {
     pub purge: bool,
 }
 
-/// What `up` may start, in start order (`down` stops in reverse).
-const ORDER: &[&str] = &["root", "cluster", "netmanager", "nodeengine"];
+/// What `up` may start (the dashboard with the root role); `down` stops them in reverse, workers first.
+const ORDER: &[&str] = &["dashboard", "root", "cluster", "netmanager", "nodeengine"];
 
 fn pid_file(name: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{name}.pid"))
@@ -271,6 +274,21 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             Ok(ureq::get("http://127.0.0.1:10000/api/health").call().is_ok())
         })?;
     }
+    if has("root") && !args.no_dashboard && started("dashboard").is_none() {
+        step("starting the dashboard on :80");
+        spawn(
+            "dashboard",
+            &bin_dir.join("oak-dashboard"),
+            &["--listen".into(), "0.0.0.0:80".into(), "--root-url".into(), "http://127.0.0.1:10000".into()],
+            &[],
+        )?;
+        wait_until("dashboard on :80", Duration::from_secs(30), || {
+            if running_pid("dashboard").is_none() {
+                bail!("the dashboard exited; see {LOG_DIR}/dashboard.log (is port 80 taken? --no-dashboard skips it)");
+            }
+            Ok(ureq::get("http://127.0.0.1:80/healthz").call().is_ok())
+        })?;
+    }
     if has("cluster") && started("cluster").is_none() {
         step(&format!("starting the cluster orchestrator '{}' (root at {})", args.cluster_name, args.root_address));
         let token = token(
@@ -358,6 +376,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     if has("root") {
         println!("  Root API:   http://<this machine>:10000/api  (docs: /api/docs)");
+        if running_pid("dashboard").is_some() {
+            println!("  Dashboard:  http://<this machine>/  (same login)");
+        }
         println!(
             "  Login:      user 'Admin', password {}",
             match std::env::var("OAK_ADMIN_PASSWORD") {
