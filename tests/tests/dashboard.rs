@@ -271,6 +271,28 @@ impl Flow {
         }
         let visible = c.execute("return document.cookie", vec![]).await.unwrap();
         assert_eq!(visible, json!(""), "no cookie is readable by script");
+
+        // an access token the root refuses, though it reads as unexpired (a bad signature, as a revoked or
+        // foreign one): the dashboard renews the session with the refresh token and the page loads as before
+        let cookie = |name: &str| cookies.iter().find(|k| k.name() == name).unwrap().clone();
+        let (mut access, refresh) = (cookie("oak_access"), cookie("oak_refresh"));
+        let (payload_part, _signature) = access.value().rsplit_once('.').unwrap();
+        let forged = format!("{payload_part}.{}", "A".repeat(43));
+        access.set_value(forged.clone());
+        c.delete_cookie("oak_access").await.unwrap();
+        c.add_cookie(access).await.unwrap();
+        c.goto(&format!("{}/clusters", self.base)).await.unwrap();
+        wait_path(c, "/clusters").await;
+        assert_eq!(text(c, "#user").await.as_deref(), Some("Admin"), "still logged in after the refresh");
+        let renewed = c.get_all_cookies().await.unwrap();
+        let value = |name: &str| renewed.iter().find(|k| k.name() == name).map(|k| k.value().to_string());
+        let new_access = value("oak_access").expect("an access cookie");
+        assert!(new_access != forged && new_access.split('.').count() == 3, "a new access token: {new_access:?}");
+        assert_ne!(
+            value("oak_refresh").as_deref(),
+            Some(refresh.value()),
+            "the refresh token was used once and replaced"
+        );
     }
 
     async fn clusters(&self, c: &Client) {
