@@ -248,6 +248,12 @@ async fn session_once(
                                 }
                             });
                         }
+                        Some(cluster_to_worker::Msg::Logs(r)) => {
+                            let chunk = runtime.read_logs(&r);
+                            if tx.send(WorkerMessage { msg: Some(worker_message::Msg::Logs(chunk)) }).await.is_err() {
+                                return Ok("the stream closed".into());
+                            }
+                        }
                         Some(cluster_to_worker::Msg::Welcome(w)) => {
                             info!(node_id = %w.node_id, "welcome received again");
                         }

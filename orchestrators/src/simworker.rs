@@ -145,6 +145,15 @@ impl SimWorker {
                         let st = status(&u.service_id, u.instance_number, InstanceState::Undeployed, "undeployed");
                         let _ = tx.send(worker_msg(pb::worker_message::Msg::Instance(st)));
                     }
+                    Some(Msg::Logs(r)) => {
+                        // a simulated instance prints nothing: an empty log, or none for an unknown instance
+                        let k = instance_key(&r.service_id, r.instance_number);
+                        let mut c = pb::LogsChunk { request_id: r.request_id, ..Default::default() };
+                        if !held.lock().instances.contains_key(&k) {
+                            c.error = format!("instance {k} is not on this simulated worker");
+                        }
+                        let _ = tx.send(worker_msg(pb::worker_message::Msg::Logs(c)));
+                    }
                     Some(Msg::Rejected(r)) => bail!("rejected: {}", r.reason),
                     Some(Msg::Welcome(_)) | None => {}
                 }

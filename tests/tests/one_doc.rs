@@ -1,7 +1,7 @@
 //! 1-DOC end to end: root, cluster, NetManager and NodeEngine on one host (a network namespace), real
 //! containerd. Through the REST API: submit an SLA whose image is a local OCI archive (no registry here),
 //! deploy, see it RUNNING with an overlay address, fetch a page from it over the overlay, see the worker with
-//! its datapath and counters in `/api/cluster/{id}/workers`, restart the
+//! its datapath and counters in `/api/cluster/{id}/workers`, read and follow its log, restart the
 //! NodeEngine (the container keeps running and is re-adopted), undeploy (task and container gone).
 
 use std::process::Command;
@@ -98,7 +98,7 @@ fn one_doc_deploy_reach_restart_undeploy() {
     let sla = json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"","application_name":"web",
       "application_namespace":"doc","application_desc":"1-DOC","microservices":[{"microserviceID":"","microservice_name":"httpd",
       "microservice_namespace":"doc","virtualization":"container","code":format!("oci-archive:{}", image.display()),
-      "cmd":["httpd","-f","-p","8080","-h","/www"],"memory":64,"vcpus":0.5}]}]});
+      "cmd":["sh","-c","echo serving /www; exec httpd -f -p 8080 -h /www"],"memory":64,"vcpus":0.5}]}]});
     let (c, v) = call("POST", "/api/application", Some(sla));
     assert_eq!(c, 200, "{v}");
     let sid = v[0]["microservices"][0].as_str().unwrap().to_string();
@@ -134,6 +134,13 @@ fn one_doc_deploy_reach_restart_undeploy() {
         w["network"]["counters"].as_object().is_some_and(|c| !c.is_empty()).then_some(w)
     });
     assert_eq!(worker["node_name"], "doc-worker", "{worker}");
+    // the instance's output, through root, cluster and worker; following from next_offset gives nothing new
+    let (c, logs) = call("GET", &format!("/api/service/{sid}/instance/0/logs"), None);
+    assert_eq!(c, 200, "{logs}");
+    assert!(logs["text"].as_str().unwrap_or_default().contains("serving /www"), "{logs}");
+    let next = logs["next_offset"].as_u64().unwrap();
+    let (c, more) = call("GET", &format!("/api/service/{sid}/instance/0/logs?offset={next}"), None);
+    assert_eq!((c, more["text"].as_str(), more["offset"].as_u64()), (200, Some(""), Some(next)), "{more}");
     assert!(matches!(worker["network"]["datapath"].as_str(), Some("ebpf" | "tun")), "{worker}");
     let subnet = worker["network"]["subnet"].as_str().unwrap_or_default();
     assert!(subnet.starts_with("10.18.") && subnet.ends_with("/26"), "{worker}");

@@ -146,6 +146,20 @@ impl Runtime {
         self.logs.path(id)
     }
 
+    /// A piece of an instance's log, for the cluster's logs request (the error names what is missing).
+    pub fn read_logs(&self, r: &oak_proto::v1::LogsRequest) -> oak_proto::v1::LogsChunk {
+        let mut c = oak_proto::v1::LogsChunk { request_id: r.request_id, ..Default::default() };
+        let id = self.instances.lock().get(&instance_key(&r.service_id, r.instance_number)).map(|i| i.id.clone());
+        match id {
+            None => c.error = format!("instance {}/{} is not on this worker", r.service_id, r.instance_number),
+            Some(id) => match self.logs.read(&id, r.offset, r.max_bytes) {
+                Ok((offset, size, data)) => (c.offset, c.size, c.data) = (offset, size, data),
+                Err(e) => c.error = format!("the log of {id} cannot be read: {e}"),
+            },
+        }
+        c
+    }
+
     pub fn cgroups_path(&self, id: &str) -> String {
         cgroup::path(&self.cfg.namespace, id)
     }

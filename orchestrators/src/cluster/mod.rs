@@ -414,6 +414,33 @@ impl Cluster {
         self.flush(out);
     }
 
+    /// The root asks for a piece of an instance's log: passed on to the worker that runs it, or answered
+    /// with the reason there is no one to ask.
+    pub fn on_logs_request(&self, r: pb::LogsRequest) {
+        let k = instance_key(&r.service_id, r.instance_number);
+        let sent = {
+            let s = self.lock();
+            match s.instances.get(&k).map(|i| (i.status.node_id.clone(), i.status.node_name.clone())) {
+                None => Err(format!("instance {k} is not in this cluster")),
+                Some((node, name)) => match s.workers.get(&node).filter(|w| w.alive).and_then(|w| w.session.as_ref()) {
+                    None => Err(format!("the worker of instance {k} ({name}) is not connected")),
+                    Some(sess) => sess
+                        .tx
+                        .send(Ok(worker_msg(pb::cluster_to_worker::Msg::Logs(r.clone()))))
+                        .map_err(|_| format!("the session of the worker of instance {k} ({name}) closed")),
+                },
+            }
+        };
+        if let Err(error) = sent {
+            self.on_logs(pb::LogsChunk { request_id: r.request_id, error, ..Default::default() });
+        }
+    }
+
+    /// A worker's answer to a logs request goes up to the root as it is.
+    pub fn on_logs(&self, c: pb::LogsChunk) {
+        self.send_root(pb::ClusterMessage { msg: Some(pb::cluster_message::Msg::Logs(c)) });
+    }
+
     // ------------------------------------------------------------------ from workers
 
     /// A worker opened a session. Returns (node id, connection number).

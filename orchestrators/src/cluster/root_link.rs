@@ -95,6 +95,7 @@ async fn session(cluster: &Arc<Cluster>) -> Result<()> {
             match m.msg {
                 Some(Msg::Deploy(d)) => cluster.on_deploy(d),
                 Some(Msg::Undeploy(u)) => cluster.on_undeploy(u),
+                Some(Msg::Logs(r)) => cluster.on_logs_request(r),
                 Some(Msg::Rejected(r)) => bail!("the root ended the registration: {}", r.reason),
                 Some(Msg::Welcome(_)) | None => {}
             }

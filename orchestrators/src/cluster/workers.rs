@@ -51,6 +51,7 @@ impl Tier for Cluster {
         match m.msg {
             Some(Msg::Metrics(r)) => self.on_metrics(node, r),
             Some(Msg::Instance(st)) => self.on_worker_status(node, &st),
+            Some(Msg::Logs(c)) => self.on_logs(c),
             Some(Msg::Hello(_)) => tracing::warn!(node_id = %node, "duplicate WorkerHello ignored"),
             None => {}
         }

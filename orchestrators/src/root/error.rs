@@ -33,6 +33,9 @@ pub enum RootError {
     UserNotFound(String),
     #[error("user {0} already exists")]
     UserExists(String),
+    /// What the request needs is not reachable now (a cluster or worker is not connected, or did not answer).
+    #[error("{0}")]
+    Unavailable(String),
     /// The password checks' queue is full.
     #[error(transparent)]
     Busy(#[from] super::passwords::Busy),

@@ -57,6 +57,10 @@ impl Tier for Root {
         let r = match m.msg {
             Some(Msg::Aggregate(a)) => self.on_aggregate(cid, &a),
             Some(Msg::Instance(st)) => self.on_instance_status(cid, &st),
+            Some(Msg::Logs(c)) => {
+                self.on_logs(cid, c);
+                Ok(())
+            }
             Some(Msg::Hello(_)) => {
                 tracing::warn!(cluster_id = %cid, "duplicate ClusterHello ignored");
                 Ok(())

@@ -7,6 +7,7 @@ pub mod error;
 pub mod grpc;
 mod instances;
 pub mod join;
+mod logs;
 pub mod netsvc;
 pub mod openapi;
 pub mod passwords;
@@ -81,6 +82,9 @@ pub struct Root {
     /// The live workers each cluster last reported (inspection only, not stored: a cluster reports them
     /// again with its next aggregate).
     workers: Mutex<HashMap<String, Vec<pb::WorkerSummary>>>,
+    /// Logs requests waiting for their cluster's answer: request id -> (cluster asked, where the answer goes).
+    pending_logs: Mutex<HashMap<u64, (String, tokio::sync::oneshot::Sender<pb::LogsChunk>)>>,
+    next_logs: std::sync::atomic::AtomicU64,
     next_conn: std::sync::atomic::AtomicU64,
     /// Woken when a cluster registers or reports more capacity: retries unplaced instances.
     pub capacity_changed: Notify,
@@ -122,6 +126,8 @@ impl Root {
             cfg,
             sessions: Mutex::new(HashMap::new()),
             workers: Mutex::new(HashMap::new()),
+            pending_logs: Mutex::new(HashMap::new()),
+            next_logs: std::sync::atomic::AtomicU64::new(1),
             next_conn: 1.into(),
             capacity_changed: Notify::new(),
             grown: Mutex::new(HashSet::new()),

@@ -326,6 +326,48 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
     })
     .await;
 
+    // logs: the root asks the cluster holding the instance and answers with what the cluster sends back
+    let logs_path = format!("/api/service/{sid}/instance/0/logs?offset=2&max=100");
+    let answer = async {
+        let Some(pb::root_message::Msg::Logs(r)) = inbound.message().await.unwrap().unwrap().msg else {
+            panic!("no logs request")
+        };
+        assert_eq!((r.service_id.as_str(), r.instance_number, r.offset, r.max_bytes), (sid.as_str(), 0, 2, 100));
+        let chunk = pb::LogsChunk {
+            request_id: r.request_id,
+            offset: 2,
+            size: 9,
+            data: b"llo web".to_vec(),
+            error: String::new(),
+        };
+        ctx.send(pb::ClusterMessage { msg: Some(pb::cluster_message::Msg::Logs(chunk)) }).unwrap();
+    };
+    let ((c, v), ()) = tokio::join!(h.req(reqwest::Method::GET, &logs_path, None), answer);
+    assert_eq!(c, 200, "{v}");
+    assert_eq!(
+        (v["text"].as_str(), v["offset"].as_u64(), v["next_offset"].as_u64()),
+        (Some("llo web"), Some(2), Some(9)),
+        "{v}"
+    );
+    // the cluster's error comes back as 503 naming it; an unknown instance is 404
+    let answer = async {
+        let Some(pb::root_message::Msg::Logs(r)) = inbound.message().await.unwrap().unwrap().msg else {
+            panic!("no logs request")
+        };
+        let chunk = pb::LogsChunk {
+            request_id: r.request_id,
+            error: "the worker of instance x is not connected".into(),
+            ..Default::default()
+        };
+        ctx.send(pb::ClusterMessage { msg: Some(pb::cluster_message::Msg::Logs(chunk)) }).unwrap();
+    };
+    let tail_path = format!("/api/service/{sid}/instance/0/logs");
+    let ((c, v), ()) = tokio::join!(h.req(reqwest::Method::GET, &tail_path, None), answer);
+    assert_eq!(c, 503, "{v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains("not connected"), "{v}");
+    let (c, _) = h.req(reqwest::Method::GET, &format!("/api/service/{sid}/instance/7/logs"), None).await;
+    assert_eq!(c, 404);
+
     // status for an unknown instance -> root tells the cluster to undeploy it
     ctx.send(pb::ClusterMessage {
         msg: Some(pb::cluster_message::Msg::Instance(pb::InstanceStatus {

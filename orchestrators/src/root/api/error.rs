@@ -48,6 +48,7 @@ impl ApiError {
                 RootError::UserNotFound(_) | RootError::NotFound(_) => StatusCode::NOT_FOUND,
                 RootError::UserExists(_) => StatusCode::CONFLICT,
                 RootError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+                RootError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 RootError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }

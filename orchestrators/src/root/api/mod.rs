@@ -9,13 +9,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::{request::Parts, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use oak_proto::InstanceState;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 use tower::Layer;
 use tower_http::normalize_path::{NormalizePath, NormalizePathLayer};
@@ -31,7 +32,7 @@ use super::Root;
 use crate::model::{self, Sla};
 pub use error::ApiError;
 use oak_trust::JoinToken;
-use types::{ApplicationDoc, ClusterDoc, DeployAnswer, Health, Login, Message, ServiceDoc, Tokens, WorkerDoc};
+use types::{ApplicationDoc, ClusterDoc, DeployAnswer, Health, Login, LogsDoc, Message, ServiceDoc, Tokens, WorkerDoc};
 
 type ApiResult<T = Value> = Result<Json<T>, ApiError>;
 
@@ -118,6 +119,7 @@ pub(super) fn routes() -> (Router<Arc<Root>>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_service, delete_service))
         .routes(routes!(deploy_instance))
         .routes(routes!(undeploy_instance))
+        .routes(routes!(instance_logs))
         .routes(routes!(clusters_all))
         .routes(routes!(clusters_active))
         .routes(routes!(cluster_workers))
@@ -434,6 +436,40 @@ async fn undeploy_instance(Caller { root, who }: Caller, Path((id, n)): Path<(St
         return Err(RootError::NoSuchInstance(id, n).into());
     }
     Ok(message("ok"))
+}
+
+/// `offset`: a byte offset into the log (negative, the default: its last `max` bytes); `max`: at most this
+/// many bytes (default 65536, at most 1 MiB).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LogsQuery {
+    offset: Option<i64>,
+    max: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/api/service/{id}/instance/{n}/logs",
+    summary = "A piece of an instance's log (stdout and stderr, or a VM's console); follow it by asking from next_offset",
+    security(("bearer" = [])), params(("id" = String, Path), ("n" = String, Path), LogsQuery),
+    responses((status = 200, description = "OK", body = LogsDoc), (status = 404, description = "unknown id or instance", body = Message),
+        (status = 503, description = "its cluster or worker is not connected or did not answer; the message says which", body = Message)))]
+async fn instance_logs(
+    Caller { root, who }: Caller,
+    Path((id, n)): Path<(String, String)>,
+    q: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<LogsDoc> {
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
+    let n: u32 =
+        n.parse().map_err(|_| ApiError::BadRequest(format!("instance number {n:?} is not a non-negative integer")))?;
+    let c = root.instance_logs(&who, &id, n, q.offset.unwrap_or(-1), q.max.unwrap_or(65536)).await?;
+    let next_offset = c.offset + c.data.len() as u64;
+    Ok(Json(LogsDoc {
+        service_id: id,
+        instance_number: n,
+        offset: c.offset,
+        next_offset,
+        size: c.size,
+        text: String::from_utf8_lossy(&c.data).into_owned(),
+    }))
 }
 
 fn clusters(root: &Root, only_active: bool) -> ApiResult {

@@ -137,6 +137,22 @@ impl ServiceDoc {
     }
 }
 
+/// A piece of an instance's log (`GET /api/service/{id}/instance/{n}/logs`).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = InstanceLogs)]
+pub struct LogsDoc {
+    pub service_id: String,
+    pub instance_number: u32,
+    /// Where `text` starts in the log.
+    pub offset: u64,
+    /// Where to ask from next to follow the log (`offset` + the bytes returned).
+    pub next_offset: u64,
+    /// The log's size now.
+    pub size: u64,
+    /// The bytes, decoded as UTF-8 (invalid sequences replaced).
+    pub text: String,
+}
+
 /// A live worker of a cluster, as its cluster last reported it (`GET /api/cluster/{id}/workers`).
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Worker)]
