@@ -19,6 +19,8 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use testbed::{bin, bin_dir, require_root, wait_for, Api, Net};
 
+mod common;
+
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// How long the browser waits for a page to show something.
@@ -81,61 +83,13 @@ fn dashboard_in_a_browser() {
         return;
     }
 
-    // the 1-DOC stack, as one_doc.rs starts it
+    // the 1-DOC stack
     let net = Net::new(&["doc"]).unwrap();
     let h = net.host("doc");
     let d = net.dir.path().to_path_buf();
     let ctr_ns = format!("oak-dash-{}", std::process::id());
     let image = oak_node_engine::testimage::build_busybox_image(&d, "localhost/oak/busybox:dash").unwrap();
-    std::fs::write(
-        d.join("netcfg.json"),
-        json!({"NodePublicAddress": h.ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": "127.0.0.1", "NodeName": "doc-worker"}).to_string(),
-    )
-    .unwrap();
-    let p = |s: &str| d.join(s).display().to_string();
-    let _root = h
-        .spawn(
-            "root",
-            &bin("root-orchestrator"),
-            &["--data-dir", &p("root"), "--report-interval-ms", "1000"],
-            &[("OAK_ADMIN_PASSWORD", "pw")],
-        )
-        .unwrap();
-    let _cluster = h
-        .spawn(
-            "cluster",
-            &bin("cluster-orchestrator"),
-            &["--data-dir", &p("cluster"), "--heartbeat-interval-ms", "500"],
-            &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
-        )
-        .unwrap();
-    let nm =
-        h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
-    nm.wait_log("NetManager ready", Duration::from_secs(30)).unwrap();
-    let (images, nm_credential) = (d.display().to_string(), p("nm/api-token"));
-    let _ne = h
-        .spawn(
-            "nodeengine",
-            &bin("NodeEngine"),
-            &[
-                "-a",
-                "127.0.0.1",
-                "-n",
-                "6000",
-                "--data-dir",
-                &p("ne"),
-                "--namespace",
-                &ctr_ns,
-                "--node-name",
-                "doc-worker",
-                "--image-dir",
-                &images,
-                "--netmanager-credential",
-                &nm_credential,
-            ],
-            &[],
-        )
-        .unwrap();
+    let _stack = common::start(h, &d, &ctr_ns);
 
     // the dashboard, on port 80 as `cargo xtask up` runs it
     let dash = h
@@ -166,7 +120,7 @@ fn dashboard_in_a_browser() {
     let profile = d.join("chromium-profile");
     let mut api = Api::new(h.ip);
     api = h.run(move || {
-        wait_for("root API", Duration::from_secs(20), || api.login("Admin", "pw").ok());
+        wait_for("root API", Duration::from_secs(20), || api.login("Admin", common::ADMIN_PASSWORD).ok());
         api
     });
     // the same archive outside the NodeEngine's image directory: deploying it fails, with the reason
@@ -257,7 +211,7 @@ impl Flow {
         assert_eq!(e, "invalid username or password", "the root's own words for a wrong password");
         self.shot(c, "01-login-wrong-password").await;
 
-        type_into(c, "#password", "pw").await;
+        type_into(c, "#password", common::ADMIN_PASSWORD).await;
         click(c, "#login").await;
         wait_path(c, "/clusters").await;
         assert_eq!(text(c, "#user").await.as_deref(), Some("Admin"), "the page names who is logged in");

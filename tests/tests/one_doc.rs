@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use oak_proto::InstanceState;
 use serde_json::{json, Value};
-use testbed::{bin, require_root, wait_for, Api, Net};
+use testbed::{require_root, wait_for, Api, Net};
+
+mod common;
 
 fn containerd_ready() -> bool {
     Command::new("ctr").arg("version").output().is_ok_and(|o| o.status.success())
@@ -35,55 +37,11 @@ fn one_doc_deploy_reach_restart_undeploy() {
     let d = net.dir.path().to_path_buf();
     let ctr_ns = format!("oak-1doc-{}", std::process::id());
     let image = oak_node_engine::testimage::build_busybox_image(&d, "localhost/oak/busybox:1doc").unwrap();
-    let netcfg = d.join("netcfg.json");
-    std::fs::write(
-        &netcfg,
-        json!({"NodePublicAddress": h.ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": "127.0.0.1", "NodeName": "doc-worker"}).to_string(),
-    )
-    .unwrap();
-    let p = |s: &str| d.join(s).display().to_string();
-    let _root = h
-        .spawn(
-            "root",
-            &bin("root-orchestrator"),
-            &["--data-dir", &p("root"), "--report-interval-ms", "1000"],
-            &[("OAK_ADMIN_PASSWORD", "pw")],
-        )
-        .unwrap();
-    let _cluster = h
-        .spawn(
-            "cluster",
-            &bin("cluster-orchestrator"),
-            &["--data-dir", &p("cluster"), "--heartbeat-interval-ms", "500"],
-            &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
-        )
-        .unwrap();
-    let nm =
-        h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
-    nm.wait_log("NetManager ready", Duration::from_secs(30)).unwrap();
-    let images = d.display().to_string();
-    let nm_credential = d.join("nm").join("api-token").display().to_string();
-    let ne_args = [
-        "-a",
-        "127.0.0.1",
-        "-n",
-        "6000",
-        "--data-dir",
-        &p("ne"),
-        "--namespace",
-        &ctr_ns,
-        "--node-name",
-        "doc-worker",
-        "--image-dir",
-        &images,
-        "--netmanager-credential",
-        &nm_credential,
-    ];
-    let mut ne = h.spawn("nodeengine", &bin("NodeEngine"), &ne_args, &[]).unwrap();
+    let mut stack = common::start(h, &d, &ctr_ns);
 
     let mut api = Api::new(h.ip);
     api = h.run(move || {
-        wait_for("root API", Duration::from_secs(20), || api.login("Admin", "pw").ok());
+        wait_for("root API", Duration::from_secs(20), || api.login("Admin", common::ADMIN_PASSWORD).ok());
         api
     });
     let call = |m: &'static str, path: &str, body: Option<Value>| {
@@ -149,8 +107,8 @@ fn one_doc_deploy_reach_restart_undeploy() {
     assert!(task.contains(".instance.0"), "the container is in containerd: {task}");
 
     // NodeEngine restart: the container keeps running and is re-adopted
-    assert!(ne.terminate(Duration::from_secs(20)).is_some(), "NodeEngine stops on SIGTERM");
-    let _ne2 = h.spawn("nodeengine-2", &bin("NodeEngine"), &ne_args, &[]).unwrap();
+    assert!(stack.nodeengine.terminate(Duration::from_secs(20)).is_some(), "NodeEngine stops on SIGTERM");
+    let _ne2 = common::spawn_nodeengine(h, "nodeengine-2", &stack.ne_args);
     assert_eq!(h.run(fetch.clone()).as_deref(), Some("hello-oak"), "served while the NodeEngine was away");
     wait_for("still RUNNING after the restart", Duration::from_secs(30), || {
         let i = call("GET", &format!("/api/service/{sid}"), None).1["instance_list"][0].clone();

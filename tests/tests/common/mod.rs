@@ -1,0 +1,79 @@
+//! What several end-to-end tests start the same way: a 1-DOC stack (root, cluster, NetManager, NodeEngine
+//! on real containerd) on one host.
+
+use std::path::Path;
+
+use serde_json::json;
+use testbed::{bin, Host, Proc};
+
+/// The Admin password of the stack's root.
+pub const ADMIN_PASSWORD: &str = "pw";
+
+/// A running 1-DOC stack; its processes stop when it is dropped.
+pub struct OneDoc {
+    pub root: Proc,
+    pub cluster: Proc,
+    pub netmanager: Proc,
+    pub nodeengine: Proc,
+    /// The NodeEngine's arguments (to start it again).
+    pub ne_args: Vec<String>,
+}
+
+/// Starts root, cluster ("doc", reporting every second), NetManager and NodeEngine ("doc-worker", instances
+/// in containerd namespace `ctr_ns`, local image archives from `dir`) on `h`, their state under `dir`.
+pub fn start(h: &Host, dir: &Path, ctr_ns: &str) -> OneDoc {
+    let p = |s: &str| dir.join(s).display().to_string();
+    std::fs::write(
+        dir.join("netcfg.json"),
+        json!({"NodePublicAddress": h.ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": "127.0.0.1",
+               "NodeName": "doc-worker"})
+        .to_string(),
+    )
+    .unwrap();
+    let root = h
+        .spawn(
+            "root",
+            &bin("root-orchestrator"),
+            &["--data-dir", &p("root"), "--report-interval-ms", "1000"],
+            &[("OAK_ADMIN_PASSWORD", ADMIN_PASSWORD)],
+        )
+        .unwrap();
+    let cluster = h
+        .spawn(
+            "cluster",
+            &bin("cluster-orchestrator"),
+            &["--data-dir", &p("cluster"), "--heartbeat-interval-ms", "500"],
+            &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
+        )
+        .unwrap();
+    let netmanager =
+        h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
+    netmanager.wait_log("NetManager ready", std::time::Duration::from_secs(30)).unwrap();
+    let ne_args: Vec<String> = [
+        "-a",
+        "127.0.0.1",
+        "-n",
+        "6000",
+        "--data-dir",
+        &p("ne"),
+        "--namespace",
+        ctr_ns,
+        "--node-name",
+        "doc-worker",
+        "--image-dir",
+        &dir.display().to_string(),
+        "--netmanager-credential",
+        &p("nm/api-token"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let nodeengine = spawn_nodeengine(h, "nodeengine", &ne_args);
+    OneDoc { root, cluster, netmanager, nodeengine, ne_args }
+}
+
+/// Starts a NodeEngine with `args` on `h`, named `name` in the logs.
+pub fn spawn_nodeengine(h: &Host, name: &str, args: &[String]) -> Proc {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    h.spawn(name, &bin("NodeEngine"), &args, &[]).unwrap()
+}
