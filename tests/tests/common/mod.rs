@@ -1,5 +1,7 @@
 //! What several end-to-end tests start the same way: a 1-DOC stack (root, cluster, NetManager, NodeEngine
 //! on real containerd) on one host.
+// each test binary that includes this module uses a part of it
+#![allow(dead_code)]
 
 use std::path::Path;
 
