@@ -247,7 +247,7 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
             .unwrap()
         };
         // A's periodic RTT probes also reach B's tunnel socket while the burst is handled: they are counted
-        // on both sides (B reads its count first, so every probe in it was already counted by A)
+        // on both sides (B's baseline is read first)
         let before = wb.counters();
         let a_probes = |c: &Value| c["events"]["probes_sent"].as_u64().unwrap();
         let a_before = a_probes(&wa.counters());
@@ -266,7 +266,10 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
                 c["events"]["probe_requests"].as_u64().unwrap() - before["events"]["probe_requests"].as_u64().unwrap();
             let kernel = udp_drops(wb.ns.path()) - kernel_before;
             let periodic = a_probes(&wa.counters()) - a_before;
-            if handled + kernel == BURST + periodic {
+            // a periodic probe A counted between the two baseline reads may reach B after B's: B counts it
+            // and `periodic` does not (at most one or two; losing datagrams shows as fewer, never more)
+            let expected = BURST + periodic;
+            if (expected..=expected + 2).contains(&(handled + kernel)) {
                 Ok(())
             } else {
                 Err(format!("{handled} of {BURST} (+{periodic} periodic from A) handled, {kernel} dropped by the kernel (full buffer); {c}"))
