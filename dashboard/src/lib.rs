@@ -4,6 +4,8 @@
 //! two cookies ([`session`]).
 
 pub mod assets;
+pub mod charts;
+pub mod counters;
 pub mod geo;
 pub mod model;
 pub mod root_api;
@@ -23,7 +25,8 @@ use axum::{Extension, Form, Router};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use model::{parse, Application, Cluster, Service};
+use charts::{line_chart, line_chart_or, rates, Point, Samples, Series, Unit};
+use model::{parse, Application, Cluster, Logs, Service, Worker};
 use root_api::{ApiFailure, RootApi, Tokens};
 use session::{Refresher, Session, ACCESS_COOKIE, REFRESH_COOKIE};
 use views::Flash;
@@ -35,11 +38,13 @@ pub struct Dashboard {
     pub refresher: Arc<Refresher>,
     /// Cookies get `Secure` (the dashboard is reached over HTTPS, through a proxy).
     pub secure_cookies: bool,
+    /// The samples the charts draw, taken when pages poll.
+    pub samples: Arc<Samples>,
 }
 
 impl Dashboard {
     pub fn new(api: RootApi, secure_cookies: bool) -> Self {
-        Self { api: Arc::new(api), refresher: Arc::default(), secure_cookies }
+        Self { api: Arc::new(api), refresher: Arc::default(), secure_cookies, samples: Arc::default() }
     }
 }
 
@@ -49,6 +54,10 @@ pub fn router(d: Dashboard) -> Router {
         .route("/", get(|| async { see_other("/clusters") }))
         .route("/clusters", get(clusters_page))
         .route("/clusters/live", get(clusters_live))
+        .route("/clusters/{id}", get(cluster_page))
+        .route("/clusters/{id}/live", get(cluster_live))
+        .route("/network", get(network_page))
+        .route("/network/live", get(network_live))
         .route("/applications", get(applications_page))
         .route("/applications/live", get(applications_live))
         .route("/applications/new", get(editor_page).post(create_application))
@@ -58,6 +67,7 @@ pub fn router(d: Dashboard) -> Router {
         .route("/applications/{app}/services/{svc}/deploy", post(deploy))
         .route("/applications/{app}/services/{svc}/delete", post(delete_service))
         .route("/applications/{app}/services/{svc}/instances/{n}", get(instance_page))
+        .route("/applications/{app}/services/{svc}/instances/{n}/logs", get(instance_logs))
         .route("/applications/{app}/services/{svc}/instances/{n}/undeploy", post(undeploy))
         .route("/logout", post(logout))
         .layer(middleware::from_fn_with_state(d.clone(), with_session));
@@ -223,13 +233,169 @@ fn clusters_view(r: Result<Vec<Cluster>, ApiFailure>) -> Markup {
     }
 }
 
-async fn clusters_page(Extension(s): S) -> Markup {
-    let body = clusters_view(clusters(&s).await);
+/// The clusters, each sampled for its charts.
+async fn sampled_clusters(d: &Dashboard, s: &Session) -> Result<Vec<Cluster>, ApiFailure> {
+    let list = clusters(s).await?;
+    for c in &list {
+        record_cluster(&d.samples, c);
+    }
+    Ok(list)
+}
+
+async fn clusters_page(State(d): State<Dashboard>, Extension(s): S) -> Markup {
+    let body = clusters_view(sampled_clusters(&d, &s).await);
     views::page("Clusters", Some(&s.user()), views::live("/clusters/live", body))
 }
 
-async fn clusters_live(Extension(s): S) -> Markup {
-    clusters_view(clusters(&s).await)
+async fn clusters_live(State(d): State<Dashboard>, Extension(s): S) -> Markup {
+    clusters_view(sampled_clusters(&d, &s).await)
+}
+
+/// Records a cluster's CPU and memory use (percent) at its last report; answers both series.
+fn record_cluster(samples: &Samples, c: &Cluster) -> (Vec<Point>, Vec<Point>) {
+    let t = if c.last_modified_timestamp > 0.0 { c.last_modified_timestamp } else { session::now_s() as f64 };
+    let memory = if c.memory_in_mb > 0 {
+        c.memory_in_mb.saturating_sub(c.free_memory_in_mb) as f64 * 100.0 / c.memory_in_mb as f64
+    } else {
+        0.0
+    };
+    (
+        samples.record(&format!("cluster/{}/cpu", c.cluster_id), t, c.aggregated_cpu_percent),
+        samples.record(&format!("cluster/{}/memory", c.cluster_id), t, memory),
+    )
+}
+
+fn usage_chart(id: &str, title: &str, cpu: Vec<Point>, memory: Vec<Point>) -> Markup {
+    let series =
+        [Series { label: "CPU used".into(), points: cpu }, Series { label: "memory used".into(), points: memory }];
+    line_chart(id, title, Unit::Percent, &series)
+}
+
+/// Records each worker's byte counters (eBPF fast path, tun path tunnel) now; answers the throughput per
+/// worker and path.
+fn record_workers<'a>(samples: &Samples, workers: impl Iterator<Item = &'a Worker>) -> Vec<Series> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let mut out = Vec::new();
+    for w in workers {
+        let Some(n) = &w.network else { continue };
+        for (path, total) in [("eBPF", n.ebpf_bytes()), ("tun", n.tun_bytes())] {
+            let counter = samples.record(&format!("worker/{}/bytes/{path}", w.node_id), now, total as f64);
+            // a path this worker does not run and that carried nothing is left out
+            if path == "eBPF" && n.datapath != "ebpf" && total == 0 {
+                continue;
+            }
+            out.push(Series { label: format!("{} {path}", w.node_name), points: rates(&counter) });
+        }
+    }
+    out
+}
+
+fn throughput_chart(series: &[Series]) -> Markup {
+    line_chart(
+        "throughput",
+        "Throughput per worker and path (bytes counted by the datapath)",
+        Unit::BytesPerSecond,
+        series,
+    )
+}
+
+/// A cluster by id or name, with its live workers (or why they are not shown).
+async fn cluster_and_workers(
+    s: &Session,
+    id: &str,
+) -> Result<Option<(Cluster, Result<Vec<Worker>, ApiFailure>)>, ApiFailure> {
+    let Some(c) = clusters(s).await?.into_iter().find(|c| c.cluster_id == id || c.cluster_name == id) else {
+        return Ok(None);
+    };
+    let workers = match s.get(&format!("/api/cluster/{}/workers", c.cluster_id)).await {
+        Ok(v) => parse(v, "workers"),
+        Err(e) => Err(e),
+    };
+    Ok(Some((c, workers)))
+}
+
+fn cluster_view(d: &Dashboard, c: &Cluster, workers: &Result<Vec<Worker>, ApiFailure>) -> Markup {
+    let (cpu, memory) = record_cluster(&d.samples, c);
+    let usage = usage_chart("usage", "CPU and memory of the cluster", cpu, memory);
+    let throughput = match workers {
+        Ok(ws) => throughput_chart(&record_workers(&d.samples, ws.iter())),
+        Err(_) => html! {},
+    };
+    views::cluster_live(c, workers, usage, throughput)
+}
+
+async fn cluster_page(State(d): State<Dashboard>, Extension(s): S, Path(id): Path<String>) -> Response {
+    if !id_ok(&id) {
+        return not_found(&s, "cluster");
+    }
+    match cluster_and_workers(&s, &id).await {
+        Ok(Some((c, workers))) => {
+            let title = format!("Cluster {}", c.cluster_name);
+            let body = cluster_view(&d, &c, &workers);
+            views::page(&title, Some(&s.user()), views::live(&format!("/clusters/{id}/live"), body)).into_response()
+        }
+        Ok(None) => not_found(&s, "cluster"),
+        Err(e) => failure_page("Cluster", &s, &e),
+    }
+}
+
+async fn cluster_live(State(d): State<Dashboard>, Extension(s): S, Path(id): Path<String>) -> Response {
+    if !id_ok(&id) {
+        return not_found(&s, "cluster");
+    }
+    match cluster_and_workers(&s, &id).await {
+        Ok(Some((c, workers))) => cluster_view(&d, &c, &workers).into_response(),
+        Ok(None) => views::failure(&ApiFailure::Answer {
+            status: 404,
+            message: format!("cluster {id} is no longer registered"),
+            field: None,
+        })
+        .into_response(),
+        Err(e) => views::failure(&e).into_response(),
+    }
+}
+
+/// Every service, and the live workers of every active cluster with the cluster's name (a non-Admin gets
+/// the root's 403 in their place).
+async fn network_data(s: &Session) -> Result<(Vec<Service>, Result<Vec<(String, Worker)>, ApiFailure>), ApiFailure> {
+    let services: Vec<Service> = parse(s.get("/api/services").await?, "services")?;
+    let mut workers = Vec::new();
+    let mut failed = None;
+    for c in clusters(s).await?.into_iter().filter(|c| c.active) {
+        match s.get(&format!("/api/cluster/{}/workers", c.cluster_id)).await.and_then(|v| parse(v, "workers")) {
+            Ok(ws) => {
+                let ws: Vec<Worker> = ws;
+                workers.extend(ws.into_iter().map(|w| (c.cluster_name.clone(), w)));
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    Ok((services, failed.map_or(Ok(workers), Err)))
+}
+
+async fn network_view(d: &Dashboard, s: &Session) -> Markup {
+    match network_data(s).await {
+        Ok((services, workers)) => {
+            let throughput = match &workers {
+                Ok(ws) => throughput_chart(&record_workers(&d.samples, ws.iter().map(|(_, w)| w))),
+                Err(_) => html! {},
+            };
+            views::network(&services, &workers, throughput)
+        }
+        Err(e) => views::failure(&e),
+    }
+}
+
+async fn network_page(State(d): State<Dashboard>, Extension(s): S) -> Markup {
+    let body = network_view(&d, &s).await;
+    views::page("Network", Some(&s.user()), views::live("/network/live", body))
+}
+
+async fn network_live(State(d): State<Dashboard>, Extension(s): S) -> Markup {
+    network_view(&d, &s).await
 }
 
 async fn all_applications(s: &Session) -> Result<(Vec<Application>, Vec<Service>), ApiFailure> {
@@ -359,7 +525,61 @@ async fn instance_page(Extension(s): S, Path((app, svc, n)): Path<(String, Strin
         return not_found(&s, "instance");
     };
     let title = format!("{} instance {n}", service.microservice_name);
-    views::page(&title, Some(&s.user()), views::instance(&service, i)).into_response()
+    let logs = read_logs(&s, &svc, n, -1).await;
+    let url = format!("/applications/{app}/services/{svc}/instances/{n}/logs");
+    let points = |h: &[model::Sample]| h.iter().map(|x| Point { t: x.timestamp, v: x.value }).collect::<Vec<_>>();
+    let (cpu, memory) = (points(&i.cpu_history), points(&i.memory_history));
+    let usage = if cpu.is_empty() && memory.is_empty() {
+        html! { p.muted #no-usage { "Its worker has reported no CPU or memory use of this instance yet." } }
+    } else {
+        let cpu = Series { label: "CPU used".into(), points: cpu };
+        let memory = Series { label: "memory used".into(), points: memory };
+        let none = "no samples reported";
+        html! {
+            (line_chart_or("instance-cpu", "CPU of the instance", Unit::Percent, &[cpu], none))
+            (line_chart_or("instance-memory", "Memory of the instance", Unit::Bytes, &[memory], none))
+        }
+    };
+    let body = views::instance(&service, i, usage, views::instance_log(&url, i, &logs));
+    views::page(&title, Some(&s.user()), body).into_response()
+}
+
+async fn read_logs(s: &Session, svc: &str, n: u32, offset: i64) -> Result<Logs, ApiFailure> {
+    parse(s.get(&format!("/api/service/{svc}/instance/{n}/logs?offset={offset}")).await?, "logs")
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    offset: Option<u64>,
+    #[serde(default)]
+    follow: u8,
+    /// Follow was switched on or off: the controls come too.
+    #[serde(default)]
+    toggle: u8,
+}
+
+/// What an instance's log has from `offset` on, then the element that asks for the rest (polling while
+/// following); a failure keeps the offset, says why inside that element and asks again later.
+async fn instance_logs(
+    Extension(s): S,
+    Path((app, svc, n)): Path<(String, String, u32)>,
+    q: Result<axum::extract::Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if !id_ok(&app) || !id_ok(&svc) {
+        return not_found(&s, "service");
+    }
+    let Ok(axum::extract::Query(q)) = q else {
+        return (StatusCode::BAD_REQUEST, "offset: a byte offset into the log").into_response();
+    };
+    let url = format!("/applications/{app}/services/{svc}/instances/{n}/logs");
+    let follow = q.follow == 1;
+    let offset = q.offset.unwrap_or(0);
+    let controls = (q.toggle == 1).then(|| views::log_controls(&url, follow, true));
+    let body = match read_logs(&s, &svc, n, i64::try_from(offset).unwrap_or(i64::MAX)).await {
+        Ok(l) => html! { (l.text) (views::log_next(&url, l.next_offset, follow, None)) },
+        Err(e) => views::log_next(&url, offset, follow, Some(&e)),
+    };
+    html! { (body) @if let Some(c) = controls { (c) } }.into_response()
 }
 
 async fn editor_page(Extension(s): S) -> Markup {

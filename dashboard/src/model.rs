@@ -55,7 +55,25 @@ pub struct Service {
     pub cmd: Vec<String>,
     pub status: String,
     pub status_detail: String,
+    /// The service IPs (round-robin and closest), given at creation.
+    pub addresses: Addresses,
     pub instance_list: Vec<Instance>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Addresses {
+    pub rr_ip: String,
+    pub closest_ip: String,
+}
+
+/// One sample of an instance's use, as its worker reported it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Sample {
+    /// Seconds since the Unix epoch.
+    pub timestamp: f64,
+    pub value: f64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +90,65 @@ pub struct Instance {
     /// The tail of the instance's output as of its last state change (the NodeEngine sends it then).
     pub logs: String,
     pub undeploying: bool,
+    /// CPU use, percent of one core's time over all cores, as the worker reported it.
+    pub cpu_history: Vec<Sample>,
+    /// Memory use in bytes.
+    pub memory_history: Vec<Sample>,
+}
+
+/// A live worker of a cluster (`GET /api/cluster/{id}/workers`, Admin only).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Worker {
+    pub node_id: String,
+    pub node_name: String,
+    pub address: String,
+    pub cpu_cores: u32,
+    pub cpu_percent: f64,
+    pub memory_total_mb: u64,
+    pub memory_free_mb: u64,
+    pub disk_free_mb: u64,
+    pub gpus: u32,
+    pub arch: String,
+    pub virtualization: Vec<String>,
+    pub location: String,
+    pub reserved_cpu: f64,
+    pub reserved_memory_mb: u64,
+    /// None without a NetManager.
+    pub network: Option<WorkerNetwork>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct WorkerNetwork {
+    /// `ebpf`, `tun` or `none`.
+    pub datapath: String,
+    pub subnet: String,
+    pub tunnel_endpoint: String,
+    /// The non-zero counters: `tun.<event>`, `tun.drop.<reason>`, `ebpf.<counter>`.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+impl WorkerNetwork {
+    /// Bytes carried so far by the eBPF fast path.
+    pub fn ebpf_bytes(&self) -> u64 {
+        self.counters.get("ebpf.fast_bytes").copied().unwrap_or(0)
+    }
+
+    /// Bytes carried so far through the tun path's tunnel (sent and received).
+    pub fn tun_bytes(&self) -> u64 {
+        ["tun.tunnel_rx_bytes", "tun.tunnel_tx_bytes"].iter().filter_map(|k| self.counters.get(*k)).sum()
+    }
+}
+
+/// A piece of an instance's log (`GET /api/service/{id}/instance/{n}/logs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Logs {
+    pub offset: u64,
+    pub next_offset: u64,
+    pub size: u64,
+    pub text: String,
 }
 
 /// `v` as `T`, or a failure saying the root's answer was not understood.

@@ -4,8 +4,10 @@
 use maud::{html, Markup, DOCTYPE};
 
 use crate::assets;
+use crate::charts::bytes;
+use crate::counters;
 use crate::geo::{self, MapPoint};
-use crate::model::{state_class, Application, Cluster, Instance, Service};
+use crate::model::{state_class, Application, Cluster, Instance, Logs, Service, Worker};
 use crate::root_api::ApiFailure;
 use crate::session::now_s;
 
@@ -41,6 +43,7 @@ pub fn page(title: &str, user: Option<&str>, content: Markup) -> Markup {
                             a href="/clusters" { "Clusters" }
                             a href="/applications" { "Applications" }
                             a href="/applications/new" { "New application" }
+                            a href="/network" { "Network" }
                             span.user { "Logged in as " strong #user { (user) } }
                             form method="post" action="/logout" {
                                 button.link #logout type="submit" { "Log out" }
@@ -144,7 +147,10 @@ pub fn clusters(list_: &[Cluster]) -> Markup {
                 tbody {
                     @for c in list_ {
                         tr.cluster data-cluster=(c.cluster_name) {
-                            td { strong { (c.cluster_name) } br; span.muted { code { (c.cluster_id) } } }
+                            td {
+                                a.cluster-link href={ "/clusters/" (c.cluster_id) } { strong { (c.cluster_name) } }
+                                br; span.muted { code { (c.cluster_id) } }
+                            }
                             td { span.state.(if c.active { "ok" } else { "bad" }) { (if c.active { "active" } else { "inactive" }) } }
                             td { (if c.cluster_location.is_empty() { "—" } else { &c.cluster_location }) }
                             td.workers { (c.active_nodes) }
@@ -291,8 +297,8 @@ fn instance_row(base: &str, s: &Service, i: &Instance) -> Markup {
     }
 }
 
-/// One instance: where it runs, why it is in its state, and its output.
-pub fn instance(s: &Service, i: &Instance) -> Markup {
+/// One instance: where it runs, why it is in its state, its use over time and its log.
+pub fn instance(s: &Service, i: &Instance, usage: Markup, log: Markup) -> Markup {
     html! {
         table #instance {
             tbody {
@@ -303,13 +309,14 @@ pub fn instance(s: &Service, i: &Instance) -> Markup {
                 tr { th { "Worker" } td { (i.node_name) } }
                 tr { th { "Cluster" } td { (i.cluster_name) } }
                 tr { th { "Overlay address" } td { code { (i.ns_address) } } }
+                tr { th { "Service IPs" } td {
+                    "round-robin " code { (or_dash(&s.addresses.rr_ip)) } ", closest " code { (or_dash(&s.addresses.closest_ip)) }
+                } }
                 tr { th { "Public address" } td { code { (i.publicip) } } }
             }
         }
-        h2 { "Output" }
-        p.muted { "The end of the instance's output as of its last state change (the root keeps no live stream)." }
-        @if i.logs.is_empty() { p.muted #no-logs { "No output recorded." } }
-        @else { pre.logs #logs { (i.logs) } }
+        div.charts { (usage) }
+        (log)
     }
 }
 
@@ -343,5 +350,286 @@ pub fn editor(text: &str, error: Option<&ApiFailure>) -> Markup {
                 }
             }
         }
+    }
+}
+
+/// Worker details come only to the Admin (the root answers 403 to anyone else): say so, or show the failure.
+fn workers_failure(e: &ApiFailure) -> Markup {
+    html! {
+        @if e.status() == Some(403) {
+            p.muted #workers-admin-only {
+                "Worker details (each worker's resources, address and overlay) are for the Admin; "
+                "the root answered: " (e.to_string())
+            }
+        } @else {
+            (failure(e))
+        }
+    }
+}
+
+/// A worker's datapath in words, with the root's own name kept in `data-datapath`.
+fn datapath(w: &Worker) -> Markup {
+    let (raw, words) = match w.network.as_ref().map(|n| n.datapath.as_str()) {
+        Some("ebpf") => ("ebpf", "eBPF (fast path; tun for the rest)"),
+        Some("tun") => ("tun", "tun"),
+        Some("none") => ("none", "none (overlay off)"),
+        Some(other) => (other, other),
+        None => ("", "no NetManager"),
+    };
+    html! { span.datapath data-datapath=(raw) { (words) } }
+}
+
+/// One cluster's live part: its aggregate, its CPU and memory over time, its workers and their throughput.
+pub fn cluster_live(
+    c: &Cluster,
+    workers: &Result<Vec<Worker>, ApiFailure>,
+    usage: Markup,
+    throughput: Markup,
+) -> Markup {
+    html! {
+        p #cluster-summary {
+            span.state.(if c.active { "ok" } else { "bad" }) { (if c.active { "active" } else { "inactive" }) }
+            " · " (c.active_nodes) " active worker(s) · " (c.total_cpu_cores) " cores, "
+            (format!("{:.1}", c.aggregated_cpu_percent)) " % used · "
+            (c.memory_in_mb.saturating_sub(c.free_memory_in_mb)) " / " (c.memory_in_mb) " MiB used · last report "
+            (ago(c.last_modified_timestamp))
+        }
+        div.charts { (usage) (throughput) }
+        h2 { "Workers" }
+        @match workers {
+            Err(e) => { (workers_failure(e)) }
+            Ok(ws) if ws.is_empty() => { p.muted #no-workers { "No live worker." } }
+            Ok(ws) => {
+                table #workers {
+                    thead { tr {
+                        th { "Worker" } th { "State" } th { "CPU" } th { "Memory" } th { "Disk free" } th { "Arch" }
+                        th { "Virtualization" } th { "Datapath" } th { "Overlay subnet" } th { "Address" }
+                        th { "Reserved" }
+                    } }
+                    tbody {
+                        @for w in ws {
+                            tr.worker data-worker=(w.node_name) {
+                                td { strong { (w.node_name) } br; span.muted { code { (w.node_id) } } }
+                                // the root lists the workers its cluster reports as live
+                                td { span.state.ok { "live" } }
+                                td.cpu { (w.cpu_cores) " cores, " (format!("{:.1}", w.cpu_percent)) " % used" }
+                                td.memory {
+                                    (w.memory_total_mb.saturating_sub(w.memory_free_mb)) " / " (w.memory_total_mb) " MiB used"
+                                }
+                                td { (w.disk_free_mb) " MiB" }
+                                td.arch { (w.arch) }
+                                td { (list(&w.virtualization)) }
+                                td { (datapath(w)) }
+                                td.subnet { code { (w.network.as_ref().map(|n| n.subnet.as_str()).unwrap_or("—")) } }
+                                td.address { code { (w.address) } }
+                                td { (format!("{:.2}", w.reserved_cpu)) " vcpus, " (w.reserved_memory_mb) " MiB" }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The network view's live part: the service IPs with the instances behind them, then each worker's
+/// datapath and counters, so one sees which path carries the traffic.
+pub fn network(
+    services: &[Service],
+    workers: &Result<Vec<(String, Worker)>, ApiFailure>,
+    throughput: Markup,
+) -> Markup {
+    let worker_of = |name: &str| workers.as_ref().ok().and_then(|ws| ws.iter().find(|(_, w)| w.node_name == name));
+    html! {
+        h2 { "Service IPs" }
+        @if services.is_empty() {
+            p.muted #no-services { "No services." }
+        } @else {
+            table #service-ips {
+                thead { tr {
+                    th { "Service" } th { "Round-robin IP" } th { "Closest IP" }
+                    th { "Instances (overlay address, worker, datapath)" }
+                } }
+                tbody {
+                    @for s in services {
+                        tr.service-ip data-service=(s.microservice_name) {
+                            td {
+                                a href={ "/applications/" (s.application_id) } { strong { (s.microservice_name) } }
+                                br; span.muted { (s.app_name) }
+                            }
+                            td.rr-ip { code { (or_dash(&s.addresses.rr_ip)) } }
+                            td.closest-ip { code { (or_dash(&s.addresses.closest_ip)) } }
+                            td.instances {
+                                @if s.instance_list.is_empty() { span.muted { "no instances" } }
+                                @for i in &s.instance_list {
+                                    div.instance data-instance=(i.instance_number) {
+                                        "#" (i.instance_number) " "
+                                        code.ns-address { (or_dash(&i.ns_address)) } " on "
+                                        span.node { (or_dash(&i.node_name)) }
+                                        @if let Some((_, w)) = worker_of(&i.node_name) { " · " (datapath(w)) }
+                                        " " span.state.(state_class(&i.status)) { (i.status) }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "Workers" }
+        @match workers {
+            Err(e) => { (workers_failure(e)) }
+            Ok(ws) if ws.is_empty() => { p.muted #no-workers { "No live worker." } }
+            Ok(ws) => {
+                div.charts { (throughput) }
+                div.workers {
+                    @for (cluster, w) in ws {
+                        div.card.worker-net data-worker=(w.node_name) {
+                            h3 { (w.node_name) span.muted { " in " (cluster) } }
+                            @match &w.network {
+                                None => { p.muted { "No NetManager reports for this worker." } }
+                                Some(n) => {
+                                    p {
+                                        "Datapath " (datapath(w)) " · subnet " code.subnet { (or_dash(&n.subnet)) }
+                                        " · tunnel endpoint " code { (or_dash(&n.tunnel_endpoint)) }
+                                    }
+                                    p.carried {
+                                        "Carried so far: eBPF fast path " strong.ebpf-bytes { (bytes(n.ebpf_bytes() as f64)) }
+                                        ", tun path tunnel " strong.tun-bytes { (bytes(n.tun_bytes() as f64)) }
+                                    }
+                                    @let groups = counters::grouped(&n.counters);
+                                    @if groups.is_empty() { p.muted.no-counters { "No packets counted yet." } }
+                                    div.counter-groups {
+                                        @for (group, rows) in &groups {
+                                            table.counters data-group=(group) {
+                                                thead { tr { th colspan="2" { (group) } } }
+                                                tbody {
+                                                    @for (key, label, v) in rows {
+                                                        tr data-counter=(key) {
+                                                            td { (label) }
+                                                            td.value {
+                                                                @if counters::is_bytes(key) { (bytes(*v as f64)) }
+                                                                @else { (v) }
+                                                            }
+                                                        }
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "—"
+    } else {
+        s
+    }
+}
+
+/// The end of an instance's log and the element that asks for what follows: while following, it asks
+/// every 2 s from `next` and is replaced by the new text and a new one of itself; the hidden offset is
+/// what the Follow button starts from.
+pub fn log_next(url: &str, next: u64, follow: bool, error: Option<&ApiFailure>) -> Markup {
+    html! {
+        @if follow {
+            span #log-next hx-get={ (url) "?follow=1&offset=" (next) } hx-trigger=(POLL) hx-swap="outerHTML" {
+                input #log-offset type="hidden" name="offset" value=(next);
+                @if let Some(e) = error { span.log-error { "[log not available now: " (e.to_string()) "]" } }
+            }
+        } @else {
+            span #log-next { input #log-offset type="hidden" name="offset" value=(next); }
+        }
+    }
+}
+
+/// Follow or stop following the log, without reloading the page (the answer swaps `#log-next`).
+pub fn log_controls(url: &str, follow: bool, oob: bool) -> Markup {
+    html! {
+        div.actions #log-controls hx-swap-oob=[oob.then_some("true")] {
+            @if follow {
+                button #log-stop hx-get={ (url) "?follow=0&toggle=1" } hx-include="#log-offset"
+                    hx-target="#log-next" hx-swap="outerHTML" { "Stop following" }
+                span.muted #log-following { "following: new output is appended every 2 s" }
+            } @else {
+                button #log-follow hx-get={ (url) "?follow=1&toggle=1" } hx-include="#log-offset"
+                    hx-target="#log-next" hx-swap="outerHTML" { "Follow" }
+            }
+        }
+    }
+}
+
+/// The log part of an instance's page: the last part of its log now, or, when the worker cannot be asked,
+/// why, and the output the instance had at its last state change.
+pub fn instance_log(url: &str, i: &Instance, logs: &Result<Logs, ApiFailure>) -> Markup {
+    html! {
+        h2 { "Log" }
+        @match logs {
+            Ok(l) => {
+                p.muted {
+                    "stdout and stderr as the worker keeps them: "
+                    @if l.offset > 0 { "the last " (bytes((l.next_offset - l.offset) as f64)) " of " (bytes(l.size as f64)) }
+                    @else { (bytes(l.size as f64)) }
+                    "."
+                }
+                (log_controls(url, false, false))
+                pre.logs #log { (l.text) (log_next(url, l.next_offset, false, None)) }
+            }
+            Err(e) => {
+                div #log-unavailable { (failure(e)) }
+                p.muted { "The end of the instance's output as of its last state change:" }
+                @if i.logs.is_empty() { p.muted #no-logs { "No output recorded." } }
+                @else { pre.logs #logs { (i.logs) } }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::WorkerNetwork;
+
+    #[test]
+    fn log_text_is_escaped_and_the_poller_carries_the_next_offset() {
+        let i = Instance::default();
+        let logs = Ok(Logs { offset: 0, next_offset: 17, size: 17, text: "<script>x</script>\n".into() });
+        let html = instance_log("/l", &i, &logs).into_string();
+        assert!(html.contains("&lt;script&gt;x&lt;/script&gt;") && !html.contains("<script>"), "{html}");
+        assert!(html.contains(r#"<input id="log-offset" type="hidden" name="offset" value="17">"#), "{html}");
+        assert!(!html.contains("hx-trigger"), "no polling before Follow: {html}");
+        let following = log_next("/l", 42, true, None).into_string();
+        assert!(following.contains(r#"hx-get="/l?follow=1&amp;offset=42""#), "{following}");
+        assert!(following.contains(r#"hx-trigger="every 2s""#) && following.contains(r#"hx-swap="outerHTML""#));
+        let failed = ApiFailure::Answer { status: 503, message: "worker <w> is not connected".into(), field: None };
+        let kept = log_next("/l", 42, true, Some(&failed)).into_string();
+        assert!(kept.contains("offset=42") && kept.contains("worker &lt;w&gt; is not connected"), "{kept}");
+    }
+
+    #[test]
+    fn workers_for_the_admin_only_and_their_datapath() {
+        let c = Cluster { cluster_name: "doc".into(), active: true, ..Default::default() };
+        let refused = Err(ApiFailure::Answer { status: 403, message: "Admin only".into(), field: None });
+        let html = cluster_live(&c, &refused, html! {}, html! {}).into_string();
+        assert!(html.contains(r#"id="workers-admin-only""#) && html.contains("Admin only"), "{html}");
+        let w = Worker {
+            node_name: "w1".into(),
+            network: Some(WorkerNetwork {
+                datapath: "ebpf".into(),
+                subnet: "10.18.0.0/26".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let html = cluster_live(&c, &Ok(vec![w]), html! {}, html! {}).into_string();
+        assert!(html.contains(r#"data-datapath="ebpf""#) && html.contains("10.18.0.0/26"), "{html}");
     }
 }
