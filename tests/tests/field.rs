@@ -5,10 +5,10 @@
 //! and the installed systemd units are started the way systemd would. Nothing from `target/` runs: the
 //! bundles of the debug build are made by `cargo xtask test` (into `<target>/dist-test`).
 //!
-//! - M-DOC: root and cluster on one device, two workers on two others. A service with two instances on one
-//!   worker is reached by its round-robin IP (both instances answer) and its closest IP from a client
-//!   instance on the other worker. Prints the time from the unpacked worker bundle to "worker registered"
-//!   and the worker's resident memory at idle.
+//! - M-DOC: root (with its dashboard, which answers on port 80) and cluster on one device, two workers on
+//!   two others. A service with two instances on one worker is reached by its round-robin IP (both
+//!   instances answer) and its closest IP from a client instance on the other worker. Prints the time from
+//!   the worker bundle on the device to "worker registered" and the worker's resident memory at idle.
 //! - MDNC: the root alone, two clusters on two devices, one worker each (A's on the eBPF fast path, B's on
 //!   the tun path only); the service in cluster B is reached from a client in cluster A.
 //! - Hybrid: the root alone; a device that is both the cluster and one of its workers (with unikernels
@@ -280,6 +280,11 @@ fn m_doc_from_bundles() {
     install(&ctl, &bundles, "root");
     install(&ctl, &bundles, "cluster");
     let (_root, join) = start_root(&ctl);
+    // the root bundle's dashboard, from its unit
+    let dash = ctl.start_unit("oak-dashboard.service").unwrap();
+    dash.wait_log("dashboard listening on", Duration::from_secs(30)).unwrap();
+    let health = net.host("ctl").run(|| ureq::get("http://127.0.0.1/healthz").call().ok()?.into_string().ok());
+    assert_eq!(health.as_deref(), Some("ok"), "the dashboard answers on port 80");
     let (_cluster, wtoken) = start_cluster(&ctl, Ipv4Addr::LOCALHOST, "field-mdoc", "48.26,11.67,1000", &join);
     let (worker1, took) = start_worker(&w1, &bundles, &image, ctl.ip, &wtoken, &[]);
     let (_worker2, _) = start_worker(&w2, &bundles, &image, ctl.ip, &wtoken, &[]);

@@ -39,7 +39,8 @@ pub const HOST: &str = "x86_64-unknown-linux-gnu";
 pub const ARM: &str = "aarch64-unknown-linux-gnu";
 
 /// The binaries of every role.
-pub const BINS: [&str; 5] = ["root-orchestrator", "cluster-orchestrator", "NodeEngine", "NetManager", "oak-image"];
+pub const BINS: [&str; 6] =
+    ["root-orchestrator", "oak-dashboard", "cluster-orchestrator", "NodeEngine", "NetManager", "oak-image"];
 
 /// `cargo build` of `bins` for `target` (cross-compiling with Debian's aarch64 toolchain for ARM).
 pub fn build_for(target: &str, release: bool, bins: &[&str]) -> anyhow::Result<()> {
@@ -48,7 +49,7 @@ pub fn build_for(target: &str, release: bool, bins: &[&str]) -> anyhow::Result<(
     if release {
         c.arg("--release");
     }
-    c.args(["-p", "oak-orchestrators", "-p", "oak-node-engine", "-p", "oak-netmanager"]);
+    c.args(["-p", "oak-orchestrators", "-p", "oak-node-engine", "-p", "oak-netmanager", "-p", "oak-dashboard"]);
     for b in bins {
         c.args(["--bin", b]);
     }
@@ -81,9 +82,9 @@ struct Role {
 const ROLES: &[Role] = &[
     Role {
         name: "root",
-        bins: &["root-orchestrator"],
-        units: &[("oak-root.service", ROOT_UNIT)],
-        configs: &[("oakestra-rs/root.env", ROOT_ENV)],
+        bins: &["root-orchestrator", "oak-dashboard"],
+        units: &[("oak-root.service", ROOT_UNIT), ("oak-dashboard.service", DASHBOARD_UNIT)],
+        configs: &[("oakestra-rs/root.env", ROOT_ENV), ("oakestra-rs/dashboard.env", DASHBOARD_ENV)],
     },
     Role {
         name: "cluster",
@@ -118,6 +119,28 @@ const ROOT_ENV: &str = "# root-orchestrator settings (see `root-orchestrator --h
 #OAK_ADMIN_PASSWORD=
 # HTTPS for the API with a certificate of the root's own CA for these names
 #OAK_API_TLS_NAMES=root.example.org
+";
+
+const DASHBOARD_UNIT: &str = "[Unit]
+Description=oakestra-rs dashboard (:80, over the root's REST API)
+After=network-online.target oak-root.service
+Wants=network-online.target
+
+[Service]
+EnvironmentFile=-/etc/oakestra-rs/dashboard.env
+ExecStart=/usr/local/bin/oak-dashboard
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+";
+
+const DASHBOARD_ENV: &str = "# oak-dashboard settings (see `oak-dashboard --help`)
+# where it listens, and the root's REST API it shows
+#OAK_DASHBOARD_LISTEN=0.0.0.0:80
+#OAK_ROOT_URL=http://127.0.0.1:10000
+# the CA of an HTTPS root (its /var/lib/oakestra-rs/root/ca/ca.pem with OAK_API_TLS_NAMES)
+#OAK_ROOT_CA=
 ";
 
 const CLUSTER_UNIT: &str = "[Unit]
