@@ -4,7 +4,10 @@
 //! password shows the root's error; the cluster appears with its worker and on the map; the session cookies
 //! are out of script's reach; malformed SLAs show the root's field message beside the editor; an SLA pasted
 //! into the editor creates the application; deploy, watch the instance reach RUNNING, undeploy and delete
-//! it, each behind its confirmation; log out. Every page is saved as a PNG under
+//! it, each behind its confirmation; log out. The cluster's page shows its worker with the datapath and
+//! subnet the API reports and a chart with samples; the network view shows the service's round-robin and
+//! closest IPs, its instance's overlay address and the worker's datapath; the instance's page shows its log
+//! and, following it, lines the instance writes later. Every page is saved as a PNG under
 //! `<target-dir>/dashboard-screenshots/`.
 //!
 //! WebDriver client: fantoccini. It is maintained, async on tokio like the rest of the tests, and builds
@@ -37,11 +40,21 @@ fn screenshot_dir() -> PathBuf {
     d
 }
 
-/// The test's httpd microservice, with `change`'s fields replaced (a null removes the field).
+/// The password of the test's user who is not the Admin.
+const VIEWER_PASSWORD: &str = "viewer-password-1";
+
+/// What the test's httpd instance writes first to its log.
+const FIRST_LINE: &str = "hello-from-instance";
+
+/// The test's httpd microservice, with `change`'s fields replaced (a null removes the field). It writes
+/// [`FIRST_LINE`], then `tick-<n>` every second (what following its log must show arriving), and serves.
 fn microservice(name: &str, code: &str, change: Value) -> Value {
+    let script = format!(
+        "echo {FIRST_LINE}; (i=0; while :; do echo tick-$i; i=$((i+1)); sleep 1; done) & exec httpd -f -p 8080 -h /www"
+    );
     let mut ms = json!({"microserviceID": "", "microservice_name": name, "microservice_namespace": "doc",
         "virtualization": "container", "code": code,
-        "cmd": ["httpd", "-f", "-p", "8080", "-h", "/www"], "memory": 64, "vcpus": 0.5});
+        "cmd": ["sh", "-c", script], "memory": 64, "vcpus": 0.5});
     for (k, v) in change.as_object().unwrap() {
         if v.is_null() {
             ms.as_object_mut().unwrap().remove(k);
@@ -127,7 +140,14 @@ fn dashboard_in_a_browser() {
     let outside = tempfile::tempdir().unwrap();
     let stray = outside.path().join("busybox-oci.tar");
     std::fs::copy(&image, &stray).unwrap();
-    let flow = Flow { base: format!("http://{}", h.ip), shots: shots.clone(), image, stray, seen: Vec::new() };
+    let flow = Flow {
+        base: format!("http://{}", h.ip),
+        shots: shots.clone(),
+        image,
+        stray,
+        seen: Vec::new(),
+        api: api.clone(),
+    };
     let seen = h.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
@@ -189,15 +209,19 @@ struct Flow {
     stray: PathBuf,
     /// The instance states the page showed, in order.
     seen: Vec<String>,
+    /// The root's API as the Admin, to compare the pages with.
+    api: Api,
 }
 
 impl Flow {
     async fn run(mut self, c: Client) -> Vec<String> {
         self.login(&c).await;
         self.clusters(&c).await;
+        self.cluster_page(&c).await;
         self.malformed_slas(&c).await;
         self.create_deploy_undeploy_delete(&c).await;
         self.logout(&c).await;
+        self.not_admin(&c).await;
         self.seen
     }
 
@@ -267,6 +291,34 @@ impl Flow {
         self.shot(c, "02-clusters").await;
     }
 
+    /// The cluster's own page: its worker as the API reports it (datapath, overlay subnet, address) and the
+    /// cluster's CPU and memory chart with a line.
+    async fn cluster_page(&self, c: &Client) {
+        click(c, r#"tr.cluster[data-cluster="doc"] a.cluster-link"#).await;
+        wait_text(c, "h1", |t| t == "Cluster doc").await;
+        let row = r#"tr.worker[data-worker="doc-worker"]"#;
+        // the overlay arrives with the worker's first NetManager report
+        let subnet = wait_text(c, &format!("{row} td.subnet"), |t| t.contains('/')).await;
+        let (code, workers) = self.api.call("GET", "/api/cluster/doc/workers", None);
+        assert_eq!(code, 200, "the Admin reads the workers: {workers}");
+        let w = workers.as_array().and_then(|a| a.iter().find(|w| w["node_name"] == "doc-worker")).cloned();
+        let w = w.unwrap_or_else(|| panic!("doc-worker in the API's workers: {workers}"));
+        assert_eq!(subnet, w["network"]["subnet"].as_str().unwrap(), "the page's subnet is the API's");
+        let datapath = attr(c, &format!("{row} .datapath"), "data-datapath").await;
+        assert_eq!(datapath.as_str(), w["network"]["datapath"].as_str().unwrap(), "the page's datapath is the API's");
+        assert!(["ebpf", "tun"].contains(&datapath.as_str()), "a datapath that carries traffic: {datapath}");
+        let address = text(c, &format!("{row} td.address")).await.unwrap_or_default();
+        assert_eq!(address, w["address"].as_str().unwrap(), "the worker's address");
+        let cpu = text(c, &format!("{row} td.cpu")).await.unwrap_or_default();
+        assert!(cpu.contains("cores") && cpu.contains("% used") && !cpu.starts_with("0 cores"), "{cpu:?}");
+        assert_eq!(text(c, &format!("{row} td.arch")).await.as_deref(), w["arch"].as_str());
+        // the chart draws the samples the page took; its line is a path through the plot
+        let d = wait_attr(c, "#usage svg path.line", "d", |d| d.starts_with('M') && d.contains(" L")).await;
+        eprintln!("cluster CPU line: {d}");
+        c.find(Locator::Css("#throughput svg")).await.expect("a throughput chart for the workers");
+        self.shot(c, "02b-cluster").await;
+    }
+
     async fn malformed_slas(&self, c: &Client) {
         let cases = [
             (json!({"memory": "lots"}), "applications[0].microservices[0].memory", "lots", "03-sla-memory-lots"),
@@ -319,7 +371,10 @@ impl Flow {
         wait_text(c, "h1", |t| t == "httpd instance 0").await;
         let table = text(c, "#instance").await.unwrap_or_default();
         assert!(table.contains("RUNNING") && table.contains("doc-worker"), "{table}");
+        self.instance_log(c).await;
         self.shot(c, "07-instance").await;
+        c.back().await.unwrap();
+        self.network(c).await;
         c.back().await.unwrap();
 
         // a failure, with the reason in words, then the service deleted
@@ -358,6 +413,68 @@ impl Flow {
         self.shot(c, "10-deleted").await;
     }
 
+    /// The log on load holds the instance's first line; following it appends the ticks the instance writes
+    /// later, after what was there.
+    async fn instance_log(&self, c: &Client) {
+        let page = c.current_url().await.unwrap();
+        let deadline = Instant::now() + UI_WAIT;
+        let loaded = loop {
+            let log = text(c, "#log").await.unwrap_or_default();
+            if log.contains(FIRST_LINE) {
+                break log;
+            }
+            let why = text(c, "#log-unavailable").await;
+            assert!(
+                Instant::now() < deadline,
+                "no {FIRST_LINE} in the instance's log within {UI_WAIT:?}: {log:?} {why:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c.goto(page.as_str()).await.unwrap();
+        };
+        let last_tick = |log: &str| log.lines().filter_map(|l| l.strip_prefix("tick-")?.parse::<u64>().ok()).max();
+        let wanted = last_tick(&loaded).map_or(0, |n| n + 1);
+        assert!(c.find(Locator::Css("#log-following")).await.is_err(), "not following before Follow is pressed");
+        click(c, "#log-follow").await;
+        wait_text(c, "#log-following", |t| t.starts_with("following")).await;
+        let line = format!("tick-{wanted}");
+        let followed = wait_text(c, "#log", |t| t.lines().any(|l| l == line)).await;
+        assert!(followed.starts_with(loaded.trim_end()), "new lines are appended after the loaded ones:\n{followed}");
+        assert_eq!(followed.matches(FIRST_LINE).count(), 1, "nothing is appended twice:\n{followed}");
+        click(c, "#log-stop").await;
+        wait_text(c, "#log-follow", |t| t == "Follow").await;
+    }
+
+    /// The network view: the service's IPs as the API gives them, its instance's overlay address and
+    /// worker, and the worker's datapath.
+    async fn network(&self, c: &Client) {
+        click(c, r#"header a[href="/network"]"#).await;
+        wait_text(c, "h1", |t| t == "Network").await;
+        let (code, services) = self.api.call("GET", "/api/services", None);
+        assert_eq!(code, 200);
+        let svc = services.as_array().and_then(|a| a.iter().find(|s| s["microservice_name"] == "httpd")).cloned();
+        let svc = svc.unwrap_or_else(|| panic!("httpd among the services: {services}"));
+        let (rr, closest) =
+            (svc["addresses"]["rr_ip"].as_str().unwrap(), svc["addresses"]["closest_ip"].as_str().unwrap());
+        assert!(!rr.is_empty() && !closest.is_empty(), "the root gave the service its IPs: {svc}");
+        let row = r#"tr.service-ip[data-service="httpd"]"#;
+        wait_text(c, &format!("{row} td.rr-ip"), |t| t == rr).await;
+        assert_eq!(text(c, &format!("{row} td.closest-ip")).await.as_deref(), Some(closest));
+        let inst = format!(r#"{row} div.instance[data-instance="0"]"#);
+        let ns = svc["instance_list"][0]["ns_address"].as_str().unwrap_or_default();
+        assert!(!ns.is_empty(), "the running instance has an overlay address: {svc}");
+        assert_eq!(text(c, &format!("{inst} code.ns-address")).await.as_deref(), Some(ns));
+        assert_eq!(text(c, &format!("{inst} span.node")).await.as_deref(), Some("doc-worker"));
+        let (_, workers) = self.api.call("GET", "/api/cluster/doc/workers", None);
+        let datapath = workers[0]["network"]["datapath"].as_str().unwrap_or_default().to_string();
+        assert_eq!(attr(c, &format!("{inst} .datapath"), "data-datapath").await, datapath, "the instance's path");
+        let card = r#"div.worker-net[data-worker="doc-worker"]"#;
+        assert_eq!(attr(c, &format!("{card} .datapath"), "data-datapath").await, datapath, "the worker's path");
+        let carried = text(c, &format!("{card} p.carried")).await.unwrap_or_default();
+        assert!(carried.contains("eBPF fast path") && carried.contains("tun path"), "{carried:?}");
+        c.find(Locator::Css("#throughput svg")).await.expect("the throughput chart");
+        self.shot(c, "07b-network").await;
+    }
+
     async fn logout(&self, c: &Client) {
         click(c, "#logout").await;
         wait_path(c, "/login").await;
@@ -365,6 +482,31 @@ impl Flow {
         c.goto(&format!("{}/clusters", self.base)).await.unwrap();
         wait_path(c, "/login").await;
         self.shot(c, "11-logged-out").await;
+    }
+
+    /// A user who is not the Admin sees the clusters but, in place of the workers, a note that they are for
+    /// the Admin (the root answers them 403).
+    async fn not_admin(&self, c: &Client) {
+        let (code, v) = self.api.call(
+            "POST",
+            "/api/auth/register",
+            Some(&json!({"name": "viewer", "password": VIEWER_PASSWORD, "roles": ["Application_Provider"]})),
+        );
+        assert_eq!(code, 200, "the Admin registers a user: {v}");
+        c.goto(&format!("{}/login", self.base)).await.unwrap();
+        type_into(c, "#username", "viewer").await;
+        type_into(c, "#password", VIEWER_PASSWORD).await;
+        click(c, "#login").await;
+        wait_path(c, "/clusters").await;
+        click(c, r#"tr.cluster[data-cluster="doc"] a.cluster-link"#).await;
+        let note = wait_text(c, "#workers-admin-only", |t| !t.is_empty()).await;
+        assert!(note.starts_with("Worker details") && note.contains("for the Admin"), "{note:?}");
+        assert!(c.find(Locator::Css("#workers")).await.is_err(), "no worker table for a non-Admin");
+        self.shot(c, "12-cluster-not-admin").await;
+        c.goto(&format!("{}/network", self.base)).await.unwrap();
+        wait_text(c, "#workers-admin-only", |t| t.contains("for the Admin")).await;
+        click(c, "#logout").await;
+        wait_path(c, "/login").await;
     }
 
     fn code(&self) -> String {
@@ -426,6 +568,30 @@ async fn wait_text(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
             let body = text(c, "main").await.unwrap_or_default();
             panic!("{css}: text {t:?} not as expected within {UI_WAIT:?}; the page shows:\n{body}");
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The attribute `name` of the first element matching `css`, or "" (asserted by the caller).
+async fn attr(c: &Client, css: &str, name: &str) -> String {
+    match c.find(Locator::Css(css)).await {
+        Ok(e) => e.attr(name).await.ok().flatten().unwrap_or_default(),
+        Err(e) => panic!("no {css} in the page: {e}"),
+    }
+}
+
+/// Polls until the attribute of the first element matching `css` satisfies `ok`.
+async fn wait_attr(c: &Client, css: &str, name: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + UI_WAIT;
+    loop {
+        let v = match c.find(Locator::Css(css)).await {
+            Ok(e) => e.attr(name).await.ok().flatten(),
+            Err(_) => None,
+        };
+        if let Some(v) = v.as_deref().filter(|v| ok(v)) {
+            return v.to_string();
+        }
+        assert!(Instant::now() < deadline, "{css} [{name}] = {v:?} not as expected within {UI_WAIT:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
