@@ -96,60 +96,8 @@ pub struct Instance {
     pub memory_history: Vec<Sample>,
 }
 
-/// A live worker of a cluster (`GET /api/cluster/{id}/workers`, Admin only).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Worker {
-    pub node_id: String,
-    pub node_name: String,
-    pub address: String,
-    pub cpu_cores: u32,
-    pub cpu_percent: f64,
-    pub memory_total_mb: u64,
-    pub memory_free_mb: u64,
-    pub disk_free_mb: u64,
-    pub gpus: u32,
-    pub arch: String,
-    pub virtualization: Vec<String>,
-    pub location: String,
-    pub reserved_cpu: f64,
-    pub reserved_memory_mb: u64,
-    /// None without a NetManager.
-    pub network: Option<WorkerNetwork>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct WorkerNetwork {
-    /// `ebpf`, `tun` or `none`.
-    pub datapath: String,
-    pub subnet: String,
-    pub tunnel_endpoint: String,
-    /// The non-zero counters: `tun.<event>`, `tun.drop.<reason>`, `ebpf.<counter>`.
-    pub counters: std::collections::BTreeMap<String, u64>,
-}
-
-impl WorkerNetwork {
-    /// Bytes carried so far by the eBPF fast path.
-    pub fn ebpf_bytes(&self) -> u64 {
-        self.counters.get("ebpf.fast_bytes").copied().unwrap_or(0)
-    }
-
-    /// Bytes carried so far through the tun path's tunnel (sent and received).
-    pub fn tun_bytes(&self) -> u64 {
-        ["tun.tunnel_rx_bytes", "tun.tunnel_tx_bytes"].iter().filter_map(|k| self.counters.get(*k)).sum()
-    }
-}
-
-/// A piece of an instance's log (`GET /api/service/{id}/instance/{n}/logs`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Logs {
-    pub offset: u64,
-    pub next_offset: u64,
-    pub size: u64,
-    pub text: String,
-}
+/// The root's worker and log documents: one definition, shared with the root.
+pub use oak_proto::root_api::{InstanceLogs as Logs, Worker, WorkerNetwork};
 
 /// `v` as `T`, or a failure saying the root's answer was not understood.
 pub fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T, ApiFailure> {

@@ -601,7 +601,13 @@ mod tests {
     #[test]
     fn log_text_is_escaped_and_the_poller_carries_the_next_offset() {
         let i = Instance::default();
-        let logs = Ok(Logs { offset: 0, next_offset: 17, size: 17, text: "<script>x</script>\n".into() });
+        let logs = Ok(Logs {
+            offset: 0,
+            next_offset: 17,
+            size: 17,
+            text: "<script>x</script>\n".into(),
+            ..Default::default()
+        });
         let html = instance_log("/l", &i, &logs).into_string();
         assert!(html.contains("&lt;script&gt;x&lt;/script&gt;") && !html.contains("<script>"), "{html}");
         assert!(html.contains(r#"<input id="log-offset" type="hidden" name="offset" value="17">"#), "{html}");

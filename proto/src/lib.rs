@@ -6,6 +6,7 @@ pub mod endpoint;
 pub mod instance;
 pub mod netmanager_api;
 pub mod ports;
+pub mod root_api;
 
 pub use instance::{instance_key, InstanceKey, InstanceState};
 

@@ -137,85 +137,8 @@ impl ServiceDoc {
     }
 }
 
-/// A piece of an instance's log (`GET /api/service/{id}/instance/{n}/logs`).
-#[derive(Debug, Serialize, ToSchema)]
-#[schema(as = InstanceLogs)]
-pub struct LogsDoc {
-    pub service_id: String,
-    pub instance_number: u32,
-    /// Where `text` starts in the log.
-    pub offset: u64,
-    /// Where to ask from next to follow the log (`offset` + the bytes returned).
-    pub next_offset: u64,
-    /// The log's size now.
-    pub size: u64,
-    /// The bytes, decoded as UTF-8 (invalid sequences replaced).
-    pub text: String,
-}
-
-/// A live worker of a cluster, as its cluster last reported it (`GET /api/cluster/{id}/workers`).
-#[derive(Debug, Serialize, ToSchema)]
-#[schema(as = Worker)]
-pub struct WorkerDoc {
-    pub node_id: String,
-    pub node_name: String,
-    /// The worker's address as its cluster sees it.
-    pub address: String,
-    pub cpu_cores: u32,
-    /// Used now, 0..100 over all cores.
-    pub cpu_percent: f64,
-    pub memory_total_mb: u64,
-    pub memory_free_mb: u64,
-    pub disk_free_mb: u64,
-    pub gpus: u32,
-    pub arch: String,
-    pub virtualization: Vec<String>,
-    pub location: String,
-    /// vcpus and memory asked for by the instances placed there.
-    pub reserved_cpu: f64,
-    pub reserved_memory_mb: u64,
-    /// The overlay as the worker's NetManager reports it; null without a NetManager.
-    pub network: Option<WorkerNetworkDoc>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[schema(as = WorkerNetwork)]
-pub struct WorkerNetworkDoc {
-    /// `ebpf` (the fast path; the tun path for the rest), `tun`, or `none`.
-    pub datapath: String,
-    pub subnet: String,
-    pub tunnel_endpoint: String,
-    /// Non-zero counters: `tun.<event>`, `tun.drop.<reason>`, `ebpf.<counter>`.
-    pub counters: std::collections::BTreeMap<String, u64>,
-}
-
-impl From<oak_proto::v1::WorkerSummary> for WorkerDoc {
-    fn from(w: oak_proto::v1::WorkerSummary) -> Self {
-        let r = w.resources.unwrap_or_default();
-        Self {
-            node_id: w.node_id,
-            node_name: w.node_name,
-            address: w.address,
-            cpu_cores: r.cpu_cores,
-            cpu_percent: r.cpu_percent,
-            memory_total_mb: r.memory_total_mb,
-            memory_free_mb: r.memory_free_mb,
-            disk_free_mb: r.disk_free_mb,
-            gpus: r.gpus.len() as u32,
-            arch: oak_proto::arch::normalize(&r.arch),
-            virtualization: r.virtualization,
-            location: r.location,
-            reserved_cpu: w.reserved_cpu,
-            reserved_memory_mb: w.reserved_memory_mb,
-            network: r.network.map(|n| WorkerNetworkDoc {
-                datapath: n.datapath,
-                subnet: n.subnet,
-                tunnel_endpoint: n.tunnel_endpoint,
-                counters: n.counters.into_iter().collect(),
-            }),
-        }
-    }
-}
+/// Shared with the dashboard, which reads them (one definition: `oak_proto::root_api`).
+pub use oak_proto::root_api::{InstanceLogs as LogsDoc, Worker as WorkerDoc};
 
 /// A cluster as the API shows it: its last aggregate and whether its session is live.
 #[derive(Debug, Serialize, ToSchema)]
