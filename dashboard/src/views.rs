@@ -398,7 +398,7 @@ pub fn cluster_live(
         h2 { "Workers" }
         @match workers {
             Err(e) => { (workers_failure(e)) }
-            Ok(ws) if ws.is_empty() => { p.muted #no-workers { "No live worker." } }
+            Ok(ws) if ws.is_empty() => { p.muted #no-workers { "No worker." } }
             Ok(ws) => {
                 table #workers {
                     thead { tr {
@@ -410,8 +410,14 @@ pub fn cluster_live(
                         @for w in ws {
                             tr.worker data-worker=(w.node_name) {
                                 td { strong { (w.node_name) } br; span.muted { code { (w.node_id) } } }
-                                // the root lists the workers its cluster reports as live
-                                td { span.state.ok { "live" } }
+                                td.state {
+                                    @if w.state == "lost" {
+                                        span.state.bad { "lost" } br;
+                                        span.muted { "silent since " (ago(w.last_report_ms as f64 / 1000.0)) }
+                                    } @else {
+                                        span.state.ok { (w.state) }
+                                    }
+                                }
                                 td.cpu { (w.cpu_cores) " cores, " (format!("{:.1}", w.cpu_percent)) " % used" }
                                 td.memory {
                                     (w.memory_total_mb.saturating_sub(w.memory_free_mb)) " / " (w.memory_total_mb) " MiB used"
@@ -479,7 +485,7 @@ pub fn network(
         h2 { "Workers" }
         @match workers {
             Err(e) => { (workers_failure(e)) }
-            Ok(ws) if ws.is_empty() => { p.muted #no-workers { "No live worker." } }
+            Ok(ws) if ws.is_empty() => { p.muted #no-workers { "No worker." } }
             Ok(ws) => {
                 div.charts { (throughput) }
                 div.workers {
@@ -635,7 +641,16 @@ mod tests {
             }),
             ..Default::default()
         };
-        let html = cluster_live(&c, &Ok(vec![w]), html! {}, html! {}).into_string();
+        // a worker its cluster lost: shown as lost, with how long it has been silent
+        let lost = Worker {
+            node_name: "w2".into(),
+            state: "lost".into(),
+            last_report_ms: (now_s() - 120) * 1000,
+            ..Default::default()
+        };
+        let html = cluster_live(&c, &Ok(vec![w, lost]), html! {}, html! {}).into_string();
         assert!(html.contains(r#"data-datapath="ebpf""#) && html.contains("10.18.0.0/26"), "{html}");
+        assert!(html.contains(r#"<span class="state bad">lost</span>"#), "{html}");
+        assert!(html.contains("silent since 2 min ago"), "{html}");
     }
 }

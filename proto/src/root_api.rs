@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A live worker of a cluster, as its cluster last reported it (`GET /api/cluster/{id}/workers`).
+/// A worker of a cluster, as its cluster last reported it (`GET /api/cluster/{id}/workers`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
@@ -30,6 +30,11 @@ pub struct Worker {
     pub reserved_memory_mb: u64,
     /// The overlay as the worker's NetManager reports it; null without a NetManager.
     pub network: Option<WorkerNetwork>,
+    /// `live`, or `lost`: silent past its cluster's heartbeat timeout and not yet removed (its resources
+    /// are what it reported last).
+    pub state: String,
+    /// When its last heartbeat came (ms since the epoch).
+    pub last_report_ms: u64,
 }
 
 /// A worker's overlay as its NetManager reports it.
@@ -81,6 +86,8 @@ impl From<crate::v1::WorkerSummary> for Worker {
                 tunnel_endpoint: n.tunnel_endpoint,
                 counters: n.counters.into_iter().collect(),
             }),
+            state: w.state,
+            last_report_ms: w.last_report_ms,
         }
     }
 }

@@ -735,13 +735,20 @@ impl Cluster {
             if !arch.is_empty() && !a.arch.contains(&arch) {
                 a.arch.push(arch);
             }
+        }
+        // every worker for people to see, the lost ones too (with what they reported last)
+        let now = now_ms();
+        for (id, w) in &s.workers {
+            let reserved = views.iter().find(|v| &v.id == id).map(|v| (v.reserved_cpu, v.reserved_memory_mb));
             a.workers.push(pb::WorkerSummary {
-                node_id: v.id.clone(),
-                node_name: v.name.clone(),
-                resources: Some(r.clone()),
-                address: s.workers.get(&v.id).map(|w| w.address.clone()).unwrap_or_default(),
-                reserved_cpu: v.reserved_cpu,
-                reserved_memory_mb: v.reserved_memory_mb,
+                node_id: id.clone(),
+                node_name: w.name.clone(),
+                resources: Some(w.resources.clone()),
+                address: w.address.clone(),
+                reserved_cpu: reserved.map(|r| r.0).unwrap_or_default(),
+                reserved_memory_mb: reserved.map(|r| r.1).unwrap_or_default(),
+                state: if w.alive { "live" } else { "lost" }.into(),
+                last_report_ms: now.saturating_sub(w.last_seen.elapsed().as_millis() as u64),
             });
         }
         a.workers.sort_by(|x, y| x.node_name.cmp(&y.node_name));

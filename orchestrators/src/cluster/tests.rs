@@ -252,6 +252,13 @@ async fn worker_that_misses_heartbeats_loses_its_instance_to_another() {
     let live = cl.cluster.live_workers();
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(live[0].1, "steady");
+    // the report up shows both: flaky lost (with when it last spoke), steady live; the sums count steady alone
+    let a = cl.cluster.aggregate();
+    let states: Vec<(&str, &str)> = a.workers.iter().map(|w| (w.node_name.as_str(), w.state.as_str())).collect();
+    assert_eq!(states, [("flaky", "lost"), ("steady", "live")], "{a:?}");
+    let flaky = &a.workers[0];
+    assert!(flaky.last_report_ms > 0 && flaky.last_report_ms < a.workers[1].last_report_ms, "{a:?}");
+    assert_eq!((a.active_nodes, a.total_cpu_cores), (1, 2), "{a:?}");
     // the detail says why it moved
     let st = cl.cluster.instance(&sid, 0).unwrap();
     assert_eq!(st.node_name, "steady");

@@ -136,8 +136,8 @@ impl Root {
         }
     }
 
-    /// The live workers cluster `cluster_id` (its id or its name) reported last; none while the cluster is
-    /// inactive. Admin only: they show node addresses.
+    /// The workers (live and lost) cluster `cluster_id` (its id or its name) reported last; none while the
+    /// cluster is inactive. Admin only: they show node addresses.
     pub fn cluster_workers(
         &self,
         who: &super::auth::Identity,

@@ -490,7 +490,7 @@ async fn clusters_active(Caller { root, .. }: Caller) -> ApiResult {
 }
 
 #[utoipa::path(get, path = "/api/cluster/{id}/workers",
-    summary = "The live workers of a cluster (by id or name), as it last reported them (Admin only)",
+    summary = "The workers of a cluster (by id or name), live and lost, as it last reported them (Admin only)",
     security(("bearer" = [])), params(Id),
     responses((status = 200, description = "OK (empty while the cluster is inactive)", body = Vec<WorkerDoc>),
         (status = 403, description = "not Admin", body = Message), (status = 404, description = "no such cluster", body = Message)))]
