@@ -738,8 +738,10 @@ impl Cluster {
         }
         // every worker for people to see, the lost ones too (with what they reported last)
         let now = now_ms();
+        let reserved: HashMap<&str, (f64, u64)> =
+            views.iter().map(|v| (v.id.as_str(), (v.reserved_cpu, v.reserved_memory_mb))).collect();
         for (id, w) in &s.workers {
-            let reserved = views.iter().find(|v| &v.id == id).map(|v| (v.reserved_cpu, v.reserved_memory_mb));
+            let reserved = reserved.get(id.as_str()).copied();
             a.workers.push(pb::WorkerSummary {
                 node_id: id.clone(),
                 node_name: w.name.clone(),
