@@ -96,6 +96,15 @@ impl Containerd {
     }
 
     pub(crate) async fn write_blob(&self, blob: &image::Blob, lease: &str) -> anyhow::Result<()> {
+        // the lease holds the blob whether we write it or it is there already: a garbage collection (an
+        // image of this namespace removed meanwhile) must not take it before our image refers to it. Added
+        // before the existence check, so no collection fits between the two.
+        let resource = cs::Resource { id: blob.digest.clone(), r#type: "content".into() };
+        self.client
+            .leases()
+            .add_resource(self.req(cs::AddResourceRequest { id: lease.into(), resource: Some(resource) }))
+            .await
+            .with_context(|| format!("holding blob {} under lease {lease}", blob.digest))?;
         if self.content_exists(&blob.digest).await? {
             if !blob.labels.is_empty() {
                 self.update_content_labels(&blob.digest, &blob.labels).await?;
