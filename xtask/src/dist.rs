@@ -72,10 +72,32 @@ pub fn bin_dir(target: &str, profile: &str) -> PathBuf {
     }
 }
 
+/// A systemd unit of a bundle: every one starts after the network, restarts on failure and reads an env
+/// file (`-` before its path: optional).
+struct Unit {
+    description: &'static str,
+    /// More units to start after, and to want, each with a leading space.
+    after: &'static str,
+    wants: &'static str,
+    env: &'static str,
+    exec: &'static str,
+}
+
+impl Unit {
+    fn render(&self) -> String {
+        let Unit { description, after, wants, env, exec } = self;
+        format!(
+            "[Unit]\nDescription=oakestra-rs {description}\nAfter=network-online.target{after}\n\
+             Wants=network-online.target{wants}\n\n[Service]\nEnvironmentFile={env}\nExecStart={exec}\n\
+             Restart=on-failure\n\n[Install]\nWantedBy=multi-user.target\n"
+        )
+    }
+}
+
 struct Role {
     name: &'static str,
     bins: &'static [&'static str],
-    units: &'static [(&'static str, &'static str)],
+    units: &'static [(&'static str, Unit)],
     configs: &'static [(&'static str, &'static str)],
 }
 
@@ -83,56 +105,79 @@ const ROLES: &[Role] = &[
     Role {
         name: "root",
         bins: &["root-orchestrator", "oak-dashboard"],
-        units: &[("oak-root.service", ROOT_UNIT), ("oak-dashboard.service", DASHBOARD_UNIT)],
+        units: &[
+            (
+                "oak-root.service",
+                Unit {
+                    description: "root orchestrator (API :10000, clusters :50052, service manager :10099)",
+                    after: "",
+                    wants: "",
+                    env: "-/etc/oakestra-rs/root.env",
+                    exec: "/usr/local/bin/root-orchestrator",
+                },
+            ),
+            (
+                "oak-dashboard.service",
+                Unit {
+                    description: "dashboard (:80, over the root's REST API)",
+                    after: " oak-root.service",
+                    wants: "",
+                    env: "-/etc/oakestra-rs/dashboard.env",
+                    exec: "/usr/local/bin/oak-dashboard",
+                },
+            ),
+        ],
         configs: &[("oakestra-rs/root.env", ROOT_ENV), ("oakestra-rs/dashboard.env", DASHBOARD_ENV)],
     },
     Role {
         name: "cluster",
         bins: &["cluster-orchestrator"],
-        units: &[("oak-cluster.service", CLUSTER_UNIT)],
+        units: &[(
+            "oak-cluster.service",
+            Unit {
+                description: "cluster orchestrator (workers :10100, network service :10110)",
+                after: "",
+                wants: "",
+                env: "/etc/oakestra-rs/cluster.env",
+                exec: "/usr/local/bin/cluster-orchestrator",
+            },
+        )],
         configs: &[("oakestra-rs/cluster.env", CLUSTER_ENV)],
     },
     Role {
         name: "worker",
         bins: &["NodeEngine", "NetManager", "oak-image"],
-        units: &[("oak-netmanager.service", NETMANAGER_UNIT), ("oak-nodeengine.service", NODEENGINE_UNIT)],
+        units: &[
+            (
+                "oak-netmanager.service",
+                Unit {
+                    description: "NetManager (worker overlay, local API :6000, tunnel :50103/udp)",
+                    after: "",
+                    wants: "",
+                    env: "/etc/oakestra-rs/worker.env",
+                    exec: "/bin/sh -c 'exec /usr/local/bin/NetManager -p 6000 -c /etc/netmanager/netcfg.json $NETMANAGER_OPTS'",
+                },
+            ),
+            (
+                "oak-nodeengine.service",
+                Unit {
+                    description: "NodeEngine (runs the instances; needs containerd)",
+                    after: " containerd.service oak-netmanager.service",
+                    wants: " oak-netmanager.service",
+                    env: "/etc/oakestra-rs/worker.env",
+                    exec: "/bin/sh -c 'exec /usr/local/bin/NodeEngine -a \"$CLUSTER_ADDRESS\" -n 6000 $NODEENGINE_OPTS'",
+                },
+            ),
+        ],
         configs: &[("netmanager/netcfg.json", NETCFG), ("oakestra-rs/worker.env", WORKER_ENV)],
     },
 ];
-
-const ROOT_UNIT: &str = "[Unit]
-Description=oakestra-rs root orchestrator (API :10000, clusters :50052, service manager :10099)
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-EnvironmentFile=-/etc/oakestra-rs/root.env
-ExecStart=/usr/local/bin/root-orchestrator
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
-";
 
 const ROOT_ENV: &str = "# root-orchestrator settings (see `root-orchestrator --help`)
 # The Admin password at first start (otherwise one is made: /var/lib/oakestra-rs/root/admin-password)
 #OAK_ADMIN_PASSWORD=
 # HTTPS for the API with a certificate of the root's own CA for these names
 #OAK_API_TLS_NAMES=root.example.org
-";
-
-const DASHBOARD_UNIT: &str = "[Unit]
-Description=oakestra-rs dashboard (:80, over the root's REST API)
-After=network-online.target oak-root.service
-Wants=network-online.target
-
-[Service]
-EnvironmentFile=-/etc/oakestra-rs/dashboard.env
-ExecStart=/usr/local/bin/oak-dashboard
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
 ";
 
 const DASHBOARD_ENV: &str = "# oak-dashboard settings (see `oak-dashboard --help`)
@@ -143,20 +188,6 @@ const DASHBOARD_ENV: &str = "# oak-dashboard settings (see `oak-dashboard --help
 #OAK_ROOT_CA=
 ";
 
-const CLUSTER_UNIT: &str = "[Unit]
-Description=oakestra-rs cluster orchestrator (workers :10100, network service :10110)
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-EnvironmentFile=/etc/oakestra-rs/cluster.env
-ExecStart=/usr/local/bin/cluster-orchestrator
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
-";
-
 const CLUSTER_ENV: &str = "# cluster-orchestrator settings (see `cluster-orchestrator --help`)
 # The root orchestrator's address
 SYSTEM_MANAGER_URL=
@@ -165,34 +196,6 @@ CLUSTER_NAME=
 CLUSTER_LOCATION=
 # a join token of the root: its /var/lib/oakestra-rs/root/join-token, or `root-orchestrator token create`
 OAK_CLUSTER_TOKEN=
-";
-
-const NETMANAGER_UNIT: &str = "[Unit]
-Description=oakestra-rs NetManager (worker overlay, local API :6000, tunnel :50103/udp)
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-EnvironmentFile=/etc/oakestra-rs/worker.env
-ExecStart=/bin/sh -c 'exec /usr/local/bin/NetManager -p 6000 -c /etc/netmanager/netcfg.json $NETMANAGER_OPTS'
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
-";
-
-const NODEENGINE_UNIT: &str = "[Unit]
-Description=oakestra-rs NodeEngine (runs the instances; needs containerd)
-After=network-online.target containerd.service oak-netmanager.service
-Wants=network-online.target oak-netmanager.service
-
-[Service]
-EnvironmentFile=/etc/oakestra-rs/worker.env
-ExecStart=/bin/sh -c 'exec /usr/local/bin/NodeEngine -a \"$CLUSTER_ADDRESS\" -n 6000 $NODEENGINE_OPTS'
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
 ";
 
 const WORKER_ENV: &str = "# NodeEngine and NetManager settings (see `NodeEngine --help`, `NetManager --help`)
@@ -300,8 +303,8 @@ fn bundle(roles: &[&Role], target: &str, release: &Path, object: &Path, out: &Pa
         if r.name == "worker" {
             copy(object, &stage.join("lib/oakestra-rs/netmanager-ebpf.o"))?;
         }
-        for (file, text) in r.units {
-            write(&stage.join("systemd").join(file), text)?;
+        for (file, unit) in r.units {
+            write(&stage.join("systemd").join(file), &unit.render())?;
         }
         for (file, text) in r.configs {
             write(&stage.join("etc").join(file), text)?;
