@@ -198,15 +198,21 @@ fn log_len(name: &str) -> u64 {
 fn wait_log(name: &str, from: u64, needle: &str, timeout: Duration) -> anyhow::Result<()> {
     let path = Path::new(LOG_DIR).join(format!("{name}.log"));
     wait_until(&format!("{name}: {needle:?}"), timeout, || {
-        let text = fs::read(&path).unwrap_or_default();
-        let new = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+        // only what this start wrote (the log file is appended to across starts)
+        let mut new = Vec::new();
+        if let Ok(mut f) = fs::File::open(&path) {
+            use std::io::{Read, Seek, SeekFrom};
+            f.seek(SeekFrom::Start(from))?;
+            f.read_to_end(&mut new)?;
+        }
+        let new = String::from_utf8_lossy(&new);
         if new.contains(needle) {
             return Ok(true);
         }
         if running_pid(name).is_none() {
-            let tail: Vec<&str> = new.lines().rev().take(15).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("{name} exited; the end of {}:\n{}", path.display(), tail.join("\n"));
+            let lines: Vec<&str> = new.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            bail!("{name} exited; the end of {}:\n{tail}", path.display());
         }
         Ok(false)
     })
