@@ -5,7 +5,7 @@
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::debug;
 use netmanager_ebpf_common::{
-    Counter, FlowVal, Service, CT_FORWARD, CT_PASSTHROUGH, CT_REVERSE, KIND_CLOSEST, KIND_TUN, MAX_BACKENDS,
+    Counter, FlowVal, Service, CT_FORWARD, CT_HAIRPIN, CT_PASSTHROUGH, CT_REVERSE, KIND_CLOSEST, KIND_TUN, MAX_BACKENDS,
 };
 
 use crate::deliver::deliver;
@@ -20,11 +20,17 @@ pub fn try_inst_ingress(ctx: &mut TcContext) -> Verdict {
     let mut dst = p.dst;
     if p.dst & cfg.service_mask == cfg.service_net {
         let backend = match unsafe { CT.get(&key) } {
-            Some(v) if v.dir == CT_FORWARD => v.addr,
+            Some(v) if v.dir == CT_FORWARD || v.dir == CT_HAIRPIN => v.addr,
             _ => new_flow(ctx, &p)?,
         };
         rewrite_addr(ctx, &p, backend, Addr::Dst).map_err(|_| Exit::Drop(Counter::ErrRedirect))?;
-        count(Counter::FwdNat);
+        if backend == p.src {
+            // to itself: from the service IP, so it is taken in and answered through here
+            rewrite_addr(ctx, &p, p.dst, Addr::Src).map_err(|_| Exit::Drop(Counter::ErrRedirect))?;
+            count(Counter::Hairpin);
+        } else {
+            count(Counter::FwdNat);
+        }
         dst = backend;
     } else if let Some(v) = unsafe { CT.get(&key) } {
         // a local instance answering a flow translated on this worker
@@ -57,8 +63,16 @@ fn new_flow(ctx: &TcContext, p: &Pkt) -> Result<u32, Exit> {
         return Err(Exit::Pass(Counter::PassTcpMidflow)); // a flow the tun path started
     }
     let b = choose(p.dst, svc).ok_or(Exit::Pass(Counter::PassNoBackend))?;
-    let _ = CT.insert(&p.key(), &FlowVal::new(b, CT_FORWARD), 0);
-    let _ = CT.insert(&p.reply_key(b), &FlowVal::new(p.dst, CT_REVERSE), 0);
+    if b == p.src {
+        // both directions leave the instance towards the service IP and get the same translation
+        let mut reply = p.reply_key(b);
+        reply.dst = p.dst;
+        let _ = CT.insert(&p.key(), &FlowVal::new(b, CT_HAIRPIN), 0);
+        let _ = CT.insert(&reply, &FlowVal::new(b, CT_HAIRPIN), 0);
+    } else {
+        let _ = CT.insert(&p.key(), &FlowVal::new(b, CT_FORWARD), 0);
+        let _ = CT.insert(&p.reply_key(b), &FlowVal::new(p.dst, CT_REVERSE), 0);
+    }
     count(Counter::NewFlow);
     debug!(ctx, "new flow to service {:i}: instance {:i}", u32::from_be(p.dst), u32::from_be(b));
     Ok(b)

@@ -2,7 +2,8 @@
 //! hosts (network namespaces joined by a veth "underlay"), each with a bridge and instance namespaces
 //! wired as the NetManager wires them. The programs translate a service IP to instances on both workers
 //! (round-robin per flow), deliver locally with `bpf_redirect_peer`, encapsulate to the other worker in the
-//! tun path's tunnel format and decapsulate there; replies get the service IP back. The counters show the
+//! tun path's tunnel format and decapsulate there; replies get the service IP back. An instance reaches
+//! itself through its own service IP (both ends translated). The counters show the
 //! traffic took the eBPF path. No userspace datapath runs in this test: if the programs did not do it,
 //! nothing would.
 
@@ -240,10 +241,27 @@ fn service_ip_across_two_workers_in_the_kernel() {
         assert!(a.starts_with("i1 "), "{a}");
     }
 
+    // an instance reaching its own service: round-robin takes it to itself every other flow (the closest
+    // IP always); to itself it arrives from the service IP, and its answer is translated back on the way
+    let mut own: HashMap<String, usize> = HashMap::new();
+    for _ in 0..4 {
+        let a = ask(&i1_ns, SocketAddr::new(rr.into(), 8080), 1000);
+        let who = a.split_whitespace().next().unwrap().to_string();
+        let peer = if who == "i1" { "10.30.0.5" } else { "10.18.0.2" };
+        assert!(a.contains(&format!(" 1000 {peer}:")), "{who} sees the client as {peer}: {a}");
+        *own.entry(who).or_default() += 1;
+    }
+    assert_eq!((own.get("i1"), own.get("i2")), (Some(&2), Some(&2)), "{own:?}");
+    for _ in 0..2 {
+        let a = ask(&i1_ns, SocketAddr::new(closest.into(), 8080), 10);
+        assert!(a.starts_with("i1 10 10.30.0.6:"), "itself, from its closest IP: {a}");
+    }
+
     let c1 = fp1.counters().unwrap();
     let c2 = fp2.counters().unwrap();
     eprintln!("worker 1: {c1:?}\nworker 2: {c2:?}");
-    assert_eq!(c1["new_flow"], 11, "{c1:?}");
+    assert_eq!(c1["new_flow"], 17, "{c1:?}");
+    assert!(c1["hairpin"] > 0, "flows of an instance to itself: {c1:?}");
     assert!(c2["fast_bytes"] > 4 * 1024 * 1024, "the bulk crossed worker 2's fast path: {c2:?}");
     assert!(c1["fwd_nat"] > 0 && c1["rev_nat"] > 0, "translation both ways on the client's worker: {c1:?}");
     assert!(c1["local_deliver"] > 0, "hairpin to the local instance via redirect_peer: {c1:?}");

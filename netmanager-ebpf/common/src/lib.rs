@@ -52,6 +52,10 @@ pub const CT_REVERSE: u8 = 2;
 /// A flow the fast path carries without translation (arriving at a server, or the reply direction of a
 /// flow a local instance opened to a remote instance IP): decapsulate and deliver.
 pub const CT_PASSTHROUGH: u8 = 3;
+/// A flow of an instance to itself through a service IP (`Hairpin`), either direction: the source becomes
+/// the service IP and the destination the instance (the kernel drops a packet that arrives with one of its
+/// own addresses as source, and answers a local source on loopback, past the reverse translation).
+pub const CT_HAIRPIN: u8 = 4;
 
 /// CT value. Forward (client -> service IP): `addr` is the chosen instance. Reverse (instance -> client):
 /// `addr` is the service IP to put back as source.
@@ -211,6 +215,9 @@ counters! {
     /// to the tun path, which drops it as `tunnel_unknown_peer` or `tunnel_spoofed_inner` unless its
     /// fuller tables know the sender.
     PassUnverifiedPeer = "pass_unverified_peer",
+    /// Packets of flows whose chosen instance is their own client (an instance reaching itself through
+    /// its service IP), both ends translated (`CT_HAIRPIN`).
+    Hairpin = "hairpin",
 }
 
 #[cfg(feature = "user")]
