@@ -37,6 +37,8 @@ pub struct MetricsCollector {
     gpu_probe: bool,
     /// The latest overlay summary of the local NetManager (see [`crate::netmanager::watch_network`]).
     network: Option<tokio::sync::watch::Receiver<Option<oak_proto::v1::WorkerNetwork>>>,
+    /// The runtime whose running instances' use goes with every sample.
+    runtime: Option<std::sync::Arc<crate::runtime::Runtime>>,
 }
 
 impl MetricsCollector {
@@ -52,6 +54,7 @@ impl MetricsCollector {
             location,
             gpu_probe: find_in_path("nvidia-smi").is_some(),
             network: None,
+            runtime: None,
         }
     }
 
@@ -86,12 +89,19 @@ impl MetricsCollector {
             virtualization: self.virtualization(),
             location: self.location.clone(),
             network: self.network.as_ref().and_then(|rx| rx.borrow().clone()),
+            instances: self.runtime.as_ref().map(|r| r.usage()).unwrap_or_default(),
         }
     }
 
     /// Reports the overlay summaries `rx` yields with every sample.
     pub fn with_network(mut self, rx: tokio::sync::watch::Receiver<Option<oak_proto::v1::WorkerNetwork>>) -> Self {
         self.network = Some(rx);
+        self
+    }
+
+    /// Reports the use of `runtime`'s running instances with every sample.
+    pub fn with_instances(mut self, runtime: std::sync::Arc<crate::runtime::Runtime>) -> Self {
+        self.runtime = Some(runtime);
         self
     }
 

@@ -71,7 +71,8 @@ pub async fn run(
     runtime: Arc<Runtime>,
     mut events: mpsc::UnboundedReceiver<InstanceStatus>,
 ) -> anyhow::Result<()> {
-    let mut metrics = MetricsCollector::new(&cfg.data_dir, cfg.unikernel, cfg.location.clone());
+    let mut metrics =
+        MetricsCollector::new(&cfg.data_dir, cfg.unikernel, cfg.location.clone()).with_instances(runtime.clone());
     if cfg.netmanager_port != 0 {
         // the overlay summary (GETs need no credential) goes up with every heartbeat
         let client = crate::netmanager::NetManagerClient::new(cfg.netmanager_port, std::path::Path::new(""));

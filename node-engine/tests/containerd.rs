@@ -32,7 +32,9 @@ async fn httpd_runs_answers_and_undeploys_cleanly() {
     assert_eq!(seen, ["CREATING", "CREATED", "RUNNING"]);
     assert_eq!(running.instance_number, 0);
     if memory_limit_bytes(&rt.cgroups_path(&id)).is_some() {
-        assert!(running.memory_bytes > 0, "instance memory use reported");
+        let u = rt.usage();
+        let mine = u.iter().find(|u| u.service_id == "svc-httpd").expect("the running instance's use sampled");
+        assert!(mine.memory_bytes > 0, "instance memory use reported: {u:?}");
     }
     let pid = rt.pid_of("svc-httpd", 0).expect("pid known");
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
@@ -69,6 +71,43 @@ async fn httpd_runs_answers_and_undeploys_cleanly() {
     common::assert_gone(&rt, &id).await;
     assert!(!rt.log_path(&id).exists(), "log file left behind");
     assert!(rt.instances().is_empty());
+    env.cleanup(&rt).await;
+}
+
+/// A busy instance limited to half a core: its CPU use, as sampled from its cgroup between two samples,
+/// is well above idle and not above the limit (with room for accounting slop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_cpu_use_is_sampled_from_its_cgroup() {
+    require_containerd!();
+    let env = common::Env::new("busy");
+    let (rt, mut rx) = env.runtime().await;
+    let mut spec = env.spec("svc-busy", &["/bin/sh", "-c", "while :; do :; done"]);
+    spec.vcpus = 0.5;
+    let id = instance_id(&spec.job_name, 0);
+    rt.deploy(spec, 0);
+    let mut seen = Vec::new();
+    common::wait_for(&mut rx, "svc-busy", &["RUNNING"], &mut seen).await;
+    let first = rt.usage();
+    assert_eq!(first.len(), 1, "the running instance is sampled: {first:?}");
+    assert_eq!(first[0].cpu_percent, 0.0, "no CPU figure before a second sample");
+    let mut samples = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let busy = loop {
+        // samples as far apart as the heartbeat, so the figure is an average over that time
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+        let u = rt.usage().into_iter().find(|u| u.service_id == "svc-busy").expect("still sampled");
+        samples.push(u.cpu_percent);
+        if u.cpu_percent > 20.0 {
+            break u;
+        }
+        assert!(std::time::Instant::now() < deadline, "a busy loop shows no CPU use: {samples:?}");
+    };
+    assert!(busy.cpu_percent < 80.0, "half a core at most (the SLA's vcpus): {samples:?}");
+    assert!(busy.memory_bytes > 0);
+    rt.undeploy("svc-busy", 0).await.expect("undeploy");
+    common::wait_for(&mut rx, "svc-busy", &["UNDEPLOYED"], &mut seen).await;
+    assert!(rt.usage().is_empty(), "an undeployed instance is no longer sampled");
+    common::assert_gone(&rt, &id).await;
     env.cleanup(&rt).await;
 }
 

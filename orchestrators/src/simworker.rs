@@ -52,8 +52,9 @@ impl SimWorker {
             gpus: vec![],
             virtualization: self.virtualization.clone(),
             location: String::new(),
-            // a simulated worker has no NetManager
+            // a simulated worker has no NetManager, and its instances use nothing
             network: None,
+            instances: vec![],
         }
     }
 

@@ -26,9 +26,30 @@ pub struct Host {
 impl Host {
     /// Starts `program` inside this host. Its stdout and stderr go to `<name>.log`.
     pub fn spawn(&self, name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
-        let log = self.logs.join(format!("{name}.log"));
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns]).arg(program).args(args);
+        cmd.args(["netns", "exec", &self.ns]);
+        self.spawn_with(cmd, name, program, args, env)
+    }
+
+    /// [`Host::spawn`] without the private `/sys` that `ip netns exec` mounts (which hides
+    /// `/sys/fs/cgroup`): for a NodeEngine, which reads its instances' use from their cgroups as it does on
+    /// a machine of its own. Its `/sys/class/net` is the machine's; it touches no interface.
+    pub fn spawn_with_cgroups(&self, name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns)).arg("--");
+        self.spawn_with(cmd, name, program, args, env)
+    }
+
+    fn spawn_with(
+        &self,
+        mut cmd: Command,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
+        let log = self.logs.join(format!("{name}.log"));
+        cmd.arg(program).args(args);
         cmd.env("RUST_LOG", "info").env_remove("RUST_LOG_STYLE").env("NO_COLOR", "1");
         // one join token for the test's roots and clusters (a test can name another in `env`)
         cmd.env("OAK_CLUSTER_TOKEN", crate::JOIN_TOKEN).env("OAK_WORKER_TOKEN", crate::WORKER_TOKEN);

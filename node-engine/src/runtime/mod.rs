@@ -22,10 +22,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use oak_proto::v1::InstanceStatus;
+use oak_proto::v1::{InstanceStatus, InstanceUsage};
 use oak_proto::{instance_key, InstanceState};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -106,6 +106,8 @@ pub struct Runtime {
     events: mpsc::UnboundedSender<InstanceStatus>,
     /// Deploys in progress, on disk (see [`journal`]).
     journal: journal::Journal,
+    /// Each running instance's CPU time at the previous [`Runtime::usage`] sample, by instance key.
+    cpu_seen: Mutex<HashMap<String, (Instant, u64)>>,
 }
 
 impl Runtime {
@@ -134,6 +136,7 @@ impl Runtime {
             next_gen: AtomicU64::new(1),
             events: tx,
             journal,
+            cpu_seen: Mutex::default(),
         };
         Ok((Arc::new(rt), rx))
     }
@@ -164,6 +167,48 @@ impl Runtime {
         cgroup::path(&self.cfg.namespace, id)
     }
 
+    /// What each running instance uses now: memory, and CPU over the time since the previous call (the
+    /// first sample of an instance has no CPU figure yet and reports 0).
+    pub fn usage(&self) -> Vec<InstanceUsage> {
+        let running: Vec<(String, String, Arc<dyn Backend>, InstanceStatus)> = self
+            .instances
+            .lock()
+            .iter()
+            .filter(|(_, i)| i.status.status == InstanceState::Running.as_str())
+            .filter_map(|(k, i)| Some((k.clone(), i.id.clone(), i.backend.clone()?, i.status.clone())))
+            .collect();
+        let now = Instant::now();
+        let mut seen = self.cpu_seen.lock();
+        let mut out = Vec::with_capacity(running.len());
+        let mut keep = std::collections::HashSet::new();
+        for (key, id, backend, st) in running {
+            let memory_bytes = backend.memory_usage(&id).unwrap_or(0);
+            let cpu = backend.cpu_time_us(&id);
+            let cpu_percent = match (cpu, seen.get(&key)) {
+                (Some(c), Some((then, before))) if c >= *before => {
+                    let wall = now.duration_since(*then).as_micros().max(1) as f64;
+                    (c - before) as f64 * 100.0 / wall
+                }
+                _ => 0.0,
+            };
+            if let Some(c) = cpu {
+                seen.insert(key.clone(), (now, c));
+            }
+            keep.insert(key);
+            if cpu.is_none() && memory_bytes == 0 {
+                continue;
+            }
+            out.push(InstanceUsage {
+                service_id: st.service_id,
+                instance_number: st.instance_number,
+                cpu_percent,
+                memory_bytes,
+            });
+        }
+        seen.retain(|k, _| keep.contains(k));
+        out
+    }
+
     /// Current state of every instance this runtime knows.
     pub fn instances(&self) -> Vec<InstanceStatus> {
         let mut v: Vec<_> = self.instances.lock().values().map(|i| i.status.clone()).collect();
@@ -191,7 +236,6 @@ impl Runtime {
         inst.status.exit_code = exit_code;
         inst.status.timestamp_ms = oak_proto::now_ms();
         inst.status.logs = self.logs.tail(&inst.id);
-        inst.status.memory_bytes = inst.backend.as_ref().and_then(|b| b.memory_usage(&inst.id)).unwrap_or(0);
         let st = inst.status.clone();
         drop(map);
         if matches!(state, InstanceState::Failed | InstanceState::Dead) {

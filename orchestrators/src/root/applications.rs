@@ -211,6 +211,12 @@ impl Root {
         Ok(out)
     }
 
+    /// `services` with their instances' use over time (not stored: see [`super::usage`]).
+    pub fn with_usage(&self, mut services: Vec<ServiceRecord>) -> Vec<ServiceRecord> {
+        self.usage.fill(&mut services);
+        services
+    }
+
     /// The services `who` may see.
     pub fn services_of(&self, who: &Identity) -> Result<Vec<ServiceRecord>, RootError> {
         let all: Vec<ServiceRecord> = self.store.list(SERVICES)?;

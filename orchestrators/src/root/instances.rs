@@ -6,14 +6,11 @@ use std::collections::HashSet;
 use anyhow::Result;
 use oak_proto::v1 as pb;
 use oak_proto::InstanceState;
-use serde_json::json;
 
 use super::records::{ClusterRecord, InstanceRecord, ServiceRecord};
 use super::scheduler::{self, ClusterView, Unplaced};
 use super::store::{Tx, CLUSTERS, SERVICES};
 use super::{Outgoing, Root};
-
-const HISTORY: usize = 100;
 
 /// The part of a detail that records what clusters reported ("cluster 'x' reported ..."), kept across
 /// capacity-change retries so the user still sees why earlier clusters refused.
@@ -220,16 +217,6 @@ impl Root {
                 }
                 if !st.logs.is_empty() {
                     inst.logs = st.logs.clone();
-                }
-                let ts = if st.timestamp_ms > 0 { st.timestamp_ms } else { oak_proto::now_ms() };
-                if st.cpu_percent > 0.0 || st.memory_bytes > 0 {
-                    inst.cpu_history.push(json!({"timestamp": ts / 1000, "value": st.cpu_percent}));
-                    inst.memory_history.push(json!({"timestamp": ts / 1000, "value": st.memory_bytes}));
-                    for h in [&mut inst.cpu_history, &mut inst.memory_history] {
-                        if h.len() > HISTORY {
-                            h.drain(..h.len() - HISTORY);
-                        }
-                    }
                 }
                 if state == InstanceState::Running {
                     inst.tried_clusters.clear();

@@ -15,6 +15,7 @@ pub mod records;
 pub mod scheduler;
 mod sessions;
 pub mod store;
+mod usage;
 pub mod users;
 
 use std::collections::{HashMap, HashSet};
@@ -82,6 +83,8 @@ pub struct Root {
     /// The live workers each cluster last reported (inspection only, not stored: a cluster reports them
     /// again with its next aggregate).
     workers: Mutex<HashMap<String, Vec<pb::WorkerSummary>>>,
+    /// What each instance used over time, from the workers' samples (kept in memory, see [`usage`]).
+    pub usage: usage::Usage,
     /// Logs requests waiting for their cluster's answer: request id -> (cluster asked, where the answer goes).
     pending_logs: Mutex<HashMap<u64, (String, tokio::sync::oneshot::Sender<pb::LogsChunk>)>>,
     next_logs: std::sync::atomic::AtomicU64,
@@ -126,6 +129,7 @@ impl Root {
             cfg,
             sessions: Mutex::new(HashMap::new()),
             workers: Mutex::new(HashMap::new()),
+            usage: Default::default(),
             pending_logs: Mutex::new(HashMap::new()),
             next_logs: std::sync::atomic::AtomicU64::new(1),
             next_conn: 1.into(),

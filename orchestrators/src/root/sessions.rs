@@ -161,6 +161,7 @@ impl Root {
     }
 
     pub fn on_aggregate(&self, cluster_id: &str, agg: &pb::ClusterAggregate) -> Result<()> {
+        self.usage.record(&agg.workers);
         self.workers.lock().insert(cluster_id.to_string(), agg.workers.clone());
         let grew = self.store.update(|tx| {
             let Some(mut c) = tx.get::<ClusterRecord>(CLUSTERS, cluster_id)? else { return Ok(false) };

@@ -77,5 +77,5 @@ pub fn start(h: &Host, dir: &Path, ctr_ns: &str) -> OneDoc {
 /// Starts a NodeEngine with `args` on `h`, named `name` in the logs.
 pub fn spawn_nodeengine(h: &Host, name: &str, args: &[String]) -> Proc {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    h.spawn(name, &bin("NodeEngine"), &args, &[]).unwrap()
+    h.spawn_with_cgroups(name, &bin("NodeEngine"), &args, &[]).unwrap()
 }

@@ -178,6 +178,10 @@ impl Backend for ContainerBackend {
         cgroup::memory_usage(&self.cgroups_path(id))
     }
 
+    fn cpu_time_us(&self, id: &str) -> Option<u64> {
+        cgroup::cpu_time_us(&self.cgroups_path(id))
+    }
+
     fn oom_kills(&self, id: &str) -> Option<u64> {
         cgroup::oom_kills(&self.cgroups_path(id))
     }

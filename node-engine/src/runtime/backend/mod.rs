@@ -107,6 +107,11 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// CPU time the instance has used so far (µs), if measurable.
+    fn cpu_time_us(&self, _id: &str) -> Option<u64> {
+        None
+    }
+
     /// How often the kernel OOM-killed the instance; `None` when it cannot be read.
     fn oom_kills(&self, id: &str) -> Option<u64>;
 

@@ -383,20 +383,20 @@ async fn delete_application(Caller { root, who }: Caller, Path(id): Path<String>
     responses((status = 200, description = "OK", body = Vec<ServiceDoc>), OwnObject))]
 async fn list_services(Caller { root, who }: Caller, Path(app_id): Path<String>) -> ApiResult {
     let app = root.application(&who, &app_id)?;
-    Ok(json_list(&root.services_of_application(&app)?, ServiceDoc::json))
+    Ok(json_list(&root.with_usage(root.services_of_application(&app)?), ServiceDoc::json))
 }
 
 #[utoipa::path(get, path = "/api/services", summary = "All the user's services", security(("bearer" = [])),
     responses((status = 200, description = "OK", body = Vec<ServiceDoc>), OwnObject))]
 async fn list_all_services(Caller { root, who }: Caller) -> ApiResult {
-    Ok(json_list(&root.services_of(&who)?, ServiceDoc::json))
+    Ok(json_list(&root.with_usage(root.services_of(&who)?), ServiceDoc::json))
 }
 
 #[utoipa::path(get, path = "/api/service/{id}", summary = "One service (job document with instance_list)", security(("bearer" = [])),
     params(Id),
     responses((status = 200, description = "OK", body = ServiceDoc), OwnObject))]
 async fn get_service(Caller { root, who }: Caller, Path(id): Path<String>) -> ApiResult {
-    Ok(Json(ServiceDoc::json(&root.service(&who, &id)?)))
+    Ok(Json(ServiceDoc::json(&root.with_usage(vec![root.service(&who, &id)?])[0])))
 }
 
 #[utoipa::path(delete, path = "/api/service/{id}", summary = "Delete a service and undeploy all its instances", security(("bearer" = [])),
