@@ -51,14 +51,15 @@ pub struct WorkerNetwork {
 }
 
 impl WorkerNetwork {
-    /// Bytes carried so far by the eBPF fast path.
+    /// Bytes carried so far by the eBPF fast path (each packet once: delivered here or sent to a worker).
     pub fn ebpf_bytes(&self) -> u64 {
         self.counters.get("ebpf.fast_bytes").copied().unwrap_or(0)
     }
 
-    /// Bytes carried so far through the tun path's tunnel (sent and received).
+    /// Bytes carried so far by the tun path, each packet once, where it entered: from local instances (read
+    /// from the tun) or from other workers (received through the tunnel).
     pub fn tun_bytes(&self) -> u64 {
-        ["tun.tunnel_rx_bytes", "tun.tunnel_tx_bytes"].iter().filter_map(|k| self.counters.get(*k)).sum()
+        ["tun.tun_rx_bytes", "tun.tunnel_rx_bytes"].iter().filter_map(|k| self.counters.get(*k)).sum()
     }
 }
 
@@ -121,7 +122,15 @@ mod tests {
                 arch: "x86_64".into(),
                 network: Some(crate::v1::WorkerNetwork {
                     datapath: "ebpf".into(),
-                    counters: [("ebpf.fast_bytes".to_string(), 10), ("tun.tunnel_tx_bytes".to_string(), 5)].into(),
+                    counters: [
+                        ("ebpf.fast_bytes", 10),
+                        ("tun.tun_rx_bytes", 5),
+                        ("tun.tunnel_rx_bytes", 2),
+                        // sent on: counted where it entered
+                        ("tun.tunnel_tx_bytes", 7),
+                    ]
+                    .map(|(k, v)| (k.to_string(), v))
+                    .into(),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -131,9 +140,9 @@ mod tests {
         let w = Worker::from(s);
         assert_eq!(w.arch, "amd64");
         let n = w.network.as_ref().unwrap();
-        assert_eq!((n.ebpf_bytes(), n.tun_bytes()), (10, 5));
+        assert_eq!((n.ebpf_bytes(), n.tun_bytes()), (10, 7));
         let back: Worker = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
-        assert_eq!(back.network.unwrap().counters.len(), 2);
+        assert_eq!(back.network.unwrap().counters.len(), 4);
         // a document from an older root, without the overlay: read with defaults
         let old: Worker = serde_json::from_str(r#"{"node_name": "w0"}"#).unwrap();
         assert!(old.network.is_none() && old.cpu_cores == 0);

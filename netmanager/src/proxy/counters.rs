@@ -44,10 +44,12 @@ names! {
 }
 
 names! {
-    /// Things that happened (not drops).
+    /// Things that happened (not drops). `tun_rx_bytes`: bytes of the packets read from the tun (what
+    /// local instances sent into the tun path).
     Event {
         TunReads = "tun_reads",
         TunRx = "tun_rx",
+        TunRxBytes = "tun_rx_bytes",
         TunTx = "tun_tx",
         TunnelSends = "tunnel_sends",
         TunnelRx = "tunnel_rx",

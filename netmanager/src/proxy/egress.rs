@@ -105,6 +105,9 @@ impl Egress {
     async fn on_tun_read(&mut self, raw: &mut [u8], segs: &mut [Vec<u8>], sizes: &mut [usize]) {
         if !self.vnet {
             self.counters.event(Event::TunRx);
+            if raw.get(HDR_LEN).is_some_and(|b| b >> 4 == 4) {
+                self.counters.add(Event::TunRxBytes, (raw.len() - HDR_LEN) as u64);
+            }
             self.on_tun(raw).await;
             return;
         }
@@ -120,6 +123,8 @@ impl Egress {
             self.counters.drop_packet(Reason::NotIpv4);
             return;
         }
+        // the IPv4 packet's bytes (a GSO super-packet's as read, before it is cut)
+        self.counters.add(Event::TunRxBytes, (raw.len() - VHL) as u64);
         if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
             if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
                 && !packet::complete_partial(&mut raw[VHL..], hdr.csum_start, hdr.csum_offset)
