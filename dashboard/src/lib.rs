@@ -15,7 +15,7 @@ pub mod views;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -192,8 +192,12 @@ struct LoginForm {
     password: String,
 }
 
-async fn login(State(d): State<Dashboard>, Form(f): Form<LoginForm>) -> Response {
-    match d.api.login(&f.username, &f.password).await {
+async fn login(
+    State(d): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    match d.api.login(&f.username, &f.password, oak_proto::endpoint::observed(peer.ip())).await {
         Ok(tokens) => {
             tracing::info!(user = %f.username, "logged in");
             let mut resp = see_other("/clusters");

@@ -53,7 +53,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (port 80 needs root or CAP_NET_BIND_SERVICE)", args.listen))?;
     tracing::info!("dashboard listening on http://{} (root API at {})", listener.local_addr()?, args.root_url);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     tracing::info!("dashboard stopped");
     Ok(())
 }

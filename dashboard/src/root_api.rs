@@ -1,6 +1,7 @@
 //! The root's public REST API, the only thing the dashboard talks to. Every failure keeps the root's own
 //! words (`message`, and `field` for a bad SLA) so the pages can show them as they are.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -87,10 +88,26 @@ impl RootApi {
         bearer: Option<&str>,
         body: Option<String>,
     ) -> Result<Value, ApiFailure> {
+        self.call_for(method, path, bearer, body, None).await
+    }
+
+    /// [`RootApi::call`] on behalf of the browser at `client`, named in `X-Forwarded-For` (a root that
+    /// trusts this dashboard as a proxy counts login attempts per browser, not per dashboard).
+    async fn call_for(
+        &self,
+        method: Method,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<String>,
+        client: Option<IpAddr>,
+    ) -> Result<Value, ApiFailure> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(t) = bearer {
             req = req.bearer_auth(t);
+        }
+        if let Some(ip) = client {
+            req = req.header("x-forwarded-for", ip.to_string());
         }
         if let Some(b) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(b);
@@ -123,9 +140,10 @@ impl RootApi {
         Err(ApiFailure::Answer { status: status.as_u16(), message, field })
     }
 
-    pub async fn login(&self, username: &str, password: &str) -> Result<Tokens, ApiFailure> {
+    /// Logs in for the browser at `client`.
+    pub async fn login(&self, username: &str, password: &str, client: IpAddr) -> Result<Tokens, ApiFailure> {
         let body = serde_json::json!({"username": username, "password": password}).to_string();
-        tokens(self.call(Method::POST, "/api/auth/login", None, Some(body)).await?)
+        tokens(self.call_for(Method::POST, "/api/auth/login", None, Some(body), Some(client)).await?)
     }
 
     pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, ApiFailure> {

@@ -178,6 +178,8 @@ const ROOT_ENV: &str = "# root-orchestrator settings (see `root-orchestrator --h
 #OAK_ADMIN_PASSWORD=
 # HTTPS for the API with a certificate of the root's own CA for these names
 #OAK_API_TLS_NAMES=root.example.org
+# the dashboard runs here: each browser it logs in gets its own login attempts
+OAK_TRUSTED_PROXIES=127.0.0.1
 ";
 
 const DASHBOARD_ENV: &str = "# oak-dashboard settings (see `oak-dashboard --help`)

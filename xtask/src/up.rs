@@ -275,7 +275,12 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
 
     if has("root") && started("root").is_none() {
         step("starting the root orchestrator");
-        spawn("root", &bin_dir.join("root-orchestrator"), &["--data-dir".into(), format!("{DATA_DIR}/root")], &[])?;
+        let mut root_args = vec!["--data-dir".to_string(), format!("{DATA_DIR}/root")];
+        if !args.no_dashboard {
+            // the dashboard, on this machine, names each browser's address on logins
+            root_args.extend(["--trusted-proxy".to_string(), "127.0.0.1".to_string()]);
+        }
+        spawn("root", &bin_dir.join("root-orchestrator"), &root_args, &[])?;
         wait_until("root API on :10000", Duration::from_secs(30), || {
             Ok(ureq::get("http://127.0.0.1:10000/api/health").call().is_ok())
         })?;

@@ -63,6 +63,11 @@ struct Args {
     /// <data-dir>/ca/ca.pem. Ignored when --tls-cert is given.
     #[arg(long, env = "OAK_API_TLS_NAMES", value_delimiter = ',')]
     api_tls_names: Vec<String>,
+    /// Addresses of proxies whose X-Forwarded-For names the client of a login, so each browser behind
+    /// the dashboard gets its own login attempts (comma-separated; `cargo xtask up` and the root bundle set
+    /// 127.0.0.1, where the dashboard runs). Any other caller's X-Forwarded-For is ignored.
+    #[arg(long = "trusted-proxy", env = "OAK_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<std::net::IpAddr>,
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "OAK_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
@@ -90,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         report_interval_ms: a.report_interval_ms,
         max_blocks_per_cluster: a.max_blocks_per_cluster,
         join_token: a.token,
+        trusted_proxies: a.trusted_proxies,
         api_tls_names: a.api_tls_names,
         tls: match (a.tls_cert, a.tls_key) {
             (Some(cert), Some(key)) => Some(oak_orchestrators::root::TlsFiles { cert, key }),

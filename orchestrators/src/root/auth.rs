@@ -149,6 +149,22 @@ impl Auth {
         })
     }
 
+    /// The source a login attempt counts against: the peer, or, when the peer is one of the
+    /// `trusted_proxies` (the dashboard), the client it names last in `X-Forwarded-For` (the address that
+    /// proxy appended; earlier entries are the client's own word). Anyone else's `X-Forwarded-For` is
+    /// ignored, so a client cannot pick its own budget.
+    pub fn login_source(peer: IpAddr, forwarded_for: Option<&str>, trusted_proxies: &[IpAddr]) -> IpAddr {
+        let peer = oak_proto::endpoint::observed(peer);
+        if !trusted_proxies.iter().any(|p| oak_proto::endpoint::observed(*p) == peer) {
+            return peer;
+        }
+        forwarded_for
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|last| last.trim().parse::<IpAddr>().ok())
+            .map(oak_proto::endpoint::observed)
+            .unwrap_or(peer)
+    }
+
     pub fn issue(&self, user: &str, kind: &str) -> Result<String> {
         let now = oak_proto::now_ms() / 1000;
         let ttl = if kind == "refresh" { REFRESH_TTL_S } else { ACCESS_TTL_S };
@@ -251,5 +267,23 @@ mod tests {
         assert!(e.to_string().contains("from 192.0.2.1;"), "{e}");
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert!(auth.admit_login(v6).is_ok(), "an IPv6 source has its own attempts");
+    }
+
+    #[test]
+    fn a_trusted_proxy_names_the_login_source() {
+        let (dash, browser, other): (IpAddr, IpAddr, IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "198.51.100.7".parse().unwrap(), "203.0.113.9".parse().unwrap());
+        let trusted = [dash];
+        // through the dashboard: the browser it names (the last entry, the one it appended)
+        assert_eq!(Auth::login_source(dash, Some("198.51.100.7"), &trusted), browser);
+        assert_eq!(Auth::login_source(dash, Some("10.9.9.9, 198.51.100.7"), &trusted), browser);
+        // the dashboard's own IPv4-mapped address on a `[::]` listener is still the dashboard
+        assert_eq!(Auth::login_source("::ffff:127.0.0.1".parse().unwrap(), Some("198.51.100.7"), &trusted), browser);
+        // a client's own X-Forwarded-For is not believed
+        assert_eq!(Auth::login_source(other, Some("198.51.100.7"), &trusted), other);
+        // nothing trusted, no header, or garbage: the peer
+        assert_eq!(Auth::login_source(dash, Some("198.51.100.7"), &[]), dash);
+        assert_eq!(Auth::login_source(dash, None, &trusted), dash);
+        assert_eq!(Auth::login_source(dash, Some("not-an-address"), &trusted), dash);
     }
 }

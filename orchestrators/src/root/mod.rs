@@ -61,6 +61,8 @@ pub struct Config {
     /// A join token clusters may join with (added at start); None: one is made at first start. Either
     /// way the first token is written whole to `<data-dir>/join-token`.
     pub join_token: Option<String>,
+    /// Proxies (the dashboard) whose `X-Forwarded-For` names the source of a login attempt.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// A PEM certificate chain and its private key.

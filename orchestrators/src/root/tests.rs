@@ -55,6 +55,7 @@ pub(crate) async fn start(dir: &std::path::Path) -> Harness {
         max_blocks_per_cluster: 2,
         tls: None,
         join_token: Some(JOIN_TOKEN.into()),
+        trusted_proxies: Vec::new(),
         api_tls_names: vec![],
     };
     let root: Arc<Root> = Root::open(cfg.clone()).unwrap();
@@ -710,6 +711,7 @@ async fn https_root(
         max_blocks_per_cluster: 2,
         tls,
         join_token: None,
+        trusted_proxies: Vec::new(),
         api_tls_names: names,
     };
     let root = Root::open(cfg).unwrap();

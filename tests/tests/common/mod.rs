@@ -36,7 +36,8 @@ pub fn start(h: &Host, dir: &Path, ctr_ns: &str) -> OneDoc {
         .spawn(
             "root",
             &bin("root-orchestrator"),
-            &["--data-dir", &p("root"), "--report-interval-ms", "1000"],
+            // the dashboard, when a test starts one, runs here and names each browser on logins
+            &["--data-dir", &p("root"), "--report-interval-ms", "1000", "--trusted-proxy", "127.0.0.1"],
             &[("OAK_ADMIN_PASSWORD", ADMIN_PASSWORD)],
         )
         .unwrap();

@@ -179,10 +179,13 @@ fn tokens(root: &Root, user: &str) -> ApiResult<Tokens> {
 async fn login(
     State(root): State<Arc<Root>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> ApiResult<Tokens> {
-    // one budget per source: an IPv4 client of a `[::]` listener counts as its IPv4 address
-    let source = oak_proto::endpoint::observed(peer.ip());
+    // one budget per source: an IPv4 client of a `[::]` listener counts as its IPv4 address; behind a
+    // trusted proxy (the dashboard), the browser it names
+    let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let source = super::auth::Auth::login_source(peer.ip(), forwarded, &root.cfg.trusted_proxies);
     root.auth.admit_login(source).inspect_err(|e| tracing::warn!("{e}"))?;
     let Ok(Login { username, password }) = serde_json::from_value(parse_json(&body)?) else {
         return Err(ApiError::BadRequest("username and password (strings) are required".into()));
