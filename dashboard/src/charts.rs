@@ -241,7 +241,10 @@ pub fn line_chart_or(id: &str, title: &str, unit: Unit, series: &[Series], empty
                 }
                 @for (i, s) in series.iter().enumerate() {
                     @if let Some(d) = path_d(&s.points, &frame) {
-                        path class={ "line s" (i % COLOURS) } d=(d) { title { (s.label) } }
+                        @let peak = s.points.iter().map(|p| p.v).fold(0.0, f64::max);
+                        path class={ "line s" (i % COLOURS) } d=(d) data-label=(s.label) data-peak=(peak) {
+                            title { (s.label) }
+                        }
                     }
                 }
             }

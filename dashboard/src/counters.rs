@@ -62,6 +62,7 @@ fn words(name: &str, known: &[(&str, &str)]) -> String {
 const TUN_EVENTS: &[(&str, &str)] = &[
     ("tun_reads", "reads from the tun device"),
     ("tun_rx", "packets from local instances"),
+    ("tun_rx_bytes", "bytes from local instances"),
     ("tun_tx", "packets to local instances"),
     ("tunnel_sends", "tunnel sends"),
     ("tunnel_rx", "tunnel packets received"),
@@ -97,6 +98,7 @@ const EBPF: &[(&str, &str)] = &[
     ("fwd_nat", "packets to a service IP translated to an instance"),
     ("rev_nat", "replies translated back to the service IP"),
     ("local_deliver", "delivered to a local instance"),
+    ("hairpin", "an instance reaching itself through its service IP"),
     ("encap", "encapsulated to another worker"),
     ("decap", "decapsulated from another worker"),
     ("fast_bytes", "bytes on the fast path"),

@@ -9,6 +9,7 @@ pub mod counters;
 pub mod geo;
 pub mod model;
 pub mod root_api;
+pub mod scale;
 pub mod session;
 pub mod views;
 
@@ -66,6 +67,7 @@ pub fn router(d: Dashboard) -> Router {
         .route("/applications/{app}/delete", post(delete_application))
         .route("/applications/{app}/services/{svc}/deploy", post(deploy))
         .route("/applications/{app}/services/{svc}/delete", post(delete_service))
+        .route("/applications/{app}/services/{svc}/scale", post(scale_service))
         .route("/applications/{app}/services/{svc}/instances/{n}", get(instance_page))
         .route("/applications/{app}/services/{svc}/instances/{n}/logs", get(instance_logs))
         .route("/applications/{app}/services/{svc}/instances/{n}/undeploy", post(undeploy))
@@ -493,6 +495,66 @@ async fn undeploy(Extension(s): S, Path((app, svc, n)): Path<(String, String, u3
     }
     let r = s.call(reqwest::Method::DELETE, &format!("/api/service/{svc}/instance/{n}"), None).await;
     services_fragment(&s, &app, outcome(r.map(|_| format!("instance {n} is being undeployed")))).await
+}
+
+#[derive(Deserialize)]
+struct ScaleForm {
+    instances: String,
+}
+
+/// Scales a service to the number of instances asked: deploys or undeploys one at a time through the
+/// root, and says what it did (or where it stopped, with the root's words).
+async fn scale_service(
+    Extension(s): S,
+    Path((app, svc)): Path<(String, String)>,
+    Form(f): Form<ScaleForm>,
+) -> Response {
+    if !id_ok(&app) || !id_ok(&svc) {
+        return not_found(&s, "service");
+    }
+    let Some(target) = f.instances.trim().parse::<u32>().ok().filter(|n| *n <= scale::MAX_INSTANCES) else {
+        let text = format!(
+            "the number of instances must be a whole number from 0 to {}, not {:?}",
+            scale::MAX_INSTANCES,
+            f.instances
+        );
+        return services_fragment(&s, &app, Some(Flash { ok: false, text })).await;
+    };
+    let service: Service = match s.get(&format!("/api/service/{svc}")).await.and_then(|v| parse(v, "service")) {
+        Ok(x) => x,
+        Err(e) => return services_fragment(&s, &app, outcome(Err(e))).await,
+    };
+    let (add, remove) = scale::plan(&service.instance_list, target);
+    let name = &service.microservice_name;
+    let mut done = Vec::new();
+    let mut failed = None;
+    for _ in 0..add {
+        match s.call(reqwest::Method::POST, &format!("/api/service/{svc}/instance"), None).await {
+            Ok(v) => done.push(match v["instance_number"].as_u64() {
+                Some(n) => format!("instance {n} deployed"),
+                None => "an instance deployed".to_string(),
+            }),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    for n in remove {
+        match s.call(reqwest::Method::DELETE, &format!("/api/service/{svc}/instance/{n}"), None).await {
+            Ok(_) => done.push(format!("instance {n} undeployed")),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let did = if done.is_empty() { "nothing to do".to_string() } else { done.join(", ") };
+    let note = match failed {
+        None => Flash { ok: true, text: format!("{name} scaled to {target}: {did}") },
+        Some(e) => Flash { ok: false, text: format!("scaling {name} to {target} stopped ({did}): {e}") },
+    };
+    services_fragment(&s, &app, Some(note)).await
 }
 
 async fn delete_service(Extension(s): S, Path((app, svc)): Path<(String, String)>) -> Response {

@@ -90,7 +90,7 @@ pub struct Instance {
     /// The tail of the instance's output as of its last state change (the NodeEngine sends it then).
     pub logs: String,
     pub undeploying: bool,
-    /// CPU use, percent of one core's time over all cores, as the worker reported it.
+    /// CPU use in percent of one core (more than 100 on several cores), as the worker sampled it.
     pub cpu_history: Vec<Sample>,
     /// Memory use in bytes.
     pub memory_history: Vec<Sample>,

@@ -248,6 +248,15 @@ pub fn services_live(app_id: &str, services: &[Service]) -> Markup {
                 div.actions {
                     button.deploy hx-post={ (base) "/deploy" } hx-target="#live"
                         hx-confirm={ "Deploy one more instance of " (s.microservice_name) "?" } { "Deploy an instance" }
+                    @let active = s.instance_list.iter().filter(|i| !i.undeploying).count();
+                    form.scale hx-post={ (base) "/scale" } hx-target="#live" data-service-name=(s.microservice_name) {
+                        label { "Scale to "
+                            // kept as typed while the list around it refreshes
+                            input #{ "scale-" (s.id) } type="number" name="instances" min="0"
+                                max=(crate::scale::MAX_INSTANCES) value=(active) required hx-preserve;
+                            " instances " }
+                        button.scale type="submit" { "Scale" }
+                    }
                     button.danger.delete-service hx-post={ (base) "/delete" } hx-target="#live"
                         hx-confirm={ "Delete service " (s.microservice_name) " and undeploy all its instances?" } {
                         "Delete service"
@@ -501,7 +510,7 @@ pub fn network(
                                     }
                                     p.carried {
                                         "Carried so far: eBPF fast path " strong.ebpf-bytes { (bytes(n.ebpf_bytes() as f64)) }
-                                        ", tun path tunnel " strong.tun-bytes { (bytes(n.tun_bytes() as f64)) }
+                                        ", tun path " strong.tun-bytes { (bytes(n.tun_bytes() as f64)) }
                                     }
                                     @let groups = counters::grouped(&n.counters);
                                     @if groups.is_empty() { p.muted.no-counters { "No packets counted yet." } }

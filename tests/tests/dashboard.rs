@@ -3,11 +3,13 @@
 //! `oak-dashboard` on port 80, all inside one host (a network namespace). Through the pages only: a wrong
 //! password shows the root's error; the cluster appears with its worker and on the map; the session cookies
 //! are out of script's reach; malformed SLAs show the root's field message beside the editor; an SLA pasted
-//! into the editor creates the application; deploy, watch the instance reach RUNNING, undeploy and delete
-//! it, each behind its confirmation; log out. The cluster's page shows its worker with the datapath and
-//! subnet the API reports and a chart with samples; the network view shows the service's round-robin and
-//! closest IPs, its instance's overlay address and the worker's datapath; the instance's page shows its log
-//! and, following it, lines the instance writes later. Every page is saved as a PNG under
+//! into the editor creates the application; deploy, watch the instance reach RUNNING, scale the service to
+//! two instances and back to one, undeploy and delete, each behind its confirmation; log out. The cluster's
+//! page shows its worker with the datapath and subnet the API reports and a chart with samples; the network view shows the service's round-robin and
+//! closest IPs, its instance's overlay address and the worker's datapath, and, while a client inside an
+//! instance fetches from the service IP, the bytes that datapath carries and their rate in the throughput
+//! chart; the instance's page shows its log and, following it, lines the instance writes later, and charts
+//! its memory and CPU use as its worker samples them. Every page is saved as a PNG under
 //! `<target-dir>/dashboard-screenshots/`.
 //!
 //! WebDriver client: fantoccini. It is maintained, async on tokio like the rest of the tests, and builds
@@ -43,14 +45,20 @@ fn screenshot_dir() -> PathBuf {
 /// The password of the test's user who is not the Admin.
 const VIEWER_PASSWORD: &str = "viewer-password-1";
 
+/// The size of the file the test's httpd serves as `/big` (what the traffic for the throughput chart fetches).
+const BIG_BYTES: u64 = 1 << 20;
+
 /// What the test's httpd instance writes first to its log.
 const FIRST_LINE: &str = "hello-from-instance";
 
 /// The test's httpd microservice, with `change`'s fields replaced (a null removes the field). It writes
-/// [`FIRST_LINE`], then `tick-<n>` every second (what following its log must show arriving), and serves.
+/// [`FIRST_LINE`], then `tick-<n>` every second (what following its log must show arriving), and serves
+/// `/index.html` and `/big` ([`BIG_BYTES`] bytes).
 fn microservice(name: &str, code: &str, change: Value) -> Value {
     let script = format!(
-        "echo {FIRST_LINE}; (i=0; while :; do echo tick-$i; i=$((i+1)); sleep 1; done) & exec httpd -f -p 8080 -h /www"
+        "mkdir -p /tmp/www && cp /www/index.html /tmp/www/ && head -c {BIG_BYTES} /dev/zero > /tmp/www/big; \
+         echo {FIRST_LINE}; (i=0; while :; do echo tick-$i; i=$((i+1)); sleep 1; done) & \
+         exec httpd -f -p 8080 -h /tmp/www"
     );
     let mut ms = json!({"microserviceID": "", "microservice_name": name, "microservice_namespace": "doc",
         "virtualization": "container", "code": code,
@@ -102,7 +110,7 @@ fn dashboard_in_a_browser() {
     let d = net.dir.path().to_path_buf();
     let ctr_ns = format!("oak-dash-{}", std::process::id());
     let image = oak_node_engine::testimage::build_busybox_image(&d, "localhost/oak/busybox:dash").unwrap();
-    let _stack = common::start(h, &d, &ctr_ns);
+    let stack = common::start(h, &d, &ctr_ns);
 
     // the dashboard, on port 80 as `cargo xtask up` runs it
     let dash = h
@@ -147,6 +155,7 @@ fn dashboard_in_a_browser() {
         stray,
         seen: Vec::new(),
         api: api.clone(),
+        ctr_ns: ctr_ns.clone(),
     };
     let seen = h.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -163,6 +172,11 @@ fn dashboard_in_a_browser() {
         })
     });
     eprintln!("instance states seen in the page: {seen:?}");
+    // the wrong password counted against the browser (the dashboard named it), not against the dashboard
+    stack
+        .root
+        .wait_log(&format!("failed login user=Admin source={}", h.ip), Duration::from_secs(5))
+        .expect("the root logs the browser's address as the source of the failed login");
     eprintln!("screenshots: {}", shots.display());
 
     // the page told the truth: the root has no application left
@@ -211,6 +225,8 @@ struct Flow {
     seen: Vec<String>,
     /// The root's API as the Admin, to compare the pages with.
     api: Api,
+    /// The containerd namespace of the instances (to run a client inside one).
+    ctr_ns: String,
 }
 
 impl Flow {
@@ -372,10 +388,37 @@ impl Flow {
         let table = text(c, "#instance").await.unwrap_or_default();
         assert!(table.contains("RUNNING") && table.contains("doc-worker"), "{table}");
         self.instance_log(c).await;
+        self.instance_usage(c).await;
         self.shot(c, "07-instance").await;
         c.back().await.unwrap();
+
+        // scaled to two, each asking first; the second instance runs beside the first
+        wait_text(c, "h1", |t| t == "Application web").await;
+        self.scale(c, 2, "Scale httpd to 2 instance(s)?").await;
+        let note = wait_text(c, "#note", |t| t.contains("scal")).await;
+        assert_eq!(note, "httpd scaled to 2: instance 1 deployed", "the scale was placed");
+        wait_instance_state(c, "httpd", 1, "RUNNING").await;
+        self.shot(c, "06b-scaled").await;
+
+        // traffic through the service IP from inside instance 0, while the network view is watched
+        let load = self.load();
         self.network(c).await;
+        let (fetched, failed, last_error) = load.finish();
+        assert!(fetched > 0, "the client inside instance 0 fetched /big through the service IP");
+        // round-robin takes every other fetch to instance 0 itself: those work as well as the others
+        assert_eq!(failed, 0, "every fetch through the service IP completed; the last error: {last_error}");
         c.back().await.unwrap();
+
+        // back to one: the newest instance goes
+        wait_text(c, "h1", |t| t == "Application web").await;
+        self.scale(c, 1, "Scale httpd to 1 instance(s)?").await;
+        let note = wait_text(c, "#note", |t| t.contains("to 1")).await;
+        assert_eq!(note, "httpd scaled to 1: instance 1 undeployed");
+        wait_gone(c, &format!(r#"{service} tr.instance[data-instance="1"]"#)).await;
+        assert_eq!(
+            text(c, &format!(r#"{service} tr.instance[data-instance="0"] .state"#)).await.as_deref(),
+            Some("RUNNING")
+        );
 
         // a failure, with the reason in words, then the service deleted
         let stray = r#"div.service[data-service="stray"]"#;
@@ -444,8 +487,87 @@ impl Flow {
         wait_text(c, "#log-follow", |t| t == "Follow").await;
     }
 
+    /// Types `n` into httpd's scale field and submits it, accepting the confirmation, which must say
+    /// `question`.
+    async fn scale(&self, c: &Client, n: u32, question: &str) {
+        let form = r#"div.service[data-service="httpd"] form.scale"#;
+        type_into(c, &format!(r#"{form} input[name="instances"]"#), &n.to_string()).await;
+        click_confirm(c, &format!("{form} button.scale"), question).await;
+    }
+
+    /// The instance's page charts what its worker samples of it: memory in use (more than nothing) and a
+    /// CPU line. Samples arrive with the worker's reports, so the page is loaded again until they show.
+    async fn instance_usage(&self, c: &Client) {
+        let page = c.current_url().await.unwrap();
+        let deadline = Instant::now() + UI_WAIT;
+        let peak = |v: Option<String>| v.and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        loop {
+            let memory = match c.find(Locator::Css("#instance-memory svg path.line")).await {
+                Ok(e) => peak(e.attr("data-peak").await.ok().flatten()),
+                Err(_) => 0.0,
+            };
+            if memory > 0.0 {
+                c.find(Locator::Css("#instance-cpu svg path.line")).await.expect("a CPU line beside the memory line");
+                eprintln!("instance memory peak: {memory} bytes");
+                return;
+            }
+            if Instant::now() > deadline {
+                let why = text(c, "#no-usage").await;
+                let (_, services) = self.api.call("GET", "/api/services", None);
+                let (_, workers) = self.api.call("GET", "/api/cluster/doc/workers", None);
+                panic!("no memory use charted within {UI_WAIT:?}: {why:?}\nservices: {services}\nworkers: {workers}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c.goto(page.as_str()).await.unwrap();
+        }
+    }
+
+    /// Starts fetching `/big` from httpd's round-robin service IP in instance 0's network namespace (so
+    /// through the worker's datapath), until [`Load::finish`]. The client is the machine's curl: the static
+    /// busybox `wget` of the test image crashes resolving even a literal address.
+    fn load(&self) -> Load {
+        let (_, services) = self.api.call("GET", "/api/services", None);
+        let svc = services.as_array().and_then(|a| a.iter().find(|s| s["microservice_name"] == "httpd")).cloned();
+        let rr = svc.as_ref().and_then(|s| s["addresses"]["rr_ip"].as_str()).unwrap_or_default().to_string();
+        assert!(!rr.is_empty(), "httpd has a round-robin IP: {services}");
+        let out = Command::new("ctr").args(["-n", &self.ctr_ns, "tasks", "ls"]).output().unwrap();
+        let tasks = String::from_utf8_lossy(&out.stdout).to_string();
+        // TASK PID STATUS
+        let pid = tasks.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (id, pid) = (f.next()?, f.next()?);
+            (id.contains("httpd") && id.ends_with(".instance.0")).then(|| pid.to_string())
+        });
+        let pid = pid.unwrap_or_else(|| panic!("httpd instance 0 among the tasks: {tasks}"));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let running = std::thread::spawn({
+            let stop = stop.clone();
+            let url = format!("http://{rr}:8080/big");
+            move || {
+                let (mut fetched, mut failed, mut last_error) = (0u64, 0u64, String::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = Command::new("nsenter")
+                        .args(["-t", &pid, "-n", "curl", "-sS", "-o", "/dev/null", "--max-time", "5"])
+                        .args(["-w", "%{size_download}", &url])
+                        .output()
+                        .unwrap();
+                    let size = String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0);
+                    if out.status.success() && size == BIG_BYTES {
+                        fetched += 1;
+                    } else {
+                        failed += 1;
+                        last_error = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                    }
+                }
+                (fetched, failed, last_error)
+            }
+        });
+        Load { running, stop }
+    }
+
     /// The network view: the service's IPs as the API gives them, its instance's overlay address and
-    /// worker, and the worker's datapath.
+    /// worker, and the worker's datapath; with traffic running, the worker's datapath carries bytes and
+    /// the throughput chart draws them.
     async fn network(&self, c: &Client) {
         click(c, r#"header a[href="/network"]"#).await;
         wait_text(c, "h1", |t| t == "Network").await;
@@ -471,7 +593,27 @@ impl Flow {
         assert_eq!(attr(c, &format!("{card} .datapath"), "data-datapath").await, datapath, "the worker's path");
         let carried = text(c, &format!("{card} p.carried")).await.unwrap_or_default();
         assert!(carried.contains("eBPF fast path") && carried.contains("tun path"), "{carried:?}");
-        c.find(Locator::Css("#throughput svg")).await.expect("the throughput chart");
+        // the path the worker runs carries the traffic: its byte rate rises above zero in the chart
+        let path = if datapath == "ebpf" { "eBPF" } else { "tun" };
+        let line = format!(r#"#throughput svg path.line[data-label="doc-worker {path}"]"#);
+        let deadline = Instant::now() + UI_WAIT;
+        let peak = loop {
+            let v = match c.find(Locator::Css(&line)).await {
+                Ok(e) => e.attr("data-peak").await.ok().flatten(),
+                Err(_) => None,
+            };
+            if let Some(p) = v.and_then(|v| v.parse::<f64>().ok()).filter(|p| *p > 0.0) {
+                break p;
+            }
+            if Instant::now() > deadline {
+                let (_, workers) = self.api.call("GET", "/api/cluster/doc/workers", None);
+                panic!("{line}: no bytes per second above 0 within {UI_WAIT:?}; the workers: {workers}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        eprintln!("doc-worker {path} throughput peak: {peak} B/s");
+        let carried = text(c, &format!("{card} strong.{}-bytes", if path == "eBPF" { "ebpf" } else { "tun" })).await;
+        assert!(carried.as_deref().is_some_and(|t| t != "0 B"), "bytes carried by the {path} path: {carried:?}");
         self.shot(c, "07b-network").await;
     }
 
@@ -520,10 +662,32 @@ impl Flow {
     }
 }
 
+/// A client running inside an instance's network namespace.
+struct Load {
+    running: std::thread::JoinHandle<(u64, u64, String)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Load {
+    /// Stops the client; answers how many fetches completed whole and how many did not, with the last
+    /// error.
+    fn finish(self) -> (u64, u64, String) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = self.running.join().unwrap();
+        eprintln!("client in instance 0: {} fetches of /big, {} failed; last error: {:?}", r.0, r.1, r.2);
+        r
+    }
+}
+
 /// Waits until instance 0 of `service` shows `target` in the page; another end state fails the test with
 /// the reason the page shows. Answers the states seen, in order.
 async fn wait_state(c: &Client, service: &str, target: &str) -> Vec<String> {
-    let row = format!(r#"div.service[data-service="{service}"] tr.instance[data-instance="0"]"#);
+    wait_instance_state(c, service, 0, target).await
+}
+
+/// [`wait_state`] for instance `n`.
+async fn wait_instance_state(c: &Client, service: &str, n: u32, target: &str) -> Vec<String> {
+    let row = format!(r#"div.service[data-service="{service}"] tr.instance[data-instance="{n}"]"#);
     let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -536,9 +700,12 @@ async fn wait_state(c: &Client, service: &str, target: &str) -> Vec<String> {
         }
         if ["RUNNING", "FAILED", "DEAD", "COMPLETED"].contains(&s.as_str()) {
             let reason = text(c, &format!("{row} td.reason")).await;
-            panic!("{service} instance 0 ended {s}, not {target}: {reason:?}");
+            panic!("{service} instance {n} ended {s}, not {target}: {reason:?}");
         }
-        assert!(Instant::now() < deadline, "no {target} for {service} in the page within 90 s; states seen {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no {target} for {service} instance {n} in the page within 90 s; states seen {seen:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
