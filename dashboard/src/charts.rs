@@ -197,7 +197,7 @@ pub fn bytes(v: f64) -> String {
 
 const CHART_W: f64 = 600.0;
 const CHART_H: f64 = 170.0;
-const PLOT: Frame = Frame { x: 52.0, y: 10.0, w: 536.0, h: 130.0, t0: 0.0, t1: 0.0, vmax: 1.0 };
+const PLOT: Frame = Frame { x: 76.0, y: 10.0, w: 512.0, h: 130.0, t0: 0.0, t1: 0.0, vmax: 1.0 };
 /// How many series get a colour of their own (`s0`..`s5` in the stylesheet); more repeat them.
 const COLOURS: usize = 6;
 

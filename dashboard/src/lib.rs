@@ -69,6 +69,7 @@ pub fn router(d: Dashboard) -> Router {
         .route("/applications/{app}/services/{svc}/delete", post(delete_service))
         .route("/applications/{app}/services/{svc}/scale", post(scale_service))
         .route("/applications/{app}/services/{svc}/instances/{n}", get(instance_page))
+        .route("/applications/{app}/services/{svc}/instances/{n}/live", get(instance_live))
         .route("/applications/{app}/services/{svc}/instances/{n}/logs", get(instance_logs))
         .route("/applications/{app}/services/{svc}/instances/{n}/undeploy", post(undeploy))
         .route("/logout", post(logout))
@@ -579,20 +580,18 @@ async fn delete_application(Extension(s): S, headers: HeaderMap, Path(app): Path
     }
 }
 
-async fn instance_page(Extension(s): S, Path((app, svc, n)): Path<(String, String, u32)>) -> Response {
-    if !id_ok(&app) || !id_ok(&svc) {
-        return not_found(&s, "service");
-    }
-    let service: Service = match s.get(&format!("/api/service/{svc}")).await.and_then(|v| parse(v, "service")) {
-        Ok(x) => x,
-        Err(e) => return failure_page("Instance", &s, &e),
+/// One instance of a service, or None when the service has no instance `n`.
+async fn instance_of(s: &Session, svc: &str, n: u32) -> Result<Option<(Service, model::Instance)>, ApiFailure> {
+    let mut service: Service = parse(s.get(&format!("/api/service/{svc}")).await?, "service")?;
+    let Some(at) = service.instance_list.iter().position(|i| i.instance_number == n) else {
+        return Ok(None);
     };
-    let Some(i) = service.instance_list.iter().find(|i| i.instance_number == n) else {
-        return not_found(&s, "instance");
-    };
-    let title = format!("{} instance {n}", service.microservice_name);
-    let logs = read_logs(&s, &svc, n, -1).await;
-    let url = format!("/applications/{app}/services/{svc}/instances/{n}/logs");
+    let i = service.instance_list.swap_remove(at);
+    Ok(Some((service, i)))
+}
+
+/// The instance's state, place and use over time (what its page refreshes every 2 s).
+fn instance_view(service: &Service, i: &model::Instance) -> Markup {
     let points = |h: &[model::Sample]| h.iter().map(|x| Point { t: x.timestamp, v: x.value }).collect::<Vec<_>>();
     let (cpu, memory) = (points(&i.cpu_history), points(&i.memory_history));
     let usage = if cpu.is_empty() && memory.is_empty() {
@@ -606,8 +605,42 @@ async fn instance_page(Extension(s): S, Path((app, svc, n)): Path<(String, Strin
             (line_chart_or("instance-memory", "Memory of the instance", Unit::Bytes, &[memory], none))
         }
     };
-    let body = views::instance(&service, i, usage, views::instance_log(&url, i, &logs));
+    views::instance(service, i, usage)
+}
+
+async fn instance_page(Extension(s): S, Path((app, svc, n)): Path<(String, String, u32)>) -> Response {
+    if !id_ok(&app) || !id_ok(&svc) {
+        return not_found(&s, "service");
+    }
+    let (service, i) = match instance_of(&s, &svc, n).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return not_found(&s, "instance"),
+        Err(e) => return failure_page("Instance", &s, &e),
+    };
+    let title = format!("{} instance {n}", service.microservice_name);
+    let logs = read_logs(&s, &svc, n, -1).await;
+    let base = format!("/applications/{app}/services/{svc}/instances/{n}");
+    let body = html! {
+        (views::live(&format!("{base}/live"), instance_view(&service, &i)))
+        (views::instance_log(&format!("{base}/logs"), &i, &logs))
+    };
     views::page(&title, Some(&s.user()), body).into_response()
+}
+
+async fn instance_live(Extension(s): S, Path((app, svc, n)): Path<(String, String, u32)>) -> Response {
+    if !id_ok(&app) || !id_ok(&svc) {
+        return not_found(&s, "service");
+    }
+    match instance_of(&s, &svc, n).await {
+        Ok(Some((service, i))) => instance_view(&service, &i).into_response(),
+        Ok(None) => views::failure(&ApiFailure::Answer {
+            status: 404,
+            message: format!("instance {n} is no longer deployed"),
+            field: None,
+        })
+        .into_response(),
+        Err(e) => views::failure(&e).into_response(),
+    }
 }
 
 async fn read_logs(s: &Session, svc: &str, n: u32, offset: i64) -> Result<Logs, ApiFailure> {

@@ -306,8 +306,8 @@ fn instance_row(base: &str, s: &Service, i: &Instance) -> Markup {
     }
 }
 
-/// One instance: where it runs, why it is in its state, its use over time and its log.
-pub fn instance(s: &Service, i: &Instance, usage: Markup, log: Markup) -> Markup {
+/// One instance: where it runs, why it is in its state, and its use over time.
+pub fn instance(s: &Service, i: &Instance, usage: Markup) -> Markup {
     html! {
         table #instance {
             tbody {
@@ -325,7 +325,6 @@ pub fn instance(s: &Service, i: &Instance, usage: Markup, log: Markup) -> Markup
             }
         }
         div.charts { (usage) }
-        (log)
     }
 }
 

@@ -496,9 +496,8 @@ impl Flow {
     }
 
     /// The instance's page charts what its worker samples of it: memory in use (more than nothing) and a
-    /// CPU line. Samples arrive with the worker's reports, so the page is loaded again until they show.
+    /// CPU line. Samples arrive with the worker's reports; the page's live part brings them in its polls.
     async fn instance_usage(&self, c: &Client) {
-        let page = c.current_url().await.unwrap();
         let deadline = Instant::now() + UI_WAIT;
         let peak = |v: Option<String>| v.and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         loop {
@@ -517,8 +516,7 @@ impl Flow {
                 let (_, workers) = self.api.call("GET", "/api/cluster/doc/workers", None);
                 panic!("no memory use charted within {UI_WAIT:?}: {why:?}\nservices: {services}\nworkers: {workers}");
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            c.goto(page.as_str()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
