@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod netmanager;
 pub mod runtime;
 pub mod session;
+pub mod testguest;
 pub mod testimage;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -15,6 +15,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "HTTP client the field tests run inside instances' network namespaces"),
     ("busybox-static", "a static userland to build OCI test images offline"),
     ("qemu-system-x86", "unikernel runtime (KVM or TCG)"),
+    ("linux-image-amd64", "the kernel (and its virtio-net modules) of the Linux guests the unikernel tests boot"),
     ("llvm-22-dev", "LLVM for bpf-linker"),
     ("libpolly-22-dev", "LLVM for bpf-linker"),
     ("libzstd-dev", "LLVM for bpf-linker"),

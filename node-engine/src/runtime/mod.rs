@@ -17,6 +17,7 @@ pub mod registry;
 pub mod spec;
 mod undeploy;
 pub mod unikernel;
+pub mod vmnet;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -118,7 +119,13 @@ impl Runtime {
         let logs = logs::Logs::new(log_dir);
         let backends: Vec<Arc<dyn Backend>> = vec![
             Arc::new(ContainerBackend::new(ctr.clone(), logs.clone(), cfg.stop_grace)),
-            Arc::new(QemuBackend::new(cfg.unikernel, cfg.data_dir.clone(), logs.clone(), cfg.stop_grace)),
+            Arc::new(QemuBackend::new(
+                cfg.unikernel,
+                cfg.netmanager_port != 0,
+                cfg.data_dir.clone(),
+                logs.clone(),
+                cfg.stop_grace,
+            )),
         ];
         let netmanager =
             (cfg.netmanager_port != 0).then(|| NetManagerClient::new(cfg.netmanager_port, &cfg.netmanager_credential));

@@ -1,6 +1,7 @@
 //! Unikernels on qemu (only with -u): the SLA `code` is a `.tar.gz` (local path or http:// URL)
 //! holding `kernel` and optionally `initramfs.cpio`. KVM is used when /dev/kvm works, TCG otherwise.
-//! No network device yet: NetManager wiring of unikernels is not implemented.
+//! With a NetManager, the VM gets a virtio-net device in a network namespace the NetManager wired
+//! ([`super::vmnet`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,8 @@ use anyhow::{bail, Context};
 use oak_proto::v1::ServiceSpec;
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+use super::vmnet::GuestNet;
 
 /// How a VM ended: exit code (or 128+signal); None while running.
 pub type ExitRx = watch::Receiver<Option<i32>>;
@@ -75,7 +78,14 @@ fn extract(bytes: &[u8], dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>
 }
 
 /// qemu arguments (without the binary).
-pub fn qemu_args(spec: &ServiceSpec, kernel: &Path, initrd: Option<&Path>, log: &Path, kvm: bool) -> Vec<String> {
+pub fn qemu_args(
+    spec: &ServiceSpec,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    log: &Path,
+    kvm: bool,
+    net: Option<&GuestNet>,
+) -> Vec<String> {
     let mem = if spec.memory_mb > 0 { spec.memory_mb } else { 64 };
     let smp = spec.vcpus.ceil().max(1.0) as u32;
     let mut a: Vec<String> = vec![
@@ -101,6 +111,10 @@ pub fn qemu_args(spec: &ServiceSpec, kernel: &Path, initrd: Option<&Path>, log: 
         a.push(i.display().to_string());
     }
     let mut append = vec!["console=ttyS0".to_string()];
+    if let Some(n) = net {
+        a.extend(n.qemu_args());
+        append.extend(n.kernel_args());
+    }
     append.extend(spec.args.iter().cloned());
     a.push("-append".into());
     a.push(append.join(" "));
@@ -141,14 +155,20 @@ pub async fn launch(
     kernel: &Path,
     initrd: Option<&Path>,
     log: &Path,
+    net: Option<(u32, &GuestNet)>,
 ) -> anyhow::Result<(u32, ExitRx)> {
     let mut kvm = use_kvm();
     loop {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
-        let args = qemu_args(spec, kernel, initrd, log, kvm);
-        info!(qemu = %qemu.display(), accel = if kvm { "kvm" } else { "tcg" }, "starting unikernel VM");
-        let mut child = tokio::process::Command::new(qemu)
+        let args = qemu_args(spec, kernel, initrd, log, kvm, net.map(|n| n.1));
+        info!(qemu = %qemu.display(), accel = if kvm { "kvm" } else { "tcg" }, network = ?net.map(|n| n.1.ip),
+            "starting unikernel VM");
+        let mut cmd = tokio::process::Command::new(qemu);
+        if let Some((holder, _)) = net {
+            super::vmnet::enter_before_exec(&mut cmd, holder)?;
+        }
+        let mut child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -228,11 +248,23 @@ mod tests {
     #[test]
     fn args() {
         let s = ServiceSpec { memory_mb: 128, vcpus: 1.5, args: vec!["ip=10.0.0.2".into()], ..Default::default() };
-        let a = qemu_args(&s, Path::new("/k"), Some(Path::new("/i")), Path::new("/l"), false);
+        let a = qemu_args(&s, Path::new("/k"), Some(Path::new("/i")), Path::new("/l"), false, None);
         let j = a.join(" ");
         assert!(j.contains("-m 128") && j.contains("-smp 2") && j.contains("-initrd /i"), "{j}");
         assert!(j.contains("-accel tcg") && j.contains("console=ttyS0 ip=10.0.0.2"), "{j}");
-        let k = qemu_args(&ServiceSpec::default(), Path::new("/k"), None, Path::new("/l"), true).join(" ");
+        let k = qemu_args(&ServiceSpec::default(), Path::new("/k"), None, Path::new("/l"), true, None).join(" ");
         assert!(k.contains("-accel kvm -cpu host") && k.contains("-m 64") && !k.contains("-initrd"), "{k}");
+        assert!(!k.contains("-netdev"), "no network device without a NetManager: {k}");
+        let net = GuestNet {
+            ip: "10.18.0.5".parse().unwrap(),
+            prefix: 26,
+            gateway: "10.18.0.1".parse().unwrap(),
+            mac: "02:4f:0a:12:00:05".into(),
+            mtu: 1450,
+        };
+        let n = qemu_args(&s, Path::new("/k"), None, Path::new("/l"), false, Some(&net)).join(" ");
+        assert!(n.contains("-netdev tap,id=oaknet,ifname=tap0") && n.contains("mac=02:4f:0a:12:00:05"), "{n}");
+        // the network first, the SLA's own arguments last (they may override)
+        assert!(n.contains("console=ttyS0 oak.ip=10.18.0.5/26 ") && n.contains("255.255.255.192 ip=10.0.0.2 "), "{n}");
     }
 }

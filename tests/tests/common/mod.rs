@@ -24,6 +24,11 @@ pub struct OneDoc {
 /// Starts root, cluster ("doc", reporting every second), NetManager and NodeEngine ("doc-worker", instances
 /// in containerd namespace `ctr_ns`, local image archives from `dir`) on `h`, their state under `dir`.
 pub fn start(h: &Host, dir: &Path, ctr_ns: &str) -> OneDoc {
+    start_with(h, dir, ctr_ns, &[])
+}
+
+/// [`start`] with more NodeEngine arguments (e.g. `-u=true`).
+pub fn start_with(h: &Host, dir: &Path, ctr_ns: &str, more_ne_args: &[&str]) -> OneDoc {
     let p = |s: &str| dir.join(s).display().to_string();
     std::fs::write(
         dir.join("netcfg.json"),
@@ -69,6 +74,7 @@ pub fn start(h: &Host, dir: &Path, ctr_ns: &str) -> OneDoc {
         &p("nm/api-token"),
     ]
     .iter()
+    .chain(more_ne_args)
     .map(|s| s.to_string())
     .collect();
     let nodeengine = spawn_nodeengine(h, "nodeengine", &ne_args);

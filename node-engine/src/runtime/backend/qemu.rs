@@ -1,6 +1,6 @@
 //! Unikernels as qemu processes (see [`crate::runtime::unikernel`] for the image and the
-//! command line). A record next to each VM lets a restarted NodeEngine find it; VMs are not wired
-//! by the NetManager (they have no network device).
+//! command line). A record next to each VM lets a restarted NodeEngine find it. With a NetManager, a VM
+//! is wired like a container: through a network namespace held for it ([`crate::runtime::vmnet`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -16,10 +16,13 @@ use tracing::info;
 use super::{Adopted, Backend, Created, Exit, Record, Resumed};
 use crate::runtime::logs::Logs;
 use crate::runtime::unikernel::{self, ExitRx};
+use crate::runtime::vmnet;
 
 /// Runs `unikernel` instances (only when enabled with -u).
 pub struct QemuBackend {
     enabled: bool,
+    /// A NetManager wires instances: VMs get a network namespace and a network device.
+    networked: bool,
     data_dir: PathBuf,
     logs: Logs,
     stop_grace: Duration,
@@ -28,12 +31,14 @@ pub struct QemuBackend {
 }
 
 impl QemuBackend {
-    pub fn new(enabled: bool, data_dir: PathBuf, logs: Logs, stop_grace: Duration) -> Self {
-        Self { enabled, data_dir, logs, stop_grace, exits: Mutex::default() }
+    pub fn new(enabled: bool, networked: bool, data_dir: PathBuf, logs: Logs, stop_grace: Duration) -> Self {
+        Self { enabled, networked, data_dir, logs, stop_grace, exits: Mutex::default() }
     }
 
+    /// Removes the VM's files and its network namespace's holder.
     fn remove_files(&self, id: &str) -> anyhow::Result<()> {
         let dir = unikernel::vm_dir(&self.data_dir, id);
+        vmnet::stop_holder(&dir);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
@@ -54,10 +59,13 @@ impl Backend for QemuBackend {
     async fn create(&self, spec: &ServiceSpec, _n: u32, id: &str) -> anyhow::Result<Created> {
         crate::metrics::find_qemu()
             .ok_or_else(|| anyhow!("no qemu-system-* binary for this architecture in PATH (install qemu-system)"))?;
-        let (kernel, _) = unikernel::fetch_image(&spec.code, &unikernel::vm_dir(&self.data_dir, id))
+        let dir = unikernel::vm_dir(&self.data_dir, id);
+        let (kernel, _) = unikernel::fetch_image(&spec.code, &dir)
             .await
             .map_err(|e| anyhow!("unikernel image '{}' unavailable: {e:#}", spec.code))?;
-        Ok(Created { pid: None, detail: format!("kernel {}", kernel.display()) })
+        // the namespace the NetManager wires next, and the VM joins when it starts
+        let holder = if self.networked { Some(vmnet::spawn_holder(&dir)?) } else { None };
+        Ok(Created { pid: holder, detail: format!("kernel {}", kernel.display()) })
     }
 
     async fn start(&self, spec: &ServiceSpec, n: u32, id: &str) -> anyhow::Result<u32> {
@@ -66,7 +74,19 @@ impl Backend for QemuBackend {
         let (kernel, initrd) = unikernel::image_files(&dir);
         let log = self.logs.path(id);
         let _ = std::fs::remove_file(&log);
-        let (pid, exit) = unikernel::launch(&qemu, spec, &kernel, initrd.as_deref(), &log).await?;
+        let net = match self.networked.then(|| vmnet::holder(&dir)) {
+            None => None,
+            Some(None) => anyhow::bail!("the VM's network namespace is gone (its holder process ended)"),
+            Some(Some(holder)) => {
+                let net = tokio::task::spawn_blocking(move || vmnet::plumb(holder))
+                    .await?
+                    .context("connecting the VM's network device to its namespace")?;
+                Some((holder, net))
+            }
+        };
+        let (pid, exit) =
+            unikernel::launch(&qemu, spec, &kernel, initrd.as_deref(), &log, net.as_ref().map(|(h, n)| (*h, n)))
+                .await?;
         self.exits.lock().insert(id.to_string(), exit);
         let rec = Record {
             id: id.to_string(),
@@ -117,7 +137,7 @@ impl Backend for QemuBackend {
 
     async fn delete(&self, id: &str) {
         self.exits.lock().remove(id);
-        let _ = std::fs::remove_dir_all(unikernel::vm_dir(&self.data_dir, id));
+        let _ = self.remove_files(id);
     }
 
     fn oom_kills(&self, _id: &str) -> Option<u64> {

@@ -1,0 +1,189 @@
+//! A unikernel instance on the overlay. A Linux guest (Debian's kernel and a busybox initramfs built here,
+//! nothing downloaded) is deployed through the REST API on a 1-DOC stack whose NodeEngine runs with
+//! `-u=true`. The NetManager wires the VM's network namespace as it wires a container; the guest takes the
+//! address it gave from its kernel command line. A container on the same worker reaches the guest's web
+//! server by the service's round-robin and closest IPs; the guest's console (through the logs endpoint)
+//! shows the address it configured, which is the one the API reports. Undeploying leaves no qemu, no
+//! namespace holder and no files behind.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use testbed::{require_root, wait_for, Api, Net};
+
+mod common;
+
+const PAGE: &str = "hello-from-the-guest";
+
+fn skip_reason() -> Option<String> {
+    if !Command::new("ctr").arg("version").output().is_ok_and(|o| o.status.success()) {
+        return Some("containerd is not running (cargo xtask test starts it)".into());
+    }
+    if oak_node_engine::metrics::find_qemu().is_none() {
+        return Some("no qemu-system-* in PATH (cargo xtask setup installs it)".into());
+    }
+    if oak_node_engine::testguest::find_kernel().is_none() {
+        return Some("no kernel in /boot with its modules (cargo xtask setup installs linux-image-*)".into());
+    }
+    None
+}
+
+/// The pid of the task of `service`'s instance 0 in containerd namespace `ns`.
+fn task_pid(ns: &str, service: &str) -> String {
+    let out = Command::new("ctr").args(["-n", ns, "tasks", "ls"]).output().unwrap();
+    let tasks = String::from_utf8_lossy(&out.stdout).to_string();
+    tasks
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (id, pid) = (f.next()?, f.next()?);
+            (id.contains(service) && id.ends_with(".instance.0")).then(|| pid.to_string())
+        })
+        .unwrap_or_else(|| panic!("{service} instance 0 among the tasks: {tasks}"))
+}
+
+/// GET `url` from the network namespace of `pid` (the machine's curl): the body, or None.
+fn fetch_from(pid: &str, url: &str) -> Option<String> {
+    let out = Command::new("nsenter").args(["-t", pid, "-n", "curl", "-sS", "--max-time", "3", url]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn a_unikernel_answers_on_its_service_ips() {
+    if !require_root("a_unikernel_answers_on_its_service_ips") {
+        return;
+    }
+    if let Some(why) = skip_reason() {
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("SKIPPED a_unikernel_answers_on_its_service_ips: {why}");
+        return;
+    }
+    let net = Net::new(&["uk"]).unwrap();
+    let h = net.host("uk");
+    let d = net.dir.path().to_path_buf();
+    let ctr_ns = format!("oak-uk-{}", std::process::id());
+    let image = oak_node_engine::testimage::build_busybox_image(&d, "localhost/oak/busybox:uk").unwrap();
+    let guest = oak_node_engine::testguest::build_linux_guest(&d, "guest", PAGE).unwrap();
+    let stack = common::start_with(h, &d, &ctr_ns, &["-u=true"]);
+
+    let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{"applicationID": "",
+        "application_name": "uk", "application_namespace": "doc", "application_desc": "a networked unikernel",
+        "microservices": [
+          {"microserviceID": "", "microservice_name": "vm", "microservice_namespace": "doc",
+           "virtualization": "unikernel", "code": guest.display().to_string(), "memory": 256, "vcpus": 1},
+          {"microserviceID": "", "microservice_name": "client", "microservice_namespace": "doc",
+           "virtualization": "container", "code": format!("oci-archive:{}", image.display()),
+           "cmd": ["sleep", "3600"], "memory": 32, "vcpus": 0.1}]}]});
+    let (vm, client) = h.run(move || {
+        let mut api = Api::new("127.0.0.1".parse().unwrap());
+        wait_for("root API", Duration::from_secs(20), || api.login("Admin", common::ADMIN_PASSWORD).ok());
+        wait_for("the worker registered", Duration::from_secs(30), || {
+            let (_, c) = api.call("GET", "/api/clusters/active", None);
+            (c[0]["active_nodes"].as_u64() == Some(1)).then_some(())
+        });
+        let (code, v) = api.call("POST", "/api/application", Some(&sla));
+        assert_eq!(code, 200, "{v}");
+        let (_, services) = api.call("GET", "/api/services", None);
+        let by_name = |n: &str| {
+            services.as_array().and_then(|a| a.iter().find(|s| s["microservice_name"] == n)).cloned().unwrap()
+        };
+        let ids = ["vm", "client"].map(|n| by_name(n)["microserviceID"].as_str().unwrap().to_string());
+        for id in &ids {
+            let (code, v) = api.call("POST", &format!("/api/service/{id}/instance"), None);
+            assert_eq!(code, 200, "{v}");
+        }
+        let running = |id: &str| {
+            let (_, s) = api.call("GET", &format!("/api/service/{id}"), None);
+            let i = s["instance_list"][0].clone();
+            assert!(!matches!(i["status"].as_str(), Some("FAILED" | "DEAD")), "instance failed: {i}");
+            (i["status"] == "RUNNING").then_some(s)
+        };
+        let vm = wait_for("the VM RUNNING", Duration::from_secs(120), || running(&ids[0]));
+        let client = wait_for("the client RUNNING", Duration::from_secs(60), || running(&ids[1]));
+        (vm, client)
+    });
+    let vm_id = vm["microserviceID"].as_str().unwrap().to_string();
+    let ns_address = vm["instance_list"][0]["ns_address"].as_str().unwrap_or_default().to_string();
+    assert!(!ns_address.is_empty(), "the VM has an overlay address: {vm}");
+    let ip = |k: &str| vm["addresses"][k].as_str().unwrap_or_else(|| panic!("no addresses.{k}: {vm}")).to_string();
+    let (rr, closest) = (ip("rr_ip"), ip("closest_ip"));
+    assert!(client["instance_list"][0]["ns_address"].as_str().is_some_and(|a| !a.is_empty()));
+
+    // the guest boots (TCG can take a while), configures what it was given and serves
+    let pid = task_pid(&ctr_ns, "client");
+    for (what, addr) in [("round-robin", &rr), ("closest", &closest), ("overlay address", &ns_address)] {
+        let url = format!("http://{addr}:8080/index.html");
+        let body = wait_for(&format!("the guest's page by its {what} {addr}"), Duration::from_secs(180), || {
+            fetch_from(&pid, &url).filter(|b| b == PAGE)
+        });
+        assert_eq!(body, PAGE);
+    }
+    let (code, logs) = h.run(move || {
+        let mut api = Api::new("127.0.0.1".parse().unwrap());
+        api.login("Admin", common::ADMIN_PASSWORD).unwrap();
+        api.call("GET", &format!("/api/service/{vm_id}/instance/0/logs?offset=-1"), None)
+    });
+    assert_eq!(code, 200, "{logs}");
+    let console = logs["text"].as_str().unwrap_or_default().to_string();
+    assert!(
+        console.contains(&format!("{} eth0 {ns_address}/", oak_node_engine::testguest::READY)),
+        "the guest configured the address the API reports ({ns_address}); its console:\n{console}"
+    );
+
+    // undeploy: no qemu, no namespace holder, no files of the VM left
+    let vm_id = vm["microserviceID"].as_str().unwrap().to_string();
+    let vms = d.join("ne").join("unikernels");
+    let holders: Vec<u32> = std::fs::read_dir(&vms)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("netns-holder.pid")).ok()?.trim().parse().ok())
+        .collect();
+    assert_eq!(holders.len(), 1, "one namespace holder for the one VM");
+    h.run(move || {
+        let mut api = Api::new("127.0.0.1".parse().unwrap());
+        api.login("Admin", common::ADMIN_PASSWORD).unwrap();
+        let (code, v) = api.call("DELETE", &format!("/api/service/{vm_id}/instance/0"), None);
+        assert_eq!(code, 200, "{v}");
+        wait_for("the VM undeployed", Duration::from_secs(60), || {
+            let (_, s) = api.call("GET", &format!("/api/service/{vm_id}"), None);
+            s["instance_list"].as_array().is_some_and(|l| l.is_empty()).then_some(())
+        });
+    });
+    wait_for("the VM's files removed", Duration::from_secs(30), || {
+        std::fs::read_dir(&vms).map(|d| d.count() == 0).unwrap_or(true).then_some(())
+    });
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("qemu-system") && c.contains(&d.display().to_string()))
+        .collect();
+    assert!(leftovers.is_empty(), "qemu left running: {leftovers:?}");
+    for pid in holders {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(!cmd.starts_with(b"sleep"), "the namespace holder {pid} is gone");
+    }
+
+    // the rest goes with the application; then the test's containerd namespace
+    h.run(move || {
+        let mut api = Api::new("127.0.0.1".parse().unwrap());
+        api.login("Admin", common::ADMIN_PASSWORD).unwrap();
+        let (_, apps) = api.call("GET", "/api/applications", None);
+        let app = apps[0]["applicationID"].as_str().unwrap().to_string();
+        let (code, v) = api.call("DELETE", &format!("/api/application/{app}"), None);
+        assert_eq!(code, 200, "{v}");
+    });
+    let containers = || {
+        let out = Command::new("ctr").args(["-n", &ctr_ns, "containers", "ls", "-q"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_for("the client's container removed", Duration::from_secs(30), || containers().is_empty().then_some(()));
+    drop(stack);
+    let images = Command::new("ctr").args(["-n", &ctr_ns, "images", "ls", "-q"]).output().unwrap();
+    for img in String::from_utf8_lossy(&images.stdout).lines() {
+        let _ = Command::new("ctr").args(["-n", &ctr_ns, "images", "rm", "--sync", img]).output();
+    }
+    let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();
+}
