@@ -1,6 +1,6 @@
 //! A unikernel instance on the overlay. A Linux guest (Debian's kernel and a busybox initramfs built here,
 //! nothing downloaded) is deployed through the REST API on a 1-DOC stack whose NodeEngine runs with
-//! `-u=true`. The NetManager wires the VM's network namespace as it wires a container; the guest takes the
+//! `-u=true`, once on each datapath (eBPF, tun). The NetManager wires the VM's network namespace as it wires a container; the guest takes the
 //! address it gave from its kernel command line. A container on the same worker reaches the guest's web
 //! server by the service's round-robin and closest IPs; the guest's console (through the logs endpoint)
 //! shows the address it configured, which is the one the API reports. Undeploying leaves no qemu, no
@@ -50,25 +50,37 @@ fn fetch_from(pid: &str, url: &str) -> Option<String> {
 }
 
 #[test]
-fn a_unikernel_answers_on_its_service_ips() {
-    if !require_root("a_unikernel_answers_on_its_service_ips") {
+fn a_unikernel_answers_on_its_service_ips_on_the_ebpf_path() {
+    reach_a_unikernel("ebpf", &[]);
+}
+
+#[test]
+fn a_unikernel_answers_on_its_service_ips_on_the_tun_path() {
+    reach_a_unikernel("tun", &["--no-ebpf"]);
+}
+
+/// The scenario, with the NetManager's datapath `datapath` (started with `nm_args`).
+fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
+    let name = format!("a_unikernel_answers_on_its_service_ips_on_the_{datapath}_path");
+    if !require_root(&name) {
         return;
     }
     if let Some(why) = skip_reason() {
         assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("SKIPPED a_unikernel_answers_on_its_service_ips: {why}");
+        eprintln!("SKIPPED {name}: {why}");
         return;
     }
     let net = Net::new(&["uk"]).unwrap();
     let h = net.host("uk");
     let d = net.dir.path().to_path_buf();
-    let ctr_ns = format!("oak-uk-{}", std::process::id());
+    let ctr_ns = format!("oak-uk-{datapath}-{}", std::process::id());
     let image = oak_node_engine::testimage::build_busybox_image(&d, "localhost/oak/busybox:uk").unwrap();
     let guest = oak_node_engine::testguest::build_linux_guest(&d, "guest", PAGE).unwrap();
-    let stack = common::start_with(h, &d, &ctr_ns, &["-u=true"]);
+    let stack = common::start_with(h, &d, &ctr_ns, nm_args, &["-u=true"]);
 
     let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{"applicationID": "",
-        "application_name": "uk", "application_namespace": "doc", "application_desc": "a networked unikernel",
+        "application_name": format!("uk{datapath}"), "application_namespace": "doc",
+        "application_desc": "a networked unikernel",
         "microservices": [
           {"microserviceID": "", "microservice_name": "vm", "microservice_namespace": "doc",
            "virtualization": "unikernel", "code": guest.display().to_string(), "memory": 256, "vcpus": 1},
@@ -103,6 +115,13 @@ fn a_unikernel_answers_on_its_service_ips() {
         let client = wait_for("the client RUNNING", Duration::from_secs(60), || running(&ids[1]));
         (vm, client)
     });
+    // the worker runs the datapath this run is about
+    let (_, workers) = h.run(|| {
+        let mut api = Api::new("127.0.0.1".parse().unwrap());
+        api.login("Admin", common::ADMIN_PASSWORD).unwrap();
+        api.call("GET", "/api/cluster/doc/workers", None)
+    });
+    assert_eq!(workers[0]["network"]["datapath"], datapath, "{workers}");
     let vm_id = vm["microserviceID"].as_str().unwrap().to_string();
     let ns_address = vm["instance_list"][0]["ns_address"].as_str().unwrap_or_default().to_string();
     assert!(!ns_address.is_empty(), "the VM has an overlay address: {vm}");

@@ -24,11 +24,11 @@ pub struct OneDoc {
 /// Starts root, cluster ("doc", reporting every second), NetManager and NodeEngine ("doc-worker", instances
 /// in containerd namespace `ctr_ns`, local image archives from `dir`) on `h`, their state under `dir`.
 pub fn start(h: &Host, dir: &Path, ctr_ns: &str) -> OneDoc {
-    start_with(h, dir, ctr_ns, &[])
+    start_with(h, dir, ctr_ns, &[], &[])
 }
 
-/// [`start`] with more NodeEngine arguments (e.g. `-u=true`).
-pub fn start_with(h: &Host, dir: &Path, ctr_ns: &str, more_ne_args: &[&str]) -> OneDoc {
+/// [`start`] with more NetManager arguments (e.g. `--no-ebpf`) and NodeEngine arguments (e.g. `-u=true`).
+pub fn start_with(h: &Host, dir: &Path, ctr_ns: &str, more_nm_args: &[&str], more_ne_args: &[&str]) -> OneDoc {
     let p = |s: &str| dir.join(s).display().to_string();
     std::fs::write(
         dir.join("netcfg.json"),
@@ -54,8 +54,10 @@ pub fn start_with(h: &Host, dir: &Path, ctr_ns: &str, more_ne_args: &[&str]) -> 
             &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
         )
         .unwrap();
-    let netmanager =
-        h.spawn("netmanager", &bin("NetManager"), &["-c", &p("netcfg.json"), "--data-dir", &p("nm")], &[]).unwrap();
+    let (cfg, nm_dir) = (p("netcfg.json"), p("nm"));
+    let nm_args: Vec<&str> =
+        ["-c", &cfg, "--data-dir", &nm_dir].into_iter().chain(more_nm_args.iter().copied()).collect();
+    let netmanager = h.spawn("netmanager", &bin("NetManager"), &nm_args, &[]).unwrap();
     netmanager.wait_log("NetManager ready", std::time::Duration::from_secs(30)).unwrap();
     let ne_args: Vec<String> = [
         "-a",
