@@ -103,7 +103,8 @@ async fn unikernel_runs_completes_and_is_readopted() {
     assert!(done.logs.contains("UNIKERNEL-OK"), "logs: {:?}", done.logs);
     rt.undeploy("svc-uk-once", 0).await.unwrap();
 
-    // Long-running VM, re-adopted by a new runtime, then undeployed by it.
+    // Long-running VM, re-adopted by a new runtime (which finds it even without its pid recorded), then
+    // undeployed by it.
     let spec = ServiceSpec {
         service_id: "svc-uk-up".into(),
         job_name: "t.uk.up.x".into(),
@@ -122,6 +123,13 @@ async fn unikernel_runs_completes_and_is_readopted() {
         std::fs::read_to_string(rt.log_path(&id)).unwrap_or_default()
     );
 
+    // as if the NodeEngine had been killed between recording the VM and learning qemu's pid: the record
+    // says pid 0, and the next runtime finds qemu by its command line
+    let record = unikernel::vm_dir(&env.data_dir(), &id).join("instance.json");
+    let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(rec["pid"], pid, "the record holds qemu's pid once known");
+    rec["pid"] = 0.into();
+    std::fs::write(&record, rec.to_string()).unwrap();
     let (rt2, mut rx2) = Runtime::connect(cfg).await.unwrap();
     let adopted = rt2.adopt().await.unwrap();
     let a = adopted.iter().find(|s| s.service_id == "svc-uk-up").expect("VM re-adopted");

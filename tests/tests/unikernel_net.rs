@@ -3,9 +3,10 @@
 //! `-u=true`, once on each datapath (eBPF, tun). The NetManager wires the VM's network namespace as it wires a container; the guest takes the
 //! address it gave from its kernel command line. A container on the same worker reaches the guest's web
 //! server by the service's round-robin and closest IPs; the guest's console (through the logs endpoint)
-//! shows the address it configured, which is the one the API reports. Undeploying leaves no qemu, no
-//! namespace holder and no files behind.
+//! shows the address it configured, which is the one the API reports. A NodeEngine killed and started
+//! again re-adopts the running guest. Undeploying leaves no qemu, no namespace holder and no files behind.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -149,6 +150,33 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
         console.contains(&format!("{} eth0 {ns_address}/", oak_node_engine::testguest::READY)),
         "the guest configured the address the API reports ({ns_address}); its console:\n{console}"
     );
+
+    // the NodeEngine killed and started again: the guest keeps running (the same qemu), is re-adopted and
+    // still answers by its service IP
+    let qemu_of = |d: &Path| {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("qemu-system") && c.contains(&d.display().to_string())
+                })
+            })
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect::<Vec<_>>()
+    };
+    let before = qemu_of(&d);
+    assert_eq!(before.len(), 1, "one qemu: {before:?}");
+    let mut stack = stack;
+    stack.nodeengine.kill9();
+    stack.nodeengine = common::spawn_nodeengine(h, "nodeengine-2", &stack.ne_args);
+    stack.nodeengine.wait_log("re-adopted running unikernel VM", Duration::from_secs(30)).unwrap();
+    assert_eq!(qemu_of(&d), before, "the same qemu runs on");
+    let url = format!("http://{rr}:8080/index.html");
+    wait_for("the guest's page after the NodeEngine restart", Duration::from_secs(30), || {
+        fetch_from(&pid, &url).filter(|b| b == PAGE)
+    });
 
     // undeploy: no qemu, no namespace holder, no files of the VM left
     let vm_id = vm["microserviceID"].as_str().unwrap().to_string();

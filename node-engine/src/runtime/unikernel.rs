@@ -231,6 +231,15 @@ pub fn watch_foreign(pid: u32) -> anyhow::Result<ExitRx> {
     Ok(rx)
 }
 
+/// The qemu process running VM `id`, if one does (its pid was never recorded).
+pub fn find_vm(id: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| is_our_vm(*pid, id))
+}
+
 /// Whether `pid` is a qemu process running the VM `id` (its kernel path contains the id).
 pub fn is_our_vm(pid: u32, id: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))

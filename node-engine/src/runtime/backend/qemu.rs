@@ -84,20 +84,25 @@ impl Backend for QemuBackend {
                 Some((holder, net))
             }
         };
-        let (pid, exit) =
-            unikernel::launch(&qemu, spec, &kernel, initrd.as_deref(), &log, net.as_ref().map(|(h, n)| (*h, n)))
-                .await?;
-        self.exits.lock().insert(id.to_string(), exit);
-        let rec = Record {
+        // recorded before qemu is spawned (pid 0 until it is known), so a NodeEngine killed in between
+        // finds the VM by its command line when it starts again instead of leaving it orphaned
+        let mut rec = Record {
             id: id.to_string(),
             service_id: spec.service_id.clone(),
             instance_number: n,
             job_name: spec.job_name.clone(),
             one_shot: spec.one_shot,
             memory_mb: spec.memory_mb,
-            pid,
+            pid: 0,
         };
-        std::fs::write(dir.join("instance.json"), serde_json::to_vec(&rec)?)?;
+        let record = dir.join("instance.json");
+        std::fs::write(&record, serde_json::to_vec(&rec)?)?;
+        let (pid, exit) =
+            unikernel::launch(&qemu, spec, &kernel, initrd.as_deref(), &log, net.as_ref().map(|(h, n)| (*h, n)))
+                .await?;
+        self.exits.lock().insert(id.to_string(), exit);
+        rec.pid = pid;
+        std::fs::write(&record, serde_json::to_vec(&rec)?)?;
         Ok(pid)
     }
 
@@ -154,13 +159,17 @@ impl Backend for QemuBackend {
             let Ok(bytes) = std::fs::read(d.path().join("instance.json")) else {
                 continue;
             };
-            let Ok(rec) = serde_json::from_slice::<Record>(&bytes) else {
+            let Ok(mut rec) = serde_json::from_slice::<Record>(&bytes) else {
                 continue;
             };
             if known.contains(&instance_key(&rec.service_id, rec.instance_number)) {
                 continue;
             }
-            let alive = unikernel::is_our_vm(rec.pid, &rec.id);
+            if rec.pid == 0 {
+                // killed between recording the VM and learning qemu's pid: look for it
+                rec.pid = unikernel::find_vm(&rec.id).unwrap_or(0);
+            }
+            let alive = rec.pid != 0 && unikernel::is_our_vm(rec.pid, &rec.id);
             let state = match alive.then(|| unikernel::watch_foreign(rec.pid).ok()).flatten() {
                 Some(exit) => {
                     info!(instance = %rec.id, pid = rec.pid, "re-adopted running unikernel VM");
