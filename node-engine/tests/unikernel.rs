@@ -116,6 +116,10 @@ async fn unikernel_runs_completes_and_is_readopted() {
     rt.deploy(spec, 3);
     common::wait_for(&mut rx, "svc-uk-up", &["RUNNING"], &mut Vec::new()).await;
     let pid = rt.pid_of("svc-uk-up", 3).unwrap();
+    // its use is sampled from qemu's process: the guest's memory and the CPU time spent running it
+    let usage = rt.usage();
+    let u = usage.iter().find(|u| u.service_id == "svc-uk-up").expect("the running VM is sampled");
+    assert!(u.memory_bytes > 0, "{usage:?}");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("qemu process exists");
     assert!(
         !stat.contains(") Z "),

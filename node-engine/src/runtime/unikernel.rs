@@ -231,6 +231,25 @@ pub fn watch_foreign(pid: u32) -> anyhow::Result<ExitRx> {
     Ok(rx)
 }
 
+/// Resident memory of process `pid` (a VM's qemu: the guest's RAM it touched, and qemu's own), in bytes.
+pub fn process_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// CPU time process `pid` has used so far (user + system, all its threads), in µs.
+pub fn process_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the fields after the command name, which is in parentheses and may hold spaces
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (rest.get(11)?.parse().ok()?, rest.get(12)?.parse().ok()?);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| (utime + stime) * 1_000_000 / hz as u64)
+}
+
 /// The qemu process running VM `id`, if one does (its pid was never recorded).
 pub fn find_vm(id: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
@@ -253,6 +272,24 @@ pub fn is_our_vm(pid: u32, id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_has_memory_and_cpu_time() {
+        let me = std::process::id();
+        assert!(process_rss(me).is_some_and(|b| b > 0));
+        // busy until the kernel has accounted more CPU time (it counts in clock ticks)
+        let before = process_cpu_us(me).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut x = 0u64;
+        while process_cpu_us(me).unwrap() <= before {
+            for i in 0..100_000u64 {
+                x = x.wrapping_add(i * i);
+            }
+            assert!(std::time::Instant::now() < deadline, "5 s of spinning and no CPU time accounted");
+        }
+        std::hint::black_box(x);
+        assert_eq!(process_rss(u32::MAX), None);
+    }
 
     #[test]
     fn args() {
