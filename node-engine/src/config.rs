@@ -34,6 +34,11 @@ pub struct Config {
           default_value_t = false, default_missing_value = "true")]
     pub unikernel: bool,
 
+    /// How long a unikernel on the overlay has to answer at its address (ARP) after qemu starts, in seconds;
+    /// it is RUNNING when it does, FAILED (and stopped) when it does not. TCG emulation boots slowly.
+    #[arg(long = "vm-answer-timeout", default_value_t = 180, value_name = "SECONDS")]
+    pub vm_answer_timeout_s: u64,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter directive).
     #[arg(long = "log-level", default_value = "info", env = "NODE_ENGINE_LOG")]
     pub log_level: String,

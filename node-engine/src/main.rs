@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         netmanager_credential: cfg.netmanager_credential.clone(),
         unikernel: cfg.unikernel,
         stop_grace: Duration::from_secs(10),
+        vm_answer_timeout: Duration::from_secs(cfg.vm_answer_timeout_s.max(1)),
         image_dirs: cfg.image_dirs.clone(),
     };
     let mut backoff = Duration::from_secs(1);

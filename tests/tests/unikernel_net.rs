@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use testbed::{require_root, wait_for, Api, Net};
 
 mod common;
@@ -232,5 +232,90 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
     for img in String::from_utf8_lossy(&images.stdout).lines() {
         let _ = Command::new("ctr").args(["-n", &ctr_ns, "images", "rm", "--sync", img]).output();
     }
+    let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();
+}
+
+/// A guest that never answers at its address is stopped and FAILED after `--vm-answer-timeout`, and one
+/// whose qemu exits before answering FAILED at once; each with the reason and the end of its console, and
+/// neither leaves a qemu or a namespace holder.
+#[test]
+fn a_guest_that_does_not_answer_fails_with_the_reason() {
+    let name = "a_guest_that_does_not_answer_fails_with_the_reason";
+    if !require_root(name) {
+        return;
+    }
+    if let Some(why) = skip_reason() {
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("SKIPPED {name}: {why}");
+        return;
+    }
+    let net = Net::new(&["ukf"]).unwrap();
+    let h = net.host("ukf");
+    let d = net.dir.path().to_path_buf();
+    let ctr_ns = format!("oak-ukf-{}", std::process::id());
+    let guest = oak_node_engine::testguest::build_linux_guest(&d, "guest", PAGE).unwrap();
+    let stack = common::start_with(h, &d, &ctr_ns, &[], &["-u=true", "--vm-answer-timeout", "5"]);
+    let vm = |name: &str, args: Value| {
+        json!({"microserviceID": "", "microservice_name": name, "microservice_namespace": "doc",
+               "virtualization": "unikernel", "code": guest.display().to_string(), "memory": 256, "vcpus": 1,
+               "args": args})
+    };
+    // silent: an empty address on the command line after ours, so the guest configures no network;
+    // crash: init is busybox's help, which exits, and the kernel's panic reboots: qemu (-no-reboot) exits
+    let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{"applicationID": "",
+        "application_name": "ukf", "application_namespace": "doc", "application_desc": "guests that fail",
+        "microservices": [vm("silent", json!(["oak.ip="])), vm("crash", json!(["rdinit=/bin/busybox", "panic=-1"]))]}]});
+    let failed = h.run(move || {
+        let mut api = Api::new("127.0.0.1".parse().unwrap());
+        wait_for("root API", Duration::from_secs(20), || api.login("Admin", common::ADMIN_PASSWORD).ok());
+        wait_for("the worker registered", Duration::from_secs(30), || {
+            let (_, c) = api.call("GET", "/api/clusters/active", None);
+            (c[0]["active_nodes"].as_u64() == Some(1)).then_some(())
+        });
+        let (code, v) = api.call("POST", "/api/application", Some(&sla));
+        assert_eq!(code, 200, "{v}");
+        let (_, services) = api.call("GET", "/api/services", None);
+        let mut out = Vec::new();
+        for n in ["silent", "crash"] {
+            let s = services.as_array().and_then(|a| a.iter().find(|s| s["microservice_name"] == n)).cloned();
+            let id = s.unwrap()["microserviceID"].as_str().unwrap().to_string();
+            let (code, v) = api.call("POST", &format!("/api/service/{id}/instance"), None);
+            assert_eq!(code, 200, "{v}");
+            let i = wait_for(&format!("{n} FAILED"), Duration::from_secs(90), || {
+                let (_, s) = api.call("GET", &format!("/api/service/{id}"), None);
+                let i = s["instance_list"][0].clone();
+                assert_ne!(i["status"], "RUNNING", "{n} must not be RUNNING: its guest never answers: {i}");
+                (i["status"] == "FAILED").then_some(i)
+            });
+            out.push((n, i));
+        }
+        out
+    });
+    for (n, i) in &failed {
+        let detail = i["status_detail"].as_str().unwrap_or_default();
+        eprintln!("{n}: {detail}");
+        match *n {
+            "silent" => assert!(
+                detail.contains("did not answer at 10.18.") && detail.contains("within 5s (--vm-answer-timeout)"),
+                "{detail}"
+            ),
+            _ => assert!(detail.contains("qemu exited (code 0) before the guest answered at 10.18."), "{detail}"),
+        }
+        assert!(detail.contains("its console ends:"), "{detail}");
+    }
+    // nothing of either VM left
+    let vms = d.join("ne").join("unikernels");
+    wait_for("the VMs' files removed", Duration::from_secs(30), || {
+        std::fs::read_dir(&vms).map(|d| d.count() == 0).unwrap_or(true).then_some(())
+    });
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("qemu-system") && c.contains(&d.display().to_string()))
+        .collect();
+    assert!(leftovers.is_empty(), "qemu left running: {leftovers:?}");
+    drop(stack);
     let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();
 }

@@ -51,6 +51,8 @@ pub struct RuntimeConfig {
     pub unikernel: bool,
     /// Time between SIGTERM and SIGKILL on undeploy.
     pub stop_grace: Duration,
+    /// How long a VM on the overlay has to answer at its address before it is stopped as FAILED.
+    pub vm_answer_timeout: Duration,
     /// The only directories local image archives (and unikernel images given as paths) are read from.
     pub image_dirs: Vec<PathBuf>,
 }
@@ -125,6 +127,7 @@ impl Runtime {
                 cfg.data_dir.clone(),
                 logs.clone(),
                 cfg.stop_grace,
+                cfg.vm_answer_timeout,
             )),
         ];
         let netmanager =

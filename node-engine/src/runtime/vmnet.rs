@@ -158,6 +158,120 @@ fn guest_net(addr: &Value, route: &Value) -> anyhow::Result<GuestNet> {
     Ok(GuestNet { ip, prefix, gateway, mac, mtu })
 }
 
+/// The ARP request "who has `guest`? tell `asker`", from `mac`, broadcast.
+fn arp_request(mac: [u8; 6], asker: Ipv4Addr, guest: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, request
+    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&asker.octets());
+    f[38..42].copy_from_slice(&guest.octets());
+    f
+}
+
+/// Whether `frame` is an ARP reply from `guest`.
+fn is_arp_reply_from(frame: &[u8], guest: Ipv4Addr) -> bool {
+    frame.len() >= 42 && frame[12..14] == [8, 6] && frame[20..22] == [0, 2] && frame[28..32] == guest.octets()
+}
+
+/// How a wait for the guest ended.
+#[derive(Debug, PartialEq)]
+pub enum Answer {
+    /// It answered ARP for its address, after this long.
+    Answered(std::time::Duration),
+    /// `gone()` said the VM ended first.
+    Gone,
+    /// Nothing within the time given.
+    Silent,
+}
+
+/// Asks the guest for its own address (an ARP request on the tap, as from its gateway, every 250 ms)
+/// until it answers, `gone()` says the VM ended, or `timeout` passes: the sign that the guest is up,
+/// whatever its network stack. The frames are read from a packet socket on the tap inside the VM's
+/// namespace, which sees the guest's frames before the redirect to `eth0` takes them.
+pub fn wait_for_guest(
+    holder: u32,
+    net: &GuestNet,
+    timeout: std::time::Duration,
+    gone: impl Fn() -> bool + Send + 'static,
+) -> anyhow::Result<Answer> {
+    let (guest, asker) = (net.ip, net.gateway);
+    let ns = format!("/proc/{holder}/ns/net");
+    let h = oak_netns::spawn_in_netns(&ns, move || -> anyhow::Result<Answer> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let started = std::time::Instant::now();
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the fd is owned right after.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(all)) };
+        if fd < 0 {
+            bail!("a packet socket in the VM's namespace: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh socket nobody else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(TAP)?;
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no {TAP} in the VM's namespace");
+        }
+        // SAFETY: a zeroed sockaddr_ll is valid; the fields set below make it the tap's broadcast address.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = all;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let sll_ptr = &sll as *const libc::sockaddr_ll as *const libc::sockaddr;
+        let sll_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: sll is a valid sockaddr_ll of the length given.
+        if unsafe { libc::bind(sock.as_raw_fd(), sll_ptr, sll_len) } != 0 {
+            bail!("binding to {TAP}: {}", std::io::Error::last_os_error());
+        }
+        let tick = libc::timeval { tv_sec: 0, tv_usec: 250_000 };
+        // SAFETY: a valid timeval of the size given.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tick as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let request = arp_request([0x02, 0x4f, 0xff, 0xff, 0xff, 0xfe], asker, guest);
+        let mut buf = [0u8; 2048];
+        loop {
+            if gone() {
+                return Ok(Answer::Gone);
+            }
+            if started.elapsed() > timeout {
+                return Ok(Answer::Silent);
+            }
+            // SAFETY: the request and the address are valid for the lengths given.
+            let sent =
+                unsafe { libc::sendto(sock.as_raw_fd(), request.as_ptr().cast(), request.len(), 0, sll_ptr, sll_len) };
+            if sent < 0 {
+                bail!("sending ARP on {TAP}: {}", std::io::Error::last_os_error());
+            }
+            let round = std::time::Instant::now();
+            while round.elapsed() < std::time::Duration::from_millis(250) {
+                // SAFETY: buf is valid for its length.
+                let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n < 0 {
+                    break; // the receive timeout: ask again
+                }
+                if is_arp_reply_from(&buf[..n as usize], guest) {
+                    return Ok(Answer::Answered(started.elapsed()));
+                }
+            }
+        }
+    })?;
+    oak_netns::join(&ns, h)?
+}
+
 /// Joins the network namespace of `holder` before exec (for qemu's `pre_exec`): opens it now, enters it
 /// in the child.
 pub fn enter_before_exec(cmd: &mut tokio::process::Command, holder: u32) -> anyhow::Result<()> {
@@ -204,6 +318,23 @@ mod tests {
         assert!(k.contains("oak.ip=10.18.0.5/26 oak.gw=10.18.0.1 oak.mtu=1450"), "{k}");
         assert!(k.contains("netdev.ipv4_subnet_mask=255.255.255.192"), "{k}");
         assert!(n.qemu_args().join(" ").ends_with("virtio-net-pci,netdev=oaknet,mac=02:4f:0a:12:00:05"));
+    }
+
+    #[test]
+    fn arp_request_and_reply() {
+        let (gw, guest): (Ipv4Addr, Ipv4Addr) = ("10.18.0.1".parse().unwrap(), "10.18.0.5".parse().unwrap());
+        let r = arp_request([2, 0x4f, 0xff, 0xff, 0xff, 0xfe], gw, guest);
+        assert_eq!(&r[..6], &[0xff; 6]);
+        assert_eq!(&r[12..22], &[8, 6, 0, 1, 8, 0, 6, 4, 0, 1]);
+        assert_eq!((&r[28..32], &r[38..42]), (&gw.octets()[..], &guest.octets()[..]));
+        assert!(!is_arp_reply_from(&r, guest), "a request is no answer");
+        // the guest's answer: op 2, its address as the sender's
+        let mut reply = r;
+        reply[20..22].copy_from_slice(&[0, 2]);
+        reply[28..32].copy_from_slice(&guest.octets());
+        assert!(is_arp_reply_from(&reply, guest));
+        assert!(!is_arp_reply_from(&reply, gw), "from another address");
+        assert!(!is_arp_reply_from(&reply[..41], guest), "too short");
     }
 
     #[test]

@@ -115,6 +115,7 @@ impl Env {
             netmanager_credential: self.dir.path().join("nm-api-token"),
             unikernel: false,
             stop_grace: Duration::from_secs(3),
+            vm_answer_timeout: Duration::from_secs(180),
             image_dirs: vec![self.dir.path().to_path_buf()],
         }
     }

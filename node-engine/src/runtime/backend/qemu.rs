@@ -26,13 +26,22 @@ pub struct QemuBackend {
     data_dir: PathBuf,
     logs: Logs,
     stop_grace: Duration,
+    /// How long a VM on the overlay has to answer at its address before it is stopped as FAILED.
+    answer_timeout: Duration,
     /// The exit of every VM this process started or re-adopted, by instance id.
     exits: Mutex<HashMap<String, ExitRx>>,
 }
 
 impl QemuBackend {
-    pub fn new(enabled: bool, networked: bool, data_dir: PathBuf, logs: Logs, stop_grace: Duration) -> Self {
-        Self { enabled, networked, data_dir, logs, stop_grace, exits: Mutex::default() }
+    pub fn new(
+        enabled: bool,
+        networked: bool,
+        data_dir: PathBuf,
+        logs: Logs,
+        stop_grace: Duration,
+        answer_timeout: Duration,
+    ) -> Self {
+        Self { enabled, networked, data_dir, logs, stop_grace, answer_timeout, exits: Mutex::default() }
     }
 
     /// qemu's pid for VM `id`, as its record says once it is known.
@@ -106,9 +115,42 @@ impl Backend for QemuBackend {
         let (pid, exit) =
             unikernel::launch(&qemu, spec, &kernel, initrd.as_deref(), &log, net.as_ref().map(|(h, n)| (*h, n)))
                 .await?;
+        let mut exited = exit.clone();
         self.exits.lock().insert(id.to_string(), exit);
         rec.pid = pid;
         std::fs::write(&record, serde_json::to_vec(&rec)?)?;
+        // on the overlay, RUNNING means the guest answers there, not that qemu started
+        if let Some((holder, net)) = net {
+            let ip = net.ip;
+            let (watch, timeout) = (exited.clone(), self.answer_timeout);
+            let answer = tokio::task::spawn_blocking(move || {
+                vmnet::wait_for_guest(holder, &net, timeout, move || watch.borrow().is_some())
+            })
+            .await??;
+            let console = || crate::runtime::logs::tail_file(&log, 600).trim().to_string();
+            match answer {
+                vmnet::Answer::Answered(after) => {
+                    info!(instance = %id, %ip, ?after, "the guest answers on the overlay")
+                }
+                vmnet::Answer::Gone => {
+                    let code = exited.borrow().unwrap_or(-1);
+                    anyhow::bail!(
+                        "qemu exited (code {code}) before the guest answered at {ip}; its console ends:\n{}",
+                        console()
+                    );
+                }
+                vmnet::Answer::Silent => {
+                    // SAFETY: kill(2) of the qemu this call started, which has not exited (checked above).
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|c| c.is_some())).await;
+                    anyhow::bail!(
+                        "the guest did not answer at {ip} (ARP) within {timeout:?} (--vm-answer-timeout), so the VM \
+                         was stopped; its console ends:\n{}",
+                        console()
+                    );
+                }
+            }
+        }
         Ok(pid)
     }
 
