@@ -30,6 +30,52 @@ fn skip_reason() -> Option<String> {
     None
 }
 
+/// Whether test `name` can run here; prints why not (a failure under CI, where setup installs it all).
+fn can_run(name: &str) -> bool {
+    if !require_root(name) {
+        return false;
+    }
+    if let Some(why) = skip_reason() {
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("SKIPPED {name}: {why}");
+        return false;
+    }
+    true
+}
+
+/// The root API as the Admin (call from inside the host), once the 1-DOC worker is registered.
+fn admin_api() -> Api {
+    let mut api = Api::new("127.0.0.1".parse().unwrap());
+    wait_for("root API", Duration::from_secs(20), || api.login("Admin", common::ADMIN_PASSWORD).ok());
+    wait_for("the worker registered", Duration::from_secs(30), || {
+        let (_, c) = api.call("GET", "/api/clusters/active", None);
+        (c[0]["active_nodes"].as_u64() == Some(1)).then_some(())
+    });
+    api
+}
+
+/// The command lines of the qemu processes running VMs of a NodeEngine whose data lies under `dir`.
+fn qemus_under(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("qemu-system") && c.contains(&dir))
+        .collect()
+}
+
+/// Waits until no VM directory is left under `dir`'s NodeEngine and no qemu runs for it.
+fn assert_no_vm_left(dir: &Path) {
+    let vms = dir.join("ne").join("unikernels");
+    wait_for("the VMs' files removed", Duration::from_secs(30), || {
+        std::fs::read_dir(&vms).map(|d| d.count() == 0).unwrap_or(true).then_some(())
+    });
+    let left = qemus_under(dir);
+    assert!(left.is_empty(), "qemu left running: {left:?}");
+}
+
 /// The pid of the task of `service`'s instance 0 in containerd namespace `ns`.
 fn task_pid(ns: &str, service: &str) -> String {
     let out = Command::new("ctr").args(["-n", ns, "tasks", "ls"]).output().unwrap();
@@ -62,13 +108,7 @@ fn a_unikernel_answers_on_its_service_ips_on_the_tun_path() {
 
 /// The scenario, with the NetManager's datapath `datapath` (started with `nm_args`).
 fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
-    let name = format!("a_unikernel_answers_on_its_service_ips_on_the_{datapath}_path");
-    if !require_root(&name) {
-        return;
-    }
-    if let Some(why) = skip_reason() {
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("SKIPPED {name}: {why}");
+    if !can_run(&format!("a_unikernel_answers_on_its_service_ips_on_the_{datapath}_path")) {
         return;
     }
     let net = Net::new(&["uk"]).unwrap();
@@ -89,12 +129,7 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
            "virtualization": "container", "code": format!("oci-archive:{}", image.display()),
            "cmd": ["sleep", "3600"], "memory": 32, "vcpus": 0.1}]}]});
     let (vm, client) = h.run(move || {
-        let mut api = Api::new("127.0.0.1".parse().unwrap());
-        wait_for("root API", Duration::from_secs(20), || api.login("Admin", common::ADMIN_PASSWORD).ok());
-        wait_for("the worker registered", Duration::from_secs(30), || {
-            let (_, c) = api.call("GET", "/api/clusters/active", None);
-            (c[0]["active_nodes"].as_u64() == Some(1)).then_some(())
-        });
+        let api = admin_api();
         let (code, v) = api.call("POST", "/api/application", Some(&sla));
         assert_eq!(code, 200, "{v}");
         let (_, services) = api.call("GET", "/api/services", None);
@@ -118,8 +153,7 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
     });
     // the worker runs the datapath this run is about
     let (_, workers) = h.run(|| {
-        let mut api = Api::new("127.0.0.1".parse().unwrap());
-        api.login("Admin", common::ADMIN_PASSWORD).unwrap();
+        let api = admin_api();
         api.call("GET", "/api/cluster/doc/workers", None)
     });
     assert_eq!(workers[0]["network"]["datapath"], datapath, "{workers}");
@@ -140,8 +174,7 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
         assert_eq!(body, PAGE);
     }
     let (code, logs) = h.run(move || {
-        let mut api = Api::new("127.0.0.1".parse().unwrap());
-        api.login("Admin", common::ADMIN_PASSWORD).unwrap();
+        let api = admin_api();
         api.call("GET", &format!("/api/service/{vm_id}/instance/0/logs?offset=-1"), None)
     });
     assert_eq!(code, 200, "{logs}");
@@ -153,26 +186,13 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
 
     // the NodeEngine killed and started again: the guest keeps running (the same qemu), is re-adopted and
     // still answers by its service IP
-    let qemu_of = |d: &Path| {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-                    let c = String::from_utf8_lossy(&c);
-                    c.contains("qemu-system") && c.contains(&d.display().to_string())
-                })
-            })
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .collect::<Vec<_>>()
-    };
-    let before = qemu_of(&d);
+    let before = qemus_under(&d);
     assert_eq!(before.len(), 1, "one qemu: {before:?}");
     let mut stack = stack;
     stack.nodeengine.kill9();
     stack.nodeengine = common::spawn_nodeengine(h, "nodeengine-2", &stack.ne_args);
     stack.nodeengine.wait_log("re-adopted running unikernel VM", Duration::from_secs(30)).unwrap();
-    assert_eq!(qemu_of(&d), before, "the same qemu runs on");
+    assert_eq!(qemus_under(&d), before, "the same qemu runs on");
     let url = format!("http://{rr}:8080/index.html");
     wait_for("the guest's page after the NodeEngine restart", Duration::from_secs(30), || {
         fetch_from(&pid, &url).filter(|b| b == PAGE)
@@ -188,8 +208,7 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
         .collect();
     assert_eq!(holders.len(), 1, "one namespace holder for the one VM");
     h.run(move || {
-        let mut api = Api::new("127.0.0.1".parse().unwrap());
-        api.login("Admin", common::ADMIN_PASSWORD).unwrap();
+        let api = admin_api();
         let (code, v) = api.call("DELETE", &format!("/api/service/{vm_id}/instance/0"), None);
         assert_eq!(code, 200, "{v}");
         wait_for("the VM undeployed", Duration::from_secs(60), || {
@@ -197,17 +216,7 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
             s["instance_list"].as_array().is_some_and(|l| l.is_empty()).then_some(())
         });
     });
-    wait_for("the VM's files removed", Duration::from_secs(30), || {
-        std::fs::read_dir(&vms).map(|d| d.count() == 0).unwrap_or(true).then_some(())
-    });
-    let leftovers: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("qemu-system") && c.contains(&d.display().to_string()))
-        .collect();
-    assert!(leftovers.is_empty(), "qemu left running: {leftovers:?}");
+    assert_no_vm_left(&d);
     for pid in holders {
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         assert!(!cmd.starts_with(b"sleep"), "the namespace holder {pid} is gone");
@@ -215,8 +224,7 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
 
     // the rest goes with the application; then the test's containerd namespace
     h.run(move || {
-        let mut api = Api::new("127.0.0.1".parse().unwrap());
-        api.login("Admin", common::ADMIN_PASSWORD).unwrap();
+        let api = admin_api();
         let (_, apps) = api.call("GET", "/api/applications", None);
         let app = apps[0]["applicationID"].as_str().unwrap().to_string();
         let (code, v) = api.call("DELETE", &format!("/api/application/{app}"), None);
@@ -235,18 +243,13 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
     let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();
 }
 
-/// A guest that never answers at its address is stopped and FAILED after `--vm-answer-timeout`, and one
-/// whose qemu exits before answering FAILED at once; each with the reason and the end of its console, and
+/// A guest that never answers at its address is stopped and FAILED after `--vm-answer-timeout` (30 s here:
+/// room for a booting guest on a loaded machine, which the crashing one needs to get to its crash), and
+/// one whose qemu exits before answering FAILED at once; each with the reason and the end of its console, and
 /// neither leaves a qemu or a namespace holder.
 #[test]
 fn a_guest_that_does_not_answer_fails_with_the_reason() {
-    let name = "a_guest_that_does_not_answer_fails_with_the_reason";
-    if !require_root(name) {
-        return;
-    }
-    if let Some(why) = skip_reason() {
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("SKIPPED {name}: {why}");
+    if !can_run("a_guest_that_does_not_answer_fails_with_the_reason") {
         return;
     }
     let net = Net::new(&["ukf"]).unwrap();
@@ -254,7 +257,7 @@ fn a_guest_that_does_not_answer_fails_with_the_reason() {
     let d = net.dir.path().to_path_buf();
     let ctr_ns = format!("oak-ukf-{}", std::process::id());
     let guest = oak_node_engine::testguest::build_linux_guest(&d, "guest", PAGE).unwrap();
-    let stack = common::start_with(h, &d, &ctr_ns, &[], &["-u=true", "--vm-answer-timeout", "5"]);
+    let stack = common::start_with(h, &d, &ctr_ns, &[], &["-u=true", "--vm-answer-timeout", "30"]);
     let vm = |name: &str, args: Value| {
         json!({"microserviceID": "", "microservice_name": name, "microservice_namespace": "doc",
                "virtualization": "unikernel", "code": guest.display().to_string(), "memory": 256, "vcpus": 1,
@@ -266,12 +269,7 @@ fn a_guest_that_does_not_answer_fails_with_the_reason() {
         "application_name": "ukf", "application_namespace": "doc", "application_desc": "guests that fail",
         "microservices": [vm("silent", json!(["oak.ip="])), vm("crash", json!(["rdinit=/bin/busybox", "panic=-1"]))]}]});
     let failed = h.run(move || {
-        let mut api = Api::new("127.0.0.1".parse().unwrap());
-        wait_for("root API", Duration::from_secs(20), || api.login("Admin", common::ADMIN_PASSWORD).ok());
-        wait_for("the worker registered", Duration::from_secs(30), || {
-            let (_, c) = api.call("GET", "/api/clusters/active", None);
-            (c[0]["active_nodes"].as_u64() == Some(1)).then_some(())
-        });
+        let api = admin_api();
         let (code, v) = api.call("POST", "/api/application", Some(&sla));
         assert_eq!(code, 200, "{v}");
         let (_, services) = api.call("GET", "/api/services", None);
@@ -296,7 +294,7 @@ fn a_guest_that_does_not_answer_fails_with_the_reason() {
         eprintln!("{n}: {detail}");
         match *n {
             "silent" => assert!(
-                detail.contains("did not answer at 10.18.") && detail.contains("within 5s (--vm-answer-timeout)"),
+                detail.contains("did not answer at 10.18.") && detail.contains("within 30s (--vm-answer-timeout)"),
                 "{detail}"
             ),
             _ => assert!(detail.contains("qemu exited (code 0) before the guest answered at 10.18."), "{detail}"),
@@ -304,18 +302,7 @@ fn a_guest_that_does_not_answer_fails_with_the_reason() {
         assert!(detail.contains("its console ends:"), "{detail}");
     }
     // nothing of either VM left
-    let vms = d.join("ne").join("unikernels");
-    wait_for("the VMs' files removed", Duration::from_secs(30), || {
-        std::fs::read_dir(&vms).map(|d| d.count() == 0).unwrap_or(true).then_some(())
-    });
-    let leftovers: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("qemu-system") && c.contains(&d.display().to_string()))
-        .collect();
-    assert!(leftovers.is_empty(), "qemu left running: {leftovers:?}");
+    assert_no_vm_left(&d);
     drop(stack);
     let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();
 }

@@ -121,14 +121,7 @@ impl Runtime {
         let logs = logs::Logs::new(log_dir);
         let backends: Vec<Arc<dyn Backend>> = vec![
             Arc::new(ContainerBackend::new(ctr.clone(), logs.clone(), cfg.stop_grace)),
-            Arc::new(QemuBackend::new(
-                cfg.unikernel,
-                cfg.netmanager_port != 0,
-                cfg.data_dir.clone(),
-                logs.clone(),
-                cfg.stop_grace,
-                cfg.vm_answer_timeout,
-            )),
+            Arc::new(QemuBackend::new(&cfg, logs.clone())),
         ];
         let netmanager =
             (cfg.netmanager_port != 0).then(|| NetManagerClient::new(cfg.netmanager_port, &cfg.netmanager_credential));

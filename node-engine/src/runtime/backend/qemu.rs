@@ -33,15 +33,17 @@ pub struct QemuBackend {
 }
 
 impl QemuBackend {
-    pub fn new(
-        enabled: bool,
-        networked: bool,
-        data_dir: PathBuf,
-        logs: Logs,
-        stop_grace: Duration,
-        answer_timeout: Duration,
-    ) -> Self {
-        Self { enabled, networked, data_dir, logs, stop_grace, answer_timeout, exits: Mutex::default() }
+    /// The backend the runtime configured by `cfg` runs VMs with, their consoles in `logs`.
+    pub fn new(cfg: &crate::runtime::RuntimeConfig, logs: Logs) -> Self {
+        Self {
+            enabled: cfg.unikernel,
+            networked: cfg.netmanager_port != 0,
+            data_dir: cfg.data_dir.clone(),
+            logs,
+            stop_grace: cfg.stop_grace,
+            answer_timeout: cfg.vm_answer_timeout,
+            exits: Mutex::default(),
+        }
     }
 
     /// qemu's pid for VM `id`, as its record says once it is known.
