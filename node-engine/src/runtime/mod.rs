@@ -173,21 +173,38 @@ impl Runtime {
     /// What each running instance uses now: memory, and CPU over the time since the previous call (the
     /// first sample of an instance has no CPU figure yet and reports 0).
     pub fn usage(&self) -> Vec<InstanceUsage> {
-        let running: Vec<(String, String, Arc<dyn Backend>, InstanceStatus)> = self
+        struct Running {
+            key: String,
+            id: String,
+            pid: u32,
+            backend: Arc<dyn Backend>,
+            service_id: String,
+            n: u32,
+        }
+        let running: Vec<Running> = self
             .instances
             .lock()
             .iter()
             .filter(|(_, i)| i.status.status == InstanceState::Running.as_str())
-            .filter_map(|(k, i)| Some((k.clone(), i.id.clone(), i.backend.clone()?, i.status.clone())))
+            .filter_map(|(k, i)| {
+                Some(Running {
+                    key: k.clone(),
+                    id: i.id.clone(),
+                    pid: i.pid,
+                    backend: i.backend.clone()?,
+                    service_id: i.status.service_id.clone(),
+                    n: i.status.instance_number,
+                })
+            })
             .collect();
         let now = Instant::now();
         let mut seen = self.cpu_seen.lock();
         let mut out = Vec::with_capacity(running.len());
         let mut keep = std::collections::HashSet::new();
-        for (key, id, backend, st) in running {
-            let memory_bytes = backend.memory_usage(&id).unwrap_or(0);
-            let cpu = backend.cpu_time_us(&id);
-            let cpu_percent = match (cpu, seen.get(&key)) {
+        for r in running {
+            let memory_bytes = r.backend.memory_usage(&r.id, r.pid).unwrap_or(0);
+            let cpu = r.backend.cpu_time_us(&r.id, r.pid);
+            let cpu_percent = match (cpu, seen.get(&r.key)) {
                 (Some(c), Some((then, before))) if c >= *before => {
                     let wall = now.duration_since(*then).as_micros().max(1) as f64;
                     (c - before) as f64 * 100.0 / wall
@@ -195,18 +212,13 @@ impl Runtime {
                 _ => 0.0,
             };
             if let Some(c) = cpu {
-                seen.insert(key.clone(), (now, c));
+                seen.insert(r.key.clone(), (now, c));
             }
-            keep.insert(key);
+            keep.insert(r.key);
             if cpu.is_none() && memory_bytes == 0 {
                 continue;
             }
-            out.push(InstanceUsage {
-                service_id: st.service_id,
-                instance_number: st.instance_number,
-                cpu_percent,
-                memory_bytes,
-            });
+            out.push(InstanceUsage { service_id: r.service_id, instance_number: r.n, cpu_percent, memory_bytes });
         }
         seen.retain(|k, _| keep.contains(k));
         out

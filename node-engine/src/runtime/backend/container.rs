@@ -174,11 +174,11 @@ impl Backend for ContainerBackend {
         }
     }
 
-    fn memory_usage(&self, id: &str) -> Option<u64> {
+    fn memory_usage(&self, id: &str, _pid: u32) -> Option<u64> {
         cgroup::memory_usage(&self.cgroups_path(id))
     }
 
-    fn cpu_time_us(&self, id: &str) -> Option<u64> {
+    fn cpu_time_us(&self, id: &str, _pid: u32) -> Option<u64> {
         cgroup::cpu_time_us(&self.cgroups_path(id))
     }
 

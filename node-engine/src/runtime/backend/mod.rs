@@ -102,13 +102,13 @@ pub trait Backend: Send + Sync {
     /// leftovers); best effort.
     async fn delete(&self, id: &str);
 
-    /// The instance's memory use now, if measurable.
-    fn memory_usage(&self, _id: &str) -> Option<u64> {
+    /// The instance's memory use now, if measurable (`pid`: its task or VM, as the runtime knows it).
+    fn memory_usage(&self, _id: &str, _pid: u32) -> Option<u64> {
         None
     }
 
-    /// CPU time the instance has used so far (µs), if measurable.
-    fn cpu_time_us(&self, _id: &str) -> Option<u64> {
+    /// CPU time the instance has used so far (µs), if measurable (`pid` as for [`Backend::memory_usage`]).
+    fn cpu_time_us(&self, _id: &str, _pid: u32) -> Option<u64> {
         None
     }
 

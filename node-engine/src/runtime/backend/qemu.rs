@@ -46,12 +46,6 @@ impl QemuBackend {
         }
     }
 
-    /// qemu's pid for VM `id`, as its record says once it is known.
-    fn vm_pid(&self, id: &str) -> Option<u32> {
-        let rec = std::fs::read(unikernel::vm_dir(&self.data_dir, id).join("instance.json")).ok()?;
-        serde_json::from_slice::<Record>(&rec).ok().map(|r| r.pid).filter(|p| *p != 0)
-    }
-
     /// Removes the VM's files and its network namespace's holder.
     fn remove_files(&self, id: &str) -> anyhow::Result<()> {
         let dir = unikernel::vm_dir(&self.data_dir, id);
@@ -195,12 +189,12 @@ impl Backend for QemuBackend {
         let _ = self.remove_files(id);
     }
 
-    fn memory_usage(&self, id: &str) -> Option<u64> {
-        unikernel::process_rss(self.vm_pid(id)?)
+    fn memory_usage(&self, _id: &str, pid: u32) -> Option<u64> {
+        unikernel::process_rss(pid).filter(|_| pid != 0)
     }
 
-    fn cpu_time_us(&self, id: &str) -> Option<u64> {
-        unikernel::process_cpu_us(self.vm_pid(id)?)
+    fn cpu_time_us(&self, _id: &str, pid: u32) -> Option<u64> {
+        unikernel::process_cpu_us(pid).filter(|_| pid != 0)
     }
 
     fn oom_kills(&self, _id: &str) -> Option<u64> {
