@@ -528,15 +528,7 @@ impl Flow {
         let svc = services.as_array().and_then(|a| a.iter().find(|s| s["microservice_name"] == "httpd")).cloned();
         let rr = svc.as_ref().and_then(|s| s["addresses"]["rr_ip"].as_str()).unwrap_or_default().to_string();
         assert!(!rr.is_empty(), "httpd has a round-robin IP: {services}");
-        let out = Command::new("ctr").args(["-n", &self.ctr_ns, "tasks", "ls"]).output().unwrap();
-        let tasks = String::from_utf8_lossy(&out.stdout).to_string();
-        // TASK PID STATUS
-        let pid = tasks.lines().find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (id, pid) = (f.next()?, f.next()?);
-            (id.contains("httpd") && id.ends_with(".instance.0")).then(|| pid.to_string())
-        });
-        let pid = pid.unwrap_or_else(|| panic!("httpd instance 0 among the tasks: {tasks}"));
+        let pid = common::task_pid(&self.ctr_ns, "httpd");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let running = std::thread::spawn({
             let stop = stop.clone();

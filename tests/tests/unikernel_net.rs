@@ -76,20 +76,6 @@ fn assert_no_vm_left(dir: &Path) {
     assert!(left.is_empty(), "qemu left running: {left:?}");
 }
 
-/// The pid of the task of `service`'s instance 0 in containerd namespace `ns`.
-fn task_pid(ns: &str, service: &str) -> String {
-    let out = Command::new("ctr").args(["-n", ns, "tasks", "ls"]).output().unwrap();
-    let tasks = String::from_utf8_lossy(&out.stdout).to_string();
-    tasks
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (id, pid) = (f.next()?, f.next()?);
-            (id.contains(service) && id.ends_with(".instance.0")).then(|| pid.to_string())
-        })
-        .unwrap_or_else(|| panic!("{service} instance 0 among the tasks: {tasks}"))
-}
-
 /// GET `url` from the network namespace of `pid` (the machine's curl): the body, or None.
 fn fetch_from(pid: &str, url: &str) -> Option<String> {
     let out = Command::new("nsenter").args(["-t", pid, "-n", "curl", "-sS", "--max-time", "3", url]).output().ok()?;
@@ -165,7 +151,7 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
     assert!(client["instance_list"][0]["ns_address"].as_str().is_some_and(|a| !a.is_empty()));
 
     // the guest boots (TCG can take a while), configures what it was given and serves
-    let pid = task_pid(&ctr_ns, "client");
+    let pid = common::task_pid(&ctr_ns, "client");
     for (what, addr) in [("round-robin", &rr), ("closest", &closest), ("overlay address", &ns_address)] {
         let url = format!("http://{addr}:8080/index.html");
         let body = wait_for(&format!("the guest's page by its {what} {addr}"), Duration::from_secs(180), || {

@@ -88,3 +88,18 @@ pub fn spawn_nodeengine(h: &Host, name: &str, args: &[String]) -> Proc {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     h.spawn_with_cgroups(name, &bin("NodeEngine"), &args, &[]).unwrap()
 }
+
+/// The pid of the task of `service`'s instance 0 in containerd namespace `ns`.
+pub fn task_pid(ns: &str, service: &str) -> String {
+    let out = std::process::Command::new("ctr").args(["-n", ns, "tasks", "ls"]).output().unwrap();
+    let tasks = String::from_utf8_lossy(&out.stdout).to_string();
+    // TASK PID STATUS
+    tasks
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (id, pid) = (f.next()?, f.next()?);
+            (id.contains(service) && id.ends_with(".instance.0")).then(|| pid.to_string())
+        })
+        .unwrap_or_else(|| panic!("{service} instance 0 among the tasks: {tasks}"))
+}
