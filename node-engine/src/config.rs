@@ -29,12 +29,23 @@ pub struct Config {
     #[arg(long = "netmanager-credential", default_value = crate::netmanager::DEFAULT_CREDENTIAL)]
     pub netmanager_credential: PathBuf,
 
-    /// Enable unikernel support (qemu). Accepts `-u`, `-u=true`, `-u=false`.
+    /// Enable VM support on qemu: unikernels, and microVMs (an OCI image booted by a small Linux guest;
+    /// x86_64, needs a guest kernel and busybox-static). Accepts `-u`, `-u=true`, `-u=false`.
     #[arg(short = 'u', long = "unikernel", action = ArgAction::Set, num_args = 0..=1,
           default_value_t = false, default_missing_value = "true")]
     pub unikernel: bool,
 
-    /// How long a unikernel on the overlay has to answer at its address (ARP) after qemu starts, in seconds;
+    /// The kernel microVM guests boot (`vmlinuz-<version>`, its modules in /usr/lib/modules/<version>);
+    /// the newest in /boot by default.
+    #[arg(long = "microvm-kernel", value_name = "VMLINUZ")]
+    pub microvm_kernel: Option<PathBuf>,
+
+    /// The accelerator VMs use: `auto` (KVM when /dev/kvm works, TCG emulation otherwise, logged), `kvm`
+    /// (a VM that cannot have KVM FAILS) or `tcg`.
+    #[arg(long = "vm-accel", value_enum, default_value_t = crate::runtime::unikernel::Accel::Auto)]
+    pub vm_accel: crate::runtime::unikernel::Accel,
+
+    /// How long a VM on the overlay has to answer at its address (ARP) after qemu starts, in seconds;
     /// it is RUNNING when it does, FAILED (and stopped) when it does not. TCG emulation boots slowly.
     #[arg(long = "vm-answer-timeout", default_value_t = 180, value_name = "SECONDS")]
     pub vm_answer_timeout_s: u64,

@@ -42,6 +42,8 @@ async fn main() -> anyhow::Result<()> {
         netmanager_port: cfg.netmanager_port,
         netmanager_credential: cfg.netmanager_credential.clone(),
         unikernel: cfg.unikernel,
+        microvm_kernel: cfg.microvm_kernel.clone(),
+        vm_accel: cfg.vm_accel,
         stop_grace: Duration::from_secs(10),
         vm_answer_timeout: Duration::from_secs(cfg.vm_answer_timeout_s.max(1)),
         image_dirs: cfg.image_dirs.clone(),

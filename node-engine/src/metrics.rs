@@ -60,6 +60,9 @@ impl MetricsCollector {
 
     /// Virtualizations offered by this worker.
     pub fn virtualization(&self) -> Vec<String> {
+        if let Some(rt) = &self.runtime {
+            return rt.offered();
+        }
         let mut v = vec!["container".to_string()];
         if self.unikernel && find_qemu().is_some() {
             v.push("unikernel".to_string());

@@ -9,7 +9,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 /// Where Debian's busybox-static installs it.
-pub const BUSYBOX: &str = "/bin/busybox";
+pub use crate::runtime::guest::BUSYBOX;
 
 /// `sha256:<hex>` of `b`.
 pub fn digest(b: &[u8]) -> String {

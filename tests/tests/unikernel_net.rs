@@ -24,7 +24,7 @@ fn skip_reason() -> Option<String> {
     if oak_node_engine::metrics::find_qemu().is_none() {
         return Some("no qemu-system-* in PATH (cargo xtask setup installs it)".into());
     }
-    if oak_node_engine::testguest::find_kernel().is_none() {
+    if oak_node_engine::runtime::guest::GuestKernel::newest().is_none() {
         return Some("no kernel in /boot with its modules (cargo xtask setup installs linux-image-*)".into());
     }
     None

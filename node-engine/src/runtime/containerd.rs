@@ -201,6 +201,17 @@ impl Containerd {
         Ok(id)
     }
 
+    /// A lease named `id` with no expiry: what it references stays until it is deleted (a microVM's
+    /// image and rootfs snapshot, which no container record holds). An existing lease of that name is
+    /// kept.
+    pub async fn create_named_lease(&self, id: &str) -> anyhow::Result<()> {
+        match self.client.leases().create(self.req(cs::CreateRequest { id: id.into(), labels: HashMap::new() })).await {
+            Ok(_) => Ok(()),
+            Err(e) if is(&e, Code::AlreadyExists) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("creating containerd lease {id}")),
+        }
+    }
+
     pub async fn delete_lease(&self, id: &str) {
         let _ = self.client.leases().delete(self.req(cs::DeleteRequest { id: id.into(), sync: false })).await;
     }

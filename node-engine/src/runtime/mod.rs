@@ -1,6 +1,6 @@
 //! Instance lifecycle: the runtime keeps the table of instances and runs its verbs, one per file
 //! (`deploy`, `monitor`, `undeploy`, `adopt`), against a [`backend::Backend`] per virtualization
-//! (containers on containerd, unikernels on qemu). Every state change is published as an
+//! (containers on containerd, unikernels and microVMs on qemu). Every state change is published as an
 //! [`InstanceStatus`] with Oakestra's state names.
 
 mod adopt;
@@ -8,11 +8,13 @@ pub mod backend;
 pub mod cgroup;
 pub mod containerd;
 mod deploy;
+pub mod guest;
 pub mod image;
 pub mod journal;
 pub mod logs;
 mod monitor;
 pub mod oci;
+pub mod qmp;
 pub mod registry;
 pub mod spec;
 mod undeploy;
@@ -48,7 +50,11 @@ pub struct RuntimeConfig {
     pub netmanager_port: u16,
     /// The file holding the NetManager's API credential.
     pub netmanager_credential: PathBuf,
+    /// VMs on qemu (unikernels, microVMs).
     pub unikernel: bool,
+    /// The kernel microVM guests boot; `None`: the newest in /boot.
+    pub microvm_kernel: Option<PathBuf>,
+    pub vm_accel: unikernel::Accel,
     /// Time between SIGTERM and SIGKILL on undeploy.
     pub stop_grace: Duration,
     /// How long a VM on the overlay has to answer at its address before it is stopped as FAILED.
@@ -121,7 +127,8 @@ impl Runtime {
         let logs = logs::Logs::new(log_dir);
         let backends: Vec<Arc<dyn Backend>> = vec![
             Arc::new(ContainerBackend::new(ctr.clone(), logs.clone(), cfg.stop_grace)),
-            Arc::new(QemuBackend::new(&cfg, logs.clone())),
+            Arc::new(QemuBackend::unikernel(&cfg, logs.clone())),
+            Arc::new(QemuBackend::microvm(&cfg, logs.clone(), ctr.clone())),
         ];
         let netmanager =
             (cfg.netmanager_port != 0).then(|| NetManagerClient::new(cfg.netmanager_port, &cfg.netmanager_credential));
@@ -222,6 +229,11 @@ impl Runtime {
         }
         seen.retain(|k, _| keep.contains(k));
         out
+    }
+
+    /// The virtualizations this worker can run now (what the scheduler may place here).
+    pub fn offered(&self) -> Vec<String> {
+        self.backends.iter().filter(|b| b.unavailable().is_none()).map(|b| b.virtualization().to_string()).collect()
     }
 
     /// Current state of every instance this runtime knows.

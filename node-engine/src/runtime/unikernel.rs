@@ -77,20 +77,43 @@ fn extract(bytes: &[u8], dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>
     Ok((kernel, initrd))
 }
 
+/// What a VM boots, and on which machine.
+#[derive(Debug, Clone, Copy)]
+pub struct Boot<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    /// The console's file.
+    pub log: &'a Path,
+    pub net: Option<&'a GuestNet>,
+    /// A microVM; `None`: a unikernel on qemu's default machine.
+    pub microvm: Option<MicroVmBoot<'a>>,
+}
+
+/// A microVM's part: qemu's `microvm` machine (virtio over MMIO, no PCI, no firmware), the instance's
+/// root filesystem shared by 9p, and a QMP socket to stop it cleanly.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroVmBoot<'a> {
+    pub rootfs: &'a Path,
+    pub qmp: &'a Path,
+    pub hostname: &'a str,
+}
+
+/// A path as a qemu option value (commas doubled).
+fn qemu_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 /// qemu arguments (without the binary).
-pub fn qemu_args(
-    spec: &ServiceSpec,
-    kernel: &Path,
-    initrd: Option<&Path>,
-    log: &Path,
-    kvm: bool,
-    net: Option<&GuestNet>,
-) -> Vec<String> {
+pub fn qemu_args(spec: &ServiceSpec, boot: &Boot, kvm: bool) -> Vec<String> {
     let mem = if spec.memory_mb > 0 { spec.memory_mb } else { 64 };
     let smp = spec.vcpus.ceil().max(1.0) as u32;
-    let mut a: Vec<String> = vec![
+    let mut a: Vec<String> = Vec::new();
+    if boot.microvm.is_some() {
+        a.extend(["-M".into(), "microvm".into()]);
+    }
+    a.extend([
         "-kernel".into(),
-        kernel.display().to_string(),
+        boot.kernel.display().to_string(),
         "-m".into(),
         mem.to_string(),
         "-smp".into(),
@@ -102,20 +125,35 @@ pub fn qemu_args(
         "-monitor".into(),
         "none".into(),
         "-chardev".into(),
-        format!("file,id=serial0,path={},append=on", log.display()),
+        format!("file,id=serial0,path={},append=on", qemu_path(boot.log)),
         "-serial".into(),
         "chardev:serial0".into(),
-    ];
-    if let Some(i) = initrd {
+    ]);
+    if let Some(i) = boot.initrd {
         a.push("-initrd".into());
         a.push(i.display().to_string());
     }
     let mut append = vec!["console=ttyS0".to_string()];
-    if let Some(n) = net {
-        a.extend(n.qemu_args());
+    if let Some(n) = boot.net {
+        a.extend(n.qemu_args(if boot.microvm.is_some() { "virtio-net-device" } else { "virtio-net-pci" }));
         append.extend(n.kernel_args());
     }
-    append.extend(spec.args.iter().cloned());
+    match &boot.microvm {
+        Some(m) => {
+            a.extend([
+                "-fsdev".into(),
+                format!("local,id=rootfs,path={},security_model=passthrough", qemu_path(m.rootfs)),
+                "-device".into(),
+                format!("virtio-9p-device,fsdev=rootfs,mount_tag={}", super::guest::ROOTFS_TAG),
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", qemu_path(m.qmp)),
+            ]);
+            // quiet: the console is the workload's log; panic=-1 with -no-reboot: a panic ends qemu
+            append.extend(["quiet".into(), "panic=-1".into(), format!("oak.hostname={}", m.hostname)]);
+        }
+        // a unikernel's arguments are its kernel command line; a microVM's are its workload's
+        None => append.extend(spec.args.iter().cloned()),
+    }
     a.push("-append".into());
     a.push(append.join(" "));
     if kvm {
@@ -129,11 +167,35 @@ pub fn qemu_args(
 /// Set once qemu failed under KVM on this host (nested KVM can be flaky): later VMs use TCG.
 pub static KVM_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether the next VM runs under KVM. `OAK_NODE_ENGINE_NO_KVM=1` forces TCG.
-pub fn use_kvm() -> bool {
-    crate::metrics::kvm_usable()
-        && std::env::var_os("OAK_NODE_ENGINE_NO_KVM").is_none()
-        && !KVM_BROKEN.load(std::sync::atomic::Ordering::Relaxed)
+/// Which accelerator VMs may use (`--vm-accel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM when /dev/kvm works, TCG emulation otherwise (logged).
+    #[default]
+    Auto,
+    /// KVM only: a VM that cannot have it FAILS.
+    Kvm,
+    /// TCG emulation only.
+    Tcg,
+}
+
+/// Whether the next VM runs under KVM; an error when it may not run at all (KVM required, not usable).
+/// `OAK_NODE_ENGINE_NO_KVM=1` makes `auto` use TCG.
+pub fn choose_kvm(accel: Accel) -> anyhow::Result<bool> {
+    let broken = KVM_BROKEN.load(std::sync::atomic::Ordering::Relaxed);
+    match accel {
+        Accel::Tcg => Ok(false),
+        Accel::Kvm if !crate::metrics::kvm_usable() => {
+            bail!("KVM is not usable on this worker (/dev/kvm cannot be opened) and TCG is off (--vm-accel kvm)")
+        }
+        Accel::Kvm if broken => {
+            bail!("KVM failed on this worker for an earlier VM and TCG is off (--vm-accel kvm)")
+        }
+        Accel::Kvm => Ok(true),
+        Accel::Auto => {
+            Ok(crate::metrics::kvm_usable() && std::env::var_os("OAK_NODE_ENGINE_NO_KVM").is_none() && !broken)
+        }
+    }
 }
 
 /// Called when a VM ended: if qemu died of a KVM error, KVM is disabled for later VMs and the
@@ -143,29 +205,36 @@ pub fn kvm_failure(log: &Path, code: i32) -> Option<String> {
         return None;
     }
     let tail = super::logs::tail_file(log, 2048);
-    let line = tail.lines().find(|l| l.to_lowercase().contains("kvm"))?.trim().to_string();
+    // qemu's own lines, not the guest kernel's ("[    0.000000] ... kvm-clock")
+    let line =
+        tail.lines().find(|l| !l.trim_start().starts_with('[') && l.to_lowercase().contains("kvm"))?.trim().to_string();
     KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
     Some(line)
 }
 
-/// Starts qemu; returns its pid and a receiver that gets the exit code.
+/// Starts qemu (in the network namespace of `holder`, when given); returns its pid and a receiver that
+/// gets the exit code.
 pub async fn launch(
     qemu: &Path,
     spec: &ServiceSpec,
-    kernel: &Path,
-    initrd: Option<&Path>,
-    log: &Path,
-    net: Option<(u32, &GuestNet)>,
+    boot: &Boot<'_>,
+    holder: Option<u32>,
+    accel: Accel,
 ) -> anyhow::Result<(u32, ExitRx)> {
-    let mut kvm = use_kvm();
+    let mut kvm = choose_kvm(accel)?;
+    let kind = if boot.microvm.is_some() { "microVM" } else { "unikernel VM" };
     loop {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(boot.log)?;
         let err = out.try_clone()?;
-        let args = qemu_args(spec, kernel, initrd, log, kvm, net.map(|n| n.1));
-        info!(qemu = %qemu.display(), accel = if kvm { "kvm" } else { "tcg" }, network = ?net.map(|n| n.1.ip),
-            "starting unikernel VM");
+        let args = qemu_args(spec, boot, kvm);
+        if kvm {
+            info!(qemu = %qemu.display(), accel = "kvm", network = ?boot.net.map(|n| n.ip), "starting {kind}");
+        } else {
+            info!(qemu = %qemu.display(), accel = "tcg", network = ?boot.net.map(|n| n.ip),
+                "starting {kind} under TCG emulation (no usable KVM, or --vm-accel tcg): slower than KVM");
+        }
         let mut cmd = tokio::process::Command::new(qemu);
-        if let Some((holder, _)) = net {
+        if let Some(holder) = holder {
             super::vmnet::enter_before_exec(&mut cmd, holder)?;
         }
         let mut child = cmd
@@ -177,13 +246,16 @@ pub async fn launch(
             .spawn()
             .with_context(|| format!("cannot start {}", qemu.display()))?;
         let pid = child.id().unwrap_or(0);
-        // A KVM that cannot be used makes qemu exit at once: fall back to TCG.
+        // A KVM that cannot be used makes qemu exit at once: fall back to TCG when allowed.
         if kvm {
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(700), child.wait()).await {
-                let tail = super::logs::tail_file(log, 2048);
+                let tail = super::logs::tail_file(boot.log, 2048);
                 if tail.to_lowercase().contains("kvm") {
-                    warn!(status = ?status, "qemu could not use KVM; using TCG emulation from now on");
                     KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if accel == Accel::Kvm {
+                        bail!("qemu could not use KVM and TCG is off (--vm-accel kvm): {}", tail.trim());
+                    }
+                    warn!(status = ?status, "qemu could not use KVM; using TCG emulation from now on");
                     kvm = false;
                     continue;
                 }
@@ -291,14 +363,19 @@ mod tests {
         assert_eq!(process_rss(u32::MAX), None);
     }
 
+    fn boot<'a>(kernel: &'a Path, initrd: Option<&'a Path>, net: Option<&'a GuestNet>) -> Boot<'a> {
+        Boot { kernel, initrd, log: Path::new("/l"), net, microvm: None }
+    }
+
     #[test]
     fn args() {
         let s = ServiceSpec { memory_mb: 128, vcpus: 1.5, args: vec!["ip=10.0.0.2".into()], ..Default::default() };
-        let a = qemu_args(&s, Path::new("/k"), Some(Path::new("/i")), Path::new("/l"), false, None);
+        let a = qemu_args(&s, &boot(Path::new("/k"), Some(Path::new("/i")), None), false);
         let j = a.join(" ");
         assert!(j.contains("-m 128") && j.contains("-smp 2") && j.contains("-initrd /i"), "{j}");
         assert!(j.contains("-accel tcg") && j.contains("console=ttyS0 ip=10.0.0.2"), "{j}");
-        let k = qemu_args(&ServiceSpec::default(), Path::new("/k"), None, Path::new("/l"), true, None).join(" ");
+        assert!(!j.contains("-M microvm") && !j.contains("-qmp"), "{j}");
+        let k = qemu_args(&ServiceSpec::default(), &boot(Path::new("/k"), None, None), true).join(" ");
         assert!(k.contains("-accel kvm -cpu host") && k.contains("-m 64") && !k.contains("-initrd"), "{k}");
         assert!(!k.contains("-netdev"), "no network device without a NetManager: {k}");
         let net = GuestNet {
@@ -308,9 +385,29 @@ mod tests {
             mac: "02:4f:0a:12:00:05".into(),
             mtu: 1450,
         };
-        let n = qemu_args(&s, Path::new("/k"), None, Path::new("/l"), false, Some(&net)).join(" ");
-        assert!(n.contains("-netdev tap,id=oaknet,ifname=tap0") && n.contains("mac=02:4f:0a:12:00:05"), "{n}");
+        let n = qemu_args(&s, &boot(Path::new("/k"), None, Some(&net)), false).join(" ");
+        assert!(n.contains("-netdev tap,id=oaknet,ifname=tap0") && n.contains("virtio-net-pci,netdev=oaknet"), "{n}");
+        assert!(n.contains("mac=02:4f:0a:12:00:05"), "{n}");
         // the network first, the SLA's own arguments last (they may override)
         assert!(n.contains("console=ttyS0 oak.ip=10.18.0.5/26 ") && n.contains("255.255.255.192 ip=10.0.0.2 "), "{n}");
+
+        // a microVM: its own machine, virtio over MMIO, the root by 9p, QMP; the SLA's args are not the kernel's
+        let m = MicroVmBoot { rootfs: Path::new("/vm,1/rootfs"), qmp: Path::new("/vm/qmp.sock"), hostname: "h" };
+        let b = Boot { microvm: Some(m), ..boot(Path::new("/k"), Some(Path::new("/i")), Some(&net)) };
+        let v = qemu_args(&s, &b, false).join(" ");
+        assert!(v.starts_with("-M microvm ") && v.contains("virtio-net-device,netdev=oaknet"), "{v}");
+        assert!(v.contains("-fsdev local,id=rootfs,path=/vm,,1/rootfs,security_model=passthrough"), "{v}");
+        assert!(v.contains("-device virtio-9p-device,fsdev=rootfs,mount_tag=rootfs"), "{v}");
+        assert!(v.contains("-qmp unix:/vm/qmp.sock,server=on,wait=off") && v.contains("oak.hostname=h"), "{v}");
+        assert!(!v.contains("ip=10.0.0.2") && !v.contains("virtio-net-pci"), "{v}");
+    }
+
+    #[test]
+    fn accelerator_policy() {
+        assert!(!choose_kvm(Accel::Tcg).unwrap());
+        match choose_kvm(Accel::Kvm) {
+            Ok(kvm) => assert!(kvm && crate::metrics::kvm_usable()),
+            Err(e) => assert!(e.to_string().contains("TCG is off"), "{e}"),
+        }
     }
 }

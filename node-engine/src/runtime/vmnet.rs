@@ -47,13 +47,14 @@ impl GuestNet {
         ]
     }
 
-    /// qemu's network device on the tap, with `eth0`'s MAC.
-    pub fn qemu_args(&self) -> Vec<String> {
+    /// qemu's network device (`device`: `virtio-net-pci`, or `virtio-net-device` on virtio-mmio) on the
+    /// tap, with `eth0`'s MAC.
+    pub fn qemu_args(&self, device: &str) -> Vec<String> {
         vec![
             "-netdev".into(),
             format!("tap,id=oaknet,ifname={TAP},script=no,downscript=no"),
             "-device".into(),
-            format!("virtio-net-pci,netdev=oaknet,mac={}", self.mac),
+            format!("{device},netdev=oaknet,mac={}", self.mac),
         ]
     }
 }
@@ -317,7 +318,10 @@ mod tests {
         let k = n.kernel_args().join(" ");
         assert!(k.contains("oak.ip=10.18.0.5/26 oak.gw=10.18.0.1 oak.mtu=1450"), "{k}");
         assert!(k.contains("netdev.ipv4_subnet_mask=255.255.255.192"), "{k}");
-        assert!(n.qemu_args().join(" ").ends_with("virtio-net-pci,netdev=oaknet,mac=02:4f:0a:12:00:05"));
+        assert!(n
+            .qemu_args("virtio-net-pci")
+            .join(" ")
+            .ends_with("virtio-net-pci,netdev=oaknet,mac=02:4f:0a:12:00:05"));
     }
 
     #[test]

@@ -114,6 +114,8 @@ impl Env {
             netmanager_port: 0,
             netmanager_credential: self.dir.path().join("nm-api-token"),
             unikernel: false,
+            microvm_kernel: None,
+            vm_accel: Default::default(),
             stop_grace: Duration::from_secs(3),
             vm_answer_timeout: Duration::from_secs(180),
             image_dirs: vec![self.dir.path().to_path_buf()],

@@ -14,7 +14,7 @@ pub use parse::{is_name, parse_sla, validate, validate_service, SlaError, MAX_AR
 /// The SLA versions accepted.
 pub const SLA_VERSIONS: [&str; 1] = ["v2.0"];
 /// The virtualizations a microservice may ask for.
-pub const VIRTUALIZATIONS: [&str; 2] = ["container", "unikernel"];
+pub const VIRTUALIZATIONS: [&str; 3] = ["container", "unikernel", "microvm"];
 /// The constraint types an SLA may use.
 pub const CONSTRAINT_TYPES: [&str; 5] = ["direct", "latency", "geo", "clusters", "addons"];
 

@@ -161,7 +161,7 @@ pub fn validate_service(s: &Microservice, path: &str) -> Result<(), SlaError> {
     if !VIRTUALIZATIONS.contains(&s.virtualization.as_str()) {
         return Err(err(
             format!("{path}.virtualization"),
-            format!("expected \"container\" or \"unikernel\", got {:?}", s.virtualization),
+            format!("expected \"container\", \"unikernel\" or \"microvm\", got {:?}", s.virtualization),
         ));
     }
     if s.code.trim().is_empty() {
