@@ -1,10 +1,12 @@
-//! A unikernel instance on the overlay. A Linux guest (Debian's kernel and a busybox initramfs built here,
-//! nothing downloaded) is deployed through the REST API on a 1-DOC stack whose NodeEngine runs with
-//! `-u=true`, once on each datapath (eBPF, tun). The NetManager wires the VM's network namespace as it wires a container; the guest takes the
-//! address it gave from its kernel command line. A container on the same worker reaches the guest's web
-//! server by the service's round-robin and closest IPs; the guest's console (through the logs endpoint)
-//! shows the address it configured, which is the one the API reports. A NodeEngine killed and started
-//! again re-adopts the running guest. Undeploying leaves no qemu, no namespace holder and no files behind.
+//! VMs on the overlay, on an M-DOC cluster of two workers. A unikernel (a Linux guest: Debian's kernel and a
+//! busybox initramfs built here, nothing downloaded) and a microVM (the test's busybox OCI image booted by
+//! the worker's own guest) are deployed through the REST API to a worker whose NodeEngine runs with
+//! `-u=true`; a container on the other worker reaches each by its service's round-robin and closest IPs,
+//! once on each datapath (eBPF, tun). The NetManager wires each VM's network namespace as it wires a
+//! container's; the guest takes the address it gave from its kernel command line, and its console (through
+//! the logs endpoint) shows it. A NodeEngine killed and started again re-adopts the running guests. A qemu
+//! killed makes its instance FAILED, and the cluster places it again. Undeploying leaves no qemu, no
+//! namespace holder, no mount and no files behind.
 
 use std::path::Path;
 use std::process::Command;
@@ -43,13 +45,13 @@ fn can_run(name: &str) -> bool {
     true
 }
 
-/// The root API as the Admin (call from inside the host), once the 1-DOC worker is registered.
+/// The root API as the Admin (call from inside the host), once a worker is registered.
 fn admin_api() -> Api {
     let mut api = Api::new("127.0.0.1".parse().unwrap());
     wait_for("root API", Duration::from_secs(20), || api.login("Admin", common::ADMIN_PASSWORD).ok());
     wait_for("the worker registered", Duration::from_secs(30), || {
         let (_, c) = api.call("GET", "/api/clusters/active", None);
-        (c[0]["active_nodes"].as_u64() == Some(1)).then_some(())
+        (c[0]["active_nodes"].as_u64() >= Some(1)).then_some(())
     });
     api
 }
@@ -66,14 +68,29 @@ fn qemus_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Waits until no VM directory is left under `dir`'s NodeEngine and no qemu runs for it.
+/// Waits until no VM directory is left under `dir`'s NodeEngine and no qemu runs for it; no rootfs stays
+/// mounted.
 fn assert_no_vm_left(dir: &Path) {
-    let vms = dir.join("ne").join("unikernels");
-    wait_for("the VMs' files removed", Duration::from_secs(30), || {
-        std::fs::read_dir(&vms).map(|d| d.count() == 0).unwrap_or(true).then_some(())
-    });
+    for kind in ["unikernels", "microvms"] {
+        let vms = dir.join("ne").join(kind);
+        wait_for(&format!("the {kind}' files removed"), Duration::from_secs(30), || {
+            std::fs::read_dir(&vms).map(|d| d.count() == 0).unwrap_or(true).then_some(())
+        });
+    }
     let left = qemus_under(dir);
     assert!(left.is_empty(), "qemu left running: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&dir.join("ne").display().to_string()), "a VM's rootfs is still mounted:\n{mounts}");
+}
+
+/// The pid of the qemu running the VM whose files lie under `vm_dir`.
+fn qemu_of(dir: &Path, vm_kind: &str) -> Option<u32> {
+    let needle = dir.join("ne").join(vm_kind).display().to_string();
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let c = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
+        (c.contains("qemu-system") && c.contains(&needle)).then_some(pid)
+    })
 }
 
 /// GET `url` from the network namespace of `pid` (the machine's curl): the body, or None.
@@ -82,125 +99,152 @@ fn fetch_from(pid: &str, url: &str) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+const MICROVM_PAGE: &str = "hello-from-the-microvm";
+
 #[test]
-fn a_unikernel_answers_on_its_service_ips_on_the_ebpf_path() {
-    reach_a_unikernel("ebpf", &[]);
+fn vms_answer_a_container_on_another_worker_on_the_ebpf_path() {
+    reach_vms("ebpf", &[]);
 }
 
 #[test]
-fn a_unikernel_answers_on_its_service_ips_on_the_tun_path() {
-    reach_a_unikernel("tun", &["--no-ebpf"]);
+fn vms_answer_a_container_on_another_worker_on_the_tun_path() {
+    reach_vms("tun", &["--no-ebpf"]);
 }
 
-/// The scenario, with the NetManager's datapath `datapath` (started with `nm_args`).
-fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
-    if !can_run(&format!("a_unikernel_answers_on_its_service_ips_on_the_{datapath}_path")) {
+/// The scenario, with the NetManagers' datapath `datapath` (started with `nm_args`).
+fn reach_vms(datapath: &'static str, nm_args: &[&str]) {
+    if !can_run(&format!("vms_answer_a_container_on_another_worker_on_the_{datapath}_path")) {
         return;
     }
-    let net = Net::new(&["uk"]).unwrap();
-    let h = net.host("uk");
+    let net = Net::new(&["uk", "cl"]).unwrap();
+    let (h, other) = (net.host("uk"), net.host("cl"));
     let d = net.dir.path().to_path_buf();
     let ctr_ns = format!("oak-uk-{datapath}-{}", std::process::id());
+    let ctr_ns2 = format!("oak-uk-{datapath}-cl-{}", std::process::id());
     let image = oak_node_engine::testimage::build_busybox_image(&d, "localhost/oak/busybox:uk").unwrap();
     let guest = oak_node_engine::testguest::build_linux_guest(&d, "guest", PAGE).unwrap();
-    let stack = common::start_with(h, &d, &ctr_ns, nm_args, &["-u=true"]);
+    // a failed instance is placed again 3 s later (15 s by default)
+    let stack = common::start_full(h, &d, &ctr_ns, &["--redeploy-after-ms", "3000"], nm_args, &["-u=true"]);
+    let (_nm2, _ne2) = common::add_worker(other, &d, "cl-worker", &h.ip.to_string(), &ctr_ns2, nm_args);
 
+    let serve = format!("mkdir -p /www && echo {MICROVM_PAGE} > /www/index.html && exec httpd -f -p 8080 -h /www");
     let sla = json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{"applicationID": "",
         "application_name": format!("uk{datapath}"), "application_namespace": "doc",
-        "application_desc": "a networked unikernel",
+        "application_desc": "networked VMs",
         "microservices": [
           {"microserviceID": "", "microservice_name": "vm", "microservice_namespace": "doc",
            "virtualization": "unikernel", "code": guest.display().to_string(), "memory": 256, "vcpus": 1},
+          {"microserviceID": "", "microservice_name": "mvm", "microservice_namespace": "doc",
+           "virtualization": "microvm", "code": format!("oci-archive:{}", image.display()),
+           "cmd": ["/bin/sh", "-c", serve], "memory": 128, "vcpus": 1},
           {"microserviceID": "", "microservice_name": "client", "microservice_namespace": "doc",
            "virtualization": "container", "code": format!("oci-archive:{}", image.display()),
-           "cmd": ["sleep", "3600"], "memory": 32, "vcpus": 0.1}]}]});
-    let (vm, client) = h.run(move || {
+           "cmd": ["sleep", "3600"], "memory": 32, "vcpus": 0.1,
+           "constraints": [{"type": "direct", "node": "cl-worker", "cluster": "doc"}]}]}]});
+    let services = h.run(move || {
         let api = admin_api();
+        wait_for("both workers registered", Duration::from_secs(60), || {
+            let (_, c) = api.call("GET", "/api/clusters/active", None);
+            (c[0]["active_nodes"].as_u64() == Some(2)).then_some(())
+        });
         let (code, v) = api.call("POST", "/api/application", Some(&sla));
         assert_eq!(code, 200, "{v}");
         let (_, services) = api.call("GET", "/api/services", None);
         let by_name = |n: &str| {
             services.as_array().and_then(|a| a.iter().find(|s| s["microservice_name"] == n)).cloned().unwrap()
         };
-        let ids = ["vm", "client"].map(|n| by_name(n)["microserviceID"].as_str().unwrap().to_string());
+        let ids = ["vm", "mvm", "client"].map(|n| by_name(n)["microserviceID"].as_str().unwrap().to_string());
         for id in &ids {
             let (code, v) = api.call("POST", &format!("/api/service/{id}/instance"), None);
             assert_eq!(code, 200, "{v}");
         }
-        let running = |id: &str| {
-            let (_, s) = api.call("GET", &format!("/api/service/{id}"), None);
-            let i = s["instance_list"][0].clone();
-            assert!(!matches!(i["status"].as_str(), Some("FAILED" | "DEAD")), "instance failed: {i}");
-            (i["status"] == "RUNNING").then_some(s)
-        };
-        let vm = wait_for("the VM RUNNING", Duration::from_secs(120), || running(&ids[0]));
-        let client = wait_for("the client RUNNING", Duration::from_secs(60), || running(&ids[1]));
-        (vm, client)
+        ids.map(|id| running(&api, &id, Duration::from_secs(180)))
     });
-    // the worker runs the datapath this run is about
-    let (_, workers) = h.run(|| {
-        let api = admin_api();
-        api.call("GET", "/api/cluster/doc/workers", None)
-    });
-    assert_eq!(workers[0]["network"]["datapath"], datapath, "{workers}");
-    let vm_id = vm["microserviceID"].as_str().unwrap().to_string();
-    let ns_address = vm["instance_list"][0]["ns_address"].as_str().unwrap_or_default().to_string();
-    assert!(!ns_address.is_empty(), "the VM has an overlay address: {vm}");
-    let ip = |k: &str| vm["addresses"][k].as_str().unwrap_or_else(|| panic!("no addresses.{k}: {vm}")).to_string();
-    let (rr, closest) = (ip("rr_ip"), ip("closest_ip"));
-    assert!(client["instance_list"][0]["ns_address"].as_str().is_some_and(|a| !a.is_empty()));
-
-    // the guest boots (TCG can take a while), configures what it was given and serves
-    let pid = common::task_pid(&ctr_ns, "client");
-    for (what, addr) in [("round-robin", &rr), ("closest", &closest), ("overlay address", &ns_address)] {
-        let url = format!("http://{addr}:8080/index.html");
-        let body = wait_for(&format!("the guest's page by its {what} {addr}"), Duration::from_secs(180), || {
-            fetch_from(&pid, &url).filter(|b| b == PAGE)
-        });
-        assert_eq!(body, PAGE);
+    let [vm, mvm, client] = services;
+    for (s, node) in [(&vm, "doc-worker"), (&mvm, "doc-worker"), (&client, "cl-worker")] {
+        assert_eq!(s["instance_list"][0]["node_name"], node, "{s}");
     }
-    let (code, logs) = h.run(move || {
-        let api = admin_api();
-        api.call("GET", &format!("/api/service/{vm_id}/instance/0/logs?offset=-1"), None)
-    });
-    assert_eq!(code, 200, "{logs}");
-    let console = logs["text"].as_str().unwrap_or_default().to_string();
-    assert!(
-        console.contains(&format!("{} eth0 {ns_address}/", oak_node_engine::testguest::READY)),
-        "the guest configured the address the API reports ({ns_address}); its console:\n{console}"
-    );
+    // the workers run the datapath this run is about
+    let (_, workers) = h.run(|| admin_api().call("GET", "/api/cluster/doc/workers", None));
+    for w in workers.as_array().unwrap() {
+        assert_eq!(w["network"]["datapath"], datapath, "{workers}");
+    }
+    let client_pid = common::task_pid(&ctr_ns2, "client");
+    fetch_all(&client_pid, &[(&vm, PAGE), (&mvm, MICROVM_PAGE)], "from the other worker");
 
-    // the NodeEngine killed and started again: the guest keeps running (the same qemu), is re-adopted and
-    // still answers by its service IP
+    // each guest configured the address the API reports (its console, through the logs endpoint)
+    for (s, line) in [(&vm, oak_node_engine::testguest::READY), (&mvm, "oak-microvm: network ready")] {
+        let (sid, ns) = (s["microserviceID"].as_str().unwrap(), s["instance_list"][0]["ns_address"].as_str().unwrap());
+        let path = format!("/api/service/{sid}/instance/0/logs?offset=-1");
+        let (code, logs) = h.run(move || admin_api().call("GET", &path, None));
+        assert_eq!(code, 200, "{logs}");
+        let console = logs["text"].as_str().unwrap_or_default().to_string();
+        assert!(console.contains(&format!("{line} eth0 {ns}/")), "{ns} configured; the console:\n{console}");
+    }
+
+    // the NodeEngine killed and started again: the guests keep running (the same qemus), are re-adopted and
+    // still answer
     let before = qemus_under(&d);
-    assert_eq!(before.len(), 1, "one qemu: {before:?}");
+    assert_eq!(before.len(), 2, "two qemus: {before:?}");
     let mut stack = stack;
     stack.nodeengine.kill9();
     stack.nodeengine = common::spawn_nodeengine(h, "nodeengine-2", &stack.ne_args);
-    stack.nodeengine.wait_log("re-adopted running unikernel VM", Duration::from_secs(30)).unwrap();
-    assert_eq!(qemus_under(&d), before, "the same qemu runs on");
-    let url = format!("http://{rr}:8080/index.html");
-    wait_for("the guest's page after the NodeEngine restart", Duration::from_secs(30), || {
-        fetch_from(&pid, &url).filter(|b| b == PAGE)
+    wait_for("both VMs re-adopted", Duration::from_secs(30), || {
+        (stack.nodeengine.output().matches("re-adopted running VM").count() == 2).then_some(())
     });
+    assert_eq!(qemus_under(&d), before, "the same qemus run on");
+    fetch_all(&client_pid, &[(&vm, PAGE), (&mvm, MICROVM_PAGE)], "after the NodeEngine restart");
 
-    // undeploy: no qemu, no namespace holder, no files of the VM left
-    let vm_id = vm["microserviceID"].as_str().unwrap().to_string();
-    let vms = d.join("ne").join("unikernels");
-    let holders: Vec<u32> = std::fs::read_dir(&vms)
-        .unwrap()
-        .flatten()
+    // a qemu killed: its instance FAILED with the reason, then placed again by the cluster and answering
+    let ids = [&vm, &mvm].map(|s| s["microserviceID"].as_str().unwrap().to_string());
+    for (kind, id) in [("unikernels", &ids[0]), ("microvms", &ids[1])] {
+        let pid = qemu_of(&d, kind).unwrap_or_else(|| panic!("a qemu for the {kind}"));
+        assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+        let sid = id.clone();
+        let failed = h.run(move || {
+            let api = admin_api();
+            wait_for(&format!("the {kind} instance FAILED"), Duration::from_secs(30), || {
+                let (_, s) = api.call("GET", &format!("/api/service/{sid}"), None);
+                let i = s["instance_list"][0].clone();
+                (i["status"] == "FAILED").then_some(i)
+            })
+        });
+        let detail = failed["status_detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("the cluster places it again in 3.0 s"), "{kind}: {failed}");
+        let sid = id.clone();
+        h.run(move || {
+            let api = admin_api();
+            wait_for(&format!("the {kind} instance RUNNING again"), Duration::from_secs(180), || {
+                let (_, s) = api.call("GET", &format!("/api/service/{sid}"), None);
+                (s["instance_list"][0]["status"] == "RUNNING").then_some(())
+            })
+        });
+        let new_pid = qemu_of(&d, kind).expect("a new qemu");
+        assert_ne!(new_pid, pid, "{kind}: a new VM runs");
+    }
+    // the new instances answer too (the service IPs stay; the overlay addresses may change)
+    let [vm, mvm] = ids.clone().map(|id| h.run(move || admin_api().call("GET", &format!("/api/service/{id}"), None).1));
+    fetch_all(&client_pid, &[(&vm, PAGE), (&mvm, MICROVM_PAGE)], "after the redeploy");
+
+    // undeploy: no qemu, no namespace holder, no mount, no files of the VMs left
+    let holders: Vec<u32> = ["unikernels", "microvms"]
+        .iter()
+        .flat_map(|k| std::fs::read_dir(d.join("ne").join(k)).unwrap().flatten())
         .filter_map(|e| std::fs::read_to_string(e.path().join("netns-holder.pid")).ok()?.trim().parse().ok())
         .collect();
-    assert_eq!(holders.len(), 1, "one namespace holder for the one VM");
+    assert_eq!(holders.len(), 2, "one namespace holder per VM");
     h.run(move || {
         let api = admin_api();
-        let (code, v) = api.call("DELETE", &format!("/api/service/{vm_id}/instance/0"), None);
-        assert_eq!(code, 200, "{v}");
-        wait_for("the VM undeployed", Duration::from_secs(60), || {
-            let (_, s) = api.call("GET", &format!("/api/service/{vm_id}"), None);
-            s["instance_list"].as_array().is_some_and(|l| l.is_empty()).then_some(())
-        });
+        for id in &ids {
+            let (code, v) = api.call("DELETE", &format!("/api/service/{id}/instance/0"), None);
+            assert_eq!(code, 200, "{v}");
+        }
+        for id in &ids {
+            wait_for("the VM undeployed", Duration::from_secs(60), || {
+                let (_, s) = api.call("GET", &format!("/api/service/{id}"), None);
+                s["instance_list"].as_array().is_some_and(|l| l.is_empty()).then_some(())
+            });
+        }
     });
     assert_no_vm_left(&d);
     for pid in holders {
@@ -208,7 +252,7 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
         assert!(!cmd.starts_with(b"sleep"), "the namespace holder {pid} is gone");
     }
 
-    // the rest goes with the application; then the test's containerd namespace
+    // the rest goes with the application; then the test's containerd namespaces
     h.run(move || {
         let api = admin_api();
         let (_, apps) = api.call("GET", "/api/applications", None);
@@ -217,16 +261,41 @@ fn reach_a_unikernel(datapath: &'static str, nm_args: &[&str]) {
         assert_eq!(code, 200, "{v}");
     });
     let containers = || {
-        let out = Command::new("ctr").args(["-n", &ctr_ns, "containers", "ls", "-q"]).output().unwrap();
+        let out = Command::new("ctr").args(["-n", &ctr_ns2, "containers", "ls", "-q"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     wait_for("the client's container removed", Duration::from_secs(30), || containers().is_empty().then_some(()));
     drop(stack);
-    let images = Command::new("ctr").args(["-n", &ctr_ns, "images", "ls", "-q"]).output().unwrap();
-    for img in String::from_utf8_lossy(&images.stdout).lines() {
-        let _ = Command::new("ctr").args(["-n", &ctr_ns, "images", "rm", "--sync", img]).output();
+    common::remove_ctr_namespace(&ctr_ns);
+    common::remove_ctr_namespace(&ctr_ns2);
+}
+
+/// Fetches each service's page (`services`: the service and its page) from the network namespace of
+/// `client_pid` by the service's round-robin IP, its closest IP and its instance's overlay address.
+fn fetch_all(client_pid: &str, services: &[(&Value, &str)], what: &str) {
+    for (s, page) in services {
+        let name = s["microservice_name"].as_str().unwrap();
+        let ns = s["instance_list"][0]["ns_address"].as_str().unwrap_or_default().to_string();
+        assert!(!ns.is_empty(), "{name} has an overlay address: {s}");
+        let ip = |k: &str| s["addresses"][k].as_str().unwrap_or_else(|| panic!("no addresses.{k}: {s}")).to_string();
+        for (how, addr) in [("round-robin", ip("rr_ip")), ("closest", ip("closest_ip")), ("overlay address", ns)] {
+            let url = format!("http://{addr}:8080/index.html");
+            let body = wait_for(&format!("{name}'s page by its {how} {addr} {what}"), Duration::from_secs(180), || {
+                fetch_from(client_pid, &url).filter(|b| b == page)
+            });
+            assert_eq!(body, *page);
+        }
     }
-    let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();
+}
+
+/// Service `id` once its instance 0 is RUNNING (it must not be FAILED or DEAD on the way).
+fn running(api: &Api, id: &str, timeout: Duration) -> Value {
+    wait_for(&format!("{id} RUNNING"), timeout, || {
+        let (_, s) = api.call("GET", &format!("/api/service/{id}"), None);
+        let i = s["instance_list"][0].clone();
+        assert!(!matches!(i["status"].as_str(), Some("FAILED" | "DEAD")), "instance failed: {i}");
+        (i["status"] == "RUNNING").then_some(s)
+    })
 }
 
 /// A guest that never answers at its address is stopped and FAILED after `--vm-answer-timeout` (30 s here:
@@ -243,7 +312,15 @@ fn a_guest_that_does_not_answer_fails_with_the_reason() {
     let d = net.dir.path().to_path_buf();
     let ctr_ns = format!("oak-ukf-{}", std::process::id());
     let guest = oak_node_engine::testguest::build_linux_guest(&d, "guest", PAGE).unwrap();
-    let stack = common::start_with(h, &d, &ctr_ns, &[], &["-u=true", "--vm-answer-timeout", "30"]);
+    // a failed instance stays FAILED here (no redeploy)
+    let stack = common::start_full(
+        h,
+        &d,
+        &ctr_ns,
+        &["--redeploy-after-ms", "0"],
+        &[],
+        &["-u=true", "--vm-answer-timeout", "30"],
+    );
     let vm = |name: &str, args: Value| {
         json!({"microserviceID": "", "microservice_name": name, "microservice_namespace": "doc",
                "virtualization": "unikernel", "code": guest.display().to_string(), "memory": 256, "vcpus": 1,

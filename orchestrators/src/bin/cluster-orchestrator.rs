@@ -58,6 +58,10 @@ struct Args {
     /// one when it comes back).
     #[arg(long, default_value_t = 86_400)]
     worker_remove_after_secs: u64,
+    /// An instance that FAILED or is DEAD on its worker (a one-shot's excepted) is placed again after this
+    /// many milliseconds, doubling with each failure in a row up to 16 times; 0: never (it stays FAILED).
+    #[arg(long, default_value_t = 15_000)]
+    redeploy_after_ms: u64,
     /// The root's join token (its <data-dir>/join-token, `root-orchestrator token create`, or POST
     /// /api/join-tokens): used once, to join the root; the certificate the root gives is kept in
     /// <data-dir>/identity and names the cluster from then on.
@@ -112,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms.max(50)),
         worker_stale: Duration::from_millis(a.worker_stale_ms.max(200)),
         worker_remove_after: Duration::from_secs(a.worker_remove_after_secs),
+        redeploy_after: Duration::from_millis(a.redeploy_after_ms),
         token: a.token,
         worker_token: a.worker_token,
     };

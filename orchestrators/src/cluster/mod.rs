@@ -51,6 +51,9 @@ pub struct Config {
     pub worker_stale: Duration,
     /// A worker down for this long is removed: forgotten, and its overlay subnet released.
     pub worker_remove_after: Duration,
+    /// An instance that FAILED or is DEAD (not a one-shot's) is placed again this long after (doubling
+    /// with each failure in a row, up to 16 times); zero: never.
+    pub redeploy_after: Duration,
     /// The root's join token: used once, to join the root (the certificate it gives is kept in
     /// `<data-dir>/identity`).
     pub token: String,
@@ -80,6 +83,21 @@ struct Instance {
     deploy: pb::DeployInstance,
     status: pb::InstanceStatus,
     undeploying: bool,
+    /// Failures in a row (reset once it ran for [`STABLE_AFTER`]); not kept across restarts.
+    failures: u32,
+    /// When it ended unexpectedly and is to be placed again.
+    redeploy_at: Option<Instant>,
+    /// Since when it runs.
+    running_since: Option<Instant>,
+}
+
+/// An instance that ran this long before it failed starts its redeploy back-off anew.
+const STABLE_AFTER: Duration = Duration::from_secs(600);
+
+impl Instance {
+    fn new(deploy: pb::DeployInstance, status: pb::InstanceStatus, undeploying: bool) -> Self {
+        Self { deploy, status, undeploying, failures: 0, redeploy_at: None, running_since: None }
+    }
 }
 
 impl Instance {
@@ -156,7 +174,7 @@ impl Cluster {
         let mut state = State { cluster_id: cluster_id.clone(), ..Default::default() };
         for rec in store.instances()? {
             let (Some(deploy), Some(status)) = (rec.deploy, rec.status) else { continue };
-            let i = Instance { deploy, status, undeploying: rec.undeploying };
+            let i = Instance::new(deploy, status, rec.undeploying);
             state.instances.insert(i.key(), i);
         }
         if !state.instances.is_empty() {
@@ -368,16 +386,16 @@ impl Cluster {
             } else {
                 s.instances.insert(
                     k.clone(),
-                    Instance {
-                        status: pb::InstanceStatus {
+                    Instance::new(
+                        d.clone(),
+                        pb::InstanceStatus {
                             service_id: spec.service_id.clone(),
                             instance_number: d.instance_number,
                             status: InstanceState::ClusterScheduled.as_str().into(),
                             ..Default::default()
                         },
-                        deploy: d.clone(),
-                        undeploying: false,
-                    },
+                        false,
+                    ),
                 );
             }
             self.schedule(&mut s, &k, None, "", &mut out);
@@ -613,6 +631,9 @@ impl Cluster {
             }
         }
         let mut up = st.clone();
+        if let Some(delay) = self.plan_redeploy(s, &k, st) {
+            up.detail = format!("{}; the cluster places it again in {:.1} s", up.detail, delay.as_secs_f64());
+        }
         if let Some(w) = s.workers.get(node_id) {
             up.node_id = node_id.to_string();
             if up.node_name.is_empty() {
@@ -624,6 +645,70 @@ impl Cluster {
         }
         self.stamp(&mut up, s);
         out.to_root.push(up);
+    }
+
+    /// Notes a running instance, or plans to place again one that ended unexpectedly (FAILED or DEAD, not
+    /// a one-shot's); answers the delay then.
+    fn plan_redeploy(&self, s: &mut State, k: &str, st: &pb::InstanceStatus) -> Option<Duration> {
+        let inst = s.instances.get_mut(k)?;
+        let state = InstanceState::parse(&st.status)?;
+        if state == InstanceState::Running {
+            inst.running_since.get_or_insert_with(Instant::now);
+            return None;
+        }
+        if !matches!(state, InstanceState::Failed | InstanceState::Dead)
+            || inst.undeploying
+            || inst.spec().one_shot
+            || self.cfg.redeploy_after.is_zero()
+        {
+            return None;
+        }
+        if inst.running_since.take().is_some_and(|t| t.elapsed() >= STABLE_AFTER) {
+            inst.failures = 0;
+        }
+        inst.failures += 1;
+        let delay = self.cfg.redeploy_after * 2u32.pow((inst.failures - 1).min(4));
+        inst.redeploy_at = Some(Instant::now() + delay);
+        tracing::warn!(instance = %k, status = %st.status, failures = inst.failures, ?delay, "instance ended unexpectedly; it is placed again after the delay");
+        Some(delay)
+    }
+
+    /// Places again the instances whose redeploy is due (on any qualified worker, the same one included);
+    /// the worker that had one, when another gets it, removes what is left of it.
+    pub fn redeploy_due(&self) {
+        let mut out = Out::default();
+        {
+            let mut s = self.lock();
+            let now = Instant::now();
+            let due: Vec<String> = s
+                .instances
+                .iter()
+                .filter(|(_, i)| i.redeploy_at.is_some_and(|t| t <= now) && !i.undeploying && has_ended(&i.status))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in due {
+                let inst = s.instances.get_mut(&k).expect("present");
+                inst.redeploy_at = None;
+                let (old, old_name) = (inst.status.node_id.clone(), inst.status.node_name.clone());
+                let (service_id, instance_number) = (inst.status.service_id.clone(), inst.status.instance_number);
+                let why = format!(
+                    "{} on worker '{old_name}' ({}); placed again (failure {}): ",
+                    inst.status.status, inst.status.detail, inst.failures
+                );
+                self.schedule(&mut s, &k, None, &why, &mut out);
+                let moved = s.instances.get(&k).is_none_or(|i| i.status.node_id != old);
+                if moved && s.workers.get(&old).is_some_and(|w| w.alive) {
+                    out.to_workers.push((
+                        old,
+                        worker_msg(pb::cluster_to_worker::Msg::Undeploy(pb::UndeployInstance {
+                            service_id,
+                            instance_number,
+                        })),
+                    ));
+                }
+            }
+        }
+        self.flush(out);
     }
 
     pub fn on_worker_disconnect(&self, node_id: &str, conn: u64) {
@@ -855,6 +940,7 @@ pub async fn serve(
         loop {
             tick.tick().await;
             c.check_liveness();
+            c.redeploy_due();
         }
     });
     // network service: needs the cluster id (persisted, or from the root's first welcome)

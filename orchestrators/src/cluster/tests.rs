@@ -60,6 +60,7 @@ async fn start_cluster_with(
         heartbeat_interval: Duration::from_millis(100),
         worker_stale: stale,
         worker_remove_after: remove_after,
+        redeploy_after: Duration::from_millis(300),
         token: crate::root::tests::JOIN_TOKEN.into(),
         worker_token: WORKER_TOKEN.into(),
     };
@@ -264,6 +265,60 @@ async fn worker_that_misses_heartbeats_loses_its_instance_to_another() {
     assert_eq!(st.node_name, "steady");
     drop(tx);
     w.abort();
+    cl.stop().await;
+    root.stop().await;
+}
+
+async fn next_deploy(inbound: &mut tonic::Streaming<pb::ClusterToWorker>) -> pb::DeployInstance {
+    let m = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await.unwrap().unwrap().unwrap();
+    let Some(pb::cluster_to_worker::Msg::Deploy(d)) = m.msg else { panic!("expected a deploy, got {m:?}") };
+    d
+}
+
+/// An instance its worker reports FAILED is placed again after the redeploy delay (300 ms here), which
+/// doubles when it fails again; the root sees why and when.
+#[tokio::test]
+async fn a_failed_instance_is_placed_again_after_a_growing_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = start_root(&dir.path().join("root")).await;
+    let cl = start_cluster(&dir.path().join("cluster"), &root, "edge-r", Duration::from_secs(60)).await;
+    let (tx, mut inbound) = silent_worker(&cl.workers_url, "only").await;
+    poll("only registered", || async { active_nodes(&root).await == 1 }).await;
+    let sid = deploy(&root, "crashing", 256, 1.0).await;
+    let report = |n: u32, st: InstanceState, detail: &str| {
+        tx.send(pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::Instance(pb::InstanceStatus {
+                service_id: sid.clone(),
+                instance_number: n,
+                status: st.as_str().into(),
+                detail: detail.into(),
+                ..Default::default()
+            })),
+        })
+        .unwrap()
+    };
+    let d = next_deploy(&mut inbound).await;
+    let mut gaps = Vec::new();
+    for _ in 0..2 {
+        report(d.instance_number, InstanceState::Failed, "qemu exited (code 137)");
+        let t = Instant::now();
+        let again = next_deploy(&mut inbound).await;
+        gaps.push(t.elapsed());
+        assert_eq!(again.instance_number, d.instance_number);
+    }
+    assert!(gaps[0] >= Duration::from_millis(280), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(580), "the delay doubles: {gaps:?}");
+    // the root heard the failure, with when it is placed again, then the new placement
+    let st = cl.cluster.instance(&sid, d.instance_number).unwrap();
+    assert_eq!(st.status, "NODE_SCHEDULED", "{st:?}");
+    assert!(
+        st.detail.contains("FAILED on worker 'only' (qemu exited (code 137)") && st.detail.contains("failure 2"),
+        "{}",
+        st.detail
+    );
+    report(d.instance_number, InstanceState::Running, "");
+    poll("RUNNING again", || async { instance0(&root, &sid).await["status"] == "RUNNING" }).await;
+    drop(tx);
     cl.stop().await;
     root.stop().await;
 }

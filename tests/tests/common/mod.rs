@@ -29,6 +29,18 @@ pub fn start(h: &Host, dir: &Path, ctr_ns: &str) -> OneDoc {
 
 /// [`start`] with more NetManager arguments (e.g. `--no-ebpf`) and NodeEngine arguments (e.g. `-u=true`).
 pub fn start_with(h: &Host, dir: &Path, ctr_ns: &str, more_nm_args: &[&str], more_ne_args: &[&str]) -> OneDoc {
+    start_full(h, dir, ctr_ns, &[], more_nm_args, more_ne_args)
+}
+
+/// [`start_with`] with more cluster orchestrator arguments (e.g. `--redeploy-after-ms`).
+pub fn start_full(
+    h: &Host,
+    dir: &Path,
+    ctr_ns: &str,
+    more_cluster_args: &[&str],
+    more_nm_args: &[&str],
+    more_ne_args: &[&str],
+) -> OneDoc {
     let p = |s: &str| dir.join(s).display().to_string();
     std::fs::write(
         dir.join("netcfg.json"),
@@ -50,7 +62,7 @@ pub fn start_with(h: &Host, dir: &Path, ctr_ns: &str, more_nm_args: &[&str], mor
         .spawn(
             "cluster",
             &bin("cluster-orchestrator"),
-            &["--data-dir", &p("cluster"), "--heartbeat-interval-ms", "500"],
+            &[&["--data-dir", &p("cluster"), "--heartbeat-interval-ms", "500"][..], more_cluster_args].concat(),
             &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
         )
         .unwrap();
@@ -81,6 +93,54 @@ pub fn start_with(h: &Host, dir: &Path, ctr_ns: &str, more_nm_args: &[&str], mor
     .collect();
     let nodeengine = spawn_nodeengine(h, "nodeengine", &ne_args);
     OneDoc { root, cluster, netmanager, nodeengine, ne_args }
+}
+
+/// A second worker on `h` ("NetManager" and "NodeEngine" named `name`), joining the cluster of the 1-DOC
+/// stack at `cluster_ip`; instances in containerd namespace `ctr_ns`, its state under `dir/<name>`.
+pub fn add_worker(h: &Host, dir: &Path, name: &str, cluster_ip: &str, ctr_ns: &str, nm_args: &[&str]) -> (Proc, Proc) {
+    let p = |s: &str| dir.join(name).join(s).display().to_string();
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    std::fs::write(
+        dir.join(name).join("netcfg.json"),
+        json!({"NodePublicAddress": h.ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": cluster_ip,
+               "NodeName": name})
+        .to_string(),
+    )
+    .unwrap();
+    let (cfg, nm_dir) = (p("netcfg.json"), p("nm"));
+    let args: Vec<&str> = ["-c", &cfg, "--data-dir", &nm_dir].into_iter().chain(nm_args.iter().copied()).collect();
+    let netmanager = h.spawn(&format!("netmanager-{name}"), &bin("NetManager"), &args, &[]).unwrap();
+    netmanager.wait_log("NetManager ready", std::time::Duration::from_secs(30)).unwrap();
+    let ne_args: Vec<String> = [
+        "-a",
+        cluster_ip,
+        "-n",
+        "6000",
+        "--data-dir",
+        &p("ne"),
+        "--namespace",
+        ctr_ns,
+        "--node-name",
+        name,
+        "--image-dir",
+        &dir.display().to_string(),
+        "--netmanager-credential",
+        &p("nm/api-token"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let nodeengine = spawn_nodeengine(h, &format!("nodeengine-{name}"), &ne_args);
+    (netmanager, nodeengine)
+}
+
+/// Removes containerd namespace `ns` with its images (its containers must be gone).
+pub fn remove_ctr_namespace(ns: &str) {
+    let images = std::process::Command::new("ctr").args(["-n", ns, "images", "ls", "-q"]).output().unwrap();
+    for img in String::from_utf8_lossy(&images.stdout).lines() {
+        let _ = std::process::Command::new("ctr").args(["-n", ns, "images", "rm", "--sync", img]).output();
+    }
+    let _ = std::process::Command::new("ctr").args(["namespaces", "rm", ns]).output();
 }
 
 /// Starts a NodeEngine with `args` on `h`, named `name` in the logs.

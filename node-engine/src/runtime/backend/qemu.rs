@@ -391,8 +391,13 @@ impl Backend for QemuBackend {
             }
         }
         if code == -1 {
-            let detail = "VM exited (exit code unknown)".to_string();
-            return Ok(Exit::Ended { state: InstanceState::Dead, detail, exit_code: None });
+            // a re-adopted qemu is not this process's child: its exit status cannot be read
+            let detail = format!(
+                "qemu exited; its exit status is unknown (the VM was re-adopted after a NodeEngine restart); its \
+                 console ends:\n{}",
+                crate::runtime::logs::tail_file(&log, 600).trim()
+            );
+            return Ok(Exit::Ended { state: InstanceState::Failed, detail, exit_code: None });
         }
         if let Some(line) = unikernel::kvm_failure(&log, code) {
             let detail =
