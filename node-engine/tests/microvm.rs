@@ -74,6 +74,7 @@ async fn microvm_runs_an_oci_image_stops_cleanly_and_is_readopted() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
+    let cfg_kvm = cfg.clone();
     let (rt2, mut rx2) = Runtime::connect(cfg).await.unwrap();
     let adopted = rt2.adopt().await.unwrap();
     let a = adopted.iter().find(|s| s.service_id == "svc-mvm-up").expect("microVM re-adopted");
@@ -90,5 +91,24 @@ async fn microvm_runs_an_oci_image_stops_cleanly_and_is_readopted() {
     assert!(!mounts.contains(&dir.display().to_string()), "rootfs still mounted");
     let key = format!("oak-vm-{id}");
     assert!(!rt2.containerd().snapshot_exists(&key).await.unwrap(), "snapshot {key} left behind");
-    env.cleanup(&rt2).await;
+
+    // KVM required (--vm-accel kvm): where KVM cannot run guests the instance FAILS naming it, it does not
+    // fall back to TCG; where it can, the microVM runs
+    let mut kvm_only = cfg_kvm;
+    kvm_only.vm_accel = unikernel::Accel::Kvm;
+    let (rt3, mut rx3) = Runtime::connect(kvm_only).await.unwrap();
+    let mut spec = env.spec("svc-mvm-kvm", &["/bin/sh", "-c", "echo under KVM; sleep 600"]);
+    spec.virtualization = "microvm".into();
+    rt3.deploy(spec, 0);
+    let mut seen = Vec::new();
+    let st = common::wait_for(&mut rx3, "svc-mvm-kvm", &["RUNNING", "FAILED"], &mut seen).await;
+    eprintln!("with --vm-accel kvm: {} ({})", st.status, st.detail);
+    if st.status == "FAILED" {
+        assert!(st.detail.to_lowercase().contains("kvm"), "{}", st.detail);
+    } else {
+        assert!(oak_node_engine::metrics::kvm_usable());
+    }
+    rt3.undeploy("svc-mvm-kvm", 0).await.unwrap();
+    common::wait_for(&mut rx3, "svc-mvm-kvm", &["UNDEPLOYED"], &mut Vec::new()).await;
+    env.cleanup(&rt3).await;
 }
