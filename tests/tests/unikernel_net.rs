@@ -364,7 +364,39 @@ fn a_guest_that_does_not_answer_fails_with_the_reason() {
         }
         assert!(detail.contains("its console ends:"), "{detail}");
     }
-    // nothing of either VM left
+    // undeployed while it boots: a silent guest again, undeployed once qemu runs; the undeploy does not wait
+    // for the answer timeout (30 s), and the instance goes without being reported FAILED
+    let dir = d.clone();
+    h.run(move || {
+        let api = admin_api();
+        let (_, services) = api.call("GET", "/api/services", None);
+        let s = services.as_array().and_then(|a| a.iter().find(|s| s["microservice_name"] == "silent")).cloned();
+        let id = s.unwrap()["microserviceID"].as_str().unwrap().to_string();
+        let (code, v) = api.call("POST", &format!("/api/service/{id}/instance"), None);
+        assert_eq!(code, 200, "{v}");
+        let n = v["instance_number"].as_u64().unwrap_or_else(|| panic!("{v}"));
+        let instance = |api: &Api| {
+            let (_, s) = api.call("GET", &format!("/api/service/{id}"), None);
+            s["instance_list"].as_array().and_then(|l| l.iter().find(|i| i["instance_number"] == n).cloned())
+        };
+        wait_for("the second silent guest's qemu started", Duration::from_secs(60), || {
+            let i = instance(&api)?;
+            assert_ne!(i["status"], "FAILED", "{i}");
+            (i["status"] == "CREATED" && qemus_under(&dir).len() == 1).then_some(())
+        });
+        let t = std::time::Instant::now();
+        let (code, v) = api.call("DELETE", &format!("/api/service/{id}/instance/{n}"), None);
+        assert_eq!(code, 200, "{v}");
+        wait_for("the booting guest undeployed", Duration::from_secs(20), || match instance(&api) {
+            Some(i) => {
+                assert_ne!(i["status"], "FAILED", "an undeployed guest is not reported FAILED: {i}");
+                None
+            }
+            None => Some(()),
+        });
+        eprintln!("undeployed while booting in {:?}", t.elapsed());
+    });
+    // nothing of any VM left
     assert_no_vm_left(&d);
     drop(stack);
     let _ = Command::new("ctr").args(["namespaces", "rm", &ctr_ns]).output();

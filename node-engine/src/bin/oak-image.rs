@@ -19,6 +19,11 @@ struct Args {
     /// Image name recorded in the archive.
     #[arg(long, default_value = "localhost/oak/busybox:latest")]
     name: String,
+    /// Also write linux-guest.tar.gz: a Linux guest in the unikernel format (the newest kernel in /boot and
+    /// a busybox initramfs that configures eth0 from the oak.* kernel parameters and serves a page on port
+    /// 8080); its path is printed on a second line.
+    #[arg(long)]
+    linux_guest: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +31,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out_dir)?;
     let p = oak_node_engine::testimage::build_busybox_image(&a.out_dir, &a.name)?;
     println!("{}", p.display());
+    if a.linux_guest {
+        let g = oak_node_engine::testguest::build_linux_guest(&a.out_dir, "linux-guest", "hello from the guest")?;
+        println!("{}", g.display());
+    }
     Ok(())
 }

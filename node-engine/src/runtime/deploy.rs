@@ -121,6 +121,8 @@ impl Runtime {
                 self.emit(&sid, n, InstanceState::Running, String::new(), None);
                 self.spawn_monitor(backend, sid, n, id);
             }
+            // an undeploy waits for this deploy and reports the instance's end
+            Err(detail) if self.is_undeploying(&sid, n) => info!(instance = %id, "deploy ended by undeploy: {detail}"),
             Err(detail) => self.emit(&sid, n, InstanceState::Failed, detail, None),
         }
     }

@@ -40,6 +40,13 @@ impl Runtime {
             },
         };
         let id = found.id;
+        // a VM still booting gives up now instead of holding the instance until it answers or times out
+        if let Some(b) = &backend {
+            if let Some(i) = self.instances.lock().get_mut(&key) {
+                i.undeploying = true;
+            }
+            b.cancel_start(&id);
+        }
         let lock = self.op_lock(&id);
         let _guard = lock.lock().await;
         let backend = {

@@ -1,8 +1,10 @@
-//! `cargo xtask bench deploy`: a 1-DOC stack (root, cluster, NetManager, NodeEngine; release builds) in a
-//! network namespace of its own, with the machine's containerd. Deploys a locally present image N times
-//! through the REST API and measures request -> RUNNING; the baseline, measured in the same run, is
-//! containerd alone starting the same image (`ctr run -d`). Then the NodeEngine's idle RSS and CPU.
-use std::fs::File;
+//! `cargo xtask bench deploy`: a 1-DOC stack (root, cluster, NetManager, NodeEngine with `-u=true`; release
+//! builds) in a network namespace of its own, with the machine's containerd. Deploys a locally present image
+//! N times through the REST API and measures request -> RUNNING; the baseline, measured in the same run, is
+//! containerd alone starting the same image (`ctr run -d`). Then VMs ([`super::vms`]): a unikernel and a
+//! microVM, deploy -> RUNNING (the guest answers at its overlay address) under TCG and, where it works, KVM,
+//! beside qemu booting the same guest alone, and qemu's RSS per instance. Last, the NodeEngine's idle RSS
+//! and CPU.
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +23,9 @@ pub struct Args {
     /// Deployments to time.
     #[arg(long, default_value_t = 20)]
     deployments: u32,
+    /// Deployments to time per kind of VM and accelerator (0: no VMs).
+    #[arg(long, default_value_t = 5)]
+    vm_deployments: u32,
     /// Seconds of idle time over which the NodeEngine's CPU use is measured.
     #[arg(long, default_value_t = 10)]
     idle_seconds: u64,
@@ -29,10 +34,33 @@ pub struct Args {
     skip_build: bool,
 }
 
-struct Stack {
-    ns: String,
+pub(super) struct Stack {
+    pub ns: String,
     procs: Vec<Child>,
     ctr_ns: String,
+    /// Where the stack's state, logs and images are.
+    pub work: PathBuf,
+    /// The NodeEngine's binary and arguments (to start it again with others).
+    ne: (PathBuf, Vec<String>),
+    /// The running NodeEngine's pid.
+    pub ne_pid: u32,
+}
+
+impl Stack {
+    /// Stops the NodeEngine and starts it again with `more` arguments; answers its pid.
+    pub fn restart_nodeengine(&mut self, more: &[&str]) -> anyhow::Result<u32> {
+        if let Some(i) = self.procs.iter().position(|c| c.id() == self.ne_pid) {
+            let mut c = self.procs.remove(i);
+            // SIGTERM: a NodeEngine leaves its instances running; none runs between measurements
+            let _ = Command::new("kill").arg(self.ne_pid.to_string()).status();
+            let _ = c.wait();
+        }
+        let (bin, args) = self.ne.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).chain(more.iter().copied()).collect();
+        let work = self.work.clone();
+        self.ne_pid = spawn(self, "nodeengine", &bin, &args, &[], &work)?;
+        Ok(self.ne_pid)
+    }
 }
 
 impl Drop for Stack {
@@ -69,7 +97,7 @@ fn spawn(
     env: &[(&str, &str)],
     logs: &Path,
 ) -> anyhow::Result<u32> {
-    let log = File::create(logs.join(format!("{name}.log")))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log")))?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &stack.ns]).arg(bin).args(args);
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).env("RUST_LOG", "warn");
@@ -125,7 +153,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
 
     let ns = format!("oakbench{}", std::process::id());
-    let mut stack = Stack { ns: ns.clone(), procs: Vec::new(), ctr_ns: format!("oakbench-{}", std::process::id()) };
+    let mut stack = Stack {
+        ns: ns.clone(),
+        procs: Vec::new(),
+        ctr_ns: format!("oakbench-{}", std::process::id()),
+        work: work.clone(),
+        ne: (PathBuf::new(), Vec::new()),
+        ne_pid: 0,
+    };
     ip(&["netns", "add", &ns])?;
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     // (no dummy driver in every kernel: a veth pair inside the namespace serves as the uplink)
@@ -164,27 +199,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &work,
     )?;
     let ctr_ns = stack.ctr_ns.clone();
-    let ne = spawn(
-        &mut stack,
-        "nodeengine",
-        &bins.join("NodeEngine"),
-        &[
-            "-n",
-            "6000",
-            "--data-dir",
-            &w("ne"),
-            "--namespace",
-            &ctr_ns,
-            "--node-name",
-            "bench-worker",
-            "--image-dir",
-            &w("img"),
-            "--netmanager-credential",
-            &w("nm/api-token"),
-        ],
-        &[],
-        &work,
-    )?;
+    let ne_args: Vec<String> = [
+        "-n",
+        "6000",
+        "--data-dir",
+        &w("ne"),
+        "--namespace",
+        &ctr_ns,
+        "--node-name",
+        "bench-worker",
+        "--image-dir",
+        &w("img"),
+        "--netmanager-credential",
+        &w("nm/api-token"),
+        "-u=true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    stack.ne = (bins.join("NodeEngine"), ne_args);
+    stack.restart_nodeengine(&[])?;
     // (`ip netns exec` execs the program: the pid is the NodeEngine's)
 
     let api = "http://127.0.0.1:10000".to_string();
@@ -305,6 +339,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let _ = Command::new("ctr").args(["-n", bns, "images", "rm", "localhost/oak/bench:1"]).output();
 
+    let vms = if a.vm_deployments > 0 {
+        super::vms::run(&mut stack, &api, &auth, &bins, a.vm_deployments)?
+    } else {
+        Vec::new()
+    };
+    let ne = stack.ne_pid;
+
     step(&format!("NodeEngine idle for {} s", a.idle_seconds));
     let hz = 100.0; // USER_HZ on Linux
     let c0 = cpu_ticks(ne);
@@ -319,6 +360,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("deploy: {} deployments of a locally present image (busybox httpd, 64 MB, 0.2 vcpus)", a.deployments);
     println!("  baseline: containerd alone (ctr run -d)      median {bm:7.1} ms  p95 {bp95:7.1} ms");
     println!("  REST API deploy -> RUNNING (1-DOC stack)     median {m:7.1} ms  p95 {p95:7.1} ms   ({:.2}x / {:.2}x baseline)", m / bm, p95 / bp95);
+    super::vms::print(&vms, a.vm_deployments);
     println!("  NodeEngine idle: RSS {:.1} MiB, CPU {idle_cpu:.2} % of one core", rss as f64 / 1024.0);
     drop(stack);
     let _ = std::fs::remove_dir_all(&work);

@@ -4,6 +4,7 @@ pub mod control_plane;
 pub mod deploy;
 pub mod overlay;
 mod stats;
+mod vms;
 
 use clap::Subcommand;
 
@@ -15,7 +16,9 @@ pub enum Bench {
     /// NetManager tun overlay and eBPF fast path; TCP throughput (1 and 8 streams) and request-response
     /// latency, as ratios of plain veth measured beside each in the same round.
     Overlay(overlay::Args),
-    /// 1-DOC stack with real containerd: deploy request -> RUNNING vs containerd alone; NodeEngine idle RSS/CPU.
+    /// 1-DOC stack with real containerd: deploy request -> RUNNING vs containerd alone; unikernels and
+    /// microVMs (TCG, and KVM where it works) vs qemu booting the same guest alone, RSS per instance;
+    /// NodeEngine idle RSS/CPU.
     Deploy(deploy::Args),
 }
 

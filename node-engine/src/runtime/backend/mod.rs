@@ -92,6 +92,10 @@ pub trait Backend: Send + Sync {
     /// Starts a created instance; returns its pid.
     async fn start(&self, spec: &ServiceSpec, n: u32, id: &str) -> anyhow::Result<u32>;
 
+    /// Asks a [`Backend::start`] in progress for `id` (or about to begin) to give up: an undeploy is
+    /// waiting for it. The start then fails and removes nothing itself.
+    fn cancel_start(&self, _id: &str) {}
+
     /// Waits until the instance ends. An error is transient: the caller retries.
     async fn wait(&self, id: &str) -> anyhow::Result<Exit>;
 

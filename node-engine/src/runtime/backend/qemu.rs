@@ -5,6 +5,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -44,6 +46,8 @@ pub struct QemuBackend {
     accel: Accel,
     /// The exit of every VM this process started or re-adopted, by instance id.
     exits: Mutex<HashMap<String, ExitRx>>,
+    /// Set for a VM whose start an undeploy cancelled, by instance id (see [`Backend::cancel_start`]).
+    cancelled: Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
 /// A microVM's rootfs snapshot, and the lease holding it and its image.
@@ -63,7 +67,23 @@ impl QemuBackend {
             answer_timeout: cfg.vm_answer_timeout,
             accel: cfg.vm_accel,
             exits: Mutex::default(),
+            cancelled: Mutex::default(),
         }
+    }
+
+    /// The cancel flag of `id`'s start.
+    fn cancel_flag(&self, id: &str) -> Arc<AtomicBool> {
+        self.cancelled.lock().entry(id.to_string()).or_default().clone()
+    }
+
+    /// Kills the qemu `pid` this start launched, waits for it, and says the start was cancelled.
+    async fn abandon(&self, pid: u32, exited: &mut ExitRx) -> anyhow::Error {
+        // SAFETY: kill(2) of the qemu this start launched; its exit channel says it has not been reaped.
+        if exited.borrow().is_none() {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|c| c.is_some())).await;
+        anyhow!("undeployed while the guest was starting")
     }
 
     /// The unikernel backend of the runtime configured by `cfg`, consoles in `logs`.
@@ -141,10 +161,20 @@ impl QemuBackend {
 
     /// Waits until the microVM's console says its workload started; stops it (FAILED) when that takes
     /// longer than the answer timeout, fails at once when qemu exits first.
-    async fn wait_for_start(&self, id: &str, log: &Path, exited: &mut ExitRx) -> anyhow::Result<()> {
+    async fn wait_for_start(
+        &self,
+        id: &str,
+        log: &Path,
+        exited: &mut ExitRx,
+        cancel: &AtomicBool,
+    ) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + self.answer_timeout;
         let started = || crate::runtime::logs::tail_file(log, 64 * 1024).contains(guest::STARTED);
         loop {
+            if cancel.load(Ordering::Relaxed) {
+                let pid = unikernel::find_vm(id).unwrap_or(0);
+                return Err(self.abandon(pid, exited).await);
+            }
             if started() {
                 info!(instance = id, "the microVM's workload started");
                 return Ok(());
@@ -254,6 +284,7 @@ impl Backend for QemuBackend {
     }
 
     async fn create(&self, spec: &ServiceSpec, _n: u32, id: &str) -> anyhow::Result<Created> {
+        self.cancelled.lock().remove(id);
         crate::metrics::find_qemu()
             .ok_or_else(|| anyhow!("no qemu-system-* binary for this architecture in PATH (install qemu-system)"))?;
         // refused here, before anything is fetched, when the VM could not run anyway
@@ -324,6 +355,10 @@ impl Backend for QemuBackend {
                 hostname: &hostname,
             }),
         };
+        let cancel = self.cancel_flag(id);
+        if cancel.load(Ordering::Relaxed) {
+            anyhow::bail!("undeployed before the VM started");
+        }
         let (pid, exit) = unikernel::launch(&qemu, spec, &boot, net.as_ref().map(|(h, _)| *h), self.accel).await?;
         let mut exited = exit.clone();
         self.exits.lock().insert(id.to_string(), exit);
@@ -331,16 +366,21 @@ impl Backend for QemuBackend {
         std::fs::write(&record, serde_json::to_vec(&rec)?)?;
         // a microVM off the overlay is RUNNING once its init says the workload started
         if net.is_none() && matches!(self.kind, Kind::MicroVm { .. }) {
-            self.wait_for_start(id, &log, &mut exited).await?;
+            self.wait_for_start(id, &log, &mut exited, &cancel).await?;
         }
         // on the overlay, RUNNING means the guest answers there, not that qemu started
         if let Some((holder, net)) = net {
             let ip = net.ip;
-            let (watch, timeout) = (exited.clone(), self.answer_timeout);
+            let (watch, timeout, stop) = (exited.clone(), self.answer_timeout, cancel.clone());
             let answer = tokio::task::spawn_blocking(move || {
-                vmnet::wait_for_guest(holder, &net, timeout, move || watch.borrow().is_some())
+                vmnet::wait_for_guest(holder, &net, timeout, move || {
+                    watch.borrow().is_some() || stop.load(Ordering::Relaxed)
+                })
             })
             .await??;
+            if cancel.load(Ordering::Relaxed) {
+                return Err(self.abandon(pid, &mut exited).await);
+            }
             let console = || crate::runtime::logs::tail_file(&log, 600).trim().to_string();
             match answer {
                 vmnet::Answer::Answered(after) => {
@@ -365,7 +405,12 @@ impl Backend for QemuBackend {
                 }
             }
         }
+        self.cancelled.lock().remove(id);
         Ok(pid)
+    }
+
+    fn cancel_start(&self, id: &str) {
+        self.cancel_flag(id).store(true, Ordering::Relaxed);
     }
 
     async fn wait(&self, id: &str) -> anyhow::Result<Exit> {
@@ -408,6 +453,7 @@ impl Backend for QemuBackend {
     }
 
     async fn stop(&self, id: &str, pid: u32) -> anyhow::Result<()> {
+        self.cancelled.lock().remove(id);
         let exit = self.exits.lock().remove(id);
         // While the exit channel is empty the pid is still ours: our unreaped child, or (re-adopted)
         // a process whose pidfd has not fired.
@@ -439,6 +485,7 @@ impl Backend for QemuBackend {
 
     async fn delete(&self, id: &str) {
         self.exits.lock().remove(id);
+        self.cancelled.lock().remove(id);
         self.kill_stray(id);
         if let Err(e) = self.remove_files(id).await {
             warn!(instance = id, "removing the VM's leftovers: {e:#}");
