@@ -27,6 +27,10 @@ async fn microvm_runs_an_oci_image_stops_cleanly_and_is_readopted() {
     // TCG: deterministic on CI hosts where nested KVM misbehaves (this binary holds this single test)
     std::env::set_var("OAK_NODE_ENGINE_NO_KVM", "1");
     let env = common::Env::new("mvm");
+    // without -u a worker offers containers only (what the schedulers see)
+    let (plain, _) = env.runtime().await;
+    assert_eq!(plain.offered(), ["container"]);
+    drop(plain);
     let mut cfg = env.runtime_config();
     cfg.unikernel = true;
     let (rt, mut rx) = Runtime::connect(cfg.clone()).await.unwrap();

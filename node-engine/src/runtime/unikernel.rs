@@ -150,6 +150,12 @@ pub fn qemu_args(spec: &ServiceSpec, boot: &Boot, kvm: bool) -> Vec<String> {
             ]);
             // quiet: the console is the workload's log; panic=-1 with -no-reboot: a panic ends qemu
             append.extend(["quiet".into(), "panic=-1".into(), format!("oak.hostname={}", m.hostname)]);
+            // qemu's microvm machine has no HPET and no ACPI PM timer: a guest kernel calibrates its TSC
+            // against the PIT alone, which fails on a loaded host under TCG (the TSC is then unusable and
+            // the boot hangs). Under TCG the guest's TSC is the host's: give its frequency.
+            if let Some(khz) = host_tsc_khz().filter(|_| !kvm) {
+                append.push(format!("tsc_early_khz={khz}"));
+            }
         }
         // a unikernel's arguments are its kernel command line; a microVM's are its workload's
         None => append.extend(spec.args.iter().cloned()),
@@ -162,6 +168,32 @@ pub fn qemu_args(spec: &ServiceSpec, boot: &Boot, kvm: bool) -> Vec<String> {
         a.extend(["-accel".into(), "tcg".into()]);
     }
     a
+}
+
+/// The host's TSC frequency in kHz (x86_64), measured once against the monotonic clock.
+pub fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        *KHZ.get_or_init(|| {
+            let mut rates: Vec<u64> = (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    // SAFETY: rdtsc has no preconditions on x86_64.
+                    let c = unsafe { core::arch::x86_64::_rdtsc() };
+                    std::thread::sleep(Duration::from_millis(20));
+                    // SAFETY: as above.
+                    let c2 = unsafe { core::arch::x86_64::_rdtsc() };
+                    let ns = t.elapsed().as_nanos().max(1) as u64;
+                    c2.saturating_sub(c) * 1_000_000 / ns
+                })
+                .collect();
+            rates.sort_unstable();
+            Some(rates[2]).filter(|k| *k > 0)
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// Set once qemu failed under KVM on this host (nested KVM can be flaky): later VMs use TCG.
@@ -400,6 +432,9 @@ mod tests {
         assert!(v.contains("-device virtio-9p-device,fsdev=rootfs,mount_tag=rootfs"), "{v}");
         assert!(v.contains("-qmp unix:/vm/qmp.sock,server=on,wait=off") && v.contains("oak.hostname=h"), "{v}");
         assert!(!v.contains("ip=10.0.0.2") && !v.contains("virtio-net-pci"), "{v}");
+        // under TCG the guest is told the TSC's frequency (its only clock there); under KVM it has kvm-clock
+        assert!(v.contains("tsc_early_khz=") && host_tsc_khz().is_some_and(|k| k > 100_000), "{v}");
+        assert!(!qemu_args(&s, &b, true).join(" ").contains("tsc_early_khz"));
     }
 
     #[test]

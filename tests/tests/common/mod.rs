@@ -42,13 +42,6 @@ pub fn start_full(
     more_ne_args: &[&str],
 ) -> OneDoc {
     let p = |s: &str| dir.join(s).display().to_string();
-    std::fs::write(
-        dir.join("netcfg.json"),
-        json!({"NodePublicAddress": h.ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": "127.0.0.1",
-               "NodeName": "doc-worker"})
-        .to_string(),
-    )
-    .unwrap();
     let root = h
         .spawn(
             "root",
@@ -66,50 +59,47 @@ pub fn start_full(
             &[("CLUSTER_NAME", "doc"), ("CLUSTER_LOCATION", "48.26,11.67,100")],
         )
         .unwrap();
-    let (cfg, nm_dir) = (p("netcfg.json"), p("nm"));
-    let nm_args: Vec<&str> =
-        ["-c", &cfg, "--data-dir", &nm_dir].into_iter().chain(more_nm_args.iter().copied()).collect();
-    let netmanager = h.spawn("netmanager", &bin("NetManager"), &nm_args, &[]).unwrap();
-    netmanager.wait_log("NetManager ready", std::time::Duration::from_secs(30)).unwrap();
-    let ne_args: Vec<String> = [
-        "-a",
-        "127.0.0.1",
-        "-n",
-        "6000",
-        "--data-dir",
-        &p("ne"),
-        "--namespace",
-        ctr_ns,
-        "--node-name",
-        "doc-worker",
-        "--image-dir",
-        &dir.display().to_string(),
-        "--netmanager-credential",
-        &p("nm/api-token"),
-    ]
-    .iter()
-    .chain(more_ne_args)
-    .map(|s| s.to_string())
-    .collect();
-    let nodeengine = spawn_nodeengine(h, "nodeengine", &ne_args);
+    let w = start_worker(h, dir, dir, "doc-worker", "127.0.0.1", ctr_ns, more_nm_args, more_ne_args, "");
+    let (netmanager, nodeengine, ne_args) = w;
     OneDoc { root, cluster, netmanager, nodeengine, ne_args }
 }
 
-/// A second worker on `h` ("NetManager" and "NodeEngine" named `name`), joining the cluster of the 1-DOC
-/// stack at `cluster_ip`; instances in containerd namespace `ctr_ns`, its state under `dir/<name>`.
+/// A second worker on `h` (NetManager and NodeEngine, logs named `netmanager-<name>`, `nodeengine-<name>`),
+/// joining the cluster of the 1-DOC stack at `cluster_ip`; instances in containerd namespace `ctr_ns`, its
+/// state under `dir/<name>`, local images from `dir`.
 pub fn add_worker(h: &Host, dir: &Path, name: &str, cluster_ip: &str, ctr_ns: &str, nm_args: &[&str]) -> (Proc, Proc) {
-    let p = |s: &str| dir.join(name).join(s).display().to_string();
     std::fs::create_dir_all(dir.join(name)).unwrap();
+    let (nm, ne, _) =
+        start_worker(h, &dir.join(name), dir, name, cluster_ip, ctr_ns, nm_args, &[], &format!("-{name}"));
+    (nm, ne)
+}
+
+/// A worker's NetManager (its netcfg.json written into `state`) and NodeEngine (named `name`, joining the
+/// cluster at `cluster_ip`, images from `image_dir`); answers them and the NodeEngine's arguments.
+#[allow(clippy::too_many_arguments)]
+fn start_worker(
+    h: &Host,
+    state: &Path,
+    image_dir: &Path,
+    name: &str,
+    cluster_ip: &str,
+    ctr_ns: &str,
+    more_nm_args: &[&str],
+    more_ne_args: &[&str],
+    log_suffix: &str,
+) -> (Proc, Proc, Vec<String>) {
+    let p = |s: &str| state.join(s).display().to_string();
     std::fs::write(
-        dir.join(name).join("netcfg.json"),
+        state.join("netcfg.json"),
         json!({"NodePublicAddress": h.ip.to_string(), "NodePublicPort": "50103", "ClusterUrl": cluster_ip,
                "NodeName": name})
         .to_string(),
     )
     .unwrap();
     let (cfg, nm_dir) = (p("netcfg.json"), p("nm"));
-    let args: Vec<&str> = ["-c", &cfg, "--data-dir", &nm_dir].into_iter().chain(nm_args.iter().copied()).collect();
-    let netmanager = h.spawn(&format!("netmanager-{name}"), &bin("NetManager"), &args, &[]).unwrap();
+    let nm_args: Vec<&str> =
+        ["-c", &cfg, "--data-dir", &nm_dir].into_iter().chain(more_nm_args.iter().copied()).collect();
+    let netmanager = h.spawn(&format!("netmanager{log_suffix}"), &bin("NetManager"), &nm_args, &[]).unwrap();
     netmanager.wait_log("NetManager ready", std::time::Duration::from_secs(30)).unwrap();
     let ne_args: Vec<String> = [
         "-a",
@@ -123,15 +113,16 @@ pub fn add_worker(h: &Host, dir: &Path, name: &str, cluster_ip: &str, ctr_ns: &s
         "--node-name",
         name,
         "--image-dir",
-        &dir.display().to_string(),
+        &image_dir.display().to_string(),
         "--netmanager-credential",
         &p("nm/api-token"),
     ]
     .iter()
+    .chain(more_ne_args)
     .map(|s| s.to_string())
     .collect();
-    let nodeengine = spawn_nodeengine(h, &format!("nodeengine-{name}"), &ne_args);
-    (netmanager, nodeengine)
+    let nodeengine = spawn_nodeengine(h, &format!("nodeengine{log_suffix}"), &ne_args);
+    (netmanager, nodeengine, ne_args)
 }
 
 /// Removes containerd namespace `ns` with its images (its containers must be gone).

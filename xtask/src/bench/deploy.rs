@@ -112,6 +112,25 @@ fn spawn(
     Ok(pid)
 }
 
+/// Polls service `sid` (from a thread in the stack's namespace) until its instance `num` is RUNNING; an error
+/// when it fails or `timeout` passes.
+pub(super) fn wait_running(api: &str, auth: &str, sid: &str, num: u64, timeout: Duration) -> anyhow::Result<()> {
+    let t = Instant::now();
+    loop {
+        let v: Value = ureq::get(&format!("{api}/api/service/{sid}")).set("Authorization", auth).call()?.into_json()?;
+        let inst = v["instance_list"].as_array().into_iter().flatten().find(|i| i["instance_number"] == num).cloned();
+        let inst = inst.unwrap_or_default();
+        match inst["status"].as_str().and_then(InstanceState::parse) {
+            Some(InstanceState::Running) => return Ok(()),
+            Some(InstanceState::Failed | InstanceState::Dead) => {
+                bail!("FAILED: {}", inst["status_detail"].as_str().unwrap_or_default())
+            }
+            _ if t.elapsed() > timeout => bail!("not RUNNING after {timeout:?}: {inst}"),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -269,22 +288,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .call()?
                 .into_json()?;
             let num = r["instance_number"].as_u64().context("no instance number")?;
-            loop {
-                let v = get(&format!("/api/service/{sid}"))?;
-                let inst = v["instance_list"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|i| i["instance_number"] == num)
-                    .cloned()
-                    .unwrap_or_default();
-                match inst["status"].as_str().and_then(InstanceState::parse) {
-                    Some(InstanceState::Running) => break,
-                    Some(InstanceState::Failed | InstanceState::Dead) => bail!("deployment failed: {inst}"),
-                    _ if t.elapsed() > Duration::from_secs(60) => bail!("not RUNNING after 60 s: {inst}"),
-                    _ => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
+            wait_running(&api2, &auth2, &sid, num, Duration::from_secs(60))?;
             if k > 0 {
                 times.push(t.elapsed().as_secs_f64() * 1e3);
                 eprintln!("    deployment {k}/{n}: {:.0} ms", times.last().unwrap());

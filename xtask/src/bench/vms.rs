@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use oak_proto::InstanceState;
 use serde_json::{json, Value};
 use testbed::in_netns;
 
@@ -214,24 +213,8 @@ fn deploy_once(ns: &str, api: &str, auth: &str, sid: &str) -> anyhow::Result<(f6
         let r: Value =
             ureq::post(&format!("{a}/api/service/{sid}/instance")).set("Authorization", &h).call()?.into_json()?;
         let num = r["instance_number"].as_u64().context("no instance number")?;
-        loop {
-            let v: Value = ureq::get(&format!("{a}/api/service/{sid}")).set("Authorization", &h).call()?.into_json()?;
-            let inst = v["instance_list"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|i| i["instance_number"] == num)
-                .cloned()
-                .unwrap_or_default();
-            match inst["status"].as_str().and_then(InstanceState::parse) {
-                Some(InstanceState::Running) => return Ok((t.elapsed().as_secs_f64() * 1e3, num)),
-                Some(InstanceState::Failed | InstanceState::Dead) => {
-                    bail!("FAILED: {}", inst["status_detail"].as_str().unwrap_or_default())
-                }
-                _ if t.elapsed() > Duration::from_secs(240) => bail!("not RUNNING after 240 s: {inst}"),
-                _ => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
+        super::deploy::wait_running(&a, &h, &sid, num, Duration::from_secs(240))?;
+        Ok((t.elapsed().as_secs_f64() * 1e3, num))
     })?
 }
 
