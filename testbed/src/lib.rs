@@ -11,6 +11,7 @@ mod cmd;
 mod device;
 mod net;
 mod proc;
+mod vms;
 mod wait;
 
 pub use api::Api;
@@ -20,6 +21,7 @@ pub use device::Device;
 pub use net::{Host, Net};
 pub use oak_netns::{in_netns, join, netns_path, spawn_in_netns};
 pub use proc::Proc;
+pub use vms::stop_vms_under;
 pub use wait::wait_for;
 
 /// The join token every root and cluster orchestrator started by the harness has (`OAK_CLUSTER_TOKEN`).

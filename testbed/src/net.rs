@@ -124,6 +124,8 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        // what a failed test's NodeEngines left running
+        crate::stop_vms_under(self.dir.path());
         for h in &self.hosts {
             let _ = ip(&["netns", "del", &h.ns]);
         }

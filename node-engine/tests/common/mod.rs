@@ -149,6 +149,13 @@ impl Env {
     }
 }
 
+impl Drop for Env {
+    /// What a failed test left running: its VMs outlive their runtime by design.
+    fn drop(&mut self) {
+        testbed::stop_vms_under(self.dir.path());
+    }
+}
+
 /// Next status of `service_id` whose state is one of `wanted` (others are collected in `seen`).
 /// Panics on timeout or on an unexpected terminal state.
 pub async fn wait_for(

@@ -2,8 +2,8 @@
 //! `oak-image --linux-guest`) and a microVM (the bench's busybox image serving /www) deployed through the
 //! REST API of the bench's 1-DOC stack, request -> RUNNING (the guest answers ARP at its overlay address),
 //! under TCG and, where it can run guests, KVM. The baseline, in the same run: qemu booting the same guest
-//! alone (same kernel, initramfs, memory, accelerator; a user-mode network card) until the guest says its
-//! network is up. And the resident memory of each instance's qemu.
+//! alone (same kernel, initramfs, command line, memory, accelerator; a user-mode network card for the
+//! overlay) until the guest says its network is up. And the resident memory of each instance's qemu.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -137,6 +137,8 @@ pub fn run(stack: &mut Stack, api: &str, auth: &str, bins: &Path, n: u32) -> any
     })??;
 
     let captured = work.join("alone-microvm");
+    // the kernel command line each kind of guest was given by the NodeEngine, for qemu alone
+    let mut appends: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
     let mut rows = Vec::new();
     for (accel, flag) in [("TCG", "tcg"), ("KVM", "kvm")] {
         if flag == "kvm" && !kvm_openable() {
@@ -171,6 +173,9 @@ pub fn run(stack: &mut Stack, api: &str, auth: &str, bins: &Path, n: u32) -> any
                         if kind == "microVM" && !captured.exists() {
                             capture_microvm(&work.join("ne").join("microvms"), &captured)?;
                         }
+                        if let Some(a) = qemu_append(&work.join("ne")) {
+                            appends.insert(kind, alone_append(&a));
+                        }
                         eprintln!("    deployment {k}/{n}: {ms:.0} ms, qemu RSS {:.1} MiB", rss.last().unwrap());
                         undeploy(&stack.ns, api, auth, sid, num)?;
                     }
@@ -190,14 +195,20 @@ pub fn run(stack: &mut Stack, api: &str, auth: &str, bins: &Path, n: u32) -> any
             let mut rss_sorted = rss;
             let rss_mib = pct(&mut rss_sorted, 0.5);
             step(&format!("{kind} under {accel}: qemu alone booting the same guest {n} times"));
-            let alone_r = match kind {
-                "unikernel" => {
-                    boot_alone(&qemu, &unikernel_alone_args(&alone), UNIKERNEL_READY, flag == "kvm", n, &work)
+            let kvm = flag == "kvm";
+            // a command line taken from a TCG guest: under KVM the guest has kvm-clock, no TSC hint
+            let append = appends.get(kind).map(|a| {
+                let words = a.split_whitespace().filter(|w| !(kvm && w.starts_with("tsc_early_khz=")));
+                words.collect::<Vec<_>>().join(" ")
+            });
+            let alone_r = match (kind, append.as_ref()) {
+                (_, None) => Err(format!("no {kind} ran to take its kernel command line from")),
+                ("unikernel", Some(a)) => {
+                    boot_alone(&qemu, &unikernel_alone_args(&alone, a), UNIKERNEL_READY, kvm, n, &work)
                 }
-                _ if captured.exists() => {
-                    boot_alone(&qemu, &microvm_alone_args(&vmlinuz, &captured), MICROVM_READY, flag == "kvm", n, &work)
+                (_, Some(a)) => {
+                    boot_alone(&qemu, &microvm_alone_args(&vmlinuz, &captured, a), MICROVM_READY, kvm, n, &work)
                 }
-                _ => Err("no microVM ran to take its initramfs and rootfs from".to_string()),
             };
             rows.push(Row { kind, accel, deploy, alone: alone_r, rss_mib });
         }
@@ -258,6 +269,34 @@ fn qemu_rss_kib(ne_dir: &Path) -> u64 {
     pid.map(rss_kb).unwrap_or(0)
 }
 
+/// The `-append` argument of the qemu running a VM of the NodeEngine whose data is under `ne_dir`.
+fn qemu_append(ne_dir: &Path) -> Option<String> {
+    let needle = ne_dir.display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let c = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = c.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
+        if !args.iter().any(|a| a.contains("qemu-system")) || !args.iter().any(|a| a.contains(&needle)) {
+            return None;
+        }
+        args.iter().position(|a| a == "-append").and_then(|i| args.get(i + 1).cloned())
+    })
+}
+
+/// A guest's kernel command line for qemu alone: its overlay address replaced by qemu's user-mode network.
+fn alone_append(append: &str) -> String {
+    append
+        .split_whitespace()
+        .filter(|w| !w.starts_with("oak.mac=") && !w.starts_with("netdev."))
+        .map(|w| match w.split_once('=') {
+            Some(("oak.ip", _)) => "oak.ip=10.0.2.15/24".to_string(),
+            Some(("oak.gw", _)) => "oak.gw=10.0.2.2".to_string(),
+            Some(("oak.mtu", _)) => "oak.mtu=1500".to_string(),
+            _ => w.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Copies the running microVM's initramfs and root filesystem to `to` (for qemu alone).
 fn capture_microvm(vms: &Path, to: &Path) -> anyhow::Result<()> {
     let vm = std::fs::read_dir(vms)?.flatten().next().context("no microVM directory")?.path();
@@ -287,26 +326,27 @@ fn common_args(console: &Path) -> Vec<String> {
     a
 }
 
-/// The unikernel guest booted alone: its kernel and initramfs, a user-mode network card with the address the
-/// guest configures from its command line.
+/// The unikernel guest booted alone: its kernel, initramfs and command line (`append`), on a user-mode
+/// network card.
 /// qemu's arguments for a boot whose console goes to the given file.
 type BootArgs = Box<dyn Fn(&Path) -> Vec<String>>;
 
-fn unikernel_alone_args(dir: &Path) -> BootArgs {
-    let dir = dir.to_path_buf();
+fn unikernel_alone_args(dir: &Path, append: &str) -> BootArgs {
+    let (dir, append) = (dir.to_path_buf(), append.to_string());
     Box::new(move |console| {
         let mut a = common_args(console);
         a.extend(["-kernel".into(), dir.join("kernel").display().to_string()]);
         a.extend(["-initrd".into(), dir.join("initramfs.cpio").display().to_string()]);
         a.extend(["-netdev".into(), "user,id=n0".into(), "-device".into(), "virtio-net-pci,netdev=n0".into()]);
-        a.extend(["-append".into(), "console=ttyS0 oak.ip=10.0.2.15/24 oak.gw=10.0.2.2 oak.mtu=1500".into()]);
+        a.extend(["-append".into(), append.clone()]);
         a
     })
 }
 
-/// The microVM booted alone: the same kernel, the instance's initramfs and a copy of its root.
-fn microvm_alone_args(vmlinuz: &Path, captured: &Path) -> BootArgs {
-    let (vmlinuz, captured) = (vmlinuz.to_path_buf(), captured.to_path_buf());
+/// The microVM booted alone: the same kernel and command line (`append`), the instance's initramfs and a
+/// copy of its root.
+fn microvm_alone_args(vmlinuz: &Path, captured: &Path, append: &str) -> BootArgs {
+    let (vmlinuz, captured, append) = (vmlinuz.to_path_buf(), captured.to_path_buf(), append.to_string());
     Box::new(move |console| {
         let mut a: Vec<String> = vec!["-M".into(), "microvm".into()];
         a.extend(common_args(console));
@@ -322,10 +362,7 @@ fn microvm_alone_args(vmlinuz: &Path, captured: &Path) -> BootArgs {
             "-device".into(),
             "virtio-net-device,netdev=n0".into(),
         ]);
-        a.extend([
-            "-append".into(),
-            "console=ttyS0 quiet panic=-1 oak.ip=10.0.2.15/24 oak.gw=10.0.2.2 oak.mtu=1500 oak.hostname=alone".into(),
-        ]);
+        a.extend(["-append".into(), append.clone()]);
         a
     })
 }
@@ -406,5 +443,20 @@ pub fn print(rows: &[Row], n: u32) {
             if r.rss_mib.is_finite() { format!(", qemu RSS {:.1} MiB per instance", r.rss_mib) } else { String::new() };
         println!("    {:9} {}  deploy {}{ratio}{rss}", r.kind, r.accel, t(&r.deploy));
         println!("    {:9}      alone  {}", "", t(&r.alone));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alone_append;
+
+    #[test]
+    fn the_guests_command_line_on_a_user_mode_network() {
+        let a = "console=ttyS0 oak.ip=10.18.0.5/26 oak.gw=10.18.0.1 oak.mtu=1450 oak.mac=02:4f:0a:12:00:05 \
+                 netdev.ipv4_addr=10.18.0.5 quiet tsc_early_khz=2000000";
+        assert_eq!(
+            alone_append(a),
+            "console=ttyS0 oak.ip=10.0.2.15/24 oak.gw=10.0.2.2 oak.mtu=1500 quiet tsc_early_khz=2000000"
+        );
     }
 }
