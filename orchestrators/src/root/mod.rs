@@ -105,11 +105,33 @@ pub struct Root {
 /// A message for a cluster, sent after the write transaction committed.
 pub type Outgoing = Vec<(String, pb::RootMessage)>;
 
+/// Brings the service IPs in line with the stored services at start (see
+/// [`netsvc::RootNetSvc::reconcile_services`]), saying what it changed.
+fn reconcile_service_ips(store: &Store, net: &netsvc::RootNetSvc) -> Result<()> {
+    let services: Vec<records::ServiceRecord> = store.list(store::SERVICES)?;
+    let stored: Vec<_> = services
+        .iter()
+        .map(|s| {
+            let ip = |v: &str| v.parse().ok();
+            (s.microservice_id.clone(), s.job_name.clone(), ip(&s.sla.addresses.rr_ip), ip(&s.sla.addresses.closest_ip))
+        })
+        .collect();
+    let (released, restored) = net.reconcile_services(&stored)?;
+    if !released.is_empty() {
+        tracing::warn!(services = ?released, "released the service IPs of services that are not stored (left by an interrupted create or delete)");
+    }
+    if !restored.is_empty() {
+        tracing::warn!(services = ?restored, "restored the service IPs of stored services that had none");
+    }
+    Ok(())
+}
+
 impl Root {
     pub fn open(mut cfg: Config) -> Result<Arc<Self>> {
         let store = Store::open(&cfg.data_dir)?;
         let auth = Auth::init(&store, &cfg.data_dir, cfg.admin_password.as_deref())?;
         let net = netsvc::RootNetSvc::open(&cfg.data_dir)?;
+        reconcile_service_ips(&store, &net)?;
         let authority =
             Arc::new(oak_trust::Authority::open(&cfg.data_dir.join("ca"), CA_NAME, oak_trust::ROOT_SERVER)?);
         authority

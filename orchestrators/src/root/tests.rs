@@ -827,3 +827,56 @@ async fn new_clusters_need_a_valid_join_token() {
     assert!(register(token).await.unwrap_err().contains("revoked"));
     h.stop().await;
 }
+
+/// Applications and service IPs live in two stores: what a crash between their writes leaves is put right
+/// when the root starts. A service never stored (a crash after its IPs were allocated) gives its addresses
+/// back; a stored service whose addresses are missing gets exactly its own again; others keep theirs.
+#[test]
+fn service_ips_are_reconciled_with_the_stored_services_at_start() {
+    use super::records::ServiceRecord;
+    use super::store::{Store, SERVICES};
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, restored, ghost) = {
+        let store = Store::open(dir.path()).unwrap();
+        let net = super::netsvc::RootNetSvc::open(dir.path()).unwrap();
+        let record = |id: &str, job: &str| {
+            let (rr, cl) = net.allocate_service_ips(id, job).unwrap();
+            let mut r = ServiceRecord { microservice_id: id.into(), job_name: job.into(), ..Default::default() };
+            (r.sla.addresses.rr_ip, r.sla.addresses.closest_ip) = (rr.to_string(), cl.to_string());
+            store.update(|tx| tx.put(SERVICES, id, &r)).unwrap();
+            r
+        };
+        let kept = record("svc-kept", "app.ns.kept.ns");
+        let restored = record("svc-restored", "app.ns.restored.ns");
+        // as if the root had died between writes: an allocation never stored, a record whose IPs went
+        let ghost = net.allocate_service_ips("svc-ghost", "app.ns.ghost.ns").unwrap();
+        net.release_service_ips("svc-restored").unwrap();
+        (kept, restored, ghost)
+    };
+    let store = Store::open(dir.path()).unwrap();
+    let net = super::netsvc::RootNetSvc::open(dir.path()).unwrap();
+    super::reconcile_service_ips(&store, &net).unwrap();
+    // the restored service holds its addresses again: nobody else may have them
+    let ip = |v: &str| v.parse::<std::net::Ipv4Addr>().unwrap();
+    let (rr, cl) = (ip(&restored.sla.addresses.rr_ip), ip(&restored.sla.addresses.closest_ip));
+    let err = net.allocate_service_ips_as("svc-probe", "app.ns.probe.ns", Some(rr), Some(cl)).unwrap_err();
+    assert!(err.to_string().contains("(svc-restored)"), "{err}");
+    let ips = |r: &ServiceRecord| (r.sla.addresses.rr_ip.clone(), r.sla.addresses.closest_ip.clone());
+    let now = |id: &str, job: &str| {
+        let (rr, cl) = net.allocate_service_ips(id, job).unwrap();
+        (rr.to_string(), cl.to_string())
+    };
+    assert_eq!(now("svc-kept", "app.ns.kept.ns"), ips(&kept));
+    assert_eq!(now("svc-restored", "app.ns.restored.ns"), ips(&restored));
+    // the ghost's addresses are free again: another service may ask for exactly them
+    let taken = net.allocate_service_ips_as("svc-new", "app.ns.new.ns", Some(ghost.0), Some(ghost.1)).unwrap();
+    assert_eq!(taken, ghost);
+    // a second start finds nothing to change
+    let stored = [kept, restored].map(|r| {
+        let ip = |v: &str| v.parse().ok();
+        (r.microservice_id.clone(), r.job_name.clone(), ip(&r.sla.addresses.rr_ip), ip(&r.sla.addresses.closest_ip))
+    });
+    let extra = ("svc-new".to_string(), "app.ns.new.ns".to_string(), Some(ghost.0), Some(ghost.1));
+    let all = [stored[0].clone(), stored[1].clone(), extra];
+    assert_eq!(net.reconcile_services(&all).unwrap(), (vec![], vec![]));
+}

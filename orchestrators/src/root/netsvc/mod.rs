@@ -381,6 +381,46 @@ impl RootNetSvc {
         .inspect(|_| self.notify(service_id, job_name, ""))
     }
 
+    /// Makes the service IPs agree with the services the root has stored (`stored`: id, job name, and the
+    /// round-robin and closest IPs its record holds). Applications and service IPs are written in two
+    /// stores, so a crash between the two writes leaves one without the other: the addresses of a service
+    /// that is not stored are released, and a stored service whose addresses are missing gets them back.
+    /// Answers the ids released and restored.
+    pub fn reconcile_services(
+        &self,
+        stored: &[(String, String, Option<Ipv4Addr>, Option<Ipv4Addr>)],
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let live: BTreeSet<&str> = stored.iter().map(|(id, ..)| id.as_str()).collect();
+        let released = self.mutate(|s| {
+            let gone: Vec<(String, String)> = s
+                .services
+                .iter()
+                .filter(|(id, _)| !live.contains(id.as_str()))
+                .map(|(id, r)| (id.clone(), r.job_name.clone()))
+                .collect();
+            for (id, _) in &gone {
+                s.services.remove(id);
+                s.instances.retain(|_, i| &i.service_id != id);
+            }
+            Ok(gone)
+        })?;
+        for (id, job) in &released {
+            self.notify(id, job, "");
+        }
+        let missing: Vec<_> = {
+            let s = self.inner.state.lock();
+            stored.iter().filter(|(id, ..)| !s.services.contains_key(id)).cloned().collect()
+        };
+        let mut restored = Vec::new();
+        for (id, job, rr, cl) in missing {
+            match self.allocate_service_ips_as(&id, &job, rr, cl) {
+                Ok(_) => restored.push(id),
+                Err(e) => tracing::error!(service_id = %id, job = %job, "restoring its service IPs: {e}"),
+            }
+        }
+        Ok((released.into_iter().map(|(id, _)| id).collect(), restored))
+    }
+
     /// Release the service IPs (and instance records) of a deleted service. Idempotent.
     pub fn release_service_ips(&self, service_id: &str) -> Result<()> {
         let removed = self.mutate(|s| {
