@@ -480,14 +480,18 @@ async fn deploy(Extension(s): S, Path((app, svc)): Path<(String, String)>) -> Re
     if !id_ok(&app) || !id_ok(&svc) {
         return not_found(&s, "service");
     }
-    let r = s.call(reqwest::Method::POST, &format!("/api/service/{svc}/instance"), None).await.map(|v| {
-        match (v["message"].as_str(), v["instance_number"].as_u64()) {
-            (Some("ok"), Some(n)) => format!("instance {n} deployed"),
-            (Some(m), _) => m.to_string(),
-            _ => "deployed".to_string(),
-        }
-    });
+    let r = s.call(reqwest::Method::POST, &format!("/api/service/{svc}/instance"), None).await.map(|v| deploy_note(&v));
     services_fragment(&s, &app, outcome(r)).await
+}
+
+/// The root's answer to a deploy, in words: the instance deployed, or the root's message (the instance
+/// exists but could not be placed yet, and why).
+fn deploy_note(v: &serde_json::Value) -> String {
+    match (v["message"].as_str(), v["instance_number"].as_u64()) {
+        (Some("ok"), Some(n)) => format!("instance {n} deployed"),
+        (Some(m), _) if m != "ok" => m.to_string(),
+        _ => "an instance deployed".to_string(),
+    }
 }
 
 async fn undeploy(Extension(s): S, Path((app, svc, n)): Path<(String, String, u32)>) -> Response {
@@ -531,10 +535,7 @@ async fn scale_service(
     let mut failed = None;
     for _ in 0..add {
         match s.call(reqwest::Method::POST, &format!("/api/service/{svc}/instance"), None).await {
-            Ok(v) => done.push(match v["instance_number"].as_u64() {
-                Some(n) => format!("instance {n} deployed"),
-                None => "an instance deployed".to_string(),
-            }),
+            Ok(v) => done.push(deploy_note(&v)),
             Err(e) => {
                 failed = Some(e);
                 break;
@@ -730,6 +731,16 @@ async fn create_application(Extension(s): S, Form(f): Form<SlaForm>) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deploy_answer_in_words() {
+        let placed = serde_json::json!({"message": "ok", "instance_number": 2, "status": "CLUSTER_SCHEDULED"});
+        assert_eq!(deploy_note(&placed), "instance 2 deployed");
+        let why = "instance 3 not placed yet: NoResourcesAvailable: no cluster has 64 GB free";
+        let waiting = serde_json::json!({"message": why, "instance_number": 3, "status": "NoResourcesAvailable"});
+        assert_eq!(deploy_note(&waiting), why);
+        assert_eq!(deploy_note(&serde_json::json!({})), "an instance deployed");
+    }
 
     #[test]
     fn only_root_shaped_ids_are_looked_up() {
