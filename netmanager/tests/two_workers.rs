@@ -179,6 +179,30 @@ async fn two_workers(extra_a: &[&str], extra_b: &[&str]) {
                 Err(format!("{c}"))
             }
         });
+        // Vivaldi: each probe reply carries the replier's coordinate, and both workers' coordinates come to
+        // predict the RTT they measure between them
+        let coord = |c: &serde_json::Value| {
+            let c = &c["coordinate"];
+            let p: Vec<f64> = c["position"].as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect();
+            let array = [p.first().copied()?, p.get(1).copied()?, c["height"].as_f64()?, c["error"].as_f64()?];
+            oak_proto::vivaldi::Coord::from_array(array)
+        };
+        eventually(60, "coordinates that predict the measured RTT", || {
+            let (ca, cb) = (wa.counters(), wb.counters());
+            let (Some(a), Some(b)) = (coord(&ca), coord(&cb)) else {
+                return Err(format!("a worker reports no coordinate: {ca} {cb}"));
+            };
+            let Some(rtt) = ca["rtt_us"].as_object().and_then(|m| m.values().next()).and_then(|v| v.as_f64()) else {
+                return Err(format!("no RTT measured yet: {ca}"));
+            };
+            let predicted = a.distance(&b);
+            if a.error < 0.9 && (predicted - rtt).abs() / rtt < 0.5 {
+                eprintln!("coordinates: {predicted:.0} µs predicted, {rtt:.0} µs measured; A {a:?}, B {b:?}");
+                Ok(())
+            } else {
+                Err(format!("{predicted:.0} µs predicted, {rtt:.0} µs measured; A {a:?}, B {b:?}"))
+            }
+        });
         let ca = wa.counters();
         eprintln!("counters A: {ca}");
         if ebpf_a {

@@ -137,11 +137,18 @@ pub fn summarize(status: &Value, counters: &Value) -> WorkerNetwork {
         (Some(a), Some(p)) => format!("{a}:{p}"),
         _ => String::new(),
     };
+    let c = &counters["coordinate"];
+    let coordinate = c["position"].as_array().map(|p| oak_proto::v1::NetCoordinate {
+        position: p.iter().filter_map(Value::as_f64).collect(),
+        height: c["height"].as_f64().unwrap_or_default(),
+        error: c["error"].as_f64().unwrap_or(1.0),
+    });
     WorkerNetwork {
         datapath: datapath.to_string(),
         subnet: status["subnet"].as_str().unwrap_or_default().to_string(),
         tunnel_endpoint: endpoint,
         counters: out,
+        coordinate,
     }
 }
 
@@ -154,7 +161,8 @@ mod tests {
         let status = serde_json::json!({"ready": true, "subnet": "10.18.0.64/26", "publicAddress": "192.0.2.7",
             "tunnelPort": 50103, "proxy": true, "ebpf": true});
         let counters = serde_json::json!({"proxy": true, "events": {"tunnel_tx": 5, "tun_rx": 0},
-            "drops": {"no_route": 2, "fragment": 0}, "dropped_total": 2, "ebpf": {"pass_unverified_peer": 3, "redirect": 0}});
+            "drops": {"no_route": 2, "fragment": 0}, "dropped_total": 2, "ebpf": {"pass_unverified_peer": 3, "redirect": 0},
+            "coordinate": {"position": [120.5, -3.0], "height": 40.0, "error": 0.2}});
         let n = summarize(&status, &counters);
         assert_eq!(n.datapath, "ebpf");
         assert_eq!(n.subnet, "10.18.0.64/26");
@@ -162,6 +170,8 @@ mod tests {
         let mut keys: Vec<_> = n.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         keys.sort();
         assert_eq!(keys, ["ebpf.pass_unverified_peer=3", "tun.drop.no_route=2", "tun.tunnel_tx=5"]);
+        let c = n.coordinate.expect("the worker's coordinate");
+        assert_eq!((c.position, c.height, c.error), (vec![120.5, -3.0], 40.0, 0.2));
         // the proxy alone: tun; nothing: none
         let tun = summarize(&serde_json::json!({"proxy": true, "ebpf": false}), &serde_json::json!({"ebpf": false}));
         assert_eq!((tun.datapath.as_str(), tun.counters.len()), ("tun", 0));

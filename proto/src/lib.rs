@@ -7,6 +7,7 @@ pub mod instance;
 pub mod netmanager_api;
 pub mod ports;
 pub mod root_api;
+pub mod vivaldi;
 
 pub use instance::{instance_key, InstanceKey, InstanceState};
 

@@ -48,6 +48,20 @@ pub struct WorkerNetwork {
     pub tunnel_endpoint: String,
     /// Non-zero counters: `tun.<event>`, `tun.drop.<reason>`, `ebpf.<counter>`.
     pub counters: BTreeMap<String, u64>,
+    /// The worker's Vivaldi coordinate (µs; see `oak_proto::vivaldi`), from its probes to other workers;
+    /// null until its NetManager reports one.
+    pub coordinate: Option<Coordinate>,
+}
+
+/// A Vivaldi network coordinate: the distance between two workers' predicts the RTT between them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(default)]
+pub struct Coordinate {
+    pub position: Vec<f64>,
+    pub height: f64,
+    /// Relative error of its predictions, 0..1 (1: no measurement yet).
+    pub error: f64,
 }
 
 impl WorkerNetwork {
@@ -86,6 +100,7 @@ impl From<crate::v1::WorkerSummary> for Worker {
                 subnet: n.subnet,
                 tunnel_endpoint: n.tunnel_endpoint,
                 counters: n.counters.into_iter().collect(),
+                coordinate: n.coordinate.map(|c| Coordinate { position: c.position, height: c.height, error: c.error }),
             }),
             state: w.state,
             last_report_ms: w.last_report_ms,

@@ -78,6 +78,8 @@ pub struct Counters {
     events: Vec<AtomicU64>,
     /// Last measured RTT per worker tunnel endpoint (µs), published by the datapath every probe round.
     rtt: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// This worker's Vivaldi coordinate, moved by every probe reply that carries the peer's.
+    coord: parking_lot::Mutex<oak_proto::vivaldi::Coord>,
 }
 
 impl Default for Counters {
@@ -92,6 +94,7 @@ impl Counters {
             drops: Reason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             events: Event::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             rtt: Default::default(),
+            coord: Default::default(),
         }
     }
 
@@ -131,6 +134,22 @@ impl Counters {
         *self.rtt.lock() = rtts.into_iter().collect();
     }
 
+    /// This worker's Vivaldi coordinate.
+    pub fn coord(&self) -> oak_proto::vivaldi::Coord {
+        *self.coord.lock()
+    }
+
+    /// Moves this worker's coordinate by one measurement: `rtt_us` to a peer at `remote` (what its probe
+    /// reply carried; ignored when not a sane coordinate).
+    pub fn observe_peer(&self, remote: [f64; 4], rtt_us: u64) {
+        let Some(remote) = oak_proto::vivaldi::Coord::from_array(remote) else { return };
+        // the nanoseconds of the clock break the tie of two workers at the same place
+        let jitter = f64::from(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
+        ) / 1e9;
+        self.coord.lock().update(&remote, rtt_us as f64, jitter);
+    }
+
     /// `{"drops": {reason: n, ...}, "events": {event: n, ...}}`
     pub fn to_json(&self) -> Value {
         let drops: Map<String, Value> =
@@ -138,6 +157,9 @@ impl Counters {
         let events: Map<String, Value> =
             Event::ALL.iter().map(|e| (e.name().to_string(), self.count(*e).into())).collect();
         let rtt = self.rtt.lock().clone();
-        serde_json::json!({"drops": drops, "events": events, "dropped_total": self.total_dropped(), "rtt_us": rtt})
+        let c = self.coord();
+        let coord = serde_json::json!({"position": c.pos, "height": c.height, "error": c.error});
+        serde_json::json!({"drops": drops, "events": events, "dropped_total": self.total_dropped(), "rtt_us": rtt,
+            "coordinate": coord})
     }
 }

@@ -204,13 +204,18 @@ impl Ingress {
             Err(r) => self.counters.drop_packet(r),
             Ok(packet::Tunnel::ProbeRequest { id, stamp }) => {
                 self.counters.event(Event::ProbeRequests);
-                let _ = self.udp.send_to(&packet::probe(packet::TYPE_PROBE_REPLY, id, stamp), from).await;
+                // the reply carries this worker's coordinate: the asker moves its own by it
+                let reply = packet::probe_reply(id, stamp, self.counters.coord().to_array());
+                let _ = self.udp.send_to(&reply, from).await;
             }
-            Ok(packet::Tunnel::ProbeReply { stamp, .. }) => {
+            Ok(packet::Tunnel::ProbeReply { stamp, coord, .. }) => {
                 self.counters.event(Event::ProbeReplies);
                 if let Some(rtt_us) = probes::rtt_us(stamp, self.base.elapsed().as_nanos() as u64) {
                     self.engine.lock().record_rtt(from, rtt_us, Instant::now());
                     self.counters.set_rtt(from.to_string(), rtt_us);
+                    if let Some(c) = coord {
+                        self.counters.observe_peer(c, rtt_us);
+                    }
                 }
             }
             Ok(packet::Tunnel::Data(_)) => {

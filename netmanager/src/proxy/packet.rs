@@ -14,6 +14,9 @@ pub const VERSION: u8 = netmanager_ebpf_common::TUNNEL_VERSION;
 pub const HDR_LEN: usize = netmanager_ebpf_common::TUNNEL_HDR_LEN;
 /// Probe datagrams: header + 8-byte timestamp.
 pub const PROBE_LEN: usize = HDR_LEN + 8;
+/// A probe reply that carries the replying worker's Vivaldi coordinate (four big-endian f64: position,
+/// height, error) after the stamp. Plain [`PROBE_LEN`] replies (without it) are accepted too.
+pub const PROBE_COORD_LEN: usize = PROBE_LEN + 32;
 
 pub const TYPE_DATA: u8 = netmanager_ebpf_common::TUNNEL_TYPE_DATA;
 pub const TYPE_PROBE_REQUEST: u8 = 1;
@@ -43,7 +46,7 @@ pub fn write_header_flags(buf: &mut [u8], msg_type: u8, flags: u8, id: u32) {
 }
 
 /// A validated tunnel datagram.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Tunnel<'a> {
     /// The inner IPv4 packet (not validated yet).
     Data(&'a [u8]),
@@ -54,6 +57,8 @@ pub enum Tunnel<'a> {
     ProbeReply {
         id: u32,
         stamp: u64,
+        /// The replying worker's coordinate, when it sent one.
+        coord: Option<[f64; 4]>,
     },
 }
 
@@ -77,7 +82,8 @@ pub fn decode_tunnel(buf: &[u8]) -> Result<Tunnel<'_>, Reason> {
             Ok(Tunnel::Data(&buf[HDR_LEN..]))
         }
         t @ (TYPE_PROBE_REQUEST | TYPE_PROBE_REPLY) => {
-            if buf.len() != PROBE_LEN {
+            let with_coord = t == TYPE_PROBE_REPLY && buf.len() == PROBE_COORD_LEN;
+            if buf.len() != PROBE_LEN && !with_coord {
                 return Err(Reason::TunnelBadProbe);
             }
             let mut s = [0u8; 8];
@@ -86,11 +92,29 @@ pub fn decode_tunnel(buf: &[u8]) -> Result<Tunnel<'_>, Reason> {
             Ok(if t == TYPE_PROBE_REQUEST {
                 Tunnel::ProbeRequest { id, stamp }
             } else {
-                Tunnel::ProbeReply { id, stamp }
+                let coord = with_coord.then(|| {
+                    let mut c = [0f64; 4];
+                    for (k, v) in c.iter_mut().enumerate() {
+                        let at = PROBE_LEN + 8 * k;
+                        *v = f64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
+                    }
+                    c
+                });
+                Tunnel::ProbeReply { id, stamp, coord }
             })
         }
         _ => Err(Reason::TunnelBadType),
     }
+}
+
+/// Build a probe reply carrying the replying worker's coordinate (see [`PROBE_COORD_LEN`]).
+pub fn probe_reply(id: u32, stamp: u64, coord: [f64; 4]) -> [u8; PROBE_COORD_LEN] {
+    let mut b = [0u8; PROBE_COORD_LEN];
+    b[..PROBE_LEN].copy_from_slice(&probe(TYPE_PROBE_REPLY, id, stamp));
+    for (k, v) in coord.iter().enumerate() {
+        b[PROBE_LEN + 8 * k..PROBE_LEN + 8 * k + 8].copy_from_slice(&v.to_be_bytes());
+    }
+    b
 }
 
 /// Build a probe datagram.
@@ -416,6 +440,19 @@ pub(crate) mod tests {
         assert_eq!(decode_tunnel(&[MAGIC, 1, 1, 0, 0, 0, 0, 0, 1]), Err(Reason::TunnelBadProbe));
         let p = probe(TYPE_PROBE_REQUEST, 5, 123456789);
         assert_eq!(decode_tunnel(&p), Ok(Tunnel::ProbeRequest { id: 5, stamp: 123456789 }));
+        // a reply with the replier's coordinate, and one without (an older NetManager)
+        let r = probe_reply(6, 42, [1.5, -2.0, 30.0, 0.25]);
+        assert_eq!(
+            decode_tunnel(&r),
+            Ok(Tunnel::ProbeReply { id: 6, stamp: 42, coord: Some([1.5, -2.0, 30.0, 0.25]) })
+        );
+        let plain = probe(TYPE_PROBE_REPLY, 7, 43);
+        assert_eq!(decode_tunnel(&plain), Ok(Tunnel::ProbeReply { id: 7, stamp: 43, coord: None }));
+        // a request is never that long, and a reply of another length is refused
+        let mut long_req = r;
+        long_req[2] = TYPE_PROBE_REQUEST;
+        assert_eq!(decode_tunnel(&long_req), Err(Reason::TunnelBadProbe));
+        assert_eq!(decode_tunnel(&r[..PROBE_LEN + 8]), Err(Reason::TunnelBadProbe));
         let mut d = vec![0u8; HDR_LEN];
         write_header(&mut d, TYPE_DATA, 0);
         d.extend_from_slice(&[0x45, 0]);

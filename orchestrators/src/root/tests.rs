@@ -250,6 +250,7 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
                     subnet: "10.18.0.0/26".into(),
                     tunnel_endpoint: "10.0.0.5:50103".into(),
                     counters: [("tun.tunnel_tx".to_string(), 7)].into_iter().collect(),
+                    coordinate: Some(pb::NetCoordinate { position: vec![250.0, -12.5], height: 30.0, error: 0.1 }),
                 }),
                 ..Default::default()
             }),
@@ -286,6 +287,8 @@ async fn cluster_session_deploy_status_escalation_and_restart() {
         assert_eq!((ws[0]["node_name"].as_str(), ws[0]["arch"].as_str()), (Some("w1"), Some("amd64")), "{ws}");
         assert_eq!(ws[0]["network"]["datapath"], "ebpf", "{ws}");
         assert_eq!(ws[0]["network"]["counters"]["tun.tunnel_tx"], 7, "{ws}");
+        let coord = &ws[0]["network"]["coordinate"];
+        assert_eq!((coord["position"][0].as_f64(), coord["error"].as_f64()), (Some(250.0), Some(0.1)), "{ws}");
     }
     let (c, v) = h.req(reqwest::Method::GET, "/api/cluster/nosuch/workers", None).await;
     assert_eq!(c, 404, "{v}");
