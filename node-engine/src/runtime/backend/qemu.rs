@@ -46,7 +46,9 @@ pub struct QemuBackend {
     accel: Accel,
     /// The exit of every VM this process started or re-adopted, by instance id.
     exits: Mutex<HashMap<String, ExitRx>>,
-    /// Set for a VM whose start an undeploy cancelled, by instance id (see [`Backend::cancel_start`]).
+    /// Set for a VM whose start an undeploy cancelled, by instance id (see [`Backend::cancel_start`]);
+    /// cleared by the undeploy's stop (and once a start has finished), never by a deploy, which may run
+    /// after the undeploy asked.
     cancelled: Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
@@ -203,8 +205,9 @@ impl QemuBackend {
         }
     }
 
-    /// Kills a VM of `id` still running that this process does not watch (an earlier instance's).
-    fn kill_stray(&self, id: &str) {
+    /// Kills a VM of `id` still running that this process does not watch (an earlier instance's), and
+    /// waits (up to 5 s) until it is gone.
+    async fn kill_stray(&self, id: &str) {
         if let Some(pid) = unikernel::find_vm(id) {
             warn!(instance = id, pid, "killing a VM left by an earlier instance");
             // SAFETY: kill(2) of a qemu process whose command line names this instance's files.
@@ -213,7 +216,7 @@ impl QemuBackend {
                 if !unikernel::is_our_vm(pid, id) {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -284,7 +287,6 @@ impl Backend for QemuBackend {
     }
 
     async fn create(&self, spec: &ServiceSpec, _n: u32, id: &str) -> anyhow::Result<Created> {
-        self.cancelled.lock().remove(id);
         crate::metrics::find_qemu()
             .ok_or_else(|| anyhow!("no qemu-system-* binary for this architecture in PATH (install qemu-system)"))?;
         // refused here, before anything is fetched, when the VM could not run anyway
@@ -485,8 +487,7 @@ impl Backend for QemuBackend {
 
     async fn delete(&self, id: &str) {
         self.exits.lock().remove(id);
-        self.cancelled.lock().remove(id);
-        self.kill_stray(id);
+        self.kill_stray(id).await;
         if let Err(e) = self.remove_files(id).await {
             warn!(instance = id, "removing the VM's leftovers: {e:#}");
         }
