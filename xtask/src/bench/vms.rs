@@ -58,16 +58,10 @@ fn find_qemu() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file())
 }
 
-/// The newest /boot/vmlinuz-* (the kernel the NodeEngine boots microVMs with by default).
-fn newest_kernel() -> Option<PathBuf> {
-    let mut k: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
-        .collect();
-    k.sort();
-    k.pop()
+/// Whether /boot holds a kernel (`vmlinuz-*`) to boot guests with.
+fn has_kernel() -> bool {
+    let entries = std::fs::read_dir("/boot").into_iter().flatten().flatten();
+    entries.into_iter().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
 }
 
 /// Runs the VM measurements on `stack` (its API at `api`, `auth` the Admin's header); `n` deployments per
@@ -77,10 +71,10 @@ pub fn run(stack: &mut Stack, api: &str, auth: &str, bins: &Path, n: u32) -> any
         step("no qemu-system-x86_64 in PATH: VMs not measured (cargo xtask setup installs it)");
         return Ok(Vec::new());
     };
-    let Some(vmlinuz) = newest_kernel() else {
+    if !has_kernel() {
         step("no /boot/vmlinuz-*: VMs not measured (cargo xtask setup installs linux-image-amd64)");
         return Ok(Vec::new());
-    };
+    }
     let work = stack.work.clone();
     step("building the Linux guest (unikernel format) beside the bench image (oak-image --linux-guest)");
     let out = Command::new(bins.join("oak-image"))
@@ -137,8 +131,8 @@ pub fn run(stack: &mut Stack, api: &str, auth: &str, bins: &Path, n: u32) -> any
     })??;
 
     let captured = work.join("alone-microvm");
-    // the kernel command line each kind of guest was given by the NodeEngine, for qemu alone
-    let mut appends: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
+    // the kernel and command line each kind of guest was given by the NodeEngine, for qemu alone
+    let mut booted: std::collections::HashMap<&str, (String, String)> = std::collections::HashMap::new();
     let mut rows = Vec::new();
     for (accel, flag) in [("TCG", "tcg"), ("KVM", "kvm")] {
         if flag == "kvm" && !kvm_openable() {
@@ -169,12 +163,14 @@ pub fn run(stack: &mut Stack, api: &str, auth: &str, bins: &Path, n: u32) -> any
                 match deploy_once(&stack.ns, api, auth, sid) {
                     Ok((ms, num)) => {
                         times.push(ms);
-                        rss.push(qemu_rss_kib(&work.join("ne")) as f64 / 1024.0);
+                        let (pid, args) = running_qemu(&work.join("ne")).unwrap_or_default();
+                        rss.push(if pid == 0 { 0.0 } else { rss_kb(pid) as f64 / 1024.0 });
                         if kind == "microVM" && !captured.exists() {
                             capture_microvm(&work.join("ne").join("microvms"), &captured)?;
                         }
-                        if let Some(a) = qemu_append(&work.join("ne")) {
-                            appends.insert(kind, alone_append(&a));
+                        let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1));
+                        if let (Some(kernel), Some(append)) = (arg("-kernel"), arg("-append")) {
+                            booted.insert(kind, (kernel.clone(), alone_append(append)));
                         }
                         eprintln!("    deployment {k}/{n}: {ms:.0} ms, qemu RSS {:.1} MiB", rss.last().unwrap());
                         undeploy(&stack.ns, api, auth, sid, num)?;
@@ -197,17 +193,17 @@ pub fn run(stack: &mut Stack, api: &str, auth: &str, bins: &Path, n: u32) -> any
             step(&format!("{kind} under {accel}: qemu alone booting the same guest {n} times"));
             let kvm = flag == "kvm";
             // a command line taken from a TCG guest: under KVM the guest has kvm-clock, no TSC hint
-            let append = appends.get(kind).map(|a| {
+            let guest = booted.get(kind).map(|(kernel, a)| {
                 let words = a.split_whitespace().filter(|w| !(kvm && w.starts_with("tsc_early_khz=")));
-                words.collect::<Vec<_>>().join(" ")
+                (Path::new(kernel), words.collect::<Vec<_>>().join(" "))
             });
-            let alone_r = match (kind, append.as_ref()) {
-                (_, None) => Err(format!("no {kind} ran to take its kernel command line from")),
-                ("unikernel", Some(a)) => {
-                    boot_alone(&qemu, &unikernel_alone_args(&alone, a), UNIKERNEL_READY, kvm, n, &work)
+            let alone_r = match (kind, guest) {
+                (_, None) => Err(format!("no {kind} ran to take its kernel and command line from")),
+                ("unikernel", Some((_, a))) => {
+                    boot_alone(&qemu, &unikernel_alone_args(&alone, &a), UNIKERNEL_READY, kvm, n, &work)
                 }
-                (_, Some(a)) => {
-                    boot_alone(&qemu, &microvm_alone_args(&vmlinuz, &captured, a), MICROVM_READY, kvm, n, &work)
+                (_, Some((kernel, a))) => {
+                    boot_alone(&qemu, &microvm_alone_args(kernel, &captured, &a), MICROVM_READY, kvm, n, &work)
                 }
             };
             rows.push(Row { kind, accel, deploy, alone: alone_r, rss_mib });
@@ -258,27 +254,15 @@ fn undeploy(ns: &str, api: &str, auth: &str, sid: &str, num: u64) -> anyhow::Res
     })?
 }
 
-/// Resident memory of the qemu running a VM of the NodeEngine whose data is under `ne_dir` (KiB; 0: none).
-fn qemu_rss_kib(ne_dir: &Path) -> u64 {
-    let needle = ne_dir.display().to_string();
-    let pid = std::fs::read_dir("/proc").into_iter().flatten().flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let c = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).to_string();
-        (c.contains("qemu-system") && c.contains(&needle)).then_some(pid)
-    });
-    pid.map(rss_kb).unwrap_or(0)
-}
-
-/// The `-append` argument of the qemu running a VM of the NodeEngine whose data is under `ne_dir`.
-fn qemu_append(ne_dir: &Path) -> Option<String> {
+/// The qemu running a VM of the NodeEngine whose data is under `ne_dir`: its pid and arguments.
+fn running_qemu(ne_dir: &Path) -> Option<(u32, Vec<String>)> {
     let needle = ne_dir.display().to_string();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let c = std::fs::read(e.path().join("cmdline")).ok()?;
         let args: Vec<String> = c.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
-        if !args.iter().any(|a| a.contains("qemu-system")) || !args.iter().any(|a| a.contains(&needle)) {
-            return None;
-        }
-        args.iter().position(|a| a == "-append").and_then(|i| args.get(i + 1).cloned())
+        (args.iter().any(|a| a.contains("qemu-system")) && args.iter().any(|a| a.contains(&needle)))
+            .then_some((pid, args))
     })
 }
 
@@ -343,8 +327,8 @@ fn unikernel_alone_args(dir: &Path, append: &str) -> BootArgs {
     })
 }
 
-/// The microVM booted alone: the same kernel and command line (`append`), the instance's initramfs and a
-/// copy of its root.
+/// The microVM booted alone: the kernel and command line (`append`) the NodeEngine gave it, the instance's
+/// initramfs and a copy of its root.
 fn microvm_alone_args(vmlinuz: &Path, captured: &Path, append: &str) -> BootArgs {
     let (vmlinuz, captured, append) = (vmlinuz.to_path_buf(), captured.to_path_buf(), append.to_string());
     Box::new(move |console| {
