@@ -59,6 +59,30 @@ impl Host {
         Proc::start(format!("{name}@{}", self.name), cmd, log, &format!("{} in {}", program.display(), self.ns))
     }
 
+    /// A cluster-orchestrator on this host joining the root at `root_ip`, its state under `data_dir`, with
+    /// `CLUSTER_NAME`/`CLUSTER_LOCATION` set and `args` after the root address and data directory.
+    pub fn spawn_cluster(
+        &self,
+        root_ip: &str,
+        data_dir: &str,
+        name: &str,
+        location: &str,
+        args: &[&str],
+    ) -> Result<Proc> {
+        let mut all = vec!["--root-address", root_ip, "--data-dir", data_dir];
+        all.extend_from_slice(args);
+        let env = [("CLUSTER_NAME", name), ("CLUSTER_LOCATION", location)];
+        self.spawn("cluster", &crate::bin("cluster-orchestrator"), &all, &env)
+    }
+
+    /// A simulated worker named `name` on this host joining the cluster orchestrator at `cluster`
+    /// (address:port), `args` after those.
+    pub fn spawn_sim_worker(&self, cluster: &str, name: &str, args: &[&str]) -> Result<Proc> {
+        let mut all = vec!["--cluster", cluster, "--name", name];
+        all.extend_from_slice(args);
+        self.spawn(name, &crate::bin("oak-sim-worker"), &all, &[])
+    }
+
     /// Runs `f` on a thread inside this host's network namespace (sockets it opens live there); panics
     /// when the namespace cannot be entered or `f` panics.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -74,29 +74,14 @@ fn mdoc_placement_no_resources_malformed_sla_and_worker_loss() {
     let _root = net.host("root").spawn("root", &bin("root-orchestrator"), &ra, &[("OAK_ADMIN_PASSWORD", PW)]).unwrap();
     let cluster_dir = d.join("cluster").display().to_string();
     let root_ip = net.host("root").ip.to_string();
-    let cluster = net
-        .host("cluster")
-        .spawn(
-            "cluster",
-            &bin("cluster-orchestrator"),
-            &[
-                "--root-address",
-                &root_ip,
-                "--data-dir",
-                &cluster_dir,
-                "--heartbeat-interval-ms",
-                "200",
-                "--worker-stale-ms",
-                "2000",
-            ],
-            &[("CLUSTER_NAME", "edge-1"), ("CLUSTER_LOCATION", "48.26,11.67,1000")],
-        )
-        .unwrap();
+    let fast = ["--heartbeat-interval-ms", "200", "--worker-stale-ms", "2000"];
+    let cluster =
+        net.host("cluster").spawn_cluster(&root_ip, &cluster_dir, "edge-1", "48.26,11.67,1000", &fast).unwrap();
     let cl_addr = format!("{}:10100", net.host("cluster").ip);
     let mut workers = Vec::new();
     for w in ["w1", "w2"] {
-        let args = ["--cluster", cl_addr.as_str(), "--name", w, "--cpu-cores", "2", "--memory-mb", "2048"];
-        workers.push(net.host(w).spawn(w, &bin("oak-sim-worker"), &args, &[]).unwrap());
+        let size = ["--cpu-cores", "2", "--memory-mb", "2048"];
+        workers.push(net.host(w).spawn_sim_worker(&cl_addr, w, &size).unwrap());
     }
     let mut cp = Cp { api: Api::new(net.host("root").ip), net };
 
@@ -176,17 +161,10 @@ fn root_kill9_and_restart_keeps_applications_and_the_cluster_returns() {
         net.host("root").spawn("root", &bin("root-orchestrator"), &ra, &[("OAK_ADMIN_PASSWORD", PW)]).unwrap();
     let root_ip = net.host("root").ip.to_string();
     let cluster_dir = d.join("cluster").display().to_string();
-    let _cluster = net
-        .host("cluster")
-        .spawn(
-            "cluster",
-            &bin("cluster-orchestrator"),
-            &["--root-address", &root_ip, "--data-dir", &cluster_dir, "--heartbeat-interval-ms", "200"],
-            &[("CLUSTER_NAME", "edge-2"), ("CLUSTER_LOCATION", "somewhere")],
-        )
-        .unwrap();
+    let hb = ["--heartbeat-interval-ms", "200"];
+    let _cluster = net.host("cluster").spawn_cluster(&root_ip, &cluster_dir, "edge-2", "somewhere", &hb).unwrap();
     let cl_addr = format!("{}:10100", net.host("cluster").ip);
-    let _w = net.host("w1").spawn("w1", &bin("oak-sim-worker"), &["--cluster", &cl_addr, "--name", "w1"], &[]).unwrap();
+    let _w = net.host("w1").spawn_sim_worker(&cl_addr, "w1", &[]).unwrap();
     let mut cp = Cp { api: Api::new(net.host("root").ip), net };
     cp.login();
     wait_for("worker registered", Duration::from_secs(20), || (cp.active_nodes() == 1).then_some(()));

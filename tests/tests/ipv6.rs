@@ -162,7 +162,7 @@ fn control_plane_over_ipv6_only() {
     } else {
         eprintln!("containerd is not running: a simulated worker registers instead of the NodeEngine");
         let at = format!("[{cluster6}]:10100");
-        w1.spawn("sim-worker", &bin("oak-sim-worker"), &["--cluster", &at, "--name", "w1"], &[]).unwrap()
+        w1.spawn_sim_worker(&at, "w1", &[]).unwrap()
     };
     log_line(&cluster, &["worker registered", "worker=w1", &format!("address={w16}")]);
     log_line(&cluster, &["joined", "identity=netmanager/", &format!("peer={w16} ")]);
@@ -214,7 +214,7 @@ fn wrong_node_ip_is_explained() {
 
     // a worker's session: recorded by its IPv4 address too
     let at = cluster_h.ip.to_string();
-    let _w = w1.spawn("sim-worker", &bin("oak-sim-worker"), &["--cluster", &at, "--name", "w1"], &[]).unwrap();
+    let _w = w1.spawn_sim_worker(&at, "w1", &[]).unwrap();
     let line = log_line(&cluster, &["worker registered", "worker=w1"]);
     assert!(line.contains(&format!("address={} ", w1.ip)), "{line}");
     let call = root_api(cluster_h, format!("http://{}:10000", root_h.ip));

@@ -139,17 +139,11 @@ fn impostor_clusters_are_refused_and_the_live_cluster_keeps_its_session() {
     let pinned = std::fs::read_to_string(d.join("root/join-token")).unwrap().trim().to_string();
     assert!(pinned.starts_with("oak10"), "{pinned}");
     let cluster_dir = d.join("cluster").display().to_string();
-    let _cluster = net
-        .host("cluster")
-        .spawn(
-            "cluster",
-            &bin("cluster-orchestrator"),
-            &["--root-address", &root_ip, "--data-dir", &cluster_dir, "--token", &pinned],
-            &[("CLUSTER_NAME", "edge-1"), ("CLUSTER_LOCATION", "48.26,11.67,1000")],
-        )
-        .unwrap();
+    let tok = ["--token", pinned.as_str()];
+    let _cluster =
+        net.host("cluster").spawn_cluster(&root_ip, &cluster_dir, "edge-1", "48.26,11.67,1000", &tok).unwrap();
     let cl_addr = format!("{}:10100", net.host("cluster").ip);
-    let _w = net.host("w1").spawn("w1", &bin("oak-sim-worker"), &["--cluster", &cl_addr, "--name", "w1"], &[]).unwrap();
+    let _w = net.host("w1").spawn_sim_worker(&cl_addr, "w1", &[]).unwrap();
     let call = |method: &'static str, path: &str, body: Option<Value>| {
         let (api, path) = (api.clone(), path.to_string());
         net.host("root").run(move || api.call(method, &path, body.as_ref()))
