@@ -1,6 +1,7 @@
 //! Root and cluster orchestrators. The binaries in `src/bin/` only parse flags and call into here.
 
 pub mod cluster;
+pub mod latency;
 pub mod model;
 mod persisted;
 pub mod root;

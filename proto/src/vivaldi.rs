@@ -92,9 +92,82 @@ impl Coord {
     }
 }
 
+/// A coordinate this settled or better predicts well enough to place instances by (a relative error
+/// estimate under a half: a fresh node starts at 1 and gets there within a few probe rounds).
+pub const SETTLED_ERROR: f64 = 0.5;
+
+impl Coord {
+    /// Settled enough to place instances by ([`SETTLED_ERROR`]).
+    pub fn is_settled(&self) -> bool {
+        self.error < SETTLED_ERROR
+    }
+
+    /// The wire form (`oak.v1.NetCoordinate`).
+    pub fn to_pb(&self) -> crate::v1::NetCoordinate {
+        crate::v1::NetCoordinate { position: self.pos.to_vec(), height: self.height, error: self.error }
+    }
+
+    /// From the wire form; `None` when it is not a sane coordinate of [`DIMS`] dimensions.
+    pub fn from_pb(c: &crate::v1::NetCoordinate) -> Option<Self> {
+        let pos: [f64; DIMS] = c.position.as_slice().try_into().ok()?;
+        Self::from_array([pos[0], pos[1], c.height, c.error])
+    }
+}
+
+/// Many coordinates in one (a cluster's workers, for the root): the centroid of the positions with the
+/// lowest height and the highest error, and the radius (µs) of the smallest circle around the centroid
+/// that holds every position. From any of them to a point `p`, the RTT is at least
+/// `summary.distance(p) - radius` ([`lower_bound_us`]). `None` without coordinates.
+pub fn summarize(coords: &[Coord]) -> Option<(Coord, f64)> {
+    if coords.is_empty() {
+        return None;
+    }
+    let n = coords.len() as f64;
+    let mut pos = [0.0; DIMS];
+    for c in coords {
+        for (p, x) in pos.iter_mut().zip(c.pos) {
+            *p += x / n;
+        }
+    }
+    let height = coords.iter().map(|c| c.height).fold(f64::INFINITY, f64::min);
+    let error = coords.iter().map(|c| c.error).fold(0.0, f64::max);
+    let centre = Coord { pos, height, error };
+    let planar = |c: &Coord| c.pos.iter().zip(pos).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let radius = coords.iter().map(planar).fold(0.0, f64::max);
+    Some((centre, radius))
+}
+
+/// The least RTT (µs) any coordinate of a [`summarize`]d set can predict to `p`.
+pub fn lower_bound_us(summary: &Coord, radius_us: f64, p: &Coord) -> f64 {
+    let heights = summary.height + p.height;
+    (summary.distance(p) - radius_us).max(heights)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bound a summary gives is never above the RTT any member predicts, and is tight for the member
+    /// nearest the point.
+    #[test]
+    fn a_summary_bounds_its_members_from_below() {
+        let members = [
+            Coord { pos: [0.0, 0.0], height: 50.0, error: 0.1 },
+            Coord { pos: [400.0, 300.0], height: 20.0, error: 0.2 },
+            Coord { pos: [-100.0, 900.0], height: 80.0, error: 0.3 },
+        ];
+        let (s, r) = summarize(&members).unwrap();
+        assert_eq!((s.height, s.error), (20.0, 0.3));
+        for p in [Coord { pos: [5000.0, 0.0], height: 10.0, error: 0.1 }, Coord { pos: [100.0, 100.0], ..members[0] }] {
+            let lb = lower_bound_us(&s, r, &p);
+            let best = members.iter().map(|m| m.distance(&p)).fold(f64::INFINITY, f64::min);
+            assert!(lb <= best + 1e-9, "bound {lb} above the nearest member's {best}");
+        }
+        assert!(summarize(&[]).is_none());
+        let back = Coord::from_pb(&members[1].to_pb()).unwrap();
+        assert_eq!(back, members[1]);
+        assert!(Coord::from_pb(&crate::v1::NetCoordinate { position: vec![1.0], height: 10.0, error: 0.1 }).is_none());
+    }
 
     /// Four nodes whose RTTs come from points in a plane plus access links: after some rounds of samples
     /// every predicted RTT is within 25 % of the true one, most within 10 %.

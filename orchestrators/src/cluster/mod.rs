@@ -25,6 +25,7 @@ use oak_proto::{instance_key, InstanceState};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 
+use crate::latency;
 use scheduler::WorkerView;
 use store::ClusterStore;
 
@@ -89,6 +90,8 @@ struct Instance {
     redeploy_at: Option<Instant>,
     /// Since when it runs.
     running_since: Option<Instant>,
+    /// Since when it runs on a worker that misses one of its latency constraints.
+    latency_miss_since: Option<Instant>,
 }
 
 /// An instance that ran this long before it failed starts its redeploy back-off anew.
@@ -96,7 +99,15 @@ const STABLE_AFTER: Duration = Duration::from_secs(600);
 
 impl Instance {
     fn new(deploy: pb::DeployInstance, status: pb::InstanceStatus, undeploying: bool) -> Self {
-        Self { deploy, status, undeploying, failures: 0, redeploy_at: None, running_since: None }
+        Self {
+            deploy,
+            status,
+            undeploying,
+            failures: 0,
+            redeploy_at: None,
+            running_since: None,
+            latency_miss_since: None,
+        }
     }
 }
 
@@ -312,13 +323,44 @@ impl Cluster {
             .collect()
     }
 
+    /// `spec` with its latency targets brought up to date from this cluster: the coordinates its own workers
+    /// report now, and for a target service the workers its instances here run on.
+    fn fresh_spec(s: &State, spec: &pb::ServiceSpec) -> pb::ServiceSpec {
+        let mut spec = spec.clone();
+        if spec.latency.is_empty() {
+            return spec;
+        }
+        let coordinate = |node_id: &str| {
+            let w = s.workers.get(node_id).filter(|w| w.alive)?;
+            w.resources.network.as_ref()?.coordinate.clone()
+        };
+        for t in spec.latency.iter_mut().filter(|t| t.kind == latency::SERVICE) {
+            for i in s.instances.values() {
+                let target = i.spec();
+                let running = InstanceState::parse(&i.status.status) == Some(InstanceState::Running);
+                let named = target.job_name == t.name || target.service_id == t.name;
+                if named && running && !t.points.iter().any(|p| p.node_name == i.status.node_name) {
+                    t.points.push(pb::LatencyPoint {
+                        node_name: i.status.node_name.clone(),
+                        coordinate: coordinate(&i.status.node_id),
+                    });
+                }
+            }
+        }
+        latency::refresh(&mut spec.latency, |name| {
+            let (id, _) = s.workers.iter().find(|(_, w)| w.alive && w.name == name)?;
+            coordinate(id)
+        });
+        spec
+    }
+
     /// Places instance `k` (already in the table) on a worker other than `exclude`. On success the worker
     /// gets the deploy and the root hears NODE_SCHEDULED; otherwise the instance leaves the table and the
     /// root hears why (it then tries another cluster or retries later).
     fn schedule(&self, s: &mut State, k: &str, exclude: Option<&str>, why: &str, out: &mut Out) {
         let views = Self::views(s, exclude);
         let Some(inst) = s.instances.get(k) else { return };
-        match scheduler::place(inst.spec(), &views) {
+        match scheduler::place(&Self::fresh_spec(s, inst.spec()), &views) {
             Ok(node) => {
                 let wname = s.workers.get(&node).map(|w| w.name.clone()).unwrap_or_default();
                 let address = s.workers.get(&node).map(|w| w.address.clone()).unwrap_or_default();
@@ -331,6 +373,7 @@ impl Cluster {
                 inst.status.ns_address.clear();
                 inst.status.exit_code = None;
                 inst.status.timestamp_ms = 0;
+                inst.latency_miss_since = None;
                 let mut st = inst.status.clone();
                 let deploy = inst.deploy.clone();
                 let snapshot = inst.clone();
@@ -711,6 +754,73 @@ impl Cluster {
         self.flush(out);
     }
 
+    /// Moves running instances whose worker has missed one of their latency constraints (measured by its
+    /// network coordinate) for longer than the constraint's convergence time, when another worker meets
+    /// them all; the worker that had one removes it. Returns the instances moved.
+    pub fn check_latency(&self) -> Vec<String> {
+        let mut out = Out::default();
+        let mut moved = Vec::new();
+        {
+            let mut s = self.lock();
+            let now = Instant::now();
+            let running: Vec<String> = s
+                .instances
+                .iter()
+                .filter(|(_, i)| {
+                    !i.undeploying
+                        && !i.spec().latency.is_empty()
+                        && InstanceState::parse(&i.status.status) == Some(InstanceState::Running)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in running {
+                let inst = s.instances.get(&k).expect("present");
+                let spec = Self::fresh_spec(&s, inst.spec());
+                let (node, node_name) = (inst.status.node_id.clone(), inst.status.node_name.clone());
+                let coord = s.workers.get(&node).and_then(|w| w.resources.network.as_ref()?.coordinate.clone());
+                // only a measured miss moves an instance; not knowing (a restarted NetManager) does not
+                let latency::Check::Over(why) = latency::check(coord.as_ref(), &spec.latency) else {
+                    s.instances.get_mut(&k).expect("present").latency_miss_since = None;
+                    continue;
+                };
+                let since = *s.instances.get_mut(&k).expect("present").latency_miss_since.get_or_insert(now);
+                let grace = latency::convergence(&spec.latency);
+                if now.duration_since(since) < grace {
+                    continue;
+                }
+                let views = Self::views(&s, Some(&node));
+                if let Err(e) = scheduler::place(&spec, &views) {
+                    tracing::debug!(instance = %k, worker = %node_name, "misses its latency constraint ({why}); no other worker meets it: {}", e.detail);
+                    continue;
+                }
+                let (service_id, instance_number) = {
+                    let st = &s.instances[&k].status;
+                    (st.service_id.clone(), st.instance_number)
+                };
+                let why = format!(
+                    "worker '{node_name}' {why} for more than {} s (convergence time); moved: ",
+                    grace.as_secs()
+                );
+                tracing::warn!(instance = %k, "{why}");
+                self.schedule(&mut s, &k, Some(&node), &why, &mut out);
+                if s.instances.get(&k).is_some_and(|i| i.status.node_id != node) {
+                    moved.push(k.clone());
+                    if s.workers.get(&node).is_some_and(|w| w.alive) {
+                        out.to_workers.push((
+                            node,
+                            worker_msg(pb::cluster_to_worker::Msg::Undeploy(pb::UndeployInstance {
+                                service_id,
+                                instance_number,
+                            })),
+                        ));
+                    }
+                }
+            }
+        }
+        self.flush(out);
+        moved
+    }
+
     pub fn on_worker_disconnect(&self, node_id: &str, conn: u64) {
         let mut s = self.lock();
         if let Some(w) = s.workers.get_mut(node_id) {
@@ -839,6 +949,7 @@ impl Cluster {
             });
         }
         a.workers.sort_by(|x, y| x.node_name.cmp(&y.node_name));
+        (a.coordinate, a.coordinate_radius_us) = latency::summary(views.iter().map(|v| &v.resources));
         if a.total_cpu_cores > 0 {
             a.aggregated_cpu_percent = busy / f64::from(a.total_cpu_cores);
         }
@@ -941,6 +1052,7 @@ pub async fn serve(
             tick.tick().await;
             c.check_liveness();
             c.redeploy_due();
+            c.check_latency();
         }
     });
     // network service: needs the cluster id (persisted, or from the root's first welcome)

@@ -1,7 +1,8 @@
 //! Cluster placement: pick the worker for one instance. Pure function, no I/O.
 //!
-//! A worker qualifies when it offers the service's virtualization, one of its architectures and matches a
-//! `direct` constraint naming a node. Among qualified workers, one fits when its free CPU, memory and GPUs
+//! A worker qualifies when it offers the service's virtualization, one of its architectures, matches a
+//! `direct` constraint naming a node and meets the latency constraints by its network coordinate
+//! ([`crate::latency`]). Among qualified workers, one fits when its free CPU, memory and GPUs
 //! cover the request; free means what the worker reports as idle, minus what instances already placed on
 //! it have reserved and not yet shown in its metrics. The fitting worker with the most free CPU wins
 //! (ties: more free memory, then name), which spreads load the way Oakestra's best-fit does.
@@ -9,6 +10,8 @@
 use oak_proto::v1::{NodeResources, ServiceSpec};
 use oak_proto::{arch, InstanceState};
 use InstanceState::{NoQualifiedWorkerFound, NoWorkerCapacity};
+
+use crate::latency;
 
 /// What the scheduler knows about one live worker.
 #[derive(Debug, Clone, Default)]
@@ -77,7 +80,7 @@ fn not_qualified(spec: &ServiceSpec, w: &WorkerView) -> Option<String> {
     if !nodes.is_empty() && !nodes.contains(&w.name.as_str()) && !nodes.contains(&w.id.as_str()) {
         return Some(format!("is not the node the SLA's direct constraint names ({nodes:?})"));
     }
-    None
+    latency::worker_misfit(r.network.as_ref().and_then(|n| n.coordinate.as_ref()), &spec.latency)
 }
 
 fn no_room(spec: &ServiceSpec, w: &WorkerView) -> Option<String> {
@@ -163,6 +166,7 @@ pub fn place(spec: &ServiceSpec, workers: &[WorkerView]) -> Result<String, NoFit
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oak_proto::v1 as pb;
     use oak_proto::v1::Constraint;
 
     fn worker(name: &str, cores: u32, cpu_pct: f64, free_mb: u64) -> WorkerView {
@@ -259,5 +263,31 @@ mod tests {
         assert_eq!(place(&s, &ws).unwrap(), "id-a");
         s.vgpus = 2;
         assert!(place(&s, &ws).unwrap_err().detail.contains("free GPUs"));
+    }
+    #[test]
+    fn latency_constraint_keeps_workers_within_the_threshold_and_says_by_how_much() {
+        let at = |x: f64| pb::NetCoordinate { position: vec![x, 0.0], height: 50.0, error: 0.1 };
+        let with = |mut w: WorkerView, x: f64| {
+            w.resources.network = Some(pb::WorkerNetwork { coordinate: Some(at(x)), ..Default::default() });
+            w
+        };
+        // 'far' is idler but 25 ms from the users; 'near' is 2 ms away
+        let ws = [with(worker("far", 4, 0.0, 4000), 25_000.0), with(worker("near", 4, 80.0, 4000), 2_000.0)];
+        let mut s = spec(0.1, 10);
+        s.latency = vec![pb::LatencyTarget {
+            kind: latency::AREA.into(),
+            name: "users".into(),
+            threshold_ms: 10.0,
+            points: vec![pb::LatencyPoint { node_name: "u".into(), coordinate: Some(at(0.0)) }],
+            convergence_time_s: 0,
+        }];
+        assert_eq!(place(&s, &ws).unwrap(), "id-near");
+        let e = place(&s, &ws[..1]).unwrap_err();
+        assert_eq!(e.status, NoQualifiedWorkerFound);
+        assert!(
+            e.detail.contains("worker 'far' is 25.1 ms from area 'users', latency threshold 10 ms (15.1 ms over)"),
+            "{}",
+            e.detail
+        );
     }
 }

@@ -5,7 +5,6 @@
 mod parse;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::ToSchema;
 
@@ -106,9 +105,20 @@ pub struct Microservice {
     pub addresses: Addresses,
     #[serde(default)]
     pub constraints: Vec<Constraint>,
+    /// Oakestra's service-to-service constraints: latency to the service this one talks to.
     #[serde(default)]
-    #[schema(ignore)]
-    pub connectivity: Vec<Value>,
+    pub connectivity: Vec<Connectivity>,
+}
+
+/// A constraint on the network between this service and a target service (Oakestra's `connectivity`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, ToSchema)]
+pub struct Connectivity {
+    /// The target: its microservice id, or its `microservice_name` within the same application.
+    #[serde(default)]
+    pub target_microservice_id: String,
+    /// `latency` constraints (threshold: the RTT in ms to the target's nearest instance).
+    #[serde(default)]
+    pub con_constraints: Vec<Constraint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, ToSchema)]
@@ -196,6 +206,7 @@ impl Microservice {
                 closest_ip: self.addresses.closest_ip.clone(),
                 closest_ip_v6: self.addresses.closest_ip_v6.clone(),
             }),
+            latency: Vec::new(),
             bandwidth_in_kbps: self.bandwidth_in,
             bandwidth_out_kbps: self.bandwidth_out,
             added_files: self.added_files.clone(),

@@ -5,7 +5,7 @@
 use serde::de::{self, Deserializer, Visitor};
 use serde_json::Value;
 
-use super::{Microservice, Sla, CONSTRAINT_TYPES, SLA_VERSIONS, VIRTUALIZATIONS};
+use super::{Constraint, Microservice, Sla, CONSTRAINT_TYPES, SLA_VERSIONS, VIRTUALIZATIONS};
 
 /// Longest accepted free-text string (code, cmd entry, description, ...).
 pub const MAX_STRING: usize = 4096;
@@ -188,6 +188,38 @@ pub fn validate_service(s: &Microservice, path: &str) -> Result<(), SlaError> {
                 format!("expected direct|latency|geo|clusters|addons, got {:?}", c.kind),
             ));
         }
+        if c.kind == "latency" {
+            check_latency(c, &format!("{path}.constraints[{i}]"))?;
+            if c.area.trim().is_empty() {
+                return Err(err(
+                    format!("{path}.constraints[{i}].area"),
+                    "a latency constraint needs the area its users are in (a worker or cluster name)",
+                ));
+            }
+        }
+    }
+    for (i, t) in s.connectivity.iter().enumerate() {
+        let at = format!("{path}.connectivity[{i}]");
+        if t.target_microservice_id.trim().is_empty() {
+            return Err(err(format!("{at}.target_microservice_id"), "must name the target microservice"));
+        }
+        for (j, c) in t.con_constraints.iter().enumerate() {
+            if c.kind != "latency" {
+                return Err(err(
+                    format!("{at}.con_constraints[{j}].type"),
+                    format!("expected \"latency\" (the one service-to-service constraint), got {:?}", c.kind),
+                ));
+            }
+            check_latency(c, &format!("{at}.con_constraints[{j}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A latency constraint's threshold: milliseconds of round-trip time, above zero.
+fn check_latency(c: &Constraint, at: &str) -> Result<(), SlaError> {
+    if !(c.threshold.is_finite() && c.threshold > 0.0 && c.threshold <= 3_600_000.0) {
+        return Err(err(format!("{at}.threshold"), "a latency threshold is a round-trip time in ms, above 0"));
     }
     Ok(())
 }
@@ -249,5 +281,46 @@ mod tests {
         let mut b = v;
         b["applications"][0]["microservices"][0].as_object_mut().unwrap().remove("code");
         assert_eq!(parse_sla(&b).unwrap_err().field, "applications[0].microservices[0].code");
+    }
+    #[test]
+    fn latency_constraints_need_a_threshold_an_area_and_a_target() {
+        let mut v = good();
+        v["applications"][0]["microservices"][1]["memory"] = json!(50);
+        let set = |v: &Value, key: &str, val: Value| {
+            let mut b = v.clone();
+            b["applications"][0]["microservices"][0][key] = val;
+            b
+        };
+        let ok =
+            set(&v, "constraints", json!([{"type":"latency","area":"w-user","threshold":10,"convergence_time":5}]));
+        let ok = set(
+            &ok,
+            "connectivity",
+            json!([{"target_microservice_id":"nginx",
+            "con_constraints":[{"type":"latency","threshold":20}]}]),
+        );
+        let sla = parse_sla(&ok).unwrap();
+        let m = &sla.applications[0].microservices[0];
+        assert_eq!((m.constraints[0].threshold, m.connectivity[0].target_microservice_id.as_str()), (10.0, "nginx"));
+        let at = "applications[0].microservices[0]";
+        let cases = [
+            (json!([{"type":"latency","area":"w-user"}]), "constraints", format!("{at}.constraints[0].threshold")),
+            (
+                json!([{"type":"latency","threshold":-1,"area":"x"}]),
+                "constraints",
+                format!("{at}.constraints[0].threshold"),
+            ),
+            (json!([{"type":"latency","threshold":5}]), "constraints", format!("{at}.constraints[0].area")),
+            (json!([{"con_constraints":[]}]), "connectivity", format!("{at}.connectivity[0].target_microservice_id")),
+            (
+                json!([{"target_microservice_id":"x","con_constraints":[{"type":"geo","threshold":5}]}]),
+                "connectivity",
+                format!("{at}.connectivity[0].con_constraints[0].type"),
+            ),
+        ];
+        for (val, key, field) in cases {
+            let e = parse_sla(&set(&v, key, val.clone())).unwrap_err();
+            assert_eq!(e.field, field, "{val}: {e}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use super::records::{ClusterRecord, InstanceRecord, ServiceRecord};
 use super::scheduler::{self, ClusterView, Unplaced};
 use super::store::{Tx, CLUSTERS, SERVICES};
 use super::{Outgoing, Root};
+use crate::latency;
 
 /// The part of a detail that records what clusters reported ("cluster 'x' reported ..."), kept across
 /// capacity-change retries so the user still sees why earlier clusters refused.
@@ -19,9 +20,9 @@ fn previous_refusals(detail: &str) -> String {
     detail[..r].rfind("cluster '").map(|p| detail[p..].to_string()).unwrap_or_default()
 }
 
-pub(super) fn deploy_msg(svc: &ServiceRecord, n: u32) -> pb::RootMessage {
+pub(super) fn deploy_msg(spec: pb::ServiceSpec, n: u32) -> pb::RootMessage {
     pb::RootMessage {
-        msg: Some(pb::root_message::Msg::Deploy(pb::DeployInstance { service: Some(svc.spec()), instance_number: n })),
+        msg: Some(pb::root_message::Msg::Deploy(pb::DeployInstance { service: Some(spec), instance_number: n })),
     }
 }
 
@@ -35,6 +36,85 @@ fn undeploy_msg(service_id: &str, n: u32) -> pb::RootMessage {
 }
 
 impl Root {
+    /// `svc`'s spec as the schedulers take it: with its latency constraints resolved to the workers they
+    /// measure to, each with the network coordinate its cluster last reported
+    /// ([`crate::latency`]). An area is a worker's name, else a cluster's (its live workers); a
+    /// connectivity target is a microservice id, else a `microservice_name` of the same application, else
+    /// a job name (the workers its running instances are on). A name that resolves to nothing gives a
+    /// target without workers, which no placement meets (and the reason says so).
+    pub(super) fn placement_spec(&self, tx: &Tx, svc: &ServiceRecord) -> Result<pb::ServiceSpec> {
+        let mut spec = svc.spec();
+        let ms = &svc.sla;
+        let areas: Vec<_> = ms.constraints.iter().filter(|c| c.kind == "latency").collect();
+        if areas.is_empty() && ms.connectivity.is_empty() {
+            return Ok(spec);
+        }
+        let workers = self.workers.lock().clone();
+        let point = |w: &pb::WorkerSummary| pb::LatencyPoint {
+            node_name: w.node_name.clone(),
+            coordinate: w.resources.as_ref().and_then(|r| r.network.as_ref()?.coordinate.clone()),
+        };
+        let live = |w: &&pb::WorkerSummary| w.state == "live";
+        if !areas.is_empty() {
+            let clusters: Vec<ClusterRecord> = tx.list(CLUSTERS)?;
+            for c in areas {
+                let mut points: Vec<_> =
+                    workers.values().flatten().filter(live).filter(|w| w.node_name == c.area).map(point).collect();
+                if points.is_empty() {
+                    if let Some(cl) = clusters.iter().find(|x| x.cluster_name == c.area) {
+                        points = workers.get(&cl.cluster_id).into_iter().flatten().filter(live).map(point).collect();
+                    }
+                }
+                spec.latency.push(pb::LatencyTarget {
+                    kind: latency::AREA.into(),
+                    name: c.area.clone(),
+                    threshold_ms: c.threshold,
+                    points,
+                    convergence_time_s: c.convergence_time,
+                });
+            }
+        }
+        if !ms.connectivity.is_empty() {
+            let services: Vec<ServiceRecord> = tx.list(SERVICES)?;
+            for t in &ms.connectivity {
+                let id = t.target_microservice_id.as_str();
+                let target = services
+                    .iter()
+                    .find(|s| s.microservice_id == id)
+                    .or_else(|| {
+                        services
+                            .iter()
+                            .find(|s| s.application_id == svc.application_id && s.sla.microservice_name == id)
+                    })
+                    .or_else(|| services.iter().find(|s| s.job_name == id));
+                let (name, points) = match target {
+                    None => (id.to_string(), Vec::new()),
+                    Some(ts) => {
+                        let on = |i: &InstanceRecord| {
+                            workers.get(&i.cluster_id)?.iter().find(|w| w.node_id == i.worker_id).map(point)
+                        };
+                        let running = ts
+                            .instance_list
+                            .iter()
+                            .filter(|i| i.status == InstanceState::Running && !i.undeploying)
+                            .filter_map(on);
+                        (ts.job_name.clone(), running.collect())
+                    }
+                };
+                for c in t.con_constraints.iter().filter(|c| c.kind == "latency") {
+                    spec.latency.push(pb::LatencyTarget {
+                        kind: latency::SERVICE.into(),
+                        name: name.clone(),
+                        threshold_ms: c.threshold,
+                        points: points.clone(),
+                        convergence_time_s: c.convergence_time,
+                    });
+                }
+            }
+        }
+        Ok(spec)
+    }
+
     fn views(&self, tx: &Tx) -> Result<Vec<ClusterView>> {
         let cls: Vec<ClusterRecord> = tx.list(CLUSTERS)?;
         Ok(cls
@@ -59,10 +139,11 @@ impl Root {
         prior: &str,
     ) -> Result<bool> {
         let views = self.views(tx)?;
-        let spec = svc.spec();
+        let spec = self.placement_spec(tx, svc)?;
         let inst = &mut svc.instance_list[idx];
         inst.last_modified_ms = oak_proto::now_ms();
-        match scheduler::place(&spec, &views, &inst.tried_clusters) {
+        let tried = inst.tried_clusters.clone();
+        match scheduler::place(&spec, &views, &tried) {
             Ok(cid) => {
                 let name = views.iter().find(|v| v.id == cid).map(|v| v.name.clone()).unwrap_or_default();
                 inst.status = InstanceState::ClusterScheduled;
@@ -73,7 +154,7 @@ impl Root {
                 inst.node_name.clear();
                 inst.publicip.clear();
                 let n = inst.instance_number;
-                out.push((cid, deploy_msg(svc, n)));
+                out.push((cid, deploy_msg(spec, n)));
                 Ok(true)
             }
             Err(Unplaced { status, detail }) => {

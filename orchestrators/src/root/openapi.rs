@@ -114,6 +114,7 @@ mod tests {
         assert!(d["paths"]["/api/service/{id}/instance"]["post"].is_object());
         assert!(d["paths"]["/api/application/{id}"]["delete"].is_object());
         assert!(d["components"]["schemas"]["Microservice"]["properties"]["virtualization"].is_object());
+        assert!(d["components"]["schemas"]["Connectivity"]["properties"]["target_microservice_id"].is_object());
         // the answers and the path parameter shared by the calls on one object
         let get = &d["paths"]["/api/service/{id}"]["get"];
         for code in ["200", "401", "404"] {

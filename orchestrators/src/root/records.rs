@@ -154,6 +154,12 @@ pub struct AggregateRecord {
     pub virtualization: Vec<String>,
     pub arch: Vec<String>,
     pub disk_free_mb: u64,
+    /// The live workers' network coordinates in one (`oak_proto::vivaldi::summarize`), µs.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub coordinate: Option<oak_proto::vivaldi::Coord>,
+    #[serde(default)]
+    pub coordinate_radius_us: f64,
 }
 
 impl From<&pb::ClusterAggregate> for AggregateRecord {
@@ -171,6 +177,8 @@ impl From<&pb::ClusterAggregate> for AggregateRecord {
             virtualization: a.virtualization.clone(),
             arch: a.arch.clone(),
             disk_free_mb: a.disk_free_mb,
+            coordinate: a.coordinate.as_ref().and_then(oak_proto::vivaldi::Coord::from_pb),
+            coordinate_radius_us: a.coordinate_radius_us,
         }
     }
 }
@@ -191,6 +199,8 @@ impl AggregateRecord {
             arch: self.arch.clone(),
             disk_free_mb: self.disk_free_mb,
             workers: Vec::new(),
+            coordinate: self.coordinate.map(|c| c.to_pb()),
+            coordinate_radius_us: self.coordinate_radius_us,
         }
     }
 }

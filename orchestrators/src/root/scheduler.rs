@@ -131,7 +131,10 @@ pub fn place(spec: &ServiceSpec, clusters: &[ClusterView], tried: &[String]) -> 
     for c in candidates {
         if tried.contains(&c.id) {
             reasons.push(format!("cluster '{}' already tried", c.name));
-        } else if let Some(why) = misfit(spec, &c.aggregate).or_else(|| geo_misfit(spec, &c.location)) {
+        } else if let Some(why) = misfit(spec, &c.aggregate)
+            .or_else(|| geo_misfit(spec, &c.location))
+            .or_else(|| crate::latency::cluster_misfit(&c.aggregate, &spec.latency))
+        {
             reasons.push(format!("cluster '{}' {why}", c.name));
         } else {
             fits.push(c);
@@ -276,5 +279,36 @@ mod tests {
         assert!(e.detail.contains("km from") && e.detail.contains("no lat,lon location"), "{}", e.detail);
         let d = distance_km((48.137, 11.575), (52.52, 13.405));
         assert!((d - 504.0).abs() < 5.0, "{d}");
+    }
+    #[test]
+    fn latency_constraint_filters_clusters_by_their_coordinate_summary() {
+        use oak_proto::v1::{LatencyPoint, LatencyTarget, NetCoordinate};
+        let at = |x: f64| NetCoordinate { position: vec![x, 0.0], height: 100.0, error: 0.1 };
+        let mut near = cl("near", true, 2.0, 1000);
+        (near.aggregate.coordinate, near.aggregate.coordinate_radius_us) = (Some(at(3_000.0)), 1_000.0);
+        let mut far = cl("far", true, 8.0, 8000);
+        (far.aggregate.coordinate, far.aggregate.coordinate_radius_us) = (Some(at(40_000.0)), 1_000.0);
+        let unmeasured = cl("blind", true, 16.0, 16000);
+        let mut s = spec(1.0, 100);
+        s.latency = vec![LatencyTarget {
+            kind: "area".into(),
+            name: "users".into(),
+            threshold_ms: 10.0,
+            points: vec![LatencyPoint { node_name: "u".into(), coordinate: Some(at(0.0)) }],
+            convergence_time_s: 0,
+        }];
+        let cs = [near.clone(), far.clone(), unmeasured];
+        assert_eq!(place(&s, &cs, &[]).unwrap(), "near", "the bigger clusters are too far or unmeasured");
+        let e = place(&s, &[far, cs[2].clone()], &[]).unwrap_err();
+        assert_eq!(e.status, NoActiveClusterWithCapacity);
+        assert!(e.detail.starts_with("NoResourcesAvailable: "), "{}", e.detail);
+        assert!(
+            e.detail.contains(
+                "cluster 'nfar' is at least 39.2 ms from area 'users', latency threshold 10 ms (29.2 ms over)"
+            ),
+            "{}",
+            e.detail
+        );
+        assert!(e.detail.contains("cluster 'nblind' has no worker with a settled network coordinate"), "{}", e.detail);
     }
 }

@@ -113,7 +113,7 @@ impl Root {
                             changed = true;
                             continue;
                         }
-                        out.push((cid.clone(), deploy_msg(&svc, inst.instance_number)));
+                        out.push((cid.clone(), deploy_msg(self.placement_spec(tx, &svc)?, inst.instance_number)));
                     }
                     i += 1;
                 }
@@ -171,7 +171,8 @@ impl Root {
                 || agg.max_free_memory_mb > old.max_free_memory_mb
                 || agg.max_free_gpus > old.max_free_gpus
                 || agg.virtualization.iter().any(|v| !old.virtualization.contains(v))
-                || agg.arch.iter().any(|v| !old.arch.contains(v));
+                || agg.arch.iter().any(|v| !old.arch.contains(v))
+                || (agg.coordinate.is_some() && old.coordinate.is_none());
             c.aggregate = AggregateRecord::from(agg);
             c.last_seen_ms = oak_proto::now_ms();
             tx.put(CLUSTERS, cluster_id, &c)?;
