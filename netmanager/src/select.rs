@@ -4,11 +4,32 @@
 //!
 //! * Order: instances by instance number, then by overlay address.
 //! * Round-robin: the next position of a per-service counter in that order.
-//! * Closest: the lowest round-trip time to the instance's worker, an instance on this worker counting as
-//!   0 and an unmeasured one last. Ties go to an instance on this worker (no tunnel to cross), then to the
-//!   earlier one in the order.
+//! * Closest: the lowest round-trip time to the instance's worker as [`rtt_estimate_us`] gives it (the
+//!   Vivaldi coordinates' prediction, the ones placement uses, falling back to the last measured sample),
+//!   an instance on this worker counting as 0 and an unmeasured one last. Ties go to an instance on this
+//!   worker (no tunnel to cross), then to the earlier one in the order.
+
+use oak_proto::vivaldi::Coord;
 
 use crate::tables::{InstanceEndpoint, Snapshot};
+
+/// Below this error estimate a coordinate is trusted to predict RTTs: the bound placement uses too
+/// ([`oak_proto::vivaldi::SETTLED_ERROR`]), so "closest" and latency constraints agree on what is known.
+/// A prediction of that quality ranks workers that are clearly apart right, which a single noisy sample
+/// (a queue, a scheduling delay) may not; above it, the measured sample is the better guess.
+pub const CONFIDENT_ERROR: f64 = oak_proto::vivaldi::SETTLED_ERROR;
+
+/// The RTT estimate (µs) to a peer worker that "closest" ranks by: the distance between this worker's
+/// coordinate (`own`) and the peer's when both are confident ([`CONFIDENT_ERROR`]), rounded, at least 1;
+/// otherwise the last measured sample; None when neither is known. (An instance on this worker counts 0
+/// whatever this says: see [`closest`].)
+pub fn rtt_estimate_us(own: &Coord, peer: Option<&Coord>, measured: Option<u64>) -> Option<u64> {
+    let confident = |c: &Coord| c.is_sane() && c.is_settled();
+    match peer {
+        Some(p) if confident(own) && confident(p) => Some(own.distance(p).round().max(1.0) as u64),
+        _ => measured,
+    }
+}
 
 /// An unmeasured RTT: behind every measured one, and still summable without overflow.
 const UNMEASURED_US: u64 = u64::MAX / 2;
@@ -25,8 +46,8 @@ pub fn round_robin(len: usize, pos: u64) -> Option<usize> {
     (len > 0).then(|| (pos % len as u64) as usize)
 }
 
-/// Closest: the index in `ordered` of the instance to pick, with `rtt_us` the measured RTT to an
-/// instance's worker (None: not measured). None without instances.
+/// Closest: the index in `ordered` of the instance to pick, with `rtt_us` the RTT estimate to an
+/// instance's worker ([`rtt_estimate_us`]; None: unmeasured). None without instances.
 pub fn closest(
     snap: &Snapshot,
     ordered: &[&InstanceEndpoint],
@@ -84,5 +105,28 @@ mod tests {
         let ordered = in_order(&all);
         assert_eq!(ordered[closest(&snap, &ordered, rtt).unwrap()].ns_ip.to_string(), "10.18.0.9");
         assert_eq!(closest(&snap, &[], rtt), None);
+    }
+
+    fn coord(x: f64, error: f64) -> Coord {
+        Coord { pos: [x, 0.0], height: 10.0, error }
+    }
+
+    #[test]
+    fn estimate_is_the_prediction_when_both_are_confident_else_the_sample() {
+        let own = coord(0.0, 0.2);
+        // both confident: the distance (plus both heights), whatever the sample said
+        assert_eq!(rtt_estimate_us(&own, Some(&coord(980.4, 0.3)), Some(5000)), Some(1000));
+        assert_eq!(rtt_estimate_us(&own, Some(&coord(980.4, 0.3)), None), Some(1000));
+        // either unsure, or no coordinate from the peer: the measured sample
+        assert_eq!(rtt_estimate_us(&own, Some(&coord(980.0, CONFIDENT_ERROR)), Some(5000)), Some(5000));
+        assert_eq!(rtt_estimate_us(&coord(0.0, 0.9), Some(&coord(980.0, 0.3)), Some(5000)), Some(5000));
+        assert_eq!(rtt_estimate_us(&own, None, Some(5000)), Some(5000));
+        assert_eq!(rtt_estimate_us(&Coord::default(), Some(&Coord::default()), Some(7)), Some(7));
+        // nothing known: unmeasured
+        assert_eq!(rtt_estimate_us(&own, None, None), None);
+        assert_eq!(rtt_estimate_us(&own, Some(&coord(980.0, 0.9)), None), None);
+        // a prediction is never 0 (that is an instance on this worker)
+        let tiny = Coord { pos: [0.0, 0.0], height: 0.1, error: 0.1 };
+        assert_eq!(rtt_estimate_us(&tiny, Some(&tiny), None), Some(1));
     }
 }

@@ -20,7 +20,8 @@ pub struct InstanceEndpoint {
     pub ns_ip: Ipv4Addr,
     /// Tunnel endpoint (public ip, UDP port) of the worker hosting it.
     pub worker: SocketAddr,
-    /// Measured round-trip time to that worker in microseconds, if known (drives "closest").
+    /// Round-trip time estimate to that worker in microseconds, if known (drives "closest"): the probes'
+    /// published estimate (`crate::select::rtt_estimate_us`), 0 for an instance on this worker.
     pub rtt_us: Option<u64>,
 }
 

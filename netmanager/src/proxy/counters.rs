@@ -78,6 +78,10 @@ pub struct Counters {
     events: Vec<AtomicU64>,
     /// Last measured RTT per worker tunnel endpoint (µs), published by the datapath every probe round.
     rtt: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Per endpoint: the RTT the coordinates predict (µs), and the estimate "closest" ranks by (the
+    /// prediction when confident, else the measured one), both set every probe round.
+    rtt_predicted: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
+    rtt_closest: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
     /// This worker's Vivaldi coordinate, moved by every probe reply that carries the peer's.
     coord: parking_lot::Mutex<oak_proto::vivaldi::Coord>,
 }
@@ -94,6 +98,8 @@ impl Counters {
             drops: Reason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             events: Event::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             rtt: Default::default(),
+            rtt_predicted: Default::default(),
+            rtt_closest: Default::default(),
             coord: Default::default(),
         }
     }
@@ -130,8 +136,17 @@ impl Counters {
         self.rtt.lock().insert(endpoint, us);
     }
 
-    pub fn set_rtts(&self, rtts: impl IntoIterator<Item = (String, u64)>) {
-        *self.rtt.lock() = rtts.into_iter().collect();
+    /// Every peer's RTTs (µs, by endpoint): the last measured, the coordinates' prediction, the estimate
+    /// "closest" ranks by.
+    pub fn set_peer_rtts(
+        &self,
+        measured: impl IntoIterator<Item = (String, u64)>,
+        predicted: impl IntoIterator<Item = (String, u64)>,
+        closest: impl IntoIterator<Item = (String, u64)>,
+    ) {
+        *self.rtt.lock() = measured.into_iter().collect();
+        *self.rtt_predicted.lock() = predicted.into_iter().collect();
+        *self.rtt_closest.lock() = closest.into_iter().collect();
     }
 
     /// This worker's Vivaldi coordinate.
@@ -140,26 +155,31 @@ impl Counters {
     }
 
     /// Moves this worker's coordinate by one measurement: `rtt_us` to a peer at `remote` (what its probe
-    /// reply carried; ignored when not a sane coordinate).
-    pub fn observe_peer(&self, remote: [f64; 4], rtt_us: u64) {
-        let Some(remote) = oak_proto::vivaldi::Coord::from_array(remote) else { return };
+    /// reply carried) and returns the moved coordinate.
+    pub fn observe_peer(&self, remote: &oak_proto::vivaldi::Coord, rtt_us: u64) -> oak_proto::vivaldi::Coord {
         // the nanoseconds of the clock break the tie of two workers at the same place
         let jitter = f64::from(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
         ) / 1e9;
-        self.coord.lock().update(&remote, rtt_us as f64, jitter);
+        let mut c = self.coord.lock();
+        c.update(remote, rtt_us as f64, jitter);
+        *c
     }
 
-    /// `{"drops": {reason: n, ...}, "events": {event: n, ...}}`
+    /// `{"drops": {reason: n, ...}, "events": {event: n, ...}, "dropped_total": n, "rtt_us": {endpoint:
+    /// measured µs}, "rtt_predicted_us": {endpoint: the coordinates' prediction}, "rtt_closest_us":
+    /// {endpoint: what "closest" ranks by}, "coordinate": {...}}`
     pub fn to_json(&self) -> Value {
         let drops: Map<String, Value> =
             Reason::ALL.iter().map(|r| (r.name().to_string(), self.dropped(*r).into())).collect();
         let events: Map<String, Value> =
             Event::ALL.iter().map(|e| (e.name().to_string(), self.count(*e).into())).collect();
         let rtt = self.rtt.lock().clone();
+        let predicted = self.rtt_predicted.lock().clone();
+        let closest = self.rtt_closest.lock().clone();
         let c = self.coord();
         let coord = serde_json::json!({"position": c.pos, "height": c.height, "error": c.error});
         serde_json::json!({"drops": drops, "events": events, "dropped_total": self.total_dropped(), "rtt_us": rtt,
-            "coordinate": coord})
+            "rtt_predicted_us": predicted, "rtt_closest_us": closest, "coordinate": coord})
     }
 }

@@ -377,8 +377,8 @@ impl Egress {
         self.flush().await;
     }
 
-    /// The periodic work: idle conversions evicted and the table saved, silent workers' RTTs forgotten,
-    /// probes sent, measured RTTs published.
+    /// The periodic work: idle conversions evicted and the table saved, probes sent, silent workers' RTTs
+    /// forgotten, the RTT estimates settled and published.
     async fn on_tick(&mut self) {
         let now = Instant::now();
         let (changes, export) = {
@@ -395,11 +395,17 @@ impl Egress {
             }
         }
         self.resolver.expire(now);
-        self.engine.lock().forget_silent(now, SILENT_WORKER);
         self.view.refresh();
         let stamp = self.base.elapsed().as_nanos() as u64;
         probes::send(&self.udp, &self.view.snap, self.public, &mut self.seq, stamp, &self.counters).await;
-        let rtt = self.engine.lock().rtt.clone();
-        probes::publish(&self.view.tables, &self.view.snap, &rtt, &self.counters);
+        // this worker's coordinate moved since the last round: every peer's estimate is settled again
+        let own = self.counters.coord();
+        let peers = {
+            let mut e = self.engine.lock();
+            e.peers.forget_silent(now, SILENT_WORKER);
+            e.peers.settle(&own);
+            e.peers.clone()
+        };
+        probes::publish(&self.view.tables, &self.view.snap, &peers, &own, &self.counters);
     }
 }

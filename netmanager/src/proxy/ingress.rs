@@ -1,7 +1,7 @@
 //! The world-to-tun direction of the userspace datapath: tunnel datagrams read from the socket (runs
 //! coalesced by UDP GRO, or one uncut super-packet of an eBPF sender) are decapsulated, reverse-translated
 //! and written into the tun, runs of one flow as one GSO super-packet; probes are answered and their
-//! replies give the RTTs.
+//! replies give the RTTs and the peers' coordinates.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -211,11 +211,14 @@ impl Ingress {
             Ok(packet::Tunnel::ProbeReply { stamp, coord, .. }) => {
                 self.counters.event(Event::ProbeReplies);
                 if let Some(rtt_us) = probes::rtt_us(stamp, self.base.elapsed().as_nanos() as u64) {
-                    self.engine.lock().record_rtt(from, rtt_us, Instant::now());
+                    // a sane coordinate moves this worker's own; the peer's estimate follows both
+                    let coord = coord.and_then(oak_proto::vivaldi::Coord::from_array);
+                    let own = match &coord {
+                        Some(c) => self.counters.observe_peer(c, rtt_us),
+                        None => self.counters.coord(),
+                    };
+                    self.engine.lock().peers.record(from, rtt_us, coord, &own, Instant::now());
                     self.counters.set_rtt(from.to_string(), rtt_us);
-                    if let Some(c) = coord {
-                        self.counters.observe_peer(c, rtt_us);
-                    }
                 }
             }
             Ok(packet::Tunnel::Data(_)) => {

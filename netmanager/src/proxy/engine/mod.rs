@@ -23,6 +23,7 @@ use ipnet::Ipv4Net;
 
 use super::counters::{Counters, Event, Reason};
 use super::packet::{self, Parsed};
+use super::probes::Peers;
 use crate::select;
 use crate::tables::{AddressKind, InstanceEndpoint, Snapshot};
 
@@ -77,10 +78,8 @@ pub struct Engine {
     fwd: FastMap<FlowKey, Forward>,
     rev: FastMap<FlowKey, Reverse>,
     rr: HashMap<String, u64>,
-    /// Measured RTT to worker tunnel endpoints (µs).
-    pub rtt: HashMap<SocketAddr, u64>,
-    /// When each worker last answered a probe.
-    replied: HashMap<SocketAddr, Instant>,
+    /// The workers' probe replies and the RTT estimates "closest" ranks by (the ones the tables get too).
+    pub peers: Peers,
     pub counters: Arc<Counters>,
     pub idle: Duration,
     next_port: u16,
@@ -94,8 +93,7 @@ impl Engine {
             fwd: FastMap::default(),
             rev: FastMap::default(),
             rr: HashMap::new(),
-            rtt: HashMap::new(),
-            replied: HashMap::new(),
+            peers: Peers::default(),
             counters,
             idle: FLOW_IDLE,
             next_port: 0,
@@ -134,24 +132,10 @@ impl Engine {
         self.rev.retain(|_, r| fwd.contains_key(&r.fwd));
     }
 
-    /// A probe reply from `from`: its round-trip time.
-    pub fn record_rtt(&mut self, from: SocketAddr, rtt_us: u64, now: Instant) {
-        self.rtt.insert(from, rtt_us);
-        self.replied.insert(from, now);
-    }
-
-    /// Forget the RTTs of workers whose last probe reply is older than `max_age`.
-    pub fn forget_silent(&mut self, now: Instant, max_age: Duration) {
-        let stale: Vec<SocketAddr> =
-            self.replied.iter().filter(|(_, t)| now.duration_since(**t) > max_age).map(|(a, _)| *a).collect();
-        for a in stale {
-            self.replied.remove(&a);
-            self.rtt.remove(&a);
-        }
-    }
-
-    /// Pick an instance for a new flow, by the rule in [`crate::select`] (RTTs: this proxy's latest
-    /// measurements first, the tables' otherwise).
+    /// Pick an instance for a new flow, by the rule in [`crate::select`]. Closest ranks by the published
+    /// estimates in [`Peers`], the values [`super::probes::publish`] copies into the tables for the eBPF
+    /// plan; read here directly, they also hold for an entry the control plane just (re)wrote, before the
+    /// next probe round fills its RTTs in.
     fn pick<'a>(
         &mut self,
         snap: &Snapshot,
@@ -167,7 +151,7 @@ impl Engine {
                 *c = c.wrapping_add(1);
                 k
             }
-            AddressKind::Closest => select::closest(snap, &ordered, |i| self.rtt.get(&i.worker).copied().or(i.rtt_us))?,
+            AddressKind::Closest => select::closest(snap, &ordered, |i| self.peers.rtt_us(&i.worker))?,
         };
         Some(ordered[k])
     }

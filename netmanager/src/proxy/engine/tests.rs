@@ -5,6 +5,7 @@ use super::*;
 use crate::proxy::packet::tests::checksums_ok;
 use crate::tables::ServiceEntry;
 use etherparse::PacketBuilder;
+use oak_proto::vivaldi::Coord;
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -95,20 +96,6 @@ fn super_packet_translated_once_then_split() {
     let mut bad = hdr;
     bad.csum_start = 4000;
     assert!(!crate::proxy::offload::gso_header_fixup(&mut bad, &pkt));
-}
-
-/// RTTs of workers that stopped answering probes are forgotten; others are kept.
-#[test]
-fn silent_workers_lose_their_rtt() {
-    let mut e = Engine::new(Arc::new(Counters::new()));
-    let (quiet, busy): (SocketAddr, SocketAddr) =
-        ("192.0.2.2:50103".parse().unwrap(), "192.0.2.3:50103".parse().unwrap());
-    let t0 = Instant::now();
-    e.record_rtt(quiet, 300, t0);
-    e.record_rtt(busy, 500, t0 + Duration::from_secs(8));
-    e.forget_silent(t0 + Duration::from_secs(11), Duration::from_secs(10));
-    assert_eq!(e.rtt.get(&quiet), None);
-    assert_eq!(e.rtt.get(&busy), Some(&500));
 }
 
 #[test]
@@ -211,7 +198,7 @@ fn closest_and_unknown_and_removal() {
 }
 
 #[test]
-fn closest_by_measured_rtt() {
+fn closest_by_rtt_estimate() {
     let mut s = snap();
     let far: SocketAddr = "192.0.2.3:50103".parse().unwrap();
     s.routes.insert("10.18.0.128/26".parse().unwrap(), far);
@@ -224,19 +211,32 @@ fn closest_by_measured_rtt() {
     svc.instances.push(far_inst);
     let mut e = Engine::new(Arc::new(Counters::new()));
     let now = Instant::now();
-    e.rtt.insert("192.0.2.2:50103".parse().unwrap(), 900);
-    e.rtt.insert(far, 300);
+    // coordinates unsure: the measured samples are the estimates
+    let own = Coord::default();
+    e.peers.record("192.0.2.2:50103".parse().unwrap(), 900, None, &own, now);
+    e.peers.record(far, 300, None, &own, now);
     let mut pkt = udp("10.18.0.2", "10.30.0.6", 5, 53);
     assert_eq!(e.outbound(&mut pkt, &s, now), Verdict::Encap(far));
     assert_eq!(addrs(&pkt).2, ip("10.18.0.130"));
     // the RTTs change: new flows follow, the existing one sticks
-    e.rtt.insert(far, 5000);
+    e.peers.record(far, 5000, None, &own, now);
     let mut pkt = udp("10.18.0.2", "10.30.0.6", 6, 53);
     e.outbound(&mut pkt, &s, now);
     assert_eq!(addrs(&pkt).2, ip("10.18.0.66"));
     let mut pkt = udp("10.18.0.2", "10.30.0.6", 5, 53);
     e.outbound(&mut pkt, &s, now);
     assert_eq!(addrs(&pkt).2, ip("10.18.0.130"));
+    // confident coordinates put the far worker far away: a new flow follows them even though the last
+    // sample to it (one noisy one) says it is nearest, and even though the tables carry no RTT yet (an entry
+    // the control plane just rewrote)
+    let own = Coord { pos: [0.0, 0.0], height: 10.0, error: 0.1 };
+    let at = |x: f64| Some(Coord { pos: [x, 0.0], height: 10.0, error: 0.1 });
+    e.peers.record("192.0.2.2:50103".parse().unwrap(), 900, at(1000.0), &own, now);
+    e.peers.record(far, 100, at(4000.0), &own, now);
+    assert!(s.services["s"].instances.iter().all(|i| i.rtt_us.is_none()));
+    let mut pkt = udp("10.18.0.2", "10.30.0.6", 7, 53);
+    e.outbound(&mut pkt, &s, now);
+    assert_eq!(addrs(&pkt).2, ip("10.18.0.66"));
 }
 
 #[test]
