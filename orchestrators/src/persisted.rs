@@ -1,8 +1,10 @@
-//! A state kept whole in memory and as one JSON document in a redb file (the root's and the cluster's
-//! network services): read under its lock, changed only through [`Persisted::mutate`], which stores the
-//! new state before it replaces the old one, so a failed change leaves both untouched.
+//! A state kept whole in memory and as one JSON document (the root's and the cluster's network services):
+//! read under its lock, changed only through [`Persisted::mutate`], which stores the new state before it
+//! replaces the old one, so a failed change leaves both untouched. The document lives in a redb file of its
+//! own ([`Persisted::open`]) or, for a root on etcd, under one key of the root's store
+//! ([`Persisted::open_in`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use parking_lot::{Mutex, MutexGuard};
@@ -12,20 +14,71 @@ use serde::Serialize;
 
 const STATE: TableDefinition<&str, &str> = TableDefinition::new("netsvc_state");
 
-pub(crate) struct Persisted<T> {
+/// Where a [`Persisted`] state's JSON document is kept: each save replaces it whole, atomically.
+pub(crate) trait Document: Send + Sync {
+    /// The stored document, None before the first save.
+    fn load(&self) -> Result<Option<Vec<u8>>>;
+    fn save(&self, json: Vec<u8>) -> Result<()>;
+    /// Where the document is, for errors.
+    fn describe(&self) -> String;
+}
+
+/// A redb file holding one document (table `netsvc_state`, key `state`).
+struct RedbFile {
     db: redb::Database,
+    path: PathBuf,
+}
+
+impl Document for RedbFile {
+    fn load(&self) -> Result<Option<Vec<u8>>> {
+        let tx = self.db.begin_read()?;
+        let table = match tx.open_table(STATE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get("state")?.map(|v| v.value().as_bytes().to_vec()))
+    }
+
+    fn save(&self, json: Vec<u8>) -> Result<()> {
+        let json = String::from_utf8(json).context("the state is not UTF-8 JSON")?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(STATE)?;
+            t.insert("state", json.as_str())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+pub(crate) struct Persisted<T> {
+    doc: Box<dyn Document>,
     state: Mutex<T>,
 }
 
 impl<T: Serialize + DeserializeOwned + Default + Clone + PartialEq> Persisted<T> {
-    /// Opens (or creates) the file at `path` and loads its state (the default when there is none yet).
+    /// Opens (or creates) the redb file at `path` and loads its state (the default when there is none yet).
     pub(crate) fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let db = redb::Database::create(path).with_context(|| format!("opening {}", path.display()))?;
-        let state = Mutex::new(load(&db).with_context(|| format!("loading {}", path.display()))?);
-        Ok(Self { db, state })
+        Self::open_in(Box::new(RedbFile { db, path: path.to_path_buf() }))
+    }
+
+    /// Loads the state kept in `doc` (the default when there is none yet).
+    pub(crate) fn open_in(doc: Box<dyn Document>) -> Result<Self> {
+        let state = match doc.load().with_context(|| format!("loading {}", doc.describe()))? {
+            Some(json) => serde_json::from_slice(&json)
+                .with_context(|| format!("loading {}: decoding stored network state", doc.describe()))?,
+            None => T::default(),
+        };
+        Ok(Self { doc, state: Mutex::new(state) })
     }
 
     /// The state, for reading.
@@ -40,34 +93,10 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + PartialEq> Persisted<T>
         let mut next = guard.clone();
         let r = f(&mut next)?;
         if next != *guard {
-            self.save(&next)?;
+            self.doc.save(serde_json::to_vec(&next).map_err(anyhow::Error::from)?)?;
             *guard = next;
         }
         Ok(r)
-    }
-
-    fn save(&self, state: &T) -> Result<()> {
-        let json = serde_json::to_string(state)?;
-        let tx = self.db.begin_write()?;
-        {
-            let mut t = tx.open_table(STATE)?;
-            t.insert("state", json.as_str())?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-}
-
-fn load<T: DeserializeOwned + Default>(db: &redb::Database) -> Result<T> {
-    let tx = db.begin_read()?;
-    let table = match tx.open_table(STATE) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(T::default()),
-        Err(e) => return Err(e.into()),
-    };
-    match table.get("state")? {
-        Some(v) => serde_json::from_str(v.value()).context("decoding stored network state"),
-        None => Ok(T::default()),
     }
 }
 

@@ -1,6 +1,9 @@
 //! The network services of a root and a cluster, in-process over their real TLS (for the NetManager's
 //! and the services' own tests): a root service manager with its CA, a cluster that joined it, and the
-//! cluster network service with the cluster's CA and a worker join token.
+//! cluster network service with the cluster's CA and a worker join token. [`etcd`] runs a real etcd for
+//! the root's store on etcd.
+
+pub mod etcd;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -51,7 +54,13 @@ pub async fn net_services(dir: &Path, cluster_l: tokio::net::TcpListener) -> Net
     let member =
         Member::new(&root_url, oak_trust::ROOT_SERVER, "cluster", "c", &cluster_token, dir.join("cluster/identity"));
     let cluster_id = member.ensure_joined().await.unwrap().identity.id;
-    let cluster = ClusterNetSvc::open(&dir.join("cluster"), &member, &root_url, &cluster_id).unwrap();
+    let cluster = ClusterNetSvc::open(
+        &dir.join("cluster"),
+        &member,
+        &crate::cluster::RootReplicas::one("", &root_url),
+        &cluster_id,
+    )
+    .unwrap();
     let cluster_authority =
         Arc::new(Authority::open(&dir.join("cluster/ca"), crate::cluster::CA_NAME, oak_trust::CLUSTER_SERVER).unwrap());
     let (worker_token, _) = cluster_authority.tokens.create(&cluster_authority.pin(), 0, "test").unwrap();

@@ -5,7 +5,9 @@ use crate::util::{have, sh, step, succeeds};
 
 /// Debian packages the project needs, with why.
 const PACKAGES: &[(&str, &str)] = &[
-    ("protobuf-compiler", "protoc, needed by the containerd-client crate's build"),
+    ("protobuf-compiler", "protoc, needed by the containerd-client and etcd-client crates' builds"),
+    ("libprotobuf-dev", "protoc's well-known .proto files (google/protobuf/*), imported by the etcd-client crate's"),
+    ("etcd-server", "etcd, the root's store on etcd: its tests start one (/usr/bin/etcd)"),
     ("containerd", "container runtime used by the NodeEngine"),
     ("runc", "OCI runtime behind containerd"),
     ("iproute2", "ip/tc for namespaces, veth, bridges in tests and the 1-DOC setup"),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use oak_orchestrators::cluster::RootReplicas;
 
 /// Oakestra-compatible cluster orchestrator.
 #[derive(Parser, Debug)]
@@ -27,9 +28,16 @@ struct Args {
     /// Root orchestrator address (Oakestra's SYSTEM_MANAGER_URL): a host name, an IPv4 or IPv6 address,
     /// with or without a port or http:// in front: root.example, 10.0.0.1, 10.0.0.1:50052, fd00::1,
     /// [fd00::1], [fd00::1]:50052, http://[fd00::1]:50052. A port given here replaces --root-grpc-port;
-    /// the service manager is reached on the same host at --root-netsvc-port.
-    #[arg(long, env = "SYSTEM_MANAGER_URL", default_value = "127.0.0.1", value_parser = root_address)]
-    root_address: oak_proto::endpoint::Endpoint,
+    /// the service manager is reached on the same host at --root-netsvc-port. A replicated root: its
+    /// replicas' addresses separated by commas (the cluster registers with whichever answers, the leader).
+    #[arg(
+        long,
+        env = "SYSTEM_MANAGER_URL",
+        default_value = "127.0.0.1",
+        value_parser = root_address,
+        value_delimiter = ','
+    )]
+    root_address: Vec<oak_proto::endpoint::Endpoint>,
     /// Root cluster-registration port (gRPC).
     #[arg(long, default_value_t = 50052)]
     root_grpc_port: u16,
@@ -107,9 +115,10 @@ async fn main() -> anyhow::Result<()> {
     let cfg = oak_orchestrators::cluster::Config {
         cluster_name,
         cluster_location,
-        // the service manager lives on the root's host at its own port
-        root_netsvc_url: a.root_address.url_with_port(a.root_netsvc_port),
-        root_url: a.root_address.url(a.root_grpc_port),
+        // the service manager lives on each root replica's host at its own port
+        root: RootReplicas::new(
+            a.root_address.iter().map(|r| (r.url(a.root_grpc_port), r.url_with_port(a.root_netsvc_port))),
+        ),
         worker_addr: a.worker_addr,
         netsvc_addr: a.netsvc_addr,
         data_dir: a.data_dir,
@@ -134,7 +143,15 @@ mod tests {
 
     fn urls(args: &[&str]) -> (String, String) {
         let a = Args::try_parse_from([&["cluster-orchestrator"], args].concat()).unwrap();
-        (a.root_address.url(a.root_grpc_port), a.root_address.url_with_port(a.root_netsvc_port))
+        assert_eq!(a.root_address.len(), 1);
+        (a.root_address[0].url(a.root_grpc_port), a.root_address[0].url_with_port(a.root_netsvc_port))
+    }
+
+    #[test]
+    fn root_replicas_are_a_comma_separated_list() {
+        let a = Args::try_parse_from(["c", "--root-address", "10.0.0.1,10.0.0.2:7000,[fd00::3]"]).unwrap();
+        let urls: Vec<String> = a.root_address.iter().map(|r| r.url(a.root_grpc_port)).collect();
+        assert_eq!(urls, ["http://10.0.0.1:50052", "http://10.0.0.2:7000", "http://[fd00::3]:50052"]);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Root orchestrator: REST API for users, gRPC registry for clusters, redb store.
+//! Root orchestrator: REST API for users, gRPC registry for clusters, store in redb or etcd.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Oakestra-compatible root orchestrator: REST API for users (oak-cli works against it), gRPC registry for clusters, redb store"
+    about = "Oakestra-compatible root orchestrator: REST API for users (oak-cli works against it), gRPC registry for clusters, store in redb or etcd"
 )]
 struct Args {
     #[command(subcommand)]
@@ -29,9 +29,22 @@ struct Args {
     /// ip:port, 0.0.0.0:10099 for IPv4, [::]:10099 for IPv6 and IPv4.
     #[arg(long, env = "OAK_NETSVC_ADDR", default_value = "0.0.0.0:10099")]
     netsvc_addr: SocketAddr,
-    /// Directory holding the store (root.redb) and, if generated, the admin-password file.
+    /// Directory holding the CA and join tokens (ca/), the first join token (join-token), if generated the
+    /// admin-password file and, without --etcd-endpoints, the store (root.redb, net.redb).
     #[arg(long, global = true, env = "OAK_ROOT_DATA_DIR", default_value = "/var/lib/oakestra-rs/root")]
     data_dir: PathBuf,
+    /// Keep the store (users, applications, services, clusters, the overlay address plan) in etcd at
+    /// these client URLs (comma-separated, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379) instead of
+    /// <data-dir>/root.redb.
+    #[arg(long, env = "OAK_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Every etcd key of the store starts with this prefix (<prefix>/<table>/<id>).
+    #[arg(long, env = "OAK_ETCD_PREFIX", default_value = oak_orchestrators::root::store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// The most writes etcd takes in one transaction: its --max-txn-ops (etcd's default is 128). A
+    /// change writing more is refused before it is sent.
+    #[arg(long, env = "OAK_ETCD_MAX_TXN_OPS", default_value_t = oak_orchestrators::root::store::etcd::DEFAULT_MAX_TXN_OPS)]
+    etcd_max_txn_ops: usize,
     /// Password of the "Admin" user, used only at first start (when the store has no admin yet).
     /// If unset then, a random one is generated and written to <data-dir>/admin-password (0600).
     #[arg(long, env = "OAK_ADMIN_PASSWORD", hide_env_values = true)]
@@ -84,11 +97,18 @@ async fn main() -> anyhow::Result<()> {
         return tokens_cli::run(op, &a.data_dir, tokens_cli::Tier::Root);
     }
     oak_orchestrators::telemetry::init(&a.log_level);
+    // an empty OAK_ETCD_ENDPOINTS means the embedded store, as when it is unset
+    let etcd_endpoints: Vec<String> = a.etcd_endpoints.into_iter().filter(|e| !e.trim().is_empty()).collect();
     let cfg = oak_orchestrators::root::Config {
         api_addr: a.api_addr,
         grpc_addr: a.grpc_addr,
         netsvc_addr: a.netsvc_addr,
         data_dir: a.data_dir,
+        etcd: (!etcd_endpoints.is_empty()).then(|| oak_orchestrators::root::store::EtcdConfig {
+            prefix: a.etcd_prefix,
+            max_txn_ops: a.etcd_max_txn_ops,
+            ..oak_orchestrators::root::store::EtcdConfig::new(etcd_endpoints)
+        }),
         admin_password: a.admin_password,
         cluster_stale: Duration::from_millis(a.cluster_stale_ms),
         retry_interval: Duration::from_millis(a.retry_interval_ms.max(100)),
@@ -130,5 +150,23 @@ mod tests {
         assert_eq!(a.api_addr.to_string(), "0.0.0.0:10000", "the default stays IPv4");
         let help = Args::command().render_long_help().to_string();
         assert!(help.contains("[::]:10000") && help.contains("[::]:50052") && help.contains("[::]:10099"), "{help}");
+    }
+
+    #[test]
+    fn etcd_endpoints_select_the_etcd_store() {
+        let a = Args::try_parse_from(["root-orchestrator"]).unwrap();
+        assert!(a.etcd_endpoints.is_empty(), "the embedded store by default");
+        assert_eq!(a.etcd_prefix, "/oakestra/root");
+        assert_eq!(a.etcd_max_txn_ops, 128);
+        let a = Args::try_parse_from([
+            "root-orchestrator",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379,http://127.0.0.2:2379",
+            "--etcd-prefix",
+            "/other",
+        ])
+        .unwrap();
+        assert_eq!(a.etcd_endpoints, ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]);
+        assert_eq!(a.etcd_prefix, "/other");
     }
 }

@@ -32,15 +32,76 @@ use store::ClusterStore;
 /// The name of a cluster's certificate authority (of its workers).
 pub const CA_NAME: &str = "oakestra-rs cluster CA";
 
+/// The root orchestrator's replicas as this cluster knows them (`--root-address a,b,c`): for each, its
+/// registration (gRPC) and network service URLs, and which one is in use. The session with the root tries
+/// them in turn until one answers (only the leader of a replicated root accepts clusters); the network
+/// service's calls go to the replica the session is with. Clones share the choice.
+#[derive(Debug, Clone)]
+pub struct RootReplicas {
+    grpc: Vec<String>,
+    netsvc: Vec<String>,
+    current: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RootReplicas {
+    /// `(registration URL, network service URL)` per replica; an empty network service URL: none (tests).
+    pub fn new(replicas: impl IntoIterator<Item = (String, String)>) -> Self {
+        let (grpc, netsvc) = replicas.into_iter().unzip();
+        Self { grpc, netsvc, current: Arc::default() }
+    }
+
+    /// One root.
+    pub fn one(grpc: &str, netsvc: &str) -> Self {
+        Self::new([(grpc.to_string(), netsvc.to_string())])
+    }
+
+    fn index(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.grpc.len().max(1)
+    }
+
+    /// The registration URL of the replica in use.
+    pub fn grpc(&self) -> &str {
+        self.grpc.get(self.index()).map(String::as_str).unwrap_or_default()
+    }
+
+    /// The network service URL of the replica in use (empty: none).
+    pub fn netsvc(&self) -> &str {
+        self.netsvc.get(self.index()).map(String::as_str).unwrap_or_default()
+    }
+
+    /// Every replica's network service URL, in order.
+    pub fn netsvc_urls(&self) -> &[String] {
+        &self.netsvc
+    }
+
+    /// Which replica is in use (an index into [`RootReplicas::netsvc_urls`]).
+    pub fn current(&self) -> usize {
+        self.index()
+    }
+
+    /// How many replicas there are.
+    pub fn len(&self) -> usize {
+        self.grpc.len()
+    }
+
+    /// Whether none is known.
+    pub fn is_empty(&self) -> bool {
+        self.grpc.is_empty()
+    }
+
+    /// Moves on to the next replica (after the one in use failed).
+    pub fn advance(&self) {
+        self.current.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Cluster orchestrator settings (see the binary's `--help`).
 #[derive(Debug, Clone)]
 pub struct Config {
     pub cluster_name: String,
     pub cluster_location: String,
-    /// Root's ClusterRegistry, e.g. `http://10.0.0.1:50052`.
-    pub root_url: String,
-    /// Root's network service (service manager), e.g. `http://10.0.0.1:10099`; empty: none.
-    pub root_netsvc_url: String,
+    /// The root's replicas: registration and network service addresses, and the one in use.
+    pub root: RootReplicas,
     /// Worker registration (WorkerRegistry gRPC) listen address.
     pub worker_addr: SocketAddr,
     /// Cluster network service listen address (NetManagers lease subnets here).
@@ -201,7 +262,8 @@ impl Cluster {
             .init_tokens(wt, &cfg.data_dir.join("worker-join-token"), "workers")
             .map_err(|e| anyhow::anyhow!("--worker-token: {e:#}"))?;
         let root_member = oak_trust::Member::new(
-            &cfg.root_url,
+            // joining happens once (the certificate is kept), with the first replica
+            cfg.root.grpc.first().map(String::as_str).unwrap_or_default(),
             oak_trust::ROOT_SERVER,
             "cluster",
             &cfg.cluster_name,
@@ -1037,7 +1099,7 @@ pub async fn serve(
         cluster_name = %cfg.cluster_name,
         workers = %workers_l.local_addr()?,
         netsvc = %netsvc_l.local_addr()?,
-        root = %cfg.root_url,
+        root = ?cfg.root.grpc,
         data_dir = %cfg.data_dir.display(),
         "cluster orchestrator starting"
     );
@@ -1063,7 +1125,7 @@ pub async fn serve(
             Ok(id) => id.clone(),
             Err(_) => return,
         };
-        let svc = match netsvc::ClusterNetSvc::open(&c.cfg.data_dir, &c.root_member, &c.cfg.root_netsvc_url, &id) {
+        let svc = match netsvc::ClusterNetSvc::open(&c.cfg.data_dir, &c.root_member, &c.cfg.root, &id) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("cannot open the cluster network service: {e:#}");

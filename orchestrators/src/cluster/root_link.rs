@@ -1,5 +1,6 @@
 //! The cluster's session with the root (ClusterRegistry on port 50052). The cluster dials out, so it
-//! works behind NAT; it re-registers whenever the root restarts or the link drops.
+//! works behind NAT; it re-registers whenever the root restarts or the link drops. With several root
+//! replicas it tries them in turn: only the leader accepts clusters, so the one that answers is it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,40 +12,53 @@ use tokio::sync::mpsc;
 
 use super::Cluster;
 
-/// Reconnects forever with backoff (0.5 s doubling to 5 s; reset after a session that lasted).
+/// Reconnects forever: at once to the next replica when there are several, then with backoff (0.5 s
+/// doubling to 5 s; reset after a session that lasted) once every replica was tried.
 pub async fn run(cluster: Arc<Cluster>) {
     let mut backoff = Duration::from_millis(500);
     let mut failures = 0u32;
+    let roots = cluster.cfg.root.clone();
+    let mut tried = 0;
     loop {
         let started = Instant::now();
-        match session(&cluster).await {
-            Ok(()) => tracing::warn!(root = %cluster.cfg.root_url, "root session ended; registering again"),
+        let url = roots.grpc().to_string();
+        match session(&cluster, &url).await {
+            Ok(()) => tracing::warn!(root = %url, "root session ended; registering again"),
             Err(e) => {
                 failures += 1;
                 // one clear line first, then quieter retries
                 if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(
-                        root = %cluster.cfg.root_url,
+                        root = %url,
                         "cannot register with the root orchestrator: {e:#} (check --root-address/SYSTEM_MANAGER_URL and that the root's port 50052 is reachable); retrying"
                     );
                 } else {
-                    tracing::debug!("root registration failed: {e:#}");
+                    tracing::debug!(root = %url, "root registration failed: {e:#}");
                 }
             }
         }
         cluster.set_root_tx(None);
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(500);
+            tried = 0;
+        }
+        if roots.len() > 1 {
+            roots.advance();
+            tried += 1;
+            if tried < roots.len() {
+                continue;
+            }
+            tried = 0;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-async fn session(cluster: &Arc<Cluster>) -> Result<()> {
+async fn session(cluster: &Arc<Cluster>, url: &str) -> Result<()> {
     let (channel, _) = cluster
         .root_member
-        .channel(&cluster.cfg.root_url, |ep| {
+        .channel(url, |ep| {
             ep.connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10))
@@ -64,7 +78,7 @@ async fn session(cluster: &Arc<Cluster>) -> Result<()> {
     let interval = match first.msg {
         Some(Msg::Welcome(w)) => {
             cluster.on_welcome(&w)?;
-            tracing::info!(cluster_id = %w.cluster_id, cluster_name = %cluster.cfg.cluster_name, "registered with the root");
+            tracing::info!(cluster_id = %w.cluster_id, cluster_name = %cluster.cfg.cluster_name, root = %url, "registered with the root");
             Duration::from_millis(u64::from(w.report_interval_ms).max(100))
         }
         Some(Msg::Rejected(r)) => bail!("the root rejected the registration: {}", r.reason),

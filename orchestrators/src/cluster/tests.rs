@@ -52,8 +52,7 @@ async fn start_cluster_with(
     let cfg = Config {
         cluster_name: name.into(),
         cluster_location: "48.1,11.6,1000".into(),
-        root_url: root.grpc.clone(),
-        root_netsvc_url: root.net.clone(),
+        root: super::RootReplicas::one(&root.grpc, &root.net),
         worker_addr: workers_l.local_addr().unwrap(),
         netsvc_addr: net_l.local_addr().unwrap(),
         data_dir: dir.to_path_buf(),

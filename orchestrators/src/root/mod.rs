@@ -1,4 +1,4 @@
-//! Root orchestrator: REST API (axum), cluster registry (tonic), redb store, root scheduler.
+//! Root orchestrator: REST API (axum), cluster registry (tonic), store (embedded redb or etcd), root scheduler.
 
 pub mod api;
 mod applications;
@@ -45,7 +45,10 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Service manager (overlay address management for clusters), Oakestra's port 10099.
     pub netsvc_addr: SocketAddr,
+    /// The CA, join tokens and generated files; the embedded store too, unless `etcd` is set.
     pub data_dir: PathBuf,
+    /// Keep the store (and the overlay address plan) in etcd instead of `<data-dir>/root.redb`.
+    pub etcd: Option<store::EtcdConfig>,
     pub admin_password: Option<String>,
     pub cluster_stale: Duration,
     pub retry_interval: Duration,
@@ -128,9 +131,9 @@ fn reconcile_service_ips(store: &Store, net: &netsvc::RootNetSvc) -> Result<()> 
 
 impl Root {
     pub fn open(mut cfg: Config) -> Result<Arc<Self>> {
-        let store = Store::open(&cfg.data_dir)?;
+        let store = Store::open_with(&cfg.data_dir, cfg.etcd.as_ref())?;
         let auth = Auth::init(&store, &cfg.data_dir, cfg.admin_password.as_deref())?;
-        let net = netsvc::RootNetSvc::open(&cfg.data_dir)?;
+        let net = netsvc::RootNetSvc::open_for(&store, &cfg.data_dir)?;
         reconcile_service_ips(&store, &net)?;
         let authority =
             Arc::new(oak_trust::Authority::open(&cfg.data_dir.join("ca"), CA_NAME, oak_trust::ROOT_SERVER)?);
@@ -200,7 +203,7 @@ pub async fn serve(
         net_l,
         crate::task::trusted(&root.authority, root.clone())?,
     ));
-    tracing::info!(api = %api_l.local_addr()?, grpc = %grpc_l.local_addr()?, data_dir = %root.cfg.data_dir.display(), "root orchestrator listening");
+    tracing::info!(api = %api_l.local_addr()?, grpc = %grpc_l.local_addr()?, data_dir = %root.cfg.data_dir.display(), store = %root.store.location(), "root orchestrator listening");
     let stop_rx = root.stopping.subscribe();
     let r1 = root.clone();
     tokio::spawn(async move {

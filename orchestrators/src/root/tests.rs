@@ -40,6 +40,11 @@ pub(crate) struct Harness {
 }
 
 pub(crate) async fn start(dir: &std::path::Path) -> Harness {
+    start_with(dir, None).await
+}
+
+/// A real root whose store is on `etcd` (the embedded one under `dir` when None).
+pub(crate) async fn start_with(dir: &std::path::Path, etcd: Option<super::store::EtcdConfig>) -> Harness {
     let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let net_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -48,6 +53,7 @@ pub(crate) async fn start(dir: &std::path::Path) -> Harness {
         api_addr: api_l.local_addr().unwrap(),
         grpc_addr: grpc_l.local_addr().unwrap(),
         data_dir: dir.to_path_buf(),
+        etcd,
         admin_password: Some("s3cret".into()),
         cluster_stale: Duration::from_secs(30),
         retry_interval: Duration::from_secs(3600),
@@ -707,6 +713,7 @@ async fn https_root(
         api_addr: api_l.local_addr().unwrap(),
         grpc_addr: grpc_l.local_addr().unwrap(),
         data_dir,
+        etcd: None,
         admin_password: Some("s3cret".into()),
         cluster_stale: Duration::from_secs(30),
         retry_interval: Duration::from_secs(3600),
@@ -882,4 +889,40 @@ fn service_ips_are_reconciled_with_the_stored_services_at_start() {
     let extra = ("svc-new".to_string(), "app.ns.new.ns".to_string(), Some(ghost.0), Some(ghost.1));
     let all = [stored[0].clone(), stored[1].clone(), extra];
     assert_eq!(net.reconcile_services(&all).unwrap(), (vec![], vec![]));
+}
+
+/// A root on etcd keeps everything it stores there: a second root with a fresh data dir (only the join
+/// token given again) finds the Admin, the application and its service's addresses, and neither root
+/// made an embedded store.
+#[tokio::test]
+async fn a_root_on_etcd_keeps_its_state_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(etcd) = crate::testing::etcd::Etcd::start(dir.path()) else { return };
+    let cfg = super::store::EtcdConfig::new(vec![etcd.endpoint.clone()]);
+    let h = start_with(&dir.path().join("first"), Some(cfg.clone())).await;
+    let (c, v) = h.req(reqwest::Method::POST, "/api/application", Some(sla("kept", json!(100)))).await;
+    assert_eq!(c, 200, "{v}");
+    let app_id = v[0]["applicationID"].as_str().unwrap().to_string();
+    let (_, services) = h.req(reqwest::Method::GET, &format!("/api/services/{app_id}"), None).await;
+    let rr_ip = services[0]["addresses"]["rr_ip"].as_str().unwrap().to_string();
+    h.stop().await;
+
+    let h = start_with(&dir.path().join("second"), Some(cfg.clone())).await;
+    let (c, apps) = h.req(reqwest::Method::GET, "/api/applications", None).await;
+    assert_eq!(c, 200, "{apps}");
+    let apps = apps.as_array().unwrap();
+    assert_eq!(apps.len(), 1, "{apps:?}");
+    assert_eq!(apps[0]["applicationID"], app_id.as_str());
+    let (_, services) = h.req(reqwest::Method::GET, &format!("/api/services/{app_id}"), None).await;
+    assert_eq!(services[0]["addresses"]["rr_ip"], rr_ip.as_str());
+    h.stop().await;
+    // the address plan is in etcd too, holding the service's address
+    let store = super::store::Store::open_etcd(&cfg).unwrap();
+    let plan: Value = store.get(super::store::NET, super::store::NET_STATE).unwrap().expect("the plan in etcd");
+    assert!(plan.to_string().contains(&rr_ip), "{plan}");
+    for d in ["first", "second"] {
+        for f in ["root.redb", "net.redb"] {
+            assert!(!dir.path().join(d).join(f).exists(), "{d}/{f} made beside an etcd store");
+        }
+    }
 }

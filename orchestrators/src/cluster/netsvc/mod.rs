@@ -61,7 +61,9 @@ struct Subscriber {
 struct Inner {
     state: Persisted<ClusterState>,
     cluster_id: String,
-    root: Option<RootNetServiceClient<Channel>>,
+    /// A client per root replica (none: no root, tests only), used as `replicas` says.
+    roots: Vec<RootNetServiceClient<Channel>>,
+    replicas: super::RootReplicas,
     subs: Mutex<HashMap<u64, Subscriber>>,
     /// Worker routes of other clusters (from the root; refreshed on every watch connection).
     foreign: Mutex<BTreeMap<String, pb::Route>>,
@@ -102,34 +104,42 @@ fn update(u: pb::net_update::Update) -> pb::NetUpdate {
 }
 
 impl ClusterNetSvc {
-    /// Open `<data_dir>/net.redb`; `root_netsvc_url` like "http://root:10099", called as `member` (the
-    /// cluster, joined); empty: no root (tests only: then no block can be leased).
-    pub fn open(data_dir: &Path, member: &oak_trust::Member, root_netsvc_url: &str, cluster_id: &str) -> Result<Self> {
+    /// Open `<data_dir>/net.redb`; the root's network service at the replicas' URLs (like
+    /// "http://root:10099"), called as `member` (the cluster, joined); an empty URL: no root (tests only:
+    /// then no block can be leased).
+    pub fn open(
+        data_dir: &Path,
+        member: &oak_trust::Member,
+        replicas: &super::RootReplicas,
+        cluster_id: &str,
+    ) -> Result<Self> {
         let state = Persisted::open(&data_dir.join("net.redb"))?;
-        let root = if root_netsvc_url.is_empty() {
-            None
-        } else {
-            let url = if root_netsvc_url.contains("://") {
-                root_netsvc_url.to_string()
-            } else {
-                format!("http://{root_netsvc_url}")
-            };
+        let mut roots = Vec::new();
+        for u in replicas.netsvc_urls().iter().filter(|u| !u.is_empty()) {
+            let url = if u.contains("://") { u.to_string() } else { format!("http://{u}") };
             let ch = member
                 .lazy_channel(&url, |ep| ep.connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(10)))
                 .with_context(|| format!("the root network service {url}"))?;
-            Some(RootNetServiceClient::new(ch))
-        };
+            roots.push(RootNetServiceClient::new(ch));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 state,
                 cluster_id: cluster_id.to_string(),
-                root,
+                roots,
+                replicas: replicas.clone(),
                 subs: Mutex::new(HashMap::new()),
                 foreign: Mutex::new(BTreeMap::new()),
                 next_sub: Mutex::new(0),
                 lease_lock: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// The root network service of the replica the cluster's session is with (None: no root).
+    fn root(&self) -> Option<RootNetServiceClient<Channel>> {
+        let n = self.inner.roots.len();
+        (n > 0).then(|| self.inner.roots[self.inner.replicas.current() % n].clone())
     }
 
     fn mutate<R>(&self, f: impl FnOnce(&mut ClusterState) -> Result<R>) -> Result<R> {
@@ -217,7 +227,7 @@ impl ClusterNetSvc {
         };
         if existing.is_none() {
             // need another block from the root
-            let Some(root) = self.inner.root.clone() else {
+            let Some(root) = self.root() else {
                 bail!("no free worker subnet and no root network service configured");
             };
             let reply = root
@@ -276,7 +286,7 @@ impl ClusterNetSvc {
 
     /// Tells the root about a worker route (best effort: every watch connection reports all of them again).
     fn report_route(&self, route: pb::Route, removed: bool) {
-        let Some(root) = self.inner.root.clone() else { return };
+        let Some(root) = self.root() else { return };
         let cluster_id = self.inner.cluster_id.clone();
         tokio::spawn(async move {
             let r = pb::RouteReport { cluster_id, route: Some(route), removed };
@@ -349,7 +359,7 @@ impl ClusterNetSvc {
     /// Local instances first; the root adds service IPs and instances of other clusters.
     pub async fn resolve(&self, job_name: &str, service_ip: &str) -> Result<Option<pb::ServiceAddresses>> {
         let local = if job_name.is_empty() { None } else { self.local_service(job_name, "") };
-        let Some(root) = self.inner.root.clone() else { return Ok(local) };
+        let Some(root) = self.root() else { return Ok(local) };
         let req =
             pb::ResolveRequest { job_name: job_name.into(), service_ip: service_ip.into(), subscriber: String::new() };
         match root.clone().resolve(req).await {
@@ -415,7 +425,7 @@ impl ClusterNetSvc {
             s.instances.insert(rec.key(), rec.clone());
             Ok(())
         })?;
-        if let Some(root) = self.inner.root.clone() {
+        if let Some(root) = self.root() {
             if let Err(e) = root.clone().register_instance(inst.clone()).await {
                 tracing::warn!(error = %e.message(), "could not forward instance address to root");
             }
@@ -434,7 +444,7 @@ impl ClusterNetSvc {
             }
             Ok(s.instances.remove(&k))
         })?;
-        if let Some(root) = self.inner.root.clone() {
+        if let Some(root) = self.root() {
             if let Err(e) = root.clone().deregister_instance(key.clone()).await {
                 tracing::warn!(error = %e.message(), "could not forward instance removal to root");
             }
@@ -447,12 +457,14 @@ impl ClusterNetSvc {
     /// Follow the root's change notifications and push fresh resolutions of services some subscriber is
     /// interested in (changes in other clusters, service IPs allocated later). Reconnects forever.
     pub fn spawn_root_watch(&self) -> Option<tokio::task::JoinHandle<()>> {
-        let root = self.inner.root.clone()?;
+        self.root()?;
         let this = self.clone();
         Some(tokio::spawn(async move {
             use futures::StreamExt;
             let mut backoff = Duration::from_millis(200);
             loop {
+                // the replica the cluster's session is with now
+                let Some(root) = this.root() else { return };
                 match root.clone().watch(pb::WatchRequest { cluster_id: this.inner.cluster_id.clone() }).await {
                     Ok(stream) => {
                         backoff = Duration::from_millis(200);
@@ -640,7 +652,7 @@ mod tests {
 
     async fn open_cluster(dir: &Path, root: &Root) -> (ClusterNetSvc, String) {
         let (m, id) = join(dir, root).await;
-        (ClusterNetSvc::open(dir, &m, &root.url, &id).unwrap(), id)
+        (ClusterNetSvc::open(dir, &m, &crate::cluster::RootReplicas::one("", &root.url), &id).unwrap(), id)
     }
 
     /// Serves `c` with its own CA; a NetManager of it (joined) as a gRPC client, and its id.
@@ -680,7 +692,7 @@ mod tests {
         let w3 = c.subnet_of("w3").unwrap();
         drop(c);
         let m = Member::new(&root.url, oak_trust::ROOT_SERVER, "cluster", "c", "", cdir.join("identity"));
-        let c = ClusterNetSvc::open(&cdir, &m, &root.url, &id).unwrap();
+        let c = ClusterNetSvc::open(&cdir, &m, &crate::cluster::RootReplicas::one("", &root.url), &id).unwrap();
         assert_eq!(c.lease_subnet("o3", "w3", "192.0.2.1", 50103, None).await.unwrap(), w3);
         // another NetManager cannot take w3's subnet, nor hold a second one
         let e = c.lease_subnet("o4", "w3", "192.0.2.1", 50103, None).await.unwrap_err();
@@ -829,7 +841,7 @@ mod tests {
     async fn exhaustion_without_root_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let m = Member::in_memory("", oak_trust::CLUSTER_SERVER, "cluster", "c", "");
-        let c = ClusterNetSvc::open(dir.path(), &m, "", "c1").unwrap();
+        let c = ClusterNetSvc::open(dir.path(), &m, &crate::cluster::RootReplicas::one("", ""), "c1").unwrap();
         let err = c.lease_subnet("o", "w", "192.0.2.1", 50103, None).await.unwrap_err();
         assert!(err.message().contains("no free worker subnet"), "{err:?}");
     }

@@ -3,7 +3,8 @@
 //! Address plan (Oakestra's): worker /26 subnets from 10.18.0.0 upward, leased to clusters in /22 blocks
 //! (16 workers per block, more blocks on demand); service IPs (round-robin + closest) from 10.30.0.0/16.
 //! State lives in `<data-dir>/net.redb` (one redb table, one JSON document, rewritten per change inside a
-//! write transaction, so a crash never leaves half an update).
+//! write transaction, so a crash never leaves half an update), or, for a root whose store is on etcd, as
+//! that document under the store's `net/state` key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -163,9 +164,27 @@ fn blocks_in_space() -> u32 {
 impl RootNetSvc {
     /// Open (or create) `<data_dir>/net.redb`.
     pub fn open(data_dir: &Path) -> Result<Self> {
-        let state = Persisted::open(&data_dir.join("net.redb"))?;
+        Ok(Self::with_state(Persisted::open(&data_dir.join("net.redb"))?))
+    }
+
+    /// Open the plan kept in the root's store (`net/state`): a root on etcd keeps all its state there.
+    pub fn open_in(store: &crate::root::store::Store) -> Result<Self> {
+        use crate::root::store::{NET, NET_STATE};
+        Ok(Self::with_state(Persisted::open_in(Box::new(store.document(NET, NET_STATE)))?))
+    }
+
+    /// Where the plan lives for a root with `store`: `<data_dir>/net.redb` beside the embedded store (where
+    /// it always was), the store itself when that is etcd.
+    pub fn open_for(store: &crate::root::store::Store, data_dir: &Path) -> Result<Self> {
+        match store.location() {
+            crate::root::store::Location::Embedded(_) => Self::open(data_dir),
+            crate::root::store::Location::Etcd { .. } => Self::open_in(store),
+        }
+    }
+
+    fn with_state(state: Persisted<RootState>) -> Self {
         let (changes, _) = tokio::sync::broadcast::channel(1024);
-        Ok(Self { inner: Arc::new(Inner { state, changes, policy: std::sync::OnceLock::new() }) })
+        Self { inner: Arc::new(Inner { state, changes, policy: std::sync::OnceLock::new() }) }
     }
 
     fn mutate<R>(&self, f: impl FnOnce(&mut RootState) -> Result<R>) -> Result<R> {
