@@ -81,6 +81,18 @@ impl<T: Serialize + DeserializeOwned + Default + Clone + PartialEq> Persisted<T>
         Ok(Self { doc, state: Mutex::new(state) })
     }
 
+    /// Loads the state again from the document (another process may have changed it: a replicated
+    /// root's previous leader).
+    pub(crate) fn reload(&self) -> Result<()> {
+        let state = match self.doc.load().with_context(|| format!("loading {}", self.doc.describe()))? {
+            Some(json) => serde_json::from_slice(&json)
+                .with_context(|| format!("loading {}: decoding stored network state", self.doc.describe()))?,
+            None => T::default(),
+        };
+        *self.state.lock() = state;
+        Ok(())
+    }
+
     /// The state, for reading.
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         self.state.lock()

@@ -45,6 +45,15 @@ struct Args {
     /// change writing more is refused before it is sent.
     #[arg(long, env = "OAK_ETCD_MAX_TXN_OPS", default_value_t = oak_orchestrators::root::store::etcd::DEFAULT_MAX_TXN_OPS)]
     etcd_max_txn_ops: usize,
+    /// With --etcd-endpoints the root is one replica of possibly several, one leading: this replica's
+    /// REST API as the other replicas reach it, for the requests they forward to the leader (default:
+    /// http(s)://<the address this machine reaches etcd from>:<API port>).
+    #[arg(long, env = "OAK_ADVERTISE_API")]
+    advertise_api: Option<String>,
+    /// With --etcd-endpoints: the leadership lease's time to live in milliseconds (whole seconds, at
+    /// least 2 s); a dead leader is replaced within about this long.
+    #[arg(long, env = "OAK_LEADER_LEASE_MS", default_value_t = 5_000)]
+    leader_lease_ms: u64,
     /// Password of the "Admin" user, used only at first start (when the store has no admin yet).
     /// If unset then, a random one is generated and written to <data-dir>/admin-password (0600).
     #[arg(long, env = "OAK_ADMIN_PASSWORD", hide_env_values = true)]
@@ -109,6 +118,8 @@ async fn main() -> anyhow::Result<()> {
             max_txn_ops: a.etcd_max_txn_ops,
             ..oak_orchestrators::root::store::EtcdConfig::new(etcd_endpoints)
         }),
+        advertise_api: a.advertise_api,
+        leader_lease: Duration::from_millis(a.leader_lease_ms.max(2_000)),
         admin_password: a.admin_password,
         cluster_stale: Duration::from_millis(a.cluster_stale_ms),
         retry_interval: Duration::from_millis(a.retry_interval_ms.max(100)),

@@ -3,8 +3,10 @@
 pub mod api;
 mod applications;
 pub mod auth;
+pub mod ca_sync;
 pub mod error;
 pub mod grpc;
+pub mod ha;
 mod instances;
 pub mod join;
 mod logs;
@@ -24,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use oak_proto::v1 as pb;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -47,8 +49,14 @@ pub struct Config {
     pub netsvc_addr: SocketAddr,
     /// The CA, join tokens and generated files; the embedded store too, unless `etcd` is set.
     pub data_dir: PathBuf,
-    /// Keep the store (and the overlay address plan) in etcd instead of `<data-dir>/root.redb`.
+    /// Keep the store (and the overlay address plan) in etcd instead of `<data-dir>/root.redb`; the root
+    /// is then one replica of possibly several, led by one ([`ha`]).
     pub etcd: Option<store::EtcdConfig>,
+    /// With `etcd`: this replica's REST API as the others reach it (default: http(s)://<the address this
+    /// machine reaches etcd from>:<API port>).
+    pub advertise_api: Option<String>,
+    /// With `etcd`: the leadership lease's time to live (a dead leader is replaced within about this).
+    pub leader_lease: Duration,
     pub admin_password: Option<String>,
     pub cluster_stale: Duration,
     pub retry_interval: Duration,
@@ -103,6 +111,8 @@ pub struct Root {
     pub ready: std::sync::atomic::AtomicBool,
     /// Becomes true when shutdown begins; session tasks end on it.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Set on a replicated root (on etcd): its part in the leader election.
+    pub ha: Option<ha::Replica>,
 }
 
 /// A message for a cluster, sent after the write transaction committed.
@@ -134,12 +144,35 @@ impl Root {
         let store = Store::open_with(&cfg.data_dir, cfg.etcd.as_ref())?;
         let auth = Auth::init(&store, &cfg.data_dir, cfg.admin_password.as_deref())?;
         let net = netsvc::RootNetSvc::open_for(&store, &cfg.data_dir)?;
-        reconcile_service_ips(&store, &net)?;
-        let authority =
-            Arc::new(oak_trust::Authority::open(&cfg.data_dir.join("ca"), CA_NAME, oak_trust::ROOT_SERVER)?);
+        let ha = match &cfg.etcd {
+            None => {
+                reconcile_service_ips(&store, &net)?;
+                None
+            }
+            // a replica reconciles when it becomes the leader (its writes are fenced then)
+            Some(etcd) => Some(ha::Replica::new(ha::HaConfig {
+                endpoints: etcd.endpoints.clone(),
+                election: format!("{}/leader", etcd.prefix.trim_end_matches('/')),
+                advertise_api: match &cfg.advertise_api {
+                    Some(a) => a.clone(),
+                    None => ha::default_advertise(&etcd.endpoints, cfg.api_addr, cfg.tls.is_some()),
+                },
+                lease_ttl: cfg.leader_lease,
+            })?),
+        };
+        let ca_dir = cfg.data_dir.join("ca");
+        let authority = Arc::new(match ha {
+            None => oak_trust::Authority::open(&ca_dir, CA_NAME, oak_trust::ROOT_SERVER)?,
+            // replicas share one CA (and its join tokens): the first one's, kept in the store
+            Some(_) => ca_sync::open_authority(&store, &ca_dir, CA_NAME, oak_trust::ROOT_SERVER)?,
+        });
         authority
             .init_tokens(cfg.join_token.as_deref(), &cfg.data_dir.join("join-token"), "clusters")
             .map_err(|e| anyhow!("--token: {e:#}"))?;
+        if ha.is_some() {
+            // a join token made here now reaches the other replicas
+            ca_sync::sync_dir(&store, &ca_dir)?;
+        }
         if cfg.tls.is_none() && !cfg.api_tls_names.is_empty() {
             let files = TlsFiles { cert: cfg.data_dir.join("ca/api.pem"), key: cfg.data_dir.join("ca/api.key") };
             authority
@@ -164,6 +197,7 @@ impl Root {
             grown: Mutex::new(HashSet::new()),
             ready: false.into(),
             stopping: tokio::sync::watch::channel(false).0,
+            ha,
         });
         {
             // only clusters this root registered lease worker subnets, each up to its quota
@@ -181,10 +215,30 @@ impl Root {
     }
 }
 
+impl Root {
+    /// A replica becoming the leader: the overlay address plan as the store holds it now (the previous
+    /// leader changed it), the service IPs reconciled with the services, no leftovers of an earlier term.
+    pub(crate) fn take_over(&self) -> Result<()> {
+        self.end_sessions();
+        self.grown.lock().clear();
+        self.net.reload()?;
+        reconcile_service_ips(&self.store, &self.net)
+    }
+
+    /// Ends every cluster session (the leadership ended) and forgets what they reported.
+    pub(crate) fn end_sessions(&self) {
+        self.sessions.lock().clear();
+        self.workers.lock().clear();
+    }
+}
+
 /// Runs the root orchestrator until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let root = Root::open(cfg.clone())?;
     let api_l = crate::task::listen(cfg.api_addr, "--api-addr").await?;
+    if root.ha.is_some() {
+        return serve_replica(root, api_l, shutdown).await;
+    }
     let grpc_l = crate::task::listen(cfg.grpc_addr, "--grpc-addr").await?;
     let net_l = crate::task::listen(cfg.netsvc_addr, "--netsvc-addr").await?;
     serve(root, api_l, grpc_l, net_l, shutdown).await
@@ -198,13 +252,59 @@ pub async fn serve(
     net_l: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let net_task = tokio::spawn(netsvc::serve_listener(
-        root.net.clone(),
-        net_l,
-        crate::task::trusted(&root.authority, root.clone())?,
-    ));
     tracing::info!(api = %api_l.local_addr()?, grpc = %grpc_l.local_addr()?, data_dir = %root.cfg.data_dir.display(), store = %root.store.location(), "root orchestrator listening");
     let stop_rx = root.stopping.subscribe();
+    on_shutdown(&root, shutdown);
+    let mut cluster_facing = spawn_cluster_facing(&root, grpc_l, net_l, stop_rx.clone())?;
+    let api = api_server(&root, api_l, stop_rx.clone()).await?;
+    root.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::pin!(api);
+    let mut stop_wait = stop_rx.clone();
+    let grace = async move {
+        let _ = stop_wait.wait_for(|v| *v).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let r = tokio::select! {
+        a = &mut api => a,
+        _ = grace => {
+            tracing::warn!("connections still open 5 s after shutdown began; stopping anyway");
+            Ok(())
+        }
+    };
+    // the cluster-facing services end on the same signal (cluster registration once its sessions are
+    // gone); they hold the root, its store too, until then
+    let drained =
+        tokio::time::timeout(Duration::from_secs(5), async { while cluster_facing.join_next().await.is_some() {} });
+    if drained.await.is_err() {
+        cluster_facing.abort_all();
+        while cluster_facing.join_next().await.is_some() {}
+    }
+    r?;
+    tracing::info!("root orchestrator stopped");
+    Ok(())
+}
+
+/// A replicated root: the REST API all along, the cluster-facing services while this replica leads.
+pub async fn serve_replica(
+    root: Arc<Root>,
+    api_l: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let ha = root.ha.as_ref().context("serve_replica needs a replicated root (etcd)")?;
+    tracing::info!(api = %api_l.local_addr()?, advertise = %ha.cfg.advertise_api, store = %root.store.location(), "root replica listening; campaigning for the leadership");
+    let stop_rx = root.stopping.subscribe();
+    on_shutdown(&root, shutdown);
+    let election = tokio::spawn(ha::run(root.clone(), stop_rx.clone()));
+    let api = api_server(&root, api_l, stop_rx.clone()).await?;
+    root.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = api.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+    tracing::info!("root replica stopped");
+    Ok(r?)
+}
+
+/// When `shutdown` resolves: marks the root stopping and ends the cluster sessions.
+fn on_shutdown(root: &Arc<Root>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
     let r1 = root.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -213,13 +313,48 @@ pub async fn serve(
         // dropping the senders ends the cluster streams so the gRPC server can finish
         r1.sessions.lock().clear();
     });
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    // retry loop
+}
+
+/// Resolves once `stop` becomes true (or its sender is gone).
+pub(crate) async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+/// What serves clusters, and only the leader of a replicated root runs: cluster registration (gRPC) on
+/// `grpc_l`, the service manager on `net_l`, and the loop that retries unplaced instances; all end when
+/// `stop` becomes true (or when the set is aborted).
+fn spawn_cluster_facing(
+    root: &Arc<Root>,
+    grpc_l: tokio::net::TcpListener,
+    net_l: tokio::net::TcpListener,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinSet<()>> {
+    let mut set = tokio::task::JoinSet::new();
+    let router = crate::task::trusted(&root.authority, root.clone())?;
+    let net = root.net.clone();
+    let net_stop = stopped(stop.clone());
+    set.spawn(async move {
+        tokio::select! {
+            r = netsvc::serve_listener(net, net_l, router) => {
+                if let Err(e) = r {
+                    tracing::error!("the service manager stopped: {e:#}");
+                }
+            }
+            _ = net_stop => {}
+        }
+    });
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
+    let grpc = crate::task::trusted(&root.authority, root.clone())?
+        .add_service(pb::cluster_registry_server::ClusterRegistryServer::new(grpc::Registry { root: root.clone() }))
+        .serve_with_incoming_shutdown(incoming, stopped(stop.clone()));
+    set.spawn(async move {
+        if let Err(e) = grpc.await {
+            tracing::error!("cluster registration stopped: {e:#}");
+        }
+    });
     let r2 = root.clone();
-    let mut stop_retry = stop_rx.clone();
-    let retry = tokio::spawn(async move {
+    let mut stop_retry = stop;
+    set.spawn(async move {
         let mut tick = tokio::time::interval(r2.cfg.retry_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick completes immediately
@@ -234,12 +369,21 @@ pub async fn serve(
             }
         }
     });
+    Ok(set)
+}
+
+/// The REST API on `api_l` (HTTPS when configured), until `stop` becomes true.
+async fn api_server(
+    root: &Arc<Root>,
+    api_l: tokio::net::TcpListener,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>> {
     let app = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<std::net::SocketAddr>(
         api::service(root.clone()),
     );
-    let api: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match &root.cfg.tls {
+    Ok(match &root.cfg.tls {
         None => Box::pin(std::future::IntoFuture::into_future(
-            axum::serve(api_l, app).with_graceful_shutdown(wait(stop_rx.clone())),
+            axum::serve(api_l, app).with_graceful_shutdown(stopped(stop)),
         )),
         Some(tls) => {
             let config =
@@ -247,42 +391,15 @@ pub async fn serve(
                     anyhow!("loading the API's certificate {} and key {}: {e}", tls.cert.display(), tls.key.display())
                 })?;
             let handle = axum_server::Handle::new();
-            let (h2, stopped) = (handle.clone(), wait(stop_rx.clone()));
+            let h2 = handle.clone();
             tokio::spawn(async move {
-                stopped.await;
+                stopped(stop).await;
                 h2.graceful_shutdown(Some(Duration::from_secs(5)));
             });
             tracing::info!(cert = %tls.cert.display(), "REST API over HTTPS");
             Box::pin(axum_server::from_tcp_rustls(api_l.into_std()?, config)?.handle(handle).serve(app))
         }
-    };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_l);
-    let grpc = crate::task::trusted(&root.authority, root.clone())?
-        .add_service(pb::cluster_registry_server::ClusterRegistryServer::new(grpc::Registry { root: root.clone() }))
-        .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
-    root.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    let both = async { tokio::join!(api, grpc) };
-    tokio::pin!(both);
-    let mut stop_wait = stop_rx.clone();
-    let grace = async move {
-        let _ = stop_wait.wait_for(|v| *v).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    };
-    tokio::select! {
-        (a, g) = &mut both => {
-            retry.abort();
-            net_task.abort();
-            a?;
-            g?;
-        }
-        _ = grace => {
-            retry.abort();
-            net_task.abort();
-            tracing::warn!("connections still open 5 s after shutdown began; stopping anyway");
-        }
-    }
-    tracing::info!("root orchestrator stopped");
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -23,6 +23,12 @@ pub(super) struct Session {
 
 impl Root {
     pub fn is_active(&self, cluster_id: &str) -> bool {
+        if self.ha.as_ref().is_some_and(|h| !h.is_leader()) {
+            // a follower has no sessions: what the leader last stored of the cluster tells
+            let seen = self.store.get::<ClusterRecord>(CLUSTERS, cluster_id).ok().flatten().map(|c| c.last_seen_ms);
+            let stale = self.cfg.cluster_stale.as_millis() as u64;
+            return seen.is_some_and(|t| oak_proto::now_ms().saturating_sub(t) <= stale);
+        }
         let s = self.sessions.lock();
         s.get(cluster_id).is_some_and(|s| s.last_seen.elapsed() <= self.cfg.cluster_stale)
     }

@@ -53,7 +53,9 @@ pub(crate) async fn start_with(dir: &std::path::Path, etcd: Option<super::store:
         api_addr: api_l.local_addr().unwrap(),
         grpc_addr: grpc_l.local_addr().unwrap(),
         data_dir: dir.to_path_buf(),
-        etcd,
+        etcd: etcd.clone(),
+        advertise_api: Some(format!("http://{}", api_l.local_addr().unwrap())),
+        leader_lease: Duration::from_secs(2),
         admin_password: Some("s3cret".into()),
         cluster_stale: Duration::from_secs(30),
         retry_interval: Duration::from_secs(3600),
@@ -66,15 +68,24 @@ pub(crate) async fn start_with(dir: &std::path::Path, etcd: Option<super::store:
     };
     let root: Arc<Root> = Root::open(cfg.clone()).unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(super::serve(root, api_l, grpc_l, net_l, async move {
+    let shutdown = async move {
         let _ = rx.await;
-    }));
+    };
+    let task = if etcd.is_some() {
+        // a replica binds the cluster-facing ports itself once it leads
+        drop((grpc_l, net_l));
+        tokio::spawn(super::serve_replica(root, api_l, shutdown))
+    } else {
+        tokio::spawn(super::serve(root, api_l, grpc_l, net_l, shutdown))
+    };
     let api = format!("http://{}", cfg.api_addr);
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(r) = http.get(format!("{api}/api/health")).send().await {
-            if r.status() == 200 {
+            // a replica: once it leads (the only one here)
+            let leads = |v: &Value| etcd.is_none() || v["role"] == "leader";
+            if r.status() == 200 && r.json::<Value>().await.is_ok_and(|v| leads(&v)) {
                 break;
             }
         }
@@ -714,6 +725,8 @@ async fn https_root(
         grpc_addr: grpc_l.local_addr().unwrap(),
         data_dir,
         etcd: None,
+        advertise_api: None,
+        leader_lease: Duration::from_secs(5),
         admin_password: Some("s3cret".into()),
         cluster_stale: Duration::from_secs(30),
         retry_interval: Duration::from_secs(3600),

@@ -95,6 +95,8 @@ pub fn service(root: Arc<Root>) -> NormalizePath<Router> {
         .route("/api/docs/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
         .route("/api/docs", get(move || async move { page }))
         .fallback(|| async { ApiError::NoSuchEndpoint })
+        // a replica that does not lead forwards what needs the leader
+        .layer(axum::middleware::from_fn_with_state(root.clone(), super::ha::forward))
         .with_state(root);
     NormalizePathLayer::trim_trailing_slash().layer(router)
 }
@@ -156,10 +158,17 @@ fn message(m: impl Into<String>) -> Json<Message> {
 #[utoipa::path(get, path = "/api/health", summary = "Readiness: 200 once the store is open and both listeners are bound",
     responses((status = 200, description = "OK", body = Health), (status = 503, description = "starting", body = Message)))]
 async fn health(State(root): State<Arc<Root>>) -> Response {
+    let (role, leader) = match root.ha.as_ref().map(|h| h.role()) {
+        None => (None, None),
+        Some(super::ha::Role::Leader) => {
+            (Some("leader".to_string()), root.ha.as_ref().map(|h| h.cfg.advertise_api.clone()))
+        }
+        Some(super::ha::Role::Follower { leader_api }) => (Some("follower".to_string()), leader_api),
+    };
     if root.ready.load(Ordering::SeqCst) {
-        Json(Health { status: "ok".into() }).into_response()
+        Json(Health { status: "ok".into(), role, leader }).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "starting".into() })).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "starting".into(), role, leader })).into_response()
     }
 }
 

@@ -53,6 +53,12 @@ impl Message {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     pub status: String,
+    /// A replicated root (on etcd): "leader" or "follower".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// A replicated root: the leading replica's API, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// The answer to a deploy: a message and the new instance as it stands (the same document as in the

@@ -182,6 +182,11 @@ impl RootNetSvc {
         }
     }
 
+    /// Loads the plan again from where it is kept (a replica taking over the leadership).
+    pub fn reload(&self) -> Result<()> {
+        self.inner.state.reload()
+    }
+
     fn with_state(state: Persisted<RootState>) -> Self {
         let (changes, _) = tokio::sync::broadcast::channel(1024);
         Self { inner: Arc::new(Inner { state, changes, policy: std::sync::OnceLock::new() }) }

@@ -103,6 +103,15 @@ impl RawTx for RedbTx {
         self.tx.open_table(Def::new(table))?.insert(key, value.as_slice())?;
         Ok(())
     }
+    fn put_new(&self, table: &str, key: &str, value: Vec<u8>) -> Result<()> {
+        // the one write transaction of the file: nobody can make the key between this check and the commit
+        let mut t = self.tx.open_table(Def::new(table))?;
+        if t.get(key)?.is_some() {
+            bail!("{table}/{key} is there already: nothing was stored");
+        }
+        t.insert(key, value.as_slice())?;
+        Ok(())
+    }
     fn delete(&self, table: &str, key: &str) -> Result<()> {
         self.tx.open_table(Def::new(table))?.remove(key)?;
         Ok(())

@@ -9,12 +9,13 @@
 //!
 //! A write transaction holds the process's one writer slot for its life (as redb does), reads
 //! (linearizable) through to etcd merged with its own buffered writes, and commits them as one etcd Txn,
-//! guarded by the [`Fence`] when one is set. Reads inside a transaction are not compared at commit: the
-//! single writer and the fence (one leader) are what keep them current. A request carries at most what
-//! etcd's `--max-request-bytes` allows (1.5 MiB by default), which bounds one value (the overlay plan is
-//! one document) and one commit.
+//! guarded by the [`Fence`] when one is set and by "still absent" for every key made with
+//! [`RawTx::put_new`]. Other reads inside a transaction are not compared at commit: the single writer and
+//! the fence (one leader) are what keep them current. A request carries at most what etcd's
+//! `--max-request-bytes` allows (1.5 MiB by default), which bounds one value (the overlay plan is one
+//! document) and one commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -308,7 +309,11 @@ impl Backend for EtcdBackend {
             self.0.writer_done.wait(&mut writing);
         }
         *writing = true;
-        Ok(Box::new(EtcdTx { shared: self.0.clone(), writes: Mutex::new(BTreeMap::new()) }))
+        Ok(Box::new(EtcdTx {
+            shared: self.0.clone(),
+            writes: Mutex::new(BTreeMap::new()),
+            new: Mutex::new(BTreeSet::new()),
+        }))
     }
 
     fn set_fence(&self, fence: Option<Fence>) -> Result<()> {
@@ -332,6 +337,8 @@ type Writes = BTreeMap<(String, String), Option<Vec<u8>>>;
 struct EtcdTx {
     shared: Arc<Shared>,
     writes: Mutex<Writes>,
+    /// The keys put with `put_new`: the commit requires them absent.
+    new: Mutex<BTreeSet<(String, String)>>,
 }
 
 impl Drop for EtcdTx {
@@ -367,8 +374,17 @@ impl RawTx for EtcdTx {
         Ok(())
     }
 
+    fn put_new(&self, table: &str, key: &str, value: Vec<u8>) -> Result<()> {
+        let k = (table.to_string(), key.to_string());
+        self.writes.lock().insert(k.clone(), Some(value));
+        self.new.lock().insert(k);
+        Ok(())
+    }
+
     fn delete(&self, table: &str, key: &str) -> Result<()> {
-        self.writes.lock().insert((table.to_string(), key.to_string()), None);
+        let k = (table.to_string(), key.to_string());
+        self.new.lock().remove(&k);
+        self.writes.lock().insert(k, None);
         Ok(())
     }
 
@@ -395,14 +411,30 @@ impl RawTx for EtcdTx {
             })
             .collect();
         let fence = s.fence.lock().clone();
+        let new = std::mem::take(&mut *self.new.lock());
         // etcd-client wants the compare first, then the writes, then what runs when the compare fails
-        let txn = match &fence {
-            None => Txn::new().and_then(ops),
-            Some(f) => Txn::new()
-                .when([Compare::create_revision(f.key.clone(), CompareOp::Equal, f.create_revision)])
-                .and_then(ops)
-                .or_else([TxnOp::get(f.key.clone(), None)]),
-        };
+        let mut compares: Vec<Compare> =
+            new.iter().map(|(t, k)| Compare::version(s.key(t, k), CompareOp::Equal, 0)).collect();
+        if let Some(f) = &fence {
+            compares.push(Compare::create_revision(f.key.clone(), CompareOp::Equal, f.create_revision));
+        }
+        if compares.len() > s.cfg.max_txn_ops {
+            bail!(
+                "etcd at {}: this transaction makes {} keys new, more than the {} comparisons etcd takes in one \
+                 transaction (etcd's --max-txn-ops): nothing was stored",
+                s.endpoints,
+                new.len(),
+                s.cfg.max_txn_ops
+            );
+        }
+        let mut txn = Txn::new();
+        if !compares.is_empty() {
+            txn = txn.when(compares);
+        }
+        txn = txn.and_then(ops);
+        if let Some(f) = &fence {
+            txn = txn.or_else([TxnOp::get(f.key.clone(), None)]);
+        }
         let r = s.run("committing a transaction", move |mut c| {
             let txn = txn.clone();
             async move { c.txn(txn).await }
@@ -410,13 +442,29 @@ impl RawTx for EtcdTx {
         if r.succeeded() {
             return Ok(());
         }
+        let taken = || {
+            let keys: Vec<String> = new.iter().map(|(t, k)| format!("{t}/{k}")).collect();
+            anyhow!(
+                "etcd at {}: a key this transaction makes new ({}) was made by another writer first: nothing was \
+                 stored",
+                s.endpoints,
+                keys.join(", ")
+            )
+        };
         let Some(f) = fence else {
+            if !new.is_empty() {
+                return Err(taken());
+            }
             bail!("etcd at {}: a transaction without conditions was refused", s.endpoints);
         };
         let now = r.op_responses().into_iter().find_map(|o| match o {
             TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| kv.create_revision())),
             _ => None,
         });
+        if now == Some(Some(f.create_revision)) && !new.is_empty() {
+            // still fenced on the same key: what failed is a key made new
+            return Err(taken());
+        }
         let now = match now.flatten() {
             Some(rev) => format!("was made again (create revision {rev})"),
             None => "is gone".to_string(),

@@ -86,6 +86,11 @@ pub trait RawTx: Send {
     fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>>;
     fn list(&self, table: &str) -> Result<Vec<(String, Vec<u8>)>>;
     fn put(&self, table: &str, key: &str, value: Vec<u8>) -> Result<()>;
+    /// Puts `value` under a `key` that must be absent: when it is there (in the embedded store, now; on
+    /// etcd, at commit: another writer made it since) the put or the commit fails and nothing is stored.
+    /// (On etcd a commit tried again after its answer was lost may find the key its first try made: a
+    /// caller that sees the failure reads the store again.)
+    fn put_new(&self, table: &str, key: &str, value: Vec<u8>) -> Result<()>;
     fn delete(&self, table: &str, key: &str) -> Result<()>;
     /// Stores every write at once, or none.
     fn commit(self: Box<Self>) -> Result<()>;
@@ -119,6 +124,12 @@ impl Tx {
     }
     pub fn put<T: Serialize>(&self, t: Table, key: &str, v: &T) -> Result<()> {
         self.raw.put(t, key, serde_json::to_vec(v)?)
+    }
+    /// Puts `v` under a `key` no writer has made, checked when the transaction commits (see
+    /// [`RawTx::put_new`]): of two writers creating one key, the first to commit wins, the other's commit
+    /// fails whole.
+    pub fn put_new<T: Serialize>(&self, t: Table, key: &str, v: &T) -> Result<()> {
+        self.raw.put_new(t, key, serde_json::to_vec(v)?)
     }
     pub fn delete(&self, t: Table, key: &str) -> Result<()> {
         self.raw.delete(t, key)

@@ -169,6 +169,52 @@ fn a_persisted_document_lives_under_one_key(s: &Store) {
 }
 on_both!(a_persisted_document_lives_under_one_key_, a_persisted_document_lives_under_one_key);
 
+fn put_new_refuses_a_key_that_is_there(s: &Store) {
+    s.update(|tx| tx.put_new(META, "made", &json!({"n": 1}))).unwrap();
+    let e = s
+        .update(|tx| {
+            tx.put(META, "beside", &json!({"n": 2}))?;
+            tx.put_new(META, "made", &json!({"n": 3}))
+        })
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("meta/made"), "{e:#}");
+    assert_eq!(n(s.get(META, "made").unwrap()), Some(1), "kept");
+    assert_eq!(n(s.get(META, "beside").unwrap()), None, "nothing of the transaction stored");
+    // deleted and made new in one transaction: a plain delete, then a put of a key that was there
+    s.update(|tx| {
+        tx.delete(META, "made")?;
+        tx.put(META, "made", &json!({"n": 4}))
+    })
+    .unwrap();
+    assert_eq!(n(s.get(META, "made").unwrap()), Some(4));
+}
+on_both!(put_new_refuses_a_key_that_is_there_, put_new_refuses_a_key_that_is_there);
+
+/// Two processes (two connections, two writer slots) making one key: both read it absent, the first
+/// commit wins, the second fails whole, with or without a fence.
+#[test]
+fn of_two_writers_making_one_key_the_first_commit_wins() {
+    let Some((a, cfg, _keep)) = on_etcd() else { return };
+    let b = Store::open_etcd(&cfg).unwrap();
+    let (ta, tb) = (a.write().unwrap(), b.write().unwrap());
+    assert!(ta.get::<Value>(META, "ca").unwrap().is_none() && tb.get::<Value>(META, "ca").unwrap().is_none());
+    ta.put_new(META, "ca", &json!({"n": 1})).unwrap();
+    tb.put_new(META, "ca", &json!({"n": 2})).unwrap();
+    tb.put(META, "b-only", &json!({"n": 2})).unwrap();
+    ta.commit().unwrap();
+    let e = tb.commit().unwrap_err();
+    assert!(format!("{e:#}").contains("meta/ca") && format!("{e:#}").contains("another writer"), "{e:#}");
+    assert_eq!(n(a.get(META, "ca").unwrap()), Some(1));
+    assert_eq!(n(a.get(META, "b-only").unwrap()), None);
+    // under a fence that still holds, the failure is the taken key, not leadership
+    let rev = make_key(&cfg.endpoints[0], "/test/leader");
+    b.set_fence(Some(Fence { key: "/test/leader".into(), create_revision: rev })).unwrap();
+    let e = b.update(|tx| tx.put_new(META, "ca", &json!({"n": 3}))).unwrap_err();
+    assert!(format!("{e:#}").contains("another writer"), "{e:#}");
+    b.update(|tx| tx.put_new(META, "fresh", &json!({"n": 5}))).unwrap();
+    assert_eq!(n(a.get(META, "fresh").unwrap()), Some(5));
+}
+
 #[test]
 fn the_embedded_store_survives_reopening_and_makes_ids() {
     let dir = tempfile::tempdir().unwrap();
