@@ -42,14 +42,29 @@ pub enum Tier {
 
 /// Runs `op` on the authority of `tier` in `<data_dir>/ca`.
 pub fn run(op: TokenOp, data_dir: &Path, tier: Tier) -> Result<()> {
+    run_with(op, data_dir, tier, None)
+}
+
+/// [`run`] for a replicated root: the CA directory is first brought in line with `store` (where the
+/// replicas share it), and a token made or revoked goes to the store, so every replica has it.
+pub fn run_with(op: TokenOp, data_dir: &Path, tier: Tier, store: Option<&crate::root::store::Store>) -> Result<()> {
     let (ca_name, server_name) = match tier {
         Tier::Root => (crate::root::CA_NAME, oak_trust::ROOT_SERVER),
         Tier::Cluster => (crate::cluster::CA_NAME, oak_trust::CLUSTER_SERVER),
     };
-    let a = oak_trust::Authority::open(&data_dir.join("ca"), ca_name, server_name)?;
+    let ca_dir = data_dir.join("ca");
+    let a = match store {
+        Some(s) => crate::root::ca_sync::open_authority(s, &ca_dir, ca_name, server_name)?,
+        None => oak_trust::Authority::open(&ca_dir, ca_name, server_name)?,
+    };
+    let publish = |id: &str| match store {
+        Some(s) => crate::root::ca_sync::publish(s, &ca_dir, &format!("join-tokens/{id}.json")),
+        None => Ok(()),
+    };
     match op {
         TokenOp::Create { ttl, description } => {
             let (token, t) = a.tokens.create(&a.pin(), ttl, &description)?;
+            publish(&t.id)?;
             let until = if t.expires_ms == 0 { "until revoked".to_string() } else { format!("for {}", show_ttl(ttl)) };
             eprintln!("join token {} (valid {until}):", t.id);
             println!("{token}");
@@ -72,6 +87,7 @@ pub fn run(op: TokenOp, data_dir: &Path, tier: Tier) -> Result<()> {
         }
         TokenOp::Revoke { id } => {
             anyhow::ensure!(a.tokens.revoke(&id)?, "no join token {id}");
+            publish(&id)?;
             eprintln!("join token {id} revoked");
         }
     }

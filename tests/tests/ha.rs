@@ -34,6 +34,10 @@ fn health(ip: Ipv4Addr) -> (String, String) {
     (v["role"].as_str().unwrap_or_default().to_string(), v["leader"].as_str().unwrap_or_default().to_string())
 }
 
+fn rs_ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
 fn sla(name: &str) -> Value {
     json!({"sla_version": "v2.0", "customerID": "Admin", "applications": [{"applicationID": "",
         "application_name": name, "application_namespace": "ha", "application_desc": "",
@@ -285,7 +289,7 @@ fn three_replicas_survive_the_leaders_kill_and_a_partition() {
     net.set_link(REPLICAS[cut], true).unwrap();
     rs.cut = None;
     let (ip, n) = (rs.ips[cut], acked.len());
-    client.run(move || {
+    let token = client.run(move || {
         wait_for("the partitioned replica follows again", Duration::from_secs(30), || {
             let (role, leader) = health(ip);
             (role == "follower" && !leader.is_empty()).then_some(())
@@ -297,5 +301,32 @@ fn three_replicas_survive_the_leaders_kill_and_a_partition() {
         // and forwards a write to the leader
         let (c, v) = a.call("POST", "/api/application", Some(&sla("late")));
         assert_eq!(c, 200, "{v}");
+        // a join token made through it is the leader's, kept in the store for every replica
+        let (c, t) = a.call("POST", "/api/join-tokens", Some(&json!({"description": "edge-2"})));
+        assert_eq!(c, 200, "{t}");
+        (t["id"].as_str().unwrap_or_default().to_string(), t["token"].as_str().unwrap_or_default().to_string())
+    });
+    // the cut replica leads again (the others stop): a cluster joins it with that token
+    let (token_id, token) = token;
+    assert!(!token_id.is_empty() && !token.is_empty(), "{token_id} {token}");
+    for i in 0..3 {
+        if i != cut {
+            if let Some(p) = rs.procs[i].as_mut() {
+                p.terminate(Duration::from_secs(10));
+            }
+            rs.procs[i] = None;
+        }
+    }
+    wait_for("the once cut replica leads", Duration::from_secs(30), || (rs.leader(client) == Some(cut)).then_some(()));
+    let cl2 = d.join("cluster2").display().to_string();
+    let root_ip = rs.ips[cut].to_string();
+    let _cluster2 =
+        net.host("workers").spawn_cluster(&root_ip, &cl2, "edge-2", "48.1,11.6", &["--token", &token]).unwrap();
+    client.run(move || {
+        let a = api(rs_ip(&root_ip));
+        wait_for("edge-2 registered with the token", Duration::from_secs(30), || {
+            let (_, c) = a.call("GET", "/api/clusters/", None);
+            c.as_array()?.iter().any(|c| c["cluster_name"] == "edge-2").then_some(())
+        });
     });
 }

@@ -102,12 +102,20 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     use oak_orchestrators::tokens_cli::{self, Command};
-    if let Some(Command::Token { op }) = a.command {
-        return tokens_cli::run(op, &a.data_dir, tokens_cli::Tier::Root);
-    }
-    oak_orchestrators::telemetry::init(&a.log_level);
     // an empty OAK_ETCD_ENDPOINTS means the embedded store, as when it is unset
     let etcd_endpoints: Vec<String> = a.etcd_endpoints.into_iter().filter(|e| !e.trim().is_empty()).collect();
+    if let Some(Command::Token { op }) = a.command {
+        // a replicated root keeps its CA and join tokens in etcd, where every replica reads them
+        let store = match etcd_endpoints.is_empty() {
+            true => None,
+            false => Some(oak_orchestrators::root::store::Store::open_etcd(&oak_orchestrators::root::store::EtcdConfig {
+                prefix: a.etcd_prefix.clone(),
+                ..oak_orchestrators::root::store::EtcdConfig::new(etcd_endpoints)
+            })?),
+        };
+        return tokens_cli::run_with(op, &a.data_dir, tokens_cli::Tier::Root, store.as_ref());
+    }
+    oak_orchestrators::telemetry::init(&a.log_level);
     let cfg = oak_orchestrators::root::Config {
         api_addr: a.api_addr,
         grpc_addr: a.grpc_addr,

@@ -122,10 +122,14 @@ pub fn default_advertise(endpoints: &[String], api: std::net::SocketAddr, tls: b
     format!("{scheme}://{}", std::net::SocketAddr::new(ip, api.port()))
 }
 
-/// Whether a request needs the leader: every write, and the reads answered from the leader's memory
-/// (a cluster's live workers, an instance's logs, which come through the cluster's session).
+/// Whether a request needs the leader: every write, and the reads answered from the leader's memory or
+/// files (a cluster's live workers, an instance's logs, which come through the cluster's session; the
+/// join tokens, which a follower's CA directory has only as of its last sync).
 fn needs_leader(method: &Method, path: &str) -> bool {
-    !(method == Method::GET || method == Method::HEAD) || path.ends_with("/workers") || path.contains("/logs")
+    !(method == Method::GET || method == Method::HEAD)
+        || path.ends_with("/workers")
+        || path.contains("/logs")
+        || path.starts_with("/api/join-tokens")
 }
 
 /// API middleware: on a follower, a request that needs the leader goes to the leader's API and its answer
@@ -322,5 +326,6 @@ mod tests {
         assert!(needs_leader(&Method::DELETE, "/api/service/abc/instance/0"));
         assert!(needs_leader(&Method::GET, "/api/cluster/edge/workers"));
         assert!(needs_leader(&Method::GET, "/api/service/abc/instance/0/logs"));
+        assert!(needs_leader(&Method::GET, "/api/join-tokens"));
     }
 }

@@ -14,7 +14,19 @@ impl super::Root {
     /// A new join token valid for `ttl_ms` (0: until revoked); the whole token is only in the answer.
     pub fn create_join_token(&self, ttl_ms: u64, description: &str) -> Result<(String, JoinToken), RootError> {
         let pin = self.authority.pin();
-        self.authority.tokens.create(&pin, ttl_ms, description).map_err(RootError::Internal)
+        let (whole, t) = self.authority.tokens.create(&pin, ttl_ms, description).map_err(RootError::Internal)?;
+        self.publish_token(&t.id)?;
+        Ok((whole, t))
+    }
+
+    /// A replicated root: the token's file as it is here now goes to the store, so every replica has it
+    /// (the store is the CA directory's source of truth, see [`super::ca_sync`]).
+    fn publish_token(&self, id: &str) -> Result<(), RootError> {
+        if self.ha.is_none() {
+            return Ok(());
+        }
+        let dir = self.cfg.data_dir.join("ca");
+        super::ca_sync::publish(&self.store, &dir, &format!("join-tokens/{id}.json")).map_err(RootError::Internal)
     }
 
     /// Every join token (without hashes).
@@ -25,7 +37,7 @@ impl super::Root {
     /// Revokes join token `id` (clusters that joined with it keep their certificates).
     pub fn revoke_join_token(&self, id: &str) -> Result<(), RootError> {
         match self.authority.tokens.revoke(id) {
-            Ok(true) => Ok(()),
+            Ok(true) => self.publish_token(id),
             Ok(false) => Err(RootError::NotFound(format!("join token {id}"))),
             Err(e) => Err(RootError::Internal(e)),
         }

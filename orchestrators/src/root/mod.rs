@@ -220,6 +220,8 @@ impl Root {
     /// leader changed it), the service IPs reconciled with the services, no leftovers of an earlier term.
     pub(crate) fn take_over(&self) -> Result<()> {
         self.end_sessions();
+        // join tokens made or revoked through another replica since this one started
+        ca_sync::sync_dir(&self.store, &self.cfg.data_dir.join("ca"))?;
         self.grown.lock().clear();
         self.net.reload()?;
         reconcile_service_ips(&self.store, &self.net)
