@@ -778,6 +778,21 @@ impl Cluster {
         Some(delay)
     }
 
+    /// Places instance `k` again (on a worker other than `exclude`); when it lands on another worker than
+    /// before, the worker that had it (if live) removes what is left of it. Returns whether it moved.
+    fn place_again(&self, s: &mut State, k: &str, exclude: Option<&str>, why: &str, out: &mut Out) -> bool {
+        let Some(inst) = s.instances.get(k) else { return false };
+        let (old, service_id, instance_number) =
+            (inst.status.node_id.clone(), inst.status.service_id.clone(), inst.status.instance_number);
+        self.schedule(s, k, exclude, why, out);
+        let moved = s.instances.get(k).is_none_or(|i| i.status.node_id != old);
+        if moved && s.workers.get(&old).is_some_and(|w| w.alive) {
+            let undeploy = pb::UndeployInstance { service_id, instance_number };
+            out.to_workers.push((old, worker_msg(pb::cluster_to_worker::Msg::Undeploy(undeploy))));
+        }
+        moved && s.instances.contains_key(k)
+    }
+
     /// Places again the instances whose redeploy is due (on any qualified worker, the same one included);
     /// the worker that had one, when another gets it, removes what is left of it.
     pub fn redeploy_due(&self) {
@@ -794,23 +809,11 @@ impl Cluster {
             for k in due {
                 let inst = s.instances.get_mut(&k).expect("present");
                 inst.redeploy_at = None;
-                let (old, old_name) = (inst.status.node_id.clone(), inst.status.node_name.clone());
-                let (service_id, instance_number) = (inst.status.service_id.clone(), inst.status.instance_number);
                 let why = format!(
-                    "{} on worker '{old_name}' ({}); placed again (failure {}): ",
-                    inst.status.status, inst.status.detail, inst.failures
+                    "{} on worker '{}' ({}); placed again (failure {}): ",
+                    inst.status.status, inst.status.node_name, inst.status.detail, inst.failures
                 );
-                self.schedule(&mut s, &k, None, &why, &mut out);
-                let moved = s.instances.get(&k).is_none_or(|i| i.status.node_id != old);
-                if moved && s.workers.get(&old).is_some_and(|w| w.alive) {
-                    out.to_workers.push((
-                        old,
-                        worker_msg(pb::cluster_to_worker::Msg::Undeploy(pb::UndeployInstance {
-                            service_id,
-                            instance_number,
-                        })),
-                    ));
-                }
+                self.place_again(&mut s, &k, None, &why, &mut out);
             }
         }
         self.flush(out);
@@ -855,27 +858,13 @@ impl Cluster {
                     tracing::debug!(instance = %k, worker = %node_name, "misses its latency constraint ({why}); no other worker meets it: {}", e.detail);
                     continue;
                 }
-                let (service_id, instance_number) = {
-                    let st = &s.instances[&k].status;
-                    (st.service_id.clone(), st.instance_number)
-                };
                 let why = format!(
                     "worker '{node_name}' {why} for more than {} s (convergence time); moved: ",
                     grace.as_secs()
                 );
                 tracing::warn!(instance = %k, "{why}");
-                self.schedule(&mut s, &k, Some(&node), &why, &mut out);
-                if s.instances.get(&k).is_some_and(|i| i.status.node_id != node) {
+                if self.place_again(&mut s, &k, Some(&node), &why, &mut out) {
                     moved.push(k.clone());
-                    if s.workers.get(&node).is_some_and(|w| w.alive) {
-                        out.to_workers.push((
-                            node,
-                            worker_msg(pb::cluster_to_worker::Msg::Undeploy(pb::UndeployInstance {
-                                service_id,
-                                instance_number,
-                            })),
-                        ));
-                    }
                 }
             }
         }
