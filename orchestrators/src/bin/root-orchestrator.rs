@@ -108,10 +108,12 @@ async fn main() -> anyhow::Result<()> {
         // a replicated root keeps its CA and join tokens in etcd, where every replica reads them
         let store = match etcd_endpoints.is_empty() {
             true => None,
-            false => Some(oak_orchestrators::root::store::Store::open_etcd(&oak_orchestrators::root::store::EtcdConfig {
-                prefix: a.etcd_prefix.clone(),
-                ..oak_orchestrators::root::store::EtcdConfig::new(etcd_endpoints)
-            })?),
+            false => {
+                Some(oak_orchestrators::root::store::Store::open_etcd(&oak_orchestrators::root::store::EtcdConfig {
+                    prefix: a.etcd_prefix.clone(),
+                    ..oak_orchestrators::root::store::EtcdConfig::new(etcd_endpoints)
+                })?)
+            }
         };
         return tokens_cli::run_with(op, &a.data_dir, tokens_cli::Tier::Root, store.as_ref());
     }
