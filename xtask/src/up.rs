@@ -1,5 +1,9 @@
-//! `cargo xtask up` / `down`: a 1-DOC cluster (root, cluster, NetManager, NodeEngine) on this machine.
+//! `cargo xtask up` / `down`: a 1-DOC cluster (root, cluster, NetManager, NodeEngine) on this machine;
+//! with `--ha N` the root is replicated: N root orchestrators on one etcd (a local one `up` starts, or
+//! `--etcd-endpoints`), each on a loopback address of its own.
 use std::fs;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +19,18 @@ const LOG_DIR: &str = "/var/log/oakestra-rs";
 const DATA_DIR: &str = "/var/lib/oakestra-rs";
 const NETCFG: &str = "/etc/netmanager/netcfg.json";
 const CONTAINERD_SOCK: &str = "/run/containerd/containerd.sock";
+/// Root replica i (`--ha`) listens on 127.0.0.(10+i) at the root's default ports: a cluster reaches every
+/// replica's service manager at one port (`--root-netsvc-port`, beside each address's host), so replicas
+/// on one machine differ by address, not by port.
+const REPLICA_IP_BASE: u8 = 10;
+/// The most replicas `--ha` takes (127.0.0.10 to 127.0.0.29).
+const MAX_REPLICAS: u8 = 20;
+/// Debian's etcd (the etcd-server package, installed by `cargo xtask setup`).
+const ETCD_BIN: &str = "/usr/bin/etcd";
+/// The local etcd's transaction limit, and the replicas' `--etcd-max-txn-ops` on it.
+const ETCD_MAX_TXN_OPS: &str = "10000";
+/// Holds the local etcd's client URL while it runs: a later `up` finds it there.
+const ETCD_URL_FILE: &str = "etcd.url";
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
@@ -56,6 +72,19 @@ pub struct UpArgs {
     /// With the root, do not start the dashboard (oak-dashboard on port 80).
     #[arg(long)]
     pub no_dashboard: bool,
+    /// With the root role: a replicated root of N root orchestrators (1 to 20, typically 3) on etcd, to try
+    /// one on this machine. Replica i (process root-i) listens on 127.0.0.(10+i) at the default ports (API
+    /// :10000, cluster registration :50052, service manager :10099; loopback only), keeps its files in
+    /// /var/lib/oakestra-rs/ha/root-i and advertises http://127.0.0.(10+i):10000 to the others. A local
+    /// single-member etcd is started (client 127.0.0.1:2379 and peer :2380, or free ports when taken; data
+    /// in /var/lib/oakestra-rs/ha/etcd) unless --etcd-endpoints names one. The cluster lists every replica
+    /// (--root-address 127.0.0.10,127.0.0.11,...); the dashboard talks to the first.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=MAX_REPLICAS as i64))]
+    pub ha: Option<u8>,
+    /// With the root role: the replicated root keeps its store in this running etcd (client URLs,
+    /// comma-separated) instead of one `up` starts; without --ha, one replica.
+    #[arg(long, value_name = "URL[,URL]", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
     /// Seconds to wait for each component to come up (the worker to register).
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -63,13 +92,225 @@ pub struct UpArgs {
 
 #[derive(Args, Debug)]
 pub struct DownArgs {
-    /// Also delete the state (root store, cluster ids, leases) under /var/lib/oakestra-rs.
+    /// Also delete the state (root store, cluster ids, leases; a replicated root's etcd data and replica
+    /// files) under /var/lib/oakestra-rs.
     #[arg(long)]
     pub purge: bool,
 }
 
-/// What `up` may start (the dashboard with the root role); `down` stops them in reverse, workers first.
-const ORDER: &[&str] = &["dashboard", "root", "cluster", "netmanager", "nodeengine"];
+/// What `up` may start (the dashboard with the root role; etcd and the replicas root-0, root-1, ... with
+/// `--ha`), in order; `down` stops them in reverse, workers first and etcd after every replica.
+fn order() -> Vec<String> {
+    let mut names = vec!["dashboard".to_string(), "etcd".to_string()];
+    names.extend(replica_indices().into_iter().map(replica_name));
+    names.extend(["root", "cluster", "netmanager", "nodeengine"].map(String::from));
+    names
+}
+
+/// A replicated root as `up` lays it out on this machine.
+struct Ha {
+    replicas: u8,
+    /// etcd's client URLs, comma-separated.
+    endpoints: String,
+    /// etcd is the one `up` runs: its transaction limit is known.
+    local_etcd: bool,
+}
+
+fn replica_name(i: u8) -> String {
+    format!("root-{i}")
+}
+
+fn replica_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, REPLICA_IP_BASE + i)
+}
+
+/// Replica i's REST API, as it advertises itself and users reach it.
+fn replica_api(i: u8) -> String {
+    format!("http://{}:10000", replica_ip(i))
+}
+
+/// Replica i's files (CA copy, join token, admin password), relative to DATA_DIR.
+fn replica_home(i: u8) -> String {
+    format!("ha/root-{i}")
+}
+
+/// The replicas with a pid file (running or not), by index: what `down` stops.
+fn replica_indices() -> Vec<u8> {
+    let mut found: Vec<u8> = fs::read_dir(RUN_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("root-")?.strip_suffix(".pid")?.parse().ok())
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// Replica i's `/api/health` answer once it serves: (role, the leader's API as it knows it).
+fn replica_health(i: u8) -> Option<(String, String)> {
+    let v: serde_json::Value = ureq::get(&format!("{}/api/health", replica_api(i)))
+        .timeout(Duration::from_secs(2))
+        .call()
+        .ok()?
+        .into_json()
+        .ok()?;
+    Some((v["role"].as_str()?.to_string(), v["leader"].as_str().unwrap_or_default().to_string()))
+}
+
+/// Whether etcd at `url` says it is healthy (its `/health`).
+fn etcd_healthy(url: &str) -> bool {
+    ureq::get(&format!("{}/health", url.trim_end_matches('/')))
+        .timeout(Duration::from_secs(2))
+        .call()
+        .ok()
+        .and_then(|r| r.into_json::<serde_json::Value>().ok())
+        .is_some_and(|v| v["health"] == "true")
+}
+
+/// `preferred` on 127.0.0.1 when it is free, else a free port the kernel picks (other than `not`).
+fn loopback_port(preferred: u16, not: Option<u16>) -> anyhow::Result<u16> {
+    if Some(preferred) != not && TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return Ok(preferred);
+    }
+    loop {
+        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
+        if Some(port) != not {
+            return Ok(port);
+        }
+    }
+}
+
+/// Starts the local single-member etcd of a replicated root unless it runs (data in DATA_DIR/ha/etcd, log
+/// etcd.log); returns its client URL once its `/health` says healthy.
+fn ensure_etcd(timeout: Duration) -> anyhow::Result<String> {
+    let url_file = Path::new(RUN_DIR).join(ETCD_URL_FILE);
+    if let Some(pid) = running_pid("etcd") {
+        let url = fs::read_to_string(&url_file)
+            .map(|s| s.trim().to_string())
+            .with_context(|| format!("etcd runs (pid {pid}) but {} is missing", url_file.display()))?;
+        step(&format!("etcd: already running (pid {pid}, {url})"));
+        return Ok(url);
+    }
+    if !Path::new(ETCD_BIN).exists() {
+        bail!("{ETCD_BIN} is missing: `cargo xtask setup` installs it (Debian's etcd-server)");
+    }
+    // etcd's usual ports when free, else free ones (another etcd may run here, a test's or a bench's)
+    let client = loopback_port(2379, None)?;
+    let peer = loopback_port(2380, Some(client))?;
+    let (url, peer_url) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
+    let dir = Path::new(DATA_DIR).join("ha/etcd");
+    fs::create_dir_all(Path::new(DATA_DIR).join("ha"))?;
+    step(&format!("starting etcd (client {url}, peer {peer_url}, data {})", dir.display()));
+    let from = log_len("etcd");
+    let args = [
+        "--name",
+        "oak-up",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("oak-up={peer_url}"),
+        "--initial-cluster-state",
+        "new",
+        "--max-txn-ops",
+        ETCD_MAX_TXN_OPS,
+        "--logger",
+        "zap",
+    ]
+    .map(String::from);
+    spawn("etcd", Path::new(ETCD_BIN), &args, &[])?;
+    fs::write(&url_file, &url)?;
+    wait_until(&format!("etcd healthy at {url}"), timeout, || {
+        if running_pid("etcd").is_none() {
+            return Err(exited("etcd", from));
+        }
+        Ok(etcd_healthy(&url))
+    })?;
+    Ok(url)
+}
+
+/// Starts the replicas not running yet, one at a time (the first to open the store makes the CA and the
+/// Admin user; the next take them from etcd), then waits until exactly one leads; returns its index.
+fn ensure_replicas(ha: &Ha, bin: &Path, trust_dashboard: bool, timeout: Duration) -> anyhow::Result<u8> {
+    for i in 0..ha.replicas {
+        let name = replica_name(i);
+        if let Some(pid) = running_pid(&name) {
+            step(&format!("{name}: already running (pid {pid}, API {})", replica_api(i)));
+            continue;
+        }
+        step(&format!("starting root replica {name} (API {}, etcd {})", replica_api(i), ha.endpoints));
+        let ip = replica_ip(i);
+        // the root on etcd does not make its data dir (the embedded store's opening would); 0700: it holds the
+        // CA's key and the generated admin password
+        let home = Path::new(DATA_DIR).join(replica_home(i));
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&home)?;
+        let mut args = vec![
+            "--data-dir".to_string(),
+            home.display().to_string(),
+            "--etcd-endpoints".into(),
+            ha.endpoints.clone(),
+            "--advertise-api".into(),
+            replica_api(i),
+            "--api-addr".into(),
+            format!("{ip}:10000"),
+            "--grpc-addr".into(),
+            format!("{ip}:50052"),
+            "--netsvc-addr".into(),
+            format!("{ip}:10099"),
+        ];
+        if ha.local_etcd {
+            args.extend(["--etcd-max-txn-ops".to_string(), ETCD_MAX_TXN_OPS.to_string()]);
+        }
+        if trust_dashboard {
+            // the dashboard, on this machine, names each browser's address on logins
+            args.extend(["--trusted-proxy".to_string(), "127.0.0.1".to_string()]);
+        }
+        let from = log_len(&name);
+        spawn(&name, &bin.join("root-orchestrator"), &args, &[])?;
+        wait_until(&format!("{name} leading or following a known leader"), timeout, || {
+            if running_pid(&name).is_none() {
+                return Err(exited(&name, from));
+            }
+            Ok(replica_health(i).is_some_and(|(role, leader)| role == "leader" || !leader.is_empty()))
+        })?;
+    }
+    let mut leader = None;
+    wait_until("exactly one replica leading", timeout, || {
+        let leading: Vec<u8> =
+            (0..ha.replicas).filter(|i| replica_health(*i).is_some_and(|(role, _)| role == "leader")).collect();
+        leader = (leading.len() == 1).then(|| leading[0]);
+        Ok(leader.is_some())
+    })?;
+    let leader = leader.expect("set when the wait succeeds");
+    step(&format!("{} leads the root ({})", replica_name(leader), replica_api(leader)));
+    Ok(leader)
+}
+
+/// A cluster on this machine that joined another root than the one here (its `identity/ca.pem` is not
+/// this root's CA) could never register: its sessions would fail TLS until `up` times out. Refused first.
+fn check_cluster_root(root_home: &str) -> anyhow::Result<()> {
+    let root_ca = Path::new(DATA_DIR).join(root_home).join("ca/ca.pem");
+    let joined = Path::new(DATA_DIR).join("cluster/identity/ca.pem");
+    let (Ok(root_ca), Ok(joined_ca)) = (fs::read_to_string(&root_ca), fs::read_to_string(&joined)) else {
+        return Ok(());
+    };
+    if root_ca.trim() != joined_ca.trim() {
+        bail!(
+            "the cluster in {DATA_DIR}/cluster joined another root than the one in {DATA_DIR}/{root_home} (its {} \
+             is not this root's CA; a switch between a single and a replicated root?): `cargo xtask down --purge` \
+             deletes the state under {DATA_DIR} so that everything joins afresh",
+            joined.display()
+        );
+    }
+    Ok(())
+}
 
 fn pid_file(name: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{name}.pid"))
@@ -164,11 +405,12 @@ fn ensure_netcfg(cluster: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn admin_password() -> anyhow::Result<String> {
+/// The Admin password: OAK_ADMIN_PASSWORD, else the file the root (in DATA_DIR/`root_home`) generated.
+fn admin_password(root_home: &str) -> anyhow::Result<String> {
     if let Ok(p) = std::env::var("OAK_ADMIN_PASSWORD") {
         return Ok(p);
     }
-    let file = Path::new(DATA_DIR).join("root/admin-password");
+    let file = Path::new(DATA_DIR).join(root_home).join("admin-password");
     fs::read_to_string(&file)
         .map(|s| s.trim().to_string())
         .with_context(|| format!("no OAK_ADMIN_PASSWORD and no {}", file.display()))
@@ -194,39 +436,51 @@ fn log_len(name: &str) -> u64 {
     fs::metadata(Path::new(LOG_DIR).join(format!("{name}.log"))).map(|m| m.len()).unwrap_or(0)
 }
 
+/// What `name` logged after `from` (the log file is appended to across starts: only this start's part).
+fn log_since(name: &str, from: u64) -> String {
+    let mut new = Vec::new();
+    if let Ok(mut f) = fs::File::open(Path::new(LOG_DIR).join(format!("{name}.log"))) {
+        use std::io::{Read, Seek, SeekFrom};
+        if f.seek(SeekFrom::Start(from)).is_ok() {
+            let _ = f.read_to_end(&mut new);
+        }
+    }
+    String::from_utf8_lossy(&new).into_owned()
+}
+
+/// The error for a component that exited while `up` waited for it, with the end of its log (before a
+/// backtrace, which would fill the tail: the error is above it).
+fn exited(name: &str, from: u64) -> anyhow::Error {
+    let new = log_since(name, from);
+    let new = new.rsplit_once("\nStack backtrace:").map_or(new.as_str(), |(before, _)| before);
+    let lines: Vec<&str> = new.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+    anyhow::anyhow!("{name} exited; the end of {LOG_DIR}/{name}.log:\n{tail}")
+}
+
 /// Waits until `needle` appears in the part of `name`'s log after `from`, failing early if it exits.
 fn wait_log(name: &str, from: u64, needle: &str, timeout: Duration) -> anyhow::Result<()> {
-    let path = Path::new(LOG_DIR).join(format!("{name}.log"));
     wait_until(&format!("{name}: {needle:?}"), timeout, || {
-        // only what this start wrote (the log file is appended to across starts)
-        let mut new = Vec::new();
-        if let Ok(mut f) = fs::File::open(&path) {
-            use std::io::{Read, Seek, SeekFrom};
-            f.seek(SeekFrom::Start(from))?;
-            f.read_to_end(&mut new)?;
-        }
-        let new = String::from_utf8_lossy(&new);
-        if new.contains(needle) {
+        if log_since(name, from).contains(needle) {
             return Ok(true);
         }
         if running_pid(name).is_none() {
-            let lines: Vec<&str> = new.lines().collect();
-            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-            bail!("{name} exited; the end of {}:\n{tail}", path.display());
+            return Err(exited(name, from));
         }
         Ok(false)
     })
 }
 
-fn api_token(password: &str) -> anyhow::Result<String> {
-    let resp: serde_json::Value = ureq::post("http://127.0.0.1:10000/api/auth/login")
+/// Logs in as Admin at the root API `api` (a replica forwards the login to the leader).
+fn api_token(api: &str, password: &str) -> anyhow::Result<String> {
+    let resp: serde_json::Value = ureq::post(&format!("{api}/api/auth/login"))
         .send_json(serde_json::json!({"username": "Admin", "password": password}))?
         .into_json()?;
     resp["token"].as_str().map(str::to_string).context("login answer has no token")
 }
 
-fn active_nodes(token: &str, cluster: &str) -> anyhow::Result<u64> {
-    let clusters: serde_json::Value = ureq::get("http://127.0.0.1:10000/api/clusters/active")
+fn active_nodes(api: &str, token: &str, cluster: &str) -> anyhow::Result<u64> {
+    let clusters: serde_json::Value = ureq::get(&format!("{api}/api/clusters/active"))
         .set("Authorization", &format!("Bearer {token}"))
         .call()?
         .into_json()?;
@@ -248,6 +502,33 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let has = |r: &str| args.role.iter().any(|x| x == r);
     let one_doc = has("root") && has("cluster") && has("worker");
+    let etcd_endpoints: Vec<String> =
+        args.etcd_endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+    // a replicated root: --ha N, or --etcd-endpoints alone (one replica)
+    let replicas = args.ha.or((!etcd_endpoints.is_empty()).then_some(1));
+    if replicas.is_some() && !has("root") {
+        bail!(
+            "--ha and --etcd-endpoints replicate the root: they need the root role (a cluster of a replicated \
+             root elsewhere lists its replicas instead: --root-address a,b,c)"
+        );
+    }
+    // a single root binds 0.0.0.0 at the ports the replicas bind on their loopback addresses: one or the other
+    if has("root") {
+        match (replicas, running_pid("root")) {
+            (Some(_), Some(pid)) => {
+                bail!("the single root runs (pid {pid}): `cargo xtask down` first to start a replicated root")
+            }
+            (None, _) if replica_indices().into_iter().any(|i| running_pid(&replica_name(i)).is_some()) => {
+                bail!("a replicated root runs (root-<i> replicas): `cargo xtask down` first to start the single root")
+            }
+            _ => {}
+        }
+    }
+    // where the root's files are: the single root's data dir, or the first replica's
+    let root_home = match replicas {
+        Some(_) => replica_home(0),
+        None => "root".to_string(),
+    };
     crate::setup::run()?;
     let profile = if args.debug { "debug" } else { "release" };
     step(&format!("building binaries ({profile})"));
@@ -273,7 +554,30 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         pid
     };
 
-    if has("root") && started("root").is_none() {
+    // the local root's API as `up` talks to it (the leading replica's when replicated)
+    let mut root_api = "http://127.0.0.1:10000".to_string();
+    let mut ha = None;
+    if let (true, Some(n)) = (has("root"), replicas) {
+        let local_etcd = etcd_endpoints.is_empty();
+        let endpoints = if local_etcd {
+            ensure_etcd(timeout)?
+        } else {
+            let endpoints = etcd_endpoints.join(",");
+            step(&format!("etcd: using {endpoints}"));
+            // only plain-HTTP endpoints can be asked here (no TLS client in xtask); the replicas ask the rest
+            let plain: Vec<&String> = etcd_endpoints.iter().filter(|e| e.starts_with("http://")).collect();
+            if !plain.is_empty() {
+                wait_until(&format!("etcd healthy at {endpoints}"), timeout, || {
+                    Ok(plain.iter().any(|e| etcd_healthy(e)))
+                })?;
+            }
+            endpoints
+        };
+        let h = Ha { replicas: n, endpoints, local_etcd };
+        let leader = ensure_replicas(&h, &bin_dir, !args.no_dashboard, timeout)?;
+        root_api = replica_api(leader);
+        ha = Some(h);
+    } else if has("root") && started("root").is_none() {
         step("starting the root orchestrator");
         let mut root_args = vec!["--data-dir".to_string(), format!("{DATA_DIR}/root")];
         if !args.no_dashboard {
@@ -285,12 +589,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             Ok(ureq::get("http://127.0.0.1:10000/api/health").call().is_ok())
         })?;
     }
+    // the dashboard talks to the first replica (any serves it: followers forward writes)
+    let dashboard_root = if ha.is_some() { replica_api(0) } else { root_api.clone() };
     if has("root") && !args.no_dashboard && started("dashboard").is_none() {
-        step("starting the dashboard on :80");
+        step(&format!("starting the dashboard on :80 (root API {dashboard_root})"));
         spawn(
             "dashboard",
             &bin_dir.join("oak-dashboard"),
-            &["--listen".into(), "0.0.0.0:80".into(), "--root-url".into(), "http://127.0.0.1:10000".into()],
+            &["--listen".into(), "0.0.0.0:80".into(), "--root-url".into(), dashboard_root.clone()],
             &[],
         )?;
         wait_until("dashboard on :80", Duration::from_secs(30), || {
@@ -300,14 +606,22 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             Ok(ureq::get("http://127.0.0.1:80/healthz").call().is_ok())
         })?;
     }
+    // a cluster of the replicated root here lists every replica; otherwise the given root address
+    let root_address = match &ha {
+        Some(h) => (0..h.replicas).map(|i| replica_ip(i).to_string()).collect::<Vec<_>>().join(","),
+        None => args.root_address.clone(),
+    };
     if has("cluster") && started("cluster").is_none() {
-        step(&format!("starting the cluster orchestrator '{}' (root at {})", args.cluster_name, args.root_address));
+        if has("root") {
+            check_cluster_root(&root_home)?;
+        }
+        step(&format!("starting the cluster orchestrator '{}' (root at {root_address})", args.cluster_name));
         let token = token(
             &args.join_token,
-            "root/join-token",
+            &format!("{root_home}/join-token"),
             "OAK_CLUSTER_TOKEN",
-            "give the cluster a join token of the root (its /var/lib/oakestra-rs/root/join-token, or \
-             `root-orchestrator token create` on the root)",
+            "give the cluster a join token of the root (its <data dir>/join-token, or `root-orchestrator token \
+             create` on the root, with the root's --etcd-endpoints when it is replicated)",
         )?;
         let from = log_len("cluster");
         spawn(
@@ -317,7 +631,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             &[
                 ("CLUSTER_NAME", args.cluster_name.clone()),
                 ("CLUSTER_LOCATION", args.cluster_location.clone()),
-                ("SYSTEM_MANAGER_URL", args.root_address.clone()),
+                ("SYSTEM_MANAGER_URL", root_address.clone()),
                 ("OAK_CLUSTER_TOKEN", token),
             ],
         )?;
@@ -371,11 +685,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     }
 
     if has("root") {
-        let password = admin_password()?;
-        let token = api_token(&password)?;
+        let password = admin_password(&root_home)?;
+        let token = api_token(&root_api, &password)?;
         if one_doc {
             wait_until(&format!("worker registered in cluster '{}'", args.cluster_name), timeout, || {
-                Ok(active_nodes(&token, &args.cluster_name).unwrap_or(0) >= 1)
+                Ok(active_nodes(&root_api, &token, &args.cluster_name).unwrap_or(0) >= 1)
             })?;
         }
     }
@@ -385,20 +699,39 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         println!("Up on this machine: {}.", args.role.join(", "));
     }
-    if has("root") {
+    if let Some(h) = &ha {
+        println!(
+            "  Root:       {} replica(s) on etcd {} (any answers: followers forward writes)",
+            h.replicas, h.endpoints
+        );
+        for i in 0..h.replicas {
+            let role = replica_health(i).map(|(r, _)| r).unwrap_or_else(|| "not answering".into());
+            println!(
+                "    {}  {}/api  {role:<9} pid {}, data {DATA_DIR}/{}, log {LOG_DIR}/{}.log",
+                replica_name(i),
+                replica_api(i),
+                running_pid(&replica_name(i)).map_or("-".into(), |p| p.to_string()),
+                replica_home(i),
+                replica_name(i)
+            );
+        }
+        println!("  Clusters:   list every replica: --root-address {root_address} (loopback: this machine only)");
+    } else if has("root") {
         println!("  Root API:   http://<this machine>:10000/api  (docs: /api/docs)");
+    }
+    if has("root") {
         if running_pid("dashboard").is_some() {
-            println!("  Dashboard:  http://<this machine>/  (same login)");
+            println!("  Dashboard:  http://<this machine>/  (same login; root API {dashboard_root})");
         }
         println!(
             "  Login:      user 'Admin', password {}",
             match std::env::var("OAK_ADMIN_PASSWORD") {
                 Ok(_) => "from OAK_ADMIN_PASSWORD".to_string(),
-                Err(_) => format!("in {DATA_DIR}/root/admin-password"),
+                Err(_) => format!("in {DATA_DIR}/{root_home}/admin-password"),
             }
         );
         if !has("cluster") || !one_doc {
-            println!("  Clusters join with the token in {DATA_DIR}/root/join-token (OAK_CLUSTER_TOKEN)");
+            println!("  Clusters join with the token in {DATA_DIR}/{root_home}/join-token (OAK_CLUSTER_TOKEN)");
         }
     }
     if has("cluster") && !one_doc {
@@ -417,10 +750,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
 }
 
 pub fn down(args: DownArgs) -> anyhow::Result<()> {
-    // Reverse order: workers first, so they can detach instances cleanly.
-    for name in ORDER.iter().rev() {
+    // Reverse order: workers first, so they can detach instances cleanly; etcd after every replica.
+    for name in order().iter().rev() {
         stop(name)?;
     }
+    let _ = fs::remove_file(Path::new(RUN_DIR).join(ETCD_URL_FILE));
     // the NodeEngine leaves its containers running across its own restarts; down removes them (the next
     // `up` deploys them again: the cluster remembers its placements)
     let ids = Command::new("ctr").args(["-n", "oakestra", "containers", "ls", "-q"]).output();

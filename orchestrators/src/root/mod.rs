@@ -141,6 +141,15 @@ fn reconcile_service_ips(store: &Store, net: &netsvc::RootNetSvc) -> Result<()> 
 
 impl Root {
     pub fn open(mut cfg: Config) -> Result<Arc<Self>> {
+        // the CA and generated files live here whichever the store (the embedded one makes it too)
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&cfg.data_dir)
+                .with_context(|| format!("creating the data directory {}", cfg.data_dir.display()))?;
+        }
         let store = Store::open_with(&cfg.data_dir, cfg.etcd.as_ref())?;
         let auth = Auth::init(&store, &cfg.data_dir, cfg.admin_password.as_deref())?;
         let net = netsvc::RootNetSvc::open_for(&store, &cfg.data_dir)?;
