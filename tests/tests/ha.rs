@@ -159,7 +159,8 @@ fn three_replicas_survive_the_leaders_kill_and_a_partition() {
         }
     });
 
-    let roots = rs.ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",");
+    // listed with a follower first: the cluster joins (and registers with) whichever replica leads
+    let roots = [1, 2, 0].map(|i| rs.ips[i].to_string()).join(",");
     let cluster_dir = d.join("cluster").display().to_string();
     let _cluster = net
         .host("cluster")

@@ -211,6 +211,20 @@ impl Member {
         }
     }
 
+    /// The same member (its certificate, its one join at a time) joining and calling the authority at
+    /// another URL: one replica of several, the one that answers.
+    pub fn at(&self, url: &str) -> Self {
+        Self {
+            url: url.into(),
+            server_name: self.server_name,
+            kind: self.kind,
+            name: self.name.clone(),
+            token: self.token.clone(),
+            keep: self.keep.clone(),
+            joining: self.joining.clone(),
+        }
+    }
+
     /// A member that keeps its certificate in memory only.
     pub fn in_memory(url: &str, server_name: &'static str, kind: &'static str, name: &str, token: &str) -> Self {
         Self {

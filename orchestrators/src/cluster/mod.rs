@@ -40,14 +40,14 @@ pub const CA_NAME: &str = "oakestra-rs cluster CA";
 pub struct RootReplicas {
     grpc: Vec<String>,
     netsvc: Vec<String>,
-    current: Arc<std::sync::atomic::AtomicUsize>,
+    current: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl RootReplicas {
     /// `(registration URL, network service URL)` per replica; an empty network service URL: none (tests).
     pub fn new(replicas: impl IntoIterator<Item = (String, String)>) -> Self {
         let (grpc, netsvc) = replicas.into_iter().unzip();
-        Self { grpc, netsvc, current: Arc::default() }
+        Self { grpc, netsvc, current: Arc::new(tokio::sync::watch::channel(0).0) }
     }
 
     /// One root.
@@ -56,17 +56,12 @@ impl RootReplicas {
     }
 
     fn index(&self) -> usize {
-        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.grpc.len().max(1)
+        *self.current.borrow() % self.grpc.len().max(1)
     }
 
     /// The registration URL of the replica in use.
     pub fn grpc(&self) -> &str {
         self.grpc.get(self.index()).map(String::as_str).unwrap_or_default()
-    }
-
-    /// The network service URL of the replica in use (empty: none).
-    pub fn netsvc(&self) -> &str {
-        self.netsvc.get(self.index()).map(String::as_str).unwrap_or_default()
     }
 
     /// Every replica's network service URL, in order.
@@ -91,7 +86,12 @@ impl RootReplicas {
 
     /// Moves on to the next replica (after the one in use failed).
     pub fn advance(&self) {
-        self.current.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.current.send_modify(|c| *c = c.wrapping_add(1));
+    }
+
+    /// Changes whenever the replica in use does (what follows the session's replica moves with it).
+    pub fn switched(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.current.subscribe()
     }
 }
 
@@ -397,11 +397,20 @@ impl Cluster {
             w.resources.network.as_ref()?.coordinate.clone()
         };
         for t in spec.latency.iter_mut().filter(|t| t.kind == latency::SERVICE) {
-            for i in s.instances.values() {
-                let target = i.spec();
-                let running = InstanceState::parse(&i.status.status) == Some(InstanceState::Running);
-                let named = target.job_name == t.name || target.service_id == t.name;
-                if named && running && !t.points.iter().any(|p| p.node_name == i.status.node_name) {
+            // where the target runs in this cluster now: the root's list may name workers it left since
+            let here: Vec<&Instance> = s
+                .instances
+                .values()
+                .filter(|i| {
+                    let target = i.spec();
+                    let running = InstanceState::parse(&i.status.status) == Some(InstanceState::Running);
+                    running && (target.job_name == t.name || target.service_id == t.name)
+                })
+                .collect();
+            let ours = |name: &str| s.workers.values().any(|w| w.name == name);
+            t.points.retain(|p| !ours(&p.node_name) || here.iter().any(|i| i.status.node_name == p.node_name));
+            for i in here {
+                if !t.points.iter().any(|p| p.node_name == i.status.node_name) {
                     t.points.push(pb::LatencyPoint {
                         node_name: i.status.node_name.clone(),
                         coordinate: coordinate(&i.status.node_id),

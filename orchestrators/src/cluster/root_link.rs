@@ -56,8 +56,10 @@ pub async fn run(cluster: Arc<Cluster>) {
 }
 
 async fn session(cluster: &Arc<Cluster>, url: &str) -> Result<()> {
+    // joining too goes to the replica tried now (the first one may not lead)
     let (channel, _) = cluster
         .root_member
+        .at(url)
         .channel(url, |ep| {
             ep.connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(Duration::from_secs(10))

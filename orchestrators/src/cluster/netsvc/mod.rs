@@ -115,6 +115,7 @@ impl ClusterNetSvc {
     ) -> Result<Self> {
         let state = Persisted::open(&data_dir.join("net.redb"))?;
         let mut roots = Vec::new();
+        // one client per replica, in the replicas' order (an empty URL: no root at all, tests only)
         for u in replicas.netsvc_urls().iter().filter(|u| !u.is_empty()) {
             let url = if u.contains("://") { u.to_string() } else { format!("http://{u}") };
             let ch = member
@@ -138,6 +139,7 @@ impl ClusterNetSvc {
 
     /// The root network service of the replica the cluster's session is with (None: no root).
     fn root(&self) -> Option<RootNetServiceClient<Channel>> {
+        // (without an empty URL among them, the clients line up with the replicas)
         let n = self.inner.roots.len();
         (n > 0).then(|| self.inner.roots[self.inner.replicas.current() % n].clone())
     }
@@ -486,7 +488,17 @@ impl ClusterNetSvc {
                         for (id, job) in interests {
                             this.push_service(&id, &job).await;
                         }
-                        while let Some(Ok(change)) = stream.next().await {
+                        let mut switched = this.inner.replicas.switched();
+                        switched.borrow_and_update();
+                        loop {
+                            let change = tokio::select! {
+                                m = stream.next() => match m {
+                                    Some(Ok(c)) => c,
+                                    _ => break,
+                                },
+                                // the session moved to another replica (this one may not lead any more)
+                                _ = switched.changed() => break,
+                            };
                             if change.origin_cluster_id == this.inner.cluster_id {
                                 continue; // already pushed when it happened here
                             }
