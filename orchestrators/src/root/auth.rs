@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -99,14 +99,22 @@ impl Auth {
     /// is taken from `admin_password` only when no admin exists yet; otherwise one is generated into
     /// `<dir>/admin-password` (0600).
     pub fn init(store: &Store, data_dir: &Path, admin_password: Option<&str>) -> Result<Self> {
-        let secret = store.update(|tx| {
-            if let Some(s) = tx.get::<String>(META, "jwt_secret")? {
-                return Ok(s);
-            }
-            let s = oak_trust::random_string(48);
-            tx.put(META, "jwt_secret", &s)?;
-            Ok(s)
-        })?;
+        // replicas starting at once (on etcd) must end with one secret: created only where none is, and
+        // read again when another replica's came first
+        let create = || {
+            store.update(|tx| {
+                if let Some(s) = tx.get::<String>(META, "jwt_secret")? {
+                    return Ok(s);
+                }
+                let s = oak_trust::random_string(48);
+                tx.put_new(META, "jwt_secret", &s)?;
+                Ok(s)
+            })
+        };
+        let secret = match create() {
+            Ok(s) => s,
+            Err(_) => store.get::<String>(META, "jwt_secret")?.context("the JWT secret in the store")?,
+        };
         if store.get::<User>(USERS, ADMIN)?.is_none() {
             let (pw, generated) = match admin_password.filter(|p| !p.is_empty()) {
                 Some(p) => (p.to_string(), false),
@@ -122,8 +130,12 @@ impl Auth {
                 password_hash: hash_password(&pw).map_err(|e| anyhow!("hashing the Admin password: {e}"))?,
                 roles: vec![ADMIN_ROLE.into()],
             };
-            store.update(|tx| tx.put(USERS, ADMIN, &user))?;
-            tracing::info!("created user Admin");
+            match store.update(|tx| tx.put_new(USERS, ADMIN, &user)) {
+                Ok(()) => tracing::info!("created user Admin"),
+                // another replica made it first: its password holds
+                Err(_) if store.get::<User>(USERS, ADMIN)?.is_some() => {}
+                Err(e) => return Err(e),
+            }
         }
         let now = oak_proto::now_ms() / 1000;
         let revoked: HashMap<String, u64> =
@@ -185,6 +197,15 @@ impl Auth {
             return Err(anyhow!("token has been revoked (logged out or refreshed)"));
         }
         Ok(c)
+    }
+
+    /// Takes the revoked token ids as the store has them now (another replica revoked some).
+    pub fn reload_revoked(&self, store: &Store) -> Result<()> {
+        let now = oak_proto::now_ms() / 1000;
+        let revoked: HashMap<String, u64> =
+            store.list::<(String, u64)>(REVOKED)?.into_iter().filter(|(_, exp)| *exp > now).collect();
+        *self.revoked.lock() = revoked;
+        Ok(())
     }
 
     /// Revokes a token for the rest of its life (stored, so a restart keeps it revoked); ids of tokens that

@@ -153,26 +153,31 @@ pub async fn forward(State(root): State<Arc<Root>>, req: Request, next: Next) ->
     if req.headers().contains_key(FORWARDED) {
         return unavailable(format!("this replica does not lead any more; the leader is {leader}: retry"));
     }
-    match proxy(ha, &leader, req).await {
+    match proxy(ha, &root.cfg.trusted_proxies, &leader, req).await {
         Ok(r) => r,
         Err(e) => unavailable(format!("forwarding to the leading replica {leader} failed: {e:#}")),
     }
 }
 
-async fn proxy(ha: &Replica, leader: &str, req: Request) -> Result<Response> {
+async fn proxy(ha: &Replica, trusted: &[std::net::IpAddr], leader: &str, req: Request) -> Result<Response> {
     let peer = req.extensions().get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    // the source as this replica sees it (a proxy it trusts may name the client), one value: the leader
+    // limits logins by it when it trusts the replicas as proxies (`--trusted-proxy`)
+    let forwarded = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let source = peer.map(|p| super::auth::Auth::login_source(p, forwarded, trusted));
     let (parts, body) = req.into_parts();
     let url = format!("{}{}", leader.trim_end_matches('/'), parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     let body = axum::body::to_bytes(body, MAX_FORWARD_BODY).await.context("reading the request body")?;
     let mut out = ha.client.request(parts.method.clone(), &url).body(body);
+    let xff = HeaderName::from_static("x-forwarded-for");
     for (k, v) in &parts.headers {
-        if k != axum::http::header::HOST && k != axum::http::header::CONTENT_LENGTH {
+        if k != axum::http::header::HOST && k != axum::http::header::CONTENT_LENGTH && *k != xff {
             out = out.header(k, v);
         }
     }
     out = out.header(FORWARDED, &ha.cfg.advertise_api);
-    if let Some(ip) = peer {
-        out = out.header(HeaderName::from_static("x-forwarded-for"), ip.to_string());
+    if let Some(ip) = source {
+        out = out.header(xff, ip.to_string());
     }
     let r = out.send().await.with_context(|| format!("{} {url}", parts.method))?;
     let mut resp = Response::builder().status(r.status().as_u16());
@@ -212,25 +217,60 @@ async fn term(root: &Arc<Root>, stop: watch::Receiver<bool>) -> Result<()> {
     let ha = root.ha.as_ref().expect("a replicated root");
     let opts = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(3));
     let mut client = etcd_client::Client::connect(&ha.cfg.endpoints, Some(opts)).await.context("connecting to etcd")?;
-    let ttl = ha.cfg.lease_ttl.as_secs().max(2) as i64;
-    let lease = tokio::time::timeout(Duration::from_secs(5), client.lease_grant(ttl, None))
-        .await
-        .context("granting the leadership lease: etcd did not answer")??
-        .id();
-    let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.context("keeping the lease alive")?;
-    let mut last_ok = Instant::now();
-    let period = ha.cfg.lease_ttl / 3;
-    // the lease must stay alive while campaigning too: the campaign's key is attached to it
+    let granted = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.lease_grant(ha.cfg.lease_ttl.as_secs().max(2) as i64, None),
+    )
+    .await
+    .context("granting the leadership lease: etcd did not answer")??;
+    let lease = granted.id();
+    // the lease as etcd granted it (whole seconds): what the step-down budget is measured against
+    let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
+    let (keeper, acks) = client.lease_keep_alive(lease).await.context("keeping the lease alive")?;
+    // renewed by a task of its own, whatever the term is busy with (a take-over's store work)
+    let (lost_tx, mut lost) = watch::channel(None::<String>);
+    let renewer = crate::task::AbortOnDrop(tokio::spawn(renew(keeper, acks, ttl, lost_tx)));
+    let r = campaign_and_lead(root, &mut client, lease, &mut lost, stop).await;
+    drop(renewer);
+    if r.is_err() {
+        // no other replica should wait for this lease to run out
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+    }
+    r
+}
+
+async fn campaign_and_lead(
+    root: &Arc<Root>,
+    client: &mut etcd_client::Client,
+    lease: i64,
+    lost: &mut watch::Receiver<Option<String>>,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let ha = root.ha.as_ref().expect("a replicated root");
+    let lease_lost = |lost: &mut watch::Receiver<Option<String>>| {
+        let mut lost = lost.clone();
+        async move {
+            let why = lost.wait_for(Option::is_some).await.map(|w| w.clone().unwrap_or_default());
+            anyhow::anyhow!(why.unwrap_or_else(|_| "the lease's keep-alive ended".into()))
+        }
+    };
+    // the campaign's key is attached to the lease, which the renewer keeps alive meanwhile
     let mut election = client.election_client();
     let campaign = election.campaign(ha.cfg.election.clone(), ha.cfg.advertise_api.clone(), lease);
     tokio::pin!(campaign);
     let mut observer = client.election_client();
-    let mut tick = tokio::time::interval(period.min(Duration::from_secs(1)));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let leader_key = loop {
         tokio::select! {
             r = &mut campaign => break r.context("campaigning")?.take_leader().context("elected without a leader key")?,
             _ = tick.tick() => {
-                keep_alive(&mut keeper, &mut acks, &mut last_ok, ha.cfg.lease_ttl).await?;
+                // the tokens the leader revoked (logouts, refreshes) are refused here too
+                let r2 = root.clone();
+                match tokio::task::spawn_blocking(move || r2.auth.reload_revoked(&r2.store)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("reloading the revoked tokens: {e:#}"),
+                    Err(e) => tracing::debug!("reloading the revoked tokens: {e}"),
+                }
                 let known = tokio::time::timeout(Duration::from_secs(2), observer.leader(ha.cfg.election.clone())).await;
                 let leader_api = match known {
                     Ok(Ok(r)) => r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string),
@@ -238,6 +278,7 @@ async fn term(root: &Arc<Root>, stop: watch::Receiver<bool>) -> Result<()> {
                 };
                 ha.set(Role::Follower { leader_api });
             }
+            e = lease_lost(lost) => return Err(e),
             _ = super::stopped(stop.clone()) => return Ok(()),
         }
     };
@@ -245,20 +286,29 @@ async fn term(root: &Arc<Root>, stop: watch::Receiver<bool>) -> Result<()> {
     tracing::info!(replica = %ha.cfg.advertise_api, key = %key, revision = leader_key.rev(), "this replica leads the root");
     root.store.set_fence(Some(Fence { key: key.clone(), create_revision: leader_key.rev() }))?;
     let lead = async {
-        root.take_over()?;
+        let r2 = root.clone();
+        tokio::task::spawn_blocking(move || r2.take_over()).await.context("taking over")??;
         let grpc_l = crate::task::listen(root.cfg.grpc_addr, "--grpc-addr").await?;
         let net_l = crate::task::listen(root.cfg.netsvc_addr, "--netsvc-addr").await?;
         let (term_stop, term_rx) = watch::channel(false);
         let mut services = super::spawn_cluster_facing(root, grpc_l, net_l, term_rx)?;
         ha.set(Role::Leader);
+        // join tokens made by `token` on another machine reach the leader's files
+        let mut sync = tokio::time::interval(Duration::from_secs(5));
+        sync.tick().await;
         let ended = loop {
             tokio::select! {
-                _ = tokio::time::sleep(period) => {
-                    if let Err(e) = keep_alive(&mut keeper, &mut acks, &mut last_ok, ha.cfg.lease_ttl).await {
-                        break Err(e);
+                e = lease_lost(lost) => break Err(e),
+                _ = super::stopped(stop.clone()) => break Ok(()),
+                _ = sync.tick() => {
+                    let r2 = root.clone();
+                    let dir = root.cfg.data_dir.join("ca");
+                    match tokio::task::spawn_blocking(move || super::ca_sync::sync_dir(&r2.store, &dir)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!("syncing the CA directory with the store: {e:#}"),
+                        Err(e) => tracing::warn!("syncing the CA directory with the store: {e}"),
                     }
                 }
-                _ = super::stopped(stop.clone()) => break Ok(()),
             }
         };
         ha.set(Role::Follower { leader_api: None });
@@ -285,32 +335,40 @@ async fn term(root: &Arc<Root>, stop: watch::Receiver<bool>) -> Result<()> {
     r
 }
 
-/// One keep-alive of the lease. Fails when the lease is gone or was not renewed for most of its time to
-/// live (then it may run out on etcd's side any moment: this replica must not act as the leader).
-async fn keep_alive(
-    keeper: &mut etcd_client::LeaseKeeper,
-    acks: &mut etcd_client::LeaseKeepAliveStream,
-    last_ok: &mut Instant,
+/// Keeps the lease alive, a renewal every third of `ttl`; says why in `lost` (and ends) once it was not
+/// renewed for two thirds of `ttl`: then it may run out on etcd's side any moment, and this replica must
+/// not act as the leader any more.
+async fn renew(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut acks: etcd_client::LeaseKeepAliveStream,
     ttl: Duration,
-) -> Result<()> {
-    let budget = (ttl * 2 / 3).saturating_sub(last_ok.elapsed());
-    let renewed = tokio::time::timeout(budget.max(Duration::from_millis(100)), async {
-        keeper.keep_alive().await?;
-        acks.message().await
-    })
-    .await;
-    match renewed {
-        Ok(Ok(Some(r))) if r.ttl() > 0 => {
-            *last_ok = Instant::now();
-            Ok(())
-        }
-        Ok(Ok(Some(_))) => anyhow::bail!("the leadership lease ran out"),
-        Ok(Ok(None)) => anyhow::bail!("etcd ended the lease's keep-alive stream"),
-        Ok(Err(e)) => Err(anyhow::Error::from(e).context("renewing the leadership lease")),
-        Err(_) if last_ok.elapsed() >= ttl * 2 / 3 => {
-            anyhow::bail!("the leadership lease was not renewed for {:.1?} (etcd unreachable?)", last_ok.elapsed())
-        }
-        Err(_) => Ok(()),
+    lost: watch::Sender<Option<String>>,
+) {
+    let mut last_ok = Instant::now();
+    let deadline = ttl * 2 / 3;
+    loop {
+        let budget = deadline.saturating_sub(last_ok.elapsed()).max(Duration::from_millis(50));
+        let renewed = tokio::time::timeout(budget, async {
+            keeper.keep_alive().await?;
+            acks.message().await
+        })
+        .await;
+        let why = match renewed {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                last_ok = Instant::now();
+                tokio::time::sleep(ttl / 3).await;
+                continue;
+            }
+            Ok(Ok(Some(_))) => "the leadership lease ran out".to_string(),
+            Ok(Ok(None)) => "etcd ended the lease's keep-alive stream".to_string(),
+            Ok(Err(e)) => format!("renewing the leadership lease: {e}"),
+            Err(_) if last_ok.elapsed() >= deadline => {
+                format!("the leadership lease was not renewed for {:.1?} (etcd unreachable?)", last_ok.elapsed())
+            }
+            Err(_) => continue,
+        };
+        lost.send_replace(Some(why));
+        return;
     }
 }
 

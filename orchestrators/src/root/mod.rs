@@ -229,8 +229,10 @@ impl Root {
     /// leader changed it), the service IPs reconciled with the services, no leftovers of an earlier term.
     pub(crate) fn take_over(&self) -> Result<()> {
         self.end_sessions();
-        // join tokens made or revoked through another replica since this one started
+        // join tokens made or revoked through another replica since this one started, and the API
+        // tokens revoked through it (logged out, refreshed)
         ca_sync::sync_dir(&self.store, &self.cfg.data_dir.join("ca"))?;
+        self.auth.reload_revoked(&self.store)?;
         self.grown.lock().clear();
         self.net.reload()?;
         reconcile_service_ips(&self.store, &self.net)
@@ -308,7 +310,18 @@ pub async fn serve_replica(
     let election = tokio::spawn(ha::run(root.clone(), stop_rx.clone()));
     let api = api_server(&root, api_l, stop_rx.clone()).await?;
     root.ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    let r = api.await;
+    let mut stop_wait = stop_rx.clone();
+    let grace = async move {
+        let _ = stop_wait.wait_for(|v| *v).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let r = tokio::select! {
+        r = api => r,
+        _ = grace => {
+            tracing::warn!("connections still open 5 s after shutdown began; stopping anyway");
+            Ok(())
+        }
+    };
     let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
     tracing::info!("root replica stopped");
     Ok(r?)
