@@ -37,8 +37,7 @@
 //! `--max-txn-ops` (128 by default) files.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -53,8 +52,6 @@ pub const CA_FILES: Table = "ca_files";
 /// Every synced file's mode: keys and join tokens are secrets, and `oak-trust` writes the certificates
 /// 0600 as well.
 const FILE_MODE: u32 = 0o600;
-/// Every directory this module makes.
-const DIR_MODE: u32 = 0o700;
 /// How often an upload is tried: a commit that failed is tried once more against what the store then
 /// holds (a store that refuses a conflicting commit, or one that was not reachable for a moment).
 const UPLOAD_ATTEMPTS: usize = 2;
@@ -198,12 +195,7 @@ fn target(dir: &Path, rel: &str, create: bool) -> Result<PathBuf> {
             Ok(_) => bail!("{} is not a directory (a symlink or a file): not writing {rel} through it", p.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if create {
-                    std::fs::DirBuilder::new()
-                        .mode(DIR_MODE)
-                        .create(&p)
-                        .with_context(|| format!("creating {}", p.display()))?;
-                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(DIR_MODE))
-                        .with_context(|| format!("chmod {}", p.display()))?;
+                    oak_trust::private_dir(&p)?;
                 }
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
@@ -216,44 +208,20 @@ fn target(dir: &Path, rel: &str, create: bool) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// Makes `path` hold `bytes` (0600) unless it does already: through a temporary file in the same
-/// directory, synced and renamed into place (a crash leaves the old file or the new one). Whether the
-/// bytes were written.
+/// Makes `path` hold `bytes` (0600) unless it does already, written whole ([`oak_trust::write_private`]:
+/// a crash leaves the old file or the new one). Whether the bytes were written.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<bool> {
-    let mode_of = |m: &std::fs::Metadata| m.permissions().mode() & 0o7777;
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if m.is_file() && std::fs::read(path).is_ok_and(|old| old == bytes) {
-            if mode_of(&m) != FILE_MODE {
+            if m.permissions().mode() & 0o7777 != FILE_MODE {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(FILE_MODE))
                     .with_context(|| format!("chmod {}", path.display()))?;
             }
             return Ok(false);
         }
     }
-    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("{}: no file name", path.display()))?;
-    let tmp = path.with_file_name(format!(".{name}.ca-sync-{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp); // left by a crash
-    let written = write_new(&tmp, bytes).and_then(|()| {
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map(|()| true)
-}
-
-/// Creates `path` (absent) 0600 with `bytes`, synced to disk.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
-        .with_context(|| format!("chmod {}", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))
+    oak_trust::write_private(path, bytes)?;
+    Ok(true)
 }
 
 /// Makes `dir` (the CA directory, made 0700 when missing) and the store agree, the store winning: see the
