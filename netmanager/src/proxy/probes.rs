@@ -122,7 +122,8 @@ impl Peers {
     }
 
     /// The last measured RTT to `endpoint` (µs).
-    pub fn sample_us(&self, endpoint: &SocketAddr) -> Option<u64> {
+    #[cfg(test)]
+    fn sample_us(&self, endpoint: &SocketAddr) -> Option<u64> {
         self.peers.get(endpoint).map(|p| p.sample_us)
     }
 

@@ -81,11 +81,6 @@ impl Replica {
         *self.role.borrow() == Role::Leader
     }
 
-    /// Changes in the role (tests and the API's health answer).
-    pub fn watch(&self) -> watch::Receiver<Role> {
-        self.role.subscribe()
-    }
-
     fn set(&self, r: Role) {
         self.role.send_if_modified(|cur| {
             let changed = *cur != r;

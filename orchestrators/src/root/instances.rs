@@ -142,8 +142,7 @@ impl Root {
         let spec = self.placement_spec(tx, svc)?;
         let inst = &mut svc.instance_list[idx];
         inst.last_modified_ms = oak_proto::now_ms();
-        let tried = inst.tried_clusters.clone();
-        match scheduler::place(&spec, &views, &tried) {
+        match scheduler::place(&spec, &views, &inst.tried_clusters) {
             Ok(cid) => {
                 let name = views.iter().find(|v| v.id == cid).map(|v| v.name.clone()).unwrap_or_default();
                 inst.status = InstanceState::ClusterScheduled;
